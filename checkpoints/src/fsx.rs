@@ -1,0 +1,86 @@
+//! Small file-system helpers: directory fsync, disk usage, the state-directory lock.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `fsync` of a directory, which makes the creation, rename or removal of its entries durable.
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Bytes allocated on disk under `path` (files and directories, not following symlinks),
+/// like `du -s --block-size=1`.
+pub fn disk_usage(path: &Path) -> io::Result<u64> {
+    let meta = fs::symlink_metadata(path)?;
+    let mut total = meta.blocks() * 512;
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            let entry = entry?;
+            match disk_usage(&entry.path()) {
+                Ok(n) => total += n,
+                // Removed while we walked: it no longer uses space.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// An exclusive `flock` on `DIR/LOCK`, holding the pid of the owner. Released by the kernel when
+/// the process dies, so a `kill -9` never leaves a stale lock behind.
+#[derive(Debug)]
+pub(crate) struct LockFile {
+    _file: File,
+}
+
+impl LockFile {
+    pub(crate) fn acquire(dir: &Path) -> Result<LockFile> {
+        let path = dir.join("LOCK");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io("open lock file", &path, e))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut text = String::new();
+                let pid = file
+                    .read_to_string(&mut text)
+                    .ok()
+                    .and_then(|_| text.trim().parse::<u32>().ok());
+                return Err(Error::InUse {
+                    dir: dir.to_owned(),
+                    pid,
+                });
+            }
+            return Err(Error::io("lock", &path, err));
+        }
+        let write_pid = |file: &mut File| -> io::Result<()> {
+            file.set_len(0)?;
+            file.seek(SeekFrom::Start(0))?;
+            writeln!(file, "{}", std::process::id())?;
+            file.sync_all()
+        };
+        write_pid(&mut file).map_err(|e| Error::io("write lock file", &path, e))?;
+        Ok(LockFile { _file: file })
+    }
+}

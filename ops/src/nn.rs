@@ -1,0 +1,703 @@
+//! Network layers as explicit forward/backward pairs on row-major `[rows, dim]` tensors:
+//! Linear, LayerNorm, exact GELU, LayerScale, L2 normalisation, row gathers and scatters,
+//! patch unfolding and token assembly.
+//!
+//! Every forward returns what its backward needs (a cache); backward functions return
+//! fresh gradient tensors and never touch their inputs. The CPU path runs fused,
+//! vectorised, row-parallel kernels; reductions over rows are split into fixed-size chunks
+//! summed in order, so results do not depend on the number of threads.
+
+#[allow(unused_imports)]
+use num_traits::{Float, One, Zero};
+use candle_core::{bail, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::float_dispatch;
+use crate::host::{from_vec, view};
+use crate::linalg::{gemm_into, MatRef};
+use crate::real::Real;
+use crate::simd::simd_kernel;
+
+/// Rows per chunk for parallel loops and ordered partial reductions.
+pub(crate) const ROW_CHUNK: usize = 32;
+
+/// `(rows, dim)` of a tensor read as a matrix over its last dimension.
+pub fn rows_dim(t: &Tensor) -> Result<(usize, usize)> {
+    let dims = t.dims();
+    let Some(&d) = dims.last() else { bail!("expected at least one dimension") };
+    Ok((t.elem_count() / d.max(1), d))
+}
+
+/// Sums per-chunk partial vectors in chunk order (deterministic).
+pub(crate) fn sum_partials<T: Real>(parts: Vec<Vec<T>>, d: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); d];
+    for p in parts {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o = *o + v;
+        }
+    }
+    out
+}
+
+// ----------------------------------------------------------------------------- Linear
+
+/// `y = x W^T + b` for `x: [.., in]`, `w: [out, in]`, `b: [out]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (m, k) = rows_dim(x)?;
+    let (n, k2) = w.dims2()?;
+    if k != k2 {
+        bail!("linear: input dim {k} vs weight {:?}", w.dims())
+    }
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().unwrap() = n;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let ws = view::<T>(w)?;
+        let mut out = vec![T::zero(); m * n];
+        let acc = if let Some(b) = b {
+            let bs = view::<T>(b)?;
+            out.par_chunks_mut(n * ROW_CHUNK).for_each(|c| {
+                for r in c.chunks_mut(n) { r.copy_from_slice(&bs); }
+            });
+            true
+        } else { false };
+        gemm_into(m, n, k, &mut out, n, acc, MatRef::rm(&xs, k), MatRef::rm_t(&ws, k), T::one(), true);
+        from_vec(out, shape)
+    })
+}
+
+/// Gradients of [`linear`]: `(dx if wanted, dW, db if the layer has a bias)`.
+pub fn linear_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want_dx: bool,
+    has_bias: bool,
+) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+    let (m, k) = rows_dim(x)?;
+    let (n, _) = w.dims2()?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let ws = view::<T>(w)?;
+        let dys = view::<T>(dy)?;
+        let dx = if want_dx {
+            let mut dx = vec![T::zero(); m * k];
+            gemm_into(m, k, n, &mut dx, k, false, MatRef::rm(&dys, n), MatRef::rm(&ws, k), T::one(), true);
+            Some(from_vec(dx, x.shape().clone())?)
+        } else { None };
+        let mut dw = vec![T::zero(); n * k];
+        gemm_into(n, k, m, &mut dw, k, false, MatRef::rm_t(&dys, n), MatRef::rm(&xs, k), T::one(), true);
+        let db = if has_bias { Some(from_vec(col_sum::<T>(&dys, n), n)?) } else { None };
+        Ok((dx, from_vec(dw, (n, k))?, db))
+    })
+}
+
+/// Column sums of a row-major `[rows, d]` slice, chunked and ordered.
+pub(crate) fn col_sum<T: Real>(a: &[T], d: usize) -> Vec<T> {
+    let parts: Vec<Vec<T>> = a
+        .par_chunks(d * ROW_CHUNK * 4)
+        .map(|c| {
+            let mut p = vec![T::zero(); d];
+            col_sum_chunk(c, d, &mut p);
+            p
+        })
+        .collect();
+    sum_partials(parts, d)
+}
+
+simd_kernel! {
+    fn col_sum_chunk<T>(a: &[T], d: usize, out: &mut [T]) {
+        for r in a.chunks_exact(d) {
+            for (o, &v) in out.iter_mut().zip(r) { *o = *o + v; }
+        }
+    }
+}
+
+// -------------------------------------------------------------------------- LayerNorm
+
+/// Per-row statistics kept by [`layer_norm`] for its backward pass.
+pub struct LnCache {
+    /// Row means, `[rows]`.
+    pub mean: Tensor,
+    /// Row reciprocal standard deviations `1/sqrt(var + eps)`, `[rows]`.
+    pub rstd: Tensor,
+}
+
+/// LayerNorm over the last dimension (biased variance), `y = (x - mean) * rstd * w + b`.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<(Tensor, LnCache)> {
+    let (rows, d) = rows_dim(x)?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let ws = view::<T>(w)?;
+        let bs = view::<T>(b)?;
+        let mut y = vec![T::zero(); rows * d];
+        let mut mean = vec![T::zero(); rows];
+        let mut rstd = vec![T::zero(); rows];
+        let eps = T::c(eps);
+        y.par_chunks_mut(d * ROW_CHUNK)
+            .zip(mean.par_chunks_mut(ROW_CHUNK))
+            .zip(rstd.par_chunks_mut(ROW_CHUNK))
+            .enumerate()
+            .for_each(|(ci, ((yc, mc), rc))| {
+                let x0 = ci * ROW_CHUNK * d;
+                for (r, yr) in yc.chunks_mut(d).enumerate() {
+                    let xr = &xs[x0 + r * d..x0 + (r + 1) * d];
+                    let (m, s) = ln_row_fwd(xr, &ws, &bs, eps, yr);
+                    mc[r] = m;
+                    rc[r] = s;
+                }
+            });
+        Ok((from_vec(y, x.shape().clone())?, LnCache { mean: from_vec(mean, rows)?, rstd: from_vec(rstd, rows)? }))
+    })
+}
+
+simd_kernel! {
+    fn ln_row_fwd<T>(x: &[T], w: &[T], b: &[T], eps: T, y: &mut [T]) -> (T, T) {
+        let d = T::c(x.len() as f64);
+        let mean = lane_sum(x) / d;
+        let mut acc = [T::zero(); 16];
+        let mut chunks = x.chunks_exact(16);
+        for c in &mut chunks {
+            for i in 0..16 { let v = c[i] - mean; acc[i] = acc[i] + v * v; }
+        }
+        let mut var = acc.iter().fold(T::zero(), |a, &b| a + b);
+        for &v in chunks.remainder() { let v = v - mean; var = var + v * v; }
+        let rstd = T::one() / (var / d + eps).sqrt();
+        for i in 0..x.len() { y[i] = (x[i] - mean) * rstd * w[i] + b[i]; }
+        (mean, rstd)
+    }
+}
+
+/// Sum with 16 independent accumulators (vectorises; order fixed).
+#[inline(always)]
+pub(crate) fn lane_sum<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::zero(); 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] = acc[i] + c[i];
+        }
+    }
+    let mut s = acc.iter().fold(T::zero(), |a, &b| a + b);
+    for &v in chunks.remainder() {
+        s = s + v;
+    }
+    s
+}
+
+/// Dot product with 16 independent accumulators.
+#[inline(always)]
+pub(crate) fn lane_dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::zero(); 16];
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..16 {
+            acc[i] = acc[i] + x[i] * y[i];
+        }
+    }
+    let mut s = acc.iter().fold(T::zero(), |a, &b| a + b);
+    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
+        s = s + x * y;
+    }
+    s
+}
+
+/// Gradients of [`layer_norm`]: `(dx, dw, db)`.
+pub fn layer_norm_bwd(x: &Tensor, w: &Tensor, cache: &LnCache, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let (rows, d) = rows_dim(x)?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let ws = view::<T>(w)?;
+        let ms = view::<T>(&cache.mean)?;
+        let rs = view::<T>(&cache.rstd)?;
+        let dys = view::<T>(dy)?;
+        let mut dx = vec![T::zero(); rows * d];
+        let parts: Vec<(Vec<T>, Vec<T>)> = dx
+            .par_chunks_mut(d * ROW_CHUNK)
+            .enumerate()
+            .map(|(ci, dxc)| {
+                let mut dw = vec![T::zero(); d];
+                let mut db = vec![T::zero(); d];
+                let r0 = ci * ROW_CHUNK;
+                for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                    let row = r0 + r;
+                    let o = row * d;
+                    ln_row_bwd(&xs[o..o + d], &ws, ms[row], rs[row], &dys[o..o + d], dxr, &mut dw, &mut db);
+                }
+                (dw, db)
+            })
+            .collect();
+        let (pw, pb): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        Ok((from_vec(dx, x.shape().clone())?, from_vec(sum_partials(pw, d), d)?, from_vec(sum_partials(pb, d), d)?))
+    })
+}
+
+simd_kernel! {
+    #[allow(clippy::too_many_arguments)]
+    fn ln_row_bwd<T>(x: &[T], w: &[T], mean: T, rstd: T, dy: &[T], dx: &mut [T], dw: &mut [T], db: &mut [T]) {
+        let d = x.len();
+        let mut sg = [T::zero(); 16];
+        let mut sgx = [T::zero(); 16];
+        let mut i = 0;
+        while i + 16 <= d {
+            for l in 0..16 {
+                let xh = (x[i + l] - mean) * rstd;
+                let g = dy[i + l] * w[i + l];
+                sg[l] = sg[l] + g;
+                sgx[l] = sgx[l] + g * xh;
+                dw[i + l] = dw[i + l] + dy[i + l] * xh;
+                db[i + l] = db[i + l] + dy[i + l];
+            }
+            i += 16;
+        }
+        let mut s_g = sg.iter().fold(T::zero(), |a, &b| a + b);
+        let mut s_gx = sgx.iter().fold(T::zero(), |a, &b| a + b);
+        while i < d {
+            let xh = (x[i] - mean) * rstd;
+            let g = dy[i] * w[i];
+            s_g = s_g + g;
+            s_gx = s_gx + g * xh;
+            dw[i] = dw[i] + dy[i] * xh;
+            db[i] = db[i] + dy[i];
+            i += 1;
+        }
+        let inv_d = T::one() / T::c(d as f64);
+        let mg = s_g * inv_d;
+        let mgx = s_gx * inv_d;
+        for i in 0..d {
+            let xh = (x[i] - mean) * rstd;
+            dx[i] = rstd * (dy[i] * w[i] - mg - xh * mgx);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------- GELU
+
+const PAR_ELEMS: usize = 1 << 14;
+
+/// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let mut y = vec![T::zero(); xs.len()];
+        y.par_chunks_mut(PAR_ELEMS).zip(xs.par_chunks(PAR_ELEMS)).for_each(|(yc, xc)| gelu_fwd_k(xc, yc));
+        from_vec(y, x.shape().clone())
+    })
+}
+
+simd_kernel! {
+    fn gelu_fwd_k<T>(x: &[T], y: &mut [T]) {
+        let h = T::c(0.5);
+        let r = T::c(std::f64::consts::FRAC_1_SQRT_2);
+        for (o, &v) in y.iter_mut().zip(x) { *o = h * v * (T::one() + (v * r).verf()); }
+    }
+}
+
+/// Gradient of [`gelu`] with respect to its input.
+pub fn gelu_bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let dys = view::<T>(dy)?;
+        let mut dx = vec![T::zero(); xs.len()];
+        dx.par_chunks_mut(PAR_ELEMS)
+            .zip(xs.par_chunks(PAR_ELEMS).zip(dys.par_chunks(PAR_ELEMS)))
+            .for_each(|(o, (xc, gc))| gelu_bwd_k(xc, gc, o));
+        from_vec(dx, x.shape().clone())
+    })
+}
+
+simd_kernel! {
+    fn gelu_bwd_k<T>(x: &[T], dy: &[T], dx: &mut [T]) {
+        let h = T::c(0.5);
+        let r = T::c(std::f64::consts::FRAC_1_SQRT_2);
+        let inv_sqrt_2pi = T::c(0.398_942_280_401_432_7);
+        for i in 0..x.len() {
+            let v = x[i];
+            let cdf = h * (T::one() + (v * r).verf());
+            let pdf = inv_sqrt_2pi * (-h * v * v).vexp();
+            dx[i] = dy[i] * (cdf + v * pdf);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------- LayerScale
+
+/// `y = x * gamma` (gamma broadcast over rows).
+pub fn mul_row(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+    let (_, d) = rows_dim(x)?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let gs = view::<T>(gamma)?;
+        let mut y = vec![T::zero(); xs.len()];
+        y.par_chunks_mut(d * ROW_CHUNK).zip(xs.par_chunks(d * ROW_CHUNK)).for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                for i in 0..d { yr[i] = xr[i] * gs[i]; }
+            }
+        });
+        from_vec(y, x.shape().clone())
+    })
+}
+
+/// Gradients of [`mul_row`]: `(dx = dy * gamma, dgamma = sum_rows(dy * x))`.
+pub fn mul_row_bwd(x: &Tensor, gamma: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (_, d) = rows_dim(x)?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let gs = view::<T>(gamma)?;
+        let dys = view::<T>(dy)?;
+        let mut dx = vec![T::zero(); xs.len()];
+        let parts: Vec<Vec<T>> = dx
+            .par_chunks_mut(d * ROW_CHUNK)
+            .zip(xs.par_chunks(d * ROW_CHUNK).zip(dys.par_chunks(d * ROW_CHUNK)))
+            .map(|(dxc, (xc, gc))| {
+                let mut p = vec![T::zero(); d];
+                for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                    for i in 0..d {
+                        dxr[i] = gr[i] * gs[i];
+                        p[i] = p[i] + gr[i] * xr[i];
+                    }
+                }
+                p
+            })
+            .collect();
+        Ok((from_vec(dx, x.shape().clone())?, from_vec(sum_partials(parts, d), d)?))
+    })
+}
+
+// ---------------------------------------------------------------------- L2 normalise
+
+/// `y = x / max(||x||, eps)` per row; returns `y` and the row norms `||x||`.
+pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let (rows, d) = rows_dim(x)?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let mut y = vec![T::zero(); xs.len()];
+        let mut norms = vec![T::zero(); rows];
+        let eps = T::c(eps);
+        y.par_chunks_mut(d * ROW_CHUNK).zip(norms.par_chunks_mut(ROW_CHUNK)).enumerate().for_each(|(ci, (yc, nc))| {
+            for (r, yr) in yc.chunks_mut(d).enumerate() {
+                let o = (ci * ROW_CHUNK + r) * d;
+                let xr = &xs[o..o + d];
+                let n = lane_dot(xr, xr).sqrt();
+                nc[r] = n;
+                let inv = T::one() / n.max(eps);
+                for i in 0..d { yr[i] = xr[i] * inv; }
+            }
+        });
+        Ok((from_vec(y, x.shape().clone())?, from_vec(norms, rows)?))
+    })
+}
+
+/// Gradient of [`l2_normalize`]: `dx = (dy - y (y . dy)) / ||x||` where the norm exceeds
+/// `eps`, else `dy / eps` (the clamp is constant there).
+pub fn l2_normalize_bwd(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    let (_, d) = rows_dim(y)?;
+    float_dispatch!(y.dtype(), T => {
+        let ys = view::<T>(y)?;
+        let ns = view::<T>(norms)?;
+        let dys = view::<T>(dy)?;
+        let mut dx = vec![T::zero(); ys.len()];
+        let eps = T::c(eps);
+        dx.par_chunks_mut(d * ROW_CHUNK).enumerate().for_each(|(ci, dxc)| {
+            for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                let row = ci * ROW_CHUNK + r;
+                let o = row * d;
+                let (yr, gr) = (&ys[o..o + d], &dys[o..o + d]);
+                let n = ns[row];
+                if n > eps {
+                    let dot = lane_dot(yr, gr);
+                    let inv = T::one() / n;
+                    for i in 0..d { dxr[i] = (gr[i] - yr[i] * dot) * inv; }
+                } else {
+                    let inv = T::one() / eps;
+                    for i in 0..d { dxr[i] = gr[i] * inv; }
+                }
+            }
+        });
+        from_vec(dx, y.shape().clone())
+    })
+}
+
+// ------------------------------------------------------------ elementwise combinations
+
+/// `a + s * b` for tensors of equal shape.
+pub fn axpy(a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    if a.dims() != b.dims() {
+        bail!("axpy: shapes {:?} and {:?} differ", a.dims(), b.dims())
+    }
+    float_dispatch!(a.dtype(), T => {
+        let xs = view::<T>(a)?;
+        let ys = view::<T>(b)?;
+        let s = T::c(s);
+        let mut out = vec![T::zero(); xs.len()];
+        out.par_chunks_mut(PAR_ELEMS)
+            .zip(xs.par_chunks(PAR_ELEMS).zip(ys.par_chunks(PAR_ELEMS)))
+            .for_each(|(o, (x, y))| axpy_k(x, y, s, o));
+        from_vec(out, a.shape().clone())
+    })
+}
+
+simd_kernel! {
+    fn axpy_k<T>(x: &[T], y: &[T], s: T, o: &mut [T]) {
+        for i in 0..o.len() { o[i] = x[i] + s * y[i]; }
+    }
+}
+
+/// `s * a`.
+pub fn scale(a: &Tensor, s: f64) -> Result<Tensor> {
+    float_dispatch!(a.dtype(), T => {
+        let xs = view::<T>(a)?;
+        let s = T::c(s);
+        let mut out = vec![T::zero(); xs.len()];
+        out.par_chunks_mut(PAR_ELEMS).zip(xs.par_chunks(PAR_ELEMS)).for_each(|(o, x)| {
+            for i in 0..o.len() { o[i] = x[i] * s; }
+        });
+        from_vec(out, a.shape().clone())
+    })
+}
+
+// ------------------------------------------------------------------ row blocks (drop path)
+
+/// A selection of row blocks of a `[rows, d]` matrix: block `i` is rows
+/// `starts[i] .. starts[i] + len`. Used for the batch-subset residual dropping
+/// ("drop path") where each selected sample is a contiguous block of tokens.
+#[derive(Clone, Debug)]
+pub struct RowBlocks {
+    /// First row of each block, in the order the blocks are gathered.
+    pub starts: Vec<usize>,
+    /// Rows per block, one entry per block.
+    pub lens: Vec<usize>,
+}
+
+impl RowBlocks {
+    /// Total rows selected.
+    pub fn rows(&self) -> usize {
+        self.lens.iter().sum()
+    }
+}
+
+/// Gathers the selected row blocks into a new `[sel.rows(), d]` tensor.
+pub fn gather_blocks(x: &Tensor, sel: &RowBlocks) -> Result<Tensor> {
+    let (_, d) = rows_dim(x)?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let mut out = Vec::with_capacity(sel.rows() * d);
+        for (&s, &l) in sel.starts.iter().zip(&sel.lens) {
+            out.extend_from_slice(&xs[s * d..(s + l) * d]);
+        }
+        from_vec(out, (sel.rows(), d))
+    })
+}
+
+/// `x + alpha * scatter(r)`: adds the rows of `r` (laid out as [`gather_blocks`] would)
+/// back onto the selected blocks of `x`; other rows are copied unchanged.
+pub fn scatter_add_blocks(x: &Tensor, sel: &RowBlocks, r: &Tensor, alpha: f64) -> Result<Tensor> {
+    let (_, d) = rows_dim(x)?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let rs = view::<T>(r)?;
+        let mut out = xs.to_vec();
+        let a = T::c(alpha);
+        let mut off = 0;
+        for (&s, &l) in sel.starts.iter().zip(&sel.lens) {
+            let dst = &mut out[s * d..(s + l) * d];
+            let src = &rs[off * d..(off + l) * d];
+            for i in 0..dst.len() { dst[i] = dst[i] + a * src[i]; }
+            off += l;
+        }
+        from_vec(out, x.shape().clone())
+    })
+}
+
+/// The adjoint of [`scatter_add_blocks`] for `r`: `alpha * gather(dy)`.
+pub fn gather_blocks_scaled(dy: &Tensor, sel: &RowBlocks, alpha: f64) -> Result<Tensor> {
+    let g = gather_blocks(dy, sel)?;
+    if alpha == 1.0 {
+        Ok(g)
+    } else {
+        scale(&g, alpha)
+    }
+}
+
+// ---------------------------------------------------------------- patches and tokens
+
+/// Unfolds images `[n, c, h, w]` into patch rows `[n * (h/p) * (w/p), c * p * p]`
+/// (channel-major inside a patch, matching a `[D, c, p, p]` convolution weight).
+pub fn im2col(images: &Tensor, p: usize) -> Result<Tensor> {
+    let (n, c, h, w) = images.dims4()?;
+    if h % p != 0 || w % p != 0 {
+        bail!("image size {h}x{w} is not a multiple of the patch size {p}")
+    }
+    let (gh, gw) = (h / p, w / p);
+    let cols = c * p * p;
+    float_dispatch!(images.dtype(), T => {
+        let xs = view::<T>(images)?;
+        let mut out = vec![T::zero(); n * gh * gw * cols];
+        out.par_chunks_mut(gh * gw * cols).enumerate().for_each(|(img, oc)| {
+            let base = img * c * h * w;
+            for i in 0..gh {
+                for j in 0..gw {
+                    let row = &mut oc[(i * gw + j) * cols..(i * gw + j + 1) * cols];
+                    for ch in 0..c {
+                        for ky in 0..p {
+                            let src = base + ch * h * w + (i * p + ky) * w + j * p;
+                            row[ch * p * p + ky * p..ch * p * p + ky * p + p].copy_from_slice(&xs[src..src + p]);
+                        }
+                    }
+                }
+            }
+        });
+        from_vec(out, (n * gh * gw, cols))
+    })
+}
+
+/// Builds the token sequence `[CLS, R registers, P patches]` for each of `n` images from
+/// patch embeddings `[n * P, D]`; rows whose mask byte is 1 take `mask_token` instead.
+/// Output `[n * (1 + R + P), D]`.
+pub fn assemble_tokens(
+    patches: &Tensor,
+    n: usize,
+    cls: &Tensor,
+    storage: &Tensor,
+    mask_token: &Tensor,
+    masks: Option<&[u8]>,
+) -> Result<Tensor> {
+    let (rows, d) = rows_dim(patches)?;
+    let p = rows / n.max(1);
+    let (r, _) = rows_dim(storage)?;
+    let r = if storage.elem_count() == 0 { 0 } else { r };
+    let nt = 1 + r + p;
+    if let Some(m) = masks {
+        if m.len() != rows {
+            bail!("assemble_tokens: {} mask entries for {rows} patches", m.len())
+        }
+    }
+    float_dispatch!(patches.dtype(), T => {
+        let ps = view::<T>(patches)?;
+        let cs = view::<T>(cls)?;
+        let ss = view::<T>(storage)?;
+        let ms = view::<T>(mask_token)?;
+        let mut out = vec![T::zero(); n * nt * d];
+        out.par_chunks_mut(nt * d).enumerate().for_each(|(b, o)| {
+            o[..d].copy_from_slice(&cs[..d]);
+            o[d..(1 + r) * d].copy_from_slice(&ss[..r * d]);
+            for i in 0..p {
+                let dst = &mut o[(1 + r + i) * d..(2 + r + i) * d];
+                let masked = masks.map(|m| m[b * p + i] != 0).unwrap_or(false);
+                if masked {
+                    dst.copy_from_slice(&ms[..d]);
+                } else {
+                    dst.copy_from_slice(&ps[(b * p + i) * d..(b * p + i + 1) * d]);
+                }
+            }
+        });
+        from_vec(out, (n * nt, d))
+    })
+}
+
+/// Gradients of [`assemble_tokens`]: `(dpatches, dcls [D], dstorage [R, D], dmask_token [D])`.
+pub fn assemble_tokens_bwd(
+    dtokens: &Tensor,
+    n: usize,
+    r: usize,
+    masks: Option<&[u8]>,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    let (rows, d) = rows_dim(dtokens)?;
+    let nt = rows / n.max(1);
+    let p = nt - 1 - r;
+    float_dispatch!(dtokens.dtype(), T => {
+        let g = view::<T>(dtokens)?;
+        let mut dp = vec![T::zero(); n * p * d];
+        let mut dc = vec![T::zero(); d];
+        let mut ds = vec![T::zero(); r * d];
+        let mut dm = vec![T::zero(); d];
+        for b in 0..n {
+            let o = &g[b * nt * d..(b + 1) * nt * d];
+            for i in 0..d { dc[i] = dc[i] + o[i]; }
+            for i in 0..r * d { ds[i] = ds[i] + o[d + i]; }
+            for i in 0..p {
+                let src = &o[(1 + r + i) * d..(2 + r + i) * d];
+                if masks.map(|m| m[b * p + i] != 0).unwrap_or(false) {
+                    for k in 0..d { dm[k] = dm[k] + src[k]; }
+                } else {
+                    dp[(b * p + i) * d..(b * p + i + 1) * d].copy_from_slice(src);
+                }
+            }
+        }
+        Ok((from_vec(dp, (n * p, d))?, from_vec(dc, d)?, from_vec(ds, (r, d))?, from_vec(dm, d)?))
+    })
+}
+
+/// Selects rows `b * stride + offset + i` for `i < count` of every block `b < n`
+/// (e.g. the CLS row or the patch rows of each image) into `[n * count, d]`.
+pub fn select_rows(x: &Tensor, n: usize, stride: usize, offset: usize, count: usize) -> Result<Tensor> {
+    let (_, d) = rows_dim(x)?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let mut out = Vec::with_capacity(n * count * d);
+        for b in 0..n {
+            let s = (b * stride + offset) * d;
+            out.extend_from_slice(&xs[s..s + count * d]);
+        }
+        from_vec(out, (n * count, d))
+    })
+}
+
+/// Adds `g` (laid out as [`select_rows`] returns) into rows of `acc` (in a new tensor).
+pub fn select_rows_bwd_add(acc: &Tensor, g: &Tensor, n: usize, stride: usize, offset: usize, count: usize) -> Result<Tensor> {
+    let (_, d) = rows_dim(acc)?;
+    float_dispatch!(acc.dtype(), T => {
+        let gs = view::<T>(g)?;
+        let mut out = view::<T>(acc)?.to_vec();
+        for b in 0..n {
+            let s = (b * stride + offset) * d;
+            let src = &gs[b * count * d..(b + 1) * count * d];
+            for (o, &v) in out[s..s + count * d].iter_mut().zip(src) { *o = *o + v; }
+        }
+        from_vec(out, acc.shape().clone())
+    })
+}
+
+/// Gathers arbitrary rows `[idx.len(), d]`.
+pub fn index_rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
+    let (rows, d) = rows_dim(x)?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let mut out = Vec::with_capacity(idx.len() * d);
+        for &i in idx {
+            if i >= rows { bail!("index_rows: row {i} out of {rows}") }
+            out.extend_from_slice(&xs[i * d..(i + 1) * d]);
+        }
+        from_vec(out, (idx.len(), d))
+    })
+}
+
+/// Adjoint of [`index_rows`]: scatters (adds) `g` rows into a zero `[rows, d]` tensor.
+pub fn index_rows_bwd(g: &Tensor, idx: &[usize], rows: usize) -> Result<Tensor> {
+    let (_, d) = rows_dim(g)?;
+    float_dispatch!(g.dtype(), T => {
+        let gs = view::<T>(g)?;
+        let mut out = vec![T::zero(); rows * d];
+        for (k, &i) in idx.iter().enumerate() {
+            for j in 0..d { out[i * d + j] = out[i * d + j] + gs[k * d + j]; }
+        }
+        from_vec(out, (rows, d))
+    })
+}
+
+/// Concatenates matrices with the same number of columns along rows.
+pub fn cat_rows(parts: &[&Tensor]) -> Result<Tensor> {
+    Tensor::cat(parts, 0)
+}
+
+/// Sum of squares of all elements, accumulated in f64.
+pub fn sum_sq(x: &Tensor) -> Result<f64> {
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let parts: Vec<f64> = xs.par_chunks(PAR_ELEMS).map(|c| lane_dot(c, c).f()).collect();
+        Ok(parts.iter().sum())
+    })
+}

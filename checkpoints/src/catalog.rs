@@ -224,11 +224,9 @@ impl Catalog {
     fn check_schema(&self) -> Result<()> {
         match self.meta.get(KEY_SCHEMA).map_err(self.err("read schema"))? {
             Some(v) => {
-                let found = v
-                    .as_ref()
-                    .try_into()
-                    .map(u32::from_be_bytes)
-                    .map_err(|_| Error::catalog(&self.path, "read schema", "malformed schema record"))?;
+                let found = v.as_ref().try_into().map(u32::from_be_bytes).map_err(|_| {
+                    Error::catalog(&self.path, "read schema", "malformed schema record")
+                })?;
                 if found > CATALOG_SCHEMA {
                     return Err(Error::Schema {
                         path: self.path.clone(),
@@ -263,7 +261,9 @@ impl Catalog {
     }
 
     pub(crate) fn raw_manifest(&self, step: u64) -> Result<Option<sled::IVec>> {
-        self.manifests.get(be(step)).map_err(self.err("read manifest"))
+        self.manifests
+            .get(be(step))
+            .map_err(self.err("read manifest"))
     }
 
     /// All manifests, ascending by step.
@@ -332,8 +332,8 @@ impl Catalog {
                 score_keys.push(kv.map_err(self.err("scan scores"))?.0);
             }
         }
-        let res = (&self.manifests, &self.meta, &self.scores).transaction(
-            |(manifests, meta, scores)| {
+        let res =
+            (&self.manifests, &self.meta, &self.scores).transaction(|(manifests, meta, scores)| {
                 for &step in steps {
                     manifests.remove(&be(step))?;
                     meta.remove(bad_key(step))?;
@@ -342,8 +342,7 @@ impl Catalog {
                     scores.remove(k.clone())?;
                 }
                 Ok::<_, ConflictableTransactionError<()>>(())
-            },
-        );
+            });
         res.map_err(|e| self.tx_err("forget checkpoints", e))
     }
 
@@ -375,7 +374,9 @@ impl Catalog {
             Some(p) => {
                 let bytes = serde_json::to_vec(p)
                     .map_err(|e| Error::catalog(&self.path, "encode bad marker", e))?;
-                self.meta.insert(key, bytes).map_err(self.err("write bad marker"))?;
+                self.meta
+                    .insert(key, bytes)
+                    .map_err(self.err("write bad marker"))?;
                 true
             }
             None => self
@@ -452,9 +453,10 @@ impl Catalog {
     }
 
     fn decode_event(&self, k: &[u8], v: &[u8]) -> Result<StoredEvent> {
-        let seq = from_be(k).ok_or_else(|| Error::catalog(&self.path, "read events", "malformed key"))?;
-        let event = serde_json::from_slice(v)
-            .map_err(|e| Error::catalog(&self.path, "decode event", e))?;
+        let seq =
+            from_be(k).ok_or_else(|| Error::catalog(&self.path, "read events", "malformed key"))?;
+        let event =
+            serde_json::from_slice(v).map_err(|e| Error::catalog(&self.path, "decode event", e))?;
         Ok(StoredEvent { seq, event })
     }
 
@@ -489,7 +491,12 @@ impl Catalog {
 
     // ---- probes, status, quarantine ------------------------------------------------------
 
-    pub(crate) fn record_probe(&self, step: u64, name: &str, value: &serde_json::Value) -> Result<()> {
+    pub(crate) fn record_probe(
+        &self,
+        step: u64,
+        name: &str,
+        value: &serde_json::Value,
+    ) -> Result<()> {
         let bytes =
             serde_json::to_vec(value).map_err(|e| Error::catalog(&self.path, "encode probe", e))?;
         self.probes
@@ -533,9 +540,15 @@ impl Catalog {
         Ok(out)
     }
 
-    fn put_json(&self, tree: &sled::Tree, key: &str, value: &serde_json::Value, flush: bool) -> Result<()> {
-        let bytes =
-            serde_json::to_vec(value).map_err(|e| Error::catalog(&self.path, "encode record", e))?;
+    fn put_json(
+        &self,
+        tree: &sled::Tree,
+        key: &str,
+        value: &serde_json::Value,
+        flush: bool,
+    ) -> Result<()> {
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| Error::catalog(&self.path, "encode record", e))?;
         tree.insert(key.as_bytes(), bytes)
             .map_err(self.err("write record"))?;
         if flush {

@@ -44,7 +44,9 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The catalog was written by a newer version of this crate.
-    #[error("catalog {path} has schema version {found}; this build reads versions up to {supported}")]
+    #[error(
+        "catalog {path} has schema version {found}; this build reads versions up to {supported}"
+    )]
     Schema {
         /// The catalog directory.
         path: PathBuf,
@@ -152,9 +154,7 @@ impl Error {
     pub fn is_disk_full(&self) -> bool {
         self.io_error()
             .and_then(io::Error::raw_os_error)
-            .is_some_and(|code| {
-                code == libc::ENOSPC || code == libc::EDQUOT || code == libc::EFBIG
-            })
+            .is_some_and(|code| code == libc::ENOSPC || code == libc::EDQUOT || code == libc::EFBIG)
     }
 
     /// The failed save phase, when this is a save error.
@@ -280,7 +280,11 @@ impl fmt::Display for Problem {
                 file.display()
             ),
             Problem::Unparsable { file, error } => {
-                write!(f, "{}: not a readable safetensors file: {error}", file.display())
+                write!(
+                    f,
+                    "{}: not a readable safetensors file: {error}",
+                    file.display()
+                )
             }
             Problem::Unreadable { file, error } => {
                 write!(f, "{}: read failed: {error}", file.display())

@@ -126,8 +126,7 @@ impl FaultInjector for InjectFault {
         if point.stage != self.stage {
             return Ok(());
         }
-        if point.stage == FaultStage::Write && point.bytes_written + point.len <= self.after_bytes
-        {
+        if point.stage == FaultStage::Write && point.bytes_written + point.len <= self.after_bytes {
             return Ok(());
         }
         let skipped = self

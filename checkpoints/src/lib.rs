@@ -69,7 +69,9 @@ pub use error::{Error, Problem, Result, SaveStage};
 pub use fault::{FaultInjector, FaultPoint, FaultStage, InjectFault};
 pub use fsx::{disk_usage, now_ms};
 pub use manifest::{CheckpointPayload, FileEntry, Manifest, MANIFEST_FORMAT};
-pub use retention::{keep_reasons, plan_retention, CheckpointInfo, KeepBest, KeepReason, Retention, MIN_KEEP_LAST};
+pub use retention::{
+    keep_reasons, plan_retention, CheckpointInfo, KeepBest, KeepReason, Retention, MIN_KEEP_LAST,
+};
 pub use store::{
     CheckpointEntry, LoadedCheckpoint, SaveReport, Store, StoreOptions, VerifyReport, MANIFEST_FILE,
 };

@@ -124,7 +124,10 @@ pub enum KeepReason {
 
 /// The keep reasons of every checkpoint (an empty list means "delete"). Never deletes the newest
 /// two, whatever the policy says.
-pub fn keep_reasons(existing: &[CheckpointInfo], policy: &Retention) -> BTreeMap<u64, Vec<KeepReason>> {
+pub fn keep_reasons(
+    existing: &[CheckpointInfo],
+    policy: &Retention,
+) -> BTreeMap<u64, Vec<KeepReason>> {
     let mut by_step: BTreeMap<u64, &CheckpointInfo> = BTreeMap::new();
     for info in existing {
         // On duplicates, the one marked bad wins: be pessimistic about validity.

@@ -243,7 +243,9 @@ impl Store {
         let dir = dir.as_ref().to_owned();
         options.retention.validate()?;
         if options.max_events == 0 {
-            return Err(Error::InvalidPayload("max_events must be at least 1".into()));
+            return Err(Error::InvalidPayload(
+                "max_events must be at least 1".into(),
+            ));
         }
         fs::create_dir_all(&dir).map_err(|e| Error::io("create state directory", &dir, e))?;
         let lock = LockFile::acquire(&dir)?;
@@ -346,7 +348,8 @@ impl Store {
             .map_err(|e| Error::io("list checkpoints directory", &self.ckpt_dir, e))?;
         let mut out = Vec::new();
         for entry in read {
-            let entry = entry.map_err(|e| Error::io("list checkpoints directory", &self.ckpt_dir, e))?;
+            let entry =
+                entry.map_err(|e| Error::io("list checkpoints directory", &self.ckpt_dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let kind = classify_dir_name(&name);
             if kind != DirKind::Foreign {
@@ -372,8 +375,12 @@ impl Store {
         fs::remove_dir_all(&path).map_err(|e| Error::io("remove leftover directory", &path, e))?;
         fsx::fsync_dir(&self.ckpt_dir).map_err(|e| Error::io("fsync", &self.ckpt_dir, e))?;
         self.event(
-            Event::new(Level::Info, event_kind::CLEANED, format!("removed {}: {why}", path.display()))
-                .fields(json!({ "path": path, "reason": why })),
+            Event::new(
+                Level::Info,
+                event_kind::CLEANED,
+                format!("removed {}: {why}", path.display()),
+            )
+            .fields(json!({ "path": path, "reason": why })),
         );
         Ok(())
     }
@@ -511,7 +518,9 @@ impl Store {
                     Event::new(
                         Level::Warn,
                         event_kind::GC_FAILED,
-                        format!("retention after step {step} failed (retried at the next save): {e}"),
+                        format!(
+                            "retention after step {step} failed (retried at the next save): {e}"
+                        ),
                     )
                     .step(step)
                     .fields(json!({ "error": e.to_string() })),
@@ -565,7 +574,13 @@ impl Store {
         tmp: &Path,
         final_dir: &Path,
     ) -> std::result::Result<Staged, Failed> {
-        let fail = |stage, renamed| move |error| Failed { stage, error, renamed };
+        let fail = |stage, renamed| {
+            move |error| Failed {
+                stage,
+                error,
+                renamed,
+            }
+        };
         let io_fail = |stage, op: &'static str, path: &Path, renamed| {
             let path = path.to_owned();
             move |e: io::Error| Failed {
@@ -582,7 +597,12 @@ impl Store {
 
         // Leftover of an earlier failed attempt whose cleanup also failed.
         if tmp.exists() {
-            fs::remove_dir_all(tmp).map_err(io_fail(SaveStage::Prepare, "remove stale", tmp, false))?;
+            fs::remove_dir_all(tmp).map_err(io_fail(
+                SaveStage::Prepare,
+                "remove stale",
+                tmp,
+                false,
+            ))?;
         }
         fs::create_dir(tmp).map_err(io_fail(SaveStage::Prepare, "create directory", tmp, false))?;
 
@@ -592,7 +612,12 @@ impl Store {
         for group in &payload.groups {
             let file_name = group_file_name(&group.name);
             let path = tmp.join(&file_name);
-            let mut file = create_new(&path).map_err(io_fail(SaveStage::WriteFiles, "create", &path, false))?;
+            let mut file = create_new(&path).map_err(io_fail(
+                SaveStage::WriteFiles,
+                "create",
+                &path,
+                false,
+            ))?;
             let written = tensorfile::write_group(&mut io, &mut file, &path, group)
                 .map_err(fail(SaveStage::WriteFiles, false))?;
             entries.push(FileEntry {
@@ -615,10 +640,15 @@ impl Store {
             previous_step: previous,
             meta: payload.meta.clone(),
         };
-        let manifest_bytes = encode_manifest(&manifest).map_err(fail(SaveStage::WriteFiles, false))?;
+        let manifest_bytes =
+            encode_manifest(&manifest).map_err(fail(SaveStage::WriteFiles, false))?;
         let manifest_path = tmp.join(MANIFEST_FILE);
-        let mut file = create_new(&manifest_path)
-            .map_err(io_fail(SaveStage::WriteFiles, "create", &manifest_path, false))?;
+        let mut file = create_new(&manifest_path).map_err(io_fail(
+            SaveStage::WriteFiles,
+            "create",
+            &manifest_path,
+            false,
+        ))?;
         io.write_all(&mut file, &manifest_path, &manifest_bytes, None)
             .map_err(fail(SaveStage::WriteFiles, false))?;
         open_files.push((file, manifest_path));
@@ -636,10 +666,20 @@ impl Store {
             .map_err(io_fail(SaveStage::SyncDir, "fsync directory", tmp, false))?;
         io.check(FaultStage::Rename, tmp, 0)
             .and_then(|()| fs::rename(tmp, final_dir))
-            .map_err(io_fail(SaveStage::Rename, "rename to final name", tmp, false))?;
+            .map_err(io_fail(
+                SaveStage::Rename,
+                "rename to final name",
+                tmp,
+                false,
+            ))?;
         io.check(FaultStage::DirSync, &self.ckpt_dir, 0)
             .and_then(|()| fsx::fsync_dir(&self.ckpt_dir))
-            .map_err(io_fail(SaveStage::SyncDir, "fsync directory", &self.ckpt_dir, true))?;
+            .map_err(io_fail(
+                SaveStage::SyncDir,
+                "fsync directory",
+                &self.ckpt_dir,
+                true,
+            ))?;
         let fsync = t.elapsed();
 
         Ok(Staged {
@@ -669,7 +709,12 @@ impl Store {
         let undo = self.catalog.commit(step, &bytes)?;
         let flushed = check(FaultStage::CatalogFlush).and_then(|()| self.catalog.flush());
         if let Err(e) = flushed {
-            if self.catalog.undo(&undo).and_then(|()| self.catalog.flush()).is_err() {
+            if self
+                .catalog
+                .undo(&undo)
+                .and_then(|()| self.catalog.flush())
+                .is_err()
+            {
                 // Unknown what reached the disk: keep the directory (it may be referenced) and
                 // refuse further saves until the store is reopened.
                 self.poisoned.store(true, Ordering::SeqCst);
@@ -797,7 +842,11 @@ impl Store {
     }
 
     /// Retention inputs for the committed checkpoints with step `<= latest`.
-    fn infos(&self, raws: &[crate::catalog::RawManifest], latest: u64) -> Result<Vec<CheckpointInfo>> {
+    fn infos(
+        &self,
+        raws: &[crate::catalog::RawManifest],
+        latest: u64,
+    ) -> Result<Vec<CheckpointInfo>> {
         let metric = self.retention.keep_best.as_ref().map(|b| b.metric.as_str());
         raws.iter()
             .filter(|r| r.step <= latest)
@@ -826,15 +875,23 @@ impl Store {
 
     /// Committed steps, ascending.
     pub fn steps(&self) -> Result<Vec<u64>> {
-        Ok(self.catalog.raw_manifests()?.iter().map(|r| r.step).collect())
+        Ok(self
+            .catalog
+            .raw_manifests()?
+            .iter()
+            .map(|r| r.step)
+            .collect())
     }
 
     /// The manifest of a committed step.
     pub fn manifest(&self, step: u64) -> Result<Manifest> {
-        let raw = self.catalog.raw_manifest(step)?.ok_or_else(|| Error::NotFound {
-            step,
-            dir: self.dir.clone(),
-        })?;
+        let raw = self
+            .catalog
+            .raw_manifest(step)?
+            .ok_or_else(|| Error::NotFound {
+                step,
+                dir: self.dir.clone(),
+            })?;
         decode_manifest(&raw).map_err(|problem| Error::Invalid { step, problem })
     }
 
@@ -850,10 +907,17 @@ impl Store {
     pub fn load_group(&self, step: u64, group: &str) -> Result<TensorGroup> {
         let _files = self.files_lock.read().unwrap_or_else(|p| p.into_inner());
         let manifest = self.manifest(step)?;
-        let entry = manifest.file(group).ok_or_else(|| Error::InvalidPayload(format!(
-            "checkpoint step {step} has no group {group:?} (groups: {})",
-            manifest.files.iter().map(|f| f.group.as_str()).collect::<Vec<_>>().join(", ")
-        )))?;
+        let entry = manifest.file(group).ok_or_else(|| {
+            Error::InvalidPayload(format!(
+                "checkpoint step {step} has no group {group:?} (groups: {})",
+                manifest
+                    .files
+                    .iter()
+                    .map(|f| f.group.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
         let path = self.ckpt_dir.join(&manifest.dir).join(&entry.file);
         let expect = Expect {
             group: &entry.group,
@@ -887,7 +951,12 @@ impl Store {
             return Ok(None);
         }
         let latest = self.catalog.latest()?.unwrap_or(u64::MAX);
-        let candidates: Vec<u64> = raws.iter().rev().map(|r| r.step).filter(|&s| s <= latest).collect();
+        let candidates: Vec<u64> = raws
+            .iter()
+            .rev()
+            .map(|r| r.step)
+            .filter(|&s| s <= latest)
+            .collect();
         let mut skipped: Vec<(u64, Problem)> = Vec::new();
         for (i, &step) in candidates.iter().enumerate() {
             let attempt = self.manifest(step).and_then(|m| self.load_manifest(m));
@@ -928,7 +997,11 @@ impl Store {
             dir: self.dir.clone(),
             problems: skipped,
         };
-        self.event(Event::new(Level::Error, event_kind::NONE_VALID, err.to_string()));
+        self.event(Event::new(
+            Level::Error,
+            event_kind::NONE_VALID,
+            err.to_string(),
+        ));
         Err(err)
     }
 
@@ -1093,7 +1166,9 @@ impl Store {
     /// Records a probe result for a step (durable).
     pub fn record_probe(&self, step: u64, name: &str, value: &serde_json::Value) -> Result<()> {
         if name.is_empty() || name.contains('\0') {
-            return Err(Error::InvalidPayload(format!("invalid probe name {name:?}")));
+            return Err(Error::InvalidPayload(format!(
+                "invalid probe name {name:?}"
+            )));
         }
         self.catalog.record_probe(step, name, value)
     }
@@ -1159,7 +1234,8 @@ fn create_new(path: &Path) -> io::Result<File> {
 }
 
 fn encode_manifest(m: &Manifest) -> Result<Vec<u8>> {
-    serde_json::to_vec_pretty(m).map_err(|e| Error::InvalidPayload(format!("manifest does not encode: {e}")))
+    serde_json::to_vec_pretty(m)
+        .map_err(|e| Error::InvalidPayload(format!("manifest does not encode: {e}")))
 }
 
 fn decode_manifest(bytes: &[u8]) -> std::result::Result<Manifest, Problem> {
@@ -1191,7 +1267,10 @@ fn unreachable_group<T>(path: &Path) -> Result<T> {
 
 fn validate_payload(payload: &CheckpointPayload) -> Result<()> {
     if payload.groups.is_empty() {
-        return Err(Error::InvalidPayload(format!("step {}: no tensor groups", payload.step)));
+        return Err(Error::InvalidPayload(format!(
+            "step {}: no tensor groups",
+            payload.step
+        )));
     }
     let mut groups = HashSet::new();
     for group in &payload.groups {
@@ -1202,7 +1281,10 @@ fn validate_payload(payload: &CheckpointPayload) -> Result<()> {
             )));
         }
         if !groups.insert(group.name.as_str()) {
-            return Err(Error::InvalidPayload(format!("group {:?} appears twice", group.name)));
+            return Err(Error::InvalidPayload(format!(
+                "group {:?} appears twice",
+                group.name
+            )));
         }
         let mut names = HashSet::new();
         for t in &group.tensors {

@@ -124,7 +124,9 @@ impl Dtype {
 /// Number of bytes a tensor of this dtype and shape occupies, or `None` on overflow or a
 /// sub-byte dtype whose element count does not fill whole bytes.
 pub(crate) fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
-    let n = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    let n = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
     let bits = n.checked_mul(dtype.bitsize())?;
     (bits % 8 == 0).then_some(bits / 8)
 }

@@ -109,9 +109,8 @@ pub(crate) fn header_bytes(step: u64, group: &TensorGroup) -> Result<Vec<u8>> {
         ));
         offset = end;
     }
-    let metadata = Metadata::new(Some(file_metadata(step, &group.name)), infos).map_err(|e| {
-        Error::InvalidPayload(format!("group {}: {e}", group.name))
-    })?;
+    let metadata = Metadata::new(Some(file_metadata(step, &group.name)), infos)
+        .map_err(|e| Error::InvalidPayload(format!("group {}: {e}", group.name)))?;
     let mut json = serde_json::to_vec(&metadata)
         .map_err(|e| Error::InvalidPayload(format!("group {}: {e}", group.name)))?;
     json.resize(json.len().next_multiple_of(8), b' ');
@@ -204,7 +203,8 @@ pub(crate) fn read_group(
                         data,
                     }),
                     None if parse_error.is_none() => {
-                        parse_error = Some(format!("tensor {name}: unsupported dtype {:?}", info.dtype))
+                        parse_error =
+                            Some(format!("tensor {name}: unsupported dtype {:?}", info.dtype))
                     }
                     None => {}
                 }
@@ -243,7 +243,9 @@ fn parse_header(
     size: u64,
 ) -> io::Result<std::result::Result<Metadata, String>> {
     if size < 8 {
-        return Ok(Err(format!("file has {size} bytes, shorter than the 8-byte header length")));
+        return Ok(Err(format!(
+            "file has {size} bytes, shorter than the 8-byte header length"
+        )));
     }
     let mut len = [0u8; 8];
     file.read_exact(&mut len)?;
@@ -251,7 +253,9 @@ fn parse_header(
     *consumed += 8;
     let n = u64::from_le_bytes(len);
     if n > MAX_HEADER || 8 + n > size {
-        return Ok(Err(format!("header length {n} is invalid for a {size}-byte file")));
+        return Ok(Err(format!(
+            "header length {n} is invalid for a {size}-byte file"
+        )));
     }
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header)?;

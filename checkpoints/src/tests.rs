@@ -23,7 +23,9 @@ fn splitmix(state: &mut u64) -> u64 {
 
 fn f32s(seed: u64, n: usize) -> Vec<f32> {
     let mut s = seed;
-    (0..n).map(|_| (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect()
+    (0..n)
+        .map(|_| (splitmix(&mut s) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        .collect()
 }
 
 /// Three groups of about `kib` KiB each in total, content a function of `step`.
@@ -108,7 +110,14 @@ fn events_of(store: &Store, kind: &str) -> Vec<StoredEvent> {
 
 #[test]
 fn blob_conversions_round_trip_bit_exactly() {
-    let f = [1.5f32, -0.0, f32::NAN, f32::INFINITY, f32::MIN_POSITIVE, 3.0e-42];
+    let f = [
+        1.5f32,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::MIN_POSITIVE,
+        3.0e-42,
+    ];
     let b = TensorBlob::from_f32("f", &[2, 3], &f).unwrap();
     assert_eq!((b.dtype, b.data.len(), b.n_elements()), (Dtype::F32, 24, 6));
     let back = b.to_f32_vec().unwrap();
@@ -117,23 +126,60 @@ fn blob_conversions_round_trip_bit_exactly() {
         f.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
     );
     let d = [std::f64::consts::PI, -1e300];
-    assert_eq!(TensorBlob::from_f64("d", &[2], &d).unwrap().to_f64_vec().unwrap(), d);
+    assert_eq!(
+        TensorBlob::from_f64("d", &[2], &d)
+            .unwrap()
+            .to_f64_vec()
+            .unwrap(),
+        d
+    );
     let u = [0u8, 255, 7];
-    assert_eq!(TensorBlob::from_u8("u", &[3], &u).unwrap().to_u8_vec().unwrap(), u);
+    assert_eq!(
+        TensorBlob::from_u8("u", &[3], &u)
+            .unwrap()
+            .to_u8_vec()
+            .unwrap(),
+        u
+    );
     let i = [i64::MIN, -1, i64::MAX];
-    assert_eq!(TensorBlob::from_i64("i", &[3], &i).unwrap().to_i64_vec().unwrap(), i);
+    assert_eq!(
+        TensorBlob::from_i64("i", &[3], &i)
+            .unwrap()
+            .to_i64_vec()
+            .unwrap(),
+        i
+    );
     let q = [u64::MAX, 1];
-    assert_eq!(TensorBlob::from_u64("q", &[2], &q).unwrap().to_u64_vec().unwrap(), q);
+    assert_eq!(
+        TensorBlob::from_u64("q", &[2], &q)
+            .unwrap()
+            .to_u64_vec()
+            .unwrap(),
+        q
+    );
     // Little-endian layout, as safetensors requires.
-    assert_eq!(TensorBlob::from_i64("le", &[], &[1]).unwrap().data, [1, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        TensorBlob::from_i64("le", &[], &[1]).unwrap().data,
+        [1, 0, 0, 0, 0, 0, 0, 0]
+    );
 }
 
 #[test]
 fn blob_rejects_mismatched_sizes_and_types() {
     let err = TensorBlob::from_f32("w", &[2, 2], &[1.0; 3]).unwrap_err();
-    assert!(err.to_string().contains("tensor w: F32 [2, 2] needs 16 bytes, got 12"), "{err}");
-    let err = TensorBlob::from_f32("w", &[2], &[1.0, 2.0]).unwrap().to_f64_vec().unwrap_err();
-    assert!(err.to_string().contains("dtype is F32, asked for F64"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("tensor w: F32 [2, 2] needs 16 bytes, got 12"),
+        "{err}"
+    );
+    let err = TensorBlob::from_f32("w", &[2], &[1.0, 2.0])
+        .unwrap()
+        .to_f64_vec()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("dtype is F32, asked for F64"),
+        "{err}"
+    );
     // Sub-byte dtype: 3 F4 elements are 12 bits, not whole bytes.
     assert!(TensorBlob::new("x", Dtype::F4, vec![3], vec![0, 0]).is_err());
     assert!(TensorBlob::new("x", Dtype::F4, vec![4], vec![0, 0]).is_ok());
@@ -168,7 +214,12 @@ fn written_files_are_byte_identical_to_safetensors_serialize() {
         .tensors
         .iter()
         .map(|t| {
-            let v = safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), &t.data).unwrap();
+            let v = safetensors::tensor::TensorView::new(
+                t.dtype.to_safetensors(),
+                t.shape.clone(),
+                &t.data,
+            )
+            .unwrap();
             (t.name.clone(), v)
         })
         .collect();
@@ -178,21 +229,39 @@ fn written_files_are_byte_identical_to_safetensors_serialize() {
     )]);
     let reference = safetensors::serialize(views, Some(meta)).unwrap();
     assert_eq!(ours, reference, "same bytes as safetensors::serialize");
-    assert_eq!(&ours[..header_bytes(12, &group).unwrap().len()], &reference[..header_bytes(12, &group).unwrap().len()]);
+    assert_eq!(
+        &ours[..header_bytes(12, &group).unwrap().len()],
+        &reference[..header_bytes(12, &group).unwrap().len()]
+    );
 
     let parsed = safetensors::SafeTensors::deserialize(&ours).unwrap();
     let w = parsed.tensor("a_weight").unwrap();
-    assert_eq!((w.shape(), w.data()), (&[2usize, 3][..], &group.get("a_weight").unwrap().data[..]));
+    assert_eq!(
+        (w.shape(), w.data()),
+        (&[2usize, 3][..], &group.get("a_weight").unwrap().data[..])
+    );
 }
 
 #[test]
 fn dir_names_classify() {
     assert_eq!(classify_dir_name("step-000000001234"), DirKind::Step(1234));
-    assert_eq!(classify_dir_name("step-000000001234-2"), DirKind::Step(1234));
-    assert_eq!(classify_dir_name("step-1234567890123"), DirKind::Step(1_234_567_890_123));
+    assert_eq!(
+        classify_dir_name("step-000000001234-2"),
+        DirKind::Step(1234)
+    );
+    assert_eq!(
+        classify_dir_name("step-1234567890123"),
+        DirKind::Step(1_234_567_890_123)
+    );
     assert_eq!(classify_dir_name("step-000000001234.tmp"), DirKind::Tmp);
     assert_eq!(classify_dir_name("step-000000001234-1.tmp"), DirKind::Tmp);
-    for foreign in ["step-12", "step-00000000123x", "notes", "step-000000001234-", "step-000000001234-a"] {
+    for foreign in [
+        "step-12",
+        "step-00000000123x",
+        "notes",
+        "step-000000001234-",
+        "step-000000001234-a",
+    ] {
         assert_eq!(classify_dir_name(foreign), DirKind::Foreign, "{foreign}");
     }
 }
@@ -213,11 +282,20 @@ fn infos(steps: impl IntoIterator<Item = u64>) -> Vec<CheckpointInfo> {
 #[test]
 fn retention_keeps_the_newest_n() {
     let existing = infos(1..=10);
-    assert_eq!(plan_retention(&existing, &Retention::keep_last(3)), (1..=7).collect::<Vec<_>>());
-    assert_eq!(plan_retention(&existing, &Retention::keep_last(20)), Vec::<u64>::new());
+    assert_eq!(
+        plan_retention(&existing, &Retention::keep_last(3)),
+        (1..=7).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        plan_retention(&existing, &Retention::keep_last(20)),
+        Vec::<u64>::new()
+    );
     // Order of the input does not matter.
     let shuffled = infos([5, 1, 9, 3, 10, 2]);
-    assert_eq!(plan_retention(&shuffled, &Retention::keep_last(2)), vec![1, 2, 3, 5]);
+    assert_eq!(
+        plan_retention(&shuffled, &Retention::keep_last(2)),
+        vec![1, 2, 3, 5]
+    );
     assert!(plan_retention(&[], &Retention::keep_last(2)).is_empty());
 }
 
@@ -225,7 +303,10 @@ fn retention_keeps_the_newest_n() {
 fn retention_never_deletes_the_newest_two_even_with_an_invalid_policy() {
     let existing = infos(1..=5);
     for keep_last in [0, 1] {
-        assert_eq!(plan_retention(&existing, &Retention::keep_last(keep_last)), vec![1, 2, 3]);
+        assert_eq!(
+            plan_retention(&existing, &Retention::keep_last(keep_last)),
+            vec![1, 2, 3]
+        );
     }
 }
 
@@ -241,10 +322,21 @@ fn retention_keep_every_and_keep_best() {
             _ => 0.5,
         });
     }
-    let higher = Retention::keep_last(2).with_keep_every(5).with_keep_best("knn", true);
-    assert_eq!(plan_retention(&existing, &higher), vec![1, 2, 3, 4, 6, 8, 9]);
+    let higher = Retention::keep_last(2)
+        .with_keep_every(5)
+        .with_keep_best("knn", true);
+    assert_eq!(
+        plan_retention(&existing, &higher),
+        vec![1, 2, 3, 4, 6, 8, 9]
+    );
     let reasons = keep_reasons(&existing, &higher);
-    assert_eq!(reasons[&7], vec![KeepReason::Best { metric: "knn".into(), value: 0.9 }]);
+    assert_eq!(
+        reasons[&7],
+        vec![KeepReason::Best {
+            metric: "knn".into(),
+            value: 0.9
+        }]
+    );
     assert_eq!(reasons[&10], vec![KeepReason::Every { n: 5 }]);
     assert_eq!(reasons[&12], vec![KeepReason::Latest, KeepReason::Recent]);
 
@@ -254,7 +346,11 @@ fn retention_keep_every_and_keep_best() {
         .filter(|(_, r)| !r.is_empty())
         .map(|(s, _)| s)
         .collect();
-    assert_eq!(kept, vec![11, 12], "step 11 is best by lowest score and also recent");
+    assert_eq!(
+        kept,
+        vec![11, 12],
+        "step 11 is best by lowest score and also recent"
+    );
 }
 
 #[test]
@@ -265,13 +361,24 @@ fn retention_does_not_count_corrupt_checkpoints() {
     existing[4].score = Some(100.0); // 5 is best ...
     existing[4].bad = true; // ... but corrupt, so not kept for it
     existing[2].score = Some(50.0);
-    let policy = Retention::keep_last(2).with_keep_every(4).with_keep_best("knn", true);
+    let policy = Retention::keep_last(2)
+        .with_keep_every(4)
+        .with_keep_best("knn", true);
     let reasons = keep_reasons(&existing, &policy);
     assert_eq!(reasons[&10], vec![KeepReason::Latest, KeepReason::Recent]);
     assert_eq!(reasons[&9], vec![KeepReason::Recent]);
-    assert_eq!(reasons[&8], vec![KeepReason::RecentValid, KeepReason::Every { n: 4 }]);
+    assert_eq!(
+        reasons[&8],
+        vec![KeepReason::RecentValid, KeepReason::Every { n: 4 }]
+    );
     assert_eq!(reasons[&7], vec![KeepReason::RecentValid]);
-    assert_eq!(reasons[&3], vec![KeepReason::Best { metric: "knn".into(), value: 50.0 }]);
+    assert_eq!(
+        reasons[&3],
+        vec![KeepReason::Best {
+            metric: "knn".into(),
+            value: 50.0
+        }]
+    );
     assert_eq!(plan_retention(&existing, &policy), vec![1, 2, 5, 6]);
 }
 
@@ -287,14 +394,19 @@ fn retention_validation_reports_every_problem() {
         }),
     };
     let msg = bad.validate().unwrap_err().to_string();
-    for needle in ["keep_last = 1", "keep_every = 0", "keep_best.metric is empty"] {
+    for needle in [
+        "keep_last = 1",
+        "keep_every = 0",
+        "keep_best.metric is empty",
+    ] {
         assert!(msg.contains(needle), "{msg}");
     }
     let dir = tempfile::tempdir().unwrap();
     let err = Store::open(dir.path(), StoreOptions::new(Retention::keep_last(1))).unwrap_err();
     assert!(matches!(err, Error::InvalidRetention(_)), "{err}");
     // Retention is a config section: unknown keys are rejected.
-    let parsed: std::result::Result<Retention, _> = serde_json::from_value(json!({ "keep_last": 3, "keep_lats": 2 }));
+    let parsed: std::result::Result<Retention, _> =
+        serde_json::from_value(json!({ "keep_last": 3, "keep_lats": 2 }));
     assert!(parsed.is_err());
 }
 
@@ -305,15 +417,24 @@ fn save_then_load_round_trips_and_reports_phases() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 2);
     assert!(store.load_latest().unwrap().is_none());
-    assert!(store.load_latest_valid().unwrap().is_none(), "fresh directory: nothing to load");
+    assert!(
+        store.load_latest_valid().unwrap().is_none(),
+        "fresh directory: nothing to load"
+    );
 
     let p = payload(7, 300);
     let report = store.save(&p).unwrap();
     assert_eq!(report.step, 7);
     assert_eq!(report.dir, dir.path().join("checkpoints/step-000000000007"));
     assert_eq!(report.files.len(), 3);
-    let on_disk: u64 = fs::read_dir(&report.dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-    assert_eq!(report.bytes, on_disk, "bytes counts every file, manifest.json included");
+    let on_disk: u64 = fs::read_dir(&report.dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(
+        report.bytes, on_disk,
+        "bytes counts every file, manifest.json included"
+    );
     assert!(report.bytes > p.data_bytes());
     assert!(report.write > std::time::Duration::ZERO && report.commit > std::time::Duration::ZERO);
     assert!(report.deleted.is_empty() && report.gc_error.is_none());
@@ -322,13 +443,23 @@ fn save_then_load_round_trips_and_reports_phases() {
     let loaded = store.load(7).unwrap();
     assert_same_groups(&loaded, &p);
     let m = &loaded.manifest;
-    assert_eq!((m.step, m.previous_step, m.format), (7, None, MANIFEST_FORMAT));
-    assert_eq!((m.config_hash.as_str(), m.code_version.as_str()), ("cfg-1", "test-1.0"));
+    assert_eq!(
+        (m.step, m.previous_step, m.format),
+        (7, None, MANIFEST_FORMAT)
+    );
+    assert_eq!(
+        (m.config_hash.as_str(), m.code_version.as_str()),
+        ("cfg-1", "test-1.0")
+    );
     assert_eq!(loaded.meta(), &p.meta);
-    assert_eq!(m.files.iter().map(|f| f.group.as_str()).collect::<Vec<_>>(), ["student", "teacher", "optimizer"]);
+    assert_eq!(
+        m.files.iter().map(|f| f.group.as_str()).collect::<Vec<_>>(),
+        ["student", "teacher", "optimizer"]
+    );
 
     // The copy in the directory equals the catalog record.
-    let copy: Manifest = serde_json::from_slice(&fs::read(report.dir.join(MANIFEST_FILE)).unwrap()).unwrap();
+    let copy: Manifest =
+        serde_json::from_slice(&fs::read(report.dir.join(MANIFEST_FILE)).unwrap()).unwrap();
     assert_eq!(&copy, m);
 
     let second = store.save(&payload(8, 300)).unwrap();
@@ -341,7 +472,10 @@ fn save_then_load_round_trips_and_reports_phases() {
     assert!(store.load_group(8, "nope").is_err());
     assert_eq!(events_of(&store, event_kind::SAVED).len(), 2);
     assert!(second.mb_per_s() > 0.0);
-    assert!(matches!(store.load(99), Err(Error::NotFound { step: 99, .. })));
+    assert!(matches!(
+        store.load(99),
+        Err(Error::NotFound { step: 99, .. })
+    ));
 
     // Survives a reopen.
     drop(store);
@@ -360,11 +494,18 @@ fn invalid_payloads_are_rejected_before_any_io() {
     let cases = [
         CheckpointPayload::new(1),
         CheckpointPayload::new(1).with_group(TensorGroup::new("../evil", vec![t()])),
-        CheckpointPayload::new(1).with_group(TensorGroup::new("a", vec![t()])).with_group(TensorGroup::new("a", vec![t()])),
+        CheckpointPayload::new(1)
+            .with_group(TensorGroup::new("a", vec![t()]))
+            .with_group(TensorGroup::new("a", vec![t()])),
         CheckpointPayload::new(1).with_group(TensorGroup::new("a", vec![t(), t()])),
         CheckpointPayload::new(1).with_group(TensorGroup::new(
             "a",
-            vec![TensorBlob { name: "w".into(), dtype: Dtype::F32, shape: vec![3], data: vec![0; 4] }],
+            vec![TensorBlob {
+                name: "w".into(),
+                dtype: Dtype::F32,
+                shape: vec![3],
+                data: vec![0; 4],
+            }],
         )),
     ];
     for p in &cases {
@@ -387,13 +528,24 @@ fn flipped_byte_is_detected_and_loading_falls_back_without_losing_needed_checkpo
     flip_byte(&teacher, 100); // inside the tensor data: the header still parses
 
     let err = store.load_latest().unwrap_err();
-    assert!(matches!(&err, Error::Invalid { step: 3, problem: Problem::HashMismatch { .. } }), "{err}");
+    assert!(
+        matches!(
+            &err,
+            Error::Invalid {
+                step: 3,
+                problem: Problem::HashMismatch { .. }
+            }
+        ),
+        "{err}"
+    );
 
     let loaded = store.load_latest_valid().unwrap().unwrap();
     assert_eq!(loaded.step(), 2);
     assert_same_groups(&loaded, &payload(2, 200));
     assert_eq!(loaded.skipped.len(), 1);
-    assert!(matches!(&loaded.skipped[0], (3, Problem::HashMismatch { file, .. }) if file == &teacher));
+    assert!(
+        matches!(&loaded.skipped[0], (3, Problem::HashMismatch { file, .. }) if file == &teacher)
+    );
 
     let fallbacks = events_of(&store, event_kind::FALLBACK);
     assert_eq!(fallbacks.len(), 1, "one event per fallback");
@@ -401,7 +553,11 @@ fn flipped_byte_is_detected_and_loading_falls_back_without_losing_needed_checkpo
     assert_eq!((ev.level, ev.step), (Level::Warn, Some(3)));
     assert_eq!(ev.fields["file"], json!(teacher));
     assert_eq!(ev.fields["next"], json!(2));
-    assert!(ev.message.contains("teacher.safetensors") && ev.message.contains("falling back to step 2"), "{}", ev.message);
+    assert!(
+        ev.message.contains("teacher.safetensors") && ev.message.contains("falling back to step 2"),
+        "{}",
+        ev.message
+    );
 
     // The corruption is recorded; `list` and `verify` show it.
     let list = store.list().unwrap();
@@ -437,12 +593,29 @@ fn resaving_a_step_after_a_fallback_replaces_the_corrupt_one() {
     // The trainer resumes from 2 and reaches step 3 again.
     let again = payload(3, 100).with_meta(json!({ "second": true }));
     let r = store.save(&again).unwrap();
-    assert_eq!(r.dir.file_name().unwrap(), "step-000000000003-1", "the old directory is not reused");
-    assert_eq!(entries(&store), ["step-000000000001", "step-000000000002", "step-000000000003-1"]);
+    assert_eq!(
+        r.dir.file_name().unwrap(),
+        "step-000000000003-1",
+        "the old directory is not reused"
+    );
+    assert_eq!(
+        entries(&store),
+        [
+            "step-000000000001",
+            "step-000000000002",
+            "step-000000000003-1"
+        ]
+    );
     let loaded = store.load_latest_valid().unwrap().unwrap();
-    assert_eq!((loaded.step(), loaded.meta()), (3, &json!({ "second": true })));
+    assert_eq!(
+        (loaded.step(), loaded.meta()),
+        (3, &json!({ "second": true }))
+    );
     assert!(loaded.skipped.is_empty());
-    assert!(store.list().unwrap().iter().all(|e| e.bad.is_none()), "bad marker cleared by the re-save");
+    assert!(
+        store.list().unwrap().iter().all(|e| e.bad.is_none()),
+        "bad marker cleared by the re-save"
+    );
 }
 
 #[test]
@@ -454,12 +627,24 @@ fn rollback_supersedes_newer_checkpoints() {
     }
     assert_eq!(store.steps().unwrap(), vec![20, 30, 40]);
     // Rollback to 20 (e.g. repeated NaN losses): the next save is step 30 again.
-    let r = store.save(&payload(30, 50).with_meta(json!("retrained"))).unwrap();
-    assert_eq!(r.deleted, vec![40], "40 belongs to the abandoned trajectory");
+    let r = store
+        .save(&payload(30, 50).with_meta(json!("retrained")))
+        .unwrap();
+    assert_eq!(
+        r.deleted,
+        vec![40],
+        "40 belongs to the abandoned trajectory"
+    );
     assert_eq!(store.steps().unwrap(), vec![20, 30]);
     assert_eq!(store.latest_step().unwrap(), Some(30));
-    assert_eq!(store.load_latest().unwrap().unwrap().meta(), &json!("retrained"));
-    assert_eq!(entries(&store), ["step-000000000020", "step-000000000030-1"]);
+    assert_eq!(
+        store.load_latest().unwrap().unwrap().meta(),
+        &json!("retrained")
+    );
+    assert_eq!(
+        entries(&store),
+        ["step-000000000020", "step-000000000030-1"]
+    );
     assert_eq!(store.manifest(30).unwrap().previous_step, Some(40));
 }
 
@@ -475,7 +660,12 @@ fn every_kind_of_damage_is_named_and_none_valid_lists_all() {
     fs::remove_file(file_of(&store, 6, "student")).unwrap();
     let f5 = file_of(&store, 5, "teacher");
     let len = fs::metadata(&f5).unwrap().len();
-    fs::OpenOptions::new().write(true).open(&f5).unwrap().set_len(len - 10).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&f5)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
     let f4 = file_of(&store, 4, "optimizer");
     let mut bytes = fs::read(&f4).unwrap();
     bytes.extend_from_slice(b"junk");
@@ -485,35 +675,63 @@ fn every_kind_of_damage_is_named_and_none_valid_lists_all() {
     bytes[8] = b'[';
     fs::write(&f3, bytes).unwrap();
     fs::remove_dir_all(store.checkpoints_dir().join(store.manifest(2).unwrap().dir)).unwrap();
-    store.catalog().manifests_tree().insert(1u64.to_be_bytes(), &b"{ not json"[..]).unwrap();
+    store
+        .catalog()
+        .manifests_tree()
+        .insert(1u64.to_be_bytes(), &b"{ not json"[..])
+        .unwrap();
 
     let err = store.load_latest_valid().unwrap_err();
-    let Error::NoValidCheckpoint { problems, .. } = &err else { panic!("{err}") };
+    let Error::NoValidCheckpoint { problems, .. } = &err else {
+        panic!("{err}")
+    };
     let kinds: Vec<(u64, &str)> = problems
         .iter()
         .map(|(s, p)| {
-            (*s, match p {
-                Problem::MissingFile { .. } => "missing",
-                Problem::SizeMismatch { .. } => "size",
-                Problem::HashMismatch { .. } => "hash",
-                Problem::ManifestUnparsable { .. } => "manifest",
-                Problem::Unparsable { .. } => "unparsable",
-                Problem::Unreadable { .. } => "unreadable",
-            })
+            (
+                *s,
+                match p {
+                    Problem::MissingFile { .. } => "missing",
+                    Problem::SizeMismatch { .. } => "size",
+                    Problem::HashMismatch { .. } => "hash",
+                    Problem::ManifestUnparsable { .. } => "manifest",
+                    Problem::Unparsable { .. } => "unparsable",
+                    Problem::Unreadable { .. } => "unreadable",
+                },
+            )
         })
         .collect();
-    assert_eq!(kinds, [(6, "missing"), (5, "size"), (4, "size"), (3, "hash"), (2, "missing"), (1, "manifest")]);
+    assert_eq!(
+        kinds,
+        [
+            (6, "missing"),
+            (5, "size"),
+            (4, "size"),
+            (3, "hash"),
+            (2, "missing"),
+            (1, "manifest")
+        ]
+    );
     let msg = err.to_string();
-    assert!(msg.contains("step 6: ") && msg.contains("student.safetensors: file is missing"), "{msg}");
+    assert!(
+        msg.contains("step 6: ") && msg.contains("student.safetensors: file is missing"),
+        "{msg}"
+    );
     assert_eq!(events_of(&store, event_kind::FALLBACK).len(), 6);
     assert_eq!(events_of(&store, event_kind::NONE_VALID).len(), 1);
 
     let reports = store.verify_all().unwrap();
     let counts: Vec<usize> = reports.iter().map(|r| r.problems.len()).collect();
-    assert_eq!(counts, [1, 3, 1, 1, 1, 1], "verify reports every file: {reports:?}");
+    assert_eq!(
+        counts,
+        [1, 3, 1, 1, 1, 1],
+        "verify reports every file: {reports:?}"
+    );
     let list = store.list().unwrap();
     assert!(list[0].manifest_error.is_some());
-    assert!(list.iter().all(|e| e.bad.is_some() || e.manifest_error.is_some()));
+    assert!(list
+        .iter()
+        .all(|e| e.bad.is_some() || e.manifest_error.is_some()));
 }
 
 #[test]
@@ -529,9 +747,22 @@ fn a_file_with_the_recorded_hash_that_does_not_parse_is_reported_as_unparsable()
     let mut m = store.manifest(1).unwrap();
     m.files[0].size = garbage.len() as u64;
     m.files[0].blake3 = blake3::hash(&garbage).to_hex().to_string();
-    store.catalog().manifests_tree().insert(1u64.to_be_bytes(), serde_json::to_vec(&m).unwrap()).unwrap();
+    store
+        .catalog()
+        .manifests_tree()
+        .insert(1u64.to_be_bytes(), serde_json::to_vec(&m).unwrap())
+        .unwrap();
     let err = store.load(1).unwrap_err();
-    assert!(matches!(err, Error::Invalid { problem: Problem::Unparsable { .. }, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Invalid {
+                problem: Problem::Unparsable { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 // ---- injected IO faults ----------------------------------------------------------------------------
@@ -539,14 +770,32 @@ fn a_file_with_the_recorded_hash_that_does_not_parse_is_reported_as_unparsable()
 #[test]
 fn an_injected_fault_at_any_stage_leaves_the_previous_checkpoint_latest() {
     let cases = [
-        (InjectFault::write_after_bytes(1 << 20), SaveStage::WriteFiles),
-        (InjectFault::once(FaultStage::Write).errno(libc::ENOSPC), SaveStage::WriteFiles),
-        (InjectFault::once(FaultStage::FileSync), SaveStage::SyncFiles),
+        (
+            InjectFault::write_after_bytes(1 << 20),
+            SaveStage::WriteFiles,
+        ),
+        (
+            InjectFault::once(FaultStage::Write).errno(libc::ENOSPC),
+            SaveStage::WriteFiles,
+        ),
+        (
+            InjectFault::once(FaultStage::FileSync),
+            SaveStage::SyncFiles,
+        ),
         (InjectFault::once(FaultStage::DirSync), SaveStage::SyncDir),
         (InjectFault::once(FaultStage::Rename), SaveStage::Rename),
-        (InjectFault::once(FaultStage::DirSync).skip(1), SaveStage::SyncDir), // after the rename
-        (InjectFault::once(FaultStage::CatalogCommit), SaveStage::CatalogCommit),
-        (InjectFault::once(FaultStage::CatalogFlush), SaveStage::CatalogCommit),
+        (
+            InjectFault::once(FaultStage::DirSync).skip(1),
+            SaveStage::SyncDir,
+        ), // after the rename
+        (
+            InjectFault::once(FaultStage::CatalogCommit),
+            SaveStage::CatalogCommit,
+        ),
+        (
+            InjectFault::once(FaultStage::CatalogFlush),
+            SaveStage::CatalogCommit,
+        ),
     ];
     for (i, (fault, stage)) in cases.into_iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
@@ -556,14 +805,24 @@ fn an_injected_fault_at_any_stage_leaves_the_previous_checkpoint_latest() {
         let err = store.save(&payload(2, 2048)).unwrap_err();
         assert_eq!(err.save_stage(), Some(stage), "case {i}: {err}");
         assert!(matches!(&err, Error::Save { step: 2, .. }), "case {i}");
-        assert!(err.to_string().contains(&dir.path().display().to_string()), "names the path: {err}");
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "names the path: {err}"
+        );
         assert_eq!(fault.remaining(), 0, "case {i}: the fault fired");
         assert_eq!(err.is_disk_full(), i == 1, "case {i}");
 
         assert_eq!(store.latest_step().unwrap(), Some(1), "case {i}");
         assert_eq!(store.steps().unwrap(), vec![1], "case {i}");
-        assert_eq!(entries(&store), ["step-000000000001"], "case {i}: partial directory removed");
-        assert_same_groups(&store.load_latest_valid().unwrap().unwrap(), &payload(1, 2048));
+        assert_eq!(
+            entries(&store),
+            ["step-000000000001"],
+            "case {i}: partial directory removed"
+        );
+        assert_same_groups(
+            &store.load_latest_valid().unwrap().unwrap(),
+            &payload(1, 2048),
+        );
         let failed = events_of(&store, event_kind::SAVE_FAILED);
         assert_eq!(failed.len(), 1, "case {i}");
         assert_eq!(failed[0].event.fields["leftover_removed"], json!(true));
@@ -573,8 +832,16 @@ fn an_injected_fault_at_any_stage_leaves_the_previous_checkpoint_latest() {
         assert_eq!(store.latest_step().unwrap(), Some(2), "case {i}");
         drop(store);
         let store = open(dir.path(), 2);
-        assert_eq!(store.load_latest_valid().unwrap().unwrap().step(), 2, "case {i}");
-        assert_eq!(entries(&store), ["step-000000000001", "step-000000000002"], "case {i}");
+        assert_eq!(
+            store.load_latest_valid().unwrap().unwrap().step(),
+            2,
+            "case {i}"
+        );
+        assert_eq!(
+            entries(&store),
+            ["step-000000000001", "step-000000000002"],
+            "case {i}"
+        );
     }
 }
 
@@ -591,8 +858,19 @@ fn a_failed_deletion_does_not_fail_the_save_and_is_retried() {
     let r = store.save(&payload(3, 50)).unwrap();
     assert_eq!(fault.remaining(), 0);
     assert_eq!(r.deleted, vec![1], "forgotten by the catalog");
-    assert!(r.gc_error.as_deref().unwrap().contains("step-000000000001"), "{:?}", r.gc_error);
-    assert_eq!(entries(&store), ["step-000000000001", "step-000000000002", "step-000000000003"]);
+    assert!(
+        r.gc_error.as_deref().unwrap().contains("step-000000000001"),
+        "{:?}",
+        r.gc_error
+    );
+    assert_eq!(
+        entries(&store),
+        [
+            "step-000000000001",
+            "step-000000000002",
+            "step-000000000003"
+        ]
+    );
     assert_eq!(events_of(&store, event_kind::GC_FAILED).len(), 1);
     assert_eq!(store.steps().unwrap(), vec![2, 3]);
 
@@ -608,10 +886,17 @@ fn a_second_open_of_the_same_directory_is_refused_with_the_pid() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 2);
     let err = Store::open(dir.path(), StoreOptions::new(Retention::keep_last(2))).unwrap_err();
-    assert!(matches!(&err, Error::InUse { pid: Some(p), .. } if *p == std::process::id()), "{err}");
+    assert!(
+        matches!(&err, Error::InUse { pid: Some(p), .. } if *p == std::process::id()),
+        "{err}"
+    );
     assert_eq!(
         err.to_string(),
-        format!("state directory {} is in use by pid {}", dir.path().display(), std::process::id())
+        format!(
+            "state directory {} is in use by pid {}",
+            dir.path().display(),
+            std::process::id()
+        )
     );
     drop(store);
     open(dir.path(), 2);
@@ -626,7 +911,10 @@ fn an_unusable_state_directory_is_a_typed_error_naming_the_path() {
     fs::write(&file, b"x").unwrap();
     let state = file.join("state");
     let err = Store::open(&state, StoreOptions::new(Retention::keep_last(2))).unwrap_err();
-    assert!(matches!(&err, Error::Io { op: "create state directory", path, .. } if path == &state), "{err}");
+    assert!(
+        matches!(&err, Error::Io { op: "create state directory", path, .. } if path == &state),
+        "{err}"
+    );
     assert!(err.to_string().contains("not-a-dir/state"), "{err}");
 
     // The directory becomes unusable while the store is open: `checkpoints/` replaced by a
@@ -639,7 +927,11 @@ fn an_unusable_state_directory_is_a_typed_error_naming_the_path() {
     fs::write(&ckpts, b"oops").unwrap();
     let err = store.save(&payload(1, 10)).unwrap_err();
     assert_eq!(err.save_stage(), Some(SaveStage::Prepare), "{err}");
-    assert!(err.to_string().contains("checkpoints/step-000000000001.tmp"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("checkpoints/step-000000000001.tmp"),
+        "{err}"
+    );
     assert_eq!(store.latest_step().unwrap(), None);
     fs::remove_file(&ckpts).unwrap();
     fs::create_dir(&ckpts).unwrap();
@@ -657,13 +949,20 @@ fn open_removes_leftovers_of_interrupted_saves() {
     }
     // A save killed while writing, and one killed between rename and commit.
     fs::create_dir(ckpts.join("step-000000000003.tmp")).unwrap();
-    fs::write(ckpts.join("step-000000000003.tmp/student.safetensors"), b"partial").unwrap();
+    fs::write(
+        ckpts.join("step-000000000003.tmp/student.safetensors"),
+        b"partial",
+    )
+    .unwrap();
     fs::create_dir(ckpts.join("step-000000000004")).unwrap();
     fs::write(ckpts.join("step-000000000004/manifest.json"), b"{}").unwrap();
     fs::write(ckpts.join("README"), b"not ours").unwrap();
 
     let store = open(dir.path(), 2);
-    assert_eq!(entries(&store), ["README", "step-000000000001", "step-000000000002"]);
+    assert_eq!(
+        entries(&store),
+        ["README", "step-000000000001", "step-000000000002"]
+    );
     assert_eq!(events_of(&store, event_kind::CLEANED).len(), 2);
     assert_eq!(store.load_latest_valid().unwrap().unwrap().step(), 2);
 }
@@ -687,7 +986,11 @@ fn a_lost_catalog_is_rebuilt_from_the_manifest_copies() {
     assert_eq!(loaded.manifest.previous_step, Some(3));
     let rebuilt = events_of(&store, event_kind::CATALOG_REBUILT);
     assert_eq!(rebuilt.len(), 1);
-    assert_eq!(rebuilt[0].event.fields["bad"], json!([2]), "verified while importing");
+    assert_eq!(
+        rebuilt[0].event.fields["bad"],
+        json!([2]),
+        "verified while importing"
+    );
     assert!(store.list().unwrap()[0].bad.is_some());
 }
 
@@ -709,7 +1012,8 @@ fn a_corrupt_catalog_is_moved_aside_and_rebuilt_on_request() {
     assert!(matches!(err, Error::Catalog { .. }), "{err}");
     assert!(err.to_string().contains("catalog"), "{err}");
 
-    let store = Store::rebuild_catalog(dir.path(), StoreOptions::new(Retention::keep_last(2))).unwrap();
+    let store =
+        Store::rebuild_catalog(dir.path(), StoreOptions::new(Retention::keep_last(2))).unwrap();
     assert_eq!(store.load_latest_valid().unwrap().unwrap().step(), 2);
     let aside: Vec<String> = fs::read_dir(dir.path())
         .unwrap()
@@ -730,7 +1034,8 @@ struct PeakUsage {
 impl FaultInjector for PeakUsage {
     fn check(&self, point: &FaultPoint<'_>) -> std::io::Result<()> {
         if point.stage == FaultStage::CatalogCommit {
-            self.peak.fetch_max(disk_usage(&self.dir)?, std::sync::atomic::Ordering::SeqCst);
+            self.peak
+                .fetch_max(disk_usage(&self.dir)?, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(())
     }
@@ -753,7 +1058,13 @@ fn disk_usage_stays_bounded_with_keep_last_two() {
         let r = store.save(&payload(step, 3 * 1024)).unwrap();
         ckpt_bytes = r.bytes;
         for i in 0..5 {
-            store.append_event(&Event::new(Level::Info, "test.filler", format!("{step}/{i}"))).unwrap();
+            store
+                .append_event(&Event::new(
+                    Level::Info,
+                    "test.filler",
+                    format!("{step}/{i}"),
+                ))
+                .unwrap();
         }
         store.record_probe(step, "knn_top1", &json!(0.5)).unwrap();
     }
@@ -769,8 +1080,14 @@ fn disk_usage_stays_bounded_with_keep_last_two() {
         mib(catalog),
         mib(peak)
     );
-    assert!(total <= 2 * ckpt_bytes + 2 * 1048576, "total {total} for checkpoints of {ckpt_bytes}");
-    assert!(peak >= 3 * ckpt_bytes, "peak {peak}: three checkpoints exist at commit time");
+    assert!(
+        total <= 2 * ckpt_bytes + 2 * 1048576,
+        "total {total} for checkpoints of {ckpt_bytes}"
+    );
+    assert!(
+        peak >= 3 * ckpt_bytes,
+        "peak {peak}: three checkpoints exist at commit time"
+    );
     assert!(peak <= 3 * ckpt_bytes + 2 * 1048576, "peak {peak}");
     assert!(catalog < 2 * 1048576, "catalog {catalog}");
 }
@@ -789,10 +1106,23 @@ fn scores_drive_keep_best() {
     store.save(&payload(6, 10)).unwrap();
     assert_eq!(store.steps().unwrap(), vec![2, 5, 6]);
     let list = store.list().unwrap();
-    assert_eq!(list[0].keep, vec![KeepReason::Best { metric: "knn_top1".into(), value: 0.7 }]);
+    assert_eq!(
+        list[0].keep,
+        vec![KeepReason::Best {
+            metric: "knn_top1".into(),
+            value: 0.7
+        }]
+    );
     assert_eq!(list[0].scores.get("other"), Some(&0.30000000000000004));
-    assert!(store.scores(1).unwrap().is_empty(), "scores of deleted steps are removed");
-    assert_eq!(store.scores(99).unwrap().len(), 1, "a pending score above latest is kept");
+    assert!(
+        store.scores(1).unwrap().is_empty(),
+        "scores of deleted steps are removed"
+    );
+    assert_eq!(
+        store.scores(99).unwrap().len(),
+        1,
+        "a pending score above latest is kept"
+    );
 }
 
 // ---- events, probes, status, quarantine -----------------------------------------------------------------
@@ -811,7 +1141,10 @@ fn the_event_log_is_bounded_and_its_sequence_survives_reopen() {
             assert_eq!(store.append_event(&ev).unwrap(), i);
         }
         let recent = store.recent_events(100).unwrap();
-        assert_eq!(recent.iter().map(|e| e.seq).collect::<Vec<_>>(), (16..=25).collect::<Vec<_>>());
+        assert_eq!(
+            recent.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (16..=25).collect::<Vec<_>>()
+        );
         let since = store.events_since(20, 2).unwrap();
         assert_eq!(since.iter().map(|e| e.seq).collect::<Vec<_>>(), [21, 22]);
         assert_eq!(since[0].event.actor.as_deref(), Some("trainer-0"));
@@ -820,13 +1153,21 @@ fn the_event_log_is_bounded_and_its_sequence_survives_reopen() {
         assert!(store.events_since(u64::MAX, 10).unwrap().is_empty());
     }
     let store = Store::open(dir.path(), options()).unwrap();
-    let seq = store.append_event(&Event::new(Level::Warn, "x", "after reopen")).unwrap();
+    let seq = store
+        .append_event(&Event::new(Level::Warn, "x", "after reopen"))
+        .unwrap();
     assert_eq!(seq, 26, "never reused");
-    assert_eq!(store.recent_events(1).unwrap()[0].event.message, "after reopen");
+    assert_eq!(
+        store.recent_events(1).unwrap()[0].event.message,
+        "after reopen"
+    );
     assert_eq!(store.recent_events(100).unwrap().len(), 10);
     // JSON shape for `dinod events --json`.
     let v = serde_json::to_value(&store.recent_events(1).unwrap()[0]).unwrap();
-    assert_eq!((v["seq"].clone(), v["level"].clone(), v["kind"].clone()), (json!(26), json!("warn"), json!("x")));
+    assert_eq!(
+        (v["seq"].clone(), v["level"].clone(), v["kind"].clone()),
+        (json!(26), json!("warn"), json!("x"))
+    );
 }
 
 #[test]
@@ -835,32 +1176,62 @@ fn probes_status_and_quarantine_persist() {
     {
         let store = open(dir.path(), 2);
         for step in [300, 100, 200] {
-            store.record_probe(step, "knn_top1", &json!(step as f64 / 1000.0)).unwrap();
+            store
+                .record_probe(step, "knn_top1", &json!(step as f64 / 1000.0))
+                .unwrap();
         }
-        store.record_probe(100, "linear", &json!({ "top1": 0.5 })).unwrap();
+        store
+            .record_probe(100, "linear", &json!({ "top1": 0.5 }))
+            .unwrap();
         store.record_probe(100, "knn", &json!(1)).unwrap(); // a prefix of another name
         assert!(store.record_probe(1, "bad\0name", &json!(1)).is_err());
-        store.put_status("trainer-0", &json!({ "phase": "step", "since_ms": 5 })).unwrap();
-        store.put_status("teacher", &json!({ "phase": "idle" })).unwrap();
-        store.put_status("teacher", &json!({ "phase": "load" })).unwrap();
+        store
+            .put_status("trainer-0", &json!({ "phase": "step", "since_ms": 5 }))
+            .unwrap();
+        store
+            .put_status("teacher", &json!({ "phase": "idle" }))
+            .unwrap();
+        store
+            .put_status("teacher", &json!({ "phase": "load" }))
+            .unwrap();
         store.put_status("gone", &json!(null)).unwrap();
         store.remove_status("gone").unwrap();
-        store.quarantine_add("batch:12:3", &json!({ "reason": "nan loss", "step": 12 })).unwrap();
+        store
+            .quarantine_add("batch:12:3", &json!({ "reason": "nan loss", "step": 12 }))
+            .unwrap();
         store.flush().unwrap();
     }
     let store = open(dir.path(), 2);
     let hist = store.probe_history("knn_top1").unwrap();
-    assert_eq!(hist.iter().map(|r| r.step).collect::<Vec<_>>(), [100, 200, 300]);
+    assert_eq!(
+        hist.iter().map(|r| r.step).collect::<Vec<_>>(),
+        [100, 200, 300]
+    );
     assert_eq!(hist[2].value, json!(0.3));
     assert_eq!(store.probe_history("knn").unwrap().len(), 1);
-    let latest: Vec<(String, u64)> = store.latest_probes().unwrap().into_iter().map(|r| (r.name, r.step)).collect();
-    assert_eq!(latest, [("knn".to_owned(), 100), ("knn_top1".to_owned(), 300), ("linear".to_owned(), 100)]);
+    let latest: Vec<(String, u64)> = store
+        .latest_probes()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.name, r.step))
+        .collect();
+    assert_eq!(
+        latest,
+        [
+            ("knn".to_owned(), 100),
+            ("knn_top1".to_owned(), 300),
+            ("linear".to_owned(), 100)
+        ]
+    );
     let status = store.status_all().unwrap();
     assert_eq!(status.keys().collect::<Vec<_>>(), ["teacher", "trainer-0"]);
     assert_eq!(status["teacher"], json!({ "phase": "load" }));
     assert!(store.quarantine_contains("batch:12:3").unwrap());
     assert!(!store.quarantine_contains("batch:12:4").unwrap());
-    assert_eq!(store.quarantine_list().unwrap()["batch:12:3"]["reason"], json!("nan loss"));
+    assert_eq!(
+        store.quarantine_list().unwrap()["batch:12:3"]["reason"],
+        json!("nan loss")
+    );
 }
 
 #[test]
@@ -888,4 +1259,14 @@ fn loads_during_concurrent_saves_never_see_false_corruption() {
     assert!(loads > 0);
     assert!(events_of(&store, event_kind::FALLBACK).is_empty());
     assert!(store.list().unwrap().iter().all(|e| e.bad.is_none()));
+}
+
+#[test]
+fn store_and_error_can_cross_threads() {
+    // The daemon shares the store between its writer thread and readers, and wraps errors in
+    // anyhow: both need `Send + Sync + 'static`.
+    fn check<T: Send + Sync + 'static>() {}
+    check::<Store>();
+    check::<Error>();
+    check::<LoadedCheckpoint>();
 }

@@ -1,1 +1,27 @@
-//! placeholder
+//! `model`: the DINOv3 student/teacher networks and the training step.
+//!
+//! Owns: the ViT and its heads with the official `state_dict` names (`vit`, `head`,
+//! `params`), the SSL objective assembled as `SSLMetaArch` does (`ssl`), our saveable
+//! AdamW with the official parameter groups, clipping and the EMA (`optim`), `TrainState`
+//! and `train_step` (`state`), configs (`config`), and reading the golden fixtures
+//! (`fixture`, parsing bytes handed in by the caller).
+//!
+//! Must not know: files, sockets, clocks, threads, actors, checkpoints, the data pipeline
+//! (batches arrive as tensors), or how the stage machine decides. The step is a pure
+//! function of `(TrainState, Batch, StepHparams)`.
+
+pub mod config;
+pub mod fixture;
+pub mod head;
+pub mod optim;
+pub mod parity;
+pub mod params;
+pub mod ssl;
+pub mod state;
+pub mod vit;
+
+pub use config::{HeadConfig, LossConfig, OptimConfig, SslConfig, VitConfig};
+pub use state::{apply_step, clip_gradients, compute_step, train_step, Batch, StepError, StepHparams, StepOutcome, StepReport, TrainState};
+
+#[cfg(test)]
+mod tests;

@@ -462,14 +462,17 @@ pub fn scale(a: &Tensor, s: f64) -> Result<Tensor> {
 // ------------------------------------------------------------------ row blocks (drop path)
 
 /// A selection of row blocks of a `[rows, d]` matrix: block `i` is rows
-/// `starts[i] .. starts[i] + len`. Used for the batch-subset residual dropping
-/// ("drop path") where each selected sample is a contiguous block of tokens.
+/// `starts[i] .. starts[i] + lens[i]`, added back with weight `scales[i]`. Used for the
+/// batch-subset residual dropping ("drop path") where each selected sample is a
+/// contiguous block of tokens and the residual is rescaled by `batch / subset`.
 #[derive(Clone, Debug)]
 pub struct RowBlocks {
     /// First row of each block, in the order the blocks are gathered.
     pub starts: Vec<usize>,
     /// Rows per block, one entry per block.
     pub lens: Vec<usize>,
+    /// Residual scale per block.
+    pub scales: Vec<f64>,
 }
 
 impl RowBlocks {
@@ -492,17 +495,18 @@ pub fn gather_blocks(x: &Tensor, sel: &RowBlocks) -> Result<Tensor> {
     })
 }
 
-/// `x + alpha * scatter(r)`: adds the rows of `r` (laid out as [`gather_blocks`] would)
-/// back onto the selected blocks of `x`; other rows are copied unchanged.
-pub fn scatter_add_blocks(x: &Tensor, sel: &RowBlocks, r: &Tensor, alpha: f64) -> Result<Tensor> {
+/// `x + scatter(scale * r)`: adds the rows of `r` (laid out as [`gather_blocks`] would),
+/// times each block's scale, back onto the selected blocks of `x`; other rows are copied
+/// unchanged. With `unscaled`, the scales are ignored (the adjoint of a plain gather).
+pub fn scatter_add_blocks(x: &Tensor, sel: &RowBlocks, r: &Tensor, unscaled: bool) -> Result<Tensor> {
     let (_, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
         let rs = view::<T>(r)?;
         let mut out = xs.to_vec();
-        let a = T::c(alpha);
         let mut off = 0;
-        for (&s, &l) in sel.starts.iter().zip(&sel.lens) {
+        for ((&s, &l), &sc) in sel.starts.iter().zip(&sel.lens).zip(&sel.scales) {
+            let a = if unscaled { T::one() } else { T::c(sc) };
             let dst = &mut out[s * d..(s + l) * d];
             let src = &rs[off * d..(off + l) * d];
             for i in 0..dst.len() { dst[i] = dst[i] + a * src[i]; }
@@ -512,14 +516,18 @@ pub fn scatter_add_blocks(x: &Tensor, sel: &RowBlocks, r: &Tensor, alpha: f64) -
     })
 }
 
-/// The adjoint of [`scatter_add_blocks`] for `r`: `alpha * gather(dy)`.
-pub fn gather_blocks_scaled(dy: &Tensor, sel: &RowBlocks, alpha: f64) -> Result<Tensor> {
-    let g = gather_blocks(dy, sel)?;
-    if alpha == 1.0 {
-        Ok(g)
-    } else {
-        scale(&g, alpha)
-    }
+/// The adjoint of [`scatter_add_blocks`] for `r`: each gathered block times its scale.
+pub fn gather_blocks_scaled(dy: &Tensor, sel: &RowBlocks) -> Result<Tensor> {
+    let (_, d) = rows_dim(dy)?;
+    float_dispatch!(dy.dtype(), T => {
+        let xs = view::<T>(dy)?;
+        let mut out = Vec::with_capacity(sel.rows() * d);
+        for ((&s, &l), &sc) in sel.starts.iter().zip(&sel.lens).zip(&sel.scales) {
+            let sc = T::c(sc);
+            out.extend(xs[s * d..(s + l) * d].iter().map(|&v| v * sc));
+        }
+        from_vec(out, (sel.rows(), d))
+    })
 }
 
 // ---------------------------------------------------------------- patches and tokens

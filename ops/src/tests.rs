@@ -218,16 +218,21 @@ fn tokens_and_patches() {
 #[test]
 fn row_blocks_roundtrip() {
     let x = rv(10 * 3, 26);
-    let sel = RowBlocks { starts: vec![6, 0], lens: vec![2, 3] };
+    let sel = RowBlocks { starts: vec![6, 0], lens: vec![2, 3], scales: vec![2.0, 2.0] };
     let g = gather_blocks(&t(&x, &[10, 3]), &sel).unwrap();
     assert_eq!(v(&g), [&x[18..24], &x[0..9]].concat());
     let rr = rv(5 * 3, 27);
-    let y = v(&scatter_add_blocks(&t(&x, &[10, 3]), &sel, &t(&rr, &[5, 3]), 2.0).unwrap());
+    let y = v(&scatter_add_blocks(&t(&x, &[10, 3]), &sel, &t(&rr, &[5, 3]), false).unwrap());
     for i in 0..30 {
         let row = i / 3;
         let add = if row < 3 { 2.0 * rr[i + 6] } else if (6..8).contains(&row) { 2.0 * rr[i - 18] } else { 0.0 };
         assert!((y[i] - x[i] - add).abs() < 1e-15);
     }
+    // adjoint: <scatter(s r), g> = <r, gather_scaled(g)>
+    let g = rv(30, 28);
+    let lhs = dot(&(0..30).map(|i| y[i] - x[i]).collect::<Vec<_>>(), &g);
+    let rhs = dot(&rr, &v(&gather_blocks_scaled(&t(&g, &[10, 3]), &sel).unwrap()));
+    assert!((lhs - rhs).abs() < 1e-12);
 }
 
 #[test]

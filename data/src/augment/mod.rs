@@ -416,3 +416,19 @@ fn resize_planes(resizer: &mut fr::Resizer, src: &[f32], from: usize, to: usize,
         resizer.resize(&src_img, &mut out, &bicubic()).expect("same pixel type");
     }
 }
+
+/// The resize helpers, for tests that rebuild a crop independently.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    /// Bicubic resize of a square RGB8 image to `to x to`.
+    pub(crate) fn resize_square(img: &RgbImage, to: usize, out: &mut Vec<u8>) {
+        resize_u8_square(&mut fr::Resizer::new(), img.as_raw(), img.width() as usize, to, out);
+    }
+
+    /// Bicubic resize of `[3, from, from]` float planes.
+    pub(crate) fn resize_planes(src: &[f32], from: usize, to: usize, dst: &mut [f32]) {
+        super::resize_planes(&mut fr::Resizer::new(), src, from, to, dst);
+    }
+}

@@ -23,7 +23,7 @@ use crate::rng::{domain, KeyedRng};
 use crate::source::{rel_id, LabelMap, Sample, Source, Split};
 
 /// Manifest format version.
-pub const MANIFEST_VERSION: u32 = 1;
+pub(crate) const MANIFEST_VERSION: u32 = 1;
 const MANIFEST: &str = "manifest.json";
 
 /// Parameters of the copy-paste builder.

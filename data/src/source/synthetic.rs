@@ -17,7 +17,7 @@ use crate::rng::{domain, KeyedRng};
 use crate::source::{LabelMap, Sample, Source};
 
 /// Default number of samples (the index space is unbounded; this is the epoch length).
-pub const DEFAULT_LEN: u64 = 1 << 20;
+pub(crate) const DEFAULT_LEN: u64 = 1 << 20;
 
 /// Shape classes, in label order.
 pub const SHAPE_CLASSES: [&str; 8] = ["disc", "square", "triangle", "ring", "star", "cross", "crescent", "bar"];

@@ -1,0 +1,189 @@
+//! The loader: byte-identical batches for any worker count, resume from a cursor, epoch order,
+//! crop-major layout, high-resolution size mixes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use image::{Rgb, RgbImage};
+
+use super::util::small_opts;
+use crate::rng::Permutation;
+use crate::{
+    CropSizes, Cursor, DataError, HighResConfig, HostBatch, Loader, Order, Sample, Source, SyntheticConfig, SyntheticScenes,
+};
+
+fn synthetic(len: u64) -> Arc<dyn Source> {
+    Arc::new(SyntheticScenes::new(SyntheticConfig { size: 40, len, ..Default::default() }))
+}
+
+fn run(source: &Arc<dyn Source>, opts: crate::LoaderOptions, start: Cursor, n: usize) -> Vec<HostBatch> {
+    let mut loader = Loader::new(Arc::clone(source), opts, start).expect("loader");
+    (0..n).map(|_| loader.next_batch().expect("batch")).collect()
+}
+
+#[test]
+fn batches_are_byte_identical_for_any_worker_count() {
+    let source = synthetic(10);
+    let one = run(&source, small_opts(4, 1), Cursor::default(), 6);
+    for workers in [2, 3] {
+        let many = run(&source, small_opts(4, workers), Cursor::default(), 6);
+        assert!(one == many, "{workers} workers differ from 1");
+    }
+    // Sanity: the batches are not trivially equal to each other.
+    assert_ne!(one[0].global_crops, one[1].global_crops);
+    let b = &one[0];
+    assert_eq!(b.global_crops.len(), 2 * 4 * 3 * 32 * 32);
+    assert_eq!(b.local_crops.len(), 3 * 4 * 3 * 16 * 16);
+    assert_eq!(b.masks.len(), 2 * 4 * 16);
+    assert_eq!(b.n_masked(), b.mask_indices().len());
+    assert_eq!(b.masks_weight().len(), b.n_masked());
+    assert!(b.global_crops.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn resuming_from_a_cursor_equals_the_uninterrupted_stream() {
+    let source = synthetic(10);
+    let all = run(&source, small_opts(4, 2), Cursor::default(), 7);
+    let cursor = all[2].cursor_after;
+    // The cursor survives a checkpoint round trip.
+    let json = serde_json::to_string(&cursor).expect("serialise");
+    let cursor: Cursor = serde_json::from_str(&json).expect("deserialise");
+    assert_eq!(cursor, Cursor { epoch: 1, index_in_epoch: 2, batches_done: 3 });
+    let resumed = run(&source, small_opts(4, 3), cursor, 4);
+    assert!(all[3..] == resumed[..], "resumed batches differ");
+}
+
+#[test]
+fn each_epoch_is_a_keyed_permutation_of_the_source() {
+    let source = synthetic(12);
+    let batches = run(&source, small_opts(6, 2), Cursor::default(), 4);
+    let epoch = |k: usize| -> Vec<u64> { batches[2 * k].source_indices.iter().chain(&batches[2 * k + 1].source_indices).copied().collect() };
+    for k in 0..2 {
+        let mut seen = epoch(k);
+        seen.sort();
+        assert_eq!(seen, (0..12).collect::<Vec<_>>(), "epoch {k} visits every sample once");
+    }
+    assert_ne!(epoch(0), epoch(1), "epochs are shuffled differently");
+    assert_ne!(epoch(0), (0..12).collect::<Vec<_>>(), "epoch 0 is shuffled");
+    assert_eq!(batches[3].cursor_after, Cursor { epoch: 2, index_in_epoch: 0, batches_done: 4 });
+    let mut sequential = small_opts(6, 1);
+    sequential.order = Order::Sequential;
+    let seq = run(&source, sequential, Cursor::default(), 2);
+    assert_eq!(seq[0].source_indices, vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(seq[0].labels, (0..6).map(|i| source.get(i).expect("sample").label).collect::<Vec<_>>());
+}
+
+#[test]
+fn feistel_permutation_is_a_bijection() {
+    for n in [1u64, 2, 3, 7, 64, 1000, 12345] {
+        let p = Permutation::new(n, &[1, 2, n]);
+        let mut seen = vec![false; n as usize];
+        for i in 0..n {
+            let j = p.apply(i);
+            assert!(j < n && !seen[j as usize], "n = {n}: {i} -> {j}");
+            seen[j as usize] = true;
+        }
+    }
+}
+
+/// Image `i` is a flat colour that encodes `i`, label `i`.
+struct Flat(u64);
+
+impl Source for Flat {
+    fn len(&self) -> Option<u64> {
+        Some(self.0)
+    }
+    fn get(&self, index: u64) -> Result<Sample, DataError> {
+        let v = (index * 20) as u8;
+        Ok(Sample { image: RgbImage::from_pixel(24, 20, Rgb([v, 255 - v, 7])), label: Some(index as u32), label_map: None, id: index.to_string() })
+    }
+    fn n_classes(&self) -> Option<usize> {
+        None
+    }
+    fn class_names(&self) -> &[String] {
+        &[]
+    }
+    fn describe(&self) -> String {
+        "flat colours".into()
+    }
+    fn location(&self) -> PathBuf {
+        PathBuf::from("flat")
+    }
+}
+
+#[test]
+fn rows_are_crop_major() {
+    let mut opts = small_opts(3, 2);
+    opts.order = Order::Sequential;
+    opts.crops.color_jitter.p = 0.0;
+    opts.crops.grayscale_p = 0.0;
+    opts.crops.solarize_p = 0.0;
+    opts.crops.blur = crate::BlurConvention::AsTrained;
+    let source: Arc<dyn Source> = Arc::new(Flat(6));
+    let batch = run(&source, opts.clone(), Cursor::default(), 2).pop().expect("batch");
+    assert_eq!(batch.source_indices, vec![3, 4, 5]);
+    assert_eq!(batch.labels, vec![Some(3), Some(4), Some(5)]);
+    let (mean, std) = (opts.crops.mean[0], opts.crops.std[0]);
+    let red = |row: &[f32]| ((row[0] * std + mean) * 255.0).round() as u64;
+    let (g, l) = (3 * 32 * 32, 3 * 16 * 16);
+    for c in 0..2 {
+        for b in 0..3 {
+            let row = &batch.global_crops[(c * 3 + b) * g..(c * 3 + b + 1) * g];
+            assert_eq!(red(row), (3 + b as u64) * 20, "global crop {c} of image {b}");
+        }
+    }
+    for c in 0..3 {
+        for b in 0..3 {
+            let row = &batch.local_crops[(c * 3 + b) * l..(c * 3 + b + 1) * l];
+            assert_eq!(red(row), (3 + b as u64) * 20, "local crop {c} of image {b}");
+        }
+    }
+}
+
+#[test]
+fn high_resolution_sizes_are_drawn_per_batch() {
+    let mut opts = small_opts(2, 2);
+    let sizes = vec![CropSizes { global: 32, local: 16, gram: Some(48) }, CropSizes { global: 48, local: 24, gram: Some(64) }];
+    opts.crops.high_res = Some(HighResConfig { sizes: sizes.clone(), probs: vec![0.5, 0.5] });
+    opts.crops.gram_teacher_no_distortions = true;
+    let source = synthetic(8);
+    let batches = run(&source, opts.clone(), Cursor::default(), 10);
+    let mut used = std::collections::HashSet::new();
+    for b in &batches {
+        let s = CropSizes { global: b.global_size, local: b.local_size, gram: b.gram_size };
+        assert_eq!(s, opts.crops.sizes_for_batch(opts.seed, b.batch_index));
+        used.insert(s);
+        let (g, l, gr) = (s.global as usize, s.local as usize, s.gram.expect("gram") as usize);
+        assert_eq!(b.global_crops.len(), 2 * 2 * 3 * g * g);
+        assert_eq!(b.local_crops.len(), 3 * 2 * 3 * l * l);
+        assert_eq!(b.gram_crops.as_ref().map(Vec::len), Some(2 * 2 * 3 * gr * gr));
+        assert_eq!(b.masks.len(), 2 * 2 * (g / 8) * (g / 8));
+    }
+    assert_eq!(used.len(), 2, "both size tuples occur in 10 batches");
+    let again = run(&source, opts, batches[4].cursor_after, 3);
+    assert!(batches[5..8] == again[..]);
+    let official = HighResConfig::official_7b();
+    let mut counts = [0usize; 5];
+    for k in 0..4000 {
+        let s = official.pick(1, k);
+        counts[official.sizes.iter().position(|x| *x == s).expect("listed")] += 1;
+    }
+    let freq: Vec<f64> = counts.iter().map(|&c| c as f64 / 4000.0).collect();
+    for (f, p) in freq.iter().zip(&official.probs) {
+        assert!((f - p).abs() < 0.03, "{freq:?}");
+    }
+}
+
+#[test]
+fn invalid_options_are_reported_together() {
+    let mut opts = small_opts(0, 0);
+    opts.crops.global_size = 30; // not a multiple of patch 8
+    opts.crops.flip_p = 1.5;
+    let err = Loader::new(synthetic(4), opts, Cursor::default()).expect_err("invalid");
+    let DataError::Config(list) = err else { panic!("expected a config error") };
+    assert!(list.len() >= 4, "{list:?}");
+    let text = list.join("\n");
+    for needle in ["multiple of patch_size", "flip_p", "batch_size", "n_workers"] {
+        assert!(text.contains(needle), "{needle} missing from {text}");
+    }
+}

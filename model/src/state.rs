@@ -1,0 +1,302 @@
+//! `TrainState`, the one value that survives a restart, and `train_step`, the pure
+//! function that advances it by one step. No IO, no clocks, no threads of its own.
+//!
+//! A step is a transaction: [`compute_step`] reads the state and returns losses and
+//! gradients; [`apply_step`] clips, updates and moves the EMA teacher. The runtime
+//! checks the outcome in between and may discard it (NaN, spike) without touching state.
+
+use candle_core::{bail, DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::config::SslConfig;
+use crate::optim::{clip_module, ema, AdamW, ClipStat, OptimHparams};
+use crate::params::stream;
+use crate::ssl::{ssl_losses, teacher_targets, CropCounts, HeadOutputs, LossTerms, LossWeights, ModelGrads, SslModel, StudentFeatures, TeacherTargets};
+use crate::vit::{CropGroup, FeatureGrads, Vit};
+
+/// One batch as the step consumes it (crop-major rows, as the official collate).
+pub struct Batch {
+    /// Images per batch, B.
+    pub batch_size: usize,
+    /// Local crops per image.
+    pub n_local: usize,
+    /// Global crops `[2B, 3, G, G]`.
+    pub global: Tensor,
+    /// Local crops `[n_local * B, 3, L, L]`.
+    pub local: Option<Tensor>,
+    /// Gram-teacher crops `[2B, 3, S, S]`, when the Gram loss is active.
+    pub gram: Option<Tensor>,
+    /// iBOT masks `[2B * P]`, 1 = masked.
+    pub masks: Vec<u8>,
+    /// Flat indices of the masked patches in `[2B * P]`, ascending.
+    pub mask_indices: Vec<usize>,
+    /// `1 / #masked in its crop` for each masked patch.
+    pub masks_weight: Vec<f64>,
+}
+
+impl Batch {
+    /// Builds a batch and derives the mask indices and weights from `masks`.
+    pub fn new(batch_size: usize, global: Tensor, local: Option<Tensor>, gram: Option<Tensor>, masks: Vec<u8>) -> Result<Self> {
+        let (n2, _, _, _) = global.dims4()?;
+        if n2 != 2 * batch_size {
+            bail!("global crops: {n2} rows for batch {batch_size} (expected 2B, crop-major)")
+        }
+        let n_local = match &local {
+            Some(l) => {
+                let (nl, _, _, _) = l.dims4()?;
+                if nl % batch_size != 0 {
+                    bail!("local crops: {nl} rows is not a multiple of batch {batch_size}")
+                }
+                nl / batch_size
+            }
+            None => 0,
+        };
+        if let Some(g) = &gram {
+            if g.dims4()?.0 != n2 {
+                bail!("gram crops: {} rows vs {n2} global crops", g.dims4()?.0)
+            }
+        }
+        if masks.len() % n2 != 0 {
+            bail!("masks: {} entries for {n2} crops", masks.len())
+        }
+        let p = masks.len() / n2;
+        let mut mask_indices = vec![];
+        let mut masks_weight = vec![];
+        for c in 0..n2 {
+            let row = &masks[c * p..(c + 1) * p];
+            let cnt = row.iter().filter(|&&m| m != 0).count();
+            for (i, &m) in row.iter().enumerate() {
+                if m != 0 {
+                    mask_indices.push(c * p + i);
+                    masks_weight.push(1.0 / cnt.max(1) as f64);
+                }
+            }
+        }
+        Ok(Self { batch_size, n_local, global, local, gram, masks, mask_indices, masks_weight })
+    }
+}
+
+/// The scheduled values for one step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepHparams {
+    /// Learning rate.
+    pub lr: f64,
+    /// LR of the heads' last layers (0 while frozen).
+    pub last_layer_lr: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// EMA teacher momentum.
+    pub momentum: f64,
+    /// Teacher temperature.
+    pub teacher_temp: f64,
+    /// Gram loss weight (0 = off).
+    pub gram_weight: f64,
+    /// Factor on the local DINO terms.
+    pub local_dino_weight: f64,
+}
+
+/// Everything that must survive a restart.
+#[derive(Debug)]
+pub struct TrainState {
+    /// Architecture and objective.
+    pub cfg: SslConfig,
+    /// Seed of every random stream of the run.
+    pub seed: u64,
+    /// Committed steps.
+    pub step: u64,
+    /// The student (trained).
+    pub student: SslModel,
+    /// The EMA teacher.
+    pub teacher: SslModel,
+    /// The frozen Gram teacher, once Gram anchoring has started.
+    pub gram_teacher: Option<Vit>,
+    /// AdamW moments and step count.
+    pub optim: AdamW,
+    /// Position of the data stream (owned by the data loader, opaque here).
+    pub data_cursor: serde_json::Value,
+    /// Gram-teacher refreshes done so far.
+    pub gram_updates: u32,
+}
+
+impl TrainState {
+    /// A fresh run: student initialised from `seed`, teacher an exact copy.
+    pub fn new(cfg: &SslConfig, seed: u64, dtype: DType) -> Result<Self> {
+        let student = SslModel::init(cfg, seed, dtype)?;
+        let teacher = student.deep_clone()?;
+        let optim = new_optimizer(cfg, &student)?;
+        Ok(Self { cfg: cfg.clone(), seed, step: 0, student, teacher, gram_teacher: None, optim, data_cursor: serde_json::Value::Null, gram_updates: 0 })
+    }
+
+    /// Copies the EMA teacher's backbone into the Gram teacher (hard copy, `update_gram(m=0)`).
+    pub fn refresh_gram_teacher(&mut self) -> Result<()> {
+        self.gram_teacher = Some(self.teacher.backbone.deep_clone()?);
+        self.gram_updates += 1;
+        Ok(())
+    }
+}
+
+/// A fresh optimizer for a student model.
+pub fn new_optimizer(cfg: &SslConfig, student: &SslModel) -> Result<AdamW> {
+    let depth = cfg.backbone.depth;
+    let bb = &student.backbone;
+    AdamW::new(
+        &cfg.optim,
+        &[(true, &bb.params, depth), (false, &student.dino_head.params, depth), (false, &student.ibot_head.params, depth)],
+        |n| bb.layer_id(n),
+    )
+}
+
+/// Intermediate values of a step, for inspection and parity checks.
+pub struct Trace {
+    /// Teacher targets.
+    pub teacher: TeacherTargets,
+    /// Student features.
+    pub student: StudentFeatures,
+    /// Student head outputs.
+    pub heads: HeadOutputs,
+    /// Resized Gram-teacher patches, when the Gram loss was on.
+    pub gram_target: Option<Tensor>,
+}
+
+/// Losses and gradients of one step, not yet applied.
+pub struct StepOutcome {
+    /// Loss values.
+    pub losses: LossTerms,
+    /// Gradients of the student modules (before clipping).
+    pub grads: ModelGrads,
+    /// Intermediate values.
+    pub trace: Trace,
+}
+
+/// What a committed step reports.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct StepReport {
+    /// The step that was committed (0-based; the state's `step` is now this + 1).
+    pub step: u64,
+    /// Loss values.
+    pub losses: LossTerms,
+    /// Clipping of backbone, DINO head, iBOT head.
+    pub clip: [ClipStat; 3],
+    /// The schedule values used.
+    pub hparams: StepHparams,
+}
+
+/// Why a step was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// A loss or gradient norm is NaN or infinite; nothing was changed.
+    #[error("non-finite step {step}: losses {losses:?}, gradient norms {norms:?}")]
+    NonFinite {
+        /// The step.
+        step: u64,
+        /// The losses.
+        losses: LossTerms,
+        /// Gradient norms of the three modules.
+        norms: [f64; 3],
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Teacher, Gram teacher and student forward, losses and backward. Reads the state only.
+pub fn compute_step(st: &TrainState, batch: &Batch, hp: &StepHparams) -> Result<StepOutcome> {
+    let cfg = &st.cfg;
+    let b = batch.batch_size;
+    // teacher on the unmasked global crops
+    let tf = st.teacher.backbone.forward(&[CropGroup { images: &batch.global, masks: None }])?;
+    let teacher = teacher_targets(&st.teacher, &tf.cls(0)?, &tf.patches(0)?, &batch.mask_indices, hp.teacher_temp, cfg.loss.sinkhorn_iterations)?;
+    drop(tf);
+    // Gram teacher at higher resolution, features resized to the student grid
+    let gram_target = if hp.gram_weight != 0.0 {
+        let Some(gt) = &st.gram_teacher else { bail!("the Gram loss is on but there is no Gram teacher") };
+        let Some(crops) = &batch.gram else { bail!("the Gram loss is on but the batch has no Gram crops") };
+        let gf = gt.forward(&[CropGroup { images: crops, masks: None }])?;
+        let p = cfg.backbone.patch_size;
+        let (_, _, gh, gw) = batch.global.dims4()?;
+        let tgt = ops::loss::resize_tokens(&gf.patches(0)?, 2 * b, gf.groups[0].grid, (gh / p, gw / p))?;
+        Some(tgt)
+    } else {
+        None
+    };
+    // student on masked global crops and local crops, one packed forward
+    let mut rng = stream(st.seed, &format!("train_step/{}", st.step));
+    let mut groups = vec![CropGroup { images: &batch.global, masks: Some(&batch.masks) }];
+    if let Some(l) = &batch.local {
+        groups.push(CropGroup { images: l, masks: None });
+    }
+    let (sf, cache) = st.student.backbone.forward_train(&groups, &mut rng)?;
+    let d = cfg.backbone.embed_dim;
+    let cls_local = if batch.local.is_some() { sf.cls(1)? } else { Tensor::zeros((0, d), sf.x_norm.dtype(), sf.x_norm.device())? };
+    let student = StudentFeatures { cls_global: sf.cls(0)?, cls_local, patch_global: sf.patches(0)? };
+    let lr = ssl_losses(
+        cfg,
+        &st.student.dino_head,
+        &st.student.ibot_head,
+        &student,
+        &teacher,
+        gram_target.as_ref(),
+        &batch.mask_indices,
+        &batch.masks_weight,
+        CropCounts { batch: b, n_local: batch.n_local },
+        LossWeights { gram: hp.gram_weight, local_dino: hp.local_dino_weight },
+    )?;
+    let mut fg = FeatureGrads::zeros(&sf)?;
+    fg.add_cls(0, &lr.features.cls_global)?;
+    if batch.local.is_some() {
+        fg.add_cls(1, &lr.features.cls_local)?;
+    }
+    fg.add_patches(0, &lr.features.patch_global)?;
+    let backbone = st.student.backbone.backward(cache, &fg.into_tensor())?;
+    Ok(StepOutcome {
+        losses: lr.terms,
+        grads: ModelGrads { backbone, dino_head: lr.dino_head, ibot_head: lr.ibot_head },
+        trace: Trace { teacher, student, heads: lr.heads, gram_target },
+    })
+}
+
+/// Clips the gradients per module and returns the statistics, or the norms if any is not
+/// finite (then nothing should be applied).
+pub fn clip_gradients(cfg: &SslConfig, grads: &ModelGrads) -> Result<std::result::Result<[ClipStat; 3], [f64; 3]>> {
+    let mut stats = [ClipStat::default(); 3];
+    let mut norms = [0.0; 3];
+    for (i, (_, g)) in grads.modules().iter().enumerate() {
+        norms[i] = g.sum_sq()?.sqrt();
+    }
+    if norms.iter().any(|n| !n.is_finite()) {
+        return Ok(Err(norms));
+    }
+    for (i, (_, g)) in grads.modules().iter().enumerate() {
+        stats[i] = clip_module(g, cfg.optim.clip_grad)?;
+    }
+    Ok(Ok(stats))
+}
+
+/// Applies already-clipped gradients: AdamW on the student, EMA on the teacher, `step + 1`.
+pub fn apply_step(st: &mut TrainState, grads: &ModelGrads, hp: &StepHparams) -> Result<()> {
+    let h = OptimHparams { lr: hp.lr, last_layer_lr: hp.last_layer_lr, weight_decay: hp.weight_decay };
+    st.optim.step(
+        &[&st.student.backbone.params, &st.student.dino_head.params, &st.student.ibot_head.params],
+        &[&grads.backbone, &grads.dino_head, &grads.ibot_head],
+        &h,
+    )?;
+    ema(&st.teacher.backbone.params, &st.student.backbone.params, hp.momentum)?;
+    ema(&st.teacher.dino_head.params, &st.student.dino_head.params, hp.momentum)?;
+    ema(&st.teacher.ibot_head.params, &st.student.ibot_head.params, hp.momentum)?;
+    st.step += 1;
+    Ok(())
+}
+
+/// One training step: schedule values in, state advanced, report out. A step whose loss
+/// or gradient norm is not finite changes nothing and returns [`StepError::NonFinite`].
+pub fn train_step(st: &mut TrainState, batch: &Batch, hp: &StepHparams) -> std::result::Result<StepReport, StepError> {
+    let out = compute_step(st, batch, hp)?;
+    let clip = match clip_gradients(&st.cfg, &out.grads)? {
+        Ok(c) if out.losses.is_finite() => c,
+        Ok(c) => return Err(StepError::NonFinite { step: st.step, losses: out.losses, norms: c.map(|s| s.total_norm) }),
+        Err(norms) => return Err(StepError::NonFinite { step: st.step, losses: out.losses, norms }),
+    };
+    let step = st.step;
+    apply_step(st, &out.grads, hp)?;
+    Ok(StepReport { step, losses: out.losses, clip, hparams: *hp })
+}

@@ -1,0 +1,215 @@
+//! The proof against the official implementation (the golden fixtures, every tensor) and
+//! the properties the fixtures cannot show: gradients with drop path and RoPE jitter on,
+//! every parameter reached by a gradient, determinism.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{HeadConfig, LossConfig, OptimConfig, SslConfig, VitConfig};
+use crate::fixture::Fixture;
+use crate::parity::{backbone_state_dict_shapes, run};
+use crate::state::{compute_step, train_step, Batch, StepHparams, TrainState};
+use crate::vit::Vit;
+
+fn golden(name: &str) -> Fixture {
+    let dir = std::env::var_os("DINOD_GOLDEN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"));
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read golden fixture {}: {e}", path.display()));
+    Fixture::parse(&bytes).unwrap()
+}
+
+fn assert_parity(file: &str, dtype: DType) {
+    let fx = golden(file);
+    let rows = run(&fx, dtype).unwrap();
+    assert!(rows.len() > 10, "{file}: only {} tensors compared", rows.len());
+    let bad: Vec<String> = rows.iter().filter(|r| !r.ok()).map(|r| format!("{} {:e} (tol {:e})", r.name, r.rel_err, r.tol)).collect();
+    assert!(bad.is_empty(), "{file} in {dtype:?}: {} of {} tensors out of tolerance:\n{}", bad.len(), rows.len(), bad.join("\n"));
+}
+
+#[test]
+fn parameter_names_are_the_official_state_dict() {
+    let fx = golden("vit_forward.safetensors");
+    let cfg = fx.vit_config().unwrap();
+    let vit = Vit::init(&cfg, 0, DType::F64).unwrap();
+    let ours = backbone_state_dict_shapes(&vit).unwrap();
+    let theirs = fx.shapes_with_prefix("param.backbone.");
+    assert_eq!(ours, theirs);
+}
+
+#[test]
+fn vit_forward_matches_official_f64() {
+    assert_parity("vit_forward.safetensors", DType::F64);
+}
+
+#[test]
+fn vit_forward_matches_official_f32() {
+    assert_parity("vit_forward.safetensors", DType::F32);
+}
+
+#[test]
+fn losses_match_official_f64() {
+    assert_parity("losses.safetensors", DType::F64);
+}
+
+#[test]
+fn losses_match_official_f32() {
+    assert_parity("losses.safetensors", DType::F32);
+}
+
+#[test]
+fn train_step_matches_official_f64() {
+    assert_parity("train_step.safetensors", DType::F64);
+}
+
+#[test]
+fn train_step_matches_official_f32() {
+    assert_parity("train_step.safetensors", DType::F32);
+}
+
+/// A small config with everything switched on: registers, masked key bias, drop path,
+/// RoPE rescale.
+fn small_cfg(drop_path: f64, rescale: Option<f64>) -> SslConfig {
+    SslConfig {
+        backbone: VitConfig {
+            embed_dim: 16,
+            depth: 2,
+            num_heads: 2,
+            ffn_ratio: 2.0,
+            patch_size: 4,
+            n_storage_tokens: 2,
+            layerscale_init: 0.3,
+            layernorm_eps: 1e-5,
+            qkv_bias: true,
+            mask_k_bias: true,
+            proj_bias: true,
+            ffn_bias: true,
+            rope_base: 100.0,
+            rope_rescale: rescale,
+            drop_path,
+        },
+        dino_head: HeadConfig { hidden_dim: 12, bottleneck_dim: 6, n_prototypes: 10, nlayers: 3 },
+        ibot_head: HeadConfig { hidden_dim: 12, bottleneck_dim: 6, n_prototypes: 9, nlayers: 3 },
+        loss: LossConfig::default(),
+        optim: OptimConfig::default(),
+    }
+}
+
+fn rand_tensor(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
+    let t = crate::params::init_tensor(seed, "test-input", shape, crate::params::Init::Normal(1.0), DType::F64).unwrap();
+    t.to_dtype(dtype).unwrap()
+}
+
+fn small_batch(dtype: DType, b: usize) -> Batch {
+    let global = rand_tensor(1, &[2 * b, 3, 12, 12], dtype);
+    let local = rand_tensor(2, &[3 * b, 3, 8, 8], dtype);
+    let gram = rand_tensor(3, &[2 * b, 3, 24, 24], dtype);
+    let p = 9;
+    let mut masks = vec![0u8; 2 * b * p];
+    for c in 0..b {
+        for i in 0..(c % 4 + 1) {
+            masks[c * p + (i * 2) % p] = 1;
+        }
+    }
+    Batch::new(b, global, Some(local), Some(gram), masks).unwrap()
+}
+
+fn hp() -> StepHparams {
+    StepHparams { lr: 1e-3, last_layer_lr: 1e-3, weight_decay: 0.04, momentum: 0.99, teacher_temp: 0.07, gram_weight: 1.0, local_dino_weight: 1.0 }
+}
+
+fn perturbed_state(cfg: &SslConfig, dtype: DType) -> TrainState {
+    let mut st = TrainState::new(cfg, 7, dtype).unwrap();
+    // make LayerScale and heads non-trivial so every path matters numerically
+    for (_, ps) in st.student.modules_mut() {
+        for i in 0..ps.len() {
+            let t = ps.get(i).clone();
+            let noise = rand_tensor(100 + i as u64, t.dims(), dtype);
+            let scaled = (t + noise.affine(0.05, 0.0).unwrap()).unwrap();
+            ps.set(i, scaled).unwrap();
+        }
+    }
+    st.teacher = st.student.deep_clone().unwrap();
+    st.refresh_gram_teacher().unwrap();
+    st
+}
+
+#[test]
+fn full_step_gradients_match_finite_differences_with_drop_path_and_rope_jitter() {
+    let cfg = small_cfg(0.4, Some(2.0));
+    let st = perturbed_state(&cfg, DType::F64);
+    let batch = small_batch(DType::F64, 4);
+    let out = compute_step(&st, &batch, &hp()).unwrap();
+    // check a spread of coordinates of several parameters
+    let names = ["blocks.0.attn.qkv.weight", "blocks.1.mlp.fc1.weight", "cls_token", "storage_tokens", "mask_token", "patch_embed.proj.weight", "blocks.0.ls1.gamma", "norm.weight"];
+    for name in names {
+        let i = st.student.backbone.params.index_of(name).unwrap();
+        let g = out.grads.backbone.get(i).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let p = st.student.backbone.params.get(i).clone();
+        let pv = p.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let step = (pv.len() / 5).max(1);
+        for k in (0..pv.len()).step_by(step) {
+            let eval = |delta: f64| {
+                let mut v = pv.clone();
+                v[k] += delta;
+                let mut s2 = TrainState { cfg: st.cfg.clone(), seed: st.seed, step: st.step, student: st.student.deep_clone().unwrap(), teacher: st.teacher.deep_clone().unwrap(), gram_teacher: st.gram_teacher.clone(), optim: st.optim.clone(), data_cursor: serde_json::Value::Null, gram_updates: 0 };
+                s2.student.backbone.params.set(i, Tensor::from_vec(v, p.dims(), &Device::Cpu).unwrap()).unwrap();
+                compute_step(&s2, &batch, &hp()).unwrap().losses.total
+            };
+            let h = 1e-6;
+            let num = (eval(h) - eval(-h)) / (2.0 * h);
+            let err = (num - g[k]).abs() / (num.abs().max(g[k].abs()).max(1e-4));
+            assert!(err < 1e-4, "{name}[{k}]: analytic {} vs numeric {num}", g[k]);
+        }
+    }
+}
+
+#[test]
+fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
+    let cfg = small_cfg(0.2, Some(2.0));
+    let st = perturbed_state(&cfg, DType::F32);
+    let batch = small_batch(DType::F32, 6);
+    let out = compute_step(&st, &batch, &hp()).unwrap();
+    for ((role, ps), (_, gs)) in st.student.modules().iter().zip(out.grads.modules()) {
+        for (i, n) in ps.names().iter().enumerate() {
+            let g = gs.get(i).unwrap_or_else(|| panic!("{role}.{n}: no gradient"));
+            let v = g.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{role}.{n}: non-finite gradient");
+            assert!(v.iter().any(|x| *x != 0.0), "{role}.{n}: gradient is all zero");
+        }
+    }
+}
+
+#[test]
+fn two_runs_with_the_same_seed_are_bit_identical() {
+    let cfg = small_cfg(0.3, Some(2.0));
+    let run = || {
+        let mut st = TrainState::new(&cfg, 11, DType::F32).unwrap();
+        st.refresh_gram_teacher().unwrap();
+        let mut losses = vec![];
+        for _ in 0..3 {
+            let r = train_step(&mut st, &small_batch(DType::F32, 4), &hp()).unwrap();
+            losses.push(r.losses.total.to_bits());
+        }
+        let w: Vec<u32> = st.student.backbone.params.tensors().iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).map(f32::to_bits).collect();
+        (losses, w)
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn non_finite_step_changes_nothing() {
+    let cfg = small_cfg(0.0, None);
+    let mut st = TrainState::new(&cfg, 5, DType::F32).unwrap();
+    st.refresh_gram_teacher().unwrap();
+    let mut batch = small_batch(DType::F32, 4);
+    batch.global = (batch.global.clone() * f64::NAN).unwrap();
+    let before: Vec<f32> = st.student.backbone.params.get(3).flatten_all().unwrap().to_vec1().unwrap();
+    let err = train_step(&mut st, &batch, &hp()).unwrap_err();
+    assert!(matches!(err, crate::StepError::NonFinite { .. }), "{err}");
+    assert_eq!(st.step, 0);
+    assert_eq!(st.optim.t, 0);
+    let after: Vec<f32> = st.student.backbone.params.get(3).flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(before, after);
+}
+

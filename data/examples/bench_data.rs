@@ -6,9 +6,19 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let spec: data::SourceSpec = args.first().map_or("folder:../shared/data/jpeg500", String::as_str).parse()?;
+    let spec: data::SourceSpec = args
+        .first()
+        .map_or("folder:../shared/data/jpeg500", String::as_str)
+        .parse()?;
     let n_samples: u64 = args.get(1).map_or(Ok(1024), |s| s.parse())?;
-    let workers: Vec<usize> = if args.len() > 2 { args[2..].iter().map(|s| s.parse()).collect::<Result<_, _>>()? } else { vec![1, 2] };
+    let workers: Vec<usize> = if args.len() > 2 {
+        args[2..]
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()?
+    } else {
+        vec![1, 2]
+    };
     let cfg = data::CropConfig::default();
     for w in workers {
         let res = data::bench_multicrop(&spec, &cfg, w, n_samples)?;

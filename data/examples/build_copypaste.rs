@@ -8,8 +8,14 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let home = std::env::var("HOME").unwrap_or_default();
-    let real = args.first().map_or_else(|| PathBuf::from(&home).join(".cache/dinod/real"), PathBuf::from);
-    let out = args.get(1).map_or_else(|| PathBuf::from(&home).join(".cache/dinod/copypaste"), PathBuf::from);
+    let real = args.first().map_or_else(
+        || PathBuf::from(&home).join(".cache/dinod/real"),
+        PathBuf::from,
+    );
+    let out = args.get(1).map_or_else(
+        || PathBuf::from(&home).join(".cache/dinod/copypaste"),
+        PathBuf::from,
+    );
     let mut cfg = data::CopyPasteConfig::default();
     if let (Some(a), Some(b)) = (args.get(2), args.get(3)) {
         cfg.n_train = a.parse()?;

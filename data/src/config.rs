@@ -31,6 +31,8 @@ pub enum BlurConvention {
     AsTrained,
     /// The probabilities as written at the call sites: 1.0 / 0.1 / 0.5.
     AsWritten,
+    /// No blur at all (ablations, tiny images).
+    Off,
 }
 
 impl BlurConvention {
@@ -39,6 +41,7 @@ impl BlurConvention {
         match self {
             BlurConvention::AsTrained => [0.0, 0.9, 0.5],
             BlurConvention::AsWritten => [1.0, 0.1, 0.5],
+            BlurConvention::Off => [0.0, 0.0, 0.0],
         }
     }
 }
@@ -61,7 +64,13 @@ pub struct ColorJitterConfig {
 
 impl Default for ColorJitterConfig {
     fn default() -> Self {
-        ColorJitterConfig { p: 0.8, brightness: 0.4, contrast: 0.4, saturation: 0.2, hue: 0.1 }
+        ColorJitterConfig {
+            p: 0.8,
+            brightness: 0.4,
+            contrast: 0.4,
+            saturation: 0.2,
+            hue: 0.1,
+        }
     }
 }
 
@@ -95,9 +104,19 @@ pub struct HighResConfig {
 impl HighResConfig {
     /// The official 7B high-resolution adaptation mix (`dinov3_vit7b16_high_res_adapt.yaml`).
     pub fn official_7b() -> Self {
-        let t = |global, local, gram| CropSizes { global, local, gram: Some(gram) };
+        let t = |global, local, gram| CropSizes {
+            global,
+            local,
+            gram: Some(gram),
+        };
         HighResConfig {
-            sizes: vec![t(512, 112, 768), t(768, 112, 1152), t(768, 168, 1152), t(768, 224, 1152), t(768, 336, 1152)],
+            sizes: vec![
+                t(512, 112, 768),
+                t(768, 112, 1152),
+                t(768, 168, 1152),
+                t(768, 224, 1152),
+                t(768, 336, 1152),
+            ],
             probs: vec![0.3, 0.3, 0.3, 0.05, 0.05],
         }
     }
@@ -192,7 +211,11 @@ impl CropConfig {
     pub fn sizes_for_batch(&self, seed: u64, batch_index: u64) -> CropSizes {
         match &self.high_res {
             Some(hr) => hr.pick(seed, batch_index),
-            None => CropSizes { global: self.global_size, local: self.local_size, gram: self.gram_size },
+            None => CropSizes {
+                global: self.global_size,
+                local: self.local_size,
+                gram: self.gram_size,
+            },
         }
     }
 
@@ -200,7 +223,11 @@ impl CropConfig {
     pub fn all_sizes(&self) -> Vec<CropSizes> {
         match &self.high_res {
             Some(hr) => hr.sizes.clone(),
-            None => vec![CropSizes { global: self.global_size, local: self.local_size, gram: self.gram_size }],
+            None => vec![CropSizes {
+                global: self.global_size,
+                local: self.local_size,
+                gram: self.gram_size,
+            }],
         }
     }
 
@@ -214,13 +241,22 @@ impl CropConfig {
         }
         let range_ok = |(a, b): (f64, f64)| a > 0.0 && a <= b && b <= 1.0;
         if !range_ok(self.global_scale) {
-            errs.push(format!("global_scale {:?} must satisfy 0 < min <= max <= 1", self.global_scale));
+            errs.push(format!(
+                "global_scale {:?} must satisfy 0 < min <= max <= 1",
+                self.global_scale
+            ));
         }
         if !range_ok(self.local_scale) {
-            errs.push(format!("local_scale {:?} must satisfy 0 < min <= max <= 1", self.local_scale));
+            errs.push(format!(
+                "local_scale {:?} must satisfy 0 < min <= max <= 1",
+                self.local_scale
+            ));
         }
         if !(self.ratio.0 > 0.0 && self.ratio.0 <= self.ratio.1) {
-            errs.push(format!("ratio {:?} must satisfy 0 < min <= max", self.ratio));
+            errs.push(format!(
+                "ratio {:?} must satisfy 0 < min <= max",
+                self.ratio
+            ));
         }
         let probs = [
             ("flip_p", self.flip_p),
@@ -234,15 +270,23 @@ impl CropConfig {
             }
         }
         let cj = &self.color_jitter;
-        for (name, v, max) in [("brightness", cj.brightness, 1.0), ("contrast", cj.contrast, 1.0), ("saturation", cj.saturation, 1.0), ("hue", cj.hue, 0.5)] {
+        for (name, v, max) in [
+            ("brightness", cj.brightness, 1.0),
+            ("contrast", cj.contrast, 1.0),
+            ("saturation", cj.saturation, 1.0),
+            ("hue", cj.hue, 0.5),
+        ] {
             if !(0.0..=max).contains(&v) {
                 errs.push(format!("color_jitter.{name} = {v} must be in [0, {max}]"));
             }
         }
         if !(self.blur_sigma.0 > 0.0 && self.blur_sigma.0 <= self.blur_sigma.1) {
-            errs.push(format!("blur_sigma {:?} must satisfy 0 < min <= max", self.blur_sigma));
+            errs.push(format!(
+                "blur_sigma {:?} must satisfy 0 < min <= max",
+                self.blur_sigma
+            ));
         }
-        if self.blur_kernel % 2 == 0 || self.blur_kernel == 0 {
+        if self.blur_kernel.is_multiple_of(2) {
             errs.push(format!("blur_kernel = {} must be odd", self.blur_kernel));
         }
         if self.std.iter().any(|&s| s <= 0.0) {
@@ -253,10 +297,19 @@ impl CropConfig {
                 errs.push("high_res.sizes is empty".to_string());
             }
             if hr.sizes.len() != hr.probs.len() {
-                errs.push(format!("high_res has {} sizes but {} probs", hr.sizes.len(), hr.probs.len()));
+                errs.push(format!(
+                    "high_res has {} sizes but {} probs",
+                    hr.sizes.len(),
+                    hr.probs.len()
+                ));
             }
-            if hr.probs.iter().any(|&p| !(p >= 0.0 && p.is_finite())) || hr.probs.iter().sum::<f64>() <= 0.0 {
-                errs.push(format!("high_res.probs {:?} must be non-negative with a positive sum", hr.probs));
+            if hr.probs.iter().any(|&p| !(p >= 0.0 && p.is_finite()))
+                || hr.probs.iter().sum::<f64>() <= 0.0
+            {
+                errs.push(format!(
+                    "high_res.probs {:?} must be non-negative with a positive sum",
+                    hr.probs
+                ));
             }
         }
         if errs.is_empty() {
@@ -304,26 +357,41 @@ impl MaskConfig {
     pub fn validate(&self, crops: &CropConfig) -> Result<(), DataError> {
         let mut errs = Vec::new();
         if !(0.0..=1.0).contains(&self.sample_probability) {
-            errs.push(format!("sample_probability = {} is not a probability", self.sample_probability));
+            errs.push(format!(
+                "sample_probability = {} is not a probability",
+                self.sample_probability
+            ));
         }
         let (a, b) = self.ratio_min_max;
         if !(0.0 <= a && a <= b && b <= 1.0) {
-            errs.push(format!("ratio_min_max {:?} must satisfy 0 <= min <= max <= 1", self.ratio_min_max));
+            errs.push(format!(
+                "ratio_min_max {:?} must satisfy 0 <= min <= max <= 1",
+                self.ratio_min_max
+            ));
         }
         if self.patch_size == 0 {
             errs.push("patch_size must be positive".into());
         } else {
             for sizes in crops.all_sizes() {
                 if sizes.global % self.patch_size != 0 {
-                    errs.push(format!("global crop size {} is not a multiple of patch_size {}", sizes.global, self.patch_size));
+                    errs.push(format!(
+                        "global crop size {} is not a multiple of patch_size {}",
+                        sizes.global, self.patch_size
+                    ));
                 }
             }
         }
         if !(self.min_aspect > 0.0 && self.min_aspect <= 1.0) {
-            errs.push(format!("min_aspect = {} must be in (0, 1]", self.min_aspect));
+            errs.push(format!(
+                "min_aspect = {} must be in (0, 1]",
+                self.min_aspect
+            ));
         }
         if !(self.max_block_ratio > 0.0 && self.max_block_ratio <= 1.0) {
-            errs.push(format!("max_block_ratio = {} must be in (0, 1]", self.max_block_ratio));
+            errs.push(format!(
+                "max_block_ratio = {} must be in (0, 1]",
+                self.max_block_ratio
+            ));
         }
         if errs.is_empty() {
             Ok(())
@@ -350,7 +418,12 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { size: 224, resize_size: None, mean: IMAGENET_MEAN, std: IMAGENET_STD }
+        EvalConfig {
+            size: 224,
+            resize_size: None,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
     }
 }
 
@@ -367,7 +440,11 @@ impl EvalConfig {
             errs.push("eval size must be positive".to_string());
         }
         if self.resize_side() < self.size {
-            errs.push(format!("resize_size {} is smaller than size {}", self.resize_side(), self.size));
+            errs.push(format!(
+                "resize_size {} is smaller than size {}",
+                self.resize_side(),
+                self.size
+            ));
         }
         if self.std.iter().any(|&s| s <= 0.0) {
             errs.push(format!("std {:?} must be positive", self.std));

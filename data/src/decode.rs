@@ -12,14 +12,19 @@ use crate::error::BadReason;
 
 /// The formats this crate decodes.
 pub(crate) fn is_supported(format: ImageFormat) -> bool {
-    matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)
+    matches!(
+        format,
+        ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP
+    )
 }
 
 /// Image dimensions from the header only (no pixel decoded).
 pub fn probe_dimensions(bytes: &[u8]) -> Result<(u32, u32), BadReason> {
     let format = detect_format(bytes)?;
     let reader = ImageReader::with_format(Cursor::new(bytes), format);
-    let decoder = reader.into_decoder().map_err(|e| BadReason::Corrupt(e.to_string()))?;
+    let decoder = reader
+        .into_decoder()
+        .map_err(|e| BadReason::Corrupt(e.to_string()))?;
     Ok(decoder.dimensions())
 }
 
@@ -41,23 +46,37 @@ pub fn decode_rgb(bytes: &[u8], pixel_limit: u64) -> Result<RgbImage, BadReason>
         // zune-jpeg fills a truncated scan with grey instead of failing; a JPEG whose data stops
         // before the end-of-image marker is truncated, and training on a half-grey image is worse than
         // skipping it.
-        return Err(BadReason::Corrupt("JPEG data ends before the end-of-image marker (truncated file)".into()));
+        return Err(BadReason::Corrupt(
+            "JPEG data ends before the end-of-image marker (truncated file)".into(),
+        ));
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     // Decoder allocations for the largest allowed image (RGBA16 output plus working buffers).
     limits.max_alloc = Some(pixel_limit.saturating_mul(16).max(64 << 20));
     reader.limits(limits);
-    let decoder = reader.into_decoder().map_err(|e| BadReason::Corrupt(e.to_string()))?;
+    let decoder = reader
+        .into_decoder()
+        .map_err(|e| BadReason::Corrupt(e.to_string()))?;
     let (width, height) = decoder.dimensions();
     if u64::from(width) * u64::from(height) > pixel_limit {
-        return Err(BadReason::TooLarge { width, height, limit: pixel_limit });
+        return Err(BadReason::TooLarge {
+            width,
+            height,
+            limit: pixel_limit,
+        });
     }
     if width == 0 || height == 0 {
-        return Err(BadReason::Corrupt(format!("zero-sized image {width}x{height}")));
+        return Err(BadReason::Corrupt(format!(
+            "zero-sized image {width}x{height}"
+        )));
     }
     let image = DynamicImage::from_decoder(decoder).map_err(|e| match e {
-        image::ImageError::Limits(_) => BadReason::TooLarge { width, height, limit: pixel_limit },
+        image::ImageError::Limits(_) => BadReason::TooLarge {
+            width,
+            height,
+            limit: pixel_limit,
+        },
         other => BadReason::Corrupt(other.to_string()),
     })?;
     Ok(to_rgb8(image))
@@ -89,7 +108,11 @@ pub fn to_rgb8(image: DynamicImage) -> RgbImage {
 /// stuffed), so a file cut inside its last scan fails this, even when an EXIF thumbnail earlier in the
 /// file has its own markers, and bytes appended after the end marker do not matter.
 fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
-    let last = |marker: u8| bytes.windows(2).rposition(|w| w[0] == 0xFF && w[1] == marker);
+    let last = |marker: u8| {
+        bytes
+            .windows(2)
+            .rposition(|w| w[0] == 0xFF && w[1] == marker)
+    };
     match (last(0xDA), last(0xD9)) {
         (Some(sos), Some(eoi)) => eoi > sos,
         (None, Some(_)) => true,

@@ -133,7 +133,10 @@ pub enum DataError {
 impl DataError {
     /// Wraps an IO error with the path it concerns.
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io { path: path.into(), source }
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// True for a single unreadable sample that a loader may skip.

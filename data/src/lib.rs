@@ -37,19 +37,27 @@ mod source;
 mod tests;
 
 pub use augment::eval::{eval_transform, load_eval, EvalBatch, EvalImage};
-pub use augment::{random_resized_crop, Augmenter, CropBox, CropRecord, JitterParams, MultiCrop, Photometric, SampleKey};
+pub use augment::{
+    random_resized_crop, Augmenter, CropBox, CropRecord, JitterParams, MultiCrop, Photometric,
+    SampleKey,
+};
 pub use bench::{bench_multicrop, BenchResult};
 pub use config::{
-    BlurConvention, ColorJitterConfig, CropConfig, CropSizes, DataConfig, EvalConfig, HighResConfig, MaskConfig, Order,
-    DEFAULT_PIXEL_LIMIT, IMAGENET_MEAN, IMAGENET_STD,
+    BlurConvention, ColorJitterConfig, CropConfig, CropSizes, DataConfig, EvalConfig,
+    HighResConfig, MaskConfig, Order, DEFAULT_PIXEL_LIMIT, IMAGENET_MEAN, IMAGENET_STD,
 };
 pub use decode::{decode_rgb, probe_dimensions, to_rgb8};
 pub use error::{BadInput, BadReason, DataError};
 pub use loader::{Cursor, HostBatch, Loader, LoaderOptions};
-pub use mask::{generate_masks, mask_indices, masked_counts, masks_weight, n_masked, MaskGenerator};
+pub use mask::{
+    generate_masks, mask_indices, masked_counts, masks_weight, n_masked, MaskGenerator,
+};
 pub use rng::KeyedRng;
 pub use scan::{scan, scan_source, ClassCount, ScanOptions, ScanReport, SizeBucket};
-pub use source::copypaste::{build_copy_paste, CopyPasteConfig, CopyPasteEntry, CopyPasteManifest, CopyPasteSource, PastedObject};
+pub use source::copypaste::{
+    build_copy_paste, CopyPasteConfig, CopyPasteEntry, CopyPasteManifest, CopyPasteSource,
+    PastedObject,
+};
 pub use source::folder::FolderSource;
 pub use source::idx::{IdxSource, FASHION_MNIST_CLASSES};
 pub use source::synthetic::{SyntheticConfig, SyntheticScenes, SHAPE_CLASSES};

@@ -137,7 +137,9 @@ pub struct LoaderOptions {
 impl LoaderOptions {
     /// Options from the `[data]` config section.
     pub fn from_config(cfg: &DataConfig, batch_size: usize, seed: u64) -> Self {
-        let n_workers = cfg.n_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let n_workers = cfg
+            .n_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         LoaderOptions {
             batch_size,
             seed,
@@ -188,7 +190,11 @@ unsafe impl Sync for RawRows {}
 
 impl RawRows {
     fn new(buf: &mut [f32], n_rows: usize) -> Self {
-        RawRows { ptr: buf.as_mut_ptr(), row_len: buf.len() / n_rows.max(1), n_rows }
+        RawRows {
+            ptr: buf.as_mut_ptr(),
+            row_len: buf.len() / n_rows.max(1),
+            n_rows,
+        }
     }
     /// Start of row `r`.
     fn row_ptr(&self, r: usize) -> *mut f32 {
@@ -253,7 +259,11 @@ impl CropSink for RowSink<'_> {
         // SAFETY: row r belongs to this slot only (see `RawRows`), and `&mut self` keeps the two
         // returned slices, which live in different buffers, from being requested twice at once.
         let global = unsafe { std::slice::from_raw_parts_mut(g.row_ptr(r), g.row_len) };
-        let gram = self.job.gram.as_ref().map(|s| unsafe { std::slice::from_raw_parts_mut(s.row_ptr(r), s.row_len) });
+        let gram = self
+            .job
+            .gram
+            .as_ref()
+            .map(|s| unsafe { std::slice::from_raw_parts_mut(s.row_ptr(r), s.row_len) });
         (global, gram)
     }
     fn local(&mut self, c: usize) -> &mut [f32] {
@@ -270,6 +280,7 @@ type BatchResult = (u64, Result<HostBatch, DataError>);
 pub struct Loader {
     shared: Arc<Shared>,
     tokens: Option<SyncSender<()>>,
+    recycled: Sender<Buffers>,
     done_rx: Receiver<BatchResult>,
     pending: BTreeMap<u64, Result<HostBatch, DataError>>,
     next_index: u64,
@@ -292,27 +303,41 @@ impl std::fmt::Debug for Loader {
 
 impl Loader {
     /// Starts the dispatcher and worker threads; batches begin at `start`.
-    pub fn new(source: Arc<dyn Source>, opts: LoaderOptions, start: Cursor) -> Result<Loader, DataError> {
+    pub fn new(
+        source: Arc<dyn Source>,
+        opts: LoaderOptions,
+        start: Cursor,
+    ) -> Result<Loader, DataError> {
         opts.validate()?;
         if source.is_empty() {
-            return Err(DataError::NoReadableImages { path: source.location(), detail: "the source is empty".into() });
+            return Err(DataError::NoReadableImages {
+                path: source.location(),
+                detail: "the source is empty".into(),
+            });
         }
-        let shared = Arc::new(Shared { source, opts, known_bad: RwLock::new(HashMap::new()), stop: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            source,
+            opts,
+            known_bad: RwLock::new(HashMap::new()),
+            stop: AtomicBool::new(false),
+        });
         let prefetch = shared.opts.prefetch;
         let (token_tx, token_rx) = mpsc::sync_channel::<()>(prefetch);
         for _ in 0..prefetch {
             token_tx.send(()).expect("receiver alive");
         }
-        let (job_tx, job_rx) = mpsc::sync_channel::<SampleJob>(shared.opts.batch_size.max(4 * shared.opts.n_workers));
+        let (job_tx, job_rx) =
+            mpsc::sync_channel::<SampleJob>(shared.opts.batch_size.max(4 * shared.opts.n_workers));
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (done_tx, done_rx) = mpsc::channel::<BatchResult>();
+        let (recycled_tx, recycled_rx) = mpsc::channel::<Buffers>();
         let mut threads = Vec::new();
         {
             let shared = Arc::clone(&shared);
             threads.push(
                 std::thread::Builder::new()
                     .name("data-dispatch".into())
-                    .spawn(move || dispatch(&shared, start, &token_rx, &job_tx))
+                    .spawn(move || dispatch(&shared, start, &token_rx, &job_tx, &recycled_rx))
                     .map_err(|e| DataError::Loader(format!("cannot start dispatcher: {e}")))?,
             );
         }
@@ -330,6 +355,7 @@ impl Loader {
         Ok(Loader {
             shared,
             tokens: Some(token_tx),
+            recycled: recycled_tx,
             done_rx,
             pending: BTreeMap::new(),
             next_index: start.batches_done,
@@ -373,6 +399,16 @@ impl Loader {
         Ok(batch)
     }
 
+    /// Hands a consumed batch's buffers back for reuse by a later batch of the same sizes (optional;
+    /// it saves the page faults of fresh allocations). Every element of a reused buffer is overwritten.
+    pub fn recycle(&self, batch: HostBatch) {
+        let _ = self.recycled.send(Buffers {
+            global: batch.global_crops,
+            local: batch.local_crops,
+            gram: batch.gram_crops,
+        });
+    }
+
     /// The cursor after the last batch returned (the start cursor before the first).
     pub fn cursor(&self) -> Cursor {
         self.cursor
@@ -409,22 +445,43 @@ impl Drop for Loader {
     }
 }
 
-fn dispatch(shared: &Shared, start: Cursor, tokens: &Receiver<()>, jobs: &SyncSender<SampleJob>) {
+fn dispatch(
+    shared: &Shared,
+    start: Cursor,
+    tokens: &Receiver<()>,
+    jobs: &SyncSender<SampleJob>,
+    recycled: &Receiver<Buffers>,
+) {
     let opts = &shared.opts;
     let len = shared.source.len();
     let b = opts.batch_size;
     let mut cursor = start;
     let mut perm: Option<(u64, Permutation)> = None;
+    let mut pool: Vec<Buffers> = Vec::new();
     while tokens.recv().is_ok() {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
         let sizes = opts.crops.sizes_for_batch(opts.seed, cursor.batches_done);
         let row = |side: u32| 3 * (side as usize).pow(2);
-        let mut buffers = Buffers {
-            global: vec![0.0; 2 * b * row(sizes.global)],
-            local: vec![0.0; opts.crops.n_local * b * row(sizes.local)],
-            gram: sizes.gram.map(|s| vec![0.0; 2 * b * row(s)]),
+        let lens = (
+            2 * b * row(sizes.global),
+            opts.crops.n_local * b * row(sizes.local),
+            sizes.gram.map(|s| 2 * b * row(s)),
+        );
+        pool.extend(recycled.try_iter());
+        pool.truncate(opts.prefetch + 2);
+        // A recycled buffer needs no zeroing: every row is written in full by its sample's job.
+        let reused = pool
+            .iter()
+            .position(|p| (p.global.len(), p.local.len(), p.gram.as_ref().map(Vec::len)) == lens);
+        let mut buffers = match reused {
+            Some(i) => pool.swap_remove(i),
+            None => Buffers {
+                global: vec![0.0; lens.0],
+                local: vec![0.0; lens.1],
+                gram: lens.2.map(|n| vec![0.0; n]),
+            },
         };
         let job = Arc::new(BatchJob {
             index: cursor.batches_done,
@@ -443,14 +500,29 @@ fn dispatch(shared: &Shared, start: Cursor, tokens: &Receiver<()>, jobs: &SyncSe
             let source_index = match (len, opts.order) {
                 (Some(n), Order::Shuffled) => {
                     if perm.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                        perm = Some((epoch, Permutation::new(n, &[opts.seed, domain::PERMUTATION, epoch])));
+                        perm = Some((
+                            epoch,
+                            Permutation::new(n, &[opts.seed, domain::PERMUTATION, epoch]),
+                        ));
                     }
                     perm.as_ref().map_or(position, |(_, p)| p.apply(position))
                 }
                 _ => position,
             };
-            let key = SampleKey { seed: opts.seed, epoch, position };
-            if jobs.send(SampleJob { batch: Arc::clone(&job), slot, key, source_index }).is_err() {
+            let key = SampleKey {
+                seed: opts.seed,
+                epoch,
+                position,
+            };
+            if jobs
+                .send(SampleJob {
+                    batch: Arc::clone(&job),
+                    slot,
+                    key,
+                    source_index,
+                })
+                .is_err()
+            {
                 return;
             }
             position += 1;
@@ -476,24 +548,36 @@ fn work(shared: &Shared, jobs: &Mutex<Receiver<SampleJob>>, done: &Sender<BatchR
         if shared.stop.load(Ordering::SeqCst) {
             continue;
         }
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| process(shared, &mut augmenter, &job)))
-            .unwrap_or_else(|panic| {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                augmenter = Augmenter::new(shared.opts.crops.clone());
-                SlotResult {
-                    error: Some(DataError::Loader(format!("worker panicked on source index {}: {msg}", job.source_index))),
-                    ..SlotResult::default()
-                }
-            });
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| process(shared, &mut augmenter, &job)))
+                .unwrap_or_else(|panic| {
+                    let msg = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    augmenter = Augmenter::new(shared.opts.crops.clone());
+                    SlotResult {
+                        error: Some(DataError::Loader(format!(
+                            "worker panicked on source index {}: {msg}",
+                            job.source_index
+                        ))),
+                        ..SlotResult::default()
+                    }
+                });
         if let Ok(mut slots) = job.batch.slots.lock() {
             slots[job.slot] = result;
         }
         if job.batch.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _ = done.send((job.batch.index, finish(shared, &job.batch)));
+            // A panic here must still deliver a result, or `next_batch` would wait forever.
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| finish(shared, &job.batch)))
+                .unwrap_or_else(|_| {
+                    Err(DataError::Loader(format!(
+                        "panic while finishing batch {}",
+                        job.batch.index
+                    )))
+                });
+            let _ = done.send((job.batch.index, result));
         }
     }
 }
@@ -507,7 +591,11 @@ fn process(shared: &Shared, augmenter: &mut Augmenter, job: &SampleJob) -> SlotR
     let mut bad = Vec::new();
     let mut tries = 0u64;
     let sample = loop {
-        let known = shared.known_bad.read().ok().and_then(|m| m.get(&index).cloned());
+        let known = shared
+            .known_bad
+            .read()
+            .ok()
+            .and_then(|m| m.get(&index).cloned());
         match known {
             Some(b) => bad.push(b),
             None => match source.get(index) {
@@ -518,17 +606,28 @@ fn process(shared: &Shared, augmenter: &mut Augmenter, job: &SampleJob) -> SlotR
                     }
                     bad.push(b);
                 }
-                Err(e) => return SlotResult { error: Some(e), ..SlotResult::default() },
+                Err(e) => {
+                    return SlotResult {
+                        error: Some(e),
+                        ..SlotResult::default()
+                    }
+                }
             },
         }
         tries += 1;
         if tries >= max_tries {
             let detail = match len {
                 Some(n) => format!("all {n} samples are unreadable, e.g. {}", bad[0]),
-                None => format!("{max_tries} consecutive samples are unreadable, e.g. {}", bad[0]),
+                None => format!(
+                    "{max_tries} consecutive samples are unreadable, e.g. {}",
+                    bad[0]
+                ),
             };
             return SlotResult {
-                error: Some(DataError::NoReadableImages { path: source.location(), detail }),
+                error: Some(DataError::NoReadableImages {
+                    path: source.location(),
+                    detail,
+                }),
                 ..SlotResult::default()
             };
         }
@@ -537,14 +636,34 @@ fn process(shared: &Shared, augmenter: &mut Augmenter, job: &SampleJob) -> SlotR
             None => index.wrapping_add(1),
         };
     };
-    augmenter.run(&sample.image, job.batch.sizes, job.key, &mut RowSink { job: &job.batch, slot: job.slot }, None);
-    SlotResult { label: sample.label, id: sample.id, source_index: index, bad, error: None }
+    augmenter.run(
+        &sample.image,
+        job.batch.sizes,
+        job.key,
+        &mut RowSink {
+            job: &job.batch,
+            slot: job.slot,
+        },
+        None,
+    );
+    SlotResult {
+        label: sample.label,
+        id: sample.id,
+        source_index: index,
+        bad,
+        error: None,
+    }
 }
 
 /// Called by the worker that completed the last slot of a batch.
 fn finish(shared: &Shared, job: &BatchJob) -> Result<HostBatch, DataError> {
     let opts = &shared.opts;
-    let slots = std::mem::take(&mut *job.slots.lock().map_err(|_| DataError::Loader("slot lock poisoned".into()))?);
+    let slots = std::mem::take(
+        &mut *job
+            .slots
+            .lock()
+            .map_err(|_| DataError::Loader("slot lock poisoned".into()))?,
+    );
     let buffers = job
         .buffers
         .lock()

@@ -36,7 +36,9 @@ impl MaskGenerator {
         let mut delta = 0;
         for _ in 0..10 {
             let target_area = rng.uniform_range(self.min_num_patches, max_mask_patches);
-            let aspect = rng.uniform_range(self.log_aspect.0, self.log_aspect.1).exp();
+            let aspect = rng
+                .uniform_range(self.log_aspect.0, self.log_aspect.1)
+                .exp();
             let h = (target_area * aspect).sqrt().round_ties_even() as usize;
             let w = (target_area / aspect).sqrt().round_ties_even() as usize;
             if w < self.width && h < self.height {
@@ -44,7 +46,10 @@ impl MaskGenerator {
                 let left = rng.int_inclusive(0, (self.width - w) as i64) as usize;
                 let mut already = 0usize;
                 for i in top..top + h {
-                    already += mask[i * self.width + left..i * self.width + left + w].iter().filter(|&&m| m != 0).count();
+                    already += mask[i * self.width + left..i * self.width + left + w]
+                        .iter()
+                        .filter(|&&m| m != 0)
+                        .count();
                 }
                 let new = (h * w - already) as f64;
                 if 0.0 < new && new <= max_mask_patches {
@@ -101,23 +106,44 @@ pub(crate) fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
     let step = (end - start) / (steps - 1) as f32;
     let halfway = steps / 2;
     (0..steps)
-        .map(|i| if i < halfway { start + step * i as f32 } else { end - step * (steps - i - 1) as f32 })
+        .map(|i| {
+            if i < halfway {
+                start + step * i as f32
+            } else {
+                end - step * (steps - i - 1) as f32
+            }
+        })
         .collect()
 }
 
 /// Number of patches of each masked crop, in generation order (before the shuffle).
 pub fn masked_counts(cfg: &MaskConfig, n_crops: usize, n_patches: usize) -> Vec<usize> {
     let n_masked_crops = (n_crops as f64 * cfg.sample_probability) as usize;
-    let probs = linspace_f32(cfg.ratio_min_max.0 as f32, cfg.ratio_min_max.1 as f32, n_masked_crops + 1);
-    (0..n_masked_crops).map(|i| (n_patches as f32 * probs[i + 1]) as usize).collect()
+    let probs = linspace_f32(
+        cfg.ratio_min_max.0 as f32,
+        cfg.ratio_min_max.1 as f32,
+        n_masked_crops + 1,
+    );
+    (0..n_masked_crops)
+        .map(|i| (n_patches as f32 * probs[i + 1]) as usize)
+        .collect()
 }
 
 /// The masks of one batch: `[n_crops, grid * grid]` u8, crop-major, keyed by (seed, batch index).
-pub fn generate_masks(cfg: &MaskConfig, n_crops: usize, grid: usize, seed: u64, batch_index: u64) -> Vec<u8> {
+pub fn generate_masks(
+    cfg: &MaskConfig,
+    n_crops: usize,
+    grid: usize,
+    seed: u64,
+    batch_index: u64,
+) -> Vec<u8> {
     let n_patches = grid * grid;
     let mut rng = KeyedRng::new(&[seed, domain::MASK, batch_index]);
     let generator = MaskGenerator::new(grid, grid, cfg);
-    let mut masks: Vec<Vec<u8>> = masked_counts(cfg, n_crops, n_patches).into_iter().map(|k| generator.generate(k, &mut rng)).collect();
+    let mut masks: Vec<Vec<u8>> = masked_counts(cfg, n_crops, n_patches)
+        .into_iter()
+        .map(|k| generator.generate(k, &mut rng))
+        .collect();
     masks.resize(n_crops, vec![0u8; n_patches]);
     rng.shuffle(&mut masks);
     masks.concat()
@@ -125,7 +151,12 @@ pub fn generate_masks(cfg: &MaskConfig, n_crops: usize, grid: usize, seed: u64, 
 
 /// Flat indices (ascending) of the masked patches in `[n_crops * n_patches]`.
 pub fn mask_indices(masks: &[u8]) -> Vec<u32> {
-    masks.iter().enumerate().filter(|(_, &m)| m != 0).map(|(i, _)| i as u32).collect()
+    masks
+        .iter()
+        .enumerate()
+        .filter(|(_, &m)| m != 0)
+        .map(|(i, _)| i as u32)
+        .collect()
 }
 
 /// Per masked patch (in `mask_indices` order): `1 / (number of masked patches of its crop)`.

@@ -49,8 +49,16 @@ pub struct SizeBucket {
     pub count: u64,
 }
 
-const BUCKETS: [(u32, &str); 8] =
-    [(32, "<32"), (64, "32-63"), (128, "64-127"), (256, "128-255"), (512, "256-511"), (1024, "512-1023"), (2048, "1024-2047"), (u32::MAX, ">=2048")];
+const BUCKETS: [(u32, &str); 8] = [
+    (32, "<32"),
+    (64, "32-63"),
+    (128, "64-127"),
+    (256, "128-255"),
+    (512, "256-511"),
+    (1024, "512-1023"),
+    (2048, "1024-2047"),
+    (u32::MAX, ">=2048"),
+];
 
 /// What a scan found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -89,21 +97,39 @@ impl ScanReport {
 impl fmt::Display for ScanReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "source: {}", self.description)?;
-        let listed = self.listed.map_or("unbounded".to_string(), |n| n.to_string());
-        writeln!(f, "images: {} readable of {} scanned ({} listed)", self.readable, self.scanned, listed)?;
+        let listed = self
+            .listed
+            .map_or("unbounded".to_string(), |n| n.to_string());
+        writeln!(
+            f,
+            "images: {} readable of {} scanned ({} listed)",
+            self.readable, self.scanned, listed
+        )?;
         if self.readable == 0 {
             writeln!(f, "no readable image in {}", self.location.display())?;
         }
         if let (Some(min), Some(max)) = (self.min_size, self.max_size) {
-            writeln!(f, "sizes: width {}..{}, height {}..{}", min.0, max.0, min.1, max.1)?;
-            let hist: Vec<String> =
-                self.size_histogram.iter().filter(|b| b.count > 0).map(|b| format!("{}: {}", b.label, b.count)).collect();
+            writeln!(
+                f,
+                "sizes: width {}..{}, height {}..{}",
+                min.0, max.0, min.1, max.1
+            )?;
+            let hist: Vec<String> = self
+                .size_histogram
+                .iter()
+                .filter(|b| b.count > 0)
+                .map(|b| format!("{}: {}", b.label, b.count))
+                .collect();
             writeln!(f, "shorter side: {}", hist.join(", "))?;
         }
         if self.classes.is_empty() {
             writeln!(f, "classes: none (unlabelled)")?;
         } else {
-            let cls: Vec<String> = self.classes.iter().map(|c| format!("{} {}", c.name, c.count)).collect();
+            let cls: Vec<String> = self
+                .classes
+                .iter()
+                .map(|c| format!("{} {}", c.name, c.count))
+                .collect();
             writeln!(f, "classes: {} ({})", self.classes.len(), cls.join(", "))?;
         }
         if self.has_label_maps {
@@ -117,10 +143,18 @@ impl fmt::Display for ScanReport {
     }
 }
 
-/// Opens and scans a source.
+/// Samples a scan reads from a generated source when no limit is given.
+const GENERATED_SCAN_DEFAULT: u64 = 1000;
+
+/// Opens and scans a source. A synthetic source is generated, not read, so without `max_images`
+/// only its first 1000 scenes are checked.
 pub fn scan(spec: &SourceSpec, opts: &ScanOptions) -> Result<ScanReport, DataError> {
     let source = spec.open_with(&opts.open)?;
-    scan_source(&*source, opts)
+    let mut opts = opts.clone();
+    if matches!(spec, SourceSpec::Synthetic { .. }) && opts.max_images.is_none() {
+        opts.max_images = Some(GENERATED_SCAN_DEFAULT);
+    }
+    scan_source(&*source, &opts)
 }
 
 /// Scans an open source.
@@ -128,7 +162,7 @@ pub fn scan_source(source: &dyn Source, opts: &ScanOptions) -> Result<ScanReport
     let n = match (source.len(), opts.max_images) {
         (Some(len), Some(max)) => len.min(max),
         (Some(len), None) => len,
-        (None, max) => max.unwrap_or(1000),
+        (None, max) => max.unwrap_or(GENERATED_SCAN_DEFAULT),
     };
     let n_workers = opts.n_workers.max(1) as u64;
     type Item = (u64, Result<(u32, u32, Option<u32>), BadInput>);
@@ -140,7 +174,9 @@ pub fn scan_source(source: &dyn Source, opts: &ScanOptions) -> Result<ScanReport
                     let mut i = w;
                     while i < n {
                         match source.get(i) {
-                            Ok(s) => out.push((i, Ok((s.image.width(), s.image.height(), s.label)))),
+                            Ok(s) => {
+                                out.push((i, Ok((s.image.width(), s.image.height(), s.label))))
+                            }
                             Err(DataError::BadInput(b)) => out.push((i, Err(b))),
                             Err(e) => return Err(e),
                         }
@@ -150,7 +186,13 @@ pub fn scan_source(source: &dyn Source, opts: &ScanOptions) -> Result<ScanReport
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(DataError::Loader("scan thread panicked".into())))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(DataError::Loader("scan thread panicked".into())))
+            })
+            .collect()
     });
     let mut items = Vec::with_capacity(n as usize);
     for p in parts {
@@ -160,7 +202,8 @@ pub fn scan_source(source: &dyn Source, opts: &ScanOptions) -> Result<ScanReport
     let names = source.class_names();
     let mut class_counts = vec![0u64; names.len()];
     let mut hist = vec![0u64; BUCKETS.len()];
-    let (mut min, mut max): (Option<(u32, u32)>, Option<(u32, u32)>) = (None, None);
+    let mut min: Option<(u32, u32)> = None;
+    let mut max: Option<(u32, u32)> = None;
     let mut readable = 0;
     let mut bad = Vec::new();
     for (_, item) in items {
@@ -170,7 +213,10 @@ pub fn scan_source(source: &dyn Source, opts: &ScanOptions) -> Result<ScanReport
                 min = Some(min.map_or((w, h), |(a, b)| (a.min(w), b.min(h))));
                 max = Some(max.map_or((w, h), |(a, b)| (a.max(w), b.max(h))));
                 let short = w.min(h);
-                let bucket = BUCKETS.iter().position(|(limit, _)| short < *limit).unwrap_or(BUCKETS.len() - 1);
+                let bucket = BUCKETS
+                    .iter()
+                    .position(|(limit, _)| short < *limit)
+                    .unwrap_or(BUCKETS.len() - 1);
                 hist[bucket] += 1;
                 if let Some(c) = label.and_then(|l| class_counts.get_mut(l as usize)) {
                     *c += 1;
@@ -186,10 +232,24 @@ pub fn scan_source(source: &dyn Source, opts: &ScanOptions) -> Result<ScanReport
         listed: source.len(),
         scanned: n,
         readable,
-        classes: names.iter().zip(class_counts).map(|(name, count)| ClassCount { name: name.clone(), count }).collect(),
+        classes: names
+            .iter()
+            .zip(class_counts)
+            .map(|(name, count)| ClassCount {
+                name: name.clone(),
+                count,
+            })
+            .collect(),
         min_size: min,
         max_size: max,
-        size_histogram: BUCKETS.iter().zip(hist).map(|((_, label), count)| SizeBucket { label: label.to_string(), count }).collect(),
+        size_histogram: BUCKETS
+            .iter()
+            .zip(hist)
+            .map(|((_, label), count)| SizeBucket {
+                label: label.to_string(),
+                count,
+            })
+            .collect(),
         has_label_maps: source.has_label_maps(),
         bad,
     })

@@ -43,21 +43,34 @@ fn eval_transform_with(resizer: &mut fr::Resizer, sample: &Sample, cfg: &EvalCon
     let (w, h) = sample.image.dimensions();
     let size = cfg.size as usize;
     let (left, top, bw, bh) = eval_box(w, h, cfg.resize_side(), cfg.size);
-    let src = fr::images::ImageRef::new(w, h, sample.image.as_raw(), fr::PixelType::U8x3).expect("buffer matches");
+    let src = fr::images::ImageRef::new(w, h, sample.image.as_raw(), fr::PixelType::U8x3)
+        .expect("buffer matches");
     let mut rgb = fr::images::Image::new(cfg.size, cfg.size, fr::PixelType::U8x3);
-    let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom)).crop(left, top, bw, bh);
-    resizer.resize(&src, &mut rgb, &opts).expect("same pixel type");
+    let opts = fr::ResizeOptions::new()
+        .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom))
+        .crop(left, top, bw, bh);
+    resizer
+        .resize(&src, &mut rgb, &opts)
+        .expect("same pixel type");
     let mut out = vec![0.0; 3 * size * size];
     pixels::to_planes(rgb.buffer(), size, false, &mut out);
     pixels::normalize(&mut out, size * size, &cfg.mean, &cfg.std);
     let label_map = sample.label_map.as_ref().map(|lm| {
-        let src = fr::images::ImageRef::new(lm.width, lm.height, &lm.data, fr::PixelType::U8).expect("buffer matches");
+        let src = fr::images::ImageRef::new(lm.width, lm.height, &lm.data, fr::PixelType::U8)
+            .expect("buffer matches");
         let mut dst = fr::images::Image::new(cfg.size, cfg.size, fr::PixelType::U8);
-        let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Nearest).crop(left, top, bw, bh);
-        resizer.resize(&src, &mut dst, &opts).expect("same pixel type");
+        let opts = fr::ResizeOptions::new()
+            .resize_alg(fr::ResizeAlg::Nearest)
+            .crop(left, top, bw, bh);
+        resizer
+            .resize(&src, &mut dst, &opts)
+            .expect("same pixel type");
         dst.into_vec()
     });
-    EvalImage { pixels: out, label_map }
+    EvalImage {
+        pixels: out,
+        label_map,
+    }
 }
 
 /// Evaluation images of a list of samples, stacked.
@@ -81,7 +94,12 @@ pub struct EvalBatch {
 
 /// Loads and transforms `indices` of `source` on `n_workers` threads (the result does not depend on
 /// the number of threads). Unreadable samples are left out and listed in `bad`.
-pub fn load_eval(source: &dyn Source, indices: &[u64], cfg: &EvalConfig, n_workers: usize) -> Result<EvalBatch, DataError> {
+pub fn load_eval(
+    source: &dyn Source,
+    indices: &[u64],
+    cfg: &EvalConfig,
+    n_workers: usize,
+) -> Result<EvalBatch, DataError> {
     cfg.validate()?;
     let n_workers = n_workers.max(1).min(indices.len().max(1));
     type Item = (u64, Result<(EvalImage, Option<u32>, String), BadInput>);
@@ -107,7 +125,13 @@ pub fn load_eval(source: &dyn Source, indices: &[u64], cfg: &EvalConfig, n_worke
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(DataError::Loader("eval worker panicked".into())))).collect()
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(DataError::Loader("eval worker panicked".into())))
+            })
+            .collect()
     });
     let size = cfg.size as usize;
     let with_maps = source.has_label_maps();

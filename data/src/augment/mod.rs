@@ -45,7 +45,13 @@ fn round_half_even(x: f64) -> f64 {
 /// torchvision `RandomResizedCrop.get_params`: up to 10 attempts at a box with area fraction in
 /// `scale` and log-uniform aspect ratio in `ratio` that fits the image, else a center crop clamped to
 /// the ratio range.
-pub fn random_resized_crop(rng: &mut KeyedRng, width: u32, height: u32, scale: (f64, f64), ratio: (f64, f64)) -> CropBox {
+pub fn random_resized_crop(
+    rng: &mut KeyedRng,
+    width: u32,
+    height: u32,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+) -> CropBox {
     let area = f64::from(width) * f64::from(height);
     let log_ratio = (ratio.0.ln(), ratio.1.ln());
     for _ in 0..10 {
@@ -57,18 +63,34 @@ pub fn random_resized_crop(rng: &mut KeyedRng, width: u32, height: u32, scale: (
             let (w, h) = (w as u32, h as u32);
             let top = rng.below(u64::from(height - h) + 1) as u32;
             let left = rng.below(u64::from(width - w) + 1) as u32;
-            return CropBox { top, left, height: h, width: w };
+            return CropBox {
+                top,
+                left,
+                height: h,
+                width: w,
+            };
         }
     }
     let in_ratio = f64::from(width) / f64::from(height);
     let (w, h) = if in_ratio < ratio.0 {
-        (width, (round_half_even(f64::from(width) / ratio.0) as u32).max(1))
+        (
+            width,
+            (round_half_even(f64::from(width) / ratio.0) as u32).max(1),
+        )
     } else if in_ratio > ratio.1 {
-        ((round_half_even(f64::from(height) * ratio.1) as u32).max(1), height)
+        (
+            (round_half_even(f64::from(height) * ratio.1) as u32).max(1),
+            height,
+        )
     } else {
         (width, height)
     };
-    CropBox { top: (height - h) / 2, left: (width - w) / 2, height: h, width: w }
+    CropBox {
+        top: (height - h) / 2,
+        left: (width - w) / 2,
+        height: h,
+        width: w,
+    }
 }
 
 /// Colour-jitter parameters of one crop.
@@ -123,7 +145,13 @@ pub struct SampleKey {
 
 impl SampleKey {
     fn crop_rng(&self, crop: usize) -> KeyedRng {
-        KeyedRng::new(&[self.seed, domain::AUGMENT, self.epoch, self.position, crop as u64])
+        KeyedRng::new(&[
+            self.seed,
+            domain::AUGMENT,
+            self.epoch,
+            self.position,
+            crop as u64,
+        ])
     }
 }
 
@@ -177,7 +205,9 @@ pub struct Augmenter {
 
 impl std::fmt::Debug for Augmenter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Augmenter").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("Augmenter")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -213,7 +243,13 @@ impl Augmenter {
             records: Vec::with_capacity(2 + self.cfg.n_local),
         };
         let mut records = Vec::with_capacity(2 + self.cfg.n_local);
-        self.run(image, sizes, key, &mut OwnedSink(&mut out, g, l, s), Some(&mut records));
+        self.run(
+            image,
+            sizes,
+            key,
+            &mut OwnedSink(&mut out, g, l, s),
+            Some(&mut records),
+        );
         out.records = records;
         out
     }
@@ -227,13 +263,18 @@ impl Augmenter {
         sink: &mut dyn CropSink,
         mut records: Option<&mut Vec<CropRecord>>,
     ) {
-        let src = fr::images::ImageRef::new(image.width(), image.height(), image.as_raw(), fr::PixelType::U8x3)
-            .expect("an RgbImage buffer matches its dimensions");
+        let src = fr::images::ImageRef::new(
+            image.width(),
+            image.height(),
+            image.as_raw(),
+            fr::PixelType::U8x3,
+        )
+        .expect("an RgbImage buffer matches its dimensions");
         let blur_p = self.cfg.blur.probabilities();
-        for c in 0..2 {
+        for (c, &crop_blur_p) in blur_p[..2].iter().enumerate() {
             let mut rng = key.crop_rng(c);
             let solarize_p = if c == 1 { self.cfg.solarize_p } else { 0.0 };
-            let rec = self.global_crop(&src, &mut rng, sizes, blur_p[c], solarize_p, sink, c);
+            let rec = self.global_crop(&src, &mut rng, sizes, crop_blur_p, solarize_p, sink, c);
             if let Some(r) = records.as_deref_mut() {
                 r.push(rec);
             }
@@ -241,7 +282,13 @@ impl Augmenter {
         let side = sizes.local as usize;
         for c in 0..self.cfg.n_local {
             let mut rng = key.crop_rng(2 + c);
-            let crop_box = random_resized_crop(&mut rng, image.width(), image.height(), self.cfg.local_scale, self.cfg.ratio);
+            let crop_box = random_resized_crop(
+                &mut rng,
+                image.width(),
+                image.height(),
+                self.cfg.local_scale,
+                self.cfg.ratio,
+            );
             let flipped = rng.bernoulli(self.cfg.flip_p);
             let photometric = self.draw_photometric(&mut rng, blur_p[2], 0.0);
             resize_u8(&mut self.resizer, &src, crop_box, side, &mut self.u8_small);
@@ -250,7 +297,11 @@ impl Augmenter {
             self.apply_photometric(Target::Slice(&mut *out), side, &photometric);
             pixels::normalize(out, side * side, &self.cfg.mean, &self.cfg.std);
             if let Some(r) = records.as_deref_mut() {
-                r.push(CropRecord { crop_box, flipped, photometric });
+                r.push(CropRecord {
+                    crop_box,
+                    flipped,
+                    photometric,
+                });
             }
         }
     }
@@ -260,12 +311,19 @@ impl Augmenter {
         let jitter = if rng.bernoulli(cj.p) {
             let mut order = [0u8, 1, 2, 3];
             rng.shuffle(&mut order);
-            let mut factor = |amount: f64| rng.uniform_range((1.0 - amount).max(0.0), 1.0 + amount) as f32;
+            let mut factor =
+                |amount: f64| rng.uniform_range((1.0 - amount).max(0.0), 1.0 + amount) as f32;
             let brightness = factor(cj.brightness);
             let contrast = factor(cj.contrast);
             let saturation = factor(cj.saturation);
             let hue = rng.uniform_range(-cj.hue, cj.hue) as f32;
-            Some(JitterParams { order, brightness, contrast, saturation, hue })
+            Some(JitterParams {
+                order,
+                brightness,
+                contrast,
+                saturation,
+                hue,
+            })
         } else {
             None
         };
@@ -274,7 +332,12 @@ impl Augmenter {
             .bernoulli(blur_p)
             .then(|| rng.uniform_range(self.cfg.blur_sigma.0, self.cfg.blur_sigma.1) as f32);
         let solarize = rng.bernoulli(solarize_p);
-        Photometric { jitter, grayscale, blur_sigma, solarize }
+        Photometric {
+            jitter,
+            grayscale,
+            blur_sigma,
+            solarize,
+        }
     }
 
     fn apply_photometric(&mut self, target: Target<'_>, side: usize, p: &Photometric) {
@@ -306,7 +369,10 @@ impl Augmenter {
             pixels::gaussian_blur(planes, side, kernel, &mut self.blur);
         }
         if p.solarize {
-            pixels::solarize(&mut planes[..3 * n], f32::from(self.cfg.solarize_threshold) / 255.0);
+            pixels::solarize(
+                &mut planes[..3 * n],
+                f32::from(self.cfg.solarize_threshold) / 255.0,
+            );
         }
     }
 
@@ -321,7 +387,13 @@ impl Augmenter {
         sink: &mut dyn CropSink,
         c: usize,
     ) -> CropRecord {
-        let crop_box = random_resized_crop(rng, src.width(), src.height(), self.cfg.global_scale, self.cfg.ratio);
+        let crop_box = random_resized_crop(
+            rng,
+            src.width(),
+            src.height(),
+            self.cfg.global_scale,
+            self.cfg.ratio,
+        );
         let flipped = rng.bernoulli(self.cfg.flip_p);
         let photometric = self.draw_photometric(rng, blur_p, solarize_p);
         let g = sizes.global as usize;
@@ -332,7 +404,11 @@ impl Augmenter {
             pixels::to_planes(&self.u8_big, g, flipped, out);
             self.apply_photometric(Target::Slice(&mut *out), g, &photometric);
             pixels::normalize(out, g * g, &mean, &std);
-            return CropRecord { crop_box, flipped, photometric };
+            return CropRecord {
+                crop_box,
+                flipped,
+                photometric,
+            };
         };
         // One crop at the larger size, resized to both sizes: identical box and flip.
         let m = g.max(s);
@@ -341,7 +417,8 @@ impl Augmenter {
             // Gram view: geometry only. Student view: resized first, then distorted.
             let (global_out, gram_out) = sink.global_pair(c);
             let gram_out = gram_out.expect("sink has Gram rows when sizes.gram is set");
-            let views: [(usize, &mut [f32], bool); 2] = [(s, gram_out, false), (g, global_out, true)];
+            let views: [(usize, &mut [f32], bool); 2] =
+                [(s, gram_out, false), (g, global_out, true)];
             for (side, out, distort) in views {
                 if side == m {
                     pixels::to_planes(&self.u8_big, m, flipped, out);
@@ -370,7 +447,11 @@ impl Augmenter {
                 }
             }
         }
-        CropRecord { crop_box, flipped, photometric }
+        CropRecord {
+            crop_box,
+            flipped,
+            photometric,
+        }
     }
 }
 
@@ -384,36 +465,73 @@ fn bicubic() -> fr::ResizeOptions {
 }
 
 /// Resamples `crop_box` of `src` to `side x side` RGB8 into `dst`.
-fn resize_u8(resizer: &mut fr::Resizer, src: &fr::images::ImageRef<'_>, crop_box: CropBox, side: usize, dst: &mut Vec<u8>) {
+fn resize_u8(
+    resizer: &mut fr::Resizer,
+    src: &fr::images::ImageRef<'_>,
+    crop_box: CropBox,
+    side: usize,
+    dst: &mut Vec<u8>,
+) {
     dst.resize(side * side * 3, 0);
-    let mut out = fr::images::Image::from_slice_u8(side as u32, side as u32, dst, fr::PixelType::U8x3).expect("buffer sized");
+    let mut out =
+        fr::images::Image::from_slice_u8(side as u32, side as u32, dst, fr::PixelType::U8x3)
+            .expect("buffer sized");
     let opts = bicubic().crop(
         f64::from(crop_box.left),
         f64::from(crop_box.top),
         f64::from(crop_box.width),
         f64::from(crop_box.height),
     );
-    resizer.resize(src, &mut out, &opts).expect("same pixel type");
+    resizer
+        .resize(src, &mut out, &opts)
+        .expect("same pixel type");
 }
 
 /// Resizes a square RGB8 buffer.
-fn resize_u8_square(resizer: &mut fr::Resizer, src: &[u8], from: usize, to: usize, dst: &mut Vec<u8>) {
-    let src = fr::images::ImageRef::new(from as u32, from as u32, &src[..from * from * 3], fr::PixelType::U8x3).expect("buffer sized");
+fn resize_u8_square(
+    resizer: &mut fr::Resizer,
+    src: &[u8],
+    from: usize,
+    to: usize,
+    dst: &mut Vec<u8>,
+) {
+    let src = fr::images::ImageRef::new(
+        from as u32,
+        from as u32,
+        &src[..from * from * 3],
+        fr::PixelType::U8x3,
+    )
+    .expect("buffer sized");
     dst.resize(to * to * 3, 0);
-    let mut out = fr::images::Image::from_slice_u8(to as u32, to as u32, dst, fr::PixelType::U8x3).expect("buffer sized");
-    resizer.resize(&src, &mut out, &bicubic()).expect("same pixel type");
+    let mut out = fr::images::Image::from_slice_u8(to as u32, to as u32, dst, fr::PixelType::U8x3)
+        .expect("buffer sized");
+    resizer
+        .resize(&src, &mut out, &bicubic())
+        .expect("same pixel type");
 }
 
 /// Resizes `[3, from, from]` float planes to `[3, to, to]`.
 fn resize_planes(resizer: &mut fr::Resizer, src: &[f32], from: usize, to: usize, dst: &mut [f32]) {
     for c in 0..3 {
         let plane = &src[c * from * from..(c + 1) * from * from];
-        let src_img = fr::images::ImageRef::new(from as u32, from as u32, bytemuck::cast_slice(plane), fr::PixelType::F32)
-            .expect("buffer sized");
+        let src_img = fr::images::ImageRef::new(
+            from as u32,
+            from as u32,
+            bytemuck::cast_slice(plane),
+            fr::PixelType::F32,
+        )
+        .expect("buffer sized");
         let out_plane = &mut dst[c * to * to..(c + 1) * to * to];
-        let mut out = fr::images::Image::from_slice_u8(to as u32, to as u32, bytemuck::cast_slice_mut(out_plane), fr::PixelType::F32)
-            .expect("buffer sized and aligned");
-        resizer.resize(&src_img, &mut out, &bicubic()).expect("same pixel type");
+        let mut out = fr::images::Image::from_slice_u8(
+            to as u32,
+            to as u32,
+            bytemuck::cast_slice_mut(out_plane),
+            fr::PixelType::F32,
+        )
+        .expect("buffer sized and aligned");
+        resizer
+            .resize(&src_img, &mut out, &bicubic())
+            .expect("same pixel type");
     }
 }
 
@@ -424,7 +542,13 @@ pub(crate) mod tests_support {
 
     /// Bicubic resize of a square RGB8 image to `to x to`.
     pub(crate) fn resize_square(img: &RgbImage, to: usize, out: &mut Vec<u8>) {
-        resize_u8_square(&mut fr::Resizer::new(), img.as_raw(), img.width() as usize, to, out);
+        resize_u8_square(
+            &mut fr::Resizer::new(),
+            img.as_raw(),
+            img.width() as usize,
+            to,
+            out,
+        );
     }
 
     /// Bicubic resize of `[3, from, from]` float planes.

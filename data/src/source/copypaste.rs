@@ -52,7 +52,8 @@ pub struct CopyPasteConfig {
     pub test_fraction: f64,
     /// Backgrounds are downscaled to at most this side once, before cropping.
     pub background_max_side: u32,
-    /// Threads used to build (the output does not depend on it).
+    /// Threads used to build (the output does not depend on it, so it is not recorded).
+    #[serde(skip)]
     pub n_threads: usize,
 }
 
@@ -150,7 +151,10 @@ fn list_files(dir: &Path, exts: &[&str], out: &mut Vec<PathBuf>) -> Result<(), D
     for p in entries {
         if p.is_dir() {
             list_files(&p, exts, out)?;
-        } else if p.extension().is_some_and(|e| exts.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())) {
+        } else if p
+            .extension()
+            .is_some_and(|e| exts.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+        {
             out.push(p);
         }
     }
@@ -169,7 +173,8 @@ fn trim_to_alpha(img: &RgbaImage) -> Option<RgbaImage> {
             y1 = y1.max(y + 1);
         }
     }
-    (x1 > x0 && y1 > y0).then(|| image::imageops::crop_imm(img, x0, y0, x1 - x0, y1 - y0).to_image())
+    (x1 > x0 && y1 > y0)
+        .then(|| image::imageops::crop_imm(img, x0, y0, x1 - x0, y1 - y0).to_image())
 }
 
 fn unique_opaque_colors(img: &RgbaImage) -> usize {
@@ -183,7 +188,10 @@ fn unique_opaque_colors(img: &RgbaImage) -> usize {
 }
 
 /// Loads the photo-like cut-outs, grouped by class (first two folder levels; `cartoon` folders skipped).
-fn load_stamps(stamps_dir: &Path, cfg: &CopyPasteConfig) -> Result<BTreeMap<String, Vec<Stamp>>, DataError> {
+fn load_stamps(
+    stamps_dir: &Path,
+    cfg: &CopyPasteConfig,
+) -> Result<BTreeMap<String, Vec<Stamp>>, DataError> {
     let mut files = Vec::new();
     list_files(stamps_dir, &["png"], &mut files)?;
     let mut by_class: BTreeMap<String, Vec<Stamp>> = BTreeMap::new();
@@ -195,15 +203,25 @@ fn load_stamps(stamps_dir: &Path, cfg: &CopyPasteConfig) -> Result<BTreeMap<Stri
         }
         let class = format!("{}/{}", parts[0], parts[1]);
         let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
-        let Ok(img) = image::load_from_memory(&bytes) else { continue };
+        let Ok(img) = image::load_from_memory(&bytes) else {
+            continue;
+        };
         if !img.color().has_alpha() {
             continue;
         }
-        let Some(img) = trim_to_alpha(&img.to_rgba8()) else { continue };
-        if img.width() < 24 || img.height() < 24 || unique_opaque_colors(&img) <= cfg.min_unique_colors {
+        let Some(img) = trim_to_alpha(&img.to_rgba8()) else {
+            continue;
+        };
+        if img.width() < 24
+            || img.height() < 24
+            || unique_opaque_colors(&img) <= cfg.min_unique_colors
+        {
             continue;
         }
-        by_class.entry(class).or_default().push(Stamp { name: rel, image: img });
+        by_class.entry(class).or_default().push(Stamp {
+            name: rel,
+            image: img,
+        });
     }
     by_class.retain(|_, v| v.len() >= cfg.min_stamps_per_class);
     Ok(by_class)
@@ -215,11 +233,16 @@ fn load_backgrounds(dir: &Path, max_side: u32) -> Result<Vec<(String, RgbImage)>
     let mut out = Vec::new();
     for path in files {
         let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
-        let Ok(img) = decode_rgb(&bytes, DEFAULT_PIXEL_LIMIT) else { continue };
+        let Ok(img) = decode_rgb(&bytes, DEFAULT_PIXEL_LIMIT) else {
+            continue;
+        };
         let (w, h) = img.dimensions();
         let scale = (f64::from(max_side) / f64::from(w.max(h))).min(1.0);
         let img = if scale < 1.0 {
-            let (nw, nh) = (((f64::from(w) * scale).round() as u32).max(1), ((f64::from(h) * scale).round() as u32).max(1));
+            let (nw, nh) = (
+                ((f64::from(w) * scale).round() as u32).max(1),
+                ((f64::from(h) * scale).round() as u32).max(1),
+            );
             resize_rgb(&img, (0.0, 0.0, f64::from(w), f64::from(h)), nw, nh)
         } else {
             img
@@ -230,20 +253,29 @@ fn load_backgrounds(dir: &Path, max_side: u32) -> Result<Vec<(String, RgbImage)>
 }
 
 fn resize_rgb(src: &RgbImage, crop: (f64, f64, f64, f64), w: u32, h: u32) -> RgbImage {
-    let src_ref = fr::images::ImageRef::new(src.width(), src.height(), src.as_raw(), fr::PixelType::U8x3).expect("valid view");
+    let src_ref =
+        fr::images::ImageRef::new(src.width(), src.height(), src.as_raw(), fr::PixelType::U8x3)
+            .expect("valid view");
     let mut dst = fr::images::Image::new(w, h, fr::PixelType::U8x3);
     let opts = fr::ResizeOptions::new()
         .resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom))
         .crop(crop.0, crop.1, crop.2, crop.3);
-    fr::Resizer::new().resize(&src_ref, &mut dst, &opts).expect("same pixel types");
+    fr::Resizer::new()
+        .resize(&src_ref, &mut dst, &opts)
+        .expect("same pixel types");
     RgbImage::from_raw(w, h, dst.into_vec()).expect("w*h*3 bytes")
 }
 
-fn resize_rgba(src: &RgbaImage, w: u32, h: u32) -> RgbaImage {
-    let src_ref = fr::images::ImageRef::new(src.width(), src.height(), src.as_raw(), fr::PixelType::U8x4).expect("valid view");
+pub(crate) fn resize_rgba(src: &RgbaImage, w: u32, h: u32) -> RgbaImage {
+    let src_ref =
+        fr::images::ImageRef::new(src.width(), src.height(), src.as_raw(), fr::PixelType::U8x4)
+            .expect("valid view");
     let mut dst = fr::images::Image::new(w, h, fr::PixelType::U8x4);
-    let opts = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
-    fr::Resizer::new().resize(&src_ref, &mut dst, &opts).expect("same pixel types");
+    let opts =
+        fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom));
+    fr::Resizer::new()
+        .resize(&src_ref, &mut dst, &opts)
+        .expect("same pixel types");
     RgbaImage::from_raw(w, h, dst.into_vec()).expect("w*h*4 bytes")
 }
 
@@ -270,7 +302,8 @@ fn make_scene(
     let mut canvas = resize_rgb(bg, (left, top, side, side), size, size);
     let mut labels = vec![0u8; (size * size) as usize];
     let mut owner = vec![u8::MAX; (size * size) as usize];
-    let n_objects = rng.int_inclusive(i64::from(cfg.min_objects), i64::from(cfg.max_objects)) as usize;
+    let n_objects =
+        rng.int_inclusive(i64::from(cfg.min_objects), i64::from(cfg.max_objects)) as usize;
     let mut objects = Vec::with_capacity(n_objects);
     for k in 0..n_objects {
         let class = rng.below(stamps.len() as u64) as usize;
@@ -278,10 +311,15 @@ fn make_scene(
         let (sw, sh) = stamp.image.dimensions();
         let longer = rng.uniform_range(cfg.object_scale.0, cfg.object_scale.1) * s;
         let scale = longer / f64::from(sw.max(sh));
-        let (tw, th) = (((f64::from(sw) * scale).round() as u32).max(1), ((f64::from(sh) * scale).round() as u32).max(1));
+        let (tw, th) = (
+            ((f64::from(sw) * scale).round() as u32).max(1),
+            ((f64::from(sh) * scale).round() as u32).max(1),
+        );
         let flipped = rng.bernoulli(0.5);
-        let ox = (rng.uniform_range(-0.25 * f64::from(tw), s - 0.75 * f64::from(tw))).round() as i64;
-        let oy = (rng.uniform_range(-0.25 * f64::from(th), s - 0.75 * f64::from(th))).round() as i64;
+        let ox =
+            (rng.uniform_range(-0.25 * f64::from(tw), s - 0.75 * f64::from(tw))).round() as i64;
+        let oy =
+            (rng.uniform_range(-0.25 * f64::from(th), s - 0.75 * f64::from(th))).round() as i64;
         let pasted = resize_rgba(&stamp.image, tw, th);
         for y in 0..th as i64 {
             let cy = oy + y;
@@ -298,7 +336,8 @@ fn make_scene(
                 let a = u32::from(p[3]);
                 let dst = canvas.get_pixel_mut(cx as u32, cy as u32);
                 for c in 0..3 {
-                    dst[c] = ((u32::from(p[c]) * a + u32::from(dst[c]) * (255 - a) + 127) / 255) as u8;
+                    dst[c] =
+                        ((u32::from(p[c]) * a + u32::from(dst[c]) * (255 - a) + 127) / 255) as u8;
                 }
                 if a > 127 {
                     let i = (cy * i64::from(size) + cx) as usize;
@@ -323,7 +362,9 @@ fn make_scene(
             objects[o as usize].visible_pixels += 1;
         }
     }
-    let main = (0..objects.len()).max_by_key(|&k| (objects[k].visible_pixels, std::cmp::Reverse(k))).unwrap_or(0);
+    let main = (0..objects.len())
+        .max_by_key(|&k| (objects[k].visible_pixels, std::cmp::Reverse(k)))
+        .unwrap_or(0);
     let id = format!("{}/{index:06}", split.as_str());
     Scene {
         image: canvas,
@@ -351,14 +392,23 @@ pub fn build_copy_paste(
         errs.push(format!("size {} is too small (at least 16)", cfg.size));
     }
     if cfg.min_objects == 0 || cfg.min_objects > cfg.max_objects || cfg.max_objects > 250 {
-        errs.push(format!("objects range {}..={} must satisfy 1 <= min <= max <= 250", cfg.min_objects, cfg.max_objects));
+        errs.push(format!(
+            "objects range {}..={} must satisfy 1 <= min <= max <= 250",
+            cfg.min_objects, cfg.max_objects
+        ));
     }
     let (a, b) = cfg.object_scale;
     if !(a > 0.0 && a <= b) {
-        errs.push(format!("object_scale {:?} must satisfy 0 < min <= max", cfg.object_scale));
+        errs.push(format!(
+            "object_scale {:?} must satisfy 0 < min <= max",
+            cfg.object_scale
+        ));
     }
     if !(0.0..1.0).contains(&cfg.test_fraction) {
-        errs.push(format!("test_fraction {} must be in [0, 1)", cfg.test_fraction));
+        errs.push(format!(
+            "test_fraction {} must be in [0, 1)",
+            cfg.test_fraction
+        ));
     }
     if !errs.is_empty() {
         return Err(DataError::Config(errs));
@@ -376,7 +426,10 @@ pub fn build_copy_paste(
     }
     let backgrounds = load_backgrounds(backgrounds_dir, cfg.background_max_side)?;
     if backgrounds.is_empty() {
-        return Err(DataError::NoReadableImages { path: backgrounds_dir.to_path_buf(), detail: "no background photo".into() });
+        return Err(DataError::NoReadableImages {
+            path: backgrounds_dir.to_path_buf(),
+            detail: "no background photo".into(),
+        });
     }
     let classes: Vec<String> = by_class.keys().cloned().collect();
     // Split by file, per class, with a seeded shuffle.
@@ -385,7 +438,8 @@ pub fn build_copy_paste(
     for (c, stamps) in by_class.values().enumerate() {
         let mut order: Vec<&Stamp> = stamps.iter().collect();
         KeyedRng::new(&[cfg.seed, domain::COPYPASTE, u64::MAX, c as u64]).shuffle(&mut order);
-        let n_test = ((stamps.len() as f64 * cfg.test_fraction).round() as usize).clamp(1, stamps.len() - 1);
+        let n_test =
+            ((stamps.len() as f64 * cfg.test_fraction).round() as usize).clamp(1, stamps.len() - 1);
         test_stamps.push(order[..n_test].to_vec());
         train_stamps.push(order[n_test..].to_vec());
     }
@@ -394,28 +448,48 @@ pub fn build_copy_paste(
         std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
     }
     let mut entries: [Vec<CopyPasteEntry>; 2] = [Vec::new(), Vec::new()];
-    for (split, n, stamps) in [(Split::Train, cfg.n_train, &train_stamps), (Split::Test, cfg.n_test, &test_stamps)] {
+    for (split, n, stamps) in [
+        (Split::Train, cfg.n_train, &train_stamps),
+        (Split::Test, cfg.n_test, &test_stamps),
+    ] {
         let n_threads = cfg.n_threads.max(1);
-        let results: Vec<Result<Vec<(usize, CopyPasteEntry)>, DataError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..n_threads)
-                .map(|t| {
-                    let backgrounds = &backgrounds;
-                    scope.spawn(move || {
-                        let mut out = Vec::new();
-                        for i in (t..n).step_by(n_threads) {
-                            let scene = make_scene(cfg, split, i, stamps, backgrounds);
-                            let img_path = out_dir.join(&scene.entry.image);
-                            scene.image.save(&img_path).map_err(|e| DataError::Encode { path: img_path.clone(), reason: e.to_string() })?;
-                            let lbl_path = out_dir.join(&scene.entry.label_map);
-                            scene.labels.save(&lbl_path).map_err(|e| DataError::Encode { path: lbl_path.clone(), reason: e.to_string() })?;
-                            out.push((i, scene.entry));
-                        }
-                        Ok(out)
+        let results: Vec<Result<Vec<(usize, CopyPasteEntry)>, DataError>> =
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..n_threads)
+                    .map(|t| {
+                        let backgrounds = &backgrounds;
+                        scope.spawn(move || {
+                            let mut out = Vec::new();
+                            for i in (t..n).step_by(n_threads) {
+                                let scene = make_scene(cfg, split, i, stamps, backgrounds);
+                                let img_path = out_dir.join(&scene.entry.image);
+                                scene.image.save(&img_path).map_err(|e| DataError::Encode {
+                                    path: img_path.clone(),
+                                    reason: e.to_string(),
+                                })?;
+                                let lbl_path = out_dir.join(&scene.entry.label_map);
+                                scene
+                                    .labels
+                                    .save(&lbl_path)
+                                    .map_err(|e| DataError::Encode {
+                                        path: lbl_path.clone(),
+                                        reason: e.to_string(),
+                                    })?;
+                                out.push((i, scene.entry));
+                            }
+                            Ok(out)
+                        })
                     })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(DataError::Loader("builder thread panicked".into())))).collect()
-        });
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(DataError::Loader("builder thread panicked".into()))
+                        })
+                    })
+                    .collect()
+            });
         let mut all = Vec::with_capacity(n);
         for r in results {
             all.extend(r?);
@@ -445,7 +519,10 @@ pub fn build_copy_paste(
     };
     let path = out_dir.join(MANIFEST);
     let tmp = out_dir.join(format!("{MANIFEST}.tmp"));
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| DataError::Format { path: path.clone(), reason: e.to_string() })?;
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| DataError::Format {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     std::fs::write(&tmp, json).map_err(|e| DataError::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))?;
     Ok(manifest)
@@ -466,11 +543,17 @@ impl CopyPasteSource {
         let path = dir.join(MANIFEST);
         let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
         let manifest: CopyPasteManifest =
-            serde_json::from_slice(&bytes).map_err(|e| DataError::Format { path: path.clone(), reason: e.to_string() })?;
+            serde_json::from_slice(&bytes).map_err(|e| DataError::Format {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         if manifest.version != MANIFEST_VERSION {
             return Err(DataError::Format {
                 path,
-                reason: format!("manifest version {} (this build reads {MANIFEST_VERSION}); rebuild the set", manifest.version),
+                reason: format!(
+                    "manifest version {} (this build reads {MANIFEST_VERSION}); rebuild the set",
+                    manifest.version
+                ),
             });
         }
         let entries = match split {
@@ -478,9 +561,17 @@ impl CopyPasteSource {
             Split::Test => manifest.test,
         };
         if entries.is_empty() {
-            return Err(DataError::NoReadableImages { path, detail: format!("the {} split is empty", split.as_str()) });
+            return Err(DataError::NoReadableImages {
+                path,
+                detail: format!("the {} split is empty", split.as_str()),
+            });
         }
-        Ok(CopyPasteSource { dir: dir.to_path_buf(), split, classes: manifest.classes, entries })
+        Ok(CopyPasteSource {
+            dir: dir.to_path_buf(),
+            split,
+            classes: manifest.classes,
+            entries,
+        })
     }
 
     /// The manifest entry of sample `index`.
@@ -496,28 +587,48 @@ impl Source for CopyPasteSource {
 
     fn get(&self, index: u64) -> Result<Sample, DataError> {
         let Some(entry) = self.entries.get(index as usize) else {
-            return Err(DataError::IndexOutOfRange { index, len: self.entries.len() as u64, what: self.describe() });
+            return Err(DataError::IndexOutOfRange {
+                index,
+                len: self.entries.len() as u64,
+                what: self.describe(),
+            });
         };
-        let bad = |path: &Path, reason| DataError::BadInput(BadInput { path: path.to_path_buf(), index: Some(index), reason });
+        let bad = |path: &Path, reason| {
+            DataError::BadInput(BadInput {
+                path: path.to_path_buf(),
+                index: Some(index),
+                reason,
+            })
+        };
         let img_path = self.dir.join(&entry.image);
-        let bytes = std::fs::read(&img_path).map_err(|e| bad(&img_path, BadReason::Io(e.to_string())))?;
+        let bytes =
+            std::fs::read(&img_path).map_err(|e| bad(&img_path, BadReason::Io(e.to_string())))?;
         let image = decode_rgb(&bytes, DEFAULT_PIXEL_LIMIT).map_err(|r| bad(&img_path, r))?;
         let lbl_path = self.dir.join(&entry.label_map);
-        let bytes = std::fs::read(&lbl_path).map_err(|e| bad(&lbl_path, BadReason::Io(e.to_string())))?;
+        let bytes =
+            std::fs::read(&lbl_path).map_err(|e| bad(&lbl_path, BadReason::Io(e.to_string())))?;
         let labels = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
             .map_err(|e| bad(&lbl_path, BadReason::Corrupt(e.to_string())))?
             .to_luma8();
         if labels.dimensions() != image.dimensions() {
             return Err(bad(
                 &lbl_path,
-                BadReason::Corrupt(format!("label map is {:?}, image is {:?}", labels.dimensions(), image.dimensions())),
+                BadReason::Corrupt(format!(
+                    "label map is {:?}, image is {:?}",
+                    labels.dimensions(),
+                    image.dimensions()
+                )),
             ));
         }
         let (width, height) = labels.dimensions();
         Ok(Sample {
             image,
             label: Some(entry.label),
-            label_map: Some(LabelMap { width, height, data: labels.into_raw() }),
+            label_map: Some(LabelMap {
+                width,
+                height,
+                data: labels.into_raw(),
+            }),
             id: entry.id.clone(),
         })
     }

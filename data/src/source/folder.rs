@@ -13,8 +13,10 @@ use crate::source::{rel_id, Sample, Source};
 /// Extensions listed as candidates (case-insensitive); the format itself is taken from the content.
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "jpe", "jfif", "png", "webp"];
 /// Image extensions that this build does not decode: listed as rejected so `scan` can report them.
-const UNSUPPORTED_EXTENSIONS: &[&str] =
-    &["gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "jxl", "jp2", "ico", "svg", "ppm", "pgm", "pbm", "pnm", "tga", "psd", "exr", "hdr", "dng", "cr2", "nef"];
+const UNSUPPORTED_EXTENSIONS: &[&str] = &[
+    "gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "jxl", "jp2", "ico", "svg", "ppm", "pgm",
+    "pbm", "pnm", "tga", "psd", "exr", "hdr", "dng", "cr2", "nef",
+];
 
 /// A streamed folder of images.
 #[derive(Debug)]
@@ -28,7 +30,8 @@ pub struct FolderSource {
 }
 
 fn extension_of(path: &Path) -> Option<String> {
-    path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase())
+    path.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
 }
 
 impl FolderSource {
@@ -41,7 +44,10 @@ impl FolderSource {
     pub fn open_with(root: &Path, pixel_limit: u64) -> Result<Self, DataError> {
         let meta = std::fs::metadata(root).map_err(|e| DataError::io(root, e))?;
         if !meta.is_dir() {
-            return Err(DataError::io(root, std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a folder")));
+            return Err(DataError::io(
+                root,
+                std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a folder"),
+            ));
         }
         let mut files = Vec::new();
         let mut rejected = Vec::new();
@@ -58,9 +64,19 @@ impl FolderSource {
                 ),
             });
         }
-        let rel: Vec<PathBuf> = files.iter().map(|f| f.strip_prefix(root).unwrap_or(f).to_path_buf()).collect();
+        let rel: Vec<PathBuf> = files
+            .iter()
+            .map(|f| f.strip_prefix(root).unwrap_or(f).to_path_buf())
+            .collect();
         let (labels, classes) = image_folder_labels(&rel);
-        Ok(FolderSource { root: root.to_path_buf(), files: rel, labels, classes, rejected, pixel_limit })
+        Ok(FolderSource {
+            root: root.to_path_buf(),
+            files: rel,
+            labels,
+            classes,
+            rejected,
+            pixel_limit,
+        })
     }
 
     /// The file of sample `index`.
@@ -78,14 +94,19 @@ fn image_folder_labels(rel: &[PathBuf]) -> (Option<Vec<u32>>, Vec<String>) {
         Some(c.as_os_str().to_string_lossy().into_owned())
     };
     let firsts: Option<Vec<String>> = rel.iter().map(first).collect();
-    let Some(firsts) = firsts else { return (None, Vec::new()) };
+    let Some(firsts) = firsts else {
+        return (None, Vec::new());
+    };
     let mut classes: Vec<String> = firsts.clone();
     classes.sort();
     classes.dedup();
     if classes.len() < 2 {
         return (None, Vec::new());
     }
-    let labels = firsts.iter().map(|f| classes.binary_search(f).expect("class listed") as u32).collect();
+    let labels = firsts
+        .iter()
+        .map(|f| classes.binary_search(f).expect("class listed") as u32)
+        .collect();
     (Some(labels), classes)
 }
 
@@ -107,14 +128,20 @@ fn walk(
         .map_err(|e| DataError::io(dir, e))?;
     entries.sort();
     for path in entries {
-        let hidden = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+        let hidden = path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'));
         if hidden {
             continue;
         }
         let Ok(meta) = std::fs::metadata(&path) else {
             // A dangling symlink: report it if it looks like an image, otherwise ignore it.
             if extension_of(&path).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
-                rejected.push(BadInput { path: path.clone(), index: None, reason: BadReason::Io("dangling link".into()) });
+                rejected.push(BadInput {
+                    path: path.clone(),
+                    index: None,
+                    reason: BadReason::Io("dangling link".into()),
+                });
             }
             continue;
         };
@@ -123,11 +150,13 @@ fn walk(
         } else if meta.is_file() {
             match extension_of(&path) {
                 Some(e) if IMAGE_EXTENSIONS.contains(&e.as_str()) => files.push(path),
-                Some(e) if UNSUPPORTED_EXTENSIONS.contains(&e.as_str()) => rejected.push(BadInput {
-                    path,
-                    index: None,
-                    reason: BadReason::Unsupported(format!(".{e} file")),
-                }),
+                Some(e) if UNSUPPORTED_EXTENSIONS.contains(&e.as_str()) => {
+                    rejected.push(BadInput {
+                        path,
+                        index: None,
+                        reason: BadReason::Unsupported(format!(".{e} file")),
+                    })
+                }
                 _ => *n_other += 1,
             }
         }
@@ -142,10 +171,20 @@ impl Source for FolderSource {
 
     fn get(&self, index: u64) -> Result<Sample, DataError> {
         let Some(rel) = self.files.get(index as usize) else {
-            return Err(DataError::IndexOutOfRange { index, len: self.files.len() as u64, what: self.describe() });
+            return Err(DataError::IndexOutOfRange {
+                index,
+                len: self.files.len() as u64,
+                what: self.describe(),
+            });
         };
         let path = self.root.join(rel);
-        let bad = |reason| DataError::BadInput(BadInput { path: path.clone(), index: Some(index), reason });
+        let bad = |reason| {
+            DataError::BadInput(BadInput {
+                path: path.clone(),
+                index: Some(index),
+                reason,
+            })
+        };
         let bytes = std::fs::read(&path).map_err(|e| bad(BadReason::Io(e.to_string())))?;
         let image = decode_rgb(&bytes, self.pixel_limit).map_err(bad)?;
         Ok(Sample {
@@ -169,7 +208,11 @@ impl Source for FolderSource {
             Some(_) => format!(", {} classes from sub-folders", self.classes.len()),
             None => ", unlabelled".to_string(),
         };
-        format!("folder {} ({} image files{classes})", self.root.display(), self.files.len())
+        format!(
+            "folder {} ({} image files{classes})",
+            self.root.display(),
+            self.files.len()
+        )
     }
 
     fn rejected(&self) -> &[BadInput] {

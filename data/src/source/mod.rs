@@ -80,7 +80,9 @@ pub trait Source: Send + Sync {
 }
 
 /// Which half of a dataset with a standard split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Split {
     /// Training half.
@@ -145,7 +147,10 @@ pub enum SourceSpec {
 
 impl Default for SourceSpec {
     fn default() -> Self {
-        SourceSpec::Synthetic { seed: 0, size: None }
+        SourceSpec::Synthetic {
+            seed: 0,
+            size: None,
+        }
     }
 }
 
@@ -164,7 +169,10 @@ impl FromStr for SourceSpec {
     type Err = DataError;
 
     fn from_str(s: &str) -> Result<Self, DataError> {
-        let err = |reason: String| DataError::Spec { spec: s.to_string(), reason };
+        let err = |reason: String| DataError::Spec {
+            spec: s.to_string(),
+            reason,
+        };
         let (kind, rest) = match s.split_once(':') {
             Some((k, r)) => (k, Some(r)),
             None => (s, None),
@@ -185,16 +193,26 @@ impl FromStr for SourceSpec {
                 }
                 let path = PathBuf::from(path);
                 let split = split.unwrap_or_default();
-                Ok(if kind == "idx" { SourceSpec::Idx { path, split } } else { SourceSpec::CopyPaste { path, split } })
+                Ok(if kind == "idx" {
+                    SourceSpec::Idx { path, split }
+                } else {
+                    SourceSpec::CopyPaste { path, split }
+                })
             }
             "synthetic" => {
-                let mut parts = rest.map(|r| r.split(':').collect::<Vec<_>>()).unwrap_or_default();
+                let mut parts = rest
+                    .map(|r| r.split(':').collect::<Vec<_>>())
+                    .unwrap_or_default();
                 if parts.len() > 2 {
-                    return Err(err("synthetic takes at most a seed and a size: synthetic[:SEED[:SIZE]]".into()));
+                    return Err(err(
+                        "synthetic takes at most a seed and a size: synthetic[:SEED[:SIZE]]".into(),
+                    ));
                 }
                 let size = if parts.len() == 2 {
                     let v = parts.pop().unwrap_or_default();
-                    let size: u32 = v.parse().map_err(|_| err(format!("size {v:?} is not a positive integer")))?;
+                    let size: u32 = v
+                        .parse()
+                        .map_err(|_| err(format!("size {v:?} is not a positive integer")))?;
                     if !(8..=4096).contains(&size) {
                         return Err(err(format!("size {size} must be between 8 and 4096")));
                     }
@@ -203,7 +221,9 @@ impl FromStr for SourceSpec {
                     None
                 };
                 let seed = match parts.first() {
-                    Some(v) => v.parse().map_err(|_| err(format!("seed {v:?} is not an unsigned integer")))?,
+                    Some(v) => v
+                        .parse()
+                        .map_err(|_| err(format!("seed {v:?} is not an unsigned integer")))?,
                     None => 0,
                 };
                 Ok(SourceSpec::Synthetic { seed, size })
@@ -218,10 +238,17 @@ impl fmt::Display for SourceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SourceSpec::Folder(p) => write!(f, "folder:{}", p.display()),
-            SourceSpec::Idx { path, split } => write!(f, "idx:{}:{}", path.display(), split.as_str()),
+            SourceSpec::Idx { path, split } => {
+                write!(f, "idx:{}:{}", path.display(), split.as_str())
+            }
             SourceSpec::Synthetic { seed, size: None } => write!(f, "synthetic:{seed}"),
-            SourceSpec::Synthetic { seed, size: Some(s) } => write!(f, "synthetic:{seed}:{s}"),
-            SourceSpec::CopyPaste { path, split } => write!(f, "copypaste:{}:{}", path.display(), split.as_str()),
+            SourceSpec::Synthetic {
+                seed,
+                size: Some(s),
+            } => write!(f, "synthetic:{seed}:{s}"),
+            SourceSpec::CopyPaste { path, split } => {
+                write!(f, "copypaste:{}:{}", path.display(), split.as_str())
+            }
         }
     }
 }
@@ -250,7 +277,10 @@ pub struct OpenOptions {
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { pixel_limit: DEFAULT_PIXEL_LIMIT, synthetic_len: synthetic::DEFAULT_LEN }
+        OpenOptions {
+            pixel_limit: DEFAULT_PIXEL_LIMIT,
+            synthetic_len: synthetic::DEFAULT_LEN,
+        }
     }
 }
 
@@ -263,16 +293,24 @@ impl SourceSpec {
     /// Opens the source.
     pub fn open_with(&self, opts: &OpenOptions) -> Result<Arc<dyn Source>, DataError> {
         Ok(match self {
-            SourceSpec::Folder(path) => Arc::new(folder::FolderSource::open_with(path, opts.pixel_limit)?),
+            SourceSpec::Folder(path) => {
+                Arc::new(folder::FolderSource::open_with(path, opts.pixel_limit)?)
+            }
             SourceSpec::Idx { path, split } => Arc::new(idx::IdxSource::open(path, *split)?),
             SourceSpec::Synthetic { seed, size } => {
-                let mut cfg = synthetic::SyntheticConfig { seed: *seed, len: opts.synthetic_len, ..Default::default() };
+                let mut cfg = synthetic::SyntheticConfig {
+                    seed: *seed,
+                    len: opts.synthetic_len,
+                    ..Default::default()
+                };
                 if let Some(size) = size {
                     cfg.size = *size;
                 }
                 Arc::new(synthetic::SyntheticScenes::new(cfg))
             }
-            SourceSpec::CopyPaste { path, split } => Arc::new(copypaste::CopyPasteSource::open(path, *split)?),
+            SourceSpec::CopyPaste { path, split } => {
+                Arc::new(copypaste::CopyPasteSource::open(path, *split)?)
+            }
         })
     }
 }
@@ -280,5 +318,8 @@ impl SourceSpec {
 /// `path` relative to `root` as a string with `/` separators (sample ids).
 pub(crate) fn rel_id(root: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(root).unwrap_or(path);
-    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
 }

@@ -20,7 +20,9 @@ use crate::source::{LabelMap, Sample, Source};
 pub(crate) const DEFAULT_LEN: u64 = 1 << 20;
 
 /// Shape classes, in label order.
-pub const SHAPE_CLASSES: [&str; 8] = ["disc", "square", "triangle", "ring", "star", "cross", "crescent", "bar"];
+pub const SHAPE_CLASSES: [&str; 8] = [
+    "disc", "square", "triangle", "ring", "star", "cross", "crescent", "bar",
+];
 
 /// Parameters of the scene generator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +41,13 @@ pub struct SyntheticConfig {
 
 impl Default for SyntheticConfig {
     fn default() -> Self {
-        SyntheticConfig { seed: 0, size: 96, len: DEFAULT_LEN, min_objects: 2, max_objects: 5 }
+        SyntheticConfig {
+            seed: 0,
+            size: 96,
+            len: DEFAULT_LEN,
+            min_objects: 2,
+            max_objects: 5,
+        }
     }
 }
 
@@ -87,7 +95,7 @@ fn hsv_to_rgb(h: f64, s: f64, v: f64) -> [f64; 3] {
 }
 
 /// Inside test for shape `class` in object coordinates (unit circumradius).
-fn inside(class: usize, u: f64, v: f64) -> bool {
+pub(crate) fn inside(class: usize, u: f64, v: f64) -> bool {
     let r2 = u * u + v * v;
     match class {
         0 => r2 <= 1.0,
@@ -120,16 +128,24 @@ fn inside(class: usize, u: f64, v: f64) -> bool {
 impl Object {
     fn local(&self, x: f64, y: f64) -> (f64, f64) {
         let (dx, dy) = ((x - self.cx) / self.radius, (y - self.cy) / self.radius);
-        (self.cos * dx + self.sin * dy, -self.sin * dx + self.cos * dy)
+        (
+            self.cos * dx + self.sin * dy,
+            -self.sin * dx + self.cos * dy,
+        )
     }
 
     fn color_at(&self, u: f64, v: f64) -> [f64; 3] {
         let second = match self.texture {
             Texture::Solid => false,
-            Texture::Stripes { freq, angle } => ((u * angle.cos() + v * angle.sin()) * freq * PI).sin() > 0.0,
+            Texture::Stripes { freq, angle } => {
+                ((u * angle.cos() + v * angle.sin()) * freq * PI).sin() > 0.0
+            }
             Texture::Checker { freq } => ((u * freq).floor() + (v * freq).floor()) as i64 % 2 == 0,
             Texture::Dots { freq } => {
-                let (fu, fv) = ((u * freq).rem_euclid(1.0) - 0.5, (v * freq).rem_euclid(1.0) - 0.5);
+                let (fu, fv) = (
+                    (u * freq).rem_euclid(1.0) - 0.5,
+                    (v * freq).rem_euclid(1.0) - 0.5,
+                );
                 fu * fu + fv * fv < 0.09
             }
         };
@@ -159,19 +175,36 @@ impl SyntheticScenes {
 
         // Background: two muted colours mixed by value noise and a grating.
         let h0 = rng.uniform();
-        let c1 = hsv_to_rgb(h0, rng.uniform_range(0.05, 0.3), rng.uniform_range(0.3, 0.8));
-        let c2 = hsv_to_rgb(h0 + rng.uniform_range(-0.15, 0.15), rng.uniform_range(0.05, 0.3), rng.uniform_range(0.2, 0.9));
+        let c1 = hsv_to_rgb(
+            h0,
+            rng.uniform_range(0.05, 0.3),
+            rng.uniform_range(0.3, 0.8),
+        );
+        let c2 = hsv_to_rgb(
+            h0 + rng.uniform_range(-0.15, 0.15),
+            rng.uniform_range(0.05, 0.3),
+            rng.uniform_range(0.2, 0.9),
+        );
         let grid = 3 + rng.below(5) as usize;
-        let noise: Vec<f64> = (0..(grid + 1) * (grid + 1)).map(|_| rng.uniform()).collect();
+        let noise: Vec<f64> = (0..(grid + 1) * (grid + 1))
+            .map(|_| rng.uniform())
+            .collect();
         let g_angle = rng.uniform() * PI;
         let g_freq = rng.uniform_range(2.0, 10.0) / s;
         let g_amp = rng.uniform_range(0.0, 0.5);
 
-        let n_objects = rng.int_inclusive(i64::from(self.cfg.min_objects), i64::from(self.cfg.max_objects)) as usize;
+        let n_objects = rng.int_inclusive(
+            i64::from(self.cfg.min_objects),
+            i64::from(self.cfg.max_objects),
+        ) as usize;
         let mut objects = Vec::with_capacity(n_objects);
         for k in 0..n_objects {
             let class = rng.below(SHAPE_CLASSES.len() as u64) as usize;
-            let radius = if k == 0 { rng.uniform_range(0.24, 0.36) } else { rng.uniform_range(0.09, 0.2) } * s;
+            let radius = if k == 0 {
+                rng.uniform_range(0.24, 0.36)
+            } else {
+                rng.uniform_range(0.09, 0.2)
+            } * s;
             let margin = radius * 0.6;
             let cx = rng.uniform_range(margin, s - margin);
             let cy = rng.uniform_range(margin, s - margin);
@@ -183,11 +216,28 @@ impl SyntheticScenes {
             let color2 = hsv_to_rgb(hue, sat * 0.8, val * rng.uniform_range(0.35, 0.65));
             let texture = match rng.below(4) {
                 0 => Texture::Solid,
-                1 => Texture::Stripes { freq: rng.uniform_range(2.0, 4.0), angle: rng.uniform() * PI },
-                2 => Texture::Checker { freq: rng.uniform_range(1.5, 3.0) },
-                _ => Texture::Dots { freq: rng.uniform_range(2.0, 3.5) },
+                1 => Texture::Stripes {
+                    freq: rng.uniform_range(2.0, 4.0),
+                    angle: rng.uniform() * PI,
+                },
+                2 => Texture::Checker {
+                    freq: rng.uniform_range(1.5, 3.0),
+                },
+                _ => Texture::Dots {
+                    freq: rng.uniform_range(2.0, 3.5),
+                },
             };
-            objects.push(Object { class, cx, cy, radius, cos: theta.cos(), sin: theta.sin(), color, color2, texture });
+            objects.push(Object {
+                class,
+                cx,
+                cy,
+                radius,
+                cos: theta.cos(),
+                sin: theta.sin(),
+                color,
+                color2,
+                texture,
+            });
         }
 
         let mut rgb = vec![0u8; size * size * 3];
@@ -195,18 +245,32 @@ impl SyntheticScenes {
         let mut owner = vec![u8::MAX; size * size];
         for y in 0..size {
             for x in 0..size {
-                let (fx, fy) = ((x as f64 + 0.5) / s * grid as f64, (y as f64 + 0.5) / s * grid as f64);
-                let (ix, iy) = ((fx.floor() as usize).min(grid - 1), (fy.floor() as usize).min(grid - 1));
+                let (fx, fy) = (
+                    (x as f64 + 0.5) / s * grid as f64,
+                    (y as f64 + 0.5) / s * grid as f64,
+                );
+                let (ix, iy) = (
+                    (fx.floor() as usize).min(grid - 1),
+                    (fy.floor() as usize).min(grid - 1),
+                );
                 let (tx, ty) = (fx - ix as f64, fy - iy as f64);
                 let at = |i: usize, j: usize| noise[j * (grid + 1) + i];
                 let n = (at(ix, iy) * (1.0 - tx) + at(ix + 1, iy) * tx) * (1.0 - ty)
                     + (at(ix, iy + 1) * (1.0 - tx) + at(ix + 1, iy + 1) * tx) * ty;
-                let grating = ((x as f64 * g_angle.cos() + y as f64 * g_angle.sin()) * g_freq * 2.0 * PI).sin();
+                let grating =
+                    ((x as f64 * g_angle.cos() + y as f64 * g_angle.sin()) * g_freq * 2.0 * PI)
+                        .sin();
                 let t = (n + g_amp * 0.5 * grating).clamp(0.0, 1.0);
-                let mut c = [c1[0] * (1.0 - t) + c2[0] * t, c1[1] * (1.0 - t) + c2[1] * t, c1[2] * (1.0 - t) + c2[2] * t];
+                let mut c = [
+                    c1[0] * (1.0 - t) + c2[0] * t,
+                    c1[1] * (1.0 - t) + c2[1] * t,
+                    c1[2] * (1.0 - t) + c2[2] * t,
+                ];
                 let (px, py) = (x as f64 + 0.5, y as f64 + 0.5);
                 for (k, obj) in objects.iter().enumerate() {
-                    if (px - obj.cx).abs() > obj.radius || (py - obj.cy).abs() > obj.radius {
+                    // Every shape lies within 1.11 radii of its centre (square and bar corners).
+                    let reach = 1.12 * obj.radius;
+                    if (px - obj.cx).abs() > reach || (py - obj.cy).abs() > reach {
                         continue;
                     }
                     let (u, v) = obj.local(px, py);
@@ -232,11 +296,17 @@ impl SyntheticScenes {
                 visible[o as usize] += 1;
             }
         }
-        let main = (0..objects.len()).max_by_key(|&k| (visible[k], std::cmp::Reverse(k))).unwrap_or(0);
+        let main = (0..objects.len())
+            .max_by_key(|&k| (visible[k], std::cmp::Reverse(k)))
+            .unwrap_or(0);
         Sample {
             image: RgbImage::from_raw(size as u32, size as u32, rgb).expect("size*size*3 bytes"),
             label: Some(objects[main].class as u32),
-            label_map: Some(LabelMap { width: size as u32, height: size as u32, data: labels }),
+            label_map: Some(LabelMap {
+                width: size as u32,
+                height: size as u32,
+                data: labels,
+            }),
             id: format!("synthetic-{}/{index}", self.cfg.seed),
         }
     }

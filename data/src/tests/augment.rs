@@ -3,23 +3,27 @@
 use image::{Rgb, RgbImage};
 
 use super::util::{pattern_image, small_crops};
-use crate::augment::pixels;
 use crate::augment::eval::eval_box;
+use crate::augment::pixels;
 use crate::{
-    eval_transform, random_resized_crop, Augmenter, BlurConvention, ColorJitterConfig, CropConfig, CropSizes, EvalConfig,
-    KeyedRng, SampleKey, Source, SyntheticConfig, SyntheticScenes,
+    eval_transform, random_resized_crop, Augmenter, BlurConvention, ColorJitterConfig, CropConfig,
+    CropSizes, EvalConfig, KeyedRng, SampleKey, Source, SyntheticConfig, SyntheticScenes,
 };
 
 fn no_photometric(mut cfg: CropConfig) -> CropConfig {
     cfg.color_jitter.p = 0.0;
     cfg.grayscale_p = 0.0;
-    cfg.blur = BlurConvention::AsTrained;
+    cfg.blur = BlurConvention::Off;
     cfg.solarize_p = 0.0;
     cfg
 }
 
 fn key(position: u64) -> SampleKey {
-    SampleKey { seed: 3, epoch: 0, position }
+    SampleKey {
+        seed: 3,
+        epoch: 0,
+        position,
+    }
 }
 
 #[test]
@@ -28,10 +32,16 @@ fn random_resized_crop_boxes_follow_torchvision() {
     for _ in 0..2000 {
         let (w, h) = (500, 375);
         let b = random_resized_crop(&mut rng, w, h, (0.32, 1.0), (0.75, 4.0 / 3.0));
-        assert!(b.left + b.width <= w && b.top + b.height <= h, "{b:?} outside");
+        assert!(
+            b.left + b.width <= w && b.top + b.height <= h,
+            "{b:?} outside"
+        );
         let area = f64::from(b.width * b.height) / f64::from(w * h);
         // Rounding of w and h moves the area by at most a few percent.
-        assert!((0.30..=1.0).contains(&area), "area fraction {area} for {b:?}");
+        assert!(
+            (0.30..=1.0).contains(&area),
+            "area fraction {area} for {b:?}"
+        );
         let ratio = f64::from(b.width) / f64::from(b.height);
         assert!((0.74..=1.35).contains(&ratio), "ratio {ratio} for {b:?}");
     }
@@ -56,8 +66,16 @@ fn hue_rotation_matches_torchvision_formula() {
         let crd = if eqc { 1.0 } else { cr };
         let (rc, gc, bc) = ((maxc - r) / crd, (maxc - g) / crd, (maxc - b) / crd);
         let hr = if maxc == r { bc - gc } else { 0.0 };
-        let hg = if maxc == g && maxc != r { 2.0 + rc - bc } else { 0.0 };
-        let hb = if maxc != g && maxc != r { 4.0 + gc - rc } else { 0.0 };
+        let hg = if maxc == g && maxc != r {
+            2.0 + rc - bc
+        } else {
+            0.0
+        };
+        let hb = if maxc != g && maxc != r {
+            4.0 + gc - rc
+        } else {
+            0.0
+        };
         let h = ((hr + hg + hb) / 6.0 + 1.0) % 1.0;
         let h = (h + shift).rem_euclid(1.0);
         let v = maxc;
@@ -79,7 +97,16 @@ fn hue_rotation_matches_torchvision_formula() {
     let n = 4096;
     let mut planes: Vec<f32> = (0..3 * n).map(|_| rng.uniform() as f32).collect();
     // A few greys and saturated primaries.
-    for (i, px) in [[0.5f32; 3], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0; 3]].iter().enumerate() {
+    for (i, px) in [
+        [0.5f32; 3],
+        [1.0, 0.0, 0.0],
+        [0.0, 1.0, 0.0],
+        [0.0, 0.0, 1.0],
+        [0.0; 3],
+    ]
+    .iter()
+    .enumerate()
+    {
         for c in 0..3 {
             planes[c * n + i] = px[c];
         }
@@ -92,7 +119,11 @@ fn hue_rotation_matches_torchvision_formula() {
             let want = reference(rgb, f64::from(shift));
             for c in 0..3 {
                 let got = f64::from(out[c * n + i]);
-                assert!((got - want[c]).abs() < 2e-5, "shift {shift} pixel {rgb:?}: channel {c} {got} vs {}", want[c]);
+                assert!(
+                    (got - want[c]).abs() < 2e-5,
+                    "shift {shift} pixel {rgb:?}: channel {c} {got} vs {}",
+                    want[c]
+                );
             }
         }
     }
@@ -132,7 +163,11 @@ fn brightness_contrast_saturation_grayscale_solarize_match_definitions() {
     let mut so = src.clone();
     pixels::solarize(&mut so, 128.0 / 255.0);
     for i in 0..3 * n {
-        let want = if src[i] >= 128.0 / 255.0 { 1.0 - src[i] } else { src[i] };
+        let want = if src[i] >= 128.0 / 255.0 {
+            1.0 - src[i]
+        } else {
+            src[i]
+        };
         assert_eq!(so[i], want);
     }
 }
@@ -156,23 +191,40 @@ fn separable_blur_equals_naive_2d_convolution_with_reflect_padding() {
                         for (kx, wx) in kernel.iter().enumerate() {
                             let sy = pixels::reflect(y as isize + ky as isize - 4, side);
                             let sx = pixels::reflect(x as isize + kx as isize - 4, side);
-                            acc += f64::from(*wy) * f64::from(*wx) * f64::from(src[c * n + sy * side + sx]);
+                            acc += f64::from(*wy)
+                                * f64::from(*wx)
+                                * f64::from(src[c * n + sy * side + sx]);
                         }
                     }
                     let got = f64::from(out[c * n + y * side + x]);
-                    assert!((got - acc).abs() < 1e-5, "side {side} ({x},{y}): {got} vs {acc}");
+                    assert!(
+                        (got - acc).abs() < 1e-5,
+                        "side {side} ({x},{y}): {got} vs {acc}"
+                    );
                 }
             }
         }
     }
     // torch reflect padding: -1 -> 1, n -> n - 2.
-    assert_eq!((pixels::reflect(-1, 5), pixels::reflect(5, 5), pixels::reflect(-4, 5), pixels::reflect(8, 5)), (1, 3, 4, 0));
+    assert_eq!(
+        (
+            pixels::reflect(-1, 5),
+            pixels::reflect(5, 5),
+            pixels::reflect(-4, 5),
+            pixels::reflect(8, 5)
+        ),
+        (1, 3, 4, 0)
+    );
 }
 
 #[test]
 fn flip_mirrors_the_same_crop() {
     let img = pattern_image(90, 70, 1);
-    let sizes = CropSizes { global: 32, local: 16, gram: None };
+    let sizes = CropSizes {
+        global: 32,
+        local: 16,
+        gram: None,
+    };
     let mut plain = no_photometric(small_crops());
     plain.flip_p = 0.0;
     let mut flipped = plain.clone();
@@ -194,7 +246,11 @@ fn flip_mirrors_the_same_crop() {
 #[test]
 fn crops_depend_only_on_their_key() {
     let img = pattern_image(80, 64, 2);
-    let sizes = CropSizes { global: 32, local: 16, gram: None };
+    let sizes = CropSizes {
+        global: 32,
+        local: 16,
+        gram: None,
+    };
     let mut aug = Augmenter::new(small_crops());
     let a = aug.multicrop(&img, sizes, key(1));
     let b = aug.multicrop(&img, sizes, key(1));
@@ -217,7 +273,11 @@ fn gram_views_share_box_and_flip_with_global_crops() {
     cfg.flip_p = 0.5;
     cfg.gram_size = Some(64);
     cfg.gram_teacher_no_distortions = true;
-    let sizes = CropSizes { global: 32, local: 16, gram: Some(64) };
+    let sizes = CropSizes {
+        global: 32,
+        local: 16,
+        gram: Some(64),
+    };
     let (mean, std) = (cfg.mean, cfg.std);
     let mut aug = Augmenter::new(cfg.clone());
     for position in 0..8 {
@@ -231,7 +291,8 @@ fn gram_views_share_box_and_flip_with_global_crops() {
             let rgb = RgbImage::from_fn(64, 64, |x, y| {
                 let sx = if flipped { 63 - x } else { x } as usize;
                 Rgb(std::array::from_fn(|ch| {
-                    ((g64[ch * 4096 + y as usize * 64 + sx] * std[ch] + mean[ch]) * 255.0).round() as u8
+                    ((g64[ch * 4096 + y as usize * 64 + sx] * std[ch] + mean[ch]) * 255.0).round()
+                        as u8
                 }))
             });
             let mut small = Vec::new();
@@ -243,7 +304,10 @@ fn gram_views_share_box_and_flip_with_global_crops() {
                     for ch in 0..3 {
                         let want = f32::from(small[(y * 32 + sx) * 3 + ch]) / 255.0;
                         let got = g32[ch * 1024 + y * 32 + x] * std[ch] + mean[ch];
-                        assert!((got - want).abs() < 1.5 / 255.0, "crop {c} ({x},{y}) ch {ch}: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() < 1.5 / 255.0,
+                            "crop {c} ({x},{y}) ch {ch}: {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -259,7 +323,12 @@ fn gram_views_share_box_and_flip_with_global_crops() {
     let gram = out.gram.expect("gram views");
     for c in 0..2 {
         let mut resized = vec![0.0f32; 3 * 32 * 32];
-        crate::augment::tests_support::resize_planes(&gram[c * 3 * 4096..(c + 1) * 3 * 4096], 64, 32, &mut resized);
+        crate::augment::tests_support::resize_planes(
+            &gram[c * 3 * 4096..(c + 1) * 3 * 4096],
+            64,
+            32,
+            &mut resized,
+        );
         assert_eq!(resized[..], out.global[c * 3 * 1024..(c + 1) * 3 * 1024]);
     }
 }
@@ -267,9 +336,20 @@ fn gram_views_share_box_and_flip_with_global_crops() {
 #[test]
 fn augmentation_probabilities_follow_the_recipe() {
     let img = pattern_image(24, 24, 4);
-    let sizes = CropSizes { global: 8, local: 8, gram: None };
-    for (convention, want) in [(BlurConvention::AsTrained, [0.0, 0.9, 0.5]), (BlurConvention::AsWritten, [1.0, 0.1, 0.5])] {
-        let cfg = CropConfig { blur: convention, n_local: 2, ..small_crops() };
+    let sizes = CropSizes {
+        global: 8,
+        local: 8,
+        gram: None,
+    };
+    for (convention, want) in [
+        (BlurConvention::AsTrained, [0.0, 0.9, 0.5]),
+        (BlurConvention::AsWritten, [1.0, 0.1, 0.5]),
+    ] {
+        let cfg = CropConfig {
+            blur: convention,
+            n_local: 2,
+            ..small_crops()
+        };
         let mut aug = Augmenter::new(cfg);
         let n = 1500;
         let mut blur = [0usize; 3];
@@ -294,22 +374,55 @@ fn augmentation_probabilities_follow_the_recipe() {
         }
         let per_crop = |count: usize, crops: u64| count as f64 / (n * crops) as f64;
         let close = |got: f64, want: f64| (got - want).abs() < 0.04;
-        assert!(close(per_crop(blur[0], 1), want[0]), "{convention:?} global 0 blur {}", per_crop(blur[0], 1));
-        assert!(close(per_crop(blur[1], 1), want[1]), "{convention:?} global 1 blur {}", per_crop(blur[1], 1));
-        assert!(close(per_crop(blur[2], 2), want[2]), "{convention:?} local blur {}", per_crop(blur[2], 2));
-        assert!(close(per_crop(jitter, 4), 0.8) && close(per_crop(grey, 4), 0.2) && close(per_crop(flip, 4), 0.5));
+        assert!(
+            close(per_crop(blur[0], 1), want[0]),
+            "{convention:?} global 0 blur {}",
+            per_crop(blur[0], 1)
+        );
+        assert!(
+            close(per_crop(blur[1], 1), want[1]),
+            "{convention:?} global 1 blur {}",
+            per_crop(blur[1], 1)
+        );
+        assert!(
+            close(per_crop(blur[2], 2), want[2]),
+            "{convention:?} local blur {}",
+            per_crop(blur[2], 2)
+        );
+        assert!(
+            close(per_crop(jitter, 4), 0.8)
+                && close(per_crop(grey, 4), 0.2)
+                && close(per_crop(flip, 4), 0.5)
+        );
         assert!(close(per_crop(sol1, 1), 0.2) && sol_other == 0);
     }
 }
 
 #[test]
 fn jitter_factors_stay_in_their_ranges() {
-    let cfg = CropConfig { color_jitter: ColorJitterConfig { p: 1.0, ..Default::default() }, ..small_crops() };
+    let cfg = CropConfig {
+        color_jitter: ColorJitterConfig {
+            p: 1.0,
+            ..Default::default()
+        },
+        ..small_crops()
+    };
     let mut aug = Augmenter::new(cfg);
     let img = pattern_image(20, 20, 0);
     let mut orders = std::collections::HashSet::new();
     for i in 0..300 {
-        for r in aug.multicrop(&img, CropSizes { global: 8, local: 8, gram: None }, key(i)).records {
+        for r in aug
+            .multicrop(
+                &img,
+                CropSizes {
+                    global: 8,
+                    local: 8,
+                    gram: None,
+                },
+                key(i),
+            )
+            .records
+        {
             let j = r.photometric.jitter.expect("p = 1");
             assert!((0.6..1.4).contains(&j.brightness) && (0.6..1.4).contains(&j.contrast));
             assert!((0.8..1.2).contains(&j.saturation) && (-0.1..0.1).contains(&j.hue));
@@ -319,14 +432,26 @@ fn jitter_factors_stay_in_their_ranges() {
             orders.insert(j.order);
         }
     }
-    assert_eq!(orders.len(), 24, "all 24 orders of the four operations occur");
+    assert_eq!(
+        orders.len(),
+        24,
+        "all 24 orders of the four operations occur"
+    );
 }
 
 #[test]
 fn neutral_image_normalises_to_about_zero() {
     let mean = crate::IMAGENET_MEAN.map(|m| (m * 255.0).round() as u8);
     let img = RgbImage::from_pixel(50, 40, Rgb(mean));
-    let out = Augmenter::new(no_photometric(small_crops())).multicrop(&img, CropSizes { global: 32, local: 16, gram: None }, key(0));
+    let out = Augmenter::new(no_photometric(small_crops())).multicrop(
+        &img,
+        CropSizes {
+            global: 32,
+            local: 16,
+            gram: None,
+        },
+        key(0),
+    );
     assert!(out.global.iter().chain(&out.local).all(|v| v.abs() < 0.01));
 }
 
@@ -341,25 +466,53 @@ fn eval_box_matches_torchvision_resize_and_center_crop() {
 
 #[test]
 fn eval_transform_keeps_label_maps_exact() {
-    let src = SyntheticScenes::new(SyntheticConfig { size: 48, len: 10, ..Default::default() });
+    let src = SyntheticScenes::new(SyntheticConfig {
+        size: 48,
+        len: 10,
+        ..Default::default()
+    });
     let sample = src.get(3).expect("synthetic");
-    let same = eval_transform(&sample, &EvalConfig { size: 48, ..Default::default() });
-    assert_eq!(same.label_map.as_deref(), Some(&sample.label_map.as_ref().expect("map").data[..]));
+    let same = eval_transform(
+        &sample,
+        &EvalConfig {
+            size: 48,
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        same.label_map.as_deref(),
+        Some(&sample.label_map.as_ref().expect("map").data[..])
+    );
     // Identity geometry: the pixels are the normalised originals.
     let px = sample.image.get_pixel(10, 20);
     let want = (f32::from(px[1]) / 255.0 - crate::IMAGENET_MEAN[1]) / crate::IMAGENET_STD[1];
     assert!((same.pixels[48 * 48 + 20 * 48 + 10] - want).abs() < 1e-4);
     // Downscaled by 2 with nearest: every output label is the source label at the sampled pixel.
-    let half = eval_transform(&sample, &EvalConfig { size: 24, ..Default::default() });
+    let half = eval_transform(
+        &sample,
+        &EvalConfig {
+            size: 24,
+            ..Default::default()
+        },
+    );
     let lm = half.label_map.expect("map");
     let src_map = sample.label_map.expect("map");
     let mut agree = 0;
     for y in 0..24u32 {
         for x in 0..24u32 {
             let v = lm[(y * 24 + x) as usize];
-            let candidates = [src_map.get(2 * x, 2 * y), src_map.get(2 * x + 1, 2 * y + 1), src_map.get(2 * x + 1, 2 * y), src_map.get(2 * x, 2 * y + 1)];
+            let candidates = [
+                src_map.get(2 * x, 2 * y),
+                src_map.get(2 * x + 1, 2 * y + 1),
+                src_map.get(2 * x + 1, 2 * y),
+                src_map.get(2 * x, 2 * y + 1),
+            ];
             agree += usize::from(candidates.contains(&v));
         }
     }
-    assert_eq!(agree, 24 * 24, "nearest sampling takes a label of the covered 2x2 block");
+    assert_eq!(
+        agree,
+        24 * 24,
+        "nearest sampling takes a label of the covered 2x2 block"
+    );
 }

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use image::{GrayImage, ImageBuffer, LumaA, Rgb, Rgba};
 
 use super::util::{pattern_image, small_opts, write_jpeg, write_png};
-use crate::{decode_rgb, scan, BadReason, Cursor, DataError, FolderSource, Loader, ScanOptions, Source, SourceSpec};
+use crate::{
+    decode_rgb, scan, BadReason, Cursor, DataError, FolderSource, Loader, ScanOptions, Source,
+    SourceSpec,
+};
 
 /// A PNG whose header announces `w x h` RGB pixels, with a valid CRC, followed by a token IDAT.
 fn png_header_only(w: u32, h: u32) -> Vec<u8> {
@@ -28,23 +31,33 @@ fn png_header_only(w: u32, h: u32) -> Vec<u8> {
     ihdr.extend(h.to_be_bytes());
     ihdr.extend([8, 2, 0, 0, 0]);
     chunk(&mut out, b"IHDR", &ihdr);
-    chunk(&mut out, b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
     chunk(&mut out, b"IEND", &[]);
     out
 }
 
 fn cmyk_jpeg(w: u16, h: u16, cmyk: [u8; 4]) -> Vec<u8> {
-    let data: Vec<u8> = (0..usize::from(w) * usize::from(h)).flat_map(|_| cmyk).collect();
+    let data: Vec<u8> = (0..usize::from(w) * usize::from(h))
+        .flat_map(|_| cmyk)
+        .collect();
     let mut out = Vec::new();
-    jpeg_encoder::Encoder::new(&mut out, 95).encode(&data, w, h, jpeg_encoder::ColorType::Cmyk).expect("encode cmyk");
+    jpeg_encoder::Encoder::new(&mut out, 95)
+        .encode(&data, w, h, jpeg_encoder::ColorType::Cmyk)
+        .expect("encode cmyk");
     out
 }
+
+type ReasonCheck = fn(&BadReason) -> bool;
 
 struct Folder {
     _dir: tempfile::TempDir,
     root: PathBuf,
     good: Vec<&'static str>,
-    bad: Vec<(&'static str, fn(&BadReason) -> bool)>,
+    bad: Vec<(&'static str, ReasonCheck)>,
 }
 
 fn build_folder() -> Folder {
@@ -56,10 +69,24 @@ fn build_folder() -> Folder {
     write_jpeg(&p("a_good.jpg"), &img);
     write_png(&p("b_good.png"), &pattern_image(40, 40, 2));
     write_jpeg(&p("nested/c_good.JPEG"), &pattern_image(70, 50, 3));
-    write_png(&p("nested/deeper/d_gray.png"), &GrayImage::from_fn(30, 20, |x, y| image::Luma([(x * 8 + y) as u8])));
-    write_png(&p("e_rgba.png"), &ImageBuffer::from_fn(20, 20, |x, _| Rgba([0u8, 0, 255, if x < 10 { 0 } else { 255 }])));
-    write_png(&p("f_16bit.png"), &ImageBuffer::from_fn(16, 16, |_, _| Rgb([0x8080u16, 0xffff, 0x0000])));
-    write_png(&p("g_gray_alpha.png"), &ImageBuffer::from_fn(12, 12, |_, _| LumaA([100u8, 255])));
+    write_png(
+        &p("nested/deeper/d_gray.png"),
+        &GrayImage::from_fn(30, 20, |x, y| image::Luma([(x * 8 + y) as u8])),
+    );
+    write_png(
+        &p("e_rgba.png"),
+        &ImageBuffer::from_fn(20, 20, |x, _| {
+            Rgba([0u8, 0, 255, if x < 10 { 0 } else { 255 }])
+        }),
+    );
+    write_png(
+        &p("f_16bit.png"),
+        &ImageBuffer::from_fn(16, 16, |_, _| Rgb([0x8080u16, 0xffff, 0x0000])),
+    );
+    write_png(
+        &p("g_gray_alpha.png"),
+        &ImageBuffer::from_fn(12, 12, |_, _| LumaA([100u8, 255])),
+    );
     std::fs::write(p("h_cmyk.jpg"), cmyk_jpeg(16, 16, [0, 255, 255, 0])).expect("write");
     let mut gray_jpeg = Vec::new();
     image::codecs::jpeg::JpegEncoder::new(&mut gray_jpeg)
@@ -69,16 +96,25 @@ fn build_folder() -> Folder {
 
     // Broken files.
     let mut full = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut full, 90).encode_image(&pattern_image(96, 96, 9)).expect("encode");
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut full, 90)
+        .encode_image(&pattern_image(96, 96, 9))
+        .expect("encode");
     std::fs::write(p("v_truncated.jpg"), &full[..full.len() * 6 / 10]).expect("write");
-    std::fs::write(p("w_garbage.png"), (0..500u32).map(|i| (i * 7919 % 251) as u8).collect::<Vec<_>>()).expect("write");
+    std::fs::write(
+        p("w_garbage.png"),
+        (0..500u32)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .expect("write");
     std::fs::write(p("x_empty.jpg"), b"").expect("write");
     std::fs::write(p("nested/y_text.jpg"), b"this is not a picture\n").expect("write");
     std::fs::write(p("z_huge.png"), png_header_only(60_000, 60_000)).expect("write");
     std::fs::write(p("u_gif_named.png"), b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").expect("write");
     let mut png = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut png);
-    pattern_image(64, 64, 4).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).expect("encode");
+    pattern_image(64, 64, 4)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .expect("encode");
     let mid = png.len() / 2;
     for b in &mut png[mid..mid + 40] {
         *b ^= 0x5a;
@@ -90,21 +126,46 @@ fn build_folder() -> Folder {
     Folder {
         _dir: dir,
         root,
-        good: vec!["a_good.jpg", "b_good.png", "nested/c_good.JPEG", "nested/deeper/d_gray.png", "e_rgba.png", "f_16bit.png", "g_gray_alpha.png", "h_cmyk.jpg", "i_gray.jpg"],
+        good: vec![
+            "a_good.jpg",
+            "b_good.png",
+            "nested/c_good.JPEG",
+            "nested/deeper/d_gray.png",
+            "e_rgba.png",
+            "f_16bit.png",
+            "g_gray_alpha.png",
+            "h_cmyk.jpg",
+            "i_gray.jpg",
+        ],
         bad: vec![
             ("v_truncated.jpg", |r| matches!(r, BadReason::Corrupt(_))),
             ("w_garbage.png", |r| *r == BadReason::NotAnImage),
             ("x_empty.jpg", |r| *r == BadReason::Empty),
             ("nested/y_text.jpg", |r| *r == BadReason::NotAnImage),
-            ("z_huge.png", |r| matches!(r, BadReason::TooLarge { width: 60_000, height: 60_000, .. })),
-            ("u_gif_named.png", |r| matches!(r, BadReason::Unsupported(f) if f == "Gif")),
+            ("z_huge.png", |r| {
+                matches!(
+                    r,
+                    BadReason::TooLarge {
+                        width: 60_000,
+                        height: 60_000,
+                        ..
+                    }
+                )
+            }),
+            (
+                "u_gif_named.png",
+                |r| matches!(r, BadReason::Unsupported(f) if f == "Gif"),
+            ),
             ("t_corrupt.png", |r| matches!(r, BadReason::Corrupt(_))),
         ],
     }
 }
 
 fn decode_file(path: &Path) -> Result<image::RgbImage, BadReason> {
-    decode_rgb(&std::fs::read(path).expect("read"), crate::DEFAULT_PIXEL_LIMIT)
+    decode_rgb(
+        &std::fs::read(path).expect("read"),
+        crate::DEFAULT_PIXEL_LIMIT,
+    )
 }
 
 #[test]
@@ -113,14 +174,28 @@ fn odd_colour_types_are_converted_to_rgb8() {
     let px = |name: &str, x, y| *decode_file(&f.root.join(name)).expect(name).get_pixel(x, y);
     let gray = px("nested/deeper/d_gray.png", 3, 2);
     assert_eq!(gray, Rgb([26, 26, 26]), "grey replicated");
-    assert_eq!(px("e_rgba.png", 2, 5), Rgb([255, 255, 255]), "transparent over white");
+    assert_eq!(
+        px("e_rgba.png", 2, 5),
+        Rgb([255, 255, 255]),
+        "transparent over white"
+    );
     assert_eq!(px("e_rgba.png", 15, 5), Rgb([0, 0, 255]), "opaque kept");
-    assert_eq!(px("f_16bit.png", 4, 4), Rgb([128, 255, 0]), "16-bit rounded to 8-bit");
+    assert_eq!(
+        px("f_16bit.png", 4, 4),
+        Rgb([128, 255, 0]),
+        "16-bit rounded to 8-bit"
+    );
     assert_eq!(px("g_gray_alpha.png", 1, 1), Rgb([100, 100, 100]));
     let cmyk = px("h_cmyk.jpg", 8, 8);
-    assert!(cmyk[0] > 200 && cmyk[1] < 60 && cmyk[2] < 60, "CMYK (0, 255, 255, 0) is red, got {cmyk:?}");
+    assert!(
+        cmyk[0] > 200 && cmyk[1] < 60 && cmyk[2] < 60,
+        "CMYK (0, 255, 255, 0) is red, got {cmyk:?}"
+    );
     let g = px("i_gray.jpg", 5, 5);
-    assert!(g[0] == g[1] && g[1] == g[2] && g[0].abs_diff(77) <= 2, "{g:?}");
+    assert!(
+        g[0] == g[1] && g[1] == g[2] && g[0].abs_diff(77) <= 2,
+        "{g:?}"
+    );
 }
 
 #[test]
@@ -131,7 +206,10 @@ fn each_broken_file_is_rejected_with_its_reason() {
         assert!(ok(&reason), "{name}: unexpected reason {reason}");
     }
     // The huge image is refused from its header alone, before any allocation.
-    assert_eq!(crate::probe_dimensions(&png_header_only(60_000, 60_000)), Ok((60_000, 60_000)));
+    assert_eq!(
+        crate::probe_dimensions(&png_header_only(60_000, 60_000)),
+        Ok((60_000, 60_000))
+    );
 }
 
 #[test]
@@ -139,29 +217,58 @@ fn folder_listing_is_sorted_recursive_and_reports_unsupported_files() {
     let f = build_folder();
     let src = FolderSource::open(&f.root).expect("open");
     assert_eq!(src.len(), Some((f.good.len() + f.bad.len()) as u64));
-    let ids: Vec<String> = (0..src.len().unwrap_or(0)).map(|i| src.path(i).expect("path").strip_prefix(&f.root).expect("rel").to_string_lossy().into_owned()).collect();
+    let ids: Vec<String> = (0..src.len().unwrap_or(0))
+        .map(|i| {
+            src.path(i)
+                .expect("path")
+                .strip_prefix(&f.root)
+                .expect("rel")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(ids, sorted);
-    assert!(!ids.iter().any(|i| i.contains("hidden") || i.ends_with(".txt") || i.ends_with(".bmp")));
+    assert!(!ids
+        .iter()
+        .any(|i| i.contains("hidden") || i.ends_with(".txt") || i.ends_with(".bmp")));
     assert_eq!(src.rejected().len(), 1);
     assert!(matches!(&src.rejected()[0].reason, BadReason::Unsupported(s) if s == ".bmp file"));
-    assert_eq!(src.n_classes(), None, "images at the root: no ImageFolder labels");
+    assert_eq!(
+        src.n_classes(),
+        None,
+        "images at the root: no ImageFolder labels"
+    );
 }
 
 #[test]
 fn scan_lists_every_bad_file_with_its_reason() {
     let f = build_folder();
-    let report = scan(&SourceSpec::Folder(f.root.clone()), &ScanOptions { n_workers: 2, ..ScanOptions::default() }).expect("scan");
+    let report = scan(
+        &SourceSpec::Folder(f.root.clone()),
+        &ScanOptions {
+            n_workers: 2,
+            ..ScanOptions::default()
+        },
+    )
+    .expect("scan");
     assert_eq!(report.readable, f.good.len() as u64);
     assert_eq!(report.bad.len(), f.bad.len() + 1, "{report}");
     for (name, ok) in &f.bad {
-        let b = report.bad.iter().find(|b| b.path == f.root.join(name)).unwrap_or_else(|| panic!("{name} not reported"));
+        let b = report
+            .bad
+            .iter()
+            .find(|b| b.path == f.root.join(name))
+            .unwrap_or_else(|| panic!("{name} not reported"));
         assert!(ok(&b.reason), "{name}: {}", b.reason);
     }
     assert!(!report.is_clean());
     let text = report.to_string();
-    assert!(text.contains("z_huge.png: too large: 60000x60000"), "{text}");
+    assert!(
+        text.contains("z_huge.png: too large: 60000x60000"),
+        "{text}"
+    );
     assert!(text.contains("x_empty.jpg: empty file"), "{text}");
     assert_eq!(report.min_size, Some((12, 12)));
     assert_eq!(report.max_size, Some((70, 50)));
@@ -175,14 +282,17 @@ fn loader_skips_bad_files_deterministically_and_reports_each_once() {
     let bad_paths: HashSet<PathBuf> = f.bad.iter().map(|(name, _)| f.root.join(name)).collect();
     let mut outputs = Vec::new();
     for workers in [1, 3] {
-        let mut loader = Loader::new(Arc::clone(&src), small_opts(4, workers), Cursor::default()).expect("loader");
+        let mut loader = Loader::new(Arc::clone(&src), small_opts(4, workers), Cursor::default())
+            .expect("loader");
         let mut reported = Vec::new();
         let mut batches = Vec::new();
         for _ in 0..(3 * n as usize).div_ceil(4) {
             let b = loader.next_batch().expect("batch");
-            for i in &b.source_indices {
-                let path = f.root.join(&b.sample_ids[b.source_indices.iter().position(|x| x == i).expect("present")]);
-                assert!(!bad_paths.contains(&path), "a bad file was used");
+            for id in &b.sample_ids {
+                assert!(
+                    !bad_paths.contains(&f.root.join(id)),
+                    "bad file {id} was used"
+                );
             }
             reported.extend(b.bad_inputs.iter().map(|x| x.path.clone()));
             batches.push(b);
@@ -194,7 +304,10 @@ fn loader_skips_bad_files_deterministically_and_reports_each_once() {
         assert!(loader.n_substituted() >= f.bad.len() as u64);
         outputs.push(batches);
     }
-    assert!(outputs[0] == outputs[1], "same batches with 1 and 3 workers");
+    assert!(
+        outputs[0] == outputs[1],
+        "same batches with 1 and 3 workers"
+    );
 }
 
 #[test]
@@ -207,15 +320,27 @@ fn a_source_without_readable_images_stops_with_its_path() {
     let src: Arc<dyn Source> = Arc::new(FolderSource::open(&root).expect("lists two candidates"));
     let mut loader = Loader::new(src, small_opts(2, 2), Cursor::default()).expect("loader");
     let err = loader.next_batch().expect_err("nothing readable");
-    assert!(matches!(&err, DataError::NoReadableImages { path, .. } if *path == root), "{err}");
-    assert!(err.to_string().contains("all_bad") && err.to_string().contains("unreadable"), "{err}");
+    assert!(
+        matches!(&err, DataError::NoReadableImages { path, .. } if *path == root),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("all_bad") && err.to_string().contains("unreadable"),
+        "{err}"
+    );
 
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).expect("mkdir");
     std::fs::write(empty.join("notes.txt"), b"x").expect("write");
     let err = FolderSource::open(&empty).expect_err("no candidates");
-    assert!(matches!(&err, DataError::NoReadableImages { path, .. } if *path == empty), "{err}");
+    assert!(
+        matches!(&err, DataError::NoReadableImages { path, .. } if *path == empty),
+        "{err}"
+    );
     let missing = dir.path().join("missing");
     let err = FolderSource::open(&missing).expect_err("missing");
-    assert!(matches!(&err, DataError::Io { path, .. } if *path == missing), "{err}");
+    assert!(
+        matches!(&err, DataError::Io { path, .. } if *path == missing),
+        "{err}"
+    );
 }

@@ -5,16 +5,25 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::mask::linspace_f32;
-use crate::{generate_masks, mask_indices, masked_counts, masks_weight, n_masked, KeyedRng, MaskConfig, MaskGenerator};
+use crate::{
+    generate_masks, mask_indices, masked_counts, masks_weight, n_masked, KeyedRng, MaskConfig,
+    MaskGenerator,
+};
 
 fn row_sums(masks: &[u8], n_patches: usize) -> Vec<usize> {
-    masks.chunks_exact(n_patches).map(|r| r.iter().filter(|&&m| m != 0).count()).collect()
+    masks
+        .chunks_exact(n_patches)
+        .map(|r| r.iter().filter(|&&m| m != 0).count())
+        .collect()
 }
 
 #[test]
 fn linspace_is_torch_float32() {
     let l = linspace_f32(0.1, 0.5, 5);
-    assert_eq!(l, vec![0.1f32, 0.1 + 0.1f32, 0.5 - 0.1f32 * 2.0, 0.5 - 0.1f32, 0.5]);
+    assert_eq!(
+        l,
+        vec![0.1f32, 0.1 + 0.1f32, 0.5 - 0.1f32 * 2.0, 0.5 - 0.1f32, 0.5]
+    );
     // (0.5f - 0.1f) / 4 is the float32 step torch uses.
     let step = (0.5f32 - 0.1f32) / 4.0;
     assert_eq!(l[1], 0.1f32 + step);
@@ -32,9 +41,15 @@ fn masked_counts_follow_the_official_collate() {
         assert_eq!(counts.len(), b, "exactly int(2B * 0.5) crops are masked");
         let ratios: Vec<f64> = counts.iter().map(|&c| c as f64 / 196.0).collect();
         assert!(ratios.windows(2).all(|w| w[0] <= w[1]));
-        assert!(ratios[0] > 0.1 - 1e-9 && (ratios[b - 1] - 0.5).abs() < 1e-9, "{ratios:?}");
+        assert!(
+            ratios[0] > 0.1 - 1e-9 && (ratios[b - 1] - 0.5).abs() < 1e-9,
+            "{ratios:?}"
+        );
     }
-    let third = MaskConfig { sample_probability: 0.3, ..MaskConfig::default() };
+    let third = MaskConfig {
+        sample_probability: 0.3,
+        ..MaskConfig::default()
+    };
     assert_eq!(masked_counts(&third, 10, 100).len(), 3);
 }
 
@@ -58,10 +73,22 @@ fn batch_masks_have_exact_counts_and_are_shuffled() {
         want.sort();
         assert_eq!(sums, want, "batch {batch}");
     }
-    assert!(masked_rows.iter().all(|&k| k > 5 && k < 35), "masks are spread over rows: {masked_rows:?}");
-    assert_eq!(generate_masks(&cfg, 32, 14, 9, 3), generate_masks(&cfg, 32, 14, 9, 3));
-    assert_ne!(generate_masks(&cfg, 32, 14, 9, 3), generate_masks(&cfg, 32, 14, 9, 4));
-    assert_ne!(generate_masks(&cfg, 32, 14, 9, 3), generate_masks(&cfg, 32, 14, 10, 3));
+    assert!(
+        masked_rows.iter().all(|&k| k > 5 && k < 35),
+        "masks are spread over rows: {masked_rows:?}"
+    );
+    assert_eq!(
+        generate_masks(&cfg, 32, 14, 9, 3),
+        generate_masks(&cfg, 32, 14, 9, 3)
+    );
+    assert_ne!(
+        generate_masks(&cfg, 32, 14, 9, 3),
+        generate_masks(&cfg, 32, 14, 9, 4)
+    );
+    assert_ne!(
+        generate_masks(&cfg, 32, 14, 9, 3),
+        generate_masks(&cfg, 32, 14, 10, 3)
+    );
 }
 
 #[test]
@@ -80,8 +107,16 @@ fn block_generator_places_blocks_then_tops_up_exactly() {
                     for j in 0..14 {
                         if m[i * 14 + j] == 1 {
                             total += 1;
-                            let nb = [(i.wrapping_sub(1), j), (i + 1, j), (i, j.wrapping_sub(1)), (i, j + 1)];
-                            with_neighbour += usize::from(nb.iter().any(|&(a, b)| a < 14 && b < 14 && m[a * 14 + b] == 1));
+                            let nb = [
+                                (i.wrapping_sub(1), j),
+                                (i + 1, j),
+                                (i, j.wrapping_sub(1)),
+                                (i, j + 1),
+                            ];
+                            with_neighbour += usize::from(
+                                nb.iter()
+                                    .any(|&(a, b)| a < 14 && b < 14 && m[a * 14 + b] == 1),
+                            );
                         }
                     }
                 }
@@ -90,7 +125,10 @@ fn block_generator_places_blocks_then_tops_up_exactly() {
     }
     // Rectangular blocks: nearly every masked patch touches another (a uniform random mask at these
     // densities would have far fewer).
-    assert!(with_neighbour as f64 / total as f64 > 0.9, "{with_neighbour}/{total}");
+    assert!(
+        with_neighbour as f64 / total as f64 > 0.9,
+        "{with_neighbour}/{total}"
+    );
 }
 
 #[test]
@@ -102,18 +140,33 @@ fn mask_indices_and_weights() {
 }
 
 /// Reads the uint8 `input.masks` and friends from a golden safetensors file.
-fn fixture_tensors(path: &Path) -> Option<HashMap<String, (Vec<usize>, String, Vec<u8>)>> {
+/// Tensor name -> (shape, dtype, raw bytes).
+type Tensors = HashMap<String, (Vec<usize>, String, Vec<u8>)>;
+
+fn fixture_tensors(path: &Path) -> Option<Tensors> {
     let bytes = std::fs::read(path).ok()?;
     let header_len = u64::from_le_bytes(bytes[..8].try_into().ok()?) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).ok()?;
     let data = &bytes[8 + header_len..];
     let mut out = HashMap::new();
-    for name in ["input.masks", "input.mask_indices", "input.masks_weight", "input.n_masked_patches"] {
+    for name in [
+        "input.masks",
+        "input.mask_indices",
+        "input.masks_weight",
+        "input.n_masked_patches",
+    ] {
         let t = header.get(name)?;
-        let shape = t["shape"].as_array()?.iter().map(|v| v.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>()?;
+        let shape = t["shape"]
+            .as_array()?
+            .iter()
+            .map(|v| v.as_u64().map(|x| x as usize))
+            .collect::<Option<Vec<_>>>()?;
         let off = t["data_offsets"].as_array()?;
         let (a, b) = (off[0].as_u64()? as usize, off[1].as_u64()? as usize);
-        out.insert(name.to_string(), (shape, t["dtype"].as_str()?.to_string(), data[a..b].to_vec()));
+        out.insert(
+            name.to_string(),
+            (shape, t["dtype"].as_str()?.to_string(), data[a..b].to_vec()),
+        );
     }
     Some(out)
 }
@@ -124,7 +177,10 @@ fn golden_fixture_masks_have_the_official_counts_and_derived_tensors() {
     let mut checked = 0;
     for file in ["losses.safetensors", "train_step.safetensors"] {
         let Some(t) = fixture_tensors(&dir.join(file)) else {
-            eprintln!("golden fixture {file} not found under {}: skipped", dir.display());
+            eprintln!(
+                "golden fixture {file} not found under {}: skipped",
+                dir.display()
+            );
             continue;
         };
         let (shape, dtype, masks) = &t["input.masks"];
@@ -135,20 +191,35 @@ fn golden_fixture_masks_have_the_official_counts_and_derived_tensors() {
         let mut want = masked_counts(&MaskConfig::default(), n_crops, n_patches);
         want.extend(std::iter::repeat_n(0, n_crops - want.len()));
         want.sort();
-        assert_eq!(sums, want, "{file}: per-crop masked counts of the official collate");
+        assert_eq!(
+            sums, want,
+            "{file}: per-crop masked counts of the official collate"
+        );
         let (_, _, idx) = &t["input.mask_indices"];
-        let idx: Vec<u32> = idx.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32).collect();
+        let idx: Vec<u32> = idx
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as u32)
+            .collect();
         assert_eq!(mask_indices(masks), idx, "{file}: mask_indices");
         let (_, wdtype, w) = &t["input.masks_weight"];
         assert_eq!(wdtype, "F64");
-        let w: Vec<f64> = w.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let w: Vec<f64> = w
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         let ours = masks_weight(masks, n_patches);
         assert_eq!(ours.len(), w.len());
         for (a, b) in ours.iter().zip(&w) {
-            assert!((f64::from(*a) - b).abs() < 1e-7, "{file}: weight {a} vs {b}");
+            assert!(
+                (f64::from(*a) - b).abs() < 1e-7,
+                "{file}: weight {a} vs {b}"
+            );
         }
         let (_, _, nm) = &t["input.n_masked_patches"];
-        assert_eq!(n_masked(masks) as i64, i64::from_le_bytes(nm[..8].try_into().expect("8 bytes")));
+        assert_eq!(
+            n_masked(masks) as i64,
+            i64::from_le_bytes(nm[..8].try_into().expect("8 bytes"))
+        );
         checked += 1;
     }
     eprintln!("checked {checked} golden fixture(s)");

@@ -10,14 +10,20 @@ use crate::{CropConfig, LoaderOptions, MaskConfig, Order};
 pub(crate) fn pattern_image(w: u32, h: u32, salt: u32) -> RgbImage {
     ImageBuffer::from_fn(w, h, |x, y| {
         let checker = ((x / 7 + y / 5 + salt) % 2) as u8 * 60;
-        Rgb([(x * 255 / w.max(1)) as u8 ^ checker, (y * 255 / h.max(1)) as u8, ((x + y + salt * 37) % 256) as u8])
+        Rgb([
+            (x * 255 / w.max(1)) as u8 ^ checker,
+            (y * 255 / h.max(1)) as u8,
+            ((x + y + salt * 37) % 256) as u8,
+        ])
     })
 }
 
 /// Writes `img` as a JPEG (quality 90).
 pub(crate) fn write_jpeg(path: &Path, img: &RgbImage) {
     let mut bytes = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(img).expect("encode jpeg");
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+        .encode_image(img)
+        .expect("encode jpeg");
     std::fs::write(path, bytes).expect("write jpeg");
 }
 
@@ -28,12 +34,18 @@ where
     [P::Subpixel]: image::EncodableLayout,
     C: std::ops::Deref<Target = [P::Subpixel]>,
 {
-    img.save_with_format(path, image::ImageFormat::Png).expect("write png");
+    img.save_with_format(path, image::ImageFormat::Png)
+        .expect("write png");
 }
 
 /// Small crops for fast tests: 2x32 + 3x16, patch 8, everything on.
 pub(crate) fn small_crops() -> CropConfig {
-    CropConfig { global_size: 32, local_size: 16, n_local: 3, ..CropConfig::default() }
+    CropConfig {
+        global_size: 32,
+        local_size: 16,
+        n_local: 3,
+        ..CropConfig::default()
+    }
 }
 
 /// Loader options around `small_crops`.
@@ -42,7 +54,10 @@ pub(crate) fn small_opts(batch_size: usize, n_workers: usize) -> LoaderOptions {
         batch_size,
         seed: 7,
         crops: small_crops(),
-        masks: MaskConfig { patch_size: 8, ..MaskConfig::default() },
+        masks: MaskConfig {
+            patch_size: 8,
+            ..MaskConfig::default()
+        },
         n_workers,
         prefetch: 2,
         order: Order::Shuffled,

@@ -1,0 +1,222 @@
+//! Sources: procedural scenes (exact label maps, learnable classes), ImageFolder labels.
+
+use std::f64::consts::PI;
+
+use super::util::{pattern_image, write_jpeg, write_png};
+use crate::source::synthetic::inside;
+use crate::{FolderSource, Source, SourceSpec, SyntheticConfig, SyntheticScenes, SHAPE_CLASSES};
+
+fn rgb_to_hsv(p: [u8; 3]) -> (f64, f64, f64) {
+    let [r, g, b] = p.map(|v| f64::from(v) / 255.0);
+    let max = r.max(g).max(b);
+    let min = r.min(g).min(b);
+    let c = max - min;
+    let h = if c == 0.0 {
+        0.0
+    } else if max == r {
+        ((g - b) / c).rem_euclid(6.0)
+    } else if max == g {
+        (b - r) / c + 2.0
+    } else {
+        (r - g) / c + 4.0
+    } / 6.0;
+    (h, if max == 0.0 { 0.0 } else { c / max }, max)
+}
+
+#[test]
+fn synthetic_scenes_are_pure_functions_of_seed_and_index() {
+    let src = SyntheticScenes::new(SyntheticConfig {
+        size: 64,
+        ..Default::default()
+    });
+    let a = src.get(17).expect("scene");
+    let b = src.get(17).expect("scene");
+    assert_eq!(a.image, b.image);
+    assert_eq!(a.label_map, b.label_map);
+    assert_ne!(a.image, src.get(18).expect("scene").image);
+    let other = SyntheticScenes::new(SyntheticConfig {
+        seed: 1,
+        size: 64,
+        ..Default::default()
+    });
+    assert_ne!(a.image, other.get(17).expect("scene").image);
+    assert_eq!(a.image.dimensions(), (64, 64));
+    assert_eq!(src.n_classes(), Some(SHAPE_CLASSES.len()));
+    assert!(src.has_label_maps());
+}
+
+#[test]
+fn synthetic_label_maps_match_the_pixels() {
+    // Objects are saturated with a class-tied hue; the background is muted. If the label map were
+    // shifted, transposed or stale, labelled pixels would not carry their class hue.
+    let src = SyntheticScenes::new(SyntheticConfig {
+        size: 64,
+        ..Default::default()
+    });
+    let (mut obj_ok, mut obj_total, mut bg_ok, mut bg_total) = (0usize, 0usize, 0usize, 0usize);
+    for i in 0..60 {
+        let s = src.get(i).expect("scene");
+        let lm = s.label_map.expect("map");
+        for (x, y, p) in s.image.enumerate_pixels() {
+            let (h, sat, _) = rgb_to_hsv(p.0);
+            match lm.get(x, y) {
+                0 => {
+                    bg_total += 1;
+                    bg_ok += usize::from(sat < 0.42);
+                }
+                l => {
+                    obj_total += 1;
+                    let want = f64::from(l - 1) / SHAPE_CLASSES.len() as f64;
+                    let d = (h - want).rem_euclid(1.0);
+                    obj_ok += usize::from(d.min(1.0 - d) < 0.07 && sat > 0.3);
+                }
+            }
+        }
+    }
+    assert!(
+        obj_ok as f64 / obj_total as f64 > 0.97,
+        "object pixels with their class hue: {obj_ok}/{obj_total}"
+    );
+    assert!(
+        bg_ok as f64 / bg_total as f64 > 0.97,
+        "muted background pixels: {bg_ok}/{bg_total}"
+    );
+}
+
+#[test]
+fn synthetic_labels_are_balanced_and_the_largest_object_wins() {
+    let src = SyntheticScenes::new(SyntheticConfig {
+        size: 48,
+        ..Default::default()
+    });
+    let mut counts = [0usize; 8];
+    for i in 0..400 {
+        let s = src.get(i).expect("scene");
+        let label = s.label.expect("label") as usize;
+        counts[label] += 1;
+        // The image label is the class of the largest visible object, so its class covers at least
+        // as much as... at least some pixels, and usually the most.
+        let lm = s.label_map.expect("map");
+        assert!(
+            lm.data.iter().any(|&v| v as usize == label + 1),
+            "scene {i}: label class not visible"
+        );
+    }
+    assert!(counts.iter().all(|&c| c > 25), "class counts {counts:?}");
+}
+
+#[test]
+fn shape_tests_agree_with_polygon_and_circle_references() {
+    fn in_polygon(pts: &[(f64, f64)], u: f64, v: f64) -> bool {
+        let mut inside = false;
+        let n = pts.len();
+        for i in 0..n {
+            let (a, b) = (pts[i], pts[(i + n - 1) % n]);
+            if (a.1 > v) != (b.1 > v) && u < (b.0 - a.0) * (v - a.1) / (b.1 - a.1) + a.0 {
+                inside = !inside;
+            }
+        }
+        inside
+    }
+    let star: Vec<(f64, f64)> = (0..10)
+        .map(|k| {
+            let r = if k % 2 == 0 { 1.0 } else { 0.45 };
+            let a = k as f64 * PI / 5.0;
+            (r * a.cos(), r * a.sin())
+        })
+        .collect();
+    let s3 = 3f64.sqrt();
+    let triangle = [(0.0, 1.0), (-s3 / 2.0, -0.5), (s3 / 2.0, -0.5)];
+    let square = [(-0.78, -0.78), (0.78, -0.78), (0.78, 0.78), (-0.78, 0.78)];
+    let bar = [(-1.0, -0.3), (1.0, -0.3), (1.0, 0.3), (-1.0, 0.3)];
+    let cross = [
+        (-0.3, -0.95),
+        (0.3, -0.95),
+        (0.3, -0.3),
+        (0.95, -0.3),
+        (0.95, 0.3),
+        (0.3, 0.3),
+        (0.3, 0.95),
+        (-0.3, 0.95),
+        (-0.3, 0.3),
+        (-0.95, 0.3),
+        (-0.95, -0.3),
+        (-0.3, -0.3),
+    ];
+    let mut mismatches = [0usize; 8];
+    let steps = 181;
+    for i in 0..steps {
+        for j in 0..steps {
+            // Offsets avoid sampling exactly on edges, where the two tests may round differently.
+            let u = -1.1 + 2.2 * (i as f64 + 0.37) / steps as f64;
+            let v = -1.1 + 2.2 * (j as f64 + 0.61) / steps as f64;
+            let r2 = u * u + v * v;
+            let want = [
+                r2 <= 1.0,
+                in_polygon(&square, u, v),
+                in_polygon(&triangle, u, v),
+                (0.55 * 0.55..=1.0).contains(&r2),
+                in_polygon(&star, u, v),
+                in_polygon(&cross, u, v),
+                r2 <= 1.0 && (u - 0.45).powi(2) + v * v > 0.64,
+                in_polygon(&bar, u, v),
+            ];
+            for class in 0..8 {
+                mismatches[class] += usize::from(inside(class, u, v) != want[class]);
+            }
+        }
+    }
+    assert_eq!(
+        mismatches, [0; 8],
+        "per-class disagreements with the references"
+    );
+}
+
+#[test]
+fn image_folder_layout_gives_sorted_class_labels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    for (k, (class, name)) in [
+        ("dog", "b.jpg"),
+        ("cat", "z.png"),
+        ("dog", "sub/a.jpg"),
+        ("cat", "a.jpg"),
+        ("emu", "q.webp.jpg"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let path = root.join(class).join(name);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        if name.ends_with(".png") {
+            write_png(&path, &pattern_image(20, 16, k as u32));
+        } else {
+            write_jpeg(&path, &pattern_image(20, 16, k as u32));
+        }
+    }
+    let src = SourceSpec::Folder(root.to_path_buf()).open().expect("open");
+    assert_eq!(src.class_names(), ["cat", "dog", "emu"]);
+    assert_eq!(src.n_classes(), Some(3));
+    let got: Vec<(String, Option<u32>)> = (0..src.len().expect("finite"))
+        .map(|i| src.get(i).map(|s| (s.id, s.label)).expect("sample"))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("cat/a.jpg".to_string(), Some(0)),
+            ("cat/z.png".to_string(), Some(0)),
+            ("dog/b.jpg".to_string(), Some(1)),
+            ("dog/sub/a.jpg".to_string(), Some(1)),
+            ("emu/q.webp.jpg".to_string(), Some(2)),
+        ]
+    );
+    assert!(src.describe().contains("3 classes"));
+    // One sub-folder only is not a labelling.
+    let single = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(single.path().join("images")).expect("mkdir");
+    write_jpeg(&single.path().join("images/x.jpg"), &pattern_image(8, 8, 0));
+    assert_eq!(
+        FolderSource::open(single.path()).expect("open").n_classes(),
+        None
+    );
+}

@@ -1,1 +1,22 @@
-//! placeholder
+//! `actors`: the dinod daemon and everything that touches the outside world.
+//!
+//! Owns: config loading and validation (`config`), the supervision tree of actors and the
+//! step protocol (`daemon`), the shared training state and its checkpoint form
+//! (`engine`), the CLI and its client side of the control socket (`cli`, `commands`,
+//! `client`), offline tools (`tools`: parity), benchmarks (`bench`), logging and
+//! process-wide tuning (`logging`, `runtime`).
+//!
+//! Must not know: tensor kernels or the loss maths (it calls `model` through
+//! `train_step`'s phases), sled (it uses `checkpoints`). It is the only crate that knows
+//! tokio and ractor.
+
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod commands;
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod logging;
+pub mod runtime;
+pub mod tools;

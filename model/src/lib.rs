@@ -12,16 +12,21 @@
 
 pub mod config;
 pub mod fixture;
+pub mod flops;
 pub mod head;
 pub mod optim;
-pub mod parity;
 pub mod params;
+pub mod parity;
 pub mod ssl;
 pub mod state;
 pub mod vit;
 
 pub use config::{HeadConfig, LossConfig, OptimConfig, SslConfig, VitConfig};
-pub use state::{apply_step, clip_gradients, compute_step, train_step, Batch, StepError, StepHparams, StepOutcome, StepReport, TrainState};
+pub use state::{
+    apply_step, apply_step_observed, clip_gradients, compute_step, compute_step_observed,
+    student_phase, teacher_phase, train_step, Batch, Phase, StepError, StepHparams, StepOutcome,
+    StepReport, TeacherOutput, TrainState,
+};
 
 #[cfg(test)]
 mod tests;

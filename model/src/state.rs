@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::config::SslConfig;
 use crate::optim::{clip_module, ema, AdamW, ClipStat, OptimHparams};
 use crate::params::stream;
-use crate::ssl::{ssl_losses, teacher_targets, CropCounts, HeadOutputs, LossTerms, LossWeights, ModelGrads, SslModel, StudentFeatures, TeacherTargets};
+use crate::ssl::{
+    ssl_losses, teacher_targets, CropCounts, HeadOutputs, LossTerms, LossWeights, ModelGrads,
+    SslModel, StudentFeatures, TeacherTargets,
+};
 use crate::vit::{CropGroup, FeatureGrads, Vit};
 
 /// One batch as the step consumes it (crop-major rows, as the official collate).
@@ -36,7 +39,13 @@ pub struct Batch {
 
 impl Batch {
     /// Builds a batch and derives the mask indices and weights from `masks`.
-    pub fn new(batch_size: usize, global: Tensor, local: Option<Tensor>, gram: Option<Tensor>, masks: Vec<u8>) -> Result<Self> {
+    pub fn new(
+        batch_size: usize,
+        global: Tensor,
+        local: Option<Tensor>,
+        gram: Option<Tensor>,
+        masks: Vec<u8>,
+    ) -> Result<Self> {
         let (n2, _, _, _) = global.dims4()?;
         if n2 != 2 * batch_size {
             bail!("global crops: {n2} rows for batch {batch_size} (expected 2B, crop-major)")
@@ -72,7 +81,16 @@ impl Batch {
                 }
             }
         }
-        Ok(Self { batch_size, n_local, global, local, gram, masks, mask_indices, masks_weight })
+        Ok(Self {
+            batch_size,
+            n_local,
+            global,
+            local,
+            gram,
+            masks,
+            mask_indices,
+            masks_weight,
+        })
     }
 }
 
@@ -124,7 +142,17 @@ impl TrainState {
         let student = SslModel::init(cfg, seed, dtype)?;
         let teacher = student.deep_clone()?;
         let optim = new_optimizer(cfg, &student)?;
-        Ok(Self { cfg: cfg.clone(), seed, step: 0, student, teacher, gram_teacher: None, optim, data_cursor: serde_json::Value::Null, gram_updates: 0 })
+        Ok(Self {
+            cfg: cfg.clone(),
+            seed,
+            step: 0,
+            student,
+            teacher,
+            gram_teacher: None,
+            optim,
+            data_cursor: serde_json::Value::Null,
+            gram_updates: 0,
+        })
     }
 
     /// Copies the EMA teacher's backbone into the Gram teacher (hard copy, `update_gram(m=0)`).
@@ -141,7 +169,11 @@ pub fn new_optimizer(cfg: &SslConfig, student: &SslModel) -> Result<AdamW> {
     let bb = &student.backbone;
     AdamW::new(
         &cfg.optim,
-        &[(true, &bb.params, depth), (false, &student.dino_head.params, depth), (false, &student.ibot_head.params, depth)],
+        &[
+            (true, &bb.params, depth),
+            (false, &student.dino_head.params, depth),
+            (false, &student.ibot_head.params, depth),
+        ],
         |n| bb.layer_id(n),
     )
 }
@@ -199,48 +231,143 @@ pub enum StepError {
     Tensor(#[from] candle_core::Error),
 }
 
+/// Phases of a step, reported to an observer as each one completes (so callers can time
+/// them without the model knowing clocks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Teacher forward, heads and Sinkhorn-Knopp.
+    Teacher,
+    /// Gram-teacher forward and resize.
+    GramTeacher,
+    /// Student backbone forward.
+    StudentForward,
+    /// Heads, losses and their gradients.
+    Losses,
+    /// Backbone backward.
+    Backward,
+    /// Clipping and AdamW.
+    Optimizer,
+    /// EMA teacher update.
+    Ema,
+}
+
 /// Teacher, Gram teacher and student forward, losses and backward. Reads the state only.
 pub fn compute_step(st: &TrainState, batch: &Batch, hp: &StepHparams) -> Result<StepOutcome> {
+    compute_step_observed(st, batch, hp, &mut |_| {})
+}
+
+/// What the teacher side computes for one batch: SK targets and the Gram target.
+pub struct TeacherOutput {
+    /// DINO / iBOT targets.
+    pub targets: TeacherTargets,
+    /// Resized Gram-teacher patches when the Gram loss is on.
+    pub gram_target: Option<Tensor>,
+}
+
+/// The teacher side of a step: EMA-teacher forward on the unmasked global crops, heads,
+/// Sinkhorn-Knopp; Gram-teacher forward and bicubic resize when the Gram loss is on.
+pub fn teacher_phase(
+    st: &TrainState,
+    batch: &Batch,
+    hp: &StepHparams,
+    obs: &mut dyn FnMut(Phase),
+) -> Result<TeacherOutput> {
     let cfg = &st.cfg;
     let b = batch.batch_size;
-    // teacher on the unmasked global crops
-    let tf = st.teacher.backbone.forward(&[CropGroup { images: &batch.global, masks: None }])?;
-    let teacher = teacher_targets(&st.teacher, &tf.cls(0)?, &tf.patches(0)?, &batch.mask_indices, hp.teacher_temp, cfg.loss.sinkhorn_iterations)?;
+    let tf = st.teacher.backbone.forward(&[CropGroup {
+        images: &batch.global,
+        masks: None,
+    }])?;
+    let targets = teacher_targets(
+        &st.teacher,
+        &tf.cls(0)?,
+        &tf.patches(0)?,
+        &batch.mask_indices,
+        hp.teacher_temp,
+        cfg.loss.sinkhorn_iterations,
+    )?;
     drop(tf);
-    // Gram teacher at higher resolution, features resized to the student grid
+    obs(Phase::Teacher);
     let gram_target = if hp.gram_weight != 0.0 {
-        let Some(gt) = &st.gram_teacher else { bail!("the Gram loss is on but there is no Gram teacher") };
-        let Some(crops) = &batch.gram else { bail!("the Gram loss is on but the batch has no Gram crops") };
-        let gf = gt.forward(&[CropGroup { images: crops, masks: None }])?;
+        let Some(gt) = &st.gram_teacher else {
+            bail!("the Gram loss is on but there is no Gram teacher")
+        };
+        let Some(crops) = &batch.gram else {
+            bail!("the Gram loss is on but the batch has no Gram crops")
+        };
+        let gf = gt.forward(&[CropGroup {
+            images: crops,
+            masks: None,
+        }])?;
         let p = cfg.backbone.patch_size;
         let (_, _, gh, gw) = batch.global.dims4()?;
-        let tgt = ops::loss::resize_tokens(&gf.patches(0)?, 2 * b, gf.groups[0].grid, (gh / p, gw / p))?;
+        let tgt =
+            ops::loss::resize_tokens(&gf.patches(0)?, 2 * b, gf.groups[0].grid, (gh / p, gw / p))?;
+        obs(Phase::GramTeacher);
         Some(tgt)
     } else {
         None
     };
-    // student on masked global crops and local crops, one packed forward
+    Ok(TeacherOutput {
+        targets,
+        gram_target,
+    })
+}
+
+/// The student side of a step given the teacher's output: student forward on masked
+/// global and local crops, losses, backward. Reads the state only.
+pub fn student_phase(
+    st: &TrainState,
+    batch: &Batch,
+    hp: &StepHparams,
+    teacher: TeacherOutput,
+    obs: &mut dyn FnMut(Phase),
+) -> Result<StepOutcome> {
+    let cfg = &st.cfg;
+    let b = batch.batch_size;
     let mut rng = stream(st.seed, &format!("train_step/{}", st.step));
-    let mut groups = vec![CropGroup { images: &batch.global, masks: Some(&batch.masks) }];
+    let mut groups = vec![CropGroup {
+        images: &batch.global,
+        masks: Some(&batch.masks),
+    }];
     if let Some(l) = &batch.local {
-        groups.push(CropGroup { images: l, masks: None });
+        groups.push(CropGroup {
+            images: l,
+            masks: None,
+        });
     }
     let (sf, cache) = st.student.backbone.forward_train(&groups, &mut rng)?;
+    obs(Phase::StudentForward);
     let d = cfg.backbone.embed_dim;
-    let cls_local = if batch.local.is_some() { sf.cls(1)? } else { Tensor::zeros((0, d), sf.x_norm.dtype(), sf.x_norm.device())? };
-    let student = StudentFeatures { cls_global: sf.cls(0)?, cls_local, patch_global: sf.patches(0)? };
+    let cls_local = if batch.local.is_some() {
+        sf.cls(1)?
+    } else {
+        Tensor::zeros((0, d), sf.x_norm.dtype(), sf.x_norm.device())?
+    };
+    let student = StudentFeatures {
+        cls_global: sf.cls(0)?,
+        cls_local,
+        patch_global: sf.patches(0)?,
+    };
     let lr = ssl_losses(
         cfg,
         &st.student.dino_head,
         &st.student.ibot_head,
         &student,
-        &teacher,
-        gram_target.as_ref(),
+        &teacher.targets,
+        teacher.gram_target.as_ref(),
         &batch.mask_indices,
         &batch.masks_weight,
-        CropCounts { batch: b, n_local: batch.n_local },
-        LossWeights { gram: hp.gram_weight, local_dino: hp.local_dino_weight },
+        CropCounts {
+            batch: b,
+            n_local: batch.n_local,
+        },
+        LossWeights {
+            gram: hp.gram_weight,
+            local_dino: hp.local_dino_weight,
+        },
     )?;
+    obs(Phase::Losses);
     let mut fg = FeatureGrads::zeros(&sf)?;
     fg.add_cls(0, &lr.features.cls_global)?;
     if batch.local.is_some() {
@@ -248,16 +375,40 @@ pub fn compute_step(st: &TrainState, batch: &Batch, hp: &StepHparams) -> Result<
     }
     fg.add_patches(0, &lr.features.patch_global)?;
     let backbone = st.student.backbone.backward(cache, &fg.into_tensor())?;
+    obs(Phase::Backward);
     Ok(StepOutcome {
         losses: lr.terms,
-        grads: ModelGrads { backbone, dino_head: lr.dino_head, ibot_head: lr.ibot_head },
-        trace: Trace { teacher, student, heads: lr.heads, gram_target },
+        grads: ModelGrads {
+            backbone,
+            dino_head: lr.dino_head,
+            ibot_head: lr.ibot_head,
+        },
+        trace: Trace {
+            teacher: teacher.targets,
+            student,
+            heads: lr.heads,
+            gram_target: teacher.gram_target,
+        },
     })
+}
+
+/// [`compute_step`] with a callback after each phase.
+pub fn compute_step_observed(
+    st: &TrainState,
+    batch: &Batch,
+    hp: &StepHparams,
+    obs: &mut dyn FnMut(Phase),
+) -> Result<StepOutcome> {
+    let t = teacher_phase(st, batch, hp, obs)?;
+    student_phase(st, batch, hp, t, obs)
 }
 
 /// Clips the gradients per module and returns the statistics, or the norms if any is not
 /// finite (then nothing should be applied).
-pub fn clip_gradients(cfg: &SslConfig, grads: &ModelGrads) -> Result<std::result::Result<[ClipStat; 3], [f64; 3]>> {
+pub fn clip_gradients(
+    cfg: &SslConfig,
+    grads: &ModelGrads,
+) -> Result<std::result::Result<[ClipStat; 3], [f64; 3]>> {
     let mut stats = [ClipStat::default(); 3];
     let mut norms = [0.0; 3];
     for (i, (_, g)) in grads.modules().iter().enumerate() {
@@ -274,29 +425,82 @@ pub fn clip_gradients(cfg: &SslConfig, grads: &ModelGrads) -> Result<std::result
 
 /// Applies already-clipped gradients: AdamW on the student, EMA on the teacher, `step + 1`.
 pub fn apply_step(st: &mut TrainState, grads: &ModelGrads, hp: &StepHparams) -> Result<()> {
-    let h = OptimHparams { lr: hp.lr, last_layer_lr: hp.last_layer_lr, weight_decay: hp.weight_decay };
+    apply_step_observed(st, grads, hp, &mut |_| {})
+}
+
+/// [`apply_step`] with a callback after the optimizer and after the EMA.
+pub fn apply_step_observed(
+    st: &mut TrainState,
+    grads: &ModelGrads,
+    hp: &StepHparams,
+    obs: &mut dyn FnMut(Phase),
+) -> Result<()> {
+    let h = OptimHparams {
+        lr: hp.lr,
+        last_layer_lr: hp.last_layer_lr,
+        weight_decay: hp.weight_decay,
+    };
     st.optim.step(
-        &[&st.student.backbone.params, &st.student.dino_head.params, &st.student.ibot_head.params],
+        &[
+            &st.student.backbone.params,
+            &st.student.dino_head.params,
+            &st.student.ibot_head.params,
+        ],
         &[&grads.backbone, &grads.dino_head, &grads.ibot_head],
         &h,
     )?;
-    ema(&st.teacher.backbone.params, &st.student.backbone.params, hp.momentum)?;
-    ema(&st.teacher.dino_head.params, &st.student.dino_head.params, hp.momentum)?;
-    ema(&st.teacher.ibot_head.params, &st.student.ibot_head.params, hp.momentum)?;
+    obs(Phase::Optimizer);
+    ema(
+        &st.teacher.backbone.params,
+        &st.student.backbone.params,
+        hp.momentum,
+    )?;
+    ema(
+        &st.teacher.dino_head.params,
+        &st.student.dino_head.params,
+        hp.momentum,
+    )?;
+    ema(
+        &st.teacher.ibot_head.params,
+        &st.student.ibot_head.params,
+        hp.momentum,
+    )?;
+    obs(Phase::Ema);
     st.step += 1;
     Ok(())
 }
 
 /// One training step: schedule values in, state advanced, report out. A step whose loss
 /// or gradient norm is not finite changes nothing and returns [`StepError::NonFinite`].
-pub fn train_step(st: &mut TrainState, batch: &Batch, hp: &StepHparams) -> std::result::Result<StepReport, StepError> {
+pub fn train_step(
+    st: &mut TrainState,
+    batch: &Batch,
+    hp: &StepHparams,
+) -> std::result::Result<StepReport, StepError> {
     let out = compute_step(st, batch, hp)?;
     let clip = match clip_gradients(&st.cfg, &out.grads)? {
         Ok(c) if out.losses.is_finite() => c,
-        Ok(c) => return Err(StepError::NonFinite { step: st.step, losses: out.losses, norms: c.map(|s| s.total_norm) }),
-        Err(norms) => return Err(StepError::NonFinite { step: st.step, losses: out.losses, norms }),
+        Ok(c) => {
+            return Err(StepError::NonFinite {
+                step: st.step,
+                losses: out.losses,
+                norms: c.map(|s| s.total_norm),
+            })
+        }
+        Err(norms) => {
+            return Err(StepError::NonFinite {
+                step: st.step,
+                losses: out.losses,
+                norms,
+            })
+        }
     };
     let step = st.step;
     apply_step(st, &out.grads, hp)?;
-    Ok(StepReport { step, losses: out.losses, clip, hparams: *hp })
+    Ok(StepReport {
+        step,
+        losses: out.losses,
+        clip,
+        hparams: *hp,
+    })
 }

@@ -1,1 +1,7 @@
-//! it
+//! Workspace end-to-end tests: one binary, modules by topic. They run the real `dinod`
+//! binary, real files, the real sled catalog, and real processes killed with SIGKILL.
+
+mod cli;
+mod daemon;
+mod support;
+mod tidy;

@@ -1,0 +1,379 @@
+//! The `dinod` command line: parses arguments and dispatches to the daemon, its client
+//! commands, and the offline tools (parity, bench, data scan, export).
+//!
+//! Exit codes: 0 success; 1 the command ran and found a problem (parity out of tolerance,
+//! bad input files, a failed check); 2 usage or configuration error; 75 the GPU context
+//! is unusable and the process must be restarted by its supervisor.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::config;
+
+/// Exit status when a check ran and failed.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit status for usage and config errors.
+pub const EXIT_USAGE: i32 = 2;
+
+/// dinod: a DINOv3 training daemon that never stops.
+#[derive(Parser, Debug)]
+#[command(name = "dinod", version, about, long_about = None)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the daemon keeps its state.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StateDir {
+    /// State directory (checkpoints, catalog, control socket).
+    #[arg(long, default_value = "dinod-state", env = "DINOD_STATE_DIR")]
+    pub state_dir: PathBuf,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train in the foreground (resumes the run in the state directory, if any).
+    Run {
+        /// Recipe (TOML); the built-in CPU recipe when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        dir: StateDir,
+        /// Stop after this many committed steps.
+        #[arg(long)]
+        max_steps: Option<u64>,
+        /// Data source, overriding the config: folder:PATH, idx:PATH[:train|test], synthetic[:SEED[:SIZE]], copypaste:PATH[:train|test].
+        #[arg(long)]
+        data: Option<String>,
+        /// Inject a fault, KIND[:ACTOR]@STEP[xTIMES][+MS] (repeatable): panic, nan, slow, io_error, device_error, device_lost.
+        #[arg(long = "inject")]
+        inject: Vec<String>,
+        /// Checkpoint every N steps, overriding the config.
+        #[arg(long)]
+        checkpoint_every: Option<u64>,
+    },
+    /// Stage, step, losses, throughput, last checkpoint, probes.
+    Status {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The actor tree: state, phase and since when, restarts, mailbox, last heartbeat.
+    Actors {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent events.
+    Events {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Keep printing new events.
+        #[arg(long)]
+        follow: bool,
+        /// Events after this sequence number.
+        #[arg(long)]
+        since: Option<u64>,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List or verify checkpoints.
+    Checkpoints {
+        /// `list` or `verify`.
+        #[arg(value_parser = ["list", "verify"], default_value = "list")]
+        action: String,
+        #[command(flatten)]
+        dir: StateDir,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause stepping (the daemon keeps serving requests).
+    Pause {
+        #[command(flatten)]
+        dir: StateDir,
+    },
+    /// Resume stepping.
+    Resume {
+        #[command(flatten)]
+        dir: StateDir,
+    },
+    /// Drain the current step, write a checkpoint, exit.
+    Stop {
+        #[command(flatten)]
+        dir: StateDir,
+    },
+    /// Show the stage and its history, or force one (`dinod stage set STAGE`).
+    Stage {
+        /// `set` to force a stage.
+        action: Option<String>,
+        /// The stage for `set`: pretrain, gram_anchor, high_res_adapt, distill, continue.
+        stage: Option<String>,
+        #[command(flatten)]
+        dir: StateDir,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write weights with the official state_dict names (loadable by the official model).
+    Export {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// `teacher` (the EMA teacher, default) or `student`.
+        #[arg(long, default_value = "teacher")]
+        which: String,
+        /// Checkpoint step (default: the latest valid one).
+        #[arg(long)]
+        step: Option<u64>,
+        /// Also write the DINO and iBOT heads (prefixed `dino_head.`, `ibot_head.`).
+        #[arg(long)]
+        with_heads: bool,
+    },
+    /// Check a data source before training.
+    Data {
+        /// What to do.
+        #[command(subcommand)]
+        what: DataCommand,
+    },
+    /// Check our implementation against golden fixtures from the official code.
+    Parity {
+        /// Fixture files (safetensors with a `config` metadata entry).
+        #[arg(required = true)]
+        fixtures: Vec<PathBuf>,
+        /// Element type(s) to run: f64, f32 or both.
+        #[arg(long, default_value = "both")]
+        dtype: String,
+        /// Print every tensor, not only the summary and failures.
+        #[arg(long, short)]
+        verbose: bool,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks.
+    Bench {
+        /// What to benchmark.
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
+}
+
+/// `dinod data ...`
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Print what a source holds (images, classes, sizes) and every bad file; exit 1 if any.
+    Scan {
+        /// The source: folder:PATH, idx:PATH[:split], synthetic, copypaste:PATH[:split].
+        spec: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build the real copy-paste segmentation set from extracted Debian packages.
+    BuildCopypaste {
+        /// Folder with the extracted stamps and wallpapers (scripts/fetch-real-data.sh).
+        #[arg(long)]
+        from: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+/// `dinod bench ...`
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Multi-crop samples/s of the data pipeline.
+    Data {
+        /// The source.
+        #[arg(long)]
+        data: String,
+        /// Worker threads to try (repeatable).
+        #[arg(long = "workers", default_values_t = vec![1, 2])]
+        workers: Vec<usize>,
+        /// Samples per measurement.
+        #[arg(long, default_value_t = 512)]
+        samples: u64,
+        /// Recipe whose crop settings to use (default: the official 2 x 224 + 8 x 96).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time the full training step (forward, backward, AdamW, EMA).
+    Step {
+        /// Recipe to time.
+        #[arg(long)]
+        config: PathBuf,
+        /// Untimed iterations first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed iterations (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Loads and validates a config file (or the embedded default).
+pub fn load_plan(path: Option<&PathBuf>) -> Result<config::Plan> {
+    match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config {}", p.display()))?;
+            Ok(config::parse(&text, &p.display().to_string())?)
+        }
+        None => Ok(config::parse(
+            config::DEFAULT_RECIPE,
+            "(built-in default recipe)",
+        )?),
+    }
+}
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> i32 {
+    crate::runtime::tune_allocator();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { 0 };
+        }
+    };
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dinod: error: {e:#}");
+            if e.downcast_ref::<config::ConfigErrors>().is_some() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILED
+            }
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Run {
+            config,
+            dir,
+            max_steps,
+            data,
+            inject,
+            checkpoint_every,
+        } => crate::commands::run(
+            config.as_ref(),
+            &dir.state_dir,
+            max_steps,
+            data.as_deref(),
+            &inject,
+            checkpoint_every,
+        ),
+        Command::Status { dir, json } => crate::commands::status(&dir.state_dir, json),
+        Command::Actors { dir, json } => crate::commands::actors(&dir.state_dir, json),
+        Command::Events {
+            dir,
+            follow,
+            since,
+            limit,
+            json,
+        } => crate::commands::events(&dir.state_dir, follow, since, limit, json),
+        Command::Checkpoints { action, dir, json } => {
+            crate::commands::checkpoints(&dir.state_dir, &action, json)
+        }
+        Command::Pause { dir } => crate::commands::simple(&dir.state_dir, "pause"),
+        Command::Resume { dir } => crate::commands::simple(&dir.state_dir, "resume"),
+        Command::Stop { dir } => crate::commands::simple(&dir.state_dir, "stop"),
+        Command::Stage {
+            action,
+            stage,
+            dir,
+            json,
+        } => crate::commands::stage(&dir.state_dir, action.as_deref(), stage.as_deref(), json),
+        Command::Export {
+            dir,
+            out,
+            which,
+            step,
+            with_heads,
+        } => crate::commands::export(&dir.state_dir, &out, &which, step, with_heads),
+        Command::Data {
+            what: DataCommand::Scan { spec, json },
+        } => crate::commands::data_scan(&spec, json),
+        Command::Data {
+            what: DataCommand::BuildCopypaste { from, out, seed },
+        } => crate::commands::build_copypaste(&from, &out, seed),
+        Command::Bench {
+            what:
+                BenchCommand::Data {
+                    data,
+                    workers,
+                    samples,
+                    config,
+                    json,
+                },
+        } => crate::commands::bench_data(&data, &workers, samples, config.as_ref(), json),
+        Command::Parity {
+            fixtures,
+            dtype,
+            verbose,
+            json,
+        } => crate::tools::parity(&fixtures, &dtype, verbose, json),
+        Command::Bench {
+            what:
+                BenchCommand::Step {
+                    config,
+                    warmup,
+                    iters,
+                    json,
+                },
+        } => {
+            let plan = load_plan(Some(&config))?;
+            let r = crate::bench::bench_step(&plan, &config.display().to_string(), warmup, iters)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("config          {}", r.config);
+                println!("parameters      {:.2} M", r.params as f64 / 1e6);
+                println!("threads / simd  {} / {}", r.threads, r.simd);
+                println!(
+                    "median          {:.1} ms/step (min {:.1}, {} iterations)",
+                    r.median_ms, r.min_ms, r.iters
+                );
+                for (n, t) in &r.phases_ms {
+                    println!("  {n:<16}{t:>9.1} ms");
+                }
+                println!("throughput      {:.1} images/s", r.images_per_s);
+                println!(
+                    "compute         {:.1} GFLOP/step, {:.1} GFLOP/s",
+                    r.gflop_per_step, r.gflops
+                );
+                println!("peak RSS        {:.0} MiB", r.peak_rss_mib);
+            }
+            Ok(0)
+        }
+    }
+}

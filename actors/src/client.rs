@@ -1,0 +1,111 @@
+//! The CLI side of the control socket, and the offline fallbacks that read the catalog
+//! directly when no daemon runs (`status`, `checkpoints`, `events`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::daemon::control::socket_path;
+
+/// Sends one request to the daemon of `state_dir`; `None` when no daemon listens.
+pub fn request(state_dir: &Path, req: &Value) -> Result<Option<Value>> {
+    let path = socket_path(state_dir);
+    let mut s = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(anyhow!("cannot connect to {}: {e}", path.display())),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    s.write_all(format!("{req}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .context("reading the daemon's answer")?;
+    let v: Value = serde_json::from_str(&line)
+        .with_context(|| format!("bad answer from the daemon: {line:?}"))?;
+    if v.get("ok").and_then(|b| b.as_bool()) == Some(true) {
+        Ok(Some(v.get("data").cloned().unwrap_or(Value::Null)))
+    } else {
+        bail!(
+            "{}",
+            v.get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("the daemon refused the request")
+        )
+    }
+}
+
+/// Streams events until the daemon goes away.
+pub fn follow_events(state_dir: &Path, since: Option<u64>, json_out: bool) -> Result<()> {
+    let path = socket_path(state_dir);
+    let mut s = UnixStream::connect(&path)
+        .with_context(|| format!("no daemon is listening on {}", path.display()))?;
+    let req = json!({"cmd": "events", "follow": true, "since": since, "limit": 20});
+    s.write_all(format!("{req}\n").as_bytes())?;
+    for line in BufReader::new(s).lines() {
+        let line = line?;
+        let v: Value = serde_json::from_str(&line)?;
+        print_event(&v["data"], json_out);
+    }
+    Ok(())
+}
+
+/// Prints one stored event.
+pub fn print_event(e: &Value, json_out: bool) {
+    if json_out {
+        println!("{e}");
+        return;
+    }
+    let ts = e["event"]["ts_ms"]
+        .as_u64()
+        .or_else(|| e["ts_ms"].as_u64())
+        .unwrap_or(0);
+    let ev = if e.get("event").is_some() {
+        &e["event"]
+    } else {
+        e
+    };
+    println!(
+        "#{:<6} {} {:<5} {:<24} {:<13} {}",
+        e["seq"].as_u64().unwrap_or(0),
+        fmt_time(ts),
+        ev["level"].as_str().unwrap_or(""),
+        ev["kind"].as_str().unwrap_or(""),
+        ev["actor"].as_str().unwrap_or("-"),
+        ev["message"].as_str().unwrap_or("")
+    );
+}
+
+/// `HH:MM:SS` (UTC) of a millisecond timestamp.
+pub fn fmt_time(ms: u64) -> String {
+    let s = ms / 1000;
+    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
+/// Opens the catalog of a state directory for reading when no daemon runs.
+pub fn open_offline(state_dir: &Path) -> Result<checkpoints::Store> {
+    if !state_dir.join("catalog").exists() {
+        bail!("{} holds no dinod run (no catalog)", state_dir.display());
+    }
+    checkpoints::Store::open(
+        state_dir,
+        checkpoints::StoreOptions::new(checkpoints::Retention::keep_last(2)),
+    )
+    .map_err(|e| {
+        anyhow!(
+            "cannot open the catalog of {} ({e}); is a daemon starting or stopping?",
+            state_dir.display()
+        )
+    })
+}

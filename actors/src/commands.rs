@@ -1,0 +1,630 @@
+//! The bodies of the CLI commands (everything but `parity` and `bench step`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::cli::{load_plan, EXIT_FAILED};
+use crate::client;
+use crate::config::FaultSpec;
+use crate::daemon::{self, RunOptions};
+
+/// `dinod run`.
+pub fn run(
+    config: Option<&PathBuf>,
+    state_dir: &Path,
+    max_steps: Option<u64>,
+    data: Option<&str>,
+    inject: &[String],
+    checkpoint_every: Option<u64>,
+) -> Result<i32> {
+    let tty = crate::logging::init();
+    let mut plan = load_plan(config)?;
+    if let Some(spec) = data {
+        let spec: data::SourceSpec = spec.parse().map_err(|e| anyhow!("--data {spec}: {e}"))?;
+        plan.config.data.source = spec;
+    }
+    for f in inject {
+        let f: FaultSpec = f.parse().map_err(|e: String| anyhow!("--inject: {e}"))?;
+        plan.config.runtime.faults.push(f);
+    }
+    if let Some(n) = checkpoint_every {
+        if n == 0 {
+            bail!("--checkpoint-every must be at least 1");
+        }
+        plan.config.checkpoint.every_steps = n;
+    }
+    let code = daemon::run(
+        plan,
+        RunOptions {
+            state_dir: state_dir.to_path_buf(),
+            max_steps,
+            progress: tty,
+        },
+    )?;
+    Ok(code)
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+/// `dinod status`.
+pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
+    let (doc, live) = match client::request(state_dir, &json!({"cmd": "status"}))? {
+        Some(v) => (v, true),
+        None => {
+            let store = client::open_offline(state_dir)?;
+            let mut doc = store
+                .status_all()?
+                .remove("run")
+                .unwrap_or_else(|| json!({}));
+            doc["daemon"] = json!(false);
+            doc["latest_checkpoint"] = json!(store.latest_step()?);
+            doc["checkpoints"] = json!(store.list()?.len());
+            doc["latest_probes"] = json!(store.latest_probes()?);
+            (doc, false)
+        }
+    };
+    if json_out {
+        print_json(&doc);
+        return Ok(0);
+    }
+    let r = &doc["run"];
+    println!(
+        "daemon       {}",
+        if live {
+            format!("running (pid {})", r["pid"])
+        } else {
+            "not running (from the catalog)".to_string()
+        }
+    );
+    println!("stage        {}", r["stage"].as_str().unwrap_or("?"));
+    println!(
+        "step         {}{}",
+        r["step"],
+        r["max_steps"]
+            .as_u64()
+            .map(|m| format!(" / {m}"))
+            .unwrap_or_default()
+    );
+    if r["paused"].as_bool() == Some(true) {
+        println!("state        PAUSED");
+    }
+    if let Some(l) = r.get("losses").filter(|l| !l.is_null()) {
+        println!(
+            "losses       total {:.4}  dino_local {:.4}  dino_global {:.4}  ibot {:.4}  koleo {:.4}  gram {:.4}",
+            l["total"].as_f64().unwrap_or(f64::NAN),
+            l["dino_local"].as_f64().unwrap_or(f64::NAN),
+            l["dino_global"].as_f64().unwrap_or(f64::NAN),
+            l["ibot"].as_f64().unwrap_or(f64::NAN),
+            l["koleo"].as_f64().unwrap_or(f64::NAN),
+            l["gram"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    println!("lr           {:.3e}", r["lr"].as_f64().unwrap_or(0.0));
+    println!(
+        "throughput   {:.1} images/s ({:.0} ms/step)",
+        r["images_per_s"].as_f64().unwrap_or(0.0),
+        r["step_ms"].as_f64().unwrap_or(0.0)
+    );
+    let lc = r["last_checkpoint"]
+        .as_u64()
+        .or_else(|| doc["latest_checkpoint"].as_u64());
+    println!(
+        "checkpoint   {}  (blocking {:.0} ms, durable {:.0} ms)",
+        lc.map(|s| format!("step {s}"))
+            .unwrap_or_else(|| "none".into()),
+        r["last_checkpoint_blocking_ms"].as_f64().unwrap_or(0.0),
+        r["last_checkpoint_durable_ms"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "bad          {} inputs skipped, {} steps discarded, {} rollbacks",
+        r["bad_inputs"], r["bad_steps"], r["rollbacks"]
+    );
+    if let Some(p) = r
+        .get("probes")
+        .filter(|p| p.is_object() && !p.as_object().is_some_and(|o| o.is_empty()))
+    {
+        println!("probes       {p}");
+    }
+    Ok(0)
+}
+
+/// `dinod actors`.
+pub fn actors(state_dir: &Path, json_out: bool) -> Result<i32> {
+    let doc = match client::request(state_dir, &json!({"cmd": "actors"}))? {
+        Some(v) => v,
+        None => {
+            let store = client::open_offline(state_dir)?;
+            let run = store
+                .status_all()?
+                .remove("run")
+                .unwrap_or_else(|| json!({}));
+            eprintln!("no daemon is running; last known actor states:");
+            run.get("actors").cloned().unwrap_or_else(|| json!([]))
+        }
+    };
+    if json_out {
+        print_json(&doc);
+        return Ok(0);
+    }
+    let now = daemon::board::now_ms();
+    println!(
+        "{:<14} {:<12} {:<11} {:<11} {:>8} {:>8} {:>7} {:>9}  last error",
+        "actor", "kind", "state", "phase", "since", "restarts", "mailbox", "heartbeat"
+    );
+    for a in doc.as_array().cloned().unwrap_or_default() {
+        let since = now.saturating_sub(a["phase_since_ms"].as_u64().unwrap_or(now)) as f64 / 1e3;
+        let hb = now.saturating_sub(a["last_heartbeat_ms"].as_u64().unwrap_or(now)) as f64 / 1e3;
+        println!(
+            "{:<14} {:<12} {:<11} {:<11} {:>7.1}s {:>8} {:>7} {:>8.1}s  {}",
+            a["name"].as_str().unwrap_or(""),
+            a["kind"].as_str().unwrap_or(""),
+            a["state"].as_str().unwrap_or(""),
+            a["phase"].as_str().unwrap_or(""),
+            since,
+            a["restarts"],
+            a["mailbox"],
+            hb,
+            a["last_error"].as_str().unwrap_or("")
+        );
+    }
+    Ok(0)
+}
+
+/// `dinod events`.
+pub fn events(
+    state_dir: &Path,
+    follow: bool,
+    since: Option<u64>,
+    limit: usize,
+    json_out: bool,
+) -> Result<i32> {
+    if follow {
+        client::follow_events(state_dir, since, json_out)?;
+        return Ok(0);
+    }
+    let evs = match client::request(
+        state_dir,
+        &json!({"cmd": "events", "since": since, "limit": limit}),
+    )? {
+        Some(v) => v,
+        None => {
+            let store = client::open_offline(state_dir)?;
+            match since {
+                Some(s) => json!(store.events_since(s, limit)?),
+                None => json!(store.recent_events(limit)?),
+            }
+        }
+    };
+    for e in evs.as_array().cloned().unwrap_or_default() {
+        client::print_event(&e, json_out);
+    }
+    Ok(0)
+}
+
+/// `dinod checkpoints list|verify`.
+pub fn checkpoints(state_dir: &Path, action: &str, json_out: bool) -> Result<i32> {
+    let verify = action == "verify";
+    let doc = match client::request(state_dir, &json!({"cmd": "checkpoints", "verify": verify}))? {
+        Some(v) => v,
+        None => {
+            let store = client::open_offline(state_dir)?;
+            if verify {
+                json!(store.verify_all()?)
+            } else {
+                json!(store.list()?)
+            }
+        }
+    };
+    if json_out {
+        print_json(&doc);
+    }
+    let items = doc.as_array().cloned().unwrap_or_default();
+    if verify {
+        let mut bad = 0;
+        for r in &items {
+            let ok = r["problems"]
+                .as_array()
+                .map(|p| p.is_empty())
+                .unwrap_or(false);
+            bad += usize::from(!ok);
+            if !json_out {
+                println!(
+                    "step {:<10} {}",
+                    r["step"],
+                    if ok {
+                        "ok".to_string()
+                    } else {
+                        format!("CORRUPT: {}", r["problems"])
+                    }
+                );
+            }
+        }
+        return Ok(if bad == 0 { 0 } else { EXIT_FAILED });
+    }
+    if !json_out {
+        println!(
+            "{:<10} {:>10} {:<8} {:<30} scores",
+            "step", "MB", "latest", "keep"
+        );
+        for c in &items {
+            println!(
+                "{:<10} {:>10.1} {:<8} {:<30} {}",
+                c["step"],
+                c["bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
+                if c["latest"].as_bool() == Some(true) {
+                    "*"
+                } else {
+                    ""
+                },
+                c["keep"].to_string(),
+                c["scores"]
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// `dinod pause|resume|stop`.
+pub fn simple(state_dir: &Path, cmd: &str) -> Result<i32> {
+    match client::request(state_dir, &json!({"cmd": cmd}))? {
+        Some(v) => {
+            println!("{}", v.as_str().unwrap_or(&v.to_string()));
+            Ok(0)
+        }
+        None => bail!("no daemon is running in {}", state_dir.display()),
+    }
+}
+
+/// `dinod stage [set STAGE]`.
+pub fn stage(
+    state_dir: &Path,
+    action: Option<&str>,
+    stage: Option<&str>,
+    json_out: bool,
+) -> Result<i32> {
+    match action {
+        None => {
+            let doc = match client::request(state_dir, &json!({"cmd": "stage"}))? {
+                Some(v) => v,
+                None => {
+                    let store = client::open_offline(state_dir)?;
+                    let ck = store
+                        .load_latest_valid()?
+                        .ok_or_else(|| anyhow!("{} holds no checkpoint", state_dir.display()))?;
+                    json!({"stage": crate::engine::run_meta(&ck)?.stage})
+                }
+            };
+            if json_out {
+                print_json(&doc);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            }
+            Ok(0)
+        }
+        Some("set") => {
+            let s = stage.ok_or_else(|| anyhow!("usage: dinod stage set STAGE"))?;
+            match client::request(state_dir, &json!({"cmd": "stage_set", "stage": s}))? {
+                Some(v) => {
+                    println!("{}", v.as_str().unwrap_or(&v.to_string()));
+                    Ok(0)
+                }
+                None => bail!(
+                    "no daemon is running in {}; start it, then set the stage",
+                    state_dir.display()
+                ),
+            }
+        }
+        Some(other) => {
+            bail!("unknown stage action `{other}` (use `dinod stage` or `dinod stage set STAGE`)")
+        }
+    }
+}
+
+/// Reads a checkpoint's group straight from its directory (no catalog lock, so it works
+/// while the daemon runs), verifying sizes and BLAKE3 hashes against `manifest.json`.
+fn read_group(
+    state_dir: &Path,
+    step: Option<u64>,
+    group: &str,
+) -> Result<(u64, Vec<checkpoints::TensorBlob>)> {
+    let dir = state_dir.join("checkpoints");
+    let mut steps: Vec<(u64, PathBuf)> = vec![];
+    for e in std::fs::read_dir(&dir)
+        .with_context(|| format!("{} holds no checkpoints", dir.display()))?
+    {
+        let p = e?.path();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
+        if name.ends_with(".tmp") || !name.starts_with("step-") {
+            continue;
+        }
+        if let Ok(s) = name["step-".len()..]
+            .split('-')
+            .next()
+            .unwrap_or("")
+            .parse::<u64>()
+        {
+            steps.push((s, p));
+        }
+    }
+    steps.sort();
+    let candidates: Vec<&(u64, PathBuf)> = match step {
+        Some(s) => steps.iter().filter(|(t, _)| *t == s).collect(),
+        None => steps.iter().rev().collect(),
+    };
+    let mut problems = vec![];
+    for (s, p) in candidates {
+        let attempt = || -> Result<Vec<checkpoints::TensorBlob>> {
+            let manifest: checkpoints::Manifest =
+                serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
+            let f = manifest
+                .file(group)
+                .ok_or_else(|| anyhow!("no `{group}` group"))?;
+            let bytes = std::fs::read(p.join(&f.file))?;
+            if bytes.len() as u64 != f.size || blake3::hash(&bytes).to_hex().to_string() != f.blake3
+            {
+                bail!("{} does not match its manifest (size or BLAKE3)", f.file);
+            }
+            let st = safetensors::SafeTensors::deserialize(&bytes)?;
+            let mut out = vec![];
+            for (name, view) in st.tensors() {
+                let dtype = match view.dtype() {
+                    safetensors::Dtype::F32 => checkpoints::Dtype::F32,
+                    safetensors::Dtype::F64 => checkpoints::Dtype::F64,
+                    d => bail!("tensor {name}: unexpected dtype {d:?}"),
+                };
+                out.push(checkpoints::TensorBlob::new(
+                    name,
+                    dtype,
+                    view.shape().to_vec(),
+                    view.data().to_vec(),
+                )?);
+            }
+            Ok(out)
+        };
+        match attempt() {
+            Ok(v) => return Ok((*s, v)),
+            Err(e) => problems.push(format!("step {s}: {e:#}")),
+        }
+    }
+    bail!(
+        "no valid checkpoint with a `{group}` group in {}: {}",
+        dir.display(),
+        if problems.is_empty() {
+            "none found".to_string()
+        } else {
+            problems.join("; ")
+        }
+    )
+}
+
+/// `dinod export`.
+pub fn export(
+    state_dir: &Path,
+    out: &Path,
+    which: &str,
+    step: Option<u64>,
+    with_heads: bool,
+) -> Result<i32> {
+    let (group, is_ema) = match which {
+        "teacher" => ("teacher", true),
+        "student" => ("student", false),
+        w if w.starts_with("student:") => bail!("`{w}`: this run has a single student; use `--which student` (named students belong to distillation runs)"),
+        w => bail!("unknown --which `{w}` (teacher or student)"),
+    };
+    let (s, blobs) = read_group(state_dir, step, group)?;
+    let mut tensors: Vec<(String, checkpoints::TensorBlob)> = vec![];
+    let mut patch_dims = None;
+    let mut depth = 0usize;
+    let mut d_model = 0usize;
+    for b in blobs {
+        let (role, key) = b.name.split_once('.').unwrap_or(("", &b.name));
+        let key = key.to_string();
+        if role == "backbone" {
+            if key == "patch_embed.proj.weight" {
+                patch_dims = Some(b.shape.clone());
+            }
+            if let Some(rest) = key.strip_prefix("blocks.") {
+                if let Some(i) = rest.split('.').next().and_then(|x| x.parse::<usize>().ok()) {
+                    depth = depth.max(i + 1);
+                }
+            }
+            if key == "norm.weight" {
+                d_model = b.shape[0];
+            }
+            tensors.push((key, b));
+        } else if with_heads {
+            tensors.push((b.name.clone(), b));
+        }
+    }
+    // buffers of the official module: rope periods and the key-bias masks
+    let meta_cfg = {
+        let dir = state_dir.join("checkpoints");
+        let _ = dir;
+        None::<model::VitConfig>
+    };
+    let _ = meta_cfg;
+    let dtype_f64 = tensors
+        .first()
+        .map(|(_, b)| b.dtype == checkpoints::Dtype::F64)
+        .unwrap_or(false);
+    let heads = tensors
+        .iter()
+        .find(|(n, _)| n == "blocks.0.attn.qkv.weight")
+        .map(|(_, b)| b.shape[1])
+        .unwrap_or(d_model);
+    let _ = (heads, patch_dims);
+    let num_heads = infer_heads(state_dir)?;
+    if num_heads > 0 && d_model > 0 {
+        let dh = d_model / num_heads;
+        let periods = ops::attention::rope_periods(dh, 100.0);
+        tensors.push((
+            "rope_embed.periods".into(),
+            blob_f(
+                &"rope_embed.periods".to_string(),
+                &[periods.len()],
+                &periods,
+                dtype_f64,
+            )?,
+        ));
+        if tensors.iter().any(|(n, _)| n == "blocks.0.attn.qkv.bias") {
+            let mask: Vec<f64> = (0..3 * d_model)
+                .map(|i| {
+                    if (d_model..2 * d_model).contains(&i) {
+                        0.0
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            for i in 0..depth {
+                let n = format!("blocks.{i}.attn.qkv.bias_mask");
+                tensors.push((n.clone(), blob_f(&n, &[3 * d_model], &mask, dtype_f64)?));
+            }
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, b)| {
+            let dt = if b.dtype == checkpoints::Dtype::F64 {
+                safetensors::Dtype::F64
+            } else {
+                safetensors::Dtype::F32
+            };
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(dt, b.shape.clone(), &b.data)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert(
+        "source".to_string(),
+        format!(
+            "dinod {} step {s}",
+            if is_ema { "EMA teacher" } else { "student" }
+        ),
+    );
+    meta.insert(
+        "format".to_string(),
+        "dinov3 DinoVisionTransformer state_dict".to_string(),
+    );
+    safetensors::serialize_to_file(views, Some(meta), out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote {} ({} tensors) from the {which} of step {s}",
+        out.display(),
+        tensors.len()
+    );
+    Ok(0)
+}
+
+fn blob_f(
+    name: &str,
+    shape: &[usize],
+    v: &[f64],
+    f64_out: bool,
+) -> Result<checkpoints::TensorBlob> {
+    Ok(if f64_out {
+        checkpoints::TensorBlob::from_f64(name, shape, v)?
+    } else {
+        checkpoints::TensorBlob::from_f32(
+            name,
+            shape,
+            &v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+        )?
+    })
+}
+
+/// The number of heads recorded in the newest checkpoint's metadata.
+fn infer_heads(state_dir: &Path) -> Result<usize> {
+    let dir = state_dir.join("checkpoints");
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in std::fs::read_dir(&dir)? {
+        let p = e?.path();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
+        if name.ends_with(".tmp") || !name.starts_with("step-") {
+            continue;
+        }
+        if let Ok(s) = name["step-".len()..]
+            .split('-')
+            .next()
+            .unwrap_or("")
+            .parse::<u64>()
+        {
+            if best.as_ref().is_none_or(|(b, _)| s > *b) {
+                best = Some((s, p));
+            }
+        }
+    }
+    let (_, p) = best.ok_or_else(|| anyhow!("no checkpoint in {}", dir.display()))?;
+    let manifest: checkpoints::Manifest =
+        serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
+    Ok(manifest.meta["run"]["model"]["backbone"]["num_heads"]
+        .as_u64()
+        .unwrap_or(0) as usize)
+}
+
+/// `dinod data scan`.
+pub fn data_scan(spec: &str, json_out: bool) -> Result<i32> {
+    let spec: data::SourceSpec = spec.parse().map_err(|e| anyhow!("{spec}: {e}"))?;
+    let report = data::scan(&spec, &data::ScanOptions::default())?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(if report.is_clean() { 0 } else { EXIT_FAILED })
+}
+
+/// `dinod data build-copypaste`.
+pub fn build_copypaste(from: &Path, out: &Path, seed: u64) -> Result<i32> {
+    let cfg = data::CopyPasteConfig {
+        seed,
+        ..Default::default()
+    };
+    let m = data::build_copy_paste(&from.join("stamps"), &from.join("backgrounds"), out, &cfg)?;
+    println!(
+        "built {} into {}",
+        serde_json::to_string(
+            &json!({"classes": m.classes, "train": m.train.len(), "test": m.test.len()})
+        )?,
+        out.display()
+    );
+    Ok(0)
+}
+
+/// `dinod bench data`.
+pub fn bench_data(
+    spec: &str,
+    workers: &[usize],
+    samples: u64,
+    config: Option<&PathBuf>,
+    json_out: bool,
+) -> Result<i32> {
+    let spec: data::SourceSpec = spec.parse().map_err(|e| anyhow!("{spec}: {e}"))?;
+    let crops = match config {
+        Some(c) => load_plan(Some(c))?.config.data.crops,
+        None => data::CropConfig::default(),
+    };
+    for &w in workers {
+        let r = data::bench_multicrop(&spec, &crops, w, samples)?;
+        if json_out {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!("{r}");
+        }
+    }
+    Ok(0)
+}

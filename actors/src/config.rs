@@ -1,0 +1,772 @@
+//! The run configuration: one typed TOML file. Unknown keys are rejected, and every
+//! problem (unknown keys, bad values, inconsistent sizes) is reported at once with its key
+//! and a hint. Derived values (the scaled LR, the schedules) are computed into a [`Plan`]
+//! and never written back into the config.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use model::{HeadConfig, LossConfig, OptimConfig, SslConfig, StepHparams, VitConfig};
+use ops::schedule::Schedule;
+
+/// The recipe `dinod run` uses when no `--config` is given (embedded in the binary).
+pub const DEFAULT_RECIPE: &str = include_str!("../../configs/default.toml");
+
+/// Element type of training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats (CPU training).
+    #[default]
+    F32,
+    /// 64-bit floats (debugging, parity).
+    F64,
+}
+
+impl Precision {
+    /// The candle dtype.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::F64 => candle_core::DType::F64,
+        }
+    }
+}
+
+/// `[model]`: a preset plus overrides.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A backbone preset (`vit_pico`, `vit_tiny`, `vit_small`, `vit_base`, `vit_large`).
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// Backbone fields; override the preset's.
+    #[serde(default)]
+    pub backbone: toml::Table,
+    /// DINO head.
+    pub dino_head: HeadConfig,
+    /// iBOT head.
+    pub ibot_head: HeadConfig,
+    /// Loss weights.
+    #[serde(default)]
+    pub loss: LossConfig,
+    /// Optimizer.
+    #[serde(default)]
+    pub optim: OptimConfig,
+}
+
+/// How the base LR scales with the batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScaling {
+    /// Official `sqrt_wrt_1024`: `lr * 4 * sqrt(B / 1024)`.
+    #[default]
+    SqrtWrt1024,
+    /// Use `lr` as given.
+    None,
+}
+
+/// `[train]`: batch and schedules. After warm-up every value is constant (DINOv3's
+/// open-ended recipe).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Images per step.
+    pub batch_size: usize,
+    /// Stop after this many steps (none = train until stopped).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Base learning rate (before scaling).
+    pub lr: f64,
+    /// LR scaling rule.
+    #[serde(default)]
+    pub lr_scaling: LrScaling,
+    /// Linear LR warm-up from 0.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Weight decay (constant).
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    /// EMA momentum (constant).
+    #[serde(default = "d_momentum")]
+    pub momentum: f64,
+    /// Teacher temperature after its warm-up.
+    #[serde(default = "d_tt")]
+    pub teacher_temp: f64,
+    /// Teacher temperature at step 0.
+    #[serde(default = "d_tt0")]
+    pub teacher_temp_start: f64,
+    /// Teacher temperature warm-up length.
+    #[serde(default)]
+    pub teacher_temp_warmup_steps: u64,
+    /// The heads' last layers get LR 0 for this many steps.
+    #[serde(default)]
+    pub freeze_last_layer_steps: u64,
+}
+
+fn d_wd() -> f64 {
+    0.04
+}
+fn d_momentum() -> f64 {
+    0.994
+}
+fn d_tt() -> f64 {
+    0.07
+}
+fn d_tt0() -> f64 {
+    0.04
+}
+
+/// `[checkpoint]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Save every N committed steps.
+    #[serde(default = "d_every")]
+    pub every_steps: u64,
+    /// Newest checkpoints always kept (at least 2).
+    #[serde(default = "d_keep_last")]
+    pub keep_last: usize,
+    /// Also keep every checkpoint whose step is a multiple of this.
+    #[serde(default)]
+    pub keep_every: Option<u64>,
+    /// Keep the best checkpoint by the dense probe.
+    #[serde(default = "d_true")]
+    pub keep_best_dense: bool,
+}
+
+fn d_every() -> u64 {
+    100
+}
+fn d_keep_last() -> usize {
+    2
+}
+fn d_true() -> bool {
+    true
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            every_steps: d_every(),
+            keep_last: d_keep_last(),
+            keep_every: None,
+            keep_best_dense: true,
+        }
+    }
+}
+
+/// Hang detection: a phase that lasts longer than its timeout marks the actor hung.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatSection {
+    /// Producing one batch.
+    #[serde(default = "d_hb_load")]
+    pub load_s: f64,
+    /// One teacher or student compute call.
+    #[serde(default = "d_hb_step")]
+    pub step_s: f64,
+    /// One probe run.
+    #[serde(default = "d_hb_eval")]
+    pub eval_s: f64,
+    /// One checkpoint write.
+    #[serde(default = "d_hb_ckpt")]
+    pub checkpoint_s: f64,
+    /// How often the watchdog looks.
+    #[serde(default = "d_hb_check")]
+    pub check_every_ms: u64,
+    /// After a hung actor was restarted, how long to wait for the step to move again
+    /// before the process exits (a thread stuck in compute cannot be cancelled).
+    #[serde(default = "d_hb_escalate")]
+    pub escalate_after_s: f64,
+}
+
+fn d_hb_load() -> f64 {
+    120.0
+}
+fn d_hb_step() -> f64 {
+    600.0
+}
+fn d_hb_eval() -> f64 {
+    1800.0
+}
+fn d_hb_ckpt() -> f64 {
+    600.0
+}
+fn d_hb_check() -> u64 {
+    1000
+}
+fn d_hb_escalate() -> f64 {
+    120.0
+}
+
+impl Default for HeartbeatSection {
+    fn default() -> Self {
+        Self {
+            load_s: d_hb_load(),
+            step_s: d_hb_step(),
+            eval_s: d_hb_eval(),
+            checkpoint_s: d_hb_ckpt(),
+            check_every_ms: d_hb_check(),
+            escalate_after_s: d_hb_escalate(),
+        }
+    }
+}
+
+/// What happens to NaN/Inf losses and loss spikes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BadStepSection {
+    /// A loss above `spike_factor` times the median of the last `spike_window` committed
+    /// losses is a spike (checked once the window is full; 0 disables).
+    #[serde(default = "d_spike")]
+    pub spike_factor: f64,
+    /// Losses in the spike reference window.
+    #[serde(default = "d_spike_window")]
+    pub spike_window: usize,
+    /// Bad steps within `window_steps` that trigger a rollback to the last checkpoint.
+    #[serde(default = "d_max_bad")]
+    pub max_bad_in_window: usize,
+    /// The bad-step window, in steps.
+    #[serde(default = "d_bad_window")]
+    pub window_steps: u64,
+    /// Rollbacks allowed before the run halts for an operator.
+    #[serde(default = "d_max_rollbacks")]
+    pub max_rollbacks: u32,
+}
+
+fn d_spike() -> f64 {
+    10.0
+}
+fn d_spike_window() -> usize {
+    50
+}
+fn d_max_bad() -> usize {
+    3
+}
+fn d_bad_window() -> u64 {
+    100
+}
+fn d_max_rollbacks() -> u32 {
+    5
+}
+
+impl Default for BadStepSection {
+    fn default() -> Self {
+        Self {
+            spike_factor: d_spike(),
+            spike_window: d_spike_window(),
+            max_bad_in_window: d_max_bad(),
+            window_steps: d_bad_window(),
+            max_rollbacks: d_max_rollbacks(),
+        }
+    }
+}
+
+/// Restart policy of the supervision tree.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSection {
+    /// Restarts of one actor allowed within `window_s` before the supervisor escalates.
+    #[serde(default = "d_max_restarts")]
+    pub max_restarts: u32,
+    /// The intensity window.
+    #[serde(default = "d_restart_window")]
+    pub window_s: f64,
+    /// First restart delay; doubles per consecutive failure.
+    #[serde(default = "d_backoff")]
+    pub backoff_ms: u64,
+    /// Largest restart delay.
+    #[serde(default = "d_backoff_max")]
+    pub backoff_max_ms: u64,
+}
+
+fn d_max_restarts() -> u32 {
+    5
+}
+fn d_restart_window() -> f64 {
+    60.0
+}
+fn d_backoff() -> u64 {
+    50
+}
+fn d_backoff_max() -> u64 {
+    5000
+}
+
+impl Default for RestartSection {
+    fn default() -> Self {
+        Self {
+            max_restarts: d_max_restarts(),
+            window_s: d_restart_window(),
+            backoff_ms: d_backoff(),
+            backoff_max_ms: d_backoff_max(),
+        }
+    }
+}
+
+/// An injected fault (for tests and drills).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    /// `panic`, `nan`, `slow`, `io_error`, `device_error`, `device_lost`.
+    pub kind: String,
+    /// Which actor (for `panic`, `slow`): data_loader, teacher, trainer, ema, evaluator,
+    /// checkpointer, control, coordinator.
+    #[serde(default)]
+    pub actor: Option<String>,
+    /// At which step.
+    pub step: u64,
+    /// How many times it fires (per process).
+    #[serde(default = "d_times")]
+    pub times: u32,
+    /// Duration of a `slow` fault.
+    #[serde(default)]
+    pub duration_ms: u64,
+}
+
+fn d_times() -> u32 {
+    1
+}
+
+impl std::str::FromStr for FaultSpec {
+    type Err = String;
+    /// `KIND[:ACTOR]@STEP[xTIMES][+MS]`, e.g. `panic:trainer@12`, `nan@30x2`, `slow:teacher@5+3000`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (head, rest) = s
+            .split_once('@')
+            .ok_or_else(|| format!("fault `{s}`: expected KIND[:ACTOR]@STEP"))?;
+        let (kind, actor) = match head.split_once(':') {
+            Some((k, a)) => (k.to_string(), Some(a.to_string())),
+            None => (head.to_string(), None),
+        };
+        let (rest, duration_ms) = match rest.split_once('+') {
+            Some((r, ms)) => (
+                r,
+                ms.parse::<u64>()
+                    .map_err(|e| format!("fault `{s}`: duration: {e}"))?,
+            ),
+            None => (rest, 0),
+        };
+        let (step, times) = match rest.split_once('x') {
+            Some((st, t)) => (
+                st,
+                t.parse::<u32>()
+                    .map_err(|e| format!("fault `{s}`: times: {e}"))?,
+            ),
+            None => (rest, 1),
+        };
+        let step = step
+            .parse::<u64>()
+            .map_err(|e| format!("fault `{s}`: step: {e}"))?;
+        let f = FaultSpec {
+            kind,
+            actor,
+            step,
+            times,
+            duration_ms,
+        };
+        f.check()?;
+        Ok(f)
+    }
+}
+
+impl FaultSpec {
+    /// Checks the kind and actor names.
+    pub fn check(&self) -> Result<(), String> {
+        const KINDS: [&str; 6] = [
+            "panic",
+            "nan",
+            "slow",
+            "io_error",
+            "device_error",
+            "device_lost",
+        ];
+        const ACTORS: [&str; 8] = [
+            "data_loader",
+            "teacher",
+            "trainer",
+            "ema",
+            "evaluator",
+            "checkpointer",
+            "control",
+            "coordinator",
+        ];
+        if !KINDS.contains(&self.kind.as_str()) {
+            return Err(format!(
+                "unknown fault kind `{}` (one of {})",
+                self.kind,
+                KINDS.join(", ")
+            ));
+        }
+        if let Some(a) = &self.actor {
+            if !ACTORS.contains(&a.as_str()) {
+                return Err(format!(
+                    "unknown actor `{a}` (one of {})",
+                    ACTORS.join(", ")
+                ));
+            }
+        }
+        if matches!(self.kind.as_str(), "panic" | "slow") && self.actor.is_none() {
+            return Err(format!("fault `{}` needs an actor", self.kind));
+        }
+        Ok(())
+    }
+}
+
+/// What to do when the accelerator is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeviceLoss {
+    /// Checkpoint what is consistent and exit with status 75 (an outside supervisor restarts).
+    #[default]
+    Exit,
+    /// Wait and probe for the device, then continue.
+    Wait,
+    /// Continue on the CPU at a reduced batch size.
+    Cpu,
+}
+
+/// `[runtime]`: the daemon's operational settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// Prometheus endpoint port on 127.0.0.1 (0 = any free port; absent = off).
+    #[serde(default)]
+    pub metrics_port: Option<u16>,
+    /// Log a progress line every N steps (when not on a terminal).
+    #[serde(default = "d_log_every")]
+    pub log_every_steps: u64,
+    /// Hang detection.
+    #[serde(default)]
+    pub heartbeat: HeartbeatSection,
+    /// NaN / spike policy.
+    #[serde(default)]
+    pub bad_steps: BadStepSection,
+    /// Restart policy.
+    #[serde(default)]
+    pub restart: RestartSection,
+    /// Accelerator loss policy.
+    #[serde(default)]
+    pub on_gpu_loss: OnDeviceLoss,
+    /// Injected faults.
+    #[serde(default)]
+    pub faults: Vec<FaultSpec>,
+}
+
+fn d_log_every() -> u64 {
+    10
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            metrics_port: None,
+            log_every_steps: d_log_every(),
+            heartbeat: HeartbeatSection::default(),
+            bad_steps: BadStepSection::default(),
+            restart: RestartSection::default(),
+            on_gpu_loss: OnDeviceLoss::Exit,
+            faults: vec![],
+        }
+    }
+}
+
+/// The whole run configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Seed of every random stream (initialisation, data, masks, drop path).
+    #[serde(default)]
+    pub seed: u64,
+    /// Element type.
+    #[serde(default)]
+    pub precision: Precision,
+    /// Architecture and objective.
+    pub model: ModelSection,
+    /// Batch and schedules.
+    pub train: TrainSection,
+    /// Data source, crops, masks, loader.
+    #[serde(default)]
+    pub data: data::DataConfig,
+    /// Checkpointing.
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    /// Daemon settings.
+    #[serde(default)]
+    pub runtime: RuntimeSection,
+}
+
+/// One configuration problem.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfigProblem {
+    /// Dotted key.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// All problems of a config file.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    /// Where the config came from.
+    pub origin: String,
+    /// Every problem found.
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid config {} ({} problem{}):",
+            self.origin,
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  - {}: {}", p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A validated config with its derived values.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The config as written (effective, after defaults).
+    pub config: RunConfig,
+    /// The model's config (preset merged with overrides).
+    pub ssl: SslConfig,
+    /// The effective config as TOML text (stored in checkpoints).
+    pub effective_toml: String,
+    /// blake3 of `effective_toml`.
+    pub config_hash: String,
+    /// LR schedule (scaled).
+    pub lr: Schedule,
+    /// Teacher temperature schedule.
+    pub teacher_temp: Schedule,
+}
+
+impl Plan {
+    /// The schedule values of `step` in the pretraining stage.
+    pub fn hparams(&self, step: u64) -> StepHparams {
+        let t = &self.config.train;
+        let lr = self.lr.at(step);
+        StepHparams {
+            lr,
+            last_layer_lr: if step < t.freeze_last_layer_steps {
+                0.0
+            } else {
+                lr
+            },
+            weight_decay: t.weight_decay,
+            momentum: t.momentum,
+            teacher_temp: self.teacher_temp.at(step),
+            gram_weight: 0.0,
+            local_dino_weight: 1.0,
+        }
+    }
+}
+
+fn problem(key: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
+    ConfigProblem {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Parses and validates a config; `origin` names it in messages.
+pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
+    let err = |problems| ConfigErrors {
+        origin: origin.to_string(),
+        problems,
+    };
+    let table: toml::Table = toml::from_str(text)
+        .map_err(|e| err(vec![problem("(syntax)", e.to_string().trim().to_string())]))?;
+    let mut unknown = BTreeSet::new();
+    let de = toml::Value::Table(table.clone());
+    let parsed: Result<RunConfig, _> = serde_ignored::deserialize(de, |path| {
+        unknown.insert(path.to_string());
+    });
+    let mut problems: Vec<ConfigProblem> = unknown
+        .iter()
+        .map(|k| {
+            problem(
+                k.clone(),
+                "unknown key (check the spelling; see configs/default.toml for every key)",
+            )
+        })
+        .collect();
+    let cfg = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(problem("(value)", e.to_string()));
+            return Err(err(problems));
+        }
+    };
+    // the backbone: preset merged with overrides
+    let backbone = match build_backbone(&cfg.model) {
+        Ok(b) => Some(b),
+        Err(p) => {
+            problems.extend(p);
+            None
+        }
+    };
+    let mut ssl = None;
+    if let Some(backbone) = backbone {
+        let s = SslConfig {
+            backbone,
+            dino_head: cfg.model.dino_head.clone(),
+            ibot_head: cfg.model.ibot_head.clone(),
+            loss: cfg.model.loss.clone(),
+            optim: cfg.model.optim.clone(),
+        };
+        problems.extend(s.problems().into_iter().map(|(k, m)| problem(k, m)));
+        ssl = Some(s);
+    }
+    let t = &cfg.train;
+    if t.batch_size < 2 {
+        problems.push(problem(
+            "train.batch_size",
+            "must be at least 2 (Sinkhorn-Knopp and KoLeo work across the batch)",
+        ));
+    }
+    if !(t.lr > 0.0 && t.lr.is_finite()) {
+        problems.push(problem(
+            "train.lr",
+            format!("must be a positive number, got {}", t.lr),
+        ));
+    }
+    if !(0.0..=1.0).contains(&t.momentum) {
+        problems.push(problem(
+            "train.momentum",
+            format!("EMA momentum must be in [0, 1], got {}", t.momentum),
+        ));
+    }
+    if t.teacher_temp <= 0.0 || t.teacher_temp_start <= 0.0 {
+        problems.push(problem(
+            "train.teacher_temp",
+            "temperatures must be positive",
+        ));
+    }
+    if t.weight_decay < 0.0 {
+        problems.push(problem("train.weight_decay", "must not be negative"));
+    }
+    if let Err(data::DataError::Config(errs)) = cfg.data.validate() {
+        problems.extend(errs.into_iter().map(|m| problem("data", m)));
+    }
+    if let Some(s) = &ssl {
+        if cfg.data.masks.patch_size as usize != s.backbone.patch_size {
+            problems.push(problem(
+                "data.masks.patch_size",
+                format!(
+                    "is {} but the backbone's patch_size is {} (they must agree)",
+                    cfg.data.masks.patch_size, s.backbone.patch_size
+                ),
+            ));
+        }
+        for sizes in cfg.data.crops.all_sizes() {
+            for (what, px) in [
+                ("global", Some(sizes.global)),
+                ("local", Some(sizes.local)),
+                ("gram", sizes.gram),
+            ] {
+                if let Some(px) = px {
+                    if px as usize % s.backbone.patch_size != 0 {
+                        problems.push(problem(
+                            format!("data.crops.{what}_size"),
+                            format!(
+                                "{px} px is not a multiple of the patch size {}",
+                                s.backbone.patch_size
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if cfg.checkpoint.keep_last < 2 {
+        problems.push(problem(
+            "checkpoint.keep_last",
+            "must be at least 2 (the newest may still be in flight when the next is written)",
+        ));
+    }
+    if cfg.checkpoint.every_steps == 0 {
+        problems.push(problem("checkpoint.every_steps", "must be at least 1"));
+    }
+    for (i, f) in cfg.runtime.faults.iter().enumerate() {
+        if let Err(m) = f.check() {
+            problems.push(problem(format!("runtime.faults[{i}]"), m));
+        }
+    }
+    let r = &cfg.runtime.restart;
+    if r.max_restarts == 0 || r.window_s <= 0.0 {
+        problems.push(problem(
+            "runtime.restart",
+            "max_restarts and window_s must be positive",
+        ));
+    }
+    if !problems.is_empty() {
+        return Err(err(problems));
+    }
+    let ssl = ssl.expect("no problems means the model config was built");
+    let effective_toml =
+        toml::to_string(&cfg).map_err(|e| err(vec![problem("(internal)", e.to_string())]))?;
+    let config_hash = blake3::hash(effective_toml.as_bytes()).to_hex().to_string();
+    let scale = match t.lr_scaling {
+        LrScaling::SqrtWrt1024 => 4.0 * (t.batch_size as f64 / 1024.0).sqrt(),
+        LrScaling::None => 1.0,
+    };
+    let lr = Schedule::warmup_constant(0.0, t.lr * scale, t.warmup_steps);
+    let teacher_temp = Schedule::warmup_constant(
+        t.teacher_temp_start,
+        t.teacher_temp,
+        t.teacher_temp_warmup_steps,
+    );
+    Ok(Plan {
+        config: cfg,
+        ssl,
+        effective_toml,
+        config_hash,
+        lr,
+        teacher_temp,
+    })
+}
+
+fn build_backbone(m: &ModelSection) -> Result<VitConfig, Vec<ConfigProblem>> {
+    let mut table = match &m.preset {
+        Some(p) => match VitConfig::preset(p) {
+            Some(v) => toml::Table::try_from(v).expect("presets serialise"),
+            None => {
+                return Err(vec![problem(
+                    "model.preset",
+                    format!(
+                        "unknown preset `{p}`; choose one of {}",
+                        VitConfig::PRESETS.join(", ")
+                    ),
+                )])
+            }
+        },
+        None => toml::Table::new(),
+    };
+    for (k, v) in &m.backbone {
+        table.insert(k.clone(), v.clone());
+    }
+    toml::Value::Table(table)
+        .try_into::<VitConfig>()
+        .map_err(|e| {
+            let msg = e.to_string();
+            vec![problem(
+                "model.backbone",
+                format!(
+                    "{} (set `model.preset` or give embed_dim, depth and num_heads)",
+                    msg.trim()
+                ),
+            )]
+        })
+}

@@ -1,0 +1,417 @@
+//! The compute actors. Each owns a dedicated OS thread; the tensors live in the shared
+//! [`crate::engine::Engine`].
+//! - `teacher`: EMA-teacher forward, heads and Sinkhorn-Knopp targets; Gram-teacher
+//!   features.
+//! - `trainer`: student forward, losses, backward, clipping; holds the gradients of the
+//!   uncommitted step until the coordinator commits (AdamW) or discards it.
+//! - `ema`: moves the teacher toward the student after a commit.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+
+use super::board::ActorPhase;
+use super::loader::LoadedBatch;
+use super::worker::Worker;
+use super::Ctx;
+use model::optim::{ClipStat, OptimHparams};
+use model::ssl::{LossTerms, ModelGrads};
+use model::{StepHparams, TeacherOutput};
+
+/// Name of the teacher actor.
+pub const TEACHER: &str = "teacher";
+/// Name of the trainer actor of the (single) student.
+pub const TRAINER: &str = "trainer";
+/// Name of the EMA actor.
+pub const EMA: &str = "ema";
+
+/// A device error raised by a compute actor, classified.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum DeviceFault {
+    /// The device can be used again after restarting the actor.
+    Recoverable(String),
+    /// The context is unusable: checkpoint and exit so the process is restarted.
+    Lost(String),
+}
+
+/// Teacher messages.
+pub enum TeacherMsg {
+    /// Compute the targets of a batch.
+    Targets {
+        step: u64,
+        batch: Arc<LoadedBatch>,
+        hp: StepHparams,
+        reply: RpcReplyPort<Result<TeacherOutput, String>>,
+    },
+}
+
+/// The teacher actor.
+pub struct TeacherActor;
+
+/// State of a compute actor: the context and its thread.
+pub struct ComputeState {
+    ctx: Arc<Ctx>,
+    worker: Worker,
+    pending: Option<Pending>,
+}
+
+/// The uncommitted step of the trainer.
+pub struct Pending {
+    step: u64,
+    grads: ModelGrads,
+}
+
+impl Actor for TeacherActor {
+    type Msg = TeacherMsg;
+    type State = ComputeState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        ctx.board.register(TEACHER, "teacher");
+        Ok(ComputeState {
+            worker: Worker::spawn("dinod-teacher")?,
+            ctx,
+            pending: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let TeacherMsg::Targets {
+            step,
+            batch,
+            hp,
+            reply,
+        } = msg;
+        st.ctx.board.handled(TEACHER);
+        st.ctx.faults.maybe_panic(TEACHER, step);
+        st.ctx.board.phase(TEACHER, ActorPhase::Step);
+        let ctx = st.ctx.clone();
+        let r = st
+            .worker
+            .run(move || -> Result<TeacherOutput> {
+                ctx.faults.maybe_slow(TEACHER, step);
+                let eng = ctx.engine.lock();
+                if eng.ts.step != step {
+                    bail!(
+                        "teacher asked for step {step} but the state is at step {}",
+                        eng.ts.step
+                    );
+                }
+                Ok(model::teacher_phase(
+                    &eng.ts,
+                    &batch.batch,
+                    &hp,
+                    &mut |_| {},
+                )?)
+            })
+            .await?;
+        st.ctx.board.phase(TEACHER, ActorPhase::Idle);
+        let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+        Ok(())
+    }
+}
+
+/// What the trainer reports for a computed (not yet committed) step.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct StepSummary {
+    /// The step.
+    pub step: u64,
+    /// Loss values.
+    pub losses: LossTerms,
+    /// Gradient norms before clipping (backbone, DINO head, iBOT head).
+    pub norms: [f64; 3],
+    /// Clipping applied (only meaningful when finite).
+    pub clip: [ClipStat; 3],
+    /// Every loss and norm finite.
+    pub finite: bool,
+}
+
+/// Trainer messages.
+pub enum TrainerMsg {
+    /// Student forward/backward for a step, given the teacher's output.
+    Compute {
+        step: u64,
+        batch: Arc<LoadedBatch>,
+        hp: StepHparams,
+        teacher: Box<TeacherOutput>,
+        reply: RpcReplyPort<Result<StepSummary, String>>,
+    },
+    /// Apply the pending step's gradients (AdamW). Marks the engine dirty until the EMA is done.
+    Commit {
+        step: u64,
+        hp: StepHparams,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    /// Drop the pending step.
+    Discard { step: u64 },
+}
+
+/// The trainer actor (one per student).
+pub struct TrainerActor;
+
+impl Actor for TrainerActor {
+    type Msg = TrainerMsg;
+    type State = ComputeState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        ctx.board.register(TRAINER, "trainer");
+        Ok(ComputeState {
+            worker: Worker::spawn("dinod-trainer")?,
+            ctx,
+            pending: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        st.ctx.board.handled(TRAINER);
+        match msg {
+            TrainerMsg::Compute {
+                step,
+                batch,
+                hp,
+                teacher,
+                reply,
+            } => {
+                st.ctx.faults.maybe_panic(TRAINER, step);
+                st.pending = None;
+                st.ctx.board.phase(TRAINER, ActorPhase::Step);
+                let ctx = st.ctx.clone();
+                let r = st
+                    .worker
+                    .run(move || -> Result<(StepSummary, ModelGrads)> {
+                        ctx.faults.maybe_slow(TRAINER, step);
+                        if let Some(f) = ctx.faults.take("device_error", None, step) {
+                            let _ = f;
+                            bail!(DeviceFaultError(DeviceFault::Recoverable(format!(
+                                "injected device error at step {step}"
+                            ))));
+                        }
+                        if let Some(f) = ctx.faults.take("device_lost", None, step) {
+                            let _ = f;
+                            bail!(DeviceFaultError(DeviceFault::Lost(format!(
+                                "injected loss of the device context at step {step}"
+                            ))));
+                        }
+                        let eng = ctx.engine.lock();
+                        if eng.ts.step != step {
+                            bail!(
+                                "trainer asked for step {step} but the state is at step {}",
+                                eng.ts.step
+                            );
+                        }
+                        let mut out = model::student_phase(
+                            &eng.ts,
+                            &batch.batch,
+                            &hp,
+                            *teacher,
+                            &mut |_| {},
+                        )?;
+                        if ctx.faults.take("nan", None, step).is_some() {
+                            out.losses.total = f64::NAN;
+                        }
+                        let clip = model::clip_gradients(&eng.ts.cfg, &out.grads)?;
+                        let (norms, clip, finite_norms) = match clip {
+                            Ok(c) => (c.map(|s| s.total_norm), c, true),
+                            Err(n) => (n, [ClipStat::default(); 3], false),
+                        };
+                        let finite = finite_norms && out.losses.is_finite();
+                        Ok((
+                            StepSummary {
+                                step,
+                                losses: out.losses,
+                                norms,
+                                clip,
+                                finite,
+                            },
+                            out.grads,
+                        ))
+                    })
+                    .await?;
+                st.ctx.board.phase(TRAINER, ActorPhase::Idle);
+                match r {
+                    Ok((summary, grads)) => {
+                        if summary.finite {
+                            st.pending = Some(Pending { step, grads });
+                        }
+                        let _ = reply.send(Ok(summary));
+                    }
+                    Err(e) => {
+                        let lost = e.downcast_ref::<DeviceFaultError>().cloned();
+                        let _ = reply.send(Err(format!("{e:#}")));
+                        if let Some(DeviceFaultError(f)) = lost {
+                            // a device fault fails the actor: the supervisor classifies it
+                            return Err(Box::new(DeviceFaultError(f)));
+                        }
+                    }
+                }
+            }
+            TrainerMsg::Commit { step, hp, reply } => {
+                let Some(p) = st.pending.take() else {
+                    let _ = reply.send(Err(format!("no computed step {step} to commit")));
+                    return Ok(());
+                };
+                if p.step != step {
+                    let _ = reply.send(Err(format!("pending step {} is not {step}", p.step)));
+                    return Ok(());
+                }
+                st.ctx.board.phase(TRAINER, ActorPhase::Step);
+                let ctx = st.ctx.clone();
+                let r = st
+                    .worker
+                    .run(move || -> Result<()> {
+                        let mut eng = ctx.engine.lock();
+                        eng.dirty = true;
+                        let ts = &mut eng.ts;
+                        let h = OptimHparams {
+                            lr: hp.lr,
+                            last_layer_lr: hp.last_layer_lr,
+                            weight_decay: hp.weight_decay,
+                        };
+                        ts.optim.step(
+                            &[
+                                &ts.student.backbone.params,
+                                &ts.student.dino_head.params,
+                                &ts.student.ibot_head.params,
+                            ],
+                            &[&p.grads.backbone, &p.grads.dino_head, &p.grads.ibot_head],
+                            &h,
+                        )?;
+                        Ok(())
+                    })
+                    .await?;
+                st.ctx.board.phase(TRAINER, ActorPhase::Idle);
+                let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+            }
+            TrainerMsg::Discard { step } => {
+                if st.pending.as_ref().map(|p| p.step) == Some(step) {
+                    st.pending = None;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A device fault carried through `anyhow` and ractor errors.
+#[derive(Debug, Clone)]
+pub struct DeviceFaultError(pub DeviceFault);
+
+impl std::fmt::Display for DeviceFaultError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            DeviceFault::Recoverable(m) => write!(f, "recoverable device error: {m}"),
+            DeviceFault::Lost(m) => write!(f, "device context lost: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for DeviceFaultError {}
+
+/// EMA messages.
+pub enum EmaMsg {
+    /// Move the teacher after the commit of `step`, then finish the commit (step + 1,
+    /// cursor, clean).
+    Update {
+        step: u64,
+        momentum: f64,
+        cursor: serde_json::Value,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+}
+
+/// The EMA actor.
+pub struct EmaActor;
+
+impl Actor for EmaActor {
+    type Msg = EmaMsg;
+    type State = ComputeState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        ctx.board.register(EMA, "ema");
+        Ok(ComputeState {
+            worker: Worker::spawn("dinod-ema")?,
+            ctx,
+            pending: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let EmaMsg::Update {
+            step,
+            momentum,
+            cursor,
+            reply,
+        } = msg;
+        st.ctx.board.handled(EMA);
+        st.ctx.faults.maybe_panic(EMA, step);
+        st.ctx.board.phase(EMA, ActorPhase::Step);
+        let ctx = st.ctx.clone();
+        let r = st
+            .worker
+            .run(move || -> Result<()> {
+                let mut eng = ctx.engine.lock();
+                if !eng.dirty || eng.ts.step != step {
+                    bail!(
+                        "EMA for step {step} without a commit in progress (state at {}, dirty {})",
+                        eng.ts.step,
+                        eng.dirty
+                    );
+                }
+                let ts = &mut eng.ts;
+                model::optim::ema(
+                    &ts.teacher.backbone.params,
+                    &ts.student.backbone.params,
+                    momentum,
+                )?;
+                model::optim::ema(
+                    &ts.teacher.dino_head.params,
+                    &ts.student.dino_head.params,
+                    momentum,
+                )?;
+                model::optim::ema(
+                    &ts.teacher.ibot_head.params,
+                    &ts.student.ibot_head.params,
+                    momentum,
+                )?;
+                ts.step += 1;
+                ts.data_cursor = cursor;
+                eng.dirty = false;
+                Ok(())
+            })
+            .await?;
+        st.ctx.board.phase(EMA, ActorPhase::Idle);
+        let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! The control actor: a Unix socket in the state directory (mode 0600) that answers the
+//! CLI (`status`, `actors`, `events`, `checkpoints`, `pause`, `resume`, `stop`, `stage`)
+//! with one JSON document per line, and the Prometheus endpoint.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::coordinator::{self, CoordMsg};
+use super::Ctx;
+
+/// Actor name.
+pub const NAME: &str = "control";
+
+/// The socket of a state directory.
+pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+/// Installs the Prometheus exporter on 127.0.0.1:`port`.
+pub fn start_metrics(ctx: &Ctx, port: u16) -> Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(([127, 0, 0, 1], port))
+        .install()
+        .map_err(|e| {
+            anyhow::anyhow!("cannot start the metrics endpoint on 127.0.0.1:{port}: {e}")
+        })?;
+    ctx.event(
+        checkpoints::Level::Info,
+        "metrics.started",
+        Some(NAME),
+        None,
+        format!("Prometheus metrics on http://127.0.0.1:{port}/metrics"),
+        json!({"port": port}),
+    );
+    Ok(())
+}
+
+/// Messages (the listener runs as a task owned by the actor).
+pub enum ControlMsg {}
+
+/// The actor.
+pub struct ControlActor;
+
+/// Its state: the listener task.
+pub struct ControlState {
+    task: tokio::task::JoinHandle<()>,
+    path: PathBuf,
+}
+
+/// The status document (`dinod status`).
+pub fn status_doc(ctx: &Ctx) -> Value {
+    let run = ctx.board.run_status();
+    json!({
+        "run": run,
+        "state_dir": ctx.state_dir,
+        "config_hash": ctx.plan.config_hash,
+        "stage": ctx.engine.lock().stage,
+        "daemon": true,
+    })
+}
+
+/// Persists the status snapshot in the catalog (read by `dinod status` when no daemon runs).
+pub fn write_final_status(ctx: &Ctx) -> Result<()> {
+    let mut doc = status_doc(ctx);
+    doc["daemon"] = json!(false);
+    doc["actors"] = json!(ctx.board.actors());
+    ctx.store.put_status("run", &doc)?;
+    ctx.store.flush()?;
+    Ok(())
+}
+
+async fn coordinator_cast(msg: CoordMsg) -> Result<(), String> {
+    match ractor::registry::where_is(coordinator::NAME.to_string()) {
+        Some(c) => ActorRef::<CoordMsg>::from(c)
+            .cast(msg)
+            .map_err(|e| format!("{e}")),
+        None => Err("the coordinator is not running (restarting?)".into()),
+    }
+}
+
+async fn answer(
+    ctx: &Arc<Ctx>,
+    req: &Value,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> Result<()> {
+    let cmd = req.get("cmd").and_then(|v| v.as_str()).unwrap_or("");
+    let reply: Result<Value, String> = match cmd {
+        "status" => Ok(status_doc(ctx)),
+        "actors" => Ok(json!(ctx.board.actors())),
+        "events" => {
+            let since = req.get("since").and_then(|v| v.as_u64());
+            let limit = req.get("limit").and_then(|v| v.as_u64()).unwrap_or(50) as usize;
+            let follow = req.get("follow").and_then(|v| v.as_bool()).unwrap_or(false);
+            let evs = match since {
+                Some(s) => ctx.store.events_since(s, limit),
+                None => ctx.store.recent_events(limit),
+            };
+            match evs {
+                Ok(evs) => {
+                    if follow {
+                        let mut last = evs
+                            .last()
+                            .map(|e| e.seq)
+                            .unwrap_or_else(|| since.unwrap_or(0));
+                        for e in &evs {
+                            w.write_all(format!("{}\n", json!({"ok": true, "data": e})).as_bytes())
+                                .await?;
+                        }
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            let more = ctx.store.events_since(last, 100).unwrap_or_default();
+                            for e in &more {
+                                last = e.seq;
+                                w.write_all(
+                                    format!("{}\n", json!({"ok": true, "data": e})).as_bytes(),
+                                )
+                                .await?;
+                            }
+                        }
+                    }
+                    Ok(json!(evs))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        "checkpoints" => {
+            let verify = req.get("verify").and_then(|v| v.as_bool()).unwrap_or(false);
+            let store = ctx.store.clone();
+            tokio::task::spawn_blocking(move || -> Result<Value, String> {
+                if verify {
+                    store
+                        .verify_all()
+                        .map(|v| json!(v))
+                        .map_err(|e| e.to_string())
+                } else {
+                    store.list().map(|v| json!(v)).map_err(|e| e.to_string())
+                }
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
+        }
+        "pause" => coordinator_cast(CoordMsg::Pause)
+            .await
+            .map(|_| json!("paused")),
+        "resume" => coordinator_cast(CoordMsg::Resume)
+            .await
+            .map(|_| json!("resumed")),
+        "stop" => coordinator_cast(CoordMsg::Stop { reply: None })
+            .await
+            .map(|_| json!("stopping: draining the current step and writing a final checkpoint")),
+        "stage" => {
+            Ok(json!({"stage": ctx.engine.lock().stage, "run_stage": ctx.board.run_status().stage}))
+        }
+        "stage_set" => {
+            let stage = req
+                .get("stage")
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string();
+            coordinator::call(&ctx.board, coordinator::NAME, move |reply| {
+                CoordMsg::SetStage { stage, reply }
+            })
+            .await
+            .and_then(|r| r)
+            .map(|s| json!(s))
+        }
+        "" => Err("request without `cmd`".into()),
+        other => Err(format!("unknown command `{other}`")),
+    };
+    let line = match reply {
+        Ok(v) => json!({"ok": true, "data": v}),
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    w.write_all(format!("{line}\n").as_bytes()).await?;
+    Ok(())
+}
+
+async fn serve(ctx: Arc<Ctx>, stream: UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let req: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => json!({"cmd": "", "parse_error": e.to_string()}),
+        };
+        if answer(&ctx, &req, &mut w).await.is_err() {
+            break;
+        }
+    }
+}
+
+impl Actor for ControlActor {
+    type Msg = ControlMsg;
+    type State = ControlState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        ctx.board.register(NAME, "control");
+        let path = socket_path(&ctx.state_dir);
+        // we hold the state directory's lock, so an existing socket is stale
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| format!("cannot bind the control socket {}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        let c2 = ctx.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((s, _)) => {
+                        c2.board.phase(NAME, super::board::ActorPhase::Idle);
+                        tokio::spawn(serve(c2.clone(), s));
+                    }
+                    Err(e) => {
+                        tracing::warn!("control socket accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        ctx.faults.maybe_panic(NAME, ctx.engine.lock().ts.step);
+        Ok(ControlState { task, path })
+    }
+
+    async fn post_stop(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        st.task.abort();
+        let _ = std::fs::remove_file(&st.path);
+        Ok(())
+    }
+}

@@ -1,0 +1,157 @@
+//! The data-loader actor: owns a `data::Loader` (decode and multi-crop on its worker
+//! threads, bounded prefetch) and hands out batches converted to tensors. Its only state
+//! is the cursor, which the coordinator owns; a restarted loader resumes from the
+//! committed cursor, so it produces exactly the batches the run would have seen.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Device, Tensor};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::board::ActorPhase;
+use super::worker::Worker;
+use super::Ctx;
+
+/// Actor name.
+pub const NAME: &str = "data_loader";
+
+/// A batch ready for the step, plus its bookkeeping.
+pub struct LoadedBatch {
+    /// Index of the batch in the run.
+    pub batch_index: u64,
+    /// Cursor after it.
+    pub cursor_after: data::Cursor,
+    /// The tensors.
+    pub batch: model::Batch,
+    /// Unreadable files met while building it.
+    pub bad_inputs: Vec<data::BadInput>,
+    /// Samples substituted because of bad input.
+    pub n_substituted: usize,
+}
+
+/// Messages.
+pub enum LoaderMsg {
+    /// The next batch.
+    Next(RpcReplyPort<Result<Arc<LoadedBatch>, String>>),
+    /// Restart the stream at a cursor (after a rollback or a redo).
+    Reset(data::Cursor, RpcReplyPort<Result<(), String>>),
+}
+
+/// The actor.
+pub struct LoaderActor;
+
+/// Its state.
+pub struct LoaderState {
+    ctx: Arc<Ctx>,
+    worker: Worker,
+    loader: Arc<Mutex<Option<data::Loader>>>,
+}
+
+/// Converts a host batch to tensors of `dtype`.
+pub fn to_batch(h: &data::HostBatch, dtype: DType, with_gram: bool) -> Result<model::Batch> {
+    let dev = Device::Cpu;
+    let b = h.batch_size;
+    let (g, l) = (h.global_size as usize, h.local_size as usize);
+    let global = Tensor::from_slice(&h.global_crops, (2 * b, 3, g, g), &dev)?.to_dtype(dtype)?;
+    let local = if h.n_local > 0 {
+        Some(Tensor::from_slice(&h.local_crops, (h.n_local * b, 3, l, l), &dev)?.to_dtype(dtype)?)
+    } else {
+        None
+    };
+    let gram = match (&h.gram_crops, h.gram_size, with_gram) {
+        (Some(v), Some(s), true) => {
+            Some(Tensor::from_slice(v, (2 * b, 3, s as usize, s as usize), &dev)?.to_dtype(dtype)?)
+        }
+        _ => None,
+    };
+    Ok(model::Batch::new(b, global, local, gram, h.masks.clone())?)
+}
+
+fn open_loader(ctx: &Ctx, cursor: data::Cursor) -> Result<data::Loader> {
+    let cfg = &ctx.plan.config;
+    let opts = data::LoaderOptions::from_config(&cfg.data, cfg.train.batch_size, cfg.seed);
+    Ok(data::Loader::new(ctx.source.clone(), opts, cursor)?)
+}
+
+/// The committed cursor of the engine.
+pub fn committed_cursor(ctx: &Ctx) -> data::Cursor {
+    let v = ctx.engine.lock().ts.data_cursor.clone();
+    serde_json::from_value(v).unwrap_or_default()
+}
+
+impl Actor for LoaderActor {
+    type Msg = LoaderMsg;
+    type State = LoaderState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        ctx.board.register(NAME, "data_loader");
+        let worker = Worker::spawn("dinod-loader")?;
+        // the loader starts lazily at the first request, at the committed cursor
+        Ok(LoaderState {
+            ctx,
+            worker,
+            loader: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        st.ctx.board.handled(NAME);
+        match msg {
+            LoaderMsg::Reset(cursor, reply) => {
+                let ctx = st.ctx.clone();
+                let slot = st.loader.clone();
+                let r = st
+                    .worker
+                    .run(move || -> Result<()> {
+                        let mut g = slot.lock().map_err(|_| anyhow!("loader lock poisoned"))?;
+                        *g = None; // stop the old threads first
+                        *g = Some(open_loader(&ctx, cursor)?);
+                        Ok(())
+                    })
+                    .await?;
+                let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+            }
+            LoaderMsg::Next(reply) => {
+                let ctx = st.ctx.clone();
+                let slot = st.loader.clone();
+                let step = ctx.engine.lock().ts.step;
+                ctx.faults.maybe_panic(NAME, step);
+                ctx.board.phase(NAME, ActorPhase::Load);
+                let dtype = ctx.plan.config.precision.dtype();
+                let r = st
+                    .worker
+                    .run(move || -> Result<LoadedBatch> {
+                        ctx.faults.maybe_slow(NAME, step);
+                        let mut g = slot.lock().map_err(|_| anyhow!("loader lock poisoned"))?;
+                        if g.is_none() {
+                            *g = Some(open_loader(&ctx, committed_cursor(&ctx))?);
+                        }
+                        let h = g.as_mut().expect("opened above").next_batch()?;
+                        let with_gram = h.gram_crops.is_some();
+                        Ok(LoadedBatch {
+                            batch_index: h.batch_index,
+                            cursor_after: h.cursor_after,
+                            batch: to_batch(&h, dtype, with_gram)?,
+                            bad_inputs: h.bad_inputs.clone(),
+                            n_substituted: h.n_substituted,
+                        })
+                    })
+                    .await?;
+                st.ctx.board.phase(NAME, ActorPhase::Idle);
+                let _ = reply.send(r.map(Arc::new).map_err(|e| format!("{e:#}")));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,215 @@
+//! The daemon: a supervision tree of actors that trains until stopped, survives actor
+//! failures, and keeps every committed step recoverable.
+//!
+//! ```text
+//! supervisor ─┬─ control        (Unix socket, CLI requests)
+//!             ├─ checkpointer   (async saves on its own thread)
+//!             ├─ evaluator      (probes on teacher snapshots, stage decisions)
+//!             ├─ data_loader    (decode + multi-crop on worker threads)
+//!             ├─ teacher        (EMA-teacher forward, Sinkhorn-Knopp, Gram teacher)
+//!             ├─ trainer        (student forward/backward, AdamW)
+//!             ├─ ema            (teacher <- EMA of the student)
+//!             └─ coordinator    (drives the step protocol, commit/discard, policies)
+//! ```
+//! Restart order follows the data flow (rest-for-one): a failed `data_loader` restarts
+//! itself; a failed `teacher` restarts `teacher`, `trainer`, `ema`; and so on.
+
+pub mod board;
+pub mod checkpointer;
+pub mod compute;
+pub mod control;
+pub mod coordinator;
+pub mod evaluator;
+pub mod faults;
+pub mod loader;
+pub mod supervisor;
+pub mod worker;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use checkpoints::{Event, Level, Retention, Store, StoreOptions};
+
+use crate::config::Plan;
+use crate::engine::{self, Engine};
+use board::Board;
+use faults::Faults;
+
+/// Exit status: the run was stopped or reached its target.
+pub const EXIT_OK: i32 = 0;
+/// Exit status: the supervisor gave up (restart intensity exceeded) or a fatal error.
+pub const EXIT_FATAL: i32 = 70;
+/// Exit status: the accelerator context is unusable; restart the process (systemd).
+pub const EXIT_DEVICE: i32 = 75;
+/// Exit status: a hung compute thread could not be recovered in-process.
+pub const EXIT_HUNG: i32 = 76;
+
+/// Options of `dinod run` besides the config.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Stop after this step (overrides the config).
+    pub max_steps: Option<u64>,
+    /// Show a progress bar (stderr is a terminal).
+    pub progress: bool,
+}
+
+/// Everything the actors share.
+pub struct Ctx {
+    /// Validated config.
+    pub plan: Plan,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Training state.
+    pub engine: Engine,
+    /// Checkpoint store and catalog.
+    pub store: Arc<Store>,
+    /// Status board.
+    pub board: Arc<Board>,
+    /// Injected faults.
+    pub faults: Arc<Faults>,
+    /// The opened data source.
+    pub source: Arc<dyn data::Source>,
+    /// Target step.
+    pub max_steps: Option<u64>,
+    /// Exit status decided by whoever stops the run.
+    pub exit_code: AtomicI32,
+    /// Progress bar requested.
+    pub progress: bool,
+}
+
+impl Ctx {
+    /// Records an event in the catalog and the log.
+    pub fn event(
+        &self,
+        level: Level,
+        kind: &str,
+        actor: Option<&str>,
+        step: Option<u64>,
+        message: impl Into<String>,
+        fields: serde_json::Value,
+    ) {
+        let message = message.into();
+        match level {
+            Level::Error => tracing::error!(kind, actor, step, fields = %fields, "{message}"),
+            Level::Warn => tracing::warn!(kind, actor, step, fields = %fields, "{message}"),
+            _ => tracing::info!(kind, actor, step, fields = %fields, "{message}"),
+        }
+        let mut e = Event::new(level, kind, message).fields(fields);
+        if let Some(a) = actor {
+            e = e.actor(a);
+        }
+        if let Some(s) = step {
+            e = e.step(s);
+        }
+        if let Err(err) = self.store.append_event(&e) {
+            tracing::error!("cannot record event {kind}: {err}");
+        }
+    }
+
+    /// Sets the exit status (first writer wins over EXIT_OK).
+    pub fn set_exit(&self, code: i32) {
+        let _ = self
+            .exit_code
+            .compare_exchange(EXIT_OK, code, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Reloads the engine from the newest valid checkpoint (or a fresh state when none
+    /// exists); returns the step it resumed at.
+    pub fn reload(&self, why: &str) -> Result<u64> {
+        let st = match self.store.load_latest_valid()? {
+            Some(ck) => engine::restore(&ck, &self.plan)?,
+            None => engine::fresh(&self.plan)?,
+        };
+        let step = st.ts.step;
+        self.engine.replace(st);
+        self.event(
+            Level::Warn,
+            "run.reloaded",
+            None,
+            Some(step),
+            format!("state reloaded from the last checkpoint (step {step}): {why}"),
+            serde_json::json!({"reason": why}),
+        );
+        Ok(step)
+    }
+}
+
+/// The retention policy of a config.
+pub fn retention(plan: &Plan) -> Retention {
+    let c = &plan.config.checkpoint;
+    Retention {
+        keep_last: c.keep_last,
+        keep_every: c.keep_every,
+        keep_best: if c.keep_best_dense {
+            Some(checkpoints::KeepBest {
+                metric: "dense".into(),
+                higher_is_better: true,
+            })
+        } else {
+            None
+        },
+    }
+}
+
+/// Opens (or creates) the state directory's store; configured `io_error` faults are
+/// injected into its write path.
+pub fn open_store(dir: &Path, plan: &Plan, faults: Option<Arc<Faults>>) -> Result<Store> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    let mut opts = StoreOptions::new(retention(plan));
+    if let Some(f) = faults {
+        opts = opts.with_fault_injector(Arc::new(checkpointer::ConfigFaults(f)));
+    }
+    let store = Store::open(dir, opts)
+        .with_context(|| format!("cannot open the state directory {}", dir.display()))?;
+    Ok(store)
+}
+
+/// Runs the daemon in the foreground until it stops; returns the exit status.
+pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
+    let faults = Arc::new(Faults::new(&plan.config.runtime.faults));
+    let store = Arc::new(open_store(&opts.state_dir, &plan, Some(faults.clone()))?);
+    // resume or start
+    let state = match store.load_latest_valid()? {
+        Some(ck) => {
+            let st = engine::restore(&ck, &plan)?;
+            tracing::info!(
+                step = st.ts.step,
+                "resuming from checkpoint at step {}",
+                st.ts.step
+            );
+            st
+        }
+        None => engine::fresh(&plan)?,
+    };
+    let source = plan
+        .config
+        .data
+        .source
+        .open()
+        .with_context(|| format!("opening the data source {}", plan.config.data.source))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("dinod-rt")
+        .build()?;
+    let ctx = Arc::new(Ctx {
+        max_steps: opts.max_steps.or(plan.config.train.max_steps),
+        faults,
+        plan,
+        state_dir: opts.state_dir.clone(),
+        engine: Engine::new(state),
+        store,
+        board: Arc::new(Board::default()),
+        source,
+        exit_code: AtomicI32::new(EXIT_OK),
+        progress: opts.progress,
+    });
+    let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
+    let _ = ctx.store.flush();
+    Ok(code)
+}

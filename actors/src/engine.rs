@@ -1,0 +1,360 @@
+//! The training state shared by the compute actors, and its conversion to and from
+//! checkpoints.
+//!
+//! The state lives in one [`Engine`] (think of it as device memory): the Teacher actor
+//! reads the EMA teacher, the Trainer mutates the student and optimizer, the EMA updater
+//! moves the teacher. Steps are sequential, so the lock is never contended. A `dirty` flag
+//! is set while a commit is being applied; if an actor dies with it set, the state is torn
+//! and is reloaded from the last checkpoint, otherwise the uncommitted step is simply
+//! redone (compute reads the state without changing it).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use checkpoints::{CheckpointPayload, LoadedCheckpoint, TensorBlob, TensorGroup};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Plan;
+use model::optim::Moments;
+use model::params::ParamSet;
+use model::ssl::SslModel;
+use model::TrainState;
+
+/// The code version written into every checkpoint.
+pub const CODE_VERSION: &str = concat!("dinod ", env!("CARGO_PKG_VERSION"));
+
+/// Small, serialisable run state kept beside the tensors (in the manifest meta).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunMeta {
+    /// Committed steps.
+    pub step: u64,
+    /// AdamW step count.
+    pub optim_t: u64,
+    /// Run seed.
+    pub seed: u64,
+    /// Data cursor after the last committed batch.
+    pub data_cursor: serde_json::Value,
+    /// Gram-teacher refreshes done.
+    pub gram_updates: u32,
+    /// Stage machine state (opaque to the engine).
+    #[serde(default)]
+    pub stage: serde_json::Value,
+    /// Counters (bad steps, rollbacks, restarts...).
+    #[serde(default)]
+    pub counters: serde_json::Value,
+    /// The model config the tensors belong to.
+    pub model: model::SslConfig,
+    /// Element type of the tensors.
+    pub precision: crate::config::Precision,
+}
+
+/// The shared training state.
+pub struct EngineState {
+    /// Everything the step reads and writes.
+    pub ts: TrainState,
+    /// Set while a commit is being applied (torn state if an actor dies now).
+    pub dirty: bool,
+    /// Stage machine state, serialised (owned by the evaluator's logic).
+    pub stage: serde_json::Value,
+    /// Counters persisted with checkpoints.
+    pub counters: serde_json::Value,
+}
+
+/// A handle to the shared state.
+#[derive(Clone)]
+pub struct Engine(Arc<Mutex<EngineState>>);
+
+impl Engine {
+    /// Wraps a state.
+    pub fn new(st: EngineState) -> Self {
+        Self(Arc::new(Mutex::new(st)))
+    }
+
+    /// Locks the state. A panic while it was held leaves it poisoned; the lock is still
+    /// taken (the `dirty` flag says whether the state is usable).
+    pub fn lock(&self) -> MutexGuard<'_, EngineState> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Replaces the whole state (after a reload).
+    pub fn replace(&self, st: EngineState) {
+        *self.lock() = st;
+    }
+}
+
+fn blobs_of(prefix: &str, ps: &ParamSet, out: &mut Vec<TensorBlob>) -> Result<()> {
+    for (n, t) in ps.names().iter().zip(ps.tensors()) {
+        out.push(tensor_blob(&format!("{prefix}{n}"), t)?);
+    }
+    Ok(())
+}
+
+/// A host copy of a tensor as a checkpoint blob (f32 or f64).
+pub fn tensor_blob(name: &str, t: &Tensor) -> Result<TensorBlob> {
+    let shape = t.dims().to_vec();
+    Ok(match t.dtype() {
+        DType::F64 => TensorBlob::from_f64(name, &shape, &t.flatten_all()?.to_vec1::<f64>()?)?,
+        _ => TensorBlob::from_f32(
+            name,
+            &shape,
+            &t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        )?,
+    })
+}
+
+fn model_group(name: &str, m: &SslModel) -> Result<TensorGroup> {
+    let mut blobs = vec![];
+    for (role, ps) in m.modules() {
+        blobs_of(&format!("{role}."), ps, &mut blobs)?;
+    }
+    Ok(TensorGroup::new(name, blobs))
+}
+
+/// Takes a host copy of the state at a step boundary (the blocking part of a save).
+pub fn snapshot(st: &EngineState, plan: &Plan) -> Result<CheckpointPayload> {
+    let ts = &st.ts;
+    let mut payload = CheckpointPayload::new(ts.step)
+        .with_group(model_group("student", &ts.student)?)
+        .with_group(model_group("teacher", &ts.teacher)?);
+    if let Some(g) = &ts.gram_teacher {
+        let mut blobs = vec![];
+        blobs_of("backbone.", &g.params, &mut blobs)?;
+        payload = payload.with_group(TensorGroup::new("gram_teacher", blobs));
+    }
+    let mut opt = vec![];
+    for ((role, ps), mo) in ts.student.modules().iter().zip(&ts.optim.modules) {
+        for ((n, t), m) in ps.names().iter().zip(ps.tensors()).zip(&mo.moments) {
+            let (a, b) = m.to_tensors(t.dims())?;
+            opt.push(tensor_blob(&format!("exp_avg.{role}.{n}"), &a)?);
+            opt.push(tensor_blob(&format!("exp_avg_sq.{role}.{n}"), &b)?);
+        }
+    }
+    payload = payload.with_group(TensorGroup::new("optimizer", opt));
+    let meta = RunMeta {
+        step: ts.step,
+        optim_t: ts.optim.t,
+        seed: ts.seed,
+        data_cursor: ts.data_cursor.clone(),
+        gram_updates: ts.gram_updates,
+        stage: st.stage.clone(),
+        counters: st.counters.clone(),
+        model: ts.cfg.clone(),
+        precision: plan.config.precision,
+    };
+    let meta = serde_json::json!({
+        "run": meta,
+        "config_toml": plan.effective_toml,
+    });
+    Ok(payload
+        .with_versions(plan.config_hash.clone(), CODE_VERSION.to_string())
+        .with_meta(meta))
+}
+
+fn to_tensor(b: &TensorBlob, dtype: DType) -> Result<Tensor> {
+    let dev = candle_core::Device::Cpu;
+    let t = match b.dtype {
+        checkpoints::Dtype::F64 => Tensor::from_vec(b.to_f64_vec()?, b.shape.as_slice(), &dev)?,
+        checkpoints::Dtype::F32 => Tensor::from_vec(b.to_f32_vec()?, b.shape.as_slice(), &dev)?,
+        d => bail!("tensor {} has unsupported dtype {d:?}", b.name),
+    };
+    Ok(t.to_dtype(dtype)?)
+}
+
+fn load_params(ps: &mut ParamSet, group: &TensorGroup, prefix: &str, dtype: DType) -> Result<()> {
+    let mut err = None;
+    ps.load_from(|n| match group.get(&format!("{prefix}{n}")) {
+        Some(b) => match to_tensor(b, dtype) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                err = Some(e);
+                None
+            }
+        },
+        None => None,
+    })
+    .with_context(|| format!("group `{}`", group.name))?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The run metadata of a loaded checkpoint.
+pub fn run_meta(ck: &LoadedCheckpoint) -> Result<RunMeta> {
+    let v = ck
+        .meta()
+        .get("run")
+        .cloned()
+        .context("checkpoint has no run metadata")?;
+    serde_json::from_value(v).context("checkpoint run metadata")
+}
+
+/// Checks that a checkpoint's model can be loaded with the current config.
+pub fn check_architecture(meta: &RunMeta, plan: &Plan) -> Result<()> {
+    let a = &meta.model;
+    let b = &plan.ssl;
+    let mut diffs = vec![];
+    if !a.backbone.same_architecture(&b.backbone) {
+        diffs.push(format!(
+            "backbone {}x{}x{} (patch {}) vs {}x{}x{} (patch {})",
+            a.backbone.embed_dim,
+            a.backbone.depth,
+            a.backbone.num_heads,
+            a.backbone.patch_size,
+            b.backbone.embed_dim,
+            b.backbone.depth,
+            b.backbone.num_heads,
+            b.backbone.patch_size
+        ));
+    }
+    if a.dino_head != b.dino_head {
+        diffs.push(format!("dino_head {:?} vs {:?}", a.dino_head, b.dino_head));
+    }
+    if a.ibot_head != b.ibot_head {
+        diffs.push(format!("ibot_head {:?} vs {:?}", a.ibot_head, b.ibot_head));
+    }
+    if meta.precision != plan.config.precision {
+        diffs.push(format!(
+            "precision {:?} vs {:?}",
+            meta.precision, plan.config.precision
+        ));
+    }
+    if !diffs.is_empty() {
+        bail!(
+            "the state directory holds a run whose architecture differs from this config ({}); use another --state-dir, or the config the run was started with",
+            diffs.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// Rebuilds the engine state from a loaded checkpoint.
+pub fn restore(ck: &LoadedCheckpoint, plan: &Plan) -> Result<EngineState> {
+    let meta = run_meta(ck)?;
+    check_architecture(&meta, plan)?;
+    let dtype = plan.config.precision.dtype();
+    let mut ts = TrainState::new(&plan.ssl, meta.seed, dtype)?;
+    let student = ck
+        .group("student")
+        .context("checkpoint has no student group")?;
+    let teacher = ck
+        .group("teacher")
+        .context("checkpoint has no teacher group")?;
+    for (role, ps) in ts.student.modules_mut() {
+        load_params(ps, student, &format!("{role}."), dtype)?;
+    }
+    for (role, ps) in ts.teacher.modules_mut() {
+        load_params(ps, teacher, &format!("{role}."), dtype)?;
+    }
+    if let Some(g) = ck.group("gram_teacher") {
+        let mut vit = ts.teacher.backbone.deep_clone()?;
+        load_params(&mut vit.params, g, "backbone.", dtype)?;
+        ts.gram_teacher = Some(vit);
+    }
+    let opt = ck
+        .group("optimizer")
+        .context("checkpoint has no optimizer group")?;
+    let shapes: Vec<Vec<(String, Vec<usize>)>> = ts
+        .student
+        .modules()
+        .iter()
+        .map(|(_, ps)| {
+            ps.names()
+                .iter()
+                .cloned()
+                .zip(ps.tensors().iter().map(|t| t.dims().to_vec()))
+                .collect()
+        })
+        .collect();
+    for (mi, (role, _)) in ts.student.modules().iter().enumerate() {
+        for (pi, (n, _shape)) in shapes[mi].iter().enumerate() {
+            let a = opt
+                .get(&format!("exp_avg.{role}.{n}"))
+                .with_context(|| format!("optimizer state for {role}.{n}"))?;
+            let b = opt
+                .get(&format!("exp_avg_sq.{role}.{n}"))
+                .with_context(|| format!("optimizer state for {role}.{n}"))?;
+            ts.optim.modules[mi].moments[pi] =
+                Moments::from_tensors(&to_tensor(a, dtype)?, &to_tensor(b, dtype)?, dtype)?;
+        }
+    }
+    ts.optim.t = meta.optim_t;
+    ts.step = meta.step;
+    ts.data_cursor = meta.data_cursor.clone();
+    ts.gram_updates = meta.gram_updates;
+    Ok(EngineState {
+        ts,
+        dirty: false,
+        stage: meta.stage,
+        counters: meta.counters,
+    })
+}
+
+/// A fresh state for a new run.
+pub fn fresh(plan: &Plan) -> Result<EngineState> {
+    let ts = TrainState::new(&plan.ssl, plan.config.seed, plan.config.precision.dtype())?;
+    Ok(EngineState {
+        ts,
+        dirty: false,
+        stage: serde_json::Value::Null,
+        counters: serde_json::json!({}),
+    })
+}
+
+/// Byte-level fingerprint of the trainable state (weights, teacher, moments, step, cursor),
+/// for the bit-exact resume tests and `dinod status`.
+pub fn fingerprint(ts: &TrainState) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    for m in [&ts.student, &ts.teacher] {
+        for (_, ps) in m.modules() {
+            for t in ps.tensors() {
+                hash_tensor(&mut h, t)?;
+            }
+        }
+    }
+    if let Some(g) = &ts.gram_teacher {
+        for t in g.params.tensors() {
+            hash_tensor(&mut h, t)?;
+        }
+    }
+    for mo in &ts.optim.modules {
+        for m in &mo.moments {
+            match m {
+                Moments::F32 { m, v } => {
+                    for x in m.iter().chain(v) {
+                        h.update(&x.to_le_bytes());
+                    }
+                }
+                Moments::F64 { m, v } => {
+                    for x in m.iter().chain(v) {
+                        h.update(&x.to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+    h.update(&ts.step.to_le_bytes());
+    h.update(&ts.optim.t.to_le_bytes());
+    h.update(ts.data_cursor.to_string().as_bytes());
+    Ok(h.finalize().to_hex().to_string())
+}
+
+fn hash_tensor(h: &mut blake3::Hasher, t: &Tensor) -> Result<()> {
+    match t.dtype() {
+        DType::F64 => {
+            for x in t.flatten_all()?.to_vec1::<f64>()? {
+                h.update(&x.to_le_bytes());
+            }
+        }
+        _ => {
+            for x in t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
+                h.update(&x.to_le_bytes());
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,63 @@
+//! Offline commands that do not need a daemon: `parity`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+
+use crate::cli::EXIT_FAILED;
+
+/// `dinod parity FIXTURE...`: runs each fixture and prints each tensor's relative error.
+pub fn parity(files: &[PathBuf], dtype: &str, verbose: bool, json: bool) -> Result<i32> {
+    let dtypes: Vec<DType> = match dtype {
+        "f64" => vec![DType::F64],
+        "f32" => vec![DType::F32],
+        "both" => vec![DType::F64, DType::F32],
+        d => bail!("unknown dtype `{d}` (use f64, f32 or both)"),
+    };
+    let mut all_ok = true;
+    for f in files {
+        let bytes =
+            std::fs::read(f).with_context(|| format!("cannot read fixture {}", f.display()))?;
+        let fx = model::fixture::Fixture::parse(&bytes)
+            .with_context(|| format!("fixture {}", f.display()))?;
+        for &dt in &dtypes {
+            let rows = model::parity::run(&fx, dt)
+                .with_context(|| format!("running fixture {} in {dt:?}", f.display()))?;
+            let bad = rows.iter().filter(|r| !r.ok()).count();
+            all_ok &= bad == 0;
+            let worst = rows
+                .iter()
+                .filter(|r| r.dtype != "meta")
+                .map(|r| r.rel_err)
+                .fold(0.0f64, f64::max);
+            if json {
+                for r in &rows {
+                    println!(
+                        "{}",
+                        serde_json::json!({"fixture": f.display().to_string(), "dtype": format!("{dt:?}"), "tensor": r.name, "rel_err": r.rel_err, "tol": r.tol, "ok": r.ok()})
+                    );
+                }
+            } else {
+                for r in rows.iter().filter(|r| verbose || !r.ok()) {
+                    println!(
+                        "  {:<5} {:<60} {:>10.3e}  (tol {:.0e}) {}",
+                        r.dtype,
+                        r.name,
+                        r.rel_err,
+                        r.tol,
+                        if r.ok() { "ok" } else { "FAIL" }
+                    );
+                }
+                println!(
+                    "{} [{dt:?}]: {} tensors, {} out of tolerance, worst relative error {worst:.3e} -> {}",
+                    f.display(),
+                    rows.len(),
+                    bad,
+                    if bad == 0 { "PASS" } else { "FAIL" }
+                );
+            }
+        }
+    }
+    Ok(if all_ok { 0 } else { EXIT_FAILED })
+}

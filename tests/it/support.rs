@@ -1,0 +1,130 @@
+//! Helpers for the end-to-end tests: the binary, temporary state directories, configs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `dinod` binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dinod"))
+}
+
+/// Repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The golden fixtures directory.
+pub fn golden() -> PathBuf {
+    std::env::var_os("DINOD_GOLDEN").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/golden"))
+}
+
+/// A fresh temporary directory (removed on drop).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `/tmp/dinod-it-<name>-<pid>-<n>`.
+    pub fn new(name: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("dinod-it-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A tiny recipe for fast end-to-end runs (a few ms per step).
+pub fn tiny_config(extra: &str) -> String {
+    format!(
+        r#"
+seed = 3
+precision = "f32"
+[model]
+preset = "vit_pico"
+[model.backbone]
+embed_dim = 32
+depth = 2
+num_heads = 2
+patch_size = 8
+drop_path = 0.2
+rope_rescale = 2.0
+[model.dino_head]
+hidden_dim = 32
+bottleneck_dim = 16
+n_prototypes = 64
+[model.ibot_head]
+hidden_dim = 32
+bottleneck_dim = 16
+n_prototypes = 64
+[train]
+batch_size = 4
+lr = 1e-3
+warmup_steps = 3
+freeze_last_layer_steps = 2
+teacher_temp_warmup_steps = 5
+[data]
+source = "synthetic:0:32"
+prefetch = 2
+n_workers = 1
+[data.crops]
+global_size = 32
+local_size = 16
+n_local = 2
+[data.masks]
+patch_size = 8
+[checkpoint]
+every_steps = 3
+keep_last = 2
+{extra}
+"#
+    )
+}
+
+/// Writes a config file into `dir`.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("config.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Runs `dinod ARGS` to completion.
+pub fn dinod(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).env("RUST_LOG", "warn").env("RUST_BACKTRACE", "0").output().unwrap()
+}
+
+/// Starts `dinod ARGS` in the background.
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(bin()).args(args).env("RUST_LOG", "info").env("RUST_BACKTRACE", "0").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Waits for a child with a timeout; kills it if it overruns.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Text of an output.
+pub fn text(o: &Output) -> String {
+    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}

@@ -1,0 +1,131 @@
+//! One real probe run: a small random-init ViT on the built-in synthetic scenes. Every
+//! value lands in its range and two runs give the same report (timings aside).
+
+use candle_core::DType;
+use model::vit::Vit;
+use model::VitConfig;
+
+use crate::{run_probes, ProbeConfig, ProbeSet, ProbeSetConfig};
+
+/// A 2-block, 32-wide ViT with 8-pixel patches (cheap enough for unit tests).
+pub(crate) fn tiny_vit_config() -> VitConfig {
+    let mut c = VitConfig::preset("vit_pico").expect("preset exists");
+    c.embed_dim = 32;
+    c.depth = 2;
+    c.num_heads = 2;
+    c.ffn_ratio = 2.0;
+    c.patch_size = 8;
+    c.n_storage_tokens = 1;
+    c
+}
+
+#[test]
+fn random_init_vit_on_synthetic_scenes_gives_in_range_deterministic_probes() {
+    let vit = Vit::init(&tiny_vit_config(), 7, DType::F32).unwrap();
+    let src = data::SyntheticScenes::new(data::SyntheticConfig {
+        seed: 1,
+        size: 48,
+        len: 10_000,
+        ..Default::default()
+    });
+    let set = ProbeSet::build(
+        "synthetic",
+        &src,
+        None,
+        &ProbeSetConfig {
+            size: 48,
+            n_train: 40,
+            n_test: 16,
+            workers: 1,
+            ..ProbeSetConfig::default()
+        },
+    )
+    .unwrap();
+    let cfg = ProbeConfig {
+        knn_k: 10,
+        linear_iters: 30,
+        dense_iters: 30,
+        batch: 16,
+        ..ProbeConfig::default()
+    };
+    let a = run_probes(&vit, std::slice::from_ref(&set), &cfg).unwrap();
+    let r = &a.sets[0];
+    assert_eq!((r.n_train, r.n_test, r.grid), (40, 16, (6, 6)));
+    let unit = |v: f64| (0.0..=1.0).contains(&v);
+    let knn = r.knn.as_ref().unwrap();
+    let lin = r.linear.as_ref().unwrap();
+    let dense = r.dense.as_ref().unwrap();
+    assert!(unit(knn.top1) && unit(knn.top5) && knn.top5 >= knn.top1);
+    assert!(unit(lin.top1) && unit(lin.train_top1));
+    assert!(unit(dense.miou) && unit(dense.pixel_accuracy) && unit(dense.patch_accuracy));
+    assert_eq!(dense.per_class_iou.len(), 9);
+    assert!(dense.per_class_iou[0].is_some(), "background is present");
+    let loc = &r.locality;
+    assert!(
+        (-1.0..=1.0).contains(&loc.neighbour_sim)
+            && (-1.0..=1.0).contains(&loc.far_sim)
+            && (-1.0..=1.0).contains(&loc.map_consistency)
+    );
+    let col = &r.collapse;
+    assert!(
+        col.effective_rank >= 1.0
+            && col.effective_rank <= 32.0
+            && col.patch_std > 0.0
+            && (-1.0..=1.0).contains(&col.cls_patch_cos)
+    );
+    let corr = r.correspondence.as_ref().unwrap();
+    assert!(unit(corr.accuracy) && corr.n_patches > 0, "{corr:?}");
+    assert!(r.timing.extract_ms > 0.0 && r.timing.dense_ms > 0.0 && a.total_ms > 0.0);
+    // Deterministic: a second run gives the same numbers.
+    let mut b = run_probes(&vit, std::slice::from_ref(&set), &cfg).unwrap();
+    let mut a2 = a.clone();
+    for rep in [&mut a2, &mut b] {
+        rep.total_ms = 0.0;
+        rep.sets
+            .iter_mut()
+            .for_each(|s| s.timing = Default::default());
+    }
+    assert_eq!(a2, b);
+    let m = a.metrics();
+    assert_eq!(m.dense_miou, Some(dense.miou));
+    assert_eq!(m.correspondence, Some(corr.accuracy));
+    // The report serialises for the probe history.
+    let json = serde_json::to_string(&a).unwrap();
+    let back: crate::ProbeReport = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.sets[0].dense.as_ref().unwrap().per_class_iou.len(), 9);
+    assert!((back.sets[0].locality.score - loc.score).abs() < 1e-12);
+}
+
+#[test]
+fn sets_the_model_cannot_probe_are_refused_before_any_forward() {
+    let vit = Vit::init(&tiny_vit_config(), 7, DType::F32).unwrap();
+    let src = data::SyntheticScenes::new(data::SyntheticConfig {
+        seed: 2,
+        size: 32,
+        len: 100,
+        ..Default::default()
+    });
+    let small = ProbeSetConfig {
+        size: 16,
+        n_train: 3,
+        n_test: 2,
+        workers: 1,
+        ..ProbeSetConfig::default()
+    };
+    let set = ProbeSet::build("small", &src, None, &small).unwrap();
+    // 16 px images leave no room for two 2x2-patch views 12 px apart.
+    let err = run_probes(&vit, std::slice::from_ref(&set), &ProbeConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("correspondence"), "{err}");
+    // Without the correspondence probe the same set runs.
+    let mut cfg = ProbeConfig::default();
+    cfg.correspondence.images = 0;
+    let r = run_probes(&vit, std::slice::from_ref(&set), &cfg).unwrap();
+    assert!(r.sets[0].correspondence.is_none() && r.sets[0].dense.is_some());
+    // A size that is not a multiple of the patch is refused.
+    let odd = ProbeSet::build("odd", &src, None, &ProbeSetConfig { size: 20, ..small }).unwrap();
+    let err = run_probes(&vit, std::slice::from_ref(&odd), &cfg).unwrap_err();
+    assert!(
+        err.to_string().contains("multiple of the patch size"),
+        "{err}"
+    );
+}

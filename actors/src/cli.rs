@@ -145,6 +145,26 @@ pub enum Command {
         #[arg(long)]
         with_heads: bool,
     },
+    /// Run the probes on a checkpoint's EMA teacher.
+    Probe {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Checkpoint step (default: the latest valid one).
+        #[arg(long)]
+        checkpoint: Option<u64>,
+        /// Take the probe sets from this recipe instead of the run's own config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print the full report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pictures of the features and the run.
+    Viz {
+        /// What to draw.
+        #[command(subcommand)]
+        what: VizCommand,
+    },
     /// Check a data source before training.
     Data {
         /// What to do.
@@ -171,6 +191,57 @@ pub enum Command {
         /// What to benchmark.
         #[command(subcommand)]
         what: BenchCommand,
+    },
+}
+
+/// `dinod viz ...`
+#[derive(Subcommand, Debug)]
+pub enum VizCommand {
+    /// First three principal components of the patch features as RGB, at several input
+    /// resolutions side by side (one PCA basis for all, so colours are comparable).
+    Pca {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Checkpoint step (default: the latest valid one).
+        #[arg(long)]
+        step: Option<u64>,
+        /// Input image.
+        #[arg(long)]
+        image: PathBuf,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
+        /// Input resolutions (multiples of the patch size; default 4x, 8x and 12x the patch).
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<u32>,
+    },
+    /// Cosine similarity of one patch to all others, over the image.
+    Similarity {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Checkpoint step (default: the latest valid one).
+        #[arg(long)]
+        step: Option<u64>,
+        /// Input image.
+        #[arg(long)]
+        image: PathBuf,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
+        /// Pixel `X,Y` in the resized image of side `--size`.
+        #[arg(long)]
+        point: String,
+        /// Resolution the image is resized to (a multiple of the patch size).
+        #[arg(long)]
+        size: Option<u32>,
+    },
+    /// Losses and probe metrics over steps, stage transitions marked.
+    Curves {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Output PNG.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -320,6 +391,36 @@ fn dispatch(cli: Cli) -> Result<i32> {
             step,
             with_heads,
         } => crate::commands::export(&dir.state_dir, &out, &which, step, with_heads),
+        Command::Probe {
+            dir,
+            checkpoint,
+            config,
+            json,
+        } => crate::viz::probe(&dir.state_dir, checkpoint, config.as_ref(), json),
+        Command::Viz {
+            what:
+                VizCommand::Pca {
+                    dir,
+                    step,
+                    image,
+                    out,
+                    sizes,
+                },
+        } => crate::viz::pca(&dir.state_dir, step, &image, &out, &sizes),
+        Command::Viz {
+            what:
+                VizCommand::Similarity {
+                    dir,
+                    step,
+                    image,
+                    out,
+                    point,
+                    size,
+                },
+        } => crate::viz::similarity(&dir.state_dir, step, &image, &out, &point, size),
+        Command::Viz {
+            what: VizCommand::Curves { dir, out },
+        } => crate::viz::curves(&dir.state_dir, &out),
         Command::Data {
             what: DataCommand::Scan { spec, json },
         } => crate::commands::data_scan(&spec, json),

@@ -326,7 +326,7 @@ pub fn stage(
 
 /// Reads a checkpoint's group straight from its directory (no catalog lock, so it works
 /// while the daemon runs), verifying sizes and BLAKE3 hashes against `manifest.json`.
-fn read_group(
+pub(crate) fn read_group(
     state_dir: &Path,
     step: Option<u64>,
     group: &str,
@@ -413,81 +413,39 @@ pub fn export(
     step: Option<u64>,
     with_heads: bool,
 ) -> Result<i32> {
-    let (group, is_ema) = match which {
-        "teacher" => ("teacher", true),
-        "student" => ("student", false),
+    let (group, what) = match which {
+        "teacher" => ("teacher", "EMA teacher"),
+        "student" => ("student", "student"),
         w if w.starts_with("student:") => bail!("`{w}`: this run has a single student; use `--which student` (named students belong to distillation runs)"),
         w => bail!("unknown --which `{w}` (teacher or student)"),
     };
     let (s, blobs) = read_group(state_dir, step, group)?;
+    let vit = checkpoint_vit_config(state_dir, s)?;
+    let f64_out = blobs
+        .first()
+        .is_some_and(|b| b.dtype == checkpoints::Dtype::F64);
     let mut tensors: Vec<(String, checkpoints::TensorBlob)> = vec![];
-    let mut patch_dims = None;
-    let mut depth = 0usize;
-    let mut d_model = 0usize;
     for b in blobs {
-        let (role, key) = b.name.split_once('.').unwrap_or(("", &b.name));
-        let key = key.to_string();
-        if role == "backbone" {
-            if key == "patch_embed.proj.weight" {
-                patch_dims = Some(b.shape.clone());
-            }
-            if let Some(rest) = key.strip_prefix("blocks.") {
-                if let Some(i) = rest.split('.').next().and_then(|x| x.parse::<usize>().ok()) {
-                    depth = depth.max(i + 1);
-                }
-            }
-            if key == "norm.weight" {
-                d_model = b.shape[0];
-            }
-            tensors.push((key, b));
-        } else if with_heads {
-            tensors.push((b.name.clone(), b));
+        match b.name.split_once('.') {
+            Some(("backbone", key)) => tensors.push((key.to_string(), b)),
+            Some(_) if with_heads => tensors.push((b.name.clone(), b)),
+            _ => {}
         }
     }
-    // buffers of the official module: rope periods and the key-bias masks
-    let meta_cfg = {
-        let dir = state_dir.join("checkpoints");
-        let _ = dir;
-        None::<model::VitConfig>
-    };
-    let _ = meta_cfg;
-    let dtype_f64 = tensors
-        .first()
-        .map(|(_, b)| b.dtype == checkpoints::Dtype::F64)
-        .unwrap_or(false);
-    let heads = tensors
-        .iter()
-        .find(|(n, _)| n == "blocks.0.attn.qkv.weight")
-        .map(|(_, b)| b.shape[1])
-        .unwrap_or(d_model);
-    let _ = (heads, patch_dims);
-    let num_heads = infer_heads(state_dir)?;
-    if num_heads > 0 && d_model > 0 {
-        let dh = d_model / num_heads;
-        let periods = ops::attention::rope_periods(dh, 100.0);
-        tensors.push((
-            "rope_embed.periods".into(),
-            blob_f(
-                &"rope_embed.periods".to_string(),
-                &[periods.len()],
-                &periods,
-                dtype_f64,
-            )?,
-        ));
-        if tensors.iter().any(|(n, _)| n == "blocks.0.attn.qkv.bias") {
-            let mask: Vec<f64> = (0..3 * d_model)
-                .map(|i| {
-                    if (d_model..2 * d_model).contains(&i) {
-                        0.0
-                    } else {
-                        1.0
-                    }
-                })
-                .collect();
-            for i in 0..depth {
-                let n = format!("blocks.{i}.attn.qkv.bias_mask");
-                tensors.push((n.clone(), blob_f(&n, &[3 * d_model], &mask, dtype_f64)?));
-            }
+    // the official module's buffers: RoPE periods and the key-bias masks
+    let periods = ops::attention::rope_periods(vit.head_dim(), vit.rope_base);
+    tensors.push((
+        "rope_embed.periods".into(),
+        blob_f("rope_embed.periods", &[periods.len()], &periods, f64_out)?,
+    ));
+    if vit.qkv_bias && vit.mask_k_bias {
+        let d = vit.embed_dim;
+        let mask: Vec<f64> = (0..3 * d)
+            .map(|i| if (d..2 * d).contains(&i) { 0.0 } else { 1.0 })
+            .collect();
+        for i in 0..vit.depth {
+            let n = format!("blocks.{i}.attn.qkv.bias_mask");
+            tensors.push((n.clone(), blob_f(&n, &[3 * d], &mask, f64_out)?));
         }
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
@@ -504,26 +462,40 @@ pub fn export(
             ))
         })
         .collect::<Result<_>>()?;
-    let mut meta = std::collections::HashMap::new();
-    meta.insert(
-        "source".to_string(),
-        format!(
-            "dinod {} step {s}",
-            if is_ema { "EMA teacher" } else { "student" }
-        ),
-    );
-    meta.insert(
-        "format".to_string(),
-        "dinov3 DinoVisionTransformer state_dict".to_string(),
-    );
+    // one metadata key: a HashMap with several would serialise in a random order
+    let meta = std::collections::HashMap::from([(
+        "dinod".to_string(),
+        format!("dinov3 DinoVisionTransformer state_dict; {what} of step {s}"),
+    )]);
     safetensors::serialize_to_file(views, Some(meta), out)
         .with_context(|| format!("writing {}", out.display()))?;
     println!(
-        "wrote {} ({} tensors) from the {which} of step {s}",
+        "wrote {} ({} tensors) from the {what} of step {s}",
         out.display(),
         tensors.len()
     );
     Ok(0)
+}
+
+/// The backbone config recorded in a checkpoint's manifest.
+pub(crate) fn checkpoint_vit_config(state_dir: &Path, step: u64) -> Result<model::VitConfig> {
+    let dir = state_dir.join("checkpoints");
+    for e in std::fs::read_dir(&dir)? {
+        let p = e?.path();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
+        if name.ends_with(".tmp") || !name.starts_with(&format!("step-{step:012}")) {
+            continue;
+        }
+        let manifest: checkpoints::Manifest =
+            serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
+        let v = manifest.meta["run"]["model"]["backbone"].clone();
+        return serde_json::from_value(v).context("the checkpoint's backbone config");
+    }
+    bail!("no checkpoint of step {step} in {}", dir.display())
 }
 
 fn blob_f(
@@ -541,39 +513,6 @@ fn blob_f(
             &v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
         )?
     })
-}
-
-/// The number of heads recorded in the newest checkpoint's metadata.
-fn infer_heads(state_dir: &Path) -> Result<usize> {
-    let dir = state_dir.join("checkpoints");
-    let mut best: Option<(u64, PathBuf)> = None;
-    for e in std::fs::read_dir(&dir)? {
-        let p = e?.path();
-        let name = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("")
-            .to_string();
-        if name.ends_with(".tmp") || !name.starts_with("step-") {
-            continue;
-        }
-        if let Ok(s) = name["step-".len()..]
-            .split('-')
-            .next()
-            .unwrap_or("")
-            .parse::<u64>()
-        {
-            if best.as_ref().is_none_or(|(b, _)| s > *b) {
-                best = Some((s, p));
-            }
-        }
-    }
-    let (_, p) = best.ok_or_else(|| anyhow!("no checkpoint in {}", dir.display()))?;
-    let manifest: checkpoints::Manifest =
-        serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
-    Ok(manifest.meta["run"]["model"]["backbone"]["num_heads"]
-        .as_u64()
-        .unwrap_or(0) as usize)
 }
 
 /// `dinod data scan`.

@@ -474,6 +474,74 @@ impl Default for RuntimeSection {
     }
 }
 
+/// One labelled probe set. (No `deny_unknown_fields` here: serde cannot combine it with
+/// `flatten`; the flattened `ProbeSetConfig` rejects unknown keys itself.)
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProbeSetSection {
+    /// Name in reports.
+    pub name: String,
+    /// Source of the probe's training images (labels, and label maps for the dense probe).
+    pub train: data::SourceSpec,
+    /// Source of the held-out images (default: held out from `train`).
+    #[serde(default)]
+    pub test: Option<data::SourceSpec>,
+    /// Sizes and counts.
+    #[serde(flatten)]
+    pub set: eval_probes::ProbeSetConfig,
+}
+
+/// `[eval]`: live probes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Probe the EMA teacher every N steps (0 = never). A checkpoint is written at every
+    /// evaluated step, so the best-dense checkpoint exists when Gram anchoring needs it.
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Probe sets.
+    #[serde(default)]
+    pub sets: Vec<ProbeSetSection>,
+    /// Probe settings (cost bounds).
+    #[serde(default)]
+    pub probes: eval_probes::ProbeConfig,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            sets: vec![],
+            probes: eval_probes::ProbeConfig::default(),
+        }
+    }
+}
+
+/// `[stages]`: automatic stage transitions, and the crops of high-resolution adaptation.
+/// (Unknown keys are rejected by the flattened `StageConfig`.)
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StagesSection {
+    /// Let the probes move the run through its stages.
+    #[serde(default = "d_true")]
+    pub automatic: bool,
+    /// The state machine's thresholds and stage settings.
+    #[serde(flatten)]
+    pub machine: eval_probes::StageConfig,
+    /// Mixed global/local sizes of high-resolution adaptation (Gram sizes are derived from
+    /// `high_res.gram_teacher_scale`); default: 1.5x and 2x the base global size.
+    #[serde(default)]
+    pub high_res_crops: Option<data::HighResConfig>,
+}
+
+impl Default for StagesSection {
+    fn default() -> Self {
+        Self {
+            automatic: true,
+            machine: eval_probes::StageConfig::default(),
+            high_res_crops: None,
+        }
+    }
+}
+
 /// The whole run configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -494,6 +562,12 @@ pub struct RunConfig {
     /// Checkpointing.
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    /// Live probes.
+    #[serde(default)]
+    pub eval: EvalSection,
+    /// Stage transitions.
+    #[serde(default)]
+    pub stages: StagesSection,
     /// Daemon settings.
     #[serde(default)]
     pub runtime: RuntimeSection,
@@ -586,27 +660,40 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
         origin: origin.to_string(),
         problems,
     };
-    let table: toml::Table = toml::from_str(text)
+    let mut table: toml::Table = toml::from_str(text)
         .map_err(|e| err(vec![problem("(syntax)", e.to_string().trim().to_string())]))?;
-    let mut unknown = BTreeSet::new();
-    let de = toml::Value::Table(table.clone());
-    let parsed: Result<RunConfig, _> = serde_ignored::deserialize(de, |path| {
-        unknown.insert(path.to_string());
-    });
-    let mut problems: Vec<ConfigProblem> = unknown
-        .iter()
-        .map(|k| {
-            problem(
-                k.clone(),
-                "unknown key (check the spelling; see configs/default.toml for every key)",
-            )
-        })
-        .collect();
-    let cfg = match parsed {
-        Ok(c) => c,
-        Err(e) => {
-            problems.push(problem("(value)", e.to_string()));
-            return Err(err(problems));
+    // Every type rejects unknown keys; collect them all by removing each reported key and
+    // deserialising again, so one run of `dinod` lists every misspelt key at once.
+    let mut problems: Vec<ConfigProblem> = vec![];
+    let cfg = loop {
+        let mut ignored = BTreeSet::new();
+        let parsed: Result<RunConfig, _> =
+            serde_ignored::deserialize(toml::Value::Table(table.clone()), |path| {
+                ignored.insert(path.to_string());
+            });
+        problems.extend(ignored.into_iter().map(|k| problem(k, "unknown key")));
+        match parsed {
+            Ok(c) => break c,
+            Err(e) => {
+                let msg = e.to_string();
+                if let Some((path, field)) = unknown_field(&msg) {
+                    let expected = msg
+                        .split_once("expected ")
+                        .map(|(_, x)| x.lines().next().unwrap_or("").trim().to_string())
+                        .unwrap_or_default();
+                    let key = if path.is_empty() {
+                        field.clone()
+                    } else {
+                        format!("{path}.{field}")
+                    };
+                    if problems.len() < 100 && remove_key(&mut table, &path, &field) {
+                        problems.push(problem(key, format!("unknown key (expected {expected})")));
+                        continue;
+                    }
+                }
+                problems.push(problem("(value)", msg.trim().replace('\n', " ")));
+                return Err(err(problems));
+            }
         }
     };
     // the backbone: preset merged with overrides
@@ -699,6 +786,45 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
     if cfg.checkpoint.every_steps == 0 {
         problems.push(problem("checkpoint.every_steps", "must be at least 1"));
     }
+    problems.extend(
+        cfg.eval
+            .probes
+            .problems()
+            .into_iter()
+            .map(|m| problem("eval.probes", m)),
+    );
+    problems.extend(
+        cfg.stages
+            .machine
+            .problems()
+            .into_iter()
+            .map(|m| problem("stages", m)),
+    );
+    if cfg.eval.every_steps > 0 && cfg.eval.sets.is_empty() {
+        problems.push(problem(
+            "eval.sets",
+            "eval.every_steps is set but no probe set is configured",
+        ));
+    }
+    for (i, set) in cfg.eval.sets.iter().enumerate() {
+        problems.extend(
+            set.set
+                .problems()
+                .into_iter()
+                .map(|m| problem(format!("eval.sets[{i}]"), m)),
+        );
+        if let Some(s) = &ssl {
+            if set.set.size as usize % s.backbone.patch_size != 0 {
+                problems.push(problem(
+                    format!("eval.sets[{i}].size"),
+                    format!(
+                        "{} px is not a multiple of the patch size {}",
+                        set.set.size, s.backbone.patch_size
+                    ),
+                ));
+            }
+        }
+    }
     for (i, f) in cfg.runtime.faults.iter().enumerate() {
         if let Err(m) = f.check() {
             problems.push(problem(format!("runtime.faults[{i}]"), m));
@@ -769,4 +895,29 @@ fn build_backbone(m: &ModelSection) -> Result<VitConfig, Vec<ConfigProblem>> {
                 ),
             )]
         })
+}
+
+/// `(path, field)` of a serde "unknown field" error from the toml deserializer.
+fn unknown_field(msg: &str) -> Option<(String, String)> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    let field = rest.split('`').next()?.to_string();
+    let path = match msg.rsplit_once("in `") {
+        Some((_, p)) => p.trim_end().trim_end_matches('`').to_string(),
+        None => String::new(),
+    };
+    Some((path, field))
+}
+
+/// Removes `path.field` from a TOML table; whether it was there.
+fn remove_key(table: &mut toml::Table, path: &str, field: &str) -> bool {
+    let mut t = table;
+    if !path.is_empty() {
+        for part in path.split('.') {
+            match t.get_mut(part) {
+                Some(toml::Value::Table(inner)) => t = inner,
+                _ => return false,
+            }
+        }
+    }
+    t.remove(field).is_some()
 }

@@ -154,6 +154,11 @@ pub fn snapshot(st: &EngineState, plan: &Plan) -> Result<CheckpointPayload> {
         .with_meta(meta))
 }
 
+/// A checkpoint blob as a CPU tensor of `dtype`.
+pub fn blob_tensor(b: &TensorBlob, dtype: DType) -> Result<Tensor> {
+    to_tensor(b, dtype)
+}
+
 fn to_tensor(b: &TensorBlob, dtype: DType) -> Result<Tensor> {
     let dev = candle_core::Device::Cpu;
     let t = match b.dtype {

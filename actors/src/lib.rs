@@ -19,4 +19,6 @@ pub mod daemon;
 pub mod engine;
 pub mod logging;
 pub mod runtime;
+pub mod stages;
 pub mod tools;
+pub mod viz;

@@ -3,5 +3,6 @@
 
 mod cli;
 mod daemon;
+mod stages;
 mod support;
 mod tidy;

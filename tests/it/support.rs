@@ -16,7 +16,9 @@ pub fn root() -> PathBuf {
 
 /// The golden fixtures directory.
 pub fn golden() -> PathBuf {
-    std::env::var_os("DINOD_GOLDEN").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/golden"))
+    std::env::var_os("DINOD_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/golden"))
 }
 
 /// A fresh temporary directory (removed on drop).
@@ -100,12 +102,24 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
 
 /// Runs `dinod ARGS` to completion.
 pub fn dinod(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).env("RUST_LOG", "warn").env("RUST_BACKTRACE", "0").output().unwrap()
+    Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
 }
 
 /// Starts `dinod ARGS` in the background.
 pub fn spawn(args: &[&str]) -> Child {
-    Command::new(bin()).args(args).env("RUST_LOG", "info").env("RUST_BACKTRACE", "0").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    Command::new(bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// Waits for a child with a timeout; kills it if it overruns.
@@ -126,5 +140,10 @@ pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::
 
 /// Text of an output.
 pub fn text(o: &Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }

@@ -23,11 +23,62 @@ fn deps(krate: &str) -> Vec<String> {
 fn dependency_direction() {
     // (crate, may not depend on)
     let rules: &[(&str, &[&str])] = &[
-        ("ops", &["model", "data", "eval_probes", "checkpoints", "actors", "tokio", "ractor", "sled"]),
-        ("model", &["eval_probes", "checkpoints", "actors", "data", "tokio", "ractor", "sled"]),
-        ("data", &["candle-core", "model", "ops", "eval_probes", "checkpoints", "actors", "tokio", "ractor", "sled"]),
-        ("eval_probes", &["checkpoints", "actors", "tokio", "ractor", "sled"]),
-        ("checkpoints", &["candle-core", "ops", "model", "data", "eval_probes", "actors", "tokio", "ractor"]),
+        (
+            "ops",
+            &[
+                "model",
+                "data",
+                "eval_probes",
+                "checkpoints",
+                "actors",
+                "tokio",
+                "ractor",
+                "sled",
+            ],
+        ),
+        (
+            "model",
+            &[
+                "eval_probes",
+                "checkpoints",
+                "actors",
+                "data",
+                "tokio",
+                "ractor",
+                "sled",
+            ],
+        ),
+        (
+            "data",
+            &[
+                "candle-core",
+                "model",
+                "ops",
+                "eval_probes",
+                "checkpoints",
+                "actors",
+                "tokio",
+                "ractor",
+                "sled",
+            ],
+        ),
+        (
+            "eval_probes",
+            &["checkpoints", "actors", "tokio", "ractor", "sled"],
+        ),
+        (
+            "checkpoints",
+            &[
+                "candle-core",
+                "ops",
+                "model",
+                "data",
+                "eval_probes",
+                "actors",
+                "tokio",
+                "ractor",
+            ],
+        ),
     ];
     let mut bad = vec![];
     for (krate, forbidden) in rules {
@@ -38,10 +89,23 @@ fn dependency_direction() {
         }
     }
     // model builds on ops; eval_probes on model and ops
-    assert!(deps("model").contains(&"ops".to_string()), "model must build on ops");
-    assert!(deps("eval_probes").contains(&"model".to_string()), "eval_probes must build on model");
+    assert!(
+        deps("model").contains(&"ops".to_string()),
+        "model must build on ops"
+    );
+    assert!(
+        deps("eval_probes").contains(&"model".to_string()),
+        "eval_probes must build on model"
+    );
     // only checkpoints names sled; only actors (and the binary) name tokio / ractor
-    for krate in ["ops", "model", "data", "eval_probes", "checkpoints", "actors"] {
+    for krate in [
+        "ops",
+        "model",
+        "data",
+        "eval_probes",
+        "checkpoints",
+        "actors",
+    ] {
         let d = deps(krate);
         if krate != "checkpoints" && d.iter().any(|x| x == "sled") {
             bad.push(format!("{krate} names sled"));
@@ -50,7 +114,11 @@ fn dependency_direction() {
             bad.push(format!("{krate} names tokio/ractor"));
         }
     }
-    assert!(bad.is_empty(), "dependency rules broken:\n{}", bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "dependency rules broken:\n{}",
+        bad.join("\n")
+    );
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -66,7 +134,16 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn all_sources() -> Vec<PathBuf> {
     let mut files = vec![];
-    for d in ["ops/src", "model/src", "data/src", "eval_probes/src", "checkpoints/src", "actors/src", "src", "tests"] {
+    for d in [
+        "ops/src",
+        "model/src",
+        "data/src",
+        "eval_probes/src",
+        "checkpoints/src",
+        "actors/src",
+        "src",
+        "tests",
+    ] {
         let p = root().join(d);
         if p.exists() {
             rust_files(&p, &mut files);
@@ -85,7 +162,11 @@ fn every_file_starts_with_a_module_doc() {
         })
         .map(|p| p.display().to_string())
         .collect();
-    assert!(missing.is_empty(), "files without a `//!` module doc:\n{}", missing.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "files without a `//!` module doc:\n{}",
+        missing.join("\n")
+    );
 }
 
 #[test]
@@ -96,7 +177,8 @@ fn no_todo_or_glob_reexports() {
     let glob = ["pub use ", "::*;"];
     for p in all_sources() {
         let t = std::fs::read_to_string(&p).unwrap();
-        let is_test = p.components().any(|c| c.as_os_str() == "tests") || p.file_name().is_some_and(|n| n == "tests.rs");
+        let is_test = p.components().any(|c| c.as_os_str() == "tests")
+            || p.file_name().is_some_and(|n| n == "tests.rs");
         for (i, line) in t.lines().enumerate() {
             if !is_test && (line.contains(&todo) || line.contains(&unimpl)) {
                 bad.push(format!("{}:{}: {}", p.display(), i + 1, line.trim()));
@@ -112,8 +194,19 @@ fn no_todo_or_glob_reexports() {
 #[test]
 fn architecture_md_names_every_crate() {
     let arch = std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap();
-    for krate in ["ops/", "model/", "data/", "eval_probes/", "checkpoints/", "actors/", "tests/"] {
-        assert!(arch.contains(krate), "ARCHITECTURE.md does not mention {krate}");
+    for krate in [
+        "ops/",
+        "model/",
+        "data/",
+        "eval_probes/",
+        "checkpoints/",
+        "actors/",
+        "tests/",
+    ] {
+        assert!(
+            arch.contains(krate),
+            "ARCHITECTURE.md does not mention {krate}"
+        );
     }
 }
 
@@ -121,8 +214,14 @@ fn architecture_md_names_every_crate() {
 fn readme_gives_the_two_commands_and_ci_runs_the_test_command() {
     let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
     let ci = std::fs::read_to_string(root().join(".ci/run")).unwrap();
-    assert!(readme.contains("cargo run --release -- run"), "README lacks the main-job command");
+    assert!(
+        readme.contains("cargo run --release -- run"),
+        "README lacks the main-job command"
+    );
     let test_cmd = "cargo test --release --locked --workspace";
     assert!(readme.contains(test_cmd), "README lacks the test command");
-    assert!(ci.contains(test_cmd), ".ci/run does not run the README's test command");
+    assert!(
+        ci.contains(test_cmd),
+        ".ci/run does not run the README's test command"
+    );
 }

@@ -44,7 +44,7 @@ impl FaultInjector for ConfigFaults {
     fn check(&self, p: &FaultPoint<'_>) -> std::io::Result<()> {
         if p.stage == FaultStage::Write
             && p.bytes_written > 0
-            && self.0.take("io_error", None, p.step).is_some()
+            && self.0.take_since("io_error", p.step).is_some()
         {
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
@@ -85,7 +85,7 @@ impl Actor for CheckpointerActor {
         } = msg;
         st.ctx.board.handled(NAME);
         let step = payload.step;
-        st.ctx.faults.maybe_panic(NAME, step);
+        st.ctx.faults.maybe_panic_since(NAME, step);
         st.ctx.board.phase(NAME, ActorPhase::Checkpoint);
         let ctx = st.ctx.clone();
         let r = st
@@ -97,11 +97,44 @@ impl Actor for CheckpointerActor {
             .await
             .unwrap_or_else(|e| Err(format!("{e:#}")));
         st.ctx.board.phase(NAME, ActorPhase::Idle);
+        record(&st.ctx, step, blocking_ms, &r);
+        st.ctx
+            .saving
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let _ = reply_to.cast(CoordMsg::Saved {
             step,
             blocking_ms,
             outcome: Box::new(r),
         });
         Ok(())
+    }
+}
+
+/// Records the outcome of a save: status board, metrics, event.
+pub fn record(ctx: &Ctx, step: u64, blocking_ms: f64, r: &SaveOutcome) {
+    use checkpoints::Level;
+    match r {
+        Ok(rep) => {
+            let durable = rep.durable().as_secs_f64() * 1e3;
+            ctx.board.run(|s| {
+                s.last_checkpoint = Some(step);
+                s.last_checkpoint_blocking_ms = blocking_ms;
+                s.last_checkpoint_durable_ms = durable;
+            });
+            metrics::histogram!("dinod_checkpoint_durable_seconds").record(durable / 1e3);
+            metrics::gauge!("dinod_last_checkpoint_step").set(step as f64);
+            ctx.event(
+                Level::Info,
+                "checkpoint.saved",
+                Some(NAME),
+                Some(step),
+                format!("checkpoint at step {step}: {:.1} MB, blocking {blocking_ms:.0} ms, durable {durable:.0} ms", rep.bytes as f64 / 1e6),
+                serde_json::json!({"bytes": rep.bytes, "blocking_ms": blocking_ms, "durable_ms": durable, "deleted": rep.deleted}),
+            );
+        }
+        Err(e) => {
+            metrics::counter!("dinod_checkpoint_failures_total").increment(1);
+            ctx.event(Level::Error, "checkpoint.failed", Some(NAME), Some(step), format!("checkpoint at step {step} failed; training continues and the save will be retried: {e}"), serde_json::json!({"error": e}));
+        }
     }
 }

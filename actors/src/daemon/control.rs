@@ -44,7 +44,10 @@ pub fn start_metrics(ctx: &Ctx, port: u16) -> Result<()> {
 }
 
 /// Messages (the listener runs as a task owned by the actor).
-pub enum ControlMsg {}
+pub enum ControlMsg {
+    /// Periodic self-check (heartbeat; where an injected `panic:control` fires).
+    Tick,
+}
 
 /// The actor.
 pub struct ControlActor;
@@ -53,6 +56,7 @@ pub struct ControlActor;
 pub struct ControlState {
     task: tokio::task::JoinHandle<()>,
     path: PathBuf,
+    ctx: Arc<Ctx>,
 }
 
 /// The status document (`dinod status`).
@@ -147,6 +151,13 @@ async fn answer(
             .await
             .unwrap_or_else(|e| Err(e.to_string()))
         }
+        "history" => {
+            let store = ctx.store.clone();
+            let stage = ctx.engine.lock().stage.clone();
+            tokio::task::spawn_blocking(move || history_doc(&store, &stage))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+        }
         "pause" => coordinator_cast(CoordMsg::Pause)
             .await
             .map(|_| json!("paused")),
@@ -229,8 +240,24 @@ impl Actor for ControlActor {
                 }
             }
         });
-        ctx.faults.maybe_panic(NAME, ctx.engine.lock().ts.step);
-        Ok(ControlState { task, path })
+        _me.send_interval(Duration::from_millis(200), || ControlMsg::Tick);
+        Ok(ControlState { task, path, ctx })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ControlMsg::Tick => {
+                st.ctx.board.phase(NAME, super::board::ActorPhase::Idle);
+                let step = st.ctx.engine.lock().ts.step;
+                st.ctx.faults.maybe_panic_since(NAME, step);
+            }
+        }
+        Ok(())
     }
 
     async fn post_stop(
@@ -242,4 +269,17 @@ impl Actor for ControlActor {
         let _ = std::fs::remove_file(&st.path);
         Ok(())
     }
+}
+
+/// Loss and probe history plus stage transitions (`dinod viz curves`).
+pub fn history_doc(store: &checkpoints::Store, stage: &Value) -> Result<Value, String> {
+    let train = store.probe_history("train").map_err(|e| e.to_string())?;
+    let probes: Vec<Value> = store
+        .probe_history("probes")
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|r| json!({"step": r.step, "metrics": r.value.get("metrics").cloned().unwrap_or(Value::Null)}))
+        .collect();
+    let transitions = stage.get("history").cloned().unwrap_or_else(|| json!([]));
+    Ok(json!({"train": train, "probes": probes, "transitions": transitions}))
 }

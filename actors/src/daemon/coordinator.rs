@@ -22,10 +22,35 @@ use serde_json::json;
 use super::board::{now_ms, ActorPhase};
 use super::checkpointer::{self, CkptMsg, SaveOutcome};
 use super::compute::{EmaMsg, StepSummary, TeacherMsg, TrainerMsg, EMA, TEACHER, TRAINER};
+use super::evaluator;
 use super::loader::{self, LoadedBatch, LoaderMsg};
 use super::supervisor::{self, SupMsg};
 use super::{Ctx, EXIT_DEVICE, EXIT_FATAL, EXIT_OK};
-use crate::engine;
+use crate::{engine, stages};
+
+/// The EMA-teacher backbone stored in the checkpoint of `step` (the Gram teacher of the
+/// best-dense evaluation).
+pub fn load_teacher_backbone(ctx: &Ctx, step: u64) -> anyhow::Result<model::vit::Vit> {
+    let group = ctx.store.load_group(step, "teacher")?;
+    let dtype = ctx.plan.config.precision.dtype();
+    let mut vit = model::vit::Vit::init(&ctx.plan.ssl.backbone, 0, dtype)?;
+    let mut err = None;
+    vit.params
+        .load_from(|n| match group.get(&format!("backbone.{n}")) {
+            Some(b) => match engine::blob_tensor(b, dtype) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    err = Some(e);
+                    None
+                }
+            },
+            None => None,
+        })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    Ok(vit)
+}
 
 /// Actor name.
 pub const NAME: &str = "coordinator";
@@ -48,11 +73,6 @@ pub enum CoordMsg {
     },
     /// The device context is unusable (from the supervisor).
     DeviceLost(String),
-    /// Evaluation results (from the evaluator).
-    Evaluated {
-        step: u64,
-        result: Box<serde_json::Value>,
-    },
     /// Force a stage (from the CLI), recorded as manual.
     SetStage {
         stage: String,
@@ -79,7 +99,9 @@ pub struct CoordState {
     paused: bool,
     stopping: bool,
     save_in_flight: Option<u64>,
+    save_issued_restarts: u32,
     save_due: bool,
+    need_loader_reset: bool,
     save_backoff_until: u64,
     losses: VecDeque<f64>,
     bad_steps: VecDeque<u64>,
@@ -90,6 +112,7 @@ pub struct CoordState {
     last_commit: Option<Instant>,
     progress: Option<indicatif::ProgressBar>,
     stop_replies: Vec<RpcReplyPort<String>>,
+    machine: eval_probes::StageMachine,
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -127,7 +150,164 @@ where
 
 impl CoordState {
     fn hparams(&self, step: u64) -> model::StepHparams {
-        self.ctx.plan.hparams(step)
+        let has_gram = self.ctx.engine.lock().ts.gram_teacher.is_some();
+        stages::hparams(
+            &self.ctx.plan,
+            &self.machine.overrides(step),
+            step,
+            has_gram,
+        )
+    }
+
+    /// Copies the EMA teacher into the Gram teacher when the stage says so (once per step,
+    /// even if the step is redone).
+    fn refresh_if_due(&mut self, step: u64) {
+        let ov = self.machine.overrides(step);
+        if !ov.refresh_gram_teacher_now {
+            return;
+        }
+        let ctx = self.ctx.clone();
+        let mut eng = ctx.engine.lock();
+        if eng
+            .counters
+            .get("gram_refreshed_at")
+            .and_then(|v| v.as_u64())
+            == Some(step)
+        {
+            return;
+        }
+        if let Err(e) = eng.ts.refresh_gram_teacher() {
+            drop(eng);
+            ctx.event(
+                Level::Error,
+                "stage.failed",
+                Some(NAME),
+                Some(step),
+                format!("Gram-teacher refresh failed: {e}"),
+                json!({}),
+            );
+            return;
+        }
+        if !eng.counters.is_object() {
+            eng.counters = json!({});
+        }
+        eng.counters["gram_refreshed_at"] = json!(step);
+        let n = eng.ts.gram_updates;
+        drop(eng);
+        ctx.event(Level::Info, "stage.gram_refresh", Some(NAME), Some(step), format!("Gram teacher refreshed from the EMA teacher at step {step} (refresh {} of the stage)", ov.gram_refreshes), json!({"updates": n}));
+    }
+
+    /// Re-reads the stage machine after the engine was reloaded.
+    fn sync_machine(&mut self) {
+        let st = self.ctx.engine.lock().stage.clone();
+        self.machine = stages::machine(&self.ctx.plan, &st);
+        let name = self.machine.stage().as_str().to_string();
+        self.ctx.board.run(|r| r.stage = name);
+        self.need_loader_reset = true;
+    }
+
+    /// Persists the machine's state into the engine (it goes into every checkpoint).
+    fn store_machine(&self) {
+        let js = stages::state_json(&self.machine);
+        self.ctx.engine.lock().stage = js;
+        let name = self.machine.stage().as_str().to_string();
+        self.ctx.board.run(|r| r.stage = name);
+    }
+
+    /// Applies what a stage transition implies: the Gram teacher, the crops, the record.
+    fn apply_transition(&mut self, t: eval_probes::Transition) -> Result<(), String> {
+        let ctx = self.ctx.clone();
+        match &t.gram_teacher {
+            Some(eval_probes::GramTeacherSource::BestDenseCheckpoint { step, .. }) => {
+                let vit = load_teacher_backbone(&ctx, *step).map_err(|e| {
+                    format!("loading the Gram teacher from checkpoint {step}: {e:#}")
+                })?;
+                let mut eng = ctx.engine.lock();
+                eng.ts.gram_teacher = Some(vit);
+                eng.ts.gram_updates += 1;
+            }
+            Some(eval_probes::GramTeacherSource::EmaTeacher { .. }) => {
+                ctx.engine
+                    .lock()
+                    .ts
+                    .refresh_gram_teacher()
+                    .map_err(|e| e.to_string())?;
+            }
+            None => {}
+        }
+        self.store_machine();
+        self.need_loader_reset = true;
+        self.save_due = true;
+        let reason = serde_json::to_value(&t.reason).unwrap_or_default();
+        ctx.event(
+            Level::Info,
+            "stage.transition",
+            Some(NAME),
+            Some(t.step),
+            format!("stage {} -> {} at step {}", t.from.as_str(), t.to.as_str(), t.step),
+            json!({"from": t.from.as_str(), "to": t.to.as_str(), "reason": reason, "gram_teacher": t.gram_teacher}),
+        );
+        metrics::counter!("dinod_stage_transitions_total", "to" => t.to.as_str()).increment(1);
+        Ok(())
+    }
+
+    /// Runs the probes on the current EMA teacher (synchronously: the transition a result
+    /// triggers then happens at a deterministic step) and feeds the stage machine.
+    async fn evaluate(&mut self) -> Result<(), String> {
+        let ctx = self.ctx.clone();
+        let (step, teacher) = {
+            let e = ctx.engine.lock();
+            (
+                e.ts.step,
+                e.ts.teacher
+                    .backbone
+                    .deep_clone()
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        let ev = call(&ctx.board, evaluator::NAME, move |reply| {
+            evaluator::EvalMsg::Evaluate {
+                step,
+                teacher: Box::new(teacher),
+                reply,
+            }
+        })
+        .await??;
+        let m = &ev.metrics;
+        for (k, v) in [
+            ("knn_top1", m.knn_top1),
+            ("linear_top1", m.linear_top1),
+            ("dense_miou", m.dense_miou),
+            ("dense_pixel_accuracy", m.dense_pixel_accuracy),
+            ("locality", m.locality),
+            ("correspondence", m.correspondence),
+        ] {
+            if let Some(v) = v {
+                metrics::gauge!("dinod_probe", "metric" => k).set(v);
+            }
+        }
+        ctx.board
+            .run(|r| r.probes = json!({"step": step, "metrics": ev.metrics, "ms": ev.ms}));
+        ctx.event(
+            Level::Info,
+            "probe.done",
+            Some(evaluator::NAME),
+            Some(step),
+            format!(
+                "probes at step {step} in {:.1} s: {}",
+                ev.ms / 1e3,
+                serde_json::to_string(&ev.metrics).unwrap_or_default()
+            ),
+            json!({"metrics": ev.metrics, "ms": ev.ms}),
+        );
+        if ctx.plan.config.stages.automatic {
+            if let Some(t) = self.machine.observe_at(step, step, &ev.metrics) {
+                self.apply_transition(t)?;
+            }
+        }
+        self.store_machine();
+        self.save_due = true;
+        Ok(())
     }
 
     async fn run_step(&mut self) -> Result<StepSummary, StepFail> {
@@ -302,6 +482,13 @@ impl CoordState {
             r.data_cursor = cursor;
         });
         metrics::gauge!("dinod_step").set((s.step + 1) as f64);
+        // the loss history behind `dinod viz curves`
+        if (s.step + 1) % ctx.plan.config.runtime.log_every_steps.max(1) == 0 {
+            let rec = json!({"losses": s.losses, "lr": hp.lr, "gram_weight": hp.gram_weight, "stage": self.machine.stage().as_str(), "grad_norms": s.norms});
+            if let Err(e) = ctx.store.record_probe(s.step + 1, "train", &rec) {
+                tracing::warn!("cannot record the loss history: {e}");
+            }
+        }
         metrics::gauge!("dinod_last_step_timestamp_seconds").set(now_ms() as f64 / 1e3);
         metrics::gauge!("dinod_lr").set(hp.lr);
         metrics::gauge!("dinod_images_per_second").set(ips);
@@ -347,6 +534,27 @@ impl CoordState {
         if step > 0 && step % every == 0 {
             self.save_due = true;
         }
+        if self.save_in_flight.is_some() {
+            // a save whose checkpointer died with it will never report back
+            let restarts = ctx
+                .board
+                .actor(checkpointer::NAME)
+                .map(|a| a.restarts)
+                .unwrap_or(0);
+            if restarts > self.save_issued_restarts {
+                ctx.event(
+                    Level::Warn,
+                    "checkpoint.lost",
+                    Some(NAME),
+                    self.save_in_flight,
+                    "the checkpointer restarted during a save; saving again",
+                    json!({}),
+                );
+                self.save_in_flight = None;
+                self.save_due = true;
+                ctx.saving.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
         if !(self.save_due || force)
             || self.save_in_flight.is_some()
             || now_ms() < self.save_backoff_until
@@ -381,6 +589,12 @@ impl CoordState {
         metrics::histogram!("dinod_checkpoint_blocking_seconds").record(blocking_ms / 1e3);
         self.save_due = false;
         self.save_in_flight = Some(step);
+        self.save_issued_restarts = ctx
+            .board
+            .actor(checkpointer::NAME)
+            .map(|a| a.restarts)
+            .unwrap_or(0);
+        ctx.saving.store(true, std::sync::atomic::Ordering::SeqCst);
         ctx.board.queued(checkpointer::NAME);
         let _ = ActorRef::<CkptMsg>::from(cell).cast(CkptMsg::Save {
             payload: Box::new(payload),
@@ -448,6 +662,7 @@ impl CoordState {
             let at = ctx
                 .reload("too many bad steps")
                 .map_err(|e| format!("rollback failed: {e:#}"))?;
+            self.sync_machine();
             ctx.event(
                 Level::Warn,
                 "run.rollback",
@@ -467,8 +682,10 @@ impl CoordState {
     async fn reset_loader(&mut self) -> Result<(), String> {
         self.retry = None;
         let cursor = loader::committed_cursor(&self.ctx);
+        let step = self.ctx.engine.lock().ts.step;
+        let crops = stages::crops(&self.ctx.plan, &self.machine.overrides(step));
         call(&self.ctx.board, loader::NAME, move |reply| {
-            LoaderMsg::Reset(cursor, reply)
+            LoaderMsg::Reset(cursor, Box::new(crops), reply)
         })
         .await?
         .map_err(|e| format!("resetting the data loader: {e}"))
@@ -478,19 +695,14 @@ impl CoordState {
     async fn finish(&mut self, code: i32, why: &str) {
         let ctx = self.ctx.clone();
         self.stopping = true;
-        // wait for a save in flight
-        for _ in 0..600 {
-            if self.save_in_flight.is_none() {
+        // wait for a save in flight (its checkpointer records the outcome)
+        for _ in 0..6000 {
+            if !ctx.saving.load(std::sync::atomic::Ordering::SeqCst) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-            // Saved messages are handled by this actor: poll the store instead
-            if let Ok(Some(l)) = ctx.store.latest_step() {
-                if Some(l) == self.save_in_flight {
-                    self.save_in_flight = None;
-                }
-            }
         }
+        self.save_in_flight = None;
         let (step, dirty) = {
             let e = ctx.engine.lock();
             (e.ts.step, e.dirty)
@@ -602,16 +814,20 @@ impl Actor for CoordinatorActor {
             r.pid = std::process::id();
             r.step = step;
             r.max_steps = ctx.max_steps;
-            r.stage = "pretrain".into();
             r.last_checkpoint = latest;
         });
+        let machine = stages::machine(&ctx.plan, &ctx.engine.lock().stage);
+        let stage_name = machine.stage().as_str().to_string();
+        ctx.board.run(|r| r.stage = stage_name);
         let _ = me.cast(CoordMsg::Tick);
         Ok(CoordState {
             ctx,
             paused: false,
             stopping: false,
             save_in_flight: None,
+            save_issued_restarts: 0,
             save_due: false,
+            need_loader_reset: true,
             save_backoff_until: 0,
             losses: VecDeque::new(),
             bad_steps: VecDeque::new(),
@@ -622,6 +838,7 @@ impl Actor for CoordinatorActor {
             last_commit: None,
             progress,
             stop_replies: vec![],
+            machine,
         })
     }
 
@@ -648,15 +865,89 @@ impl Actor for CoordinatorActor {
                     return Ok(());
                 }
                 ctx.board.phase(NAME, ActorPhase::Step);
+                // step budgets of the stage, and a due Gram-teacher refresh
+                if let Some(t) = st.machine.on_step(step) {
+                    if let Err(e) = st.apply_transition(t) {
+                        ctx.event(
+                            Level::Error,
+                            "stage.failed",
+                            Some(NAME),
+                            Some(step),
+                            e.clone(),
+                            json!({}),
+                        );
+                    }
+                }
+                st.refresh_if_due(step);
+                if st.need_loader_reset {
+                    // a new coordinator does not know what the loader prefetched
+                    if let Err(e) = st.reset_loader().await {
+                        ctx.event(
+                            Level::Warn,
+                            "step.redo",
+                            Some(NAME),
+                            Some(step),
+                            format!("data loader reset failed: {e}"),
+                            json!({}),
+                        );
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let _ = me.cast(CoordMsg::Tick);
+                        return Ok(());
+                    }
+                    st.need_loader_reset = false;
+                }
                 match st.run_step().await {
                     Ok(summary) => {
                         st.committed(&summary);
-                        st.maybe_save(&me, false);
+                        // heartbeat to the actors that are otherwise idle
+                        for n in [super::control::NAME, evaluator::NAME] {
+                            if let Some(c) = ractor::registry::where_is(n.to_string()) {
+                                if n == evaluator::NAME {
+                                    let _ = ActorRef::<evaluator::EvalMsg>::from(c)
+                                        .cast(evaluator::EvalMsg::Tick);
+                                } else {
+                                    let _ = ActorRef::<super::control::ControlMsg>::from(c)
+                                        .cast(super::control::ControlMsg::Tick);
+                                }
+                            }
+                        }
+                        let every = ctx.plan.config.eval.every_steps;
+                        let now = summary.step + 1;
+                        if every > 0
+                            && now % every == 0
+                            && st.machine.state().last_eval_step.is_none_or(|l| l < now)
+                        {
+                            if let Err(e) = st.evaluate().await {
+                                ctx.event(
+                                    Level::Error,
+                                    "probe.failed",
+                                    Some(evaluator::NAME),
+                                    Some(now),
+                                    format!("probes at step {now} failed: {e}"),
+                                    json!({}),
+                                );
+                            }
+                            // every evaluated step gets its checkpoint: the best-dense one may
+                            // become the Gram teacher
+                            for _ in 0..6000 {
+                                if !ctx.saving.load(std::sync::atomic::Ordering::SeqCst) {
+                                    break;
+                                }
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            st.save_in_flight = None;
+                            st.save_backoff_until = 0;
+                            st.maybe_save(&me, true);
+                        } else {
+                            st.maybe_save(&me, false);
+                        }
                     }
                     Err(StepFail::Redo(why)) => {
                         let dirty = ctx.engine.lock().dirty;
                         if dirty {
-                            if let Err(e) = ctx.reload(&why) {
+                            let reloaded = ctx.reload(&why);
+                            st.sync_machine();
+                            if let Err(e) = reloaded {
                                 ctx.event(
                                     Level::Error,
                                     "run.fatal",
@@ -756,36 +1047,16 @@ impl Actor for CoordinatorActor {
             }
             CoordMsg::Saved {
                 step,
-                blocking_ms,
+                blocking_ms: _,
                 outcome,
             } => {
-                st.save_in_flight = None;
-                match *outcome {
-                    Ok(rep) => {
-                        let durable = rep.durable().as_secs_f64() * 1e3;
-                        ctx.board.run(|r| {
-                            r.last_checkpoint = Some(step);
-                            r.last_checkpoint_blocking_ms = blocking_ms;
-                            r.last_checkpoint_durable_ms = durable;
-                        });
-                        metrics::histogram!("dinod_checkpoint_durable_seconds")
-                            .record(durable / 1e3);
-                        metrics::gauge!("dinod_last_checkpoint_step").set(step as f64);
-                        ctx.event(
-                            Level::Info,
-                            "checkpoint.saved",
-                            Some(checkpointer::NAME),
-                            Some(step),
-                            format!("checkpoint at step {step}: {:.1} MB, blocking {blocking_ms:.0} ms, durable {durable:.0} ms", rep.bytes as f64 / 1e6),
-                            json!({"bytes": rep.bytes, "blocking_ms": blocking_ms, "durable_ms": durable, "deleted": rep.deleted}),
-                        );
-                    }
-                    Err(e) => {
-                        metrics::counter!("dinod_checkpoint_failures_total").increment(1);
-                        st.save_due = true;
-                        st.save_backoff_until = now_ms() + 5_000;
-                        ctx.event(Level::Error, "checkpoint.failed", Some(checkpointer::NAME), Some(step), format!("checkpoint at step {step} failed, training continues and the save is retried: {e}"), json!({"error": e}));
-                    }
+                // the checkpointer recorded the outcome; here only the retry policy
+                if st.save_in_flight == Some(step) {
+                    st.save_in_flight = None;
+                }
+                if outcome.is_err() {
+                    st.save_due = true;
+                    st.save_backoff_until = now_ms() + 2_000;
                 }
             }
             CoordMsg::DeviceLost(why) => {
@@ -808,14 +1079,21 @@ impl Actor for CoordinatorActor {
                     _ => {}
                 }
             }
-            CoordMsg::Evaluated { step, result } => {
-                ctx.board.run(|r| r.probes = (*result).clone());
-                let _ = step;
-            }
             CoordMsg::SetStage { stage, reply } => {
-                let _ = reply.send(Err(format!(
-                    "stage `{stage}`: stage control is not available in this build"
-                )));
+                let r = match stage.parse::<eval_probes::Stage>() {
+                    Ok(to) => {
+                        let step = ctx.engine.lock().ts.step;
+                        let t = st.machine.force(to, step, "manual (dinod stage set)");
+                        let msg = format!(
+                            "stage {} -> {} at step {step} (manual)",
+                            t.from.as_str(),
+                            t.to.as_str()
+                        );
+                        st.apply_transition(t).map(|_| msg)
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
             }
         }
         Ok(())

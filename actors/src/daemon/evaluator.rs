@@ -1,26 +1,99 @@
-//! The evaluator actor: runs the probes on frozen snapshots of the EMA teacher on its own
-//! thread and reports the results (and stage decisions) to the coordinator.
+//! The evaluator actor: runs the probes on a frozen snapshot of the EMA teacher on its own
+//! thread, records the results in the probe history, scores the checkpoint of that step
+//! (best-by-dense retention), and answers the coordinator, which feeds the stage machine.
+//! Probe sets are built once, lazily, on the evaluator's thread.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use anyhow::{Context, Result};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
 
+use super::board::ActorPhase;
 use super::worker::Worker;
 use super::Ctx;
+use eval_probes::{ProbeMetrics, ProbeSet};
+use model::vit::Vit;
 
 /// Actor name.
 pub const NAME: &str = "evaluator";
 
+/// Result of one evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Evaluation {
+    /// Evaluated step.
+    pub step: u64,
+    /// Scalar metrics (what the stage machine reads).
+    pub metrics: ProbeMetrics,
+    /// The full report.
+    pub report: serde_json::Value,
+    /// Wall time, building the sets included.
+    pub ms: f64,
+}
+
 /// Messages.
-pub enum EvalMsg {}
+pub enum EvalMsg {
+    /// Probe this teacher snapshot.
+    Evaluate {
+        step: u64,
+        teacher: Box<Vit>,
+        reply: RpcReplyPort<Result<Evaluation, String>>,
+    },
+    /// Periodic self-check (heartbeat; where an injected `panic:evaluator` fires).
+    Tick,
+}
 
 /// The actor.
 pub struct EvaluatorActor;
 
 /// Its state.
 pub struct EvalState {
-    _ctx: Arc<Ctx>,
-    _worker: Worker,
+    ctx: Arc<Ctx>,
+    worker: Worker,
+    sets: Arc<Mutex<Option<Vec<ProbeSet>>>>,
+}
+
+/// Builds the configured probe sets.
+pub fn build_sets(cfg: &crate::config::EvalSection) -> Result<Vec<ProbeSet>> {
+    let mut out = vec![];
+    for s in &cfg.sets {
+        let train = s
+            .train
+            .open()
+            .with_context(|| format!("probe set {}: opening {}", s.name, s.train))?;
+        let test = match &s.test {
+            Some(t) => Some(
+                t.open()
+                    .with_context(|| format!("probe set {}: opening {t}", s.name))?,
+            ),
+            None => None,
+        };
+        out.push(
+            ProbeSet::build(&s.name, train.as_ref(), test.as_deref(), &s.set)
+                .with_context(|| format!("probe set {}", s.name))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Runs the probes on a backbone (used by the evaluator and by `dinod probe`).
+pub fn evaluate(
+    vit: &Vit,
+    sets: &[ProbeSet],
+    cfg: &crate::config::EvalSection,
+    step: u64,
+) -> Result<Evaluation> {
+    let t0 = Instant::now();
+    let mut report = eval_probes::run_probes(vit, sets, &cfg.probes)?;
+    report.step = Some(step);
+    let metrics = report.metrics();
+    Ok(Evaluation {
+        step,
+        metrics,
+        report: serde_json::to_value(&report)?,
+        ms: t0.elapsed().as_secs_f64() * 1e3,
+    })
 }
 
 impl Actor for EvaluatorActor {
@@ -30,13 +103,59 @@ impl Actor for EvaluatorActor {
 
     async fn pre_start(
         &self,
-        _me: ActorRef<Self::Msg>,
+        me: ActorRef<Self::Msg>,
         ctx: Arc<Ctx>,
     ) -> Result<Self::State, ActorProcessingErr> {
         ctx.board.register(NAME, "evaluator");
+        me.send_interval(std::time::Duration::from_millis(200), || EvalMsg::Tick);
         Ok(EvalState {
-            _worker: Worker::spawn("dinod-eval")?,
-            _ctx: ctx,
+            worker: Worker::spawn("dinod-eval")?,
+            ctx,
+            sets: Arc::new(Mutex::new(None)),
         })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            EvalMsg::Tick => {
+                let step = st.ctx.engine.lock().ts.step;
+                st.ctx.faults.maybe_panic_since(NAME, step);
+            }
+            EvalMsg::Evaluate {
+                step,
+                teacher,
+                reply,
+            } => {
+                st.ctx.board.handled(NAME);
+                st.ctx.board.phase(NAME, ActorPhase::Eval);
+                let ctx = st.ctx.clone();
+                let sets = st.sets.clone();
+                let r = st
+                    .worker
+                    .run(move || -> Result<Evaluation> {
+                        let t0 = Instant::now();
+                        let mut g = sets.lock().map_err(|_| anyhow::anyhow!("probe sets lock poisoned"))?;
+                        if g.is_none() {
+                            *g = Some(build_sets(&ctx.plan.config.eval)?);
+                        }
+                        let mut ev = evaluate(&teacher, g.as_ref().expect("built above"), &ctx.plan.config.eval, step)?;
+                        ev.ms = t0.elapsed().as_secs_f64() * 1e3;
+                        ctx.store.record_probe(step, "probes", &serde_json::json!({"metrics": ev.metrics, "ms": ev.ms, "report": ev.report}))?;
+                        if let Some(d) = ev.metrics.dense_miou {
+                            ctx.store.set_score(step, "dense", d)?;
+                        }
+                        Ok(ev)
+                    })
+                    .await?;
+                st.ctx.board.phase(NAME, ActorPhase::Idle);
+                let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+            }
+        }
+        Ok(())
     }
 }

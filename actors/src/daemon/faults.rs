@@ -38,9 +38,42 @@ impl Faults {
         None
     }
 
+    /// Takes one firing of a fault of `kind` armed at or before `step` (for work that only
+    /// happens at some steps, like saves).
+    pub fn take_since(&self, kind: &str, step: u64) -> Option<FaultSpec> {
+        let mut p = match self.pending.lock() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        for (f, left) in p.iter_mut() {
+            if *left > 0 && f.kind == kind && f.step <= step {
+                *left -= 1;
+                return Some(f.clone());
+            }
+        }
+        None
+    }
+
     /// Panics if a `panic` fault is armed for `actor` at `step`.
     pub fn maybe_panic(&self, actor: &str, step: u64) {
         if self.take("panic", Some(actor), step).is_some() {
+            panic!("injected fault: panic in {actor} at step {step}");
+        }
+    }
+
+    /// For actors that only look now and then: panics if a `panic` fault for `actor` is
+    /// armed at or before `step`.
+    pub fn maybe_panic_since(&self, actor: &str, step: u64) {
+        let mut p = match self.pending.lock() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        let hit = p.iter_mut().find(|(f, left)| {
+            *left > 0 && f.kind == "panic" && f.actor.as_deref() == Some(actor) && f.step <= step
+        });
+        if let Some((_, left)) = hit {
+            *left -= 1;
+            drop(p);
             panic!("injected fault: panic in {actor} at step {step}");
         }
     }

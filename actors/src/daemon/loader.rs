@@ -34,8 +34,13 @@ pub struct LoadedBatch {
 pub enum LoaderMsg {
     /// The next batch.
     Next(RpcReplyPort<Result<Arc<LoadedBatch>, String>>),
-    /// Restart the stream at a cursor (after a rollback or a redo).
-    Reset(data::Cursor, RpcReplyPort<Result<(), String>>),
+    /// Restart the stream at a cursor with these crops (after a rollback, a redo or a
+    /// stage change).
+    Reset(
+        data::Cursor,
+        Box<data::CropConfig>,
+        RpcReplyPort<Result<(), String>>,
+    ),
 }
 
 /// The actor.
@@ -68,10 +73,22 @@ pub fn to_batch(h: &data::HostBatch, dtype: DType, with_gram: bool) -> Result<mo
     Ok(model::Batch::new(b, global, local, gram, h.masks.clone())?)
 }
 
-fn open_loader(ctx: &Ctx, cursor: data::Cursor) -> Result<data::Loader> {
+fn open_loader(ctx: &Ctx, cursor: data::Cursor, crops: data::CropConfig) -> Result<data::Loader> {
     let cfg = &ctx.plan.config;
-    let opts = data::LoaderOptions::from_config(&cfg.data, cfg.train.batch_size, cfg.seed);
+    let mut dcfg = cfg.data.clone();
+    dcfg.crops = crops;
+    let opts = data::LoaderOptions::from_config(&dcfg, cfg.train.batch_size, cfg.seed);
     Ok(data::Loader::new(ctx.source.clone(), opts, cursor)?)
+}
+
+/// The crops of the stage the engine is in.
+pub fn current_crops(ctx: &Ctx) -> data::CropConfig {
+    let (st, step) = {
+        let e = ctx.engine.lock();
+        (e.stage.clone(), e.ts.step)
+    };
+    let m = crate::stages::machine(&ctx.plan, &st);
+    crate::stages::crops(&ctx.plan, &m.overrides(step))
 }
 
 /// The committed cursor of the engine.
@@ -108,7 +125,7 @@ impl Actor for LoaderActor {
     ) -> Result<(), ActorProcessingErr> {
         st.ctx.board.handled(NAME);
         match msg {
-            LoaderMsg::Reset(cursor, reply) => {
+            LoaderMsg::Reset(cursor, crops, reply) => {
                 let ctx = st.ctx.clone();
                 let slot = st.loader.clone();
                 let r = st
@@ -116,7 +133,7 @@ impl Actor for LoaderActor {
                     .run(move || -> Result<()> {
                         let mut g = slot.lock().map_err(|_| anyhow!("loader lock poisoned"))?;
                         *g = None; // stop the old threads first
-                        *g = Some(open_loader(&ctx, cursor)?);
+                        *g = Some(open_loader(&ctx, cursor, *crops)?);
                         Ok(())
                     })
                     .await?;
@@ -135,7 +152,11 @@ impl Actor for LoaderActor {
                         ctx.faults.maybe_slow(NAME, step);
                         let mut g = slot.lock().map_err(|_| anyhow!("loader lock poisoned"))?;
                         if g.is_none() {
-                            *g = Some(open_loader(&ctx, committed_cursor(&ctx))?);
+                            *g = Some(open_loader(
+                                &ctx,
+                                committed_cursor(&ctx),
+                                current_crops(&ctx),
+                            )?);
                         }
                         let h = g.as_mut().expect("opened above").next_batch()?;
                         let with_gram = h.gram_crops.is_some();

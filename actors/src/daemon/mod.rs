@@ -79,6 +79,8 @@ pub struct Ctx {
     pub exit_code: AtomicI32,
     /// Progress bar requested.
     pub progress: bool,
+    /// A save is being written by the checkpointer.
+    pub saving: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx {
@@ -208,6 +210,7 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         source,
         exit_code: AtomicI32::new(EXIT_OK),
         progress: opts.progress,
+        saving: std::sync::atomic::AtomicBool::new(false),
     });
     let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
     let _ = ctx.store.flush();

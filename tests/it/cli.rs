@@ -1,0 +1,161 @@
+//! The CLI's offline commands: parity against the golden fixtures, config errors, data
+//! scan on real broken files, the step benchmark's output.
+
+use crate::support::*;
+
+#[test]
+fn parity_passes_on_the_golden_fixtures() {
+    let g = golden();
+    let files: Vec<String> = ["vit_forward", "losses", "train_step"]
+        .iter()
+        .map(|f| g.join(format!("{f}.safetensors")).display().to_string())
+        .collect();
+    let mut args = vec!["parity"];
+    args.extend(files.iter().map(|s| s.as_str()));
+    let o = dinod(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.matches("PASS").count(), 6, "{out}");
+}
+
+/// A copy of a fixture with one reference value changed must fail, naming the tensor.
+#[test]
+fn parity_fails_on_a_tampered_fixture() {
+    let dir = TempDir::new("parity");
+    let bytes = std::fs::read(golden().join("losses.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let info = meta.info("expect.loss.koleo").unwrap();
+    let off = 8 + n + info.data_offsets.0;
+    let mut tampered = bytes.clone();
+    let v = f64::from_le_bytes(tampered[off..off + 8].try_into().unwrap());
+    tampered[off..off + 8].copy_from_slice(&(v * 1.001).to_le_bytes());
+    let p = dir.path().join("tampered.safetensors");
+    std::fs::write(&p, tampered).unwrap();
+    let o = dinod(&["parity", "--dtype", "f64", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("expect.loss.koleo") && out.contains("FAIL"),
+        "{out}"
+    );
+}
+
+#[test]
+fn config_errors_are_all_reported_with_their_keys() {
+    let dir = TempDir::new("cfg");
+    let cfg = tiny_config("")
+        .replace("batch_size = 4", "batch_size = 1\nbatch_sizee = 3")
+        .replace("lr = 1e-3", "lr = -1.0")
+        .replace("n_local = 2", "n_local = 2\nglobal_scalee = 1");
+    let p = write_config(dir.path(), &cfg);
+    let o = dinod(&[
+        "run",
+        "--config",
+        p.to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("s").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for key in ["train.batch_sizee", "data.crops.global_scalee"] {
+        assert!(err.contains(key), "missing {key} in:\n{err}");
+    }
+    assert!(
+        !dir.path().join("s").exists(),
+        "a bad config must not create state"
+    );
+}
+
+#[test]
+fn config_value_errors_are_listed_together() {
+    let dir = TempDir::new("cfg2");
+    let cfg = tiny_config("")
+        .replace("batch_size = 4", "batch_size = 1")
+        .replace("lr = 1e-3", "lr = -1.0")
+        .replace(
+            "patch_size = 8\n[checkpoint]",
+            "patch_size = 16\n[checkpoint]",
+        );
+    let p = write_config(dir.path(), &cfg);
+    let o = dinod(&[
+        "run",
+        "--config",
+        p.to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("s").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    for key in ["train.batch_size", "train.lr", "data.masks.patch_size"] {
+        assert!(err.contains(key), "missing {key} in:\n{err}");
+    }
+}
+
+#[test]
+fn data_scan_reports_every_bad_file() {
+    let dir = TempDir::new("scan");
+    let imgs = dir.path().join("imgs/cats");
+    std::fs::create_dir_all(&imgs).unwrap();
+    // two real images, then broken ones
+    let good = image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 90])
+    });
+    good.save(imgs.join("a.png")).unwrap();
+    good.save(imgs.join("b.jpg")).unwrap();
+    let jpg = std::fs::read(imgs.join("b.jpg")).unwrap();
+    std::fs::write(imgs.join("truncated.jpg"), &jpg[..jpg.len() / 3]).unwrap();
+    std::fs::write(imgs.join("garbage.png"), b"this is not a png at all").unwrap();
+    std::fs::write(imgs.join("empty.jpg"), b"").unwrap();
+    let spec = format!("folder:{}", dir.path().join("imgs").display());
+    let o = dinod(&["data", "scan", &spec]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for f in ["truncated.jpg", "garbage.png", "empty.jpg"] {
+        assert!(out.contains(f), "scan does not name {f}:\n{out}");
+    }
+    assert!(out.contains("2 readable"), "{out}");
+}
+
+#[test]
+fn bench_step_reports_the_fields_benchmarks_need() {
+    let dir = TempDir::new("bench");
+    let p = write_config(dir.path(), &tiny_config(""));
+    let o = dinod(&[
+        "bench",
+        "step",
+        "--config",
+        p.to_str().unwrap(),
+        "--warmup",
+        "1",
+        "--iters",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for k in ["median_ms", "images_per_s", "gflops", "peak_rss_mib"] {
+        assert!(
+            v[k].as_f64().is_some_and(|x| x > 0.0),
+            "{k} missing or not positive in {v}"
+        );
+    }
+    let phases: Vec<String> = v["phases_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "teacher",
+            "gram_teacher",
+            "student_forward",
+            "losses",
+            "backward",
+            "optimizer",
+            "ema"
+        ]
+    );
+}

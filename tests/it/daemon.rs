@@ -1,0 +1,565 @@
+//! The daemon's guarantees, each proved with real processes: determinism and bit-exact
+//! resume, SIGKILL at random moments, injected actor panics, NaN steps, corrupt
+//! checkpoints, a failing disk, device loss, hangs, and the live control socket.
+
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const STEPS: u64 = 12;
+
+fn status(state: &Path) -> Value {
+    let o = dinod(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn fingerprint(state: &Path) -> (u64, String) {
+    let s = status(state);
+    (
+        s["run"]["step"].as_u64().unwrap(),
+        s["run"]["fingerprint"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+fn events(state: &Path) -> Vec<Value> {
+    let o = dinod(&[
+        "events",
+        "--json",
+        "--limit",
+        "1000",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn kinds(evs: &[Value]) -> Vec<String> {
+    evs.iter()
+        .map(|e| e["kind"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+fn run_to(cfg: &Path, state: &Path, steps: u64, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let s = steps.to_string();
+    args.extend(["--max-steps", s.as_str()]);
+    args.extend(extra);
+    dinod(&args)
+}
+
+/// The fingerprint of a fault-free run of the tiny recipe to `STEPS`.
+fn reference() -> &'static (u64, String) {
+    static R: OnceLock<(u64, String)> = OnceLock::new();
+    R.get_or_init(|| {
+        let dir = TempDir::new("reference");
+        let cfg = write_config(dir.path(), &tiny_config(""));
+        let st = dir.path().join("state");
+        let o = run_to(&cfg, &st, STEPS, &[]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        let fp = fingerprint(&st);
+        assert_eq!(fp.0, STEPS);
+        assert_eq!(fp.1.len(), 64);
+        fp
+    })
+}
+
+#[test]
+fn fresh_runs_are_bit_identical_and_resume_is_exact() {
+    let dir = TempDir::new("determinism");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let a = dir.path().join("a");
+    assert_eq!(run_to(&cfg, &a, STEPS, &[]).status.code(), Some(0));
+    assert_eq!(&fingerprint(&a), reference(), "two fresh runs differ");
+    // stop at 5, resume to 12
+    let b = dir.path().join("b");
+    assert_eq!(run_to(&cfg, &b, 5, &[]).status.code(), Some(0));
+    assert_eq!(fingerprint(&b).0, 5);
+    let o = run_to(&cfg, &b, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        &fingerprint(&b),
+        reference(),
+        "stop + resume differs from an uninterrupted run"
+    );
+    // exported weights: same bytes, official names
+    let (ea, eb) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    for (st, out) in [(&a, &ea), (&b, &eb)] {
+        let o = dinod(&[
+            "export",
+            "--state-dir",
+            st.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    assert!(
+        std::fs::read(&ea).unwrap() == std::fs::read(&eb).unwrap(),
+        "exported files differ"
+    );
+    // the tiny model has depth 2 and 4 registers like the golden ViT: the names must match
+    let ours = safetensors_names(&ea);
+    let golden_names: Vec<String> = safetensors_names(&golden().join("vit_forward.safetensors"))
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("param.backbone.").map(|s| s.to_string()))
+        .collect();
+    assert_eq!(ours, golden_names);
+}
+
+fn safetensors_names(p: &Path) -> Vec<String> {
+    let bytes = std::fs::read(p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// SIGKILL at random moments (during steps and during checkpoint writes), at least 10
+/// times; every resume is exact and no committed checkpoint is ever lost.
+#[test]
+fn sigkill_at_random_moments_loses_nothing_and_resumes_exactly() {
+    let dir = TempDir::new("sigkill");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("sigkill test seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut committed_max = 0u64;
+    let mut kills = 0;
+    let mut rounds = 0;
+    while kills < 10 && rounds < 40 {
+        rounds += 1;
+        let mut child = spawn(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            st.to_str().unwrap(),
+            "--max-steps",
+            &STEPS.to_string(),
+            "--checkpoint-every",
+            "1",
+        ]);
+        let wait_ms = 20 + next() % 300;
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        if child.try_wait().unwrap().is_none() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            kills += 1;
+        }
+        let _ = child.wait();
+        if !st.join("catalog").exists() {
+            continue;
+        }
+        // every checkpoint verifies; the latest never goes back
+        let o = dinod(&[
+            "checkpoints",
+            "verify",
+            "--json",
+            "--state-dir",
+            st.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "after kill {kills}: {}", text(&o));
+        let list = dinod(&[
+            "checkpoints",
+            "list",
+            "--json",
+            "--state-dir",
+            st.to_str().unwrap(),
+        ]);
+        let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+        let latest = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["step"].as_u64())
+            .max()
+            .unwrap_or(0);
+        assert!(
+            latest >= committed_max,
+            "checkpoint at step {committed_max} was lost (latest now {latest})"
+        );
+        committed_max = latest;
+        if latest >= STEPS {
+            // finished before the kill: start over to keep killing mid-run
+            std::fs::remove_dir_all(&st).unwrap();
+            committed_max = 0;
+        }
+    }
+    assert!(kills >= 10, "only {kills} kills landed");
+    let o = run_to(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        &fingerprint(&st),
+        reference(),
+        "resumed run differs from the uninterrupted one (seed {seed})"
+    );
+}
+
+/// A panic injected into each actor kind is survived, and training reaches the target
+/// with exactly the weights of a run without the fault.
+#[test]
+fn a_panic_in_any_actor_is_survived_with_identical_results() {
+    for actor in [
+        "data_loader",
+        "teacher",
+        "trainer",
+        "ema",
+        "coordinator",
+        "checkpointer",
+        "control",
+        "evaluator",
+    ] {
+        let dir = TempDir::new(&format!("panic-{actor}"));
+        let cfg = write_config(dir.path(), &tiny_config(""));
+        let st = dir.path().join("state");
+        // the checkpointer only works at checkpoint steps (the first is 3)
+        let fault = if actor == "checkpointer" {
+            format!("panic:{actor}@3")
+        } else {
+            format!("panic:{actor}@7")
+        };
+        let o = run_to(&cfg, &st, STEPS, &["--inject", &fault]);
+        assert_eq!(o.status.code(), Some(0), "{actor}: {}", text(&o));
+        assert_eq!(
+            &fingerprint(&st),
+            reference(),
+            "{actor}: result differs from the fault-free run"
+        );
+        let ev = events(&st);
+        assert!(
+            ev.iter()
+                .any(|e| e["kind"] == "actor.restarting" && e["actor"] == actor),
+            "{actor}: no restart event in {:?}",
+            kinds(&ev)
+        );
+    }
+}
+
+#[test]
+fn a_nan_step_is_discarded_and_retried() {
+    let dir = TempDir::new("nan");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, STEPS, &["--inject", "nan@5"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // the retry of the same batch succeeds: nothing was lost
+    assert_eq!(&fingerprint(&st), reference());
+    let k = kinds(&events(&st));
+    assert!(k.contains(&"step.discarded".to_string()), "{k:?}");
+    assert_eq!(status(&st)["run"]["bad_steps"], 1);
+}
+
+#[test]
+fn a_repeatedly_bad_batch_is_quarantined_and_bad_streaks_roll_back() {
+    let dir = TempDir::new("rollback");
+    let cfg = write_config(
+        dir.path(),
+        &tiny_config("[runtime.bad_steps]\nmax_bad_in_window = 2\nwindow_steps = 10\n"),
+    );
+    let st = dir.path().join("state");
+    let o = run_to(
+        &cfg,
+        &st,
+        STEPS,
+        &["--inject", "nan@4x2", "--inject", "nan@5x2"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let k = kinds(&events(&st));
+    assert!(k.contains(&"step.quarantined".to_string()), "{k:?}");
+    assert!(k.contains(&"run.rollback".to_string()), "{k:?}");
+    assert_eq!(fingerprint(&st).0, STEPS);
+}
+
+#[test]
+fn a_corrupt_checkpoint_falls_back_to_the_previous_one() {
+    let dir = TempDir::new("corrupt");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    assert_eq!(run_to(&cfg, &st, 9, &[]).status.code(), Some(0));
+    // flip one byte in the middle of the latest student tensors
+    let ck = std::fs::read_dir(st.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("step-")
+        })
+        .max()
+        .unwrap();
+    let f = ck.join("student.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x40;
+    std::fs::write(&f, bytes).unwrap();
+    let o = dinod(&["checkpoints", "verify", "--state-dir", st.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "verify must report the corruption: {}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("CORRUPT"),
+        "{}",
+        text(&o)
+    );
+    let o = run_to(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // replay from the previous checkpoint is exact
+    assert_eq!(&fingerprint(&st), reference());
+    let k = kinds(&events(&st));
+    assert!(k.iter().any(|x| x.contains("fallback")), "{k:?}");
+}
+
+#[test]
+fn a_disk_error_during_a_save_keeps_training_and_loses_nothing() {
+    let dir = TempDir::new("ioerr");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, STEPS, &["--inject", "io_error@6"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(&fingerprint(&st), reference());
+    let k = kinds(&events(&st));
+    assert!(k.contains(&"checkpoint.failed".to_string()), "{k:?}");
+    let o = dinod(&["checkpoints", "verify", "--state-dir", st.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn an_unusable_state_directory_is_a_clear_error() {
+    let dir = TempDir::new("unwritable");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let st = file.join("state");
+    let o = run_to(&cfg, &st, 3, &[]);
+    assert_ne!(o.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(st.to_str().unwrap()),
+        "the error must name the directory: {err}"
+    );
+}
+
+#[test]
+fn resuming_with_another_architecture_is_refused() {
+    let dir = TempDir::new("arch");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    assert_eq!(run_to(&cfg, &st, 3, &[]).status.code(), Some(0));
+    let other = dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        tiny_config("").replace("embed_dim = 32", "embed_dim = 48"),
+    )
+    .unwrap();
+    let o = run_to(&other, &st, 6, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("architecture differs"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        fingerprint(&st).0,
+        3,
+        "the refused run must not touch the state"
+    );
+}
+
+#[test]
+fn losing_the_device_checkpoints_and_exits_75() {
+    let dir = TempDir::new("device");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, STEPS, &["--inject", "device_lost@5"]);
+    assert_eq!(o.status.code(), Some(75), "{}", text(&o));
+    let list = dinod(&[
+        "checkpoints",
+        "list",
+        "--json",
+        "--state-dir",
+        st.to_str().unwrap(),
+    ]);
+    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert!(
+        v.as_array().unwrap().iter().any(|c| c["step"] == 5),
+        "no consistent checkpoint at the failing step: {v}"
+    );
+    // the restarted process continues exactly
+    let o = run_to(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(&fingerprint(&st), reference());
+}
+
+#[test]
+fn a_hung_actor_is_detected_and_restarted() {
+    let dir = TempDir::new("hang");
+    let cfg = write_config(
+        dir.path(),
+        &tiny_config("[runtime.heartbeat]\nstep_s = 1.0\ncheck_every_ms = 100\n"),
+    );
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, STEPS, &["--inject", "slow:teacher@5+4000"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&st);
+    assert!(
+        ev.iter()
+            .any(|e| e["kind"] == "actor.hung" && e["actor"] == "teacher"),
+        "{:?}",
+        kinds(&ev)
+    );
+    assert_eq!(&fingerprint(&st), reference());
+}
+
+fn wait_for(mut f: impl FnMut() -> bool, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn the_cli_inspects_and_controls_a_running_daemon() {
+    let dir = TempDir::new("live");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let sd = st.to_str().unwrap().to_string();
+    let mut child = spawn(&["run", "--config", cfg.to_str().unwrap(), "--state-dir", &sd]);
+    let sock = st.join("control.sock");
+    assert!(
+        wait_for(|| sock.exists(), Duration::from_secs(30)),
+        "no control socket"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let live_step = || -> u64 {
+        let o = dinod(&["status", "--json", "--state-dir", &sd]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        assert_eq!(v["daemon"], true, "{}", text(&o));
+        v["run"]["step"].as_u64().unwrap_or(0)
+    };
+    assert!(wait_for(|| live_step() >= 3, Duration::from_secs(30)));
+    let o = dinod(&["actors", "--json", "--state-dir", &sd]);
+    let actors: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = actors
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    for n in [
+        "data_loader",
+        "teacher",
+        "trainer",
+        "ema",
+        "evaluator",
+        "checkpointer",
+        "control",
+        "coordinator",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    // pause: the step stops moving
+    assert_eq!(dinod(&["pause", "--state-dir", &sd]).status.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(500));
+    let a = live_step();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(live_step(), a, "paused daemon kept stepping");
+    assert_eq!(
+        dinod(&["resume", "--state-dir", &sd]).status.code(),
+        Some(0)
+    );
+    assert!(
+        wait_for(|| live_step() > a, Duration::from_secs(30)),
+        "resumed daemon does not step"
+    );
+    let o = dinod(&["events", "--json", "--state-dir", &sd]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("run.paused"),
+        "{}",
+        text(&o)
+    );
+    // stop: drain, final checkpoint, exit 0
+    assert_eq!(dinod(&["stop", "--state-dir", &sd]).status.code(), Some(0));
+    let code = wait_timeout(&mut child, Duration::from_secs(60)).expect("daemon did not stop");
+    assert_eq!(code.code(), Some(0));
+    let s = status(&st);
+    assert_eq!(s["daemon"], false);
+    let step = s["run"]["step"].as_u64().unwrap();
+    let list = dinod(&["checkpoints", "list", "--json", "--state-dir", &sd]);
+    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert!(
+        v.as_array().unwrap().iter().any(|c| c["step"] == step),
+        "no final checkpoint at step {step}: {v}"
+    );
+}
+
+#[test]
+fn sigterm_drains_and_checkpoints() {
+    let dir = TempDir::new("sigterm");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let mut child = spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        st.to_str().unwrap(),
+    ]);
+    let sock = st.join("control.sock");
+    assert!(wait_for(|| sock.exists(), Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(400));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = wait_timeout(&mut child, Duration::from_secs(60)).expect("daemon ignored SIGTERM");
+    assert_eq!(code.code(), Some(0));
+    let s = status(&st);
+    let step = s["run"]["step"].as_u64().unwrap();
+    assert!(step > 0);
+    let list = dinod(&[
+        "checkpoints",
+        "list",
+        "--json",
+        "--state-dir",
+        st.to_str().unwrap(),
+    ]);
+    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert!(v.as_array().unwrap().iter().any(|c| c["step"] == step));
+}

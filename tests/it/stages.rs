@@ -1,0 +1,283 @@
+//! The evaluator and the stage machine in a real run: probes at fixed steps, an automatic
+//! transition to Gram anchoring that loads the best-dense checkpoint's EMA teacher, the
+//! Gram loss becoming active, the manual `dinod stage set`, and the pictures.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const EVAL: &str = r#"
+[eval]
+every_steps = 2
+[[eval.sets]]
+name = "scenes"
+train = "synthetic:11:32"
+test = "synthetic:12:32"
+size = 32
+n_train = 32
+n_test = 16
+[eval.probes]
+knn_k = 5
+linear_iters = 10
+dense_iters = 10
+locality_images = 8
+batch = 16
+[eval.probes.correspondence]
+images = 4
+[stages]
+patience = 1
+dense_metric = "locality"
+degradation_threshold = { absolute = 0.0 }
+[stages.gram_anchor]
+ramp_steps = 2
+refresh_every = 4
+max_refreshes = 2
+"#;
+
+fn events(state: &Path) -> Vec<Value> {
+    let o = dinod(&[
+        "events",
+        "--json",
+        "--limit",
+        "1000",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn a_degradation_switches_to_gram_anchoring_and_the_gram_loss_turns_on() {
+    let dir = TempDir::new("stages");
+    let cfg = write_config(dir.path(), &tiny_config(EVAL));
+    let st = dir.path().join("state");
+    let o = dinod(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--max-steps",
+        "16",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&st);
+    let probes: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "probe.done").collect();
+    assert!(
+        probes.len() >= 6,
+        "expected a probe every 2 steps: {}",
+        probes.len()
+    );
+    for p in &probes {
+        let m = &p["fields"]["metrics"];
+        for k in ["knn_top1", "dense_miou", "locality"] {
+            let v = m[k].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite(), "{k} missing in {m}");
+        }
+    }
+    let t = ev
+        .iter()
+        .find(|e| e["kind"] == "stage.transition")
+        .unwrap_or_else(|| {
+            panic!(
+                "no transition in {:?}",
+                ev.iter().map(|e| e["kind"].clone()).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(t["fields"]["to"], "gram_anchor", "{t}");
+    assert!(
+        t["fields"]["reason"].to_string().contains("dense_degraded"),
+        "the transition must carry the rule and metrics: {t}"
+    );
+    assert!(
+        t["fields"]["gram_teacher"]
+            .to_string()
+            .contains("best_dense_checkpoint"),
+        "{t}"
+    );
+    // the Gram loss is active at the end, against a stored Gram teacher
+    let s = dinod(&["status", "--json", "--state-dir", st.to_str().unwrap()]);
+    let s: Value = serde_json::from_slice(&s.stdout).unwrap();
+    assert_eq!(s["run"]["stage"], "gram_anchor", "{s}");
+    let gram = s["run"]["losses"]["gram"].as_f64().unwrap();
+    assert!(gram > 0.0, "Gram loss not active: {s}");
+    let ck = std::fs::read_dir(st.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("step-")
+        })
+        .max()
+        .unwrap();
+    assert!(
+        ck.join("gram_teacher.safetensors").exists(),
+        "no Gram teacher in {}",
+        ck.display()
+    );
+    // Gram-teacher refresh happened on schedule
+    assert!(
+        ev.iter().any(|e| e["kind"] == "stage.gram_refresh"),
+        "no Gram-teacher refresh"
+    );
+    // dinod stage shows the history
+    let o = dinod(&["stage", "--json", "--state-dir", st.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["stage"]["history"][0]["to"], "gram_anchor", "{v}");
+    // curves of the run, with the transition marked
+    let png = dir.path().join("curves.png");
+    let o = dinod(&[
+        "viz",
+        "curves",
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let img = image::open(&png).unwrap();
+    assert!(img.width() >= 600 && img.height() >= 300);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("1 stage transitions"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn a_resumed_run_in_gram_anchoring_continues_exactly() {
+    let dir = TempDir::new("stages-resume");
+    let cfg = write_config(dir.path(), &tiny_config(EVAL));
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    assert_eq!(
+        dinod(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            a.to_str().unwrap(),
+            "--max-steps",
+            "14"
+        ])
+        .status
+        .code(),
+        Some(0)
+    );
+    assert_eq!(
+        dinod(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            b.to_str().unwrap(),
+            "--max-steps",
+            "9"
+        ])
+        .status
+        .code(),
+        Some(0)
+    );
+    assert_eq!(
+        dinod(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            b.to_str().unwrap(),
+            "--max-steps",
+            "14"
+        ])
+        .status
+        .code(),
+        Some(0)
+    );
+    let fp = |s: &Path| {
+        let o = dinod(&["status", "--json", "--state-dir", s.to_str().unwrap()]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        (
+            v["run"]["step"].as_u64(),
+            v["run"]["fingerprint"].as_str().map(|s| s.to_string()),
+            v["run"]["stage"].as_str().map(|s| s.to_string()),
+        )
+    };
+    let (fa, fb) = (fp(&a), fp(&b));
+    assert_eq!(fa, fb);
+    assert_eq!(fa.2.as_deref(), Some("gram_anchor"));
+}
+
+#[test]
+fn probe_and_feature_pictures_from_a_checkpoint() {
+    let dir = TempDir::new("viz");
+    let cfg = write_config(dir.path(), &tiny_config(EVAL));
+    let st = dir.path().join("state");
+    assert_eq!(
+        dinod(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            st.to_str().unwrap(),
+            "--max-steps",
+            "4"
+        ])
+        .status
+        .code(),
+        Some(0)
+    );
+    let o = dinod(&["probe", "--json", "--state-dir", st.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["metrics"]["dense_miou"].as_f64().is_some(), "{v}");
+    // an input image
+    let img = image::RgbImage::from_fn(80, 60, |x, y| {
+        image::Rgb([
+            (x * 3) as u8,
+            (y * 4) as u8,
+            if (x / 10 + y / 10) % 2 == 0 { 200 } else { 30 },
+        ])
+    });
+    let inp = dir.path().join("in.png");
+    img.save(&inp).unwrap();
+    let pca = dir.path().join("pca.png");
+    let o = dinod(&[
+        "viz",
+        "pca",
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--image",
+        inp.to_str().unwrap(),
+        "--out",
+        pca.to_str().unwrap(),
+        "--sizes",
+        "16,32,48",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let p = image::open(&pca).unwrap();
+    assert_eq!((p.width(), p.height()), (3 * 48 + 2 * 8, 2 * 48 + 8));
+    let sim = dir.path().join("sim.png");
+    let o = dinod(&[
+        "viz",
+        "similarity",
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--image",
+        inp.to_str().unwrap(),
+        "--out",
+        sim.to_str().unwrap(),
+        "--point",
+        "10,20",
+        "--size",
+        "32",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let s = image::open(&sim).unwrap();
+    assert_eq!((s.width(), s.height()), (32, 32));
+}

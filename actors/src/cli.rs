@@ -273,6 +273,18 @@ pub enum DataCommand {
 /// `dinod bench ...`
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Cost of distilling 1..N students from one teacher pass versus separate runs.
+    Distill {
+        /// A distillation recipe (with `[distill]` students).
+        #[arg(long)]
+        config: PathBuf,
+        /// Untimed iterations first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Timed iterations (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+    },
     /// Multi-crop samples/s of the data pipeline.
     Data {
         /// The source.
@@ -391,6 +403,16 @@ fn dispatch(cli: Cli) -> Result<i32> {
             step,
             with_heads,
         } => crate::commands::export(&dir.state_dir, &out, &which, step, with_heads),
+        Command::Bench {
+            what: BenchCommand::Distill { config, warmup, iters },
+        } => {
+            let plan = load_plan(Some(&config))?;
+            if plan.students.is_empty() {
+                anyhow::bail!("{} has no [distill] students", config.display());
+            }
+            println!("{}", serde_json::to_string_pretty(&crate::daemon::distill::bench(&plan, warmup, iters)?)?);
+            Ok(0)
+        }
         Command::Probe {
             dir,
             checkpoint,

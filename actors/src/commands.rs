@@ -129,6 +129,17 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
     {
         println!("probes       {p}");
     }
+    if let Some(st) = r.get("students").and_then(|v| v.as_object()).filter(|o| !o.is_empty()) {
+        for (name, l) in st {
+            println!(
+                "student      {name:<10} step {:<7} loss {:>8.4}  {:>7.1} images/s  queue {}",
+                l["step"],
+                l["losses"]["total"].as_f64().unwrap_or(f64::NAN),
+                l["images_per_s"].as_f64().unwrap_or(0.0),
+                l["queue"]
+            );
+        }
+    }
     Ok(0)
 }
 
@@ -413,14 +424,24 @@ pub fn export(
     step: Option<u64>,
     with_heads: bool,
 ) -> Result<i32> {
-    let (group, what) = match which {
-        "teacher" => ("teacher", "EMA teacher"),
-        "student" => ("student", "student"),
-        w if w.starts_with("student:") => bail!("`{w}`: this run has a single student; use `--which student` (named students belong to distillation runs)"),
-        w => bail!("unknown --which `{w}` (teacher or student)"),
+    // a distillation student's checkpoints live in STATE/students/NAME; its EMA (the
+    // model that is evaluated and exported) is stored as the `teacher` group there
+    let student_dir;
+    let (dir, group, what) = match which {
+        "teacher" => (state_dir, "teacher", "EMA teacher".to_string()),
+        "student" => (state_dir, "student", "student".to_string()),
+        w if w.starts_with("student:") => {
+            let name = &w["student:".len()..];
+            student_dir = state_dir.join("students").join(name);
+            if !student_dir.exists() {
+                bail!("`{w}`: {} has no student named `{name}`", state_dir.display());
+            }
+            (student_dir.as_path(), "teacher", format!("EMA of student {name}"))
+        }
+        w => bail!("unknown --which `{w}` (teacher, student, or student:NAME for a distillation run)"),
     };
-    let (s, blobs) = read_group(state_dir, step, group)?;
-    let vit = checkpoint_vit_config(state_dir, s)?;
+    let (s, blobs) = read_group(dir, step, group)?;
+    let vit = checkpoint_vit_config(dir, s)?;
     let f64_out = blobs
         .first()
         .is_some_and(|b| b.dtype == checkpoints::Dtype::F64);

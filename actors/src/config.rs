@@ -402,7 +402,7 @@ impl FaultSpec {
             ));
         }
         if let Some(a) = &self.actor {
-            if !ACTORS.contains(&a.as_str()) {
+            if !ACTORS.contains(&a.as_str()) && !a.starts_with("student:") {
                 return Err(format!(
                     "unknown actor `{a}` (one of {})",
                     ACTORS.join(", ")
@@ -542,6 +542,74 @@ impl Default for StagesSection {
     }
 }
 
+/// One student of a distillation run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentSection {
+    /// Name (checkpoints in `STATE/students/NAME`, `dinod export --which student:NAME`).
+    pub name: String,
+    /// Backbone preset.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// Backbone fields overriding the preset (patch size must equal the teacher's).
+    #[serde(default)]
+    pub backbone: toml::Table,
+    /// DINO head (its `n_prototypes` must equal the teacher's).
+    pub dino_head: HeadConfig,
+    /// iBOT head (its `n_prototypes` must equal the teacher's).
+    pub ibot_head: HeadConfig,
+    /// Base LR (before scaling); `[train].lr` when absent.
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// Momentum of the student's EMA (the evaluated, exported model); `[train].momentum`
+    /// when absent.
+    #[serde(default)]
+    pub momentum: Option<f64>,
+}
+
+/// `[distill]`: multi-student distillation from one frozen teacher, whose forward pass
+/// runs once per batch for all students.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    /// The frozen teacher: `state:DIR` (the EMA teacher of the latest valid checkpoint of a
+    /// dinod run; its architecture must match `[model]`) or `safetensors:FILE` (official
+    /// state_dict names with `dino_head.*` / `ibot_head.*`, as `dinod export --with-heads`
+    /// writes; architecture from `[model]`).
+    pub teacher: String,
+    /// Students may run at most this many batches apart (a slow one bounds the others).
+    #[serde(default = "d_max_lag")]
+    pub max_lag: u64,
+    /// Teacher outputs kept in memory for students that fall behind (restarts, rollbacks);
+    /// older batches are recomputed.
+    #[serde(default = "d_ring")]
+    pub keep_batches: usize,
+    /// The students.
+    pub students: Vec<StudentSection>,
+}
+
+fn d_max_lag() -> u64 {
+    4
+}
+fn d_ring() -> usize {
+    16
+}
+
+/// A student as the runtime uses it.
+#[derive(Clone, Debug)]
+pub struct StudentPlan {
+    /// Name.
+    pub name: String,
+    /// Its model config.
+    pub ssl: SslConfig,
+    /// Its LR schedule (scaled).
+    pub lr: Schedule,
+    /// Its EMA momentum.
+    pub momentum: f64,
+    /// Its seed (run seed mixed with the name).
+    pub seed: u64,
+}
+
 /// The whole run configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -568,6 +636,9 @@ pub struct RunConfig {
     /// Stage transitions.
     #[serde(default)]
     pub stages: StagesSection,
+    /// Multi-student distillation (a distillation run when present).
+    #[serde(default)]
+    pub distill: Option<DistillSection>,
     /// Daemon settings.
     #[serde(default)]
     pub runtime: RuntimeSection,
@@ -624,6 +695,8 @@ pub struct Plan {
     pub lr: Schedule,
     /// Teacher temperature schedule.
     pub teacher_temp: Schedule,
+    /// The students of a distillation run (empty otherwise).
+    pub students: Vec<StudentPlan>,
 }
 
 impl Plan {
@@ -825,6 +898,36 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             }
         }
     }
+    if let (Some(d), Some(teacher)) = (&cfg.distill, &ssl) {
+        if d.students.is_empty() {
+            problems.push(problem("distill.students", "a distillation run needs at least one student"));
+        }
+        if !(d.teacher.starts_with("state:") || d.teacher.starts_with("safetensors:")) {
+            problems.push(problem("distill.teacher", format!("`{}`: use state:DIR or safetensors:FILE", d.teacher)));
+        }
+        if d.max_lag == 0 || d.keep_batches == 0 {
+            problems.push(problem("distill", "max_lag and keep_batches must be at least 1"));
+        }
+        let mut names = BTreeSet::new();
+        for st in &d.students {
+            let key = format!("distill.students.{}", st.name);
+            if st.name.is_empty() || !st.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || !names.insert(st.name.clone()) {
+                problems.push(problem(key.clone(), "names must be unique and use only letters, digits, `_` and `-`"));
+            }
+            match student_ssl(st, teacher) {
+                Ok(s) => {
+                    problems.extend(s.problems().into_iter().map(|(k, m)| problem(format!("{key}.{k}"), m)));
+                    if s.backbone.patch_size != teacher.backbone.patch_size {
+                        problems.push(problem(format!("{key}.backbone.patch_size"), format!("{} differs from the teacher's {} (students see the teacher's crops and masks)", s.backbone.patch_size, teacher.backbone.patch_size)));
+                    }
+                    if s.dino_head.n_prototypes != teacher.dino_head.n_prototypes || s.ibot_head.n_prototypes != teacher.ibot_head.n_prototypes {
+                        problems.push(problem(format!("{key}.dino_head.n_prototypes"), "students must have the teacher's numbers of prototypes (they learn its targets)"));
+                    }
+                }
+                Err(p) => problems.extend(p),
+            }
+        }
+    }
     for (i, f) in cfg.runtime.faults.iter().enumerate() {
         if let Err(m) = f.check() {
             problems.push(problem(format!("runtime.faults[{i}]"), m));
@@ -854,6 +957,18 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
         t.teacher_temp,
         t.teacher_temp_warmup_steps,
     );
+    let students = match &cfg.distill {
+        Some(d) => d
+            .students
+            .iter()
+            .map(|s| {
+                let ssl_s = student_ssl(s, &ssl).expect("validated above");
+                let seed = cfg.seed ^ blake3::hash(s.name.as_bytes()).as_bytes()[..8].iter().fold(0u64, |a, &b| (a << 8) | b as u64);
+                StudentPlan { name: s.name.clone(), ssl: ssl_s, lr: Schedule::warmup_constant(0.0, s.lr.unwrap_or(t.lr) * scale, t.warmup_steps), momentum: s.momentum.unwrap_or(t.momentum), seed }
+            })
+            .collect(),
+        None => vec![],
+    };
     Ok(Plan {
         config: cfg,
         ssl,
@@ -861,7 +976,15 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
         config_hash,
         lr,
         teacher_temp,
+        students,
     })
+}
+
+/// A student's model config: its backbone and heads, the teacher's loss and optimizer settings.
+fn student_ssl(s: &StudentSection, teacher: &SslConfig) -> Result<SslConfig, Vec<ConfigProblem>> {
+    let m = ModelSection { preset: s.preset.clone(), backbone: s.backbone.clone(), dino_head: s.dino_head.clone(), ibot_head: s.ibot_head.clone(), loss: teacher.loss.clone(), optim: teacher.optim.clone() };
+    let backbone = build_backbone(&m).map_err(|p| p.into_iter().map(|x| problem(format!("distill.students.{}.{}", s.name, x.key), x.message)).collect::<Vec<_>>())?;
+    Ok(SslConfig { backbone, dino_head: s.dino_head.clone(), ibot_head: s.ibot_head.clone(), loss: teacher.loss.clone(), optim: teacher.optim.clone() })
 }
 
 fn build_backbone(m: &ModelSection) -> Result<VitConfig, Vec<ConfigProblem>> {

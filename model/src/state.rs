@@ -274,19 +274,7 @@ pub fn teacher_phase(
 ) -> Result<TeacherOutput> {
     let cfg = &st.cfg;
     let b = batch.batch_size;
-    let tf = st.teacher.backbone.forward(&[CropGroup {
-        images: &batch.global,
-        masks: None,
-    }])?;
-    let targets = teacher_targets(
-        &st.teacher,
-        &tf.cls(0)?,
-        &tf.patches(0)?,
-        &batch.mask_indices,
-        hp.teacher_temp,
-        cfg.loss.sinkhorn_iterations,
-    )?;
-    drop(tf);
+    let targets = frozen_teacher_targets(&st.teacher, cfg.loss.sinkhorn_iterations, batch, hp)?;
     obs(Phase::Teacher);
     let gram_target = if hp.gram_weight != 0.0 {
         let Some(gt) = &st.gram_teacher else {
@@ -314,6 +302,26 @@ pub fn teacher_phase(
     })
 }
 
+/// DINO and iBOT targets of a (frozen or EMA) teacher for a batch: teacher forward on the
+/// unmasked global crops, heads, Sinkhorn-Knopp.
+pub fn frozen_teacher_targets(teacher: &SslModel, sk_iters: usize, batch: &Batch, hp: &StepHparams) -> Result<TeacherTargets> {
+    let tf = teacher.backbone.forward(&[CropGroup { images: &batch.global, masks: None }])?;
+    teacher_targets(teacher, &tf.cls(0)?, &tf.patches(0)?, &batch.mask_indices, hp.teacher_temp, sk_iters)
+}
+
+/// The teacher side of a distillation step: a frozen teacher's targets, computed once per
+/// batch and shared by every student (no Gram loss in distillation).
+pub fn distill_teacher_phase(teacher: &SslModel, sk_iters: usize, batch: &Batch, hp: &StepHparams) -> Result<TeacherOutput> {
+    Ok(TeacherOutput { targets: frozen_teacher_targets(teacher, sk_iters, batch, hp)?, gram_target: None })
+}
+
+/// The student side of a distillation step: as [`student_phase`], but the student sees its
+/// global crops unmasked; the iBOT loss is still taken at the sampled mask positions
+/// (patch-level distillation on a random subset), as the official multi-distillation does.
+pub fn distill_student_phase(st: &TrainState, batch: &Batch, hp: &StepHparams, teacher: TeacherOutput, obs: &mut dyn FnMut(Phase)) -> Result<StepOutcome> {
+    student_phase_impl(st, batch, hp, teacher, obs, false)
+}
+
 /// The student side of a step given the teacher's output: student forward on masked
 /// global and local crops, losses, backward. Reads the state only.
 pub fn student_phase(
@@ -323,12 +331,23 @@ pub fn student_phase(
     teacher: TeacherOutput,
     obs: &mut dyn FnMut(Phase),
 ) -> Result<StepOutcome> {
+    student_phase_impl(st, batch, hp, teacher, obs, true)
+}
+
+fn student_phase_impl(
+    st: &TrainState,
+    batch: &Batch,
+    hp: &StepHparams,
+    teacher: TeacherOutput,
+    obs: &mut dyn FnMut(Phase),
+    masked: bool,
+) -> Result<StepOutcome> {
     let cfg = &st.cfg;
     let b = batch.batch_size;
     let mut rng = stream(st.seed, &format!("train_step/{}", st.step));
     let mut groups = vec![CropGroup {
         images: &batch.global,
-        masks: Some(&batch.masks),
+        masks: if masked { Some(&batch.masks) } else { None },
     }];
     if let Some(l) = &batch.local {
         groups.push(CropGroup {

@@ -3,6 +3,7 @@
 
 mod cli;
 mod daemon;
+mod distill;
 mod stages;
 mod support;
 mod tidy;

@@ -97,6 +97,9 @@ pub struct RunStatus {
     pub data_cursor: serde_json::Value,
     /// Fingerprint of the state at the last checkpoint (for resume checks).
     pub fingerprint: Option<String>,
+    /// Per-student lines of a distillation run.
+    #[serde(default)]
+    pub students: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// The shared board.

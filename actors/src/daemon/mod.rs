@@ -19,6 +19,7 @@ pub mod checkpointer;
 pub mod compute;
 pub mod control;
 pub mod coordinator;
+pub mod distill;
 pub mod evaluator;
 pub mod faults;
 pub mod loader;
@@ -81,6 +82,14 @@ pub struct Ctx {
     pub progress: bool,
     /// A save is being written by the checkpointer.
     pub saving: std::sync::atomic::AtomicBool,
+    /// The students of a distillation run (empty in a self-supervised run).
+    pub students: Vec<Arc<distill::StudentRun>>,
+    /// The frozen teacher of a distillation run.
+    pub frozen_teacher: Option<Arc<model::ssl::SslModel>>,
+    /// Stop requested (distillation students finish their step and save).
+    pub stopping: std::sync::atomic::AtomicBool,
+    /// Paused by the operator (distillation students).
+    pub paused: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx {
@@ -175,6 +184,9 @@ pub fn open_store(dir: &Path, plan: &Plan, faults: Option<Arc<Faults>>) -> Resul
 pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
     let faults = Arc::new(Faults::new(&plan.config.runtime.faults));
     let store = Arc::new(open_store(&opts.state_dir, &plan, Some(faults.clone()))?);
+    if !plan.students.is_empty() {
+        return run_distill(plan, opts, store, faults);
+    }
     // resume or start
     let state = match store.load_latest_valid()? {
         Some(ck) => {
@@ -211,8 +223,45 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         exit_code: AtomicI32::new(EXIT_OK),
         progress: opts.progress,
         saving: std::sync::atomic::AtomicBool::new(false),
+        students: vec![],
+        frozen_teacher: None,
+        stopping: std::sync::atomic::AtomicBool::new(false),
+        paused: std::sync::atomic::AtomicBool::new(false),
     });
     let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
     let _ = ctx.store.flush();
+    Ok(code)
+}
+
+/// A distillation run: the frozen teacher, the students with their own stores.
+fn run_distill(plan: Plan, opts: RunOptions, store: Arc<Store>, faults: Arc<Faults>) -> Result<i32> {
+    let spec = plan.config.distill.as_ref().map(|d| d.teacher.clone()).unwrap_or_default();
+    let teacher = distill::load_teacher(&plan, &spec).with_context(|| format!("loading the teacher {spec}"))?;
+    let students = distill::open_students(&plan, &opts.state_dir, faults.clone())?;
+    let source = plan.config.data.source.open().with_context(|| format!("opening the data source {}", plan.config.data.source))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("dinod-rt").build()?;
+    let engine = students[0].engine.clone();
+    let ctx = Arc::new(Ctx {
+        max_steps: opts.max_steps.or(plan.config.train.max_steps),
+        faults,
+        plan,
+        state_dir: opts.state_dir.clone(),
+        engine,
+        store,
+        board: Arc::new(Board::default()),
+        source,
+        exit_code: AtomicI32::new(EXIT_OK),
+        progress: false,
+        saving: std::sync::atomic::AtomicBool::new(false),
+        students,
+        frozen_teacher: Some(Arc::new(teacher)),
+        stopping: std::sync::atomic::AtomicBool::new(false),
+        paused: std::sync::atomic::AtomicBool::new(false),
+    });
+    let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
+    let _ = ctx.store.flush();
+    for s in &ctx.students {
+        let _ = s.store.flush();
+    }
     Ok(code)
 }

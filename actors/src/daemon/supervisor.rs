@@ -60,6 +60,19 @@ pub enum SupMsg {
     Shutdown,
 }
 
+/// The children of a run in start order: the fixed tree of a self-supervised run, or the
+/// teacher and one actor per student of a distillation run.
+pub fn order(ctx: &Ctx) -> Vec<String> {
+    if ctx.students.is_empty() {
+        ORDER.iter().map(|s| s.to_string()).collect()
+    } else {
+        let mut v = vec!["control".to_string(), "teacher".to_string()];
+        v.extend(ctx.students.iter().map(|s| s.actor()));
+        v.push("coordinator".to_string());
+        v
+    }
+}
+
 /// Casts a message to the supervisor, if it runs.
 pub fn send(msg: SupMsg) {
     if let Some(c) = ractor::registry::where_is(NAME.to_string()) {
@@ -90,6 +103,18 @@ async fn spawn_child(
 ) -> Result<ActorCell, ractor::SpawnErr> {
     let n = Some(name.to_string());
     let c = ctx.clone();
+    if !ctx.students.is_empty() {
+        // a distillation run
+        return Ok(match name {
+            "control" => Actor::spawn_linked(n, ControlActor, c, sup).await?.0.get_cell(),
+            "teacher" => Actor::spawn_linked(n, super::distill::DistillTeacherActor, c, sup).await?.0.get_cell(),
+            "coordinator" => Actor::spawn_linked(n, super::distill::DistillCoordinator, c, sup).await?.0.get_cell(),
+            other => match ctx.students.iter().position(|s| s.actor() == other) {
+                Some(i) => Actor::spawn_linked(n, super::distill::StudentActor, (c, i), sup).await?.0.get_cell(),
+                None => return Err(ractor::SpawnErr::StartupFailed(format!("unknown child {other}").into())),
+            },
+        });
+    }
     Ok(match name {
         "control" => Actor::spawn_linked(n, ControlActor, c, sup)
             .await?
@@ -216,8 +241,8 @@ impl SupState {
 
     fn shutdown(&mut self, me: &ActorRef<SupMsg>) {
         self.shutting_down = true;
-        for name in ORDER.iter().rev() {
-            if let Some(c) = self.children.remove(*name) {
+        for name in order(&self.ctx).iter().rev() {
+            if let Some(c) = self.children.remove(name) {
                 c.stop(Some("shutdown".into()));
                 self.ctx.board.stopped(name);
             }
@@ -237,9 +262,9 @@ impl Actor for SupervisorActor {
         ctx: Arc<Ctx>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let mut children = BTreeMap::new();
-        for name in ORDER {
-            let cell = spawn_child(name, &ctx, me.get_cell()).await?;
-            children.insert(name.to_string(), cell);
+        for name in order(&ctx) {
+            let cell = spawn_child(&name, &ctx, me.get_cell()).await?;
+            children.insert(name, cell);
         }
         me.send_interval(
             Duration::from_millis(ctx.plan.config.runtime.heartbeat.check_every_ms.max(10)),
@@ -273,8 +298,9 @@ impl Actor for SupervisorActor {
                 st.restarting.remove(&name);
                 let mut to_start = vec![name.clone()];
                 to_start.extend(dependents(&name).iter().map(|s| s.to_string()));
-                for n in ORDER.iter().filter(|o| to_start.iter().any(|t| t == *o)) {
-                    if st.children.contains_key(*n) {
+                for n in order(&st.ctx).iter().filter(|o| to_start.iter().any(|t| t == *o)) {
+                    let n = n.as_str();
+                    if st.children.contains_key(n) {
                         continue;
                     }
                     // the old actor's name must be free before the new one registers

@@ -1,0 +1,645 @@
+//! Multi-student distillation: one frozen teacher, whose forward pass runs once per batch,
+//! and one trainer actor per student.
+//!
+//! Students pull: student `s` asks the teacher actor for batch `k` (the next one it needs);
+//! the teacher produces batches in order (data loader + teacher forward + Sinkhorn-Knopp)
+//! and keeps the last few in memory, so every student sees the same teacher outputs. A
+//! student may run at most `max_lag` batches ahead of the slowest, which bounds memory and
+//! keeps a slow student from stalling the others beyond that queue. Each student has its
+//! own state (student, EMA student, optimizer), its own checkpoints in
+//! `STATE/students/NAME`, and fails alone: a panic or a NaN in one student restarts or
+//! rolls back that student only; a student that fell behind the teacher's memory gets its
+//! batches recomputed (the teacher is frozen, so they are identical).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use checkpoints::{Level, Store};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde_json::json;
+
+use super::board::{now_ms, ActorPhase};
+use super::coordinator::{call, CoordMsg};
+use super::loader::{to_batch, LoadedBatch};
+use super::worker::Worker;
+use super::{Ctx, EXIT_DEVICE, EXIT_OK};
+use crate::config::{Plan, StudentPlan};
+use crate::engine::{self, Engine, EngineState};
+use model::ssl::SslModel;
+use model::{StepHparams, TeacherOutput, TrainState};
+
+/// Name of the distillation teacher actor.
+pub const TEACHER: &str = "teacher";
+
+/// One student's run: its plan, state and store.
+pub struct StudentRun {
+    /// Name.
+    pub name: String,
+    /// The run plan with this student's model config (for snapshots and restores).
+    pub plan: Plan,
+    /// The student's schedule and EMA momentum.
+    pub sp: StudentPlan,
+    /// Its training state (student, EMA student, optimizer).
+    pub engine: Engine,
+    /// Its checkpoints.
+    pub store: Arc<Store>,
+    /// The batch index it needs next.
+    pub next_batch: AtomicU64,
+    /// Reached the target step (or stopped).
+    pub done: AtomicBool,
+}
+
+impl StudentRun {
+    /// Actor name.
+    pub fn actor(&self) -> String {
+        format!("student:{}", self.name)
+    }
+}
+
+/// The batch index a student's state wants next.
+pub fn next_batch_of(ts: &TrainState) -> u64 {
+    ts.data_cursor.get("batch").and_then(|v| v.as_u64()).unwrap_or(0)
+}
+
+/// The plan of one student.
+pub fn student_plan(plan: &Plan, sp: &StudentPlan) -> Plan {
+    let mut p = plan.clone();
+    p.ssl = sp.ssl.clone();
+    p.lr = sp.lr.clone();
+    p.students = vec![];
+    p
+}
+
+/// Opens (or resumes) every student of a distillation run.
+pub fn open_students(plan: &Plan, state_dir: &Path, faults: Arc<super::faults::Faults>) -> Result<Vec<Arc<StudentRun>>> {
+    let mut out = vec![];
+    for sp in &plan.students {
+        let p = student_plan(plan, sp);
+        let dir = state_dir.join("students").join(&sp.name);
+        let store = Arc::new(super::open_store(&dir, &p, Some(faults.clone()))?);
+        let st = match store.load_latest_valid()? {
+            Some(ck) => engine::restore(&ck, &p).with_context(|| format!("student {}", sp.name))?,
+            None => {
+                let ts = TrainState::new(&sp.ssl, sp.seed, plan.config.precision.dtype())?;
+                let mut st = EngineState { ts, dirty: false, stage: json!({"stage": "distill"}), counters: json!({}) };
+                st.ts.data_cursor = json!({"batch": 0});
+                st
+            }
+        };
+        let next = next_batch_of(&st.ts);
+        out.push(Arc::new(StudentRun { name: sp.name.clone(), plan: p, sp: sp.clone(), engine: Engine::new(st), store, next_batch: AtomicU64::new(next), done: AtomicBool::new(false) }));
+    }
+    Ok(out)
+}
+
+/// Loads the frozen teacher named by `[distill] teacher`.
+pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
+    let dtype = plan.config.precision.dtype();
+    let mut m = SslModel::init(&plan.ssl, 0, dtype)?;
+    let blobs: Vec<checkpoints::TensorBlob> = if let Some(dir) = spec.strip_prefix("state:") {
+        let (step, blobs) = crate::commands::read_group(Path::new(dir), None, "teacher")?;
+        let cfg = crate::commands::checkpoint_vit_config(Path::new(dir), step)?;
+        if !cfg.same_architecture(&plan.ssl.backbone) {
+            bail!("the teacher in {dir} is a {}x{}x{} ViT, but [model] describes {}x{}x{}", cfg.embed_dim, cfg.depth, cfg.num_heads, plan.ssl.backbone.embed_dim, plan.ssl.backbone.depth, plan.ssl.backbone.num_heads);
+        }
+        blobs
+    } else if let Some(file) = spec.strip_prefix("safetensors:") {
+        let bytes = std::fs::read(file).with_context(|| format!("cannot read the teacher {file}"))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{file} is not a safetensors file"))?;
+        let mut v = vec![];
+        for (name, view) in st.tensors() {
+            let dt = match view.dtype() {
+                safetensors::Dtype::F32 => checkpoints::Dtype::F32,
+                safetensors::Dtype::F64 => checkpoints::Dtype::F64,
+                d => bail!("{file}: tensor {name} has dtype {d:?}"),
+            };
+            // official backbone names carry no prefix; heads are `dino_head.*` / `ibot_head.*`
+            let name = if name.starts_with("dino_head.") || name.starts_with("ibot_head.") { name } else { format!("backbone.{name}") };
+            v.push(checkpoints::TensorBlob::new(name, dt, view.shape().to_vec(), view.data().to_vec())?);
+        }
+        v
+    } else {
+        bail!("distill.teacher `{spec}`: use state:DIR or safetensors:FILE");
+    };
+    for (role, ps) in m.modules_mut() {
+        let mut err = None;
+        ps.load_from(|n| match blobs.iter().find(|b| b.name == format!("{role}.{n}")) {
+            Some(b) => match engine::blob_tensor(b, dtype) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    err = Some(e);
+                    None
+                }
+            },
+            None => None,
+        })
+        .with_context(|| format!("the teacher's {role} (a safetensors teacher needs its heads: dinod export --with-heads)"))?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+    }
+    Ok(m)
+}
+
+/// A batch with the teacher's outputs, shared by every student.
+pub struct Item {
+    /// Batch index.
+    pub index: u64,
+    /// The batch.
+    pub batch: LoadedBatch,
+    /// The teacher's targets.
+    pub teacher: TeacherOutput,
+}
+
+/// A student's own copy of the teacher outputs (tensors share storage).
+pub fn teacher_copy(t: &TeacherOutput) -> TeacherOutput {
+    let x = &t.targets;
+    TeacherOutput {
+        targets: model::ssl::TeacherTargets { cls: x.cls.clone(), dino_logits: x.dino_logits.clone(), dino_probs: x.dino_probs.clone(), ibot_logits: x.ibot_logits.clone(), ibot_probs: x.ibot_probs.clone() },
+        gram_target: t.gram_target.clone(),
+    }
+}
+
+/// Distillation teacher messages.
+pub enum DTeacherMsg {
+    /// The batch with this index and its teacher outputs; `None` while the asking student
+    /// is too far ahead of the slowest one.
+    Get { index: u64, reply: RpcReplyPort<Result<Option<Arc<Item>>, String>> },
+}
+
+/// The distillation teacher actor.
+pub struct DistillTeacherActor;
+
+struct Producer {
+    loader: Option<data::Loader>,
+    produced: u64,
+    ring: BTreeMap<u64, Arc<Item>>,
+}
+
+/// Its state.
+pub struct DTeacherState {
+    ctx: Arc<Ctx>,
+    worker: Worker,
+    prod: Arc<Mutex<Producer>>,
+}
+
+fn cursor_at(ctx: &Ctx, index: u64) -> data::Cursor {
+    let b = ctx.plan.config.train.batch_size as u64;
+    let len = ctx.source.len();
+    let mut c = data::Cursor::default();
+    for _ in 0..index {
+        c = c.after_batch(b, len);
+    }
+    c
+}
+
+fn open_at(ctx: &Ctx, index: u64) -> Result<data::Loader> {
+    let cfg = &ctx.plan.config;
+    let opts = data::LoaderOptions::from_config(&cfg.data, cfg.train.batch_size, cfg.seed);
+    Ok(data::Loader::new(ctx.source.clone(), opts, cursor_at(ctx, index))?)
+}
+
+fn teacher_outputs(ctx: &Ctx, index: u64, h: &data::HostBatch) -> Result<Item> {
+    let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
+    let batch = to_batch(h, ctx.plan.config.precision.dtype(), false)?;
+    let hp = StepHparams { teacher_temp: ctx.plan.teacher_temp.at(index), ..ctx.plan.hparams(index) };
+    let out = model::distill_teacher_phase(teacher, ctx.plan.ssl.loss.sinkhorn_iterations, &batch, &hp)?;
+    Ok(Item { index, batch: LoadedBatch { batch_index: h.batch_index, cursor_after: h.cursor_after, batch, bad_inputs: h.bad_inputs.clone(), n_substituted: h.n_substituted }, teacher: out })
+}
+
+fn produce(ctx: &Ctx, prod: &mut Producer, index: u64) -> Result<Arc<Item>> {
+    if let Some(it) = prod.ring.get(&index) {
+        return Ok(it.clone());
+    }
+    if index < prod.produced {
+        // fell out of memory: recompute (the teacher is frozen, the data keyed by position)
+        let mut l = open_at(ctx, index)?;
+        let h = l.next_batch()?;
+        metrics::counter!("dinod_distill_recomputed_batches_total").increment(1);
+        return Ok(Arc::new(teacher_outputs(ctx, index, &h)?));
+    }
+    if prod.loader.is_none() {
+        prod.loader = Some(open_at(ctx, prod.produced)?);
+    }
+    let keep = ctx.plan.config.distill.as_ref().map(|d| d.keep_batches).unwrap_or(16) as u64;
+    while prod.produced <= index {
+        let h = prod.loader.as_mut().expect("opened above").next_batch()?;
+        let i = prod.produced;
+        let item = Arc::new(teacher_outputs(ctx, i, &h)?);
+        prod.ring.insert(i, item);
+        prod.produced += 1;
+        while prod.ring.len() as u64 > keep {
+            let first = *prod.ring.keys().next().expect("not empty");
+            prod.ring.remove(&first);
+        }
+    }
+    Ok(prod.ring.get(&index).expect("just produced").clone())
+}
+
+fn slowest(ctx: &Ctx) -> u64 {
+    ctx.students.iter().filter(|s| !s.done.load(Ordering::SeqCst)).map(|s| s.next_batch.load(Ordering::SeqCst)).min().unwrap_or(u64::MAX)
+}
+
+impl Actor for DistillTeacherActor {
+    type Msg = DTeacherMsg;
+    type State = DTeacherState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, ctx: Arc<Ctx>) -> Result<Self::State, ActorProcessingErr> {
+        ctx.board.register(TEACHER, "teacher");
+        let start = ctx.students.iter().map(|s| s.next_batch.load(Ordering::SeqCst)).min().unwrap_or(0);
+        Ok(DTeacherState { worker: Worker::spawn("dinod-teacher")?, ctx, prod: Arc::new(Mutex::new(Producer { loader: None, produced: start, ring: BTreeMap::new() })) })
+    }
+
+    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let DTeacherMsg::Get { index, reply } = msg;
+        st.ctx.board.handled(TEACHER);
+        let max_lag = st.ctx.plan.config.distill.as_ref().map(|d| d.max_lag).unwrap_or(4);
+        if index > slowest(&st.ctx).saturating_add(max_lag) {
+            let _ = reply.send(Ok(None));
+            return Ok(());
+        }
+        st.ctx.faults.maybe_panic(TEACHER, index);
+        st.ctx.board.phase(TEACHER, ActorPhase::Step);
+        let ctx = st.ctx.clone();
+        let prod = st.prod.clone();
+        let r = st
+            .worker
+            .run(move || -> Result<Arc<Item>> {
+                let mut p = prod.lock().map_err(|_| anyhow::anyhow!("producer lock poisoned"))?;
+                produce(&ctx, &mut p, index)
+            })
+            .await?;
+        let produced = st.prod.lock().map(|p| p.produced).unwrap_or(0);
+        st.ctx.board.phase(TEACHER, ActorPhase::Idle);
+        st.ctx.board.run(|r| r.step = produced);
+        let _ = reply.send(r.map(Some).map_err(|e| format!("{e:#}")));
+        Ok(())
+    }
+}
+
+/// Student messages.
+pub enum StudentMsg {
+    /// Do the next step.
+    Tick,
+}
+
+/// A student's trainer actor.
+pub struct StudentActor;
+
+/// Its state.
+pub struct StudentState {
+    ctx: Arc<Ctx>,
+    run: Arc<StudentRun>,
+    worker: Worker,
+    retried: Option<u64>,
+    losses: std::collections::VecDeque<f64>,
+    step_ms: f64,
+    last: Option<Instant>,
+}
+
+fn save_student(run: &StudentRun) -> Result<checkpoints::SaveReport> {
+    let eng = run.engine.lock();
+    if eng.dirty {
+        bail!("student {} is mid-commit", run.name);
+    }
+    let payload = engine::snapshot(&eng, &run.plan)?;
+    drop(eng);
+    Ok(run.store.save(&payload)?)
+}
+
+impl StudentState {
+    fn hparams(&self, step: u64) -> StepHparams {
+        let p = &self.run.plan;
+        let lr = self.run.sp.lr.at(step);
+        StepHparams {
+            lr,
+            last_layer_lr: if step < p.config.train.freeze_last_layer_steps { 0.0 } else { lr },
+            weight_decay: p.config.train.weight_decay,
+            momentum: self.run.sp.momentum,
+            teacher_temp: p.teacher_temp.at(step),
+            gram_weight: 0.0,
+            local_dino_weight: 1.0,
+        }
+    }
+
+    fn finish(&self, why: &str) {
+        let run = &self.run;
+        if run.done.load(Ordering::SeqCst) {
+            return;
+        }
+        let step = run.engine.lock().ts.step;
+        if run.store.latest_step().ok().flatten() != Some(step) {
+            match save_student(run) {
+                Ok(r) => self.ctx.event(Level::Info, "checkpoint.saved", Some(&run.actor()), Some(step), format!("final checkpoint of student {} at step {step} ({:.1} MB)", run.name, r.bytes as f64 / 1e6), json!({})),
+                Err(e) => self.ctx.event(Level::Error, "checkpoint.failed", Some(&run.actor()), Some(step), format!("final checkpoint of student {}: {e:#}", run.name), json!({})),
+            }
+        }
+        let fp = engine::fingerprint(&run.engine.lock().ts).ok();
+        self.ctx.board.run(|r| {
+            r.students.entry(run.name.clone()).or_insert_with(|| json!({}))["fingerprint"] = json!(fp);
+        });
+        self.ctx.event(Level::Info, "student.done", Some(&run.actor()), Some(step), format!("student {} stopped at step {step}: {why}", run.name), json!({}));
+        // last: the coordinator ends the run once every student is done
+        run.done.store(true, Ordering::SeqCst);
+    }
+
+    /// One step; returns whether to continue right away.
+    async fn step(&mut self) -> Result<bool> {
+        let ctx = self.ctx.clone();
+        let run = self.run.clone();
+        let name = run.actor();
+        if ctx.stopping.load(Ordering::SeqCst) {
+            self.finish("stop requested");
+            return Ok(false);
+        }
+        if ctx.paused.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Ok(true);
+        }
+        let (step, k, dirty) = {
+            let e = run.engine.lock();
+            (e.ts.step, next_batch_of(&e.ts), e.dirty)
+        };
+        if dirty {
+            let ck = run.store.load_latest_valid()?;
+            let st = match ck {
+                Some(c) => engine::restore(&c, &run.plan)?,
+                None => bail!("student {} is torn and has no checkpoint", run.name),
+            };
+            let at = st.ts.step;
+            run.next_batch.store(next_batch_of(&st.ts), Ordering::SeqCst);
+            run.engine.replace(st);
+            ctx.event(Level::Warn, "run.reloaded", Some(&name), Some(at), format!("student {} reloaded from its checkpoint at step {at}", run.name), json!({}));
+            return Ok(true);
+        }
+        run.next_batch.store(k, Ordering::SeqCst);
+        if ctx.max_steps.is_some_and(|m| step >= m) {
+            self.finish("reached the target step");
+            return Ok(false);
+        }
+        ctx.faults.maybe_panic(&name, step);
+        let item = match call(&ctx.board, TEACHER, move |reply| DTeacherMsg::Get { index: k, reply }).await {
+            Ok(Ok(Some(it))) => it,
+            Ok(Ok(None)) => {
+                // too far ahead of the slowest student: wait for it
+                ctx.board.phase(&name, ActorPhase::Idle);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                return Ok(true);
+            }
+            Ok(Err(e)) | Err(e) => {
+                ctx.event(Level::Warn, "step.redo", Some(&name), Some(step), format!("student {} waits for the teacher: {e}", run.name), json!({}));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Ok(true);
+            }
+        };
+        ctx.board.phase(&name, ActorPhase::Step);
+        let hp = self.hparams(step);
+        let (r2, c2, f2) = (run.clone(), item.clone(), ctx.faults.clone());
+        let nm = name.clone();
+        let summary = self
+            .worker
+            .run(move || -> Result<(model::ssl::LossTerms, [f64; 3], bool, Option<model::ssl::ModelGrads>)> {
+                let eng = r2.engine.lock();
+                let mut out = model::distill_student_phase(&eng.ts, &c2.batch.batch, &hp, teacher_copy(&c2.teacher), &mut |_| {})?;
+                if f2.take("nan", Some(&nm), step).is_some() {
+                    out.losses.total = f64::NAN;
+                }
+                let clip = model::clip_gradients(&eng.ts.cfg, &out.grads)?;
+                Ok(match clip {
+                    Ok(c) if out.losses.is_finite() => (out.losses, c.map(|s| s.total_norm), true, Some(out.grads)),
+                    Ok(c) => (out.losses, c.map(|s| s.total_norm), false, None),
+                    Err(n) => (out.losses, n, false, None),
+                })
+            })
+            .await??;
+        let (losses, norms, finite, grads) = summary;
+        if !finite {
+            if self.retried != Some(k) {
+                self.retried = Some(k);
+                ctx.event(Level::Warn, "step.discarded", Some(&name), Some(step), format!("student {}: step {step} not committed (losses {losses:?}); retrying it once", run.name), json!({}));
+                return Ok(true);
+            }
+            let _ = run.store.quarantine_add(&format!("batch:{k}"), &json!({"step": step, "losses": format!("{losses:?}")}));
+            run.engine.lock().ts.data_cursor = json!({"batch": k + 1});
+            ctx.event(Level::Warn, "step.quarantined", Some(&name), Some(step), format!("student {}: batch {k} skipped after a failed retry", run.name), json!({}));
+            return Ok(true);
+        }
+        let grads = grads.expect("finite steps carry gradients");
+        let r3 = run.clone();
+        self.worker
+            .run(move || -> Result<()> {
+                let mut eng = r3.engine.lock();
+                eng.dirty = true;
+                let ts = &mut eng.ts;
+                let h = model::optim::OptimHparams { lr: hp.lr, last_layer_lr: hp.last_layer_lr, weight_decay: hp.weight_decay };
+                ts.optim.step(&[&ts.student.backbone.params, &ts.student.dino_head.params, &ts.student.ibot_head.params], &[&grads.backbone, &grads.dino_head, &grads.ibot_head], &h)?;
+                model::optim::ema(&ts.teacher.backbone.params, &ts.student.backbone.params, hp.momentum)?;
+                model::optim::ema(&ts.teacher.dino_head.params, &ts.student.dino_head.params, hp.momentum)?;
+                model::optim::ema(&ts.teacher.ibot_head.params, &ts.student.ibot_head.params, hp.momentum)?;
+                ts.step += 1;
+                ts.data_cursor = json!({"batch": k + 1});
+                eng.dirty = false;
+                Ok(())
+            })
+            .await??;
+        run.next_batch.store(k + 1, Ordering::SeqCst);
+        // bookkeeping
+        let now = Instant::now();
+        if let Some(prev) = self.last {
+            let ms = (now - prev).as_secs_f64() * 1e3;
+            self.step_ms = if self.step_ms == 0.0 { ms } else { 0.9 * self.step_ms + 0.1 * ms };
+        }
+        self.last = Some(now);
+        self.losses.push_back(losses.total);
+        if self.losses.len() > 50 {
+            self.losses.pop_front();
+        }
+        let b = ctx.plan.config.train.batch_size as f64;
+        let ips = if self.step_ms > 0.0 { b / (self.step_ms / 1e3) } else { 0.0 };
+        let produced = ctx.board.run_status().step;
+        ctx.board.run(|r| {
+            r.students.insert(run.name.clone(), json!({"step": step + 1, "batch": k + 1, "losses": losses, "grad_norms": norms, "images_per_s": ips, "step_ms": self.step_ms, "queue": produced.saturating_sub(k + 1)}));
+            r.last_step_ms = now_ms();
+        });
+        metrics::gauge!("dinod_student_step", "student" => run.name.clone()).set((step + 1) as f64);
+        metrics::gauge!("dinod_student_loss", "student" => run.name.clone()).set(losses.total);
+        metrics::gauge!("dinod_last_step_timestamp_seconds").set(now_ms() as f64 / 1e3);
+        let every = ctx.plan.config.checkpoint.every_steps;
+        if (step + 1) % every == 0 {
+            let r4 = run.clone();
+            ctx.board.phase(&name, ActorPhase::Checkpoint);
+            match self.worker.run(move || save_student(&r4)).await? {
+                Ok(rep) => ctx.event(Level::Info, "checkpoint.saved", Some(&name), Some(step + 1), format!("student {} checkpoint at step {}: {:.1} MB, {:.0} ms", run.name, step + 1, rep.bytes as f64 / 1e6, rep.durable().as_secs_f64() * 1e3), json!({"bytes": rep.bytes})),
+                Err(e) => ctx.event(Level::Error, "checkpoint.failed", Some(&name), Some(step + 1), format!("student {} checkpoint at step {} failed (training continues): {e:#}", run.name, step + 1), json!({})),
+            }
+        }
+        if (step + 1) % ctx.plan.config.runtime.log_every_steps.max(1) == 0 {
+            let _ = run.store.record_probe(step + 1, "train", &json!({"losses": losses, "lr": hp.lr, "grad_norms": norms}));
+            tracing::info!(student = %run.name, step = step + 1, loss = losses.total, images_per_s = ips, "student step");
+        }
+        ctx.board.phase(&name, ActorPhase::Idle);
+        Ok(true)
+    }
+}
+
+/// Arguments of a student actor.
+pub type StudentArgs = (Arc<Ctx>, usize);
+
+impl Actor for StudentActor {
+    type Msg = StudentMsg;
+    type State = StudentState;
+    type Arguments = StudentArgs;
+
+    async fn pre_start(&self, me: ActorRef<Self::Msg>, (ctx, i): StudentArgs) -> Result<Self::State, ActorProcessingErr> {
+        let run = ctx.students[i].clone();
+        ctx.board.register(&run.actor(), "trainer");
+        let _ = me.cast(StudentMsg::Tick);
+        Ok(StudentState { worker: Worker::spawn(&format!("dinod-{}", run.name))?, ctx, run, retried: None, losses: Default::default(), step_ms: 0.0, last: None })
+    }
+
+    async fn handle(&self, me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let StudentMsg::Tick = msg;
+        if st.run.done.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match st.step().await {
+            Ok(true) => {
+                let _ = me.cast(StudentMsg::Tick);
+            }
+            Ok(false) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+}
+
+/// The distillation coordinator: pause/resume/stop, completion, device loss.
+pub struct DistillCoordinator;
+
+/// Its state.
+pub struct DCoordState {
+    ctx: Arc<Ctx>,
+    finished: bool,
+}
+
+impl Actor for DistillCoordinator {
+    type Msg = CoordMsg;
+    type State = DCoordState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(&self, me: ActorRef<Self::Msg>, ctx: Arc<Ctx>) -> Result<Self::State, ActorProcessingErr> {
+        ctx.board.register(super::coordinator::NAME, "coordinator");
+        ctx.board.run(|r| {
+            r.pid = std::process::id();
+            r.stage = "distill".into();
+            r.max_steps = ctx.max_steps;
+        });
+        me.send_interval(Duration::from_millis(100), || CoordMsg::Tick);
+        Ok(DCoordState { ctx, finished: false })
+    }
+
+    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let ctx = st.ctx.clone();
+        match msg {
+            CoordMsg::Tick => {
+                if !st.finished && ctx.students.iter().all(|s| s.done.load(Ordering::SeqCst)) {
+                    st.finished = true;
+                    let code = if ctx.stopping.load(Ordering::SeqCst) { ctx.exit_code.load(Ordering::SeqCst) } else { EXIT_OK };
+                    ctx.event(Level::Info, "run.stopped", Some(super::coordinator::NAME), None, "every student stopped", json!({}));
+                    let _ = super::control::write_final_status(&ctx);
+                    ctx.set_exit(code);
+                    super::supervisor::send(super::supervisor::SupMsg::Shutdown);
+                }
+            }
+            CoordMsg::Pause => {
+                ctx.paused.store(true, Ordering::SeqCst);
+                ctx.board.run(|r| r.paused = true);
+                ctx.event(Level::Info, "run.paused", Some(super::coordinator::NAME), None, "paused by the operator", json!({}));
+            }
+            CoordMsg::Resume => {
+                ctx.paused.store(false, Ordering::SeqCst);
+                ctx.board.run(|r| r.paused = false);
+                ctx.event(Level::Info, "run.resumed", Some(super::coordinator::NAME), None, "resumed by the operator", json!({}));
+            }
+            CoordMsg::Stop { reply } => {
+                ctx.stopping.store(true, Ordering::SeqCst);
+                if let Some(r) = reply {
+                    let _ = r.send("stopping".into());
+                }
+            }
+            CoordMsg::DeviceLost(why) => {
+                ctx.event(Level::Error, "device.lost", None, None, format!("device context lost ({why})"), json!({}));
+                ctx.exit_code.store(EXIT_DEVICE, Ordering::SeqCst);
+                ctx.stopping.store(true, Ordering::SeqCst);
+            }
+            CoordMsg::Saved { .. } => {}
+            CoordMsg::SetStage { reply, .. } => {
+                let _ = reply.send(Err("this is a distillation run: it has no stages to set".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-batch cost of distilling `n` students from one teacher pass versus `n` separate
+/// runs (`dinod bench distill`).
+pub fn bench(plan: &Plan, warmup: usize, iters: usize) -> Result<serde_json::Value> {
+    let dtype = plan.config.precision.dtype();
+    let teacher = SslModel::init(&plan.ssl, plan.config.seed, dtype)?;
+    let students: Vec<TrainState> = plan.students.iter().map(|s| TrainState::new(&s.ssl, s.seed, dtype)).collect::<candle_core::Result<_>>()?;
+    let batch = crate::bench::synthetic_batch(plan, plan.config.seed)?;
+    let hp = plan.hparams(1_000_000);
+    let sk = plan.ssl.loss.sinkhorn_iterations;
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let mut v = vec![];
+        for i in 0..warmup + iters {
+            let t0 = Instant::now();
+            f()?;
+            if i >= warmup {
+                v.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        Ok(v[v.len() / 2])
+    };
+    let teacher_ms = time(&mut || {
+        model::distill_teacher_phase(&teacher, sk, &batch, &hp)?;
+        Ok(())
+    })?;
+    let t = model::distill_teacher_phase(&teacher, sk, &batch, &hp)?;
+    let mut student_ms = vec![];
+    for s in &students {
+        student_ms.push(time(&mut || {
+            let out = model::distill_student_phase(s, &batch, &hp, teacher_copy(&t), &mut |_| {})?;
+            let _ = model::clip_gradients(&s.cfg, &out.grads)?;
+            Ok(())
+        })?);
+    }
+    let mut rows = vec![];
+    for n in 1..=students.len() {
+        let shared = time(&mut || {
+            let t = model::distill_teacher_phase(&teacher, sk, &batch, &hp)?;
+            for s in &students[..n] {
+                let out = model::distill_student_phase(s, &batch, &hp, teacher_copy(&t), &mut |_| {})?;
+                let _ = model::clip_gradients(&s.cfg, &out.grads)?;
+            }
+            Ok(())
+        })?;
+        let separate: f64 = (0..n).map(|i| teacher_ms + student_ms[i]).sum();
+        let bound = teacher_ms + student_ms[..n].iter().sum::<f64>();
+        rows.push(json!({"students": n, "shared_ms": shared, "separate_ms": separate, "teacher_plus_students_ms": bound, "sharing_ratio": shared / separate, "overhead_vs_bound": shared / bound - 1.0}));
+    }
+    let b = plan.config.train.batch_size as f64;
+    Ok(json!({
+        "teacher_ms": teacher_ms,
+        "students": plan.students.iter().zip(&student_ms).map(|(s, ms)| json!({"name": s.name, "step_ms": ms, "images_per_s": b / (ms / 1e3), "params": students.iter().find(|x| x.cfg == s.ssl).map(|x| x.student.numel())})).collect::<Vec<_>>(),
+        "rows": rows,
+        "dtype": format!("{dtype:?}"),
+        "threads": rayon::current_num_threads(),
+    }))
+}

@@ -1,0 +1,162 @@
+//! Multi-student distillation with real processes: two students of different sizes from
+//! one frozen teacher, bit-exact resume after SIGKILL for both, a fault in one student that
+//! leaves the other identical to a fault-free run, export of a student's EMA weights.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const STEPS: u64 = 8;
+
+/// A teacher: the EMA teacher of a short self-supervised run of the tiny recipe.
+fn teacher_dir() -> &'static PathBuf {
+    static T: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
+    &T.get_or_init(|| {
+        let dir = TempDir::new("distill-teacher");
+        let cfg = write_config(dir.path(), &tiny_config(""));
+        let st = dir.path().join("state");
+        let o = dinod(&["run", "--config", cfg.to_str().unwrap(), "--state-dir", st.to_str().unwrap(), "--max-steps", "6"]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        (dir, st)
+    })
+    .1
+}
+
+fn distill_config(teacher: &Path) -> String {
+    tiny_config(&format!(
+        r#"
+[distill]
+teacher = "state:{}"
+max_lag = 2
+keep_batches = 4
+[[distill.students]]
+name = "small"
+preset = "vit_pico"
+backbone = {{ embed_dim = 16, depth = 1, num_heads = 2, patch_size = 8 }}
+dino_head = {{ hidden_dim = 16, bottleneck_dim = 8, n_prototypes = 64 }}
+ibot_head = {{ hidden_dim = 16, bottleneck_dim = 8, n_prototypes = 64 }}
+[[distill.students]]
+name = "base"
+preset = "vit_pico"
+backbone = {{ embed_dim = 32, depth = 2, num_heads = 2, patch_size = 8 }}
+dino_head = {{ hidden_dim = 32, bottleneck_dim = 16, n_prototypes = 64 }}
+ibot_head = {{ hidden_dim = 32, bottleneck_dim = 16, n_prototypes = 64 }}
+lr = 2e-3
+"#,
+        teacher.display()
+    ))
+}
+
+fn students(state: &Path) -> Value {
+    let o = dinod(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["run"]["students"].clone()
+}
+
+fn fps(state: &Path) -> (Value, Value) {
+    let s = students(state);
+    (s["small"]["fingerprint"].clone(), s["base"]["fingerprint"].clone())
+}
+
+fn run(cfg: &Path, st: &Path, steps: u64, extra: &[&str]) -> std::process::Output {
+    let s = steps.to_string();
+    let mut a = vec!["run", "--config", cfg.to_str().unwrap(), "--state-dir", st.to_str().unwrap(), "--max-steps", &s];
+    a.extend(extra);
+    dinod(&a)
+}
+
+/// Fingerprints of a fault-free distillation to `STEPS`.
+fn reference() -> &'static (Value, Value) {
+    static R: OnceLock<(Value, Value)> = OnceLock::new();
+    R.get_or_init(|| {
+        let dir = TempDir::new("distill-ref");
+        let cfg = write_config(dir.path(), &distill_config(teacher_dir()));
+        let st = dir.path().join("state");
+        let o = run(&cfg, &st, STEPS, &[]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        let s = students(&st);
+        assert_eq!(s["small"]["step"], STEPS, "{s}");
+        assert_eq!(s["base"]["step"], STEPS, "{s}");
+        let f = fps(&st);
+        assert!(f.0.is_string() && f.1.is_string() && f.0 != f.1, "{f:?}");
+        f
+    })
+}
+
+#[test]
+fn two_students_train_from_one_teacher_and_resume_exactly_after_sigkill() {
+    let r = reference();
+    let dir = TempDir::new("distill-kill");
+    let cfg = write_config(dir.path(), &distill_config(teacher_dir()));
+    let st = dir.path().join("state");
+    let mut kills = 0;
+    // kill as soon as the small student has committed step 2, 4, 6: always mid-run
+    for target in [2u64, 4, 6] {
+        let mut child = spawn(&["run", "--config", cfg.to_str().unwrap(), "--state-dir", st.to_str().unwrap(), "--max-steps", &STEPS.to_string(), "--checkpoint-every", "1"]);
+        let ck = st.join("students/small/checkpoints").join(format!("step-{target:012}"));
+        let t0 = std::time::Instant::now();
+        while !ck.exists() && t0.elapsed() < Duration::from_secs(60) && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if child.try_wait().unwrap().is_none() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            kills += 1;
+        }
+        let _ = child.wait();
+    }
+    assert!(kills >= 2, "only {kills} kills landed mid-run");
+    let o = run(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(&fps(&st), r, "resumed distillation differs ({kills} kills)");
+    // per-student checkpoints, and the student's EMA exports with the official names
+    for name in ["small", "base"] {
+        assert!(st.join("students").join(name).join("catalog").exists());
+    }
+    let out = dir.path().join("small.safetensors");
+    let o = dinod(&["export", "--state-dir", st.to_str().unwrap(), "--which", "student:small", "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names: Vec<String> = t.names().into_iter().map(|s| s.to_string()).collect();
+    for n in ["cls_token", "storage_tokens", "patch_embed.proj.weight", "blocks.0.attn.qkv.bias_mask", "norm.weight", "rope_embed.periods"] {
+        assert!(names.contains(&n.to_string()), "{n} missing from {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.starts_with("blocks.1.")), "the small student has one block");
+    assert_eq!(t.tensor("norm.weight").unwrap().shape(), &[16]);
+}
+
+#[test]
+fn a_fault_in_one_student_leaves_the_other_identical() {
+    let r = reference();
+    for fault in ["panic:student:small@3", "nan:student:base@4"] {
+        let dir = TempDir::new("distill-fault");
+        let cfg = write_config(dir.path(), &distill_config(teacher_dir()));
+        let st = dir.path().join("state");
+        let o = run(&cfg, &st, STEPS, &["--inject", fault]);
+        assert_eq!(o.status.code(), Some(0), "{fault}: {}", text(&o));
+        assert_eq!(&fps(&st), r, "{fault}: results differ from the fault-free run");
+        let o = dinod(&["events", "--json", "--limit", "500", "--state-dir", st.to_str().unwrap()]);
+        let ev = String::from_utf8_lossy(&o.stdout).to_string();
+        let expect = if fault.starts_with("panic") { "actor.restarting" } else { "step.discarded" };
+        assert!(ev.contains(expect), "{fault}: no {expect} event");
+    }
+}
+
+#[test]
+fn the_distillation_benchmark_reports_the_sharing_ratio() {
+    let dir = TempDir::new("distill-bench");
+    let cfg = write_config(dir.path(), &distill_config(teacher_dir()));
+    let o = dinod(&["bench", "distill", "--config", cfg.to_str().unwrap(), "--warmup", "0", "--iters", "1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert!(r["shared_ms"].as_f64().unwrap() > 0.0 && r["separate_ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}

@@ -109,7 +109,8 @@ impl VitConfig {
     }
 
     /// Names of the presets.
-    pub const PRESETS: [&'static str; 5] = ["vit_pico", "vit_tiny", "vit_small", "vit_base", "vit_large"];
+    pub const PRESETS: [&'static str; 5] =
+        ["vit_pico", "vit_tiny", "vit_small", "vit_base", "vit_large"];
 
     /// Per-head width.
     pub fn head_dim(&self) -> usize {
@@ -126,19 +127,35 @@ impl VitConfig {
         let mut p = vec![];
         let k = |s: &str| format!("{prefix}.{s}");
         if self.embed_dim == 0 || self.depth == 0 || self.num_heads == 0 {
-            p.push((k("embed_dim"), "embed_dim, depth and num_heads must be positive".into()));
+            p.push((
+                k("embed_dim"),
+                "embed_dim, depth and num_heads must be positive".into(),
+            ));
         } else if self.embed_dim % (4 * self.num_heads) != 0 {
-            p.push((k("num_heads"), format!("2-D RoPE needs embed_dim ({}) divisible by 4 * num_heads ({})", self.embed_dim, 4 * self.num_heads)));
+            p.push((
+                k("num_heads"),
+                format!(
+                    "2-D RoPE needs embed_dim ({}) divisible by 4 * num_heads ({})",
+                    self.embed_dim,
+                    4 * self.num_heads
+                ),
+            ));
         }
         if self.patch_size == 0 {
             p.push((k("patch_size"), "must be positive".into()));
         }
         if !(0.0..1.0).contains(&self.drop_path) {
-            p.push((k("drop_path"), format!("must be in [0, 1), got {}", self.drop_path)));
+            p.push((
+                k("drop_path"),
+                format!("must be in [0, 1), got {}", self.drop_path),
+            ));
         }
         if let Some(r) = self.rope_rescale {
             if r < 1.0 {
-                p.push((k("rope_rescale"), format!("must be >= 1 (the factor is drawn in [1/R, R]), got {r}")));
+                p.push((
+                    k("rope_rescale"),
+                    format!("must be >= 1 (the factor is drawn in [1/R, R]), got {r}"),
+                ));
             }
         }
         if self.ffn_ratio <= 0.0 {
@@ -189,7 +206,10 @@ impl HeadConfig {
     pub fn problems(&self, prefix: &str) -> Vec<(String, String)> {
         let mut p = vec![];
         if self.hidden_dim == 0 || self.bottleneck_dim == 0 || self.n_prototypes == 0 {
-            p.push((format!("{prefix}"), "hidden_dim, bottleneck_dim and n_prototypes must be positive".into()));
+            p.push((
+                format!("{prefix}"),
+                "hidden_dim, bottleneck_dim and n_prototypes must be positive".into(),
+            ));
         }
         if self.nlayers == 0 {
             p.push((format!("{prefix}.nlayers"), "must be at least 1".into()));
@@ -237,7 +257,14 @@ fn d_sk() -> usize {
 
 impl Default for LossConfig {
     fn default() -> Self {
-        Self { dino_loss_weight: 1.0, ibot_loss_weight: 1.0, koleo_loss_weight: 0.1, student_temp: 0.1, sinkhorn_iterations: 3, gram_per_image: true }
+        Self {
+            dino_loss_weight: 1.0,
+            ibot_loss_weight: 1.0,
+            koleo_loss_weight: 0.1,
+            student_temp: 0.1,
+            sinkhorn_iterations: 3,
+            gram_per_image: true,
+        }
     }
 }
 
@@ -286,7 +313,14 @@ fn d_patch_mult() -> f64 {
 
 impl Default for OptimConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, clip_grad: 3.0, layerwise_decay: 0.9, patch_embed_lr_mult: 0.2 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            clip_grad: 3.0,
+            layerwise_decay: 0.9,
+            patch_embed_lr_mult: 0.2,
+        }
     }
 }
 
@@ -315,7 +349,10 @@ impl SslConfig {
         p.extend(self.dino_head.problems("model.dino_head"));
         p.extend(self.ibot_head.problems("model.ibot_head"));
         if self.dino_head.n_prototypes == 0 {
-            p.push(("model.dino_head.n_prototypes".into(), "must be positive".into()));
+            p.push((
+                "model.dino_head.n_prototypes".into(),
+                "must be positive".into(),
+            ));
         }
         if self.loss.student_temp <= 0.0 {
             p.push(("model.loss.student_temp".into(), "must be positive".into()));

@@ -37,14 +37,19 @@ pub struct Fixture {
 impl Fixture {
     /// Parses fixture bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, FixtureError> {
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| FixtureError::Format(e.to_string()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| FixtureError::Format(e.to_string()))?;
         let cfg = meta
             .metadata()
             .as_ref()
             .and_then(|m| m.get("config"))
-            .ok_or_else(|| FixtureError::Config("no `config` in the safetensors metadata".into()))?;
-        let config: Value = serde_json::from_str(cfg).map_err(|e| FixtureError::Config(format!("config is not JSON: {e}")))?;
-        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| FixtureError::Format(e.to_string()))?;
+            .ok_or_else(|| {
+                FixtureError::Config("no `config` in the safetensors metadata".into())
+            })?;
+        let config: Value = serde_json::from_str(cfg)
+            .map_err(|e| FixtureError::Config(format!("config is not JSON: {e}")))?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)
+            .map_err(|e| FixtureError::Format(e.to_string()))?;
         Ok(Self { config, tensors })
     }
 
@@ -55,7 +60,10 @@ impl Fixture {
 
     /// A tensor by name.
     pub fn get(&self, name: &str) -> Result<Tensor, FixtureError> {
-        self.tensors.get(name).cloned().ok_or_else(|| FixtureError::Missing(name.to_string()))
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| FixtureError::Missing(name.to_string()))
     }
 
     /// Whether a tensor exists.
@@ -65,63 +73,111 @@ impl Fixture {
 
     /// All tensor names with a prefix, sorted.
     pub fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
-        let mut v: Vec<String> = self.tensors.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+        let mut v: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
         v.sort();
         v
     }
 
     /// `(name without prefix, shape)` of every tensor under `prefix`.
     pub fn shapes_with_prefix(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
-        self.names_with_prefix(prefix).into_iter().map(|n| (n[prefix.len()..].to_string(), self.tensors[&n].dims().to_vec())).collect()
+        self.names_with_prefix(prefix)
+            .into_iter()
+            .map(|n| {
+                (
+                    n[prefix.len()..].to_string(),
+                    self.tensors[&n].dims().to_vec(),
+                )
+            })
+            .collect()
     }
 
     /// A u8 tensor as bytes.
     pub fn u8s(&self, name: &str) -> Result<Vec<u8>, FixtureError> {
-        Ok(self.get(name)?.flatten_all()?.to_dtype(candle_core::DType::U8)?.to_vec1::<u8>()?)
+        Ok(self
+            .get(name)?
+            .flatten_all()?
+            .to_dtype(candle_core::DType::U8)?
+            .to_vec1::<u8>()?)
     }
 
     /// An integer tensor as indices.
     pub fn indices(&self, name: &str) -> Result<Vec<usize>, FixtureError> {
-        Ok(self.get(name)?.flatten_all()?.to_dtype(candle_core::DType::I64)?.to_vec1::<i64>()?.into_iter().map(|v| v as usize).collect())
+        Ok(self
+            .get(name)?
+            .flatten_all()?
+            .to_dtype(candle_core::DType::I64)?
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|v| v as usize)
+            .collect())
     }
 
     /// A float tensor as f64 values.
     pub fn f64s(&self, name: &str) -> Result<Vec<f64>, FixtureError> {
-        Ok(self.get(name)?.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
+        Ok(self
+            .get(name)?
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?)
     }
 
     fn at(&self, path: &[&str]) -> Result<&Value, FixtureError> {
         let mut v = &self.config;
         for p in path {
-            v = v.get(p).ok_or_else(|| FixtureError::Config(format!("missing key `{}`", path.join("."))))?;
+            v = v
+                .get(p)
+                .ok_or_else(|| FixtureError::Config(format!("missing key `{}`", path.join("."))))?;
         }
         Ok(v)
     }
 
     /// A number in the config.
     pub fn f64_at(&self, path: &[&str]) -> Result<f64, FixtureError> {
-        self.at(path)?.as_f64().ok_or_else(|| FixtureError::Config(format!("`{}` is not a number", path.join("."))))
+        self.at(path)?
+            .as_f64()
+            .ok_or_else(|| FixtureError::Config(format!("`{}` is not a number", path.join("."))))
     }
 
     /// An integer in the config.
     pub fn usize_at(&self, path: &[&str]) -> Result<usize, FixtureError> {
-        self.at(path)?.as_u64().map(|v| v as usize).ok_or_else(|| FixtureError::Config(format!("`{}` is not an integer", path.join("."))))
+        self.at(path)?
+            .as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| FixtureError::Config(format!("`{}` is not an integer", path.join("."))))
     }
 
     /// A bool in the config (missing or null = false).
     pub fn bool_at(&self, path: &[&str]) -> bool {
-        self.at(path).ok().and_then(|v| v.as_bool()).unwrap_or(false)
+        self.at(path)
+            .ok()
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
     }
 
     /// A string in the config.
     pub fn str_at(&self, path: &[&str]) -> Result<&str, FixtureError> {
-        self.at(path)?.as_str().ok_or_else(|| FixtureError::Config(format!("`{}` is not a string", path.join("."))))
+        self.at(path)?
+            .as_str()
+            .ok_or_else(|| FixtureError::Config(format!("`{}` is not a string", path.join("."))))
     }
 
     /// A pair of integers (e.g. a grid).
     pub fn pair_at(&self, path: &[&str]) -> Result<(usize, usize), FixtureError> {
-        let v = self.at(path)?.as_array().ok_or_else(|| FixtureError::Config(format!("`{}` is not a list", path.join("."))))?;
-        let g = |i: usize| v.get(i).and_then(|x| x.as_u64()).map(|x| x as usize).ok_or_else(|| FixtureError::Config(format!("`{}` is not a pair", path.join("."))));
+        let v = self
+            .at(path)?
+            .as_array()
+            .ok_or_else(|| FixtureError::Config(format!("`{}` is not a list", path.join("."))))?;
+        let g = |i: usize| {
+            v.get(i)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| FixtureError::Config(format!("`{}` is not a pair", path.join("."))))
+        };
         Ok((g(0)?, g(1)?))
     }
 
@@ -134,28 +190,51 @@ impl Fixture {
                 (s, "official_cfg_overrides.student")
             }
         };
-        let get = |k: &str| b.get(k).ok_or_else(|| FixtureError::Config(format!("missing key `{prefix}.{k}`")));
-        let num = |k: &str| get(k).and_then(|v| v.as_f64().ok_or_else(|| FixtureError::Config(format!("`{prefix}.{k}` is not a number"))));
+        let get = |k: &str| {
+            b.get(k)
+                .ok_or_else(|| FixtureError::Config(format!("missing key `{prefix}.{k}`")))
+        };
+        let num = |k: &str| {
+            get(k).and_then(|v| {
+                v.as_f64()
+                    .ok_or_else(|| FixtureError::Config(format!("`{prefix}.{k}` is not a number")))
+            })
+        };
         let flag = |k: &str| b.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
-        for unsupported in ["untie_cls_and_patch_norms", "untie_global_and_local_cls_norm"] {
+        for unsupported in [
+            "untie_cls_and_patch_norms",
+            "untie_global_and_local_cls_norm",
+        ] {
             if flag(unsupported) {
-                return Err(FixtureError::Config(format!("`{prefix}.{unsupported} = true` is not supported")));
+                return Err(FixtureError::Config(format!(
+                    "`{prefix}.{unsupported} = true` is not supported"
+                )));
             }
         }
         if let Some(f) = b.get("ffn_layer").and_then(|v| v.as_str()) {
             if f != "mlp" {
-                return Err(FixtureError::Config(format!("ffn_layer `{f}` is not supported (only `mlp`)")));
+                return Err(FixtureError::Config(format!(
+                    "ffn_layer `{f}` is not supported (only `mlp`)"
+                )));
             }
         }
-        for aug in ["pos_embed_rope_shift_coords", "pos_embed_rope_jitter_coords", "pos_embed_rope_rescale_coords"] {
+        for aug in [
+            "pos_embed_rope_shift_coords",
+            "pos_embed_rope_jitter_coords",
+            "pos_embed_rope_rescale_coords",
+        ] {
             if b.get(aug).map(|v| !v.is_null()).unwrap_or(false) {
-                return Err(FixtureError::Config(format!("`{prefix}.{aug}` is random at training time and cannot be checked")));
+                return Err(FixtureError::Config(format!(
+                    "`{prefix}.{aug}` is random at training time and cannot be checked"
+                )));
             }
         }
         // the embedding width: `embed_dim` in `backbone`, or from the spec / top level
         let embed_dim = match b.get("embed_dim").and_then(|v| v.as_u64()) {
             Some(v) => v as usize,
-            None => self.usize_at(&["spec", "backbone", "embed_dim"]).or_else(|_| self.usize_at(&["embed_dim"]))?,
+            None => self
+                .usize_at(&["spec", "backbone", "embed_dim"])
+                .or_else(|_| self.usize_at(&["embed_dim"]))?,
         };
         let depth = match b.get("depth").and_then(|v| v.as_u64()) {
             Some(v) => v as usize,
@@ -187,7 +266,10 @@ impl Fixture {
             ffn_bias: flag("ffn_bias"),
             rope_base: num("pos_embed_rope_base")?,
             rope_rescale: None,
-            drop_path: b.get("drop_path_rate").and_then(|v| v.as_f64()).unwrap_or(0.0),
+            drop_path: b
+                .get("drop_path_rate")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.0),
         })
     }
 

@@ -32,35 +32,71 @@ pub struct HeadCache {
 impl Head {
     /// A head with the official initialisation (trunc-normal 0.02 weights, zero biases)
     /// drawn from `seed` under the name `role` (e.g. `dino_head`).
-    pub fn init(cfg: &HeadConfig, in_dim: usize, role: &str, seed: u64, dtype: DType) -> Result<Self> {
-        Self::build(cfg, in_dim, |name, shape, init| init_tensor(seed, &format!("{role}.{name}"), shape, init, dtype))
+    pub fn init(
+        cfg: &HeadConfig,
+        in_dim: usize,
+        role: &str,
+        seed: u64,
+        dtype: DType,
+    ) -> Result<Self> {
+        Self::build(cfg, in_dim, |name, shape, init| {
+            init_tensor(seed, &format!("{role}.{name}"), shape, init, dtype)
+        })
     }
 
     /// Builds a head whose tensors come from `make(name, shape, init)`.
-    pub fn build(cfg: &HeadConfig, in_dim: usize, mut make: impl FnMut(&str, &[usize], Init) -> Result<Tensor>) -> Result<Self> {
+    pub fn build(
+        cfg: &HeadConfig,
+        in_dim: usize,
+        mut make: impl FnMut(&str, &[usize], Init) -> Result<Tensor>,
+    ) -> Result<Self> {
         let mut ps = ParamSet::default();
         let mut layers = vec![];
         let nl = cfg.nlayers.max(1);
         for l in 0..nl {
             let i = if l == 0 { in_dim } else { cfg.hidden_dim };
-            let o = if l == nl - 1 { cfg.bottleneck_dim } else { cfg.hidden_dim };
+            let o = if l == nl - 1 {
+                cfg.bottleneck_dim
+            } else {
+                cfg.hidden_dim
+            };
             let wname = format!("mlp.{}.weight", 2 * l);
             let bname = format!("mlp.{}.bias", 2 * l);
             let w = make(&wname, &[o, i], Init::TruncNormal)?;
             let b = make(&bname, &[o], Init::Const(0.0))?;
             if w.dims() != [o, i] || b.dims() != [o] {
-                bail!("head layer {l}: unexpected shapes {:?} / {:?}", w.dims(), b.dims())
+                bail!(
+                    "head layer {l}: unexpected shapes {:?} / {:?}",
+                    w.dims(),
+                    b.dims()
+                )
             }
             layers.push((ps.push(wname, w), ps.push(bname, b)));
         }
-        let lw = make("last_layer.weight", &[cfg.n_prototypes, cfg.bottleneck_dim], Init::TruncNormal)?;
+        let lw = make(
+            "last_layer.weight",
+            &[cfg.n_prototypes, cfg.bottleneck_dim],
+            Init::TruncNormal,
+        )?;
         let last = ps.push("last_layer.weight", lw);
-        Ok(Self { cfg: cfg.clone(), in_dim, params: ps, layers, last })
+        Ok(Self {
+            cfg: cfg.clone(),
+            in_dim,
+            params: ps,
+            layers,
+            last,
+        })
     }
 
     /// The same head with a copy of the parameters.
     pub fn deep_clone(&self) -> Result<Self> {
-        Ok(Self { cfg: self.cfg.clone(), in_dim: self.in_dim, params: self.params.deep_clone()?, layers: self.layers.clone(), last: self.last })
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            in_dim: self.in_dim,
+            params: self.params.deep_clone()?,
+            layers: self.layers.clone(),
+            last: self.last,
+        })
     }
 
     /// Index of `last_layer.weight` in the parameter set.
@@ -110,7 +146,15 @@ impl Head {
         }
         let (y, norms) = nn::l2_normalize(&z, 1e-12)?;
         let logits = nn::linear(&y, self.params.get(self.last), None)?;
-        Ok((logits, HeadCache { inputs, pre_act, y, norms }))
+        Ok((
+            logits,
+            HeadCache {
+                inputs,
+                pre_act,
+                y,
+                norms,
+            },
+        ))
     }
 
     /// Gradients of the parameters and of the input, given `d loss / d logits`.
@@ -122,7 +166,11 @@ impl Head {
         let n = self.layers.len();
         for l in (0..n).rev() {
             let (w, b) = self.layers[l];
-            let dh = if l + 1 < n { nn::gelu_bwd(&c.pre_act[l], &dz)? } else { dz };
+            let dh = if l + 1 < n {
+                nn::gelu_bwd(&c.pre_act[l], &dz)?
+            } else {
+                dz
+            };
             let (dx, dw, db) = nn::linear_bwd(&c.inputs[l], self.params.get(w), &dh, true, true)?;
             grads.add(w, dw)?;
             grads.add(b, db.expect("bias"))?;

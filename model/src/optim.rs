@@ -24,13 +24,33 @@ pub struct ParamGroup {
 
 /// The official group of a parameter (`dinov3/train/param_groups.py`).
 /// `layer_id`/`depth` only matter for backbone parameters (`is_backbone`).
-pub fn param_group(name: &str, is_backbone: bool, layer_id: usize, depth: usize, cfg: &OptimConfig) -> ParamGroup {
-    let wd_multiplier = if name.ends_with("bias") || name.contains("norm") || name.contains("gamma") { 0.0 } else { 1.0 };
-    let mut lr_multiplier = if is_backbone { cfg.layerwise_decay.powi((depth + 1 - layer_id.min(depth + 1)) as i32) } else { 1.0 };
+pub fn param_group(
+    name: &str,
+    is_backbone: bool,
+    layer_id: usize,
+    depth: usize,
+    cfg: &OptimConfig,
+) -> ParamGroup {
+    let wd_multiplier = if name.ends_with("bias") || name.contains("norm") || name.contains("gamma")
+    {
+        0.0
+    } else {
+        1.0
+    };
+    let mut lr_multiplier = if is_backbone {
+        cfg.layerwise_decay
+            .powi((depth + 1 - layer_id.min(depth + 1)) as i32)
+    } else {
+        1.0
+    };
     if is_backbone && name.contains("patch_embed") {
         lr_multiplier *= cfg.patch_embed_lr_mult;
     }
-    ParamGroup { lr_multiplier, wd_multiplier, is_last_layer: name.contains("last_layer") }
+    ParamGroup {
+        lr_multiplier,
+        wd_multiplier,
+        is_last_layer: name.contains("last_layer"),
+    }
 }
 
 /// First and second moments of one parameter.
@@ -56,24 +76,42 @@ impl Moments {
     /// Zero moments for a parameter of `n` elements.
     pub fn zeros(n: usize, dtype: DType) -> Result<Self> {
         match dtype {
-            DType::F32 => Ok(Self::F32 { m: vec![0.0; n], v: vec![0.0; n] }),
-            DType::F64 => Ok(Self::F64 { m: vec![0.0; n], v: vec![0.0; n] }),
+            DType::F32 => Ok(Self::F32 {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+            }),
+            DType::F64 => Ok(Self::F64 {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+            }),
             d => bail!("optimizer state in {d:?} is not supported"),
         }
     }
     /// Moments from tensors (e.g. a checkpoint), converted to `dtype`.
     pub fn from_tensors(m: &Tensor, v: &Tensor, dtype: DType) -> Result<Self> {
         match dtype {
-            DType::F32 => Ok(Self::F32 { m: ops::host::to_vec(m)?, v: ops::host::to_vec(v)? }),
-            DType::F64 => Ok(Self::F64 { m: ops::host::to_vec(m)?, v: ops::host::to_vec(v)? }),
+            DType::F32 => Ok(Self::F32 {
+                m: ops::host::to_vec(m)?,
+                v: ops::host::to_vec(v)?,
+            }),
+            DType::F64 => Ok(Self::F64 {
+                m: ops::host::to_vec(m)?,
+                v: ops::host::to_vec(v)?,
+            }),
             d => bail!("optimizer state in {d:?} is not supported"),
         }
     }
     /// The moments as two CPU tensors of `shape`.
     pub fn to_tensors(&self, shape: &[usize]) -> Result<(Tensor, Tensor)> {
         Ok(match self {
-            Self::F32 { m, v } => (ops::host::from_vec(m.clone(), shape)?, ops::host::from_vec(v.clone(), shape)?),
-            Self::F64 { m, v } => (ops::host::from_vec(m.clone(), shape)?, ops::host::from_vec(v.clone(), shape)?),
+            Self::F32 { m, v } => (
+                ops::host::from_vec(m.clone(), shape)?,
+                ops::host::from_vec(v.clone(), shape)?,
+            ),
+            Self::F64 { m, v } => (
+                ops::host::from_vec(m.clone(), shape)?,
+                ops::host::from_vec(v.clone(), shape)?,
+            ),
         })
     }
 }
@@ -130,28 +168,59 @@ pub fn clip_module(grads: &Grads, max_norm: f64) -> Result<ClipStat> {
 
 impl AdamW {
     /// Fresh state for modules `(is_backbone, params, depth)`.
-    pub fn new(cfg: &OptimConfig, modules: &[(bool, &ParamSet, usize)], layer_id: impl Fn(&str) -> usize) -> Result<Self> {
+    pub fn new(
+        cfg: &OptimConfig,
+        modules: &[(bool, &ParamSet, usize)],
+        layer_id: impl Fn(&str) -> usize,
+    ) -> Result<Self> {
         let mut out = vec![];
         for &(is_backbone, ps, depth) in modules {
-            let groups = ps.names().iter().map(|n| param_group(n, is_backbone, layer_id(n), depth, cfg)).collect();
-            let moments = ps.tensors().iter().map(|t| Moments::zeros(t.elem_count(), t.dtype())).collect::<Result<_>>()?;
+            let groups = ps
+                .names()
+                .iter()
+                .map(|n| param_group(n, is_backbone, layer_id(n), depth, cfg))
+                .collect();
+            let moments = ps
+                .tensors()
+                .iter()
+                .map(|t| Moments::zeros(t.elem_count(), t.dtype()))
+                .collect::<Result<_>>()?;
             out.push(ModuleOptim { groups, moments });
         }
-        Ok(Self { cfg: cfg.clone(), t: 0, modules: out })
+        Ok(Self {
+            cfg: cfg.clone(),
+            t: 0,
+            modules: out,
+        })
     }
 
     /// One update of every parameter that has a gradient; increments `t`.
     pub fn step(&mut self, params: &[&ParamSet], grads: &[&Grads], h: &OptimHparams) -> Result<()> {
         if params.len() != self.modules.len() || grads.len() != self.modules.len() {
-            bail!("optimizer has {} modules, got {} parameter sets", self.modules.len(), params.len())
+            bail!(
+                "optimizer has {} modules, got {} parameter sets",
+                self.modules.len(),
+                params.len()
+            )
         }
         self.t += 1;
         for ((ps, gs), st) in params.iter().zip(grads).zip(self.modules.iter_mut()) {
             for (i, t) in ps.tensors().iter().enumerate() {
                 let Some(g) = gs.get(i) else { continue };
                 let grp = st.groups[i];
-                let lr = if grp.is_last_layer { h.last_layer_lr } else { h.lr } * grp.lr_multiplier;
-                let step = AdamWStep { lr, weight_decay: h.weight_decay * grp.wd_multiplier, beta1: self.cfg.beta1, beta2: self.cfg.beta2, eps: self.cfg.eps, t: self.t };
+                let lr = if grp.is_last_layer {
+                    h.last_layer_lr
+                } else {
+                    h.lr
+                } * grp.lr_multiplier;
+                let step = AdamWStep {
+                    lr,
+                    weight_decay: h.weight_decay * grp.wd_multiplier,
+                    beta1: self.cfg.beta1,
+                    beta2: self.cfg.beta2,
+                    eps: self.cfg.eps,
+                    t: self.t,
+                };
                 match &mut st.moments[i] {
                     Moments::F32 { m, v } => adamw_update::<f32>(t, g, m, v, &step)?,
                     Moments::F64 { m, v } => adamw_update::<f64>(t, g, m, v, &step)?,

@@ -43,7 +43,12 @@ impl ParamSet {
     /// Replaces the tensor at `i` (same shape required).
     pub fn set(&mut self, i: usize, t: Tensor) -> Result<()> {
         if t.dims() != self.tensors[i].dims() {
-            bail!("parameter {}: shape {:?} vs {:?}", self.names[i], t.dims(), self.tensors[i].dims())
+            bail!(
+                "parameter {}: shape {:?} vs {:?}",
+                self.names[i],
+                t.dims(),
+                self.tensors[i].dims()
+            )
         }
         self.tensors[i] = t;
         Ok(())
@@ -74,20 +79,40 @@ impl ParamSet {
     }
     /// A copy that shares no storage with `self`.
     pub fn deep_clone(&self) -> Result<Self> {
-        let tensors = self.tensors.iter().map(|t| t.copy()).collect::<Result<Vec<_>>>()?;
-        Ok(Self { names: self.names.clone(), tensors })
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|t| t.copy())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            names: self.names.clone(),
+            tensors,
+        })
     }
     /// Converts every tensor to `dtype` (new storage).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        let tensors = self.tensors.iter().map(|t| t.to_dtype(dtype)?.copy()).collect::<Result<Vec<_>>>()?;
-        Ok(Self { names: self.names.clone(), tensors })
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|t| t.to_dtype(dtype)?.copy())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            names: self.names.clone(),
+            tensors,
+        })
     }
     /// Overwrites every tensor with the one of the same name from `lookup`, checking shapes.
     pub fn load_from(&mut self, mut lookup: impl FnMut(&str) -> Option<Tensor>) -> Result<()> {
         for (n, t) in self.names.iter().zip(self.tensors.iter_mut()) {
-            let Some(src) = lookup(n) else { bail!("missing parameter `{n}`") };
+            let Some(src) = lookup(n) else {
+                bail!("missing parameter `{n}`")
+            };
             if src.dims() != t.dims() {
-                bail!("parameter `{n}`: shape {:?}, expected {:?}", src.dims(), t.dims())
+                bail!(
+                    "parameter `{n}`: shape {:?}, expected {:?}",
+                    src.dims(),
+                    t.dims()
+                )
             }
             *t = src.to_dtype(t.dtype())?.contiguous()?.copy()?;
         }
@@ -105,7 +130,9 @@ pub struct Grads {
 impl Grads {
     /// Empty slots for `n` parameters.
     pub fn new(n: usize) -> Self {
-        Self { tensors: vec![None; n] }
+        Self {
+            tensors: vec![None; n],
+        }
     }
     /// Stores (or accumulates into) the gradient of parameter `i`.
     pub fn add(&mut self, i: usize, g: Tensor) -> Result<()> {
@@ -148,7 +175,11 @@ pub fn stream(seed: u64, label: &str) -> ChaCha8Rng {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     key[8..16].copy_from_slice(&h.to_le_bytes());
-    key[16..24].copy_from_slice(&h.rotate_left(29).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+    key[16..24].copy_from_slice(
+        &h.rotate_left(29)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .to_le_bytes(),
+    );
     key[24..32].copy_from_slice(&(label.len() as u64).to_le_bytes());
     ChaCha8Rng::from_seed(key)
 }
@@ -161,7 +192,13 @@ pub fn normal(rng: &mut impl Rng) -> f64 {
 }
 
 /// Creates a tensor of `shape` initialised by `init` from the stream `(seed, name)`.
-pub fn init_tensor(seed: u64, name: &str, shape: &[usize], init: Init, dtype: DType) -> Result<Tensor> {
+pub fn init_tensor(
+    seed: u64,
+    name: &str,
+    shape: &[usize],
+    init: Init,
+    dtype: DType,
+) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let mut rng = stream(seed, name);
     let v: Vec<f64> = match init {

@@ -7,8 +7,12 @@ use crate::config::SslConfig;
 use crate::fixture::{Fixture, FixtureError};
 use crate::head::Head;
 use crate::optim::{param_group, Moments};
-use crate::ssl::{ssl_losses, teacher_targets, CropCounts, LossWeights, SslModel, StudentFeatures, ROLES};
-use crate::state::{apply_step, clip_gradients, compute_step, new_optimizer, Batch, StepHparams, TrainState};
+use crate::ssl::{
+    ssl_losses, teacher_targets, CropCounts, LossWeights, SslModel, StudentFeatures, ROLES,
+};
+use crate::state::{
+    apply_step, clip_gradients, compute_step, new_optimizer, Batch, StepHparams, TrainState,
+};
 use crate::vit::{CropGroup, Vit};
 
 /// One compared tensor.
@@ -39,11 +43,23 @@ pub const TOL_F32: f64 = 1e-4;
 /// Relative error of two tensors of equal size, in f64.
 pub fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
     let a = ours.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let b = reference.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let b = reference
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
     if a.len() != b.len() {
-        candle_core::bail!("size mismatch: ours {:?} vs reference {:?}", ours.dims(), reference.dims())
+        candle_core::bail!(
+            "size mismatch: ours {:?} vs reference {:?}",
+            ours.dims(),
+            reference.dims()
+        )
     }
-    let num = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let num = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     Ok(if den == 0.0 { num } else { num / den })
 }
@@ -68,7 +84,16 @@ impl Cmp<'_> {
     fn check(&mut self, name: &str, ours: &Tensor) -> std::result::Result<(), FixtureError> {
         let r = self.fx.get(name)?;
         let e = rel_err(ours, &r)?;
-        self.rows.push(Row { name: name.to_string(), dtype: if self.dtype == DType::F64 { "f64" } else { "f32" }, rel_err: e, tol: self.tol() });
+        self.rows.push(Row {
+            name: name.to_string(),
+            dtype: if self.dtype == DType::F64 {
+                "f64"
+            } else {
+                "f32"
+            },
+            rel_err: e,
+            tol: self.tol(),
+        });
         Ok(())
     }
     fn check_scalar(&mut self, name: &str, v: f64) -> std::result::Result<(), FixtureError> {
@@ -76,13 +101,22 @@ impl Cmp<'_> {
         self.check(name, &t)
     }
     fn lookup<'b>(&'b self, prefix: &'b str) -> impl FnMut(&str) -> Option<Tensor> + 'b {
-        move |n: &str| self.fx.get(&format!("{prefix}{n}")).ok().and_then(|t| t.to_dtype(self.dtype).ok())
+        move |n: &str| {
+            self.fx
+                .get(&format!("{prefix}{n}"))
+                .ok()
+                .and_then(|t| t.to_dtype(self.dtype).ok())
+        }
     }
 }
 
 /// Runs a fixture in `dtype` (F64 or F32) and returns one row per compared tensor.
 pub fn run(fx: &Fixture, dtype: DType) -> std::result::Result<Vec<Row>, FixtureError> {
-    let mut c = Cmp { fx, dtype, rows: vec![] };
+    let mut c = Cmp {
+        fx,
+        dtype,
+        rows: vec![],
+    };
     match fx.kind()?.as_str() {
         "vit_forward" => vit_forward(&mut c)?,
         "losses" => losses(&mut c)?,
@@ -94,7 +128,13 @@ pub fn run(fx: &Fixture, dtype: DType) -> std::result::Result<Vec<Row>, FixtureE
 
 /// The (name, shape) pairs of a backbone's parameters and buffers.
 pub fn backbone_state_dict_shapes(vit: &Vit) -> Result<Vec<(String, Vec<usize>)>> {
-    let mut v: Vec<(String, Vec<usize>)> = vit.params.names().iter().zip(vit.params.tensors()).map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
+    let mut v: Vec<(String, Vec<usize>)> = vit
+        .params
+        .names()
+        .iter()
+        .zip(vit.params.tensors())
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
     for (n, t) in vit.buffers()? {
         v.push((n, t.dims().to_vec()));
     }
@@ -111,26 +151,54 @@ fn load_vit(c: &Cmp<'_>, prefix: &str) -> std::result::Result<Vit, FixtureError>
 
 fn vit_forward(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
     let vit = load_vit(c, "param.backbone.")?;
-    let cases = c.fx.config.get("cases").and_then(|v| v.as_array()).cloned().ok_or_else(|| FixtureError::Config("missing `cases`".into()))?;
+    let cases =
+        c.fx.config
+            .get("cases")
+            .and_then(|v| v.as_array())
+            .cloned()
+            .ok_or_else(|| FixtureError::Config("missing `cases`".into()))?;
     let dh = vit.cfg.head_dim();
     for case in cases {
-        let name = case.get("name").and_then(|v| v.as_str()).ok_or_else(|| FixtureError::Config("case without a name".into()))?.to_string();
+        let name = case
+            .get("name")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| FixtureError::Config("case without a name".into()))?
+            .to_string();
         let images = c.t(&format!("input.{name}.images"))?;
         let masks_name = format!("input.{name}.masks");
-        let masks = if c.fx.has(&masks_name) { Some(c.fx.u8s(&masks_name)?) } else { None };
-        let (feats, stream) = vit.forward_traced(&[CropGroup { images: &images, masks: masks.as_deref() }])?;
+        let masks = if c.fx.has(&masks_name) {
+            Some(c.fx.u8s(&masks_name)?)
+        } else {
+            None
+        };
+        let (feats, stream) = vit.forward_traced(&[CropGroup {
+            images: &images,
+            masks: masks.as_deref(),
+        }])?;
         let l = feats.groups[0];
         let toks = l.tokens;
         let shape3 = (l.n, toks, vit.cfg.embed_dim);
-        c.check(&format!("expect.backbone.{name}.tokens_in"), &stream[0].reshape(shape3)?)?;
+        c.check(
+            &format!("expect.backbone.{name}.tokens_in"),
+            &stream[0].reshape(shape3)?,
+        )?;
         for i in 0..vit.cfg.depth {
-            c.check(&format!("expect.backbone.{name}.block{i}"), &stream[i + 1].reshape(shape3)?)?;
+            c.check(
+                &format!("expect.backbone.{name}.block{i}"),
+                &stream[i + 1].reshape(shape3)?,
+            )?;
         }
-        c.check(&format!("expect.backbone.{name}.prenorm"), &stream[vit.cfg.depth].reshape(shape3)?)?;
+        c.check(
+            &format!("expect.backbone.{name}.prenorm"),
+            &stream[vit.cfg.depth].reshape(shape3)?,
+        )?;
         c.check(&format!("expect.backbone.{name}.cls"), &feats.cls(0)?)?;
         c.check(&format!("expect.backbone.{name}.patch"), &feats.patches(0)?)?;
         if vit.cfg.n_storage_tokens > 0 {
-            c.check(&format!("expect.backbone.{name}.storage"), &feats.storage(0)?)?;
+            c.check(
+                &format!("expect.backbone.{name}.storage"),
+                &feats.storage(0)?,
+            )?;
         }
         let (gh, gw) = l.grid;
         let sin_name = format!("expect.rope.{gh}x{gw}.sin");
@@ -146,12 +214,20 @@ fn vit_forward(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
 fn ssl_config(c: &Cmp<'_>) -> std::result::Result<SslConfig, FixtureError> {
     let (dino_head, ibot_head) = c.fx.head_configs()?;
     let backbone = c.fx.vit_config()?;
-    Ok(SslConfig { backbone, dino_head, ibot_head, loss: c.fx.loss_config()?, optim: c.fx.optim_config()? })
+    Ok(SslConfig {
+        backbone,
+        dino_head,
+        ibot_head,
+        loss: c.fx.loss_config()?,
+        optim: c.fx.optim_config()?,
+    })
 }
 
 fn gram_weight(fx: &Fixture) -> f64 {
     if fx.bool_at(&["gram", "use_loss"]) {
-        fx.f64_at(&["loss", "gram_loss_weight"]).or_else(|_| fx.f64_at(&["gram", "loss_weight"])).unwrap_or(1.0)
+        fx.f64_at(&["loss", "gram_loss_weight"])
+            .or_else(|_| fx.f64_at(&["gram", "loss_weight"]))
+            .unwrap_or(1.0)
     } else {
         0.0
     }
@@ -166,9 +242,16 @@ fn flat(t: &Tensor) -> Result<Tensor> {
 fn losses(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
     let cfg = ssl_config(c)?;
     let d = cfg.backbone.embed_dim;
-    let b = c.fx.usize_at(&["spec", "batch"]).or_else(|_| c.fx.usize_at(&["batch"]))?;
-    let nl = c.fx.usize_at(&["spec", "n_local_crops"]).or_else(|_| c.fx.usize_at(&["official_cfg_overrides", "crops", "local_crops_number"]))?;
-    let head = |c: &Cmp<'_>, role: &str, hc: &crate::config::HeadConfig| -> std::result::Result<Head, FixtureError> {
+    let b =
+        c.fx.usize_at(&["spec", "batch"])
+            .or_else(|_| c.fx.usize_at(&["batch"]))?;
+    let nl = c.fx.usize_at(&["spec", "n_local_crops"]).or_else(|_| {
+        c.fx.usize_at(&["official_cfg_overrides", "crops", "local_crops_number"])
+    })?;
+    let head = |c: &Cmp<'_>,
+                role: &str,
+                hc: &crate::config::HeadConfig|
+     -> std::result::Result<Head, FixtureError> {
         let mut h = Head::init(hc, d, role, 0, c.dtype)?;
         h.params.load_from(c.lookup(&format!("param.{role}.")))?;
         Ok(h)
@@ -185,7 +268,14 @@ fn losses(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
     let temp = c.fx.f64_at(&["teacher_temp"])?;
     let t_cls = flat(&c.t("input.teacher.global_cls")?)?;
     let t_patch = flat(&c.t("input.teacher.global_patch")?)?;
-    let tt = teacher_targets(&teacher, &t_cls, &t_patch, &mask_indices, temp, cfg.loss.sinkhorn_iterations)?;
+    let tt = teacher_targets(
+        &teacher,
+        &t_cls,
+        &t_patch,
+        &mask_indices,
+        temp,
+        cfg.loss.sinkhorn_iterations,
+    )?;
     c.check("expect.teacher.dino_head.out", &tt.dino_logits)?;
     c.check("expect.teacher.ibot_head.out", &tt.ibot_logits)?;
     c.check("expect.sk.teacher_probs", &tt.dino_probs)?;
@@ -201,7 +291,24 @@ fn losses(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
         cls_local: flat(&c.t("input.student.local_cls")?)?,
         patch_global: flat(&c.t("input.student.global_patch")?)?,
     };
-    let r = ssl_losses(&cfg, &dino, &ibot, &s, &tt, Some(&gram_target), &mask_indices, &masks_weight, CropCounts { batch: b, n_local: nl }, LossWeights { gram: gw, local_dino: 1.0 })?;
+    let r = ssl_losses(
+        &cfg,
+        &dino,
+        &ibot,
+        &s,
+        &tt,
+        Some(&gram_target),
+        &mask_indices,
+        &masks_weight,
+        CropCounts {
+            batch: b,
+            n_local: nl,
+        },
+        LossWeights {
+            gram: gw,
+            local_dino: 1.0,
+        },
+    )?;
     c.check("expect.dino_head.out_global", &r.heads.dino_global)?;
     c.check("expect.dino_head.out_local", &r.heads.dino_local)?;
     c.check("expect.ibot_head.out", &r.heads.ibot)?;
@@ -210,7 +317,10 @@ fn losses(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
         let (l, _) = ops::loss::gram_loss(&s.patch_global, &gram_target, 2 * b, false)?;
         c.check_scalar("expect.loss.gram_batch_level", l)?;
     }
-    for (role, h, g) in [("dino_head", &dino, &r.dino_head), ("ibot_head", &ibot, &r.ibot_head)] {
+    for (role, h, g) in [
+        ("dino_head", &dino, &r.dino_head),
+        ("ibot_head", &ibot, &r.ibot_head),
+    ] {
         for (i, n) in h.params.names().iter().enumerate() {
             if let Some(gt) = g.get(i) {
                 c.check(&format!("grad.{role}.{n}"), gt)?;
@@ -224,8 +334,19 @@ fn losses(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
 }
 
 fn loss_rows(c: &mut Cmp<'_>, t: &crate::ssl::LossTerms) -> std::result::Result<(), FixtureError> {
-    let prefix = if c.dtype == DType::F32 && c.fx.has("expect_f32.loss.total") { "expect_f32.loss" } else { "expect.loss" };
-    for (n, v) in [("dino_local", t.dino_local), ("dino_global", t.dino_global), ("koleo", t.koleo), ("ibot", t.ibot), ("gram", t.gram), ("total", t.total)] {
+    let prefix = if c.dtype == DType::F32 && c.fx.has("expect_f32.loss.total") {
+        "expect_f32.loss"
+    } else {
+        "expect.loss"
+    };
+    for (n, v) in [
+        ("dino_local", t.dino_local),
+        ("dino_global", t.dino_global),
+        ("koleo", t.koleo),
+        ("ibot", t.ibot),
+        ("gram", t.gram),
+        ("total", t.total),
+    ] {
         let name = format!("{prefix}.{n}");
         if c.fx.has(&name) {
             c.check_scalar(&name, v)?;
@@ -238,31 +359,90 @@ fn train_step(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
     let cfg = ssl_config(c)?;
     let b = c.fx.usize_at(&["batch"])?;
     let student = SslModel::from_lookup(&cfg, c.dtype, c.lookup("param."))?;
-    let mut teacher = SslModel::from_lookup(&cfg, c.dtype, |n| c.fx.get(&format!("param.teacher_{n}")).ok().and_then(|t| t.to_dtype(c.dtype).ok()))?;
+    let mut teacher = SslModel::from_lookup(&cfg, c.dtype, |n| {
+        c.fx.get(&format!("param.teacher_{n}"))
+            .ok()
+            .and_then(|t| t.to_dtype(c.dtype).ok())
+    })?;
     teacher.backbone.cfg = cfg.backbone.clone();
-    let gram_teacher = if c.fx.names_with_prefix("param.gram_teacher_backbone.").is_empty() { None } else { Some(load_vit(c, "param.gram_teacher_backbone.")?) };
+    let gram_teacher = if c
+        .fx
+        .names_with_prefix("param.gram_teacher_backbone.")
+        .is_empty()
+    {
+        None
+    } else {
+        Some(load_vit(c, "param.gram_teacher_backbone.")?)
+    };
     // parameter groups must be the official ones
     let depth = cfg.backbone.depth;
-    if let Some(groups) = c.fx.config.get("optim").and_then(|o| o.get("param_groups")).and_then(|g| g.as_array()) {
+    if let Some(groups) =
+        c.fx.config
+            .get("optim")
+            .and_then(|o| o.get("param_groups"))
+            .and_then(|g| g.as_array())
+    {
         for g in groups {
             let name = g.get("name").and_then(|v| v.as_str()).unwrap_or_default();
             let (role, key) = name.split_once('.').unwrap_or((name, ""));
-            let ours = param_group(key, role == "backbone", student.backbone.layer_id(key), depth, &cfg.optim);
-            let want = (g.get("lr_multiplier").and_then(|v| v.as_f64()).unwrap_or(f64::NAN), g.get("wd_multiplier").and_then(|v| v.as_f64()).unwrap_or(f64::NAN));
-            let e = ((ours.lr_multiplier - want.0).abs() / want.0.abs().max(1e-12)).max((ours.wd_multiplier - want.1).abs());
-            let last_ok = ours.is_last_layer == g.get("is_last_layer").and_then(|v| v.as_bool()).unwrap_or(false);
-            c.rows.push(Row { name: format!("param_group.{name}"), dtype: "meta", rel_err: if last_ok { e } else { 1.0 }, tol: 1e-12 });
+            let ours = param_group(
+                key,
+                role == "backbone",
+                student.backbone.layer_id(key),
+                depth,
+                &cfg.optim,
+            );
+            let want = (
+                g.get("lr_multiplier")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(f64::NAN),
+                g.get("wd_multiplier")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(f64::NAN),
+            );
+            let e = ((ours.lr_multiplier - want.0).abs() / want.0.abs().max(1e-12))
+                .max((ours.wd_multiplier - want.1).abs());
+            let last_ok = ours.is_last_layer
+                == g.get("is_last_layer")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+            c.rows.push(Row {
+                name: format!("param_group.{name}"),
+                dtype: "meta",
+                rel_err: if last_ok { e } else { 1.0 },
+                tol: 1e-12,
+            });
         }
     }
     let optim = new_optimizer(&cfg, &student)?;
-    let mut st = TrainState { cfg: cfg.clone(), seed: 0, step: c.fx.usize_at(&["iteration"]).unwrap_or(0) as u64, student, teacher, gram_teacher, optim, data_cursor: serde_json::Value::Null, gram_updates: 0 };
+    let mut st = TrainState {
+        cfg: cfg.clone(),
+        seed: 0,
+        step: c.fx.usize_at(&["iteration"]).unwrap_or(0) as u64,
+        student,
+        teacher,
+        gram_teacher,
+        optim,
+        data_cursor: serde_json::Value::Null,
+        gram_updates: 0,
+    };
     let global = c.t("input.global_crops")?;
-    let local = if c.fx.has("input.local_crops") { Some(c.t("input.local_crops")?) } else { None };
-    let gram = if c.fx.has("input.gram_crops") { Some(c.t("input.gram_crops")?) } else { None };
+    let local = if c.fx.has("input.local_crops") {
+        Some(c.t("input.local_crops")?)
+    } else {
+        None
+    };
+    let gram = if c.fx.has("input.gram_crops") {
+        Some(c.t("input.gram_crops")?)
+    } else {
+        None
+    };
     let masks = c.fx.u8s("input.masks")?;
     let batch = Batch::new(b, global, local, gram, masks)?;
     if batch.mask_indices != c.fx.indices("input.mask_indices")? {
-        return Err(FixtureError::Config("mask indices derived from the masks differ from input.mask_indices".into()));
+        return Err(FixtureError::Config(
+            "mask indices derived from the masks differ from input.mask_indices".into(),
+        ));
     }
     let o = ["optim"];
     let hp = StepHparams {
@@ -298,14 +478,23 @@ fn train_step(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
             let name = format!("grad.{role}.{n}");
             match gs.get(i) {
                 Some(g) => c.check(&name, g)?,
-                None => c.rows.push(Row { name, dtype: "missing", rel_err: f64::INFINITY, tol: c.tol() }),
+                None => c.rows.push(Row {
+                    name,
+                    dtype: "missing",
+                    rel_err: f64::INFINITY,
+                    tol: c.tol(),
+                }),
             }
         }
     }
     // clipping
-    let clip = clip_gradients(&cfg, &out.grads)?.map_err(|n| FixtureError::Config(format!("non-finite gradient norms {n:?}")))?;
+    let clip = clip_gradients(&cfg, &out.grads)?
+        .map_err(|n| FixtureError::Config(format!("non-finite gradient norms {n:?}")))?;
     for (i, role) in ROLES.iter().enumerate() {
-        c.check_scalar(&format!("expect.clip.{role}.total_norm"), clip[i].total_norm)?;
+        c.check_scalar(
+            &format!("expect.clip.{role}.total_norm"),
+            clip[i].total_norm,
+        )?;
         c.check_scalar(&format!("expect.clip.{role}.coef"), clip[i].coef)?;
     }
     // warm AdamW variant from a copy of the pre-step student
@@ -349,7 +538,10 @@ fn train_step(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
         apply_step(&mut warm, &out.grads, &hp)?;
         for (role, ps) in warm.student.modules() {
             for (i, n) in ps.names().iter().enumerate() {
-                c.check(&format!("expect.after_step_warm.param.{role}.{n}"), ps.get(i))?;
+                c.check(
+                    &format!("expect.after_step_warm.param.{role}.{n}"),
+                    ps.get(i),
+                )?;
             }
         }
     }

@@ -38,7 +38,11 @@ impl SslModel {
     }
 
     /// A model whose tensors come from `lookup("<role>.<key>")`.
-    pub fn from_lookup(cfg: &SslConfig, dtype: DType, mut lookup: impl FnMut(&str) -> Option<Tensor>) -> Result<Self> {
+    pub fn from_lookup(
+        cfg: &SslConfig,
+        dtype: DType,
+        mut lookup: impl FnMut(&str) -> Option<Tensor>,
+    ) -> Result<Self> {
         let mut m = Self::init(cfg, 0, dtype)?;
         for (role, ps) in m.modules_mut() {
             ps.load_from(|n| lookup(&format!("{role}.{n}")))?;
@@ -48,17 +52,29 @@ impl SslModel {
 
     /// A copy sharing no storage.
     pub fn deep_clone(&self) -> Result<Self> {
-        Ok(Self { backbone: self.backbone.deep_clone()?, dino_head: self.dino_head.deep_clone()?, ibot_head: self.ibot_head.deep_clone()? })
+        Ok(Self {
+            backbone: self.backbone.deep_clone()?,
+            dino_head: self.dino_head.deep_clone()?,
+            ibot_head: self.ibot_head.deep_clone()?,
+        })
     }
 
     /// `(role, parameters)` for the three modules.
     pub fn modules(&self) -> [(&'static str, &ParamSet); 3] {
-        [("backbone", &self.backbone.params), ("dino_head", &self.dino_head.params), ("ibot_head", &self.ibot_head.params)]
+        [
+            ("backbone", &self.backbone.params),
+            ("dino_head", &self.dino_head.params),
+            ("ibot_head", &self.ibot_head.params),
+        ]
     }
 
     /// Mutable access to the three parameter sets.
     pub fn modules_mut(&mut self) -> [(&'static str, &mut ParamSet); 3] {
-        [("backbone", &mut self.backbone.params), ("dino_head", &mut self.dino_head.params), ("ibot_head", &mut self.ibot_head.params)]
+        [
+            ("backbone", &mut self.backbone.params),
+            ("dino_head", &mut self.dino_head.params),
+            ("ibot_head", &mut self.ibot_head.params),
+        ]
     }
 
     /// Scalar parameter count.
@@ -90,7 +106,11 @@ pub struct ModelGrads {
 impl ModelGrads {
     /// `(role, grads)` in [`ROLES`] order.
     pub fn modules(&self) -> [(&'static str, &Grads); 3] {
-        [("backbone", &self.backbone), ("dino_head", &self.dino_head), ("ibot_head", &self.ibot_head)]
+        [
+            ("backbone", &self.backbone),
+            ("dino_head", &self.dino_head),
+            ("ibot_head", &self.ibot_head),
+        ]
     }
 }
 
@@ -118,12 +138,32 @@ pub fn teacher_targets(
     temp: f64,
     sk_iters: usize,
 ) -> Result<TeacherTargets> {
-    let dino_logits = teacher.dino_head.forward(cls)?;
-    let dino_probs = loss::sinkhorn_knopp(&dino_logits, temp, sk_iters)?;
-    let masked = nn::index_rows(patches, mask_indices)?;
-    let ibot_logits = teacher.ibot_head.forward(&masked)?;
-    let ibot_probs = if mask_indices.is_empty() { ibot_logits.clone() } else { loss::sinkhorn_knopp(&ibot_logits, temp, sk_iters)? };
-    Ok(TeacherTargets { cls: cls.clone(), dino_logits, dino_probs, ibot_logits, ibot_probs })
+    // the two heads are independent: run them side by side on the compute pool
+    let (dino, ibot) = ops::host::join(
+        || -> Result<(Tensor, Tensor)> {
+            let logits = teacher.dino_head.forward(cls)?;
+            let probs = loss::sinkhorn_knopp(&logits, temp, sk_iters)?;
+            Ok((logits, probs))
+        },
+        || -> Result<(Tensor, Tensor)> {
+            let masked = nn::index_rows(patches, mask_indices)?;
+            let logits = teacher.ibot_head.forward(&masked)?;
+            let probs = if mask_indices.is_empty() {
+                logits.clone()
+            } else {
+                loss::sinkhorn_knopp(&logits, temp, sk_iters)?
+            };
+            Ok((logits, probs))
+        },
+    );
+    let ((dino_logits, dino_probs), (ibot_logits, ibot_probs)) = (dino?, ibot?);
+    Ok(TeacherTargets {
+        cls: cls.clone(),
+        dino_logits,
+        dino_probs,
+        ibot_logits,
+        ibot_probs,
+    })
 }
 
 /// The student features the losses read.
@@ -165,7 +205,16 @@ pub struct LossTerms {
 impl LossTerms {
     /// Whether every term is finite.
     pub fn is_finite(&self) -> bool {
-        [self.dino_local, self.dino_global, self.koleo, self.ibot, self.gram, self.total].iter().all(|v| v.is_finite())
+        [
+            self.dino_local,
+            self.dino_global,
+            self.koleo,
+            self.ibot,
+            self.gram,
+            self.total,
+        ]
+        .iter()
+        .all(|v| v.is_finite())
     }
 }
 
@@ -231,10 +280,18 @@ pub fn ssl_losses(
     let nl = counts.n_local;
     let n_global = 2;
     if s.cls_global.dim(0)? != n_global * b || s.cls_local.dim(0)? != nl * b {
-        bail!("ssl_losses: {} global / {} local class tokens for batch {b} with {nl} local crops", s.cls_global.dim(0)?, s.cls_local.dim(0)?)
+        bail!(
+            "ssl_losses: {} global / {} local class tokens for batch {b} with {nl} local crops",
+            s.cls_global.dim(0)?,
+            s.cls_local.dim(0)?
+        )
     }
     if mask_indices.len() != masks_weight.len() {
-        bail!("ssl_losses: {} mask indices vs {} weights", mask_indices.len(), masks_weight.len())
+        bail!(
+            "ssl_losses: {} mask indices vs {} weights",
+            mask_indices.len(),
+            masks_weight.len()
+        )
     }
     // loss scales for 2 global and nl local crops (official: global_terms / total_terms)
     let global_terms = (n_global * (n_global - 1)) as f64;
@@ -243,90 +300,146 @@ pub fn ssl_losses(
     let global_scale = global_terms / total_terms;
     let local_scale = local_terms / total_terms;
 
-    // DINO: one head pass over all class tokens (global rows first, then local rows)
-    let cls_all = nn::cat_rows(&[&s.cls_global, &s.cls_local])?;
-    let (dino_logits, dino_cache): (Tensor, HeadCache) = dino_head.forward_train(&cls_all)?;
-    let rows = n_global * b + nl * b;
-    let mut pairs = vec![vec![]; rows];
-    let mut gscale = vec![0.0; rows];
-    let wg = 1.0 / (n_global * b) as f64;
-    for c in 0..n_global {
-        for i in 0..b {
-            let r = c * b + i;
-            for tc in 0..n_global {
-                if tc != c {
-                    pairs[r].push((tc * b + i, wg));
+    // The DINO, KoLeo, iBOT and Gram terms are independent until their feature gradients
+    // are summed: they run side by side on the compute pool, and the sums below happen in
+    // a fixed order, so the result does not depend on scheduling.
+    let dino_part = || -> Result<_> {
+        // DINO: one head pass over all class tokens (global rows first, then local rows)
+        let cls_all = nn::cat_rows(&[&s.cls_global, &s.cls_local])?;
+        let (dino_logits, dino_cache): (Tensor, HeadCache) = dino_head.forward_train(&cls_all)?;
+        let rows = n_global * b + nl * b;
+        let mut pairs = vec![vec![]; rows];
+        let mut gscale = vec![0.0; rows];
+        let wg = 1.0 / (n_global * b) as f64;
+        for c in 0..n_global {
+            for i in 0..b {
+                let r = c * b + i;
+                for tc in 0..n_global {
+                    if tc != c {
+                        pairs[r].push((tc * b + i, wg));
+                    }
                 }
+                gscale[r] = lc.dino_loss_weight * global_scale;
             }
-            gscale[r] = lc.dino_loss_weight * global_scale;
         }
-    }
-    let wl = 1.0 / (nl * n_global * b) as f64;
-    for c in 0..nl {
-        for i in 0..b {
-            let r = n_global * b + c * b + i;
-            for tc in 0..n_global {
-                pairs[r].push((tc * b + i, wl));
+        let wl = 1.0 / (nl * n_global * b) as f64;
+        for c in 0..nl {
+            for i in 0..b {
+                let r = n_global * b + c * b + i;
+                for tc in 0..n_global {
+                    pairs[r].push((tc * b + i, wl));
+                }
+                gscale[r] = lc.dino_loss_weight * local_scale * w.local_dino;
             }
-            gscale[r] = lc.dino_loss_weight * local_scale * w.local_dino;
         }
-    }
-    let (row_losses, d_dino_logits) = loss::soft_cross_entropy(&dino_logits, &t.dino_probs, &pairs, lc.student_temp, &gscale)?;
-    let dino_global: f64 = row_losses[..n_global * b].iter().sum();
-    let dino_local: f64 = row_losses[n_global * b..].iter().sum();
-    let (d_cls_all, dino_grads) = dino_head.backward(dino_cache, &d_dino_logits)?;
-    let d_cls_global = d_cls_all.narrow(0, 0, n_global * b)?;
-    let d_cls_local = d_cls_all.narrow(0, n_global * b, nl * b)?.contiguous()?;
-
-    // KoLeo on each global crop's class tokens (official: weight * sum over the 2 crops)
-    let mut koleo_sum = 0.0;
-    let mut kgrads = vec![];
-    for c in 0..n_global {
-        let x = s.cls_global.narrow(0, c * b, b)?;
-        let (l, g) = loss::koleo(&x)?;
-        koleo_sum += l;
-        kgrads.push(nn::scale(&g, lc.koleo_loss_weight)?);
-    }
-    let koleo = koleo_sum / n_global as f64;
-    let kg = nn::cat_rows(&kgrads.iter().collect::<Vec<_>>())?;
-    let d_cls_global = nn::axpy(&d_cls_global.contiguous()?, &kg, 1.0)?;
-
-    // iBOT on the masked patches, each weighted 1/(#masked in its crop), divided by 2B
+        let (row_losses, d_dino_logits) = loss::soft_cross_entropy(
+            &dino_logits,
+            &t.dino_probs,
+            &pairs,
+            lc.student_temp,
+            &gscale,
+        )?;
+        let dino_global: f64 = row_losses[..n_global * b].iter().sum();
+        let dino_local: f64 = row_losses[n_global * b..].iter().sum();
+        let (d_cls_all, dino_grads) = dino_head.backward(dino_cache, &d_dino_logits)?;
+        Ok((dino_logits, dino_global, dino_local, d_cls_all, dino_grads))
+    };
+    let koleo_part = || -> Result<_> {
+        // KoLeo on each global crop's class tokens (official: weight * sum over the 2 crops)
+        let mut koleo_sum = 0.0;
+        let mut kgrads = vec![];
+        for c in 0..n_global {
+            let x = s.cls_global.narrow(0, c * b, b)?;
+            let (l, g) = loss::koleo(&x)?;
+            koleo_sum += l;
+            kgrads.push(nn::scale(&g, lc.koleo_loss_weight)?);
+        }
+        let kg = nn::cat_rows(&kgrads.iter().collect::<Vec<_>>())?;
+        Ok((koleo_sum / n_global as f64, kg))
+    };
     let (_, d) = nn::rows_dim(&s.patch_global)?;
     let patch_rows = s.patch_global.dim(0)?;
-    let masked = nn::index_rows(&s.patch_global, mask_indices)?;
-    let (ibot, ibot_logits, ibot_grads, d_patch) = if mask_indices.is_empty() {
-        let k = ibot_head.cfg.n_prototypes;
-        let empty = Tensor::zeros((0, k), s.patch_global.dtype(), s.patch_global.device())?;
-        (0.0, empty, Grads::new(ibot_head.params.len()), Tensor::zeros((patch_rows, d), s.patch_global.dtype(), s.patch_global.device())?)
-    } else {
+    let ibot_part = || -> Result<_> {
+        // iBOT on the masked patches, each weighted 1/(#masked in its crop), divided by 2B
+        if mask_indices.is_empty() {
+            let k = ibot_head.cfg.n_prototypes;
+            let (dt, dev) = (s.patch_global.dtype(), s.patch_global.device());
+            return Ok((
+                0.0,
+                Tensor::zeros((0, k), dt, dev)?,
+                Grads::new(ibot_head.params.len()),
+                Tensor::zeros((patch_rows, d), dt, dev)?,
+            ));
+        }
+        let masked = nn::index_rows(&s.patch_global, mask_indices)?;
         let (logits, cache) = ibot_head.forward_train(&masked)?;
         let m = mask_indices.len();
-        let pairs: Vec<Vec<(usize, f64)>> = (0..m).map(|i| vec![(i, masks_weight[i] / (n_global * b) as f64)]).collect();
+        let pairs: Vec<Vec<(usize, f64)>> = (0..m)
+            .map(|i| vec![(i, masks_weight[i] / (n_global * b) as f64)])
+            .collect();
         let gs = vec![lc.ibot_loss_weight; m];
-        let (ls, dl) = loss::soft_cross_entropy(&logits, &t.ibot_probs, &pairs, lc.student_temp, &gs)?;
+        let (ls, dl) =
+            loss::soft_cross_entropy(&logits, &t.ibot_probs, &pairs, lc.student_temp, &gs)?;
         let (dm, g) = ibot_head.backward(cache, &dl)?;
-        (ls.iter().sum::<f64>(), logits, g, nn::index_rows_bwd(&dm, mask_indices, patch_rows)?)
+        Ok((
+            ls.iter().sum::<f64>(),
+            logits,
+            g,
+            nn::index_rows_bwd(&dm, mask_indices, patch_rows)?,
+        ))
     };
-
-    // Gram anchoring
-    let (gram, d_patch) = match gram_target {
-        Some(tg) if w.gram != 0.0 => {
-            let (l, g) = loss::gram_loss(&s.patch_global, tg, n_global * b, lc.gram_per_image)?;
-            (l, nn::axpy(&d_patch, &g, w.gram)?)
+    let gram_part = || -> Result<Option<(f64, Tensor)>> {
+        // Gram anchoring
+        match gram_target {
+            Some(tg) if w.gram != 0.0 => Ok(Some(loss::gram_loss(
+                &s.patch_global,
+                tg,
+                n_global * b,
+                lc.gram_per_image,
+            )?)),
+            _ => Ok(None),
         }
-        _ => (0.0, d_patch),
+    };
+    let ((dino_r, koleo_r), (ibot_r, gram_r)) = ops::host::join(
+        || ops::host::join(dino_part, koleo_part),
+        || ops::host::join(ibot_part, gram_part),
+    );
+    let (dino_logits, dino_global, dino_local, d_cls_all, dino_grads) = dino_r?;
+    let (koleo, kg) = koleo_r?;
+    let (ibot, ibot_logits, ibot_grads, d_patch) = ibot_r?;
+    let d_cls_global = d_cls_all.narrow(0, 0, n_global * b)?;
+    let d_cls_local = d_cls_all.narrow(0, n_global * b, nl * b)?.contiguous()?;
+    let d_cls_global = nn::axpy(&d_cls_global.contiguous()?, &kg, 1.0)?;
+    let (gram, d_patch) = match gram_r? {
+        Some((l, g)) => (l, nn::axpy(&d_patch, &g, w.gram)?),
+        None => (0.0, d_patch),
     };
 
-    let total = lc.dino_loss_weight * (local_scale * w.local_dino * dino_local + global_scale * dino_global)
+    let total = lc.dino_loss_weight
+        * (local_scale * w.local_dino * dino_local + global_scale * dino_global)
         + lc.koleo_loss_weight * n_global as f64 * koleo
         + lc.ibot_loss_weight * ibot
         + w.gram * gram;
     Ok(LossResult {
-        terms: LossTerms { dino_local, dino_global, koleo, ibot, gram, total },
-        features: FeatureGradients { cls_global: d_cls_global, cls_local: d_cls_local, patch_global: d_patch },
+        terms: LossTerms {
+            dino_local,
+            dino_global,
+            koleo,
+            ibot,
+            gram,
+            total,
+        },
+        features: FeatureGradients {
+            cls_global: d_cls_global,
+            cls_local: d_cls_local,
+            patch_global: d_patch,
+        },
         dino_head: dino_grads,
         ibot_head: ibot_grads,
-        heads: HeadOutputs { dino_global: dino_logits.narrow(0, 0, n_global * b)?, dino_local: dino_logits.narrow(0, n_global * b, nl * b)?, ibot: ibot_logits },
+        heads: HeadOutputs {
+            dino_global: dino_logits.narrow(0, 0, n_global * b)?,
+            dino_local: dino_logits.narrow(0, n_global * b, nl * b)?,
+            ibot: ibot_logits,
+        },
     })
 }

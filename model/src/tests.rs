@@ -13,18 +13,35 @@ use crate::state::{compute_step, train_step, Batch, StepHparams, TrainState};
 use crate::vit::Vit;
 
 fn golden(name: &str) -> Fixture {
-    let dir = std::env::var_os("DINOD_GOLDEN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"));
+    let dir = std::env::var_os("DINOD_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"));
     let path = dir.join(name);
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read golden fixture {}: {e}", path.display()));
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("cannot read golden fixture {}: {e}", path.display()));
     Fixture::parse(&bytes).unwrap()
 }
 
 fn assert_parity(file: &str, dtype: DType) {
     let fx = golden(file);
     let rows = run(&fx, dtype).unwrap();
-    assert!(rows.len() > 10, "{file}: only {} tensors compared", rows.len());
-    let bad: Vec<String> = rows.iter().filter(|r| !r.ok()).map(|r| format!("{} {:e} (tol {:e})", r.name, r.rel_err, r.tol)).collect();
-    assert!(bad.is_empty(), "{file} in {dtype:?}: {} of {} tensors out of tolerance:\n{}", bad.len(), rows.len(), bad.join("\n"));
+    assert!(
+        rows.len() > 10,
+        "{file}: only {} tensors compared",
+        rows.len()
+    );
+    let bad: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.ok())
+        .map(|r| format!("{} {:e} (tol {:e})", r.name, r.rel_err, r.tol))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{file} in {dtype:?}: {} of {} tensors out of tolerance:\n{}",
+        bad.len(),
+        rows.len(),
+        bad.join("\n")
+    );
 }
 
 #[test]
@@ -88,15 +105,32 @@ fn small_cfg(drop_path: f64, rescale: Option<f64>) -> SslConfig {
             rope_rescale: rescale,
             drop_path,
         },
-        dino_head: HeadConfig { hidden_dim: 12, bottleneck_dim: 6, n_prototypes: 10, nlayers: 3 },
-        ibot_head: HeadConfig { hidden_dim: 12, bottleneck_dim: 6, n_prototypes: 9, nlayers: 3 },
+        dino_head: HeadConfig {
+            hidden_dim: 12,
+            bottleneck_dim: 6,
+            n_prototypes: 10,
+            nlayers: 3,
+        },
+        ibot_head: HeadConfig {
+            hidden_dim: 12,
+            bottleneck_dim: 6,
+            n_prototypes: 9,
+            nlayers: 3,
+        },
         loss: LossConfig::default(),
         optim: OptimConfig::default(),
     }
 }
 
 fn rand_tensor(seed: u64, shape: &[usize], dtype: DType) -> Tensor {
-    let t = crate::params::init_tensor(seed, "test-input", shape, crate::params::Init::Normal(1.0), DType::F64).unwrap();
+    let t = crate::params::init_tensor(
+        seed,
+        "test-input",
+        shape,
+        crate::params::Init::Normal(1.0),
+        DType::F64,
+    )
+    .unwrap();
     t.to_dtype(dtype).unwrap()
 }
 
@@ -115,7 +149,15 @@ fn small_batch(dtype: DType, b: usize) -> Batch {
 }
 
 fn hp() -> StepHparams {
-    StepHparams { lr: 1e-3, last_layer_lr: 1e-3, weight_decay: 0.04, momentum: 0.99, teacher_temp: 0.07, gram_weight: 1.0, local_dino_weight: 1.0 }
+    StepHparams {
+        lr: 1e-3,
+        last_layer_lr: 1e-3,
+        weight_decay: 0.04,
+        momentum: 0.99,
+        teacher_temp: 0.07,
+        gram_weight: 1.0,
+        local_dino_weight: 1.0,
+    }
 }
 
 fn perturbed_state(cfg: &SslConfig, dtype: DType) -> TrainState {
@@ -141,10 +183,27 @@ fn full_step_gradients_match_finite_differences_with_drop_path_and_rope_jitter()
     let batch = small_batch(DType::F64, 4);
     let out = compute_step(&st, &batch, &hp()).unwrap();
     // check a spread of coordinates of several parameters
-    let names = ["blocks.0.attn.qkv.weight", "blocks.1.mlp.fc1.weight", "cls_token", "storage_tokens", "mask_token", "patch_embed.proj.weight", "blocks.0.ls1.gamma", "norm.weight"];
+    let names = [
+        "blocks.0.attn.qkv.weight",
+        "blocks.1.mlp.fc1.weight",
+        "cls_token",
+        "storage_tokens",
+        "mask_token",
+        "patch_embed.proj.weight",
+        "blocks.0.ls1.gamma",
+        "norm.weight",
+    ];
     for name in names {
         let i = st.student.backbone.params.index_of(name).unwrap();
-        let g = out.grads.backbone.get(i).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = out
+            .grads
+            .backbone
+            .get(i)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let p = st.student.backbone.params.get(i).clone();
         let pv = p.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let step = (pv.len() / 5).max(1);
@@ -152,14 +211,32 @@ fn full_step_gradients_match_finite_differences_with_drop_path_and_rope_jitter()
             let eval = |delta: f64| {
                 let mut v = pv.clone();
                 v[k] += delta;
-                let mut s2 = TrainState { cfg: st.cfg.clone(), seed: st.seed, step: st.step, student: st.student.deep_clone().unwrap(), teacher: st.teacher.deep_clone().unwrap(), gram_teacher: st.gram_teacher.clone(), optim: st.optim.clone(), data_cursor: serde_json::Value::Null, gram_updates: 0 };
-                s2.student.backbone.params.set(i, Tensor::from_vec(v, p.dims(), &Device::Cpu).unwrap()).unwrap();
+                let mut s2 = TrainState {
+                    cfg: st.cfg.clone(),
+                    seed: st.seed,
+                    step: st.step,
+                    student: st.student.deep_clone().unwrap(),
+                    teacher: st.teacher.deep_clone().unwrap(),
+                    gram_teacher: st.gram_teacher.clone(),
+                    optim: st.optim.clone(),
+                    data_cursor: serde_json::Value::Null,
+                    gram_updates: 0,
+                };
+                s2.student
+                    .backbone
+                    .params
+                    .set(i, Tensor::from_vec(v, p.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
                 compute_step(&s2, &batch, &hp()).unwrap().losses.total
             };
             let h = 1e-6;
             let num = (eval(h) - eval(-h)) / (2.0 * h);
             let err = (num - g[k]).abs() / (num.abs().max(g[k].abs()).max(1e-4));
-            assert!(err < 1e-4, "{name}[{k}]: analytic {} vs numeric {num}", g[k]);
+            assert!(
+                err < 1e-4,
+                "{name}[{k}]: analytic {} vs numeric {num}",
+                g[k]
+            );
         }
     }
 }
@@ -172,10 +249,24 @@ fn every_trainable_parameter_gets_a_finite_nonzero_gradient() {
     let out = compute_step(&st, &batch, &hp()).unwrap();
     for ((role, ps), (_, gs)) in st.student.modules().iter().zip(out.grads.modules()) {
         for (i, n) in ps.names().iter().enumerate() {
-            let g = gs.get(i).unwrap_or_else(|| panic!("{role}.{n}: no gradient"));
-            let v = g.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-            assert!(v.iter().all(|x| x.is_finite()), "{role}.{n}: non-finite gradient");
-            assert!(v.iter().any(|x| *x != 0.0), "{role}.{n}: gradient is all zero");
+            let g = gs
+                .get(i)
+                .unwrap_or_else(|| panic!("{role}.{n}: no gradient"));
+            let v = g
+                .flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "{role}.{n}: non-finite gradient"
+            );
+            assert!(
+                v.iter().any(|x| *x != 0.0),
+                "{role}.{n}: gradient is all zero"
+            );
         }
     }
 }
@@ -191,7 +282,15 @@ fn two_runs_with_the_same_seed_are_bit_identical() {
             let r = train_step(&mut st, &small_batch(DType::F32, 4), &hp()).unwrap();
             losses.push(r.losses.total.to_bits());
         }
-        let w: Vec<u32> = st.student.backbone.params.tensors().iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).map(f32::to_bits).collect();
+        let w: Vec<u32> = st
+            .student
+            .backbone
+            .params
+            .tensors()
+            .iter()
+            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .map(f32::to_bits)
+            .collect();
         (losses, w)
     };
     assert_eq!(run(), run());
@@ -204,12 +303,27 @@ fn non_finite_step_changes_nothing() {
     st.refresh_gram_teacher().unwrap();
     let mut batch = small_batch(DType::F32, 4);
     batch.global = (batch.global.clone() * f64::NAN).unwrap();
-    let before: Vec<f32> = st.student.backbone.params.get(3).flatten_all().unwrap().to_vec1().unwrap();
+    let before: Vec<f32> = st
+        .student
+        .backbone
+        .params
+        .get(3)
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let err = train_step(&mut st, &batch, &hp()).unwrap_err();
     assert!(matches!(err, crate::StepError::NonFinite { .. }), "{err}");
     assert_eq!(st.step, 0);
     assert_eq!(st.optim.t, 0);
-    let after: Vec<f32> = st.student.backbone.params.get(3).flatten_all().unwrap().to_vec1().unwrap();
+    let after: Vec<f32> = st
+        .student
+        .backbone
+        .params
+        .get(3)
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(before, after);
 }
-

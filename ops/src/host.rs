@@ -2,8 +2,7 @@
 //! tensor as `&[T]`, mutating one in place, and building tensors from vectors.
 
 use candle_core::{
-    bail, CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Result, Shape, Storage,
-    Tensor,
+    bail, CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Result, Shape, Storage, Tensor,
 };
 
 use crate::real::Real;
@@ -88,7 +87,11 @@ impl<T: Real, F: Fn(&mut [T], &[T])> InplaceOp2 for Wrap2<T, F> {
         let src = &T::cpu_storage_as_slice(s)?[a..b];
         let dst = slice_mut::<T>(d, dl)?;
         if dst.len() != src.len() {
-            bail!("in-place op: {} destination vs {} source elements", dst.len(), src.len())
+            bail!(
+                "in-place op: {} destination vs {} source elements",
+                dst.len(),
+                src.len()
+            )
         }
         (self.0)(dst, src);
         Ok(())
@@ -155,5 +158,42 @@ pub fn view<T: Real>(t: &Tensor) -> Result<View<'_, T>> {
         }
         _ => bail!("view: tensor is not on the CPU"),
     };
-    Ok(View { _guard: storage, ptr, len: end - start })
+    Ok(View {
+        _guard: storage,
+        ptr,
+        len: end - start,
+    })
+}
+
+/// A vector of `n` uninitialised elements, for a kernel that writes every element (see
+/// [`assume_init_vec`]). Skips the zeroing pass of `vec![0; n]`: the allocator hands back
+/// reused heap memory, so zeroing it would be a full extra memory pass per op.
+pub(crate) fn uninit_vec<T>(n: usize) -> Vec<std::mem::MaybeUninit<T>> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: `MaybeUninit<T>` needs no initialisation and the capacity is `n`.
+    unsafe { v.set_len(n) };
+    v
+}
+
+/// Converts a fully written [`uninit_vec`] into a `Vec<T>` without copying.
+///
+/// # Safety
+/// Every element must have been initialised.
+pub(crate) unsafe fn assume_init_vec<T>(v: Vec<std::mem::MaybeUninit<T>>) -> Vec<T> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: `MaybeUninit<T>` has the layout of `T`; the caller guarantees every element
+    // is initialised; pointer, length and capacity come from a live vector we no longer use.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut T, v.len(), v.capacity()) }
+}
+
+/// Runs `a` and `b`, side by side when the compute pool has an idle thread (rayon's
+/// `join`); for callers without their own rayon dependency.
+pub fn join<A, B, RA, RB>(a: A, b: B) -> (RA, RB)
+where
+    A: FnOnce() -> RA + Send,
+    B: FnOnce() -> RB + Send,
+    RA: Send,
+    RB: Send,
+{
+    rayon::join(a, b)
 }

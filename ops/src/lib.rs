@@ -24,6 +24,7 @@ mod linalg;
 pub mod loss;
 pub mod nn;
 pub mod optim;
+pub mod portable;
 pub mod real;
 pub mod reference;
 pub mod schedule;

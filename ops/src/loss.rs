@@ -3,45 +3,99 @@
 //! features. Each training loss returns its value and the gradient of that value with
 //! respect to the student-side input; teacher-side inputs never get gradients.
 
+use candle_core::{bail, Result, Tensor};
 #[allow(unused_imports)]
 use num_traits::{Float, One, Zero};
-use candle_core::{bail, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::float_dispatch;
 use crate::host::{from_vec, view};
 use crate::linalg::{gemm_into, MatRef};
-use crate::nn::{l2_normalize, l2_normalize_bwd, rows_dim};
+use crate::nn::{
+    l2_normalize, l2_normalize_bwd, lane_dot, lane_max, lane_sum, rows_dim, sum_partials,
+    PAR_ELEMS, ROW_CHUNK,
+};
 use crate::real::Real;
+use crate::simd::simd_kernel;
 
 /// Sinkhorn-Knopp centering of teacher logits `[n, k]` at temperature `temp`, as the
 /// official code does it (no max subtraction, `iters` alternating normalisations).
-/// Returns `[n, k]` rows that sum to one.
+/// Returns `[n, k]` rows that sum to one. Parallel over row chunks; the column sums are
+/// per-chunk partial sums added in chunk order and the row sums use fixed lanes, so the
+/// result does not depend on the number of threads.
 pub fn sinkhorn_knopp(logits: &Tensor, temp: f64, iters: usize) -> Result<Tensor> {
     let (n, k) = rows_dim(logits)?;
     float_dispatch!(logits.dtype(), T => {
         let l = view::<T>(logits)?;
         let inv_t = T::c(1.0 / temp);
+        let chunk = k.max(1) * ROW_CHUNK;
         // q[i, j] with i over samples (the transpose of the official K x N layout).
-        let mut q: Vec<T> = l.iter().map(|&v| (v * inv_t).exp()).collect();
-        let total = q.iter().fold(T::zero(), |a, &b| a + b);
-        q.iter_mut().for_each(|v| *v = *v / total);
+        let mut q = vec![T::zero(); n * k];
+        let parts: Vec<T> = q
+            .par_chunks_mut(chunk)
+            .zip(l.par_chunks(chunk))
+            .map(|(qc, lc)| sk_exp(lc, inv_t, qc))
+            .collect();
+        let total = parts.iter().fold(T::zero(), |a, &b| a + b);
         let (nt, kt) = (T::c(n as f64), T::c(k as f64));
-        let mut colsum = vec![T::zero(); k];
+        // column sums of q / total, in chunk order
+        let col_sums = |q: &[T], pre: T| -> Vec<T> {
+            let parts: Vec<Vec<T>> = q
+                .par_chunks(chunk)
+                .map(|qc| {
+                    let mut p = vec![T::zero(); k];
+                    sk_colsum(qc, pre, &mut p);
+                    p
+                })
+                .collect();
+            sum_partials(parts, k)
+        };
+        let inv_total = T::one() / total;
+        // the first normalisation (q /= total) is folded into the first column pass
+        let mut pre = inv_total;
         for _ in 0..iters {
-            // rows of the official Q are prototypes: normalise each prototype's mass to 1/K.
-            colsum.iter_mut().for_each(|c| *c = T::zero());
-            for r in q.chunks(k) { for j in 0..k { colsum[j] = colsum[j] + r[j]; } }
-            for r in q.chunks_mut(k) { for j in 0..k { r[j] = r[j] / colsum[j] / kt; } }
-            // columns of the official Q are samples: each sample's mass to 1/N.
-            for r in q.chunks_mut(k) {
-                let s = r.iter().fold(T::zero(), |a, &b| a + b);
-                r.iter_mut().for_each(|v| *v = *v / s / nt);
-            }
+            // rows of the official Q are prototypes: normalise each prototype's mass to 1/K;
+            // columns are samples: then each sample's mass to 1/N.
+            let colsum = col_sums(&q, pre);
+            q.par_chunks_mut(chunk).for_each(|qc| sk_normalise(qc, pre, &colsum, kt, nt));
+            pre = T::one();
         }
-        q.iter_mut().for_each(|v| *v = *v * nt);
+        if iters == 0 {
+            q.par_chunks_mut(PAR_ELEMS).for_each(|c| c.iter_mut().for_each(|v| *v *= inv_total));
+        }
+        q.par_chunks_mut(PAR_ELEMS).for_each(|c| c.iter_mut().for_each(|v| *v *= nt));
         from_vec(q, logits.shape().clone())
     })
+}
+
+simd_kernel! {
+    /// `q = exp(l * inv_t)` on a chunk of rows; returns the chunk's sum (fixed lanes).
+    fn sk_exp<T>(l: &[T], inv_t: T, q: &mut [T]) -> T {
+        for i in 0..q.len() { q[i] = (l[i] * inv_t).vexp(); }
+        lane_sum(q)
+    }
+}
+
+simd_kernel! {
+    /// Adds `pre * q` of every row of the chunk into `colsum` (`pre` folds in `1 / total`).
+    fn sk_colsum<T>(q: &[T], pre: T, colsum: &mut [T]) {
+        let k = colsum.len();
+        for r in q.chunks_exact(k) {
+            for j in 0..k { colsum[j] += r[j] * pre; }
+        }
+    }
+}
+
+simd_kernel! {
+    /// `q = q * pre / colsum / K`, then each row `q = q / rowsum / N`.
+    fn sk_normalise<T>(q: &mut [T], pre: T, colsum: &[T], kt: T, nt: T) {
+        let k = colsum.len();
+        for r in q.chunks_exact_mut(k) {
+            for j in 0..k { r[j] = r[j] * pre / colsum[j] / kt; }
+            let s = lane_sum(r);
+            for v in r.iter_mut() { *v = *v / s / nt; }
+        }
+    }
 }
 
 /// Soft-target cross-entropy `-sum_k t_k log_softmax(s / temp)_k` where each student row
@@ -58,7 +112,12 @@ pub fn soft_cross_entropy(
     let (rows, k) = rows_dim(student)?;
     let (trows, k2) = rows_dim(targets)?;
     if k != k2 || pairs.len() != rows || grad_scale.len() != rows {
-        bail!("soft_cross_entropy: student {:?}, targets {:?}, {} pairs", student.dims(), targets.dims(), pairs.len())
+        bail!(
+            "soft_cross_entropy: student {:?}, targets {:?}, {} pairs",
+            student.dims(),
+            targets.dims(),
+            pairs.len()
+        )
     }
     if pairs.iter().flatten().any(|&(t, _)| t >= trows) {
         bail!("soft_cross_entropy: target row out of range")
@@ -69,41 +128,64 @@ pub fn soft_cross_entropy(
         let mut grad = vec![T::zero(); rows * k];
         let inv_t = T::c(1.0 / temp);
         let losses: Vec<f64> = grad
-            .par_chunks_mut(k)
+            .par_chunks_mut(k.max(1))
             .enumerate()
-            .map(|(r, g)| {
-                if pairs[r].is_empty() {
-                    return 0.0;
-                }
-                let sr = &s[r * k..(r + 1) * k];
-                let m = sr.iter().fold(T::neg_infinity(), |a, &b| if b > a { b } else { a }) * inv_t;
-                let mut z = T::zero();
-                for &v in sr { z = z + (v * inv_t - m).vexp(); }
-                let lse = m + z.ln();
-                // combined target and its mass
-                let mut loss = T::zero();
-                let mut mass = T::zero();
-                for j in 0..k { g[j] = T::zero(); }
-                for &(ti, w) in &pairs[r] {
-                    let w = T::c(w);
-                    let tr = &t[ti * k..(ti + 1) * k];
-                    for j in 0..k {
-                        let ls = sr[j] * inv_t - lse;
-                        loss = loss - w * tr[j] * ls;
-                        mass = mass + w * tr[j];
-                        g[j] = g[j] + w * tr[j];
+            .map_init(
+                || vec![T::zero(); k],
+                |e, (r, g)| {
+                    if pairs[r].is_empty() {
+                        return 0.0;
                     }
-                }
-                let gs = T::c(grad_scale[r]) * inv_t;
-                for j in 0..k {
-                    let p = (sr[j] * inv_t - lse).vexp();
-                    g[j] = (p * mass - g[j]) * gs;
-                }
-                loss.f()
-            })
+                    let sr = &s[r * k..(r + 1) * k];
+                    // e = exp(s / T - max), z = sum e, lse = max + ln z
+                    let (m, z) = ce_softmax(sr, inv_t, e);
+                    let lse = m + z.ln();
+                    // combined target sum_pairs w t (in g), its mass and the loss
+                    // -sum_j t_j (s_j / T - lse) = lse sum_j t_j - dot(t, s) / T
+                    let mut loss = T::zero();
+                    let mut mass = T::zero();
+                    for (pi, &(ti, w)) in pairs[r].iter().enumerate() {
+                        let w = T::c(w);
+                        let tr = &t[ti * k..(ti + 1) * k];
+                        let (tsum, tdot) = ce_accumulate(tr, sr, w, pi == 0, g);
+                        loss += w * (lse * tsum - tdot * inv_t);
+                        mass += w * tsum;
+                    }
+                    ce_grad(e, T::one() / z, mass, T::c(grad_scale[r]) * inv_t, g);
+                    loss.f()
+                },
+            )
             .collect();
         Ok((losses, from_vec(grad, student.shape().clone())?))
     })
+}
+
+simd_kernel! {
+    /// `e = exp(s * inv_t - m)` with `m = max(s) * inv_t`; returns `(m, sum e)`.
+    fn ce_softmax<T>(s: &[T], inv_t: T, e: &mut [T]) -> (T, T) {
+        let m = lane_max(s) * inv_t;
+        for j in 0..e.len() { e[j] = (s[j] * inv_t - m).vexp(); }
+        (m, lane_sum(e))
+    }
+}
+
+simd_kernel! {
+    /// `g (=|+=) w t`; returns `(sum t, dot(t, s))`.
+    fn ce_accumulate<T>(t: &[T], s: &[T], w: T, first: bool, g: &mut [T]) -> (T, T) {
+        if first {
+            for j in 0..g.len() { g[j] = w * t[j]; }
+        } else {
+            for j in 0..g.len() { g[j] += w * t[j]; }
+        }
+        (lane_sum(t), lane_dot(t, s))
+    }
+}
+
+simd_kernel! {
+    /// `g = (softmax * mass - g) * scale` with `softmax = e * inv_z`.
+    fn ce_grad<T>(e: &[T], inv_z: T, mass: T, scale: T, g: &mut [T]) {
+        for j in 0..g.len() { g[j] = (e[j] * inv_z * mass - g[j]) * scale; }
+    }
 }
 
 /// KoLeo on one crop's features `[n, d]`: `-mean_i log(||x_i - x_nn(i) + 1e-8|| + 1e-8)`
@@ -132,7 +214,7 @@ pub fn koleo(x: &Tensor) -> Result<(f64, Tensor)> {
             let mut diff = vec![T::zero(); d];
             for c in 0..d {
                 diff[c] = ys[i * d + c] - ys[nn * d + c] + eps;
-                dist2 = dist2 + diff[c] * diff[c];
+                dist2 += diff[c] * diff[c];
             }
             let dist = dist2.sqrt();
             loss -= (dist + eps).ln().f();
@@ -141,8 +223,8 @@ pub fn koleo(x: &Tensor) -> Result<(f64, Tensor)> {
             if dist > T::zero() {
                 for c in 0..d {
                     let gc = gd * diff[c] / dist;
-                    dy[i * d + c] = dy[i * d + c] + gc;
-                    dy[nn * d + c] = dy[nn * d + c] - gc;
+                    dy[i * d + c] += gc;
+                    dy[nn * d + c] -= gc;
                 }
             }
         }
@@ -157,12 +239,25 @@ pub fn koleo(x: &Tensor) -> Result<(f64, Tensor)> {
 /// `per_image = true`: mean over images of the mean squared difference of the per-image
 /// `p x p` Gram matrices. `false`: one `(n_img p) x (n_img p)` Gram over the batch.
 /// Returns the loss and its gradient with respect to the (unnormalised) student patches.
-pub fn gram_loss(student: &Tensor, target: &Tensor, n_img: usize, per_image: bool) -> Result<(f64, Tensor)> {
+pub fn gram_loss(
+    student: &Tensor,
+    target: &Tensor,
+    n_img: usize,
+    per_image: bool,
+) -> Result<(f64, Tensor)> {
     let (rows, d) = rows_dim(student)?;
     if target.dims() != student.dims() || rows % n_img != 0 {
-        bail!("gram_loss: student {:?} vs target {:?} for {n_img} images", student.dims(), target.dims())
+        bail!(
+            "gram_loss: student {:?} vs target {:?} for {n_img} images",
+            student.dims(),
+            target.dims()
+        )
     }
-    let (groups, p) = if per_image { (n_img, rows / n_img) } else { (1, rows) };
+    let (groups, p) = if per_image {
+        (n_img, rows / n_img)
+    } else {
+        (1, rows)
+    };
     let (ys, norms) = l2_normalize(student, 1e-12)?;
     let (yt, _) = l2_normalize(target, 1e-12)?;
     let (loss, dys) = float_dispatch!(student.dtype(), T => {
@@ -182,7 +277,7 @@ pub fn gram_loss(student: &Tensor, target: &Tensor, n_img: usize, per_image: boo
                 gemm_into(p, p, d, &mut gt, p, false, MatRef::rm(tg, d), MatRef::rm_t(tg, d), T::one(), false);
                 let mut sq = 0.0f64;
                 for (a, &b) in diff.iter_mut().zip(&gt) {
-                    *a = *a - b;
+                    *a -= b;
                     sq += (*a * *a).f();
                 }
                 // d/dX of sum (XX^T - G)^2 / denom = 4 (XX^T - G) X / denom (symmetric)
@@ -244,7 +339,12 @@ pub fn bicubic_resize_matrix(hw_in: (usize, usize), hw_out: (usize, usize)) -> V
 
 /// Bicubically resizes per-image token grids: `x [n_img * h_in * w_in, d]` (rows
 /// image-major, then row-major over the grid) to `[n_img * h_out * w_out, d]`.
-pub fn resize_tokens(x: &Tensor, n_img: usize, hw_in: (usize, usize), hw_out: (usize, usize)) -> Result<Tensor> {
+pub fn resize_tokens(
+    x: &Tensor,
+    n_img: usize,
+    hw_in: (usize, usize),
+    hw_out: (usize, usize),
+) -> Result<Tensor> {
     let (rows, d) = rows_dim(x)?;
     let (pin, pout) = (hw_in.0 * hw_in.1, hw_out.0 * hw_out.1);
     if rows != n_img * pin {
@@ -263,7 +363,12 @@ pub fn resize_tokens(x: &Tensor, n_img: usize, hw_in: (usize, usize), hw_out: (u
 
 /// Adjoint of [`resize_tokens`] (for gradient checks; the recipe only resizes the frozen
 /// Gram teacher's features).
-pub fn resize_tokens_bwd(g: &Tensor, n_img: usize, hw_in: (usize, usize), hw_out: (usize, usize)) -> Result<Tensor> {
+pub fn resize_tokens_bwd(
+    g: &Tensor,
+    n_img: usize,
+    hw_in: (usize, usize),
+    hw_out: (usize, usize),
+) -> Result<Tensor> {
     let (_, d) = rows_dim(g)?;
     let (pin, pout) = (hw_in.0 * hw_in.1, hw_out.0 * hw_out.1);
     float_dispatch!(g.dtype(), T => {

@@ -7,16 +7,30 @@
 //! vectorised, row-parallel kernels; reductions over rows are split into fixed-size chunks
 //! summed in order, so results do not depend on the number of threads.
 
+use candle_core::{bail, Result, Shape, Tensor};
 #[allow(unused_imports)]
 use num_traits::{Float, One, Zero};
-use candle_core::{bail, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::float_dispatch;
-use crate::host::{from_vec, view};
-use crate::linalg::{gemm_into, MatRef};
+use crate::host::{assume_init_vec, from_vec, uninit_vec, view};
+use crate::linalg::{gemm_new, gemm_raw, MatRef};
 use crate::real::Real;
 use crate::simd::simd_kernel;
+use std::mem::MaybeUninit;
+
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
+// SAFETY: used only to write disjoint rows from parallel tasks.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 /// Rows per chunk for parallel loops and ordered partial reductions.
 pub(crate) const ROW_CHUNK: usize = 32;
@@ -24,7 +38,9 @@ pub(crate) const ROW_CHUNK: usize = 32;
 /// `(rows, dim)` of a tensor read as a matrix over its last dimension.
 pub fn rows_dim(t: &Tensor) -> Result<(usize, usize)> {
     let dims = t.dims();
-    let Some(&d) = dims.last() else { bail!("expected at least one dimension") };
+    let Some(&d) = dims.last() else {
+        bail!("expected at least one dimension")
+    };
     Ok((t.elem_count() / d.max(1), d))
 }
 
@@ -33,7 +49,7 @@ pub(crate) fn sum_partials<T: Real>(parts: Vec<Vec<T>>, d: usize) -> Vec<T> {
     let mut out = vec![T::zero(); d];
     for p in parts {
         for (o, v) in out.iter_mut().zip(p) {
-            *o = *o + v;
+            *o += v;
         }
     }
     out
@@ -53,15 +69,32 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
         let ws = view::<T>(w)?;
-        let mut out = vec![T::zero(); m * n];
-        let acc = if let Some(b) = b {
-            let bs = view::<T>(b)?;
-            out.par_chunks_mut(n * ROW_CHUNK).for_each(|c| {
-                for r in c.chunks_mut(n) { r.copy_from_slice(&bs); }
-            });
-            true
-        } else { false };
-        gemm_into(m, n, k, &mut out, n, acc, MatRef::rm(&xs, k), MatRef::rm_t(&ws, k), T::one(), true);
+        let (a, bm) = (MatRef::rm(&xs, k), MatRef::rm_t(&ws, k));
+        let out = match b {
+            None => gemm_new(m, n, k, a, bm, T::one(), true),
+            Some(b) => {
+                let bs = view::<T>(b)?;
+                if bs.len() != n {
+                    bail!("linear: bias {:?} for {n} outputs", b.dims())
+                }
+                // bias rows first, then the product accumulates onto them
+                let mut out: Vec<T> = Vec::with_capacity(m * n);
+                let ptr = SyncPtr(out.as_mut_ptr());
+                (0..m.div_ceil(ROW_CHUNK)).into_par_iter().for_each(|c| {
+                    for r in c * ROW_CHUNK..m.min((c + 1) * ROW_CHUNK) {
+                        // SAFETY: row r < m lies inside the capacity; rows are disjoint.
+                        unsafe { std::ptr::copy_nonoverlapping(bs.as_ptr(), ptr.get().add(r * n), n) };
+                    }
+                });
+                // SAFETY: every element was written above; the product only adds to the
+                // initialised window, after which the length covers initialised memory.
+                unsafe {
+                    gemm_raw(m, n, k, out.as_mut_ptr(), n, true, a, bm, T::one(), true);
+                    out.set_len(m * n);
+                }
+                out
+            }
+        };
         from_vec(out, shape)
     })
 }
@@ -80,15 +113,63 @@ pub fn linear_bwd(
         let xs = view::<T>(x)?;
         let ws = view::<T>(w)?;
         let dys = view::<T>(dy)?;
+        if dys.len() != m * n {
+            bail!("linear_bwd: gradient {:?} for {m} rows of {n} outputs", dy.dims())
+        }
         let dx = if want_dx {
-            let mut dx = vec![T::zero(); m * k];
-            gemm_into(m, k, n, &mut dx, k, false, MatRef::rm(&dys, n), MatRef::rm(&ws, k), T::one(), true);
+            let dx = gemm_new(m, k, n, MatRef::rm(&dys, n), MatRef::rm(&ws, k), T::one(), true);
             Some(from_vec(dx, x.shape().clone())?)
         } else { None };
-        let mut dw = vec![T::zero(); n * k];
-        gemm_into(n, k, m, &mut dw, k, false, MatRef::rm_t(&dys, n), MatRef::rm(&xs, k), T::one(), true);
+        let dw = gemm_new(n, k, m, MatRef::rm_t(&dys, n), MatRef::rm(&xs, k), T::one(), true);
         let db = if has_bias { Some(from_vec(col_sum::<T>(&dys, n), n)?) } else { None };
         Ok((dx, from_vec(dw, (n, k))?, db))
+    })
+}
+
+/// The input gradient of [`linear`] alone, `dy W` (`[.., in]`, shaped like `x_shape`).
+pub fn linear_dx(dy: &Tensor, w: &Tensor, x_shape: &Shape) -> Result<Tensor> {
+    let (m, n) = rows_dim(dy)?;
+    let (n2, k) = w.dims2()?;
+    if n != n2 || x_shape.elem_count() != m * k {
+        bail!(
+            "linear_dx: gradient {:?}, weight {:?}, input {x_shape:?}",
+            dy.dims(),
+            w.dims()
+        )
+    }
+    float_dispatch!(dy.dtype(), T => {
+        let dys = view::<T>(dy)?;
+        let ws = view::<T>(w)?;
+        let dx = gemm_new(m, k, n, MatRef::rm(&dys, n), MatRef::rm(&ws, k), T::one(), true);
+        from_vec(dx, x_shape.clone())
+    })
+}
+
+/// The weight gradient of [`linear`] alone, `dy^T x` (`[out, in]`).
+pub fn linear_dw(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let (m, k) = rows_dim(x)?;
+    let (m2, n) = rows_dim(dy)?;
+    if m != m2 {
+        bail!(
+            "linear_dw: input {:?} vs gradient {:?}",
+            x.dims(),
+            dy.dims()
+        )
+    }
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let dys = view::<T>(dy)?;
+        let dw = gemm_new(n, k, m, MatRef::rm_t(&dys, n), MatRef::rm(&xs, k), T::one(), true);
+        from_vec(dw, (n, k))
+    })
+}
+
+/// Column sums of a `[.., d]` tensor (the bias gradient of a linear layer), `[d]`.
+pub fn col_sums(x: &Tensor) -> Result<Tensor> {
+    let (_, d) = rows_dim(x)?;
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        from_vec(col_sum::<T>(&xs, d), d)
     })
 }
 
@@ -108,7 +189,7 @@ pub(crate) fn col_sum<T: Real>(a: &[T], d: usize) -> Vec<T> {
 simd_kernel! {
     fn col_sum_chunk<T>(a: &[T], d: usize, out: &mut [T]) {
         for r in a.chunks_exact(d) {
-            for (o, &v) in out.iter_mut().zip(r) { *o = *o + v; }
+            for (o, &v) in out.iter_mut().zip(r) { *o += v; }
         }
     }
 }
@@ -125,47 +206,93 @@ pub struct LnCache {
 
 /// LayerNorm over the last dimension (biased variance), `y = (x - mean) * rstd * w + b`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<(Tensor, LnCache)> {
+    layer_norm_sel(x, None, w, b, eps)
+}
+
+/// [`layer_norm`] of the selected rows of `x` (all rows without a selection): output row
+/// `i` is the normalised source row `sel.source_rows()[i]`, so a gather and a LayerNorm
+/// happen in one pass. Output `[selected rows, d]`.
+pub fn layer_norm_sel(
+    x: &Tensor,
+    sel: Option<&RowBlocks>,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, LnCache)> {
     let (rows, d) = rows_dim(x)?;
+    let src = sel.map(|s| s.source_rows());
+    if let Some(src) = &src {
+        if src.iter().any(|&r| r >= rows) {
+            bail!("layer_norm_sel: selection beyond {rows} rows")
+        }
+    }
+    let out_rows = src.as_ref().map_or(rows, |s| s.len());
+    let shape: Shape = if src.is_some() {
+        (out_rows, d).into()
+    } else {
+        x.shape().clone()
+    };
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
         let ws = view::<T>(w)?;
         let bs = view::<T>(b)?;
-        let mut y = vec![T::zero(); rows * d];
-        let mut mean = vec![T::zero(); rows];
-        let mut rstd = vec![T::zero(); rows];
+        let mut y = uninit_vec::<T>(out_rows * d);
+        let mut mean = vec![T::zero(); out_rows];
+        let mut rstd = vec![T::zero(); out_rows];
         let eps = T::c(eps);
         y.par_chunks_mut(d * ROW_CHUNK)
             .zip(mean.par_chunks_mut(ROW_CHUNK))
             .zip(rstd.par_chunks_mut(ROW_CHUNK))
             .enumerate()
             .for_each(|(ci, ((yc, mc), rc))| {
-                let x0 = ci * ROW_CHUNK * d;
                 for (r, yr) in yc.chunks_mut(d).enumerate() {
-                    let xr = &xs[x0 + r * d..x0 + (r + 1) * d];
-                    let (m, s) = ln_row_fwd(xr, &ws, &bs, eps, yr);
+                    let i = ci * ROW_CHUNK + r;
+                    let row = src.as_ref().map_or(i, |s| s[i]);
+                    let (m, sd) = ln_row_fwd(&xs[row * d..(row + 1) * d], &ws, &bs, eps, yr);
                     mc[r] = m;
-                    rc[r] = s;
+                    rc[r] = sd;
                 }
             });
-        Ok((from_vec(y, x.shape().clone())?, LnCache { mean: from_vec(mean, rows)?, rstd: from_vec(rstd, rows)? }))
+        let cache = LnCache { mean: from_vec(mean, out_rows)?, rstd: from_vec(rstd, out_rows)? };
+        // SAFETY: every output row was written by `ln_row_fwd`.
+        Ok((from_vec(unsafe { assume_init_vec(y) }, shape)?, cache))
     })
 }
 
 simd_kernel! {
-    fn ln_row_fwd<T>(x: &[T], w: &[T], b: &[T], eps: T, y: &mut [T]) -> (T, T) {
+    fn ln_row_fwd<T>(x: &[T], w: &[T], b: &[T], eps: T, y: &mut [MaybeUninit<T>]) -> (T, T) {
         let d = T::c(x.len() as f64);
         let mean = lane_sum(x) / d;
         let mut acc = [T::zero(); 16];
         let mut chunks = x.chunks_exact(16);
         for c in &mut chunks {
-            for i in 0..16 { let v = c[i] - mean; acc[i] = acc[i] + v * v; }
+            for i in 0..16 { let v = c[i] - mean; acc[i] += v * v; }
         }
         let mut var = acc.iter().fold(T::zero(), |a, &b| a + b);
-        for &v in chunks.remainder() { let v = v - mean; var = var + v * v; }
+        for &v in chunks.remainder() { let v = v - mean; var += v * v; }
         let rstd = T::one() / (var / d + eps).sqrt();
-        for i in 0..x.len() { y[i] = (x[i] - mean) * rstd * w[i] + b[i]; }
+        for i in 0..x.len() { y[i] = MaybeUninit::new((x[i] - mean) * rstd * w[i] + b[i]); }
         (mean, rstd)
     }
+}
+
+/// Largest element, with 16 independent lanes (vectorises; exact, so order-free).
+#[inline(always)]
+pub(crate) fn lane_max<T: Real>(x: &[T]) -> T {
+    let mut acc = [T::neg_infinity(); 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = acc
+        .iter()
+        .fold(T::neg_infinity(), |a, &b| if b > a { b } else { a });
+    for &v in chunks.remainder() {
+        m = if v > m { v } else { m };
+    }
+    m
 }
 
 /// Sum with 16 independent accumulators (vectorises; order fixed).
@@ -175,12 +302,12 @@ pub(crate) fn lane_sum<T: Real>(x: &[T]) -> T {
     let mut chunks = x.chunks_exact(16);
     for c in &mut chunks {
         for i in 0..16 {
-            acc[i] = acc[i] + c[i];
+            acc[i] += c[i];
         }
     }
     let mut s = acc.iter().fold(T::zero(), |a, &b| a + b);
     for &v in chunks.remainder() {
-        s = s + v;
+        s += v;
     }
     s
 }
@@ -195,49 +322,128 @@ pub(crate) fn lane_dot<T: Real>(a: &[T], b: &[T]) -> T {
     let mut cb = b.chunks_exact(16);
     for (x, y) in (&mut ca).zip(&mut cb) {
         for i in 0..16 {
-            acc[i] = acc[i] + x[i] * y[i];
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s = acc.iter().fold(T::zero(), |a, &b| a + b);
     for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
-        s = s + x * y;
+        s += x * y;
     }
     s
 }
 
 /// Gradients of [`layer_norm`]: `(dx, dw, db)`.
-pub fn layer_norm_bwd(x: &Tensor, w: &Tensor, cache: &LnCache, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn layer_norm_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    cache: &LnCache,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (rows, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
-        let xs = view::<T>(x)?;
-        let ws = view::<T>(w)?;
-        let ms = view::<T>(&cache.mean)?;
-        let rs = view::<T>(&cache.rstd)?;
-        let dys = view::<T>(dy)?;
         let mut dx = vec![T::zero(); rows * d];
-        let parts: Vec<(Vec<T>, Vec<T>)> = dx
-            .par_chunks_mut(d * ROW_CHUNK)
-            .enumerate()
-            .map(|(ci, dxc)| {
-                let mut dw = vec![T::zero(); d];
-                let mut db = vec![T::zero(); d];
-                let r0 = ci * ROW_CHUNK;
-                for (r, dxr) in dxc.chunks_mut(d).enumerate() {
-                    let row = r0 + r;
-                    let o = row * d;
-                    ln_row_bwd(&xs[o..o + d], &ws, ms[row], rs[row], &dys[o..o + d], dxr, &mut dw, &mut db);
-                }
-                (dw, db)
-            })
-            .collect();
-        let (pw, pb): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
-        Ok((from_vec(dx, x.shape().clone())?, from_vec(sum_partials(pw, d), d)?, from_vec(sum_partials(pb, d), d)?))
+        let (dw, db) = ln_bwd_impl::<T>(x, None, w, cache, dy, &mut dx, false)?;
+        Ok((from_vec(dx, x.shape().clone())?, dw, db))
     })
+}
+
+/// Backward of [`layer_norm_sel`]: adds the input gradient of every selected row onto its
+/// source row of `dx_acc` (same shape as `x`, updated in place; a row selected twice
+/// would be a bug and is refused) and returns `(dw, db)`.
+pub fn layer_norm_sel_bwd_into(
+    x: &Tensor,
+    sel: Option<&RowBlocks>,
+    w: &Tensor,
+    cache: &LnCache,
+    dy: &Tensor,
+    dx_acc: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    if dx_acc.dims() != x.dims() {
+        bail!(
+            "layer_norm_sel_bwd_into: accumulator {:?} vs input {:?}",
+            dx_acc.dims(),
+            x.dims()
+        )
+    }
+    float_dispatch!(x.dtype(), T => {
+        let out = std::cell::RefCell::new(None);
+        crate::host::inplace::<T>(dx_acc, |acc| {
+            *out.borrow_mut() = Some(ln_bwd_impl::<T>(x, sel, w, cache, dy, acc, true));
+        })?;
+        out.into_inner().expect("the in-place op ran")
+    })
+}
+
+/// Shared LayerNorm backward: row `i` of `dy` belongs to source row `src(i)` of `x`; its
+/// input gradient is written (or added, with `accumulate`) to that row of `dx`.
+fn ln_bwd_impl<T: Real>(
+    x: &Tensor,
+    sel: Option<&RowBlocks>,
+    w: &Tensor,
+    cache: &LnCache,
+    dy: &Tensor,
+    dx: &mut [T],
+    accumulate: bool,
+) -> Result<(Tensor, Tensor)> {
+    let (rows, d) = rows_dim(x)?;
+    let src = sel.map(|s| s.source_rows());
+    let n = src.as_ref().map_or(rows, |s| s.len());
+    if let Some(src) = &src {
+        let mut seen = vec![false; rows];
+        for &r in src {
+            if r >= rows || std::mem::replace(&mut seen[r], true) {
+                bail!("layer_norm backward: selection row {r} out of range or repeated")
+            }
+        }
+    }
+    if dy.elem_count() != n * d || cache.mean.elem_count() != n || dx.len() != rows * d {
+        bail!(
+            "layer_norm backward: gradient {:?} for {n} selected rows of width {d}",
+            dy.dims()
+        )
+    }
+    let xs = view::<T>(x)?;
+    let ws = view::<T>(w)?;
+    let ms = view::<T>(&cache.mean)?;
+    let rs = view::<T>(&cache.rstd)?;
+    let dys = view::<T>(dy)?;
+    let dptr = SyncPtr(dx.as_mut_ptr());
+    let parts: Vec<(Vec<T>, Vec<T>)> = (0..n.div_ceil(ROW_CHUNK))
+        .into_par_iter()
+        .map(|ci| {
+            let mut dw = vec![T::zero(); d];
+            let mut db = vec![T::zero(); d];
+            for i in ci * ROW_CHUNK..n.min((ci + 1) * ROW_CHUNK) {
+                let row = src.as_ref().map_or(i, |s| s[i]);
+                // SAFETY: source rows are distinct (checked above), so each row of `dx` is
+                // written by exactly one task; `row < rows` keeps the window in bounds.
+                let dxr = unsafe { std::slice::from_raw_parts_mut(dptr.get().add(row * d), d) };
+                let o = i * d;
+                ln_row_bwd(
+                    &xs[row * d..(row + 1) * d],
+                    &ws,
+                    ms[i],
+                    rs[i],
+                    &dys[o..o + d],
+                    dxr,
+                    &mut dw,
+                    &mut db,
+                    accumulate,
+                );
+            }
+            (dw, db)
+        })
+        .collect();
+    let (pw, pb): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+    Ok((
+        from_vec(sum_partials(pw, d), d)?,
+        from_vec(sum_partials(pb, d), d)?,
+    ))
 }
 
 simd_kernel! {
     #[allow(clippy::too_many_arguments)]
-    fn ln_row_bwd<T>(x: &[T], w: &[T], mean: T, rstd: T, dy: &[T], dx: &mut [T], dw: &mut [T], db: &mut [T]) {
+    fn ln_row_bwd<T>(x: &[T], w: &[T], mean: T, rstd: T, dy: &[T], dx: &mut [T], dw: &mut [T], db: &mut [T], accumulate: bool) {
         let d = x.len();
         let mut sg = [T::zero(); 16];
         let mut sgx = [T::zero(); 16];
@@ -246,10 +452,10 @@ simd_kernel! {
             for l in 0..16 {
                 let xh = (x[i + l] - mean) * rstd;
                 let g = dy[i + l] * w[i + l];
-                sg[l] = sg[l] + g;
-                sgx[l] = sgx[l] + g * xh;
-                dw[i + l] = dw[i + l] + dy[i + l] * xh;
-                db[i + l] = db[i + l] + dy[i + l];
+                sg[l] += g;
+                sgx[l] += g * xh;
+                dw[i + l] += dy[i + l] * xh;
+                db[i + l] += dy[i + l];
             }
             i += 16;
         }
@@ -258,67 +464,152 @@ simd_kernel! {
         while i < d {
             let xh = (x[i] - mean) * rstd;
             let g = dy[i] * w[i];
-            s_g = s_g + g;
-            s_gx = s_gx + g * xh;
-            dw[i] = dw[i] + dy[i] * xh;
-            db[i] = db[i] + dy[i];
+            s_g += g;
+            s_gx += g * xh;
+            dw[i] += dy[i] * xh;
+            db[i] += dy[i];
             i += 1;
         }
         let inv_d = T::one() / T::c(d as f64);
         let mg = s_g * inv_d;
         let mgx = s_gx * inv_d;
-        for i in 0..d {
-            let xh = (x[i] - mean) * rstd;
-            dx[i] = rstd * (dy[i] * w[i] - mg - xh * mgx);
+        if accumulate {
+            for i in 0..d {
+                let xh = (x[i] - mean) * rstd;
+                dx[i] += rstd * (dy[i] * w[i] - mg - xh * mgx);
+            }
+        } else {
+            for i in 0..d {
+                let xh = (x[i] - mean) * rstd;
+                dx[i] = rstd * (dy[i] * w[i] - mg - xh * mgx);
+            }
         }
     }
 }
 
 // ------------------------------------------------------------------------------- GELU
 
-const PAR_ELEMS: usize = 1 << 14;
+pub(crate) const PAR_ELEMS: usize = 1 << 14;
 
 /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    gelu_bias(x, None)
+}
+
+/// `gelu(x + b)` with the bias `b [d]` broadcast over the rows of `x [.., d]`: the bias add
+/// of the preceding linear layer fused into the activation (`x` is the bias-free product).
+pub fn gelu_bias(x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (_, d) = rows_dim(x)?;
+    if b.is_some_and(|b| b.elem_count() != d) {
+        bail!(
+            "gelu_bias: bias of {} elements for rows of {d}",
+            b.map_or(0, |b| b.elem_count())
+        )
+    }
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
-        let mut y = vec![T::zero(); xs.len()];
-        y.par_chunks_mut(PAR_ELEMS).zip(xs.par_chunks(PAR_ELEMS)).for_each(|(yc, xc)| gelu_fwd_k(xc, yc));
-        from_vec(y, x.shape().clone())
+        let bs = b.map(view::<T>).transpose()?;
+        let mut y = uninit_vec::<T>(xs.len());
+        let chunk = d.max(1) * ROW_CHUNK;
+        y.par_chunks_mut(chunk).zip(xs.par_chunks(chunk)).for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                gelu_fwd_k(xr, bs.as_deref(), yr);
+            }
+        });
+        // SAFETY: every chunk of rows was written by the kernel above.
+        from_vec(unsafe { assume_init_vec(y) }, x.shape().clone())
     })
 }
 
 simd_kernel! {
-    fn gelu_fwd_k<T>(x: &[T], y: &mut [T]) {
+    fn gelu_fwd_k<T>(x: &[T], b: Option<&[T]>, y: &mut [MaybeUninit<T>]) {
         let h = T::c(0.5);
         let r = T::c(std::f64::consts::FRAC_1_SQRT_2);
-        for (o, &v) in y.iter_mut().zip(x) { *o = h * v * (T::one() + (v * r).verf()); }
+        match b {
+            Some(b) => {
+                for i in 0..y.len() {
+                    let v = x[i] + b[i];
+                    y[i] = MaybeUninit::new(h * v * (T::one() + (v * r).verf()));
+                }
+            }
+            None => {
+                for i in 0..y.len() {
+                    let v = x[i];
+                    y[i] = MaybeUninit::new(h * v * (T::one() + (v * r).verf()));
+                }
+            }
+        }
     }
 }
 
 /// Gradient of [`gelu`] with respect to its input.
 pub fn gelu_bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    Ok(gelu_bias_bwd_into(x, None, dy.copy()?)?.0)
+}
+
+/// Gradient of [`gelu_bias`]: `dy <- dy * gelu'(x + b)` with respect to `x`, computed in
+/// place in `dy`'s storage, which is returned, and, with a bias, its gradient (the column
+/// sums, accumulated in the same pass in row-chunk order). `dy` must own its storage
+/// (e.g. a fresh gradient).
+pub fn gelu_bias_bwd_into(
+    x: &Tensor,
+    b: Option<&Tensor>,
+    dy: Tensor,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (_, d) = rows_dim(x)?;
+    if dy.dims() != x.dims() || b.is_some_and(|b| b.elem_count() != d) {
+        bail!(
+            "gelu backward: gradient {:?} for input {:?}",
+            dy.dims(),
+            x.dims()
+        )
+    }
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
-        let dys = view::<T>(dy)?;
-        let mut dx = vec![T::zero(); xs.len()];
-        dx.par_chunks_mut(PAR_ELEMS)
-            .zip(xs.par_chunks(PAR_ELEMS).zip(dys.par_chunks(PAR_ELEMS)))
-            .for_each(|(o, (xc, gc))| gelu_bwd_k(xc, gc, o));
-        from_vec(dx, x.shape().clone())
+        let bs = b.map(view::<T>).transpose()?;
+        let chunk = d.max(1) * ROW_CHUNK;
+        let parts = std::cell::RefCell::new(vec![]);
+        crate::host::inplace::<T>(&dy, |g| {
+            *parts.borrow_mut() = g
+                .par_chunks_mut(chunk)
+                .zip(xs.par_chunks(chunk))
+                .map(|(gc, xc)| {
+                    let mut p = vec![T::zero(); if bs.is_some() { d } else { 0 }];
+                    for (gr, xr) in gc.chunks_mut(d).zip(xc.chunks(d)) {
+                        gelu_bwd_k(xr, bs.as_deref(), gr, &mut p);
+                    }
+                    p
+                })
+                .collect();
+        })?;
+        let db = if b.is_some() { Some(from_vec(sum_partials(parts.into_inner(), d), d)?) } else { None };
+        Ok((dy, db))
     })
 }
 
 simd_kernel! {
-    fn gelu_bwd_k<T>(x: &[T], dy: &[T], dx: &mut [T]) {
+    fn gelu_bwd_k<T>(x: &[T], b: Option<&[T]>, dy: &mut [T], db: &mut [T]) {
         let h = T::c(0.5);
         let r = T::c(std::f64::consts::FRAC_1_SQRT_2);
         let inv_sqrt_2pi = T::c(0.398_942_280_401_432_7);
-        for i in 0..x.len() {
-            let v = x[i];
+        let grad = |v: T, g: T| {
             let cdf = h * (T::one() + (v * r).verf());
             let pdf = inv_sqrt_2pi * (-h * v * v).vexp();
-            dx[i] = dy[i] * (cdf + v * pdf);
+            g * (cdf + v * pdf)
+        };
+        match b {
+            Some(b) => {
+                for i in 0..dy.len() {
+                    let g = grad(x[i] + b[i], dy[i]);
+                    dy[i] = g;
+                    db[i] += g;
+                }
+            }
+            None => {
+                for i in 0..dy.len() {
+                    dy[i] = grad(x[i], dy[i]);
+                }
+            }
         }
     }
 }
@@ -357,7 +648,7 @@ pub fn mul_row_bwd(x: &Tensor, gamma: &Tensor, dy: &Tensor) -> Result<(Tensor, T
                 for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
                     for i in 0..d {
                         dxr[i] = gr[i] * gs[i];
-                        p[i] = p[i] + gr[i] * xr[i];
+                        p[i] += gr[i] * xr[i];
                     }
                 }
                 p
@@ -480,6 +771,167 @@ impl RowBlocks {
     pub fn rows(&self) -> usize {
         self.lens.iter().sum()
     }
+
+    /// The source row of every selected row, in gather order.
+    pub fn source_rows(&self) -> Vec<usize> {
+        self.starts
+            .iter()
+            .zip(&self.lens)
+            .flat_map(|(&s, &l)| s..s + l)
+            .collect()
+    }
+
+    /// The residual scale of every selected row, in gather order.
+    pub fn row_scales(&self) -> Vec<f64> {
+        self.scales
+            .iter()
+            .zip(&self.lens)
+            .flat_map(|(&s, &l)| std::iter::repeat_n(s, l))
+            .collect()
+    }
+}
+
+/// `(source row, scale)` of every selected row; every row with scale 1 without a selection.
+fn selection(sel: Option<&RowBlocks>, rows: usize) -> Result<(Vec<usize>, Vec<f64>)> {
+    let (src, sc) = match sel {
+        Some(s) => (s.source_rows(), s.row_scales()),
+        None => ((0..rows).collect(), vec![1.0; rows]),
+    };
+    let mut seen = vec![false; rows];
+    for &r in &src {
+        if r >= rows || std::mem::replace(&mut seen[r], true) {
+            bail!("row selection: row {r} out of range (of {rows}) or repeated")
+        }
+    }
+    Ok((src, sc))
+}
+
+/// The LayerScale'd residual update of drop path: `x + scatter(scale * ((r + bias) * gamma))`,
+/// i.e. row `i` of the branch output `r` (laid out as the selection gathers; `bias`, the
+/// bias of the branch's last linear layer, fused here) is multiplied by `gamma`, scaled by
+/// its block's residual scale and added to its source row of `x`; other rows are copied.
+/// Without a selection, `x + (r + bias) * gamma`. One parallel pass.
+pub fn residual_add(
+    x: &Tensor,
+    sel: Option<&RowBlocks>,
+    gamma: &Tensor,
+    r: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (rows, d) = rows_dim(x)?;
+    let (src, scales) = selection(sel, rows)?;
+    if r.elem_count() != src.len() * d || bias.is_some_and(|b| b.elem_count() != d) {
+        bail!(
+            "residual_add: branch {:?} for {} selected rows of width {d}",
+            r.dims(),
+            src.len()
+        )
+    }
+    let mut inv = vec![usize::MAX; rows];
+    for (i, &row) in src.iter().enumerate() {
+        inv[row] = i;
+    }
+    float_dispatch!(x.dtype(), T => {
+        let xs = view::<T>(x)?;
+        let rs = view::<T>(r)?;
+        let gs = view::<T>(gamma)?;
+        let bs = bias.map(view::<T>).transpose()?;
+        let sc: Vec<T> = scales.iter().map(|&v| T::c(v)).collect();
+        let mut out = uninit_vec::<T>(rows * d);
+        out.par_chunks_mut(d * ROW_CHUNK).enumerate().for_each(|(ci, oc)| {
+            for (k, orow) in oc.chunks_mut(d).enumerate() {
+                let row = ci * ROW_CHUNK + k;
+                let xr = &xs[row * d..(row + 1) * d];
+                match inv[row] {
+                    usize::MAX => residual_row(xr, None, &gs, bs.as_deref(), T::zero(), orow),
+                    i => residual_row(xr, Some(&rs[i * d..(i + 1) * d]), &gs, bs.as_deref(), sc[i], orow),
+                }
+            }
+        });
+        // SAFETY: every row was written by `residual_row`.
+        from_vec(unsafe { assume_init_vec(out) }, x.shape().clone())
+    })
+}
+
+simd_kernel! {
+    fn residual_row<T>(x: &[T], r: Option<&[T]>, gamma: &[T], bias: Option<&[T]>, s: T, out: &mut [MaybeUninit<T>]) {
+        match (r, bias) {
+            (None, _) => for i in 0..out.len() { out[i] = MaybeUninit::new(x[i]); },
+            (Some(r), None) => for i in 0..out.len() { out[i] = MaybeUninit::new(x[i] + s * (r[i] * gamma[i])); },
+            (Some(r), Some(b)) => for i in 0..out.len() {
+                out[i] = MaybeUninit::new(x[i] + s * ((r[i] + b[i]) * gamma[i]));
+            },
+        }
+    }
+}
+
+/// Gradients of [`residual_add`] for the branch: `(dr, dgamma, dbias)` with
+/// `dr[i] = (scale_i * dy[src_i]) * gamma`, `dgamma = sum_i (scale_i * dy[src_i]) * (r[i] + bias)`
+/// and, with a bias, `dbias = sum_i dr[i]` (accumulated in the same pass, in row-chunk
+/// order). The gradient with respect to `x` is `dy` itself.
+pub fn residual_add_bwd(
+    dy: &Tensor,
+    sel: Option<&RowBlocks>,
+    gamma: &Tensor,
+    r: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let (rows, d) = rows_dim(dy)?;
+    let (src, scales) = selection(sel, rows)?;
+    let n = src.len();
+    if r.elem_count() != n * d || bias.is_some_and(|b| b.elem_count() != d) {
+        bail!(
+            "residual_add_bwd: branch {:?} for {n} selected rows of width {d}",
+            r.dims()
+        )
+    }
+    float_dispatch!(dy.dtype(), T => {
+        let gs = view::<T>(dy)?;
+        let rs = view::<T>(r)?;
+        let gm = view::<T>(gamma)?;
+        let bs = bias.map(view::<T>).transpose()?;
+        let sc: Vec<T> = scales.iter().map(|&v| T::c(v)).collect();
+        let mut dr = uninit_vec::<T>(n * d);
+        let parts: Vec<(Vec<T>, Vec<T>)> = dr
+            .par_chunks_mut(d * ROW_CHUNK)
+            .enumerate()
+            .map(|(ci, dc)| {
+                let mut p = vec![T::zero(); d];
+                let mut pb = vec![T::zero(); d];
+                for (k, drow) in dc.chunks_mut(d).enumerate() {
+                    let i = ci * ROW_CHUNK + k;
+                    let row = src[i];
+                    residual_row_bwd(&gs[row * d..(row + 1) * d], &rs[i * d..(i + 1) * d], &gm, bs.as_deref(), sc[i], drow, &mut p, &mut pb);
+                }
+                (p, pb)
+            })
+            .collect();
+        let shape: Shape = if sel.is_some() { (n, d).into() } else { r.shape().clone() };
+        let (pg, pb): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
+        let dbias = if bias.is_some() { Some(from_vec(sum_partials(pb, d), d)?) } else { None };
+        // SAFETY: every row of `dr` was written by `residual_row_bwd`.
+        Ok((from_vec(unsafe { assume_init_vec(dr) }, shape)?, from_vec(sum_partials(pg, d), d)?, dbias))
+    })
+}
+
+simd_kernel! {
+    #[allow(clippy::too_many_arguments)]
+    fn residual_row_bwd<T>(dy: &[T], r: &[T], gamma: &[T], bias: Option<&[T]>, s: T, dr: &mut [MaybeUninit<T>], dgamma: &mut [T], dbias: &mut [T]) {
+        match bias {
+            None => for i in 0..dr.len() {
+                let t = dy[i] * s;
+                dr[i] = MaybeUninit::new(t * gamma[i]);
+                dgamma[i] += t * r[i];
+            },
+            Some(b) => for i in 0..dr.len() {
+                let t = dy[i] * s;
+                let g = t * gamma[i];
+                dr[i] = MaybeUninit::new(g);
+                dgamma[i] += t * (r[i] + b[i]);
+                dbias[i] += g;
+            },
+        }
+    }
 }
 
 /// Gathers the selected row blocks into a new `[sel.rows(), d]` tensor.
@@ -498,7 +950,12 @@ pub fn gather_blocks(x: &Tensor, sel: &RowBlocks) -> Result<Tensor> {
 /// `x + scatter(scale * r)`: adds the rows of `r` (laid out as [`gather_blocks`] would),
 /// times each block's scale, back onto the selected blocks of `x`; other rows are copied
 /// unchanged. With `unscaled`, the scales are ignored (the adjoint of a plain gather).
-pub fn scatter_add_blocks(x: &Tensor, sel: &RowBlocks, r: &Tensor, unscaled: bool) -> Result<Tensor> {
+pub fn scatter_add_blocks(
+    x: &Tensor,
+    sel: &RowBlocks,
+    r: &Tensor,
+    unscaled: bool,
+) -> Result<Tensor> {
     let (_, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
@@ -509,7 +966,7 @@ pub fn scatter_add_blocks(x: &Tensor, sel: &RowBlocks, r: &Tensor, unscaled: boo
             let a = if unscaled { T::one() } else { T::c(sc) };
             let dst = &mut out[s * d..(s + l) * d];
             let src = &rs[off * d..(off + l) * d];
-            for i in 0..dst.len() { dst[i] = dst[i] + a * src[i]; }
+            for i in 0..dst.len() { dst[i] += a * src[i]; }
             off += l;
         }
         from_vec(out, x.shape().clone())
@@ -580,7 +1037,10 @@ pub fn assemble_tokens(
     let nt = 1 + r + p;
     if let Some(m) = masks {
         if m.len() != rows {
-            bail!("assemble_tokens: {} mask entries for {rows} patches", m.len())
+            bail!(
+                "assemble_tokens: {} mask entries for {rows} patches",
+                m.len()
+            )
         }
     }
     float_dispatch!(patches.dtype(), T => {
@@ -624,12 +1084,12 @@ pub fn assemble_tokens_bwd(
         let mut dm = vec![T::zero(); d];
         for b in 0..n {
             let o = &g[b * nt * d..(b + 1) * nt * d];
-            for i in 0..d { dc[i] = dc[i] + o[i]; }
-            for i in 0..r * d { ds[i] = ds[i] + o[d + i]; }
+            for i in 0..d { dc[i] += o[i]; }
+            for i in 0..r * d { ds[i] += o[d + i]; }
             for i in 0..p {
                 let src = &o[(1 + r + i) * d..(2 + r + i) * d];
                 if masks.map(|m| m[b * p + i] != 0).unwrap_or(false) {
-                    for k in 0..d { dm[k] = dm[k] + src[k]; }
+                    for k in 0..d { dm[k] += src[k]; }
                 } else {
                     dp[(b * p + i) * d..(b * p + i + 1) * d].copy_from_slice(src);
                 }
@@ -641,7 +1101,13 @@ pub fn assemble_tokens_bwd(
 
 /// Selects rows `b * stride + offset + i` for `i < count` of every block `b < n`
 /// (e.g. the CLS row or the patch rows of each image) into `[n * count, d]`.
-pub fn select_rows(x: &Tensor, n: usize, stride: usize, offset: usize, count: usize) -> Result<Tensor> {
+pub fn select_rows(
+    x: &Tensor,
+    n: usize,
+    stride: usize,
+    offset: usize,
+    count: usize,
+) -> Result<Tensor> {
     let (_, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
@@ -655,7 +1121,14 @@ pub fn select_rows(x: &Tensor, n: usize, stride: usize, offset: usize, count: us
 }
 
 /// Adds `g` (laid out as [`select_rows`] returns) into rows of `acc` (in a new tensor).
-pub fn select_rows_bwd_add(acc: &Tensor, g: &Tensor, n: usize, stride: usize, offset: usize, count: usize) -> Result<Tensor> {
+pub fn select_rows_bwd_add(
+    acc: &Tensor,
+    g: &Tensor,
+    n: usize,
+    stride: usize,
+    offset: usize,
+    count: usize,
+) -> Result<Tensor> {
     let (_, d) = rows_dim(acc)?;
     float_dispatch!(acc.dtype(), T => {
         let gs = view::<T>(g)?;
@@ -663,9 +1136,40 @@ pub fn select_rows_bwd_add(acc: &Tensor, g: &Tensor, n: usize, stride: usize, of
         for b in 0..n {
             let s = (b * stride + offset) * d;
             let src = &gs[b * count * d..(b + 1) * count * d];
-            for (o, &v) in out[s..s + count * d].iter_mut().zip(src) { *o = *o + v; }
+            for (o, &v) in out[s..s + count * d].iter_mut().zip(src) { *o += v; }
         }
         from_vec(out, acc.shape().clone())
+    })
+}
+
+/// Adds `g` (laid out as [`select_rows`] returns) into the selected rows of `acc`, in place.
+pub fn select_rows_add_into(
+    acc: &Tensor,
+    g: &Tensor,
+    n: usize,
+    stride: usize,
+    offset: usize,
+    count: usize,
+) -> Result<()> {
+    let (rows, d) = rows_dim(acc)?;
+    if g.elem_count() != n * count * d || (n > 0 && (n - 1) * stride + offset + count > rows) {
+        bail!(
+            "select_rows_add_into: {:?} into {:?} ({n} x {count} rows)",
+            g.dims(),
+            acc.dims()
+        )
+    }
+    float_dispatch!(acc.dtype(), T => {
+        let gs = view::<T>(g)?;
+        crate::host::inplace::<T>(acc, |out| {
+            for b in 0..n {
+                let s = (b * stride + offset) * d;
+                let src = &gs[b * count * d..(b + 1) * count * d];
+                for (o, &v) in out[s..s + count * d].iter_mut().zip(src) {
+                    *o += v;
+                }
+            }
+        })
     })
 }
 
@@ -690,7 +1194,7 @@ pub fn index_rows_bwd(g: &Tensor, idx: &[usize], rows: usize) -> Result<Tensor> 
         let gs = view::<T>(g)?;
         let mut out = vec![T::zero(); rows * d];
         for (k, &i) in idx.iter().enumerate() {
-            for j in 0..d { out[i * d + j] = out[i * d + j] + gs[k * d + j]; }
+            for j in 0..d { out[i * d + j] += gs[k * d + j]; }
         }
         from_vec(out, (rows, d))
     })

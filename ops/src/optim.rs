@@ -2,9 +2,9 @@
 //! weight decay, bias correction), the EMA lerp and gradient scaling. One pass over
 //! memory per parameter, parallel over fixed chunks.
 
+use candle_core::Result;
 #[allow(unused_imports)]
 use num_traits::{Float, One, Zero};
-use candle_core::Result;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -70,12 +70,18 @@ pub fn adamw_update<T: Real>(
         p.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((pc, gc), (mc, vc))| adamw_k(pc, gc, mc, vc, decay, b1, b2, step, bc2s, eps));
+            .for_each(|((pc, gc), (mc, vc))| {
+                adamw_k(pc, gc, mc, vc, decay, b1, b2, step, bc2s, eps)
+            });
     })
 }
 
 /// `teacher <- m * teacher + (1 - m) * student`, in place on `teacher`.
-pub fn ema_update(teacher: &candle_core::Tensor, student: &candle_core::Tensor, momentum: f64) -> Result<()> {
+pub fn ema_update(
+    teacher: &candle_core::Tensor,
+    student: &candle_core::Tensor,
+    momentum: f64,
+) -> Result<()> {
     float_dispatch!(teacher.dtype(), T => {
         let (a, b) = (T::c(momentum), T::c(1.0 - momentum));
         inplace2::<T>(teacher, student, |t, s| {
@@ -90,7 +96,7 @@ pub fn ema_update(teacher: &candle_core::Tensor, student: &candle_core::Tensor, 
 pub fn scale_inplace(x: &candle_core::Tensor, s: f64) -> Result<()> {
     float_dispatch!(x.dtype(), T => {
         let s = T::c(s);
-        inplace::<T>(x, |d| d.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = *v * s)))
+        inplace::<T>(x, |d| d.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s)))
     })
 }
 

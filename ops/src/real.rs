@@ -59,7 +59,9 @@ pub fn exp_f32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let x = x.clamp(-87.336_55, 88.376_26);
-    let n = (x * LOG2E).round();
+    // round-half-even lowers to one vector instruction (`round` to ties-away does not and
+    // becomes a scalar libm call that stops the loop from vectorising)
+    let n = (x * LOG2E).round_ties_even();
     let r = x - n * LN2_HI - n * LN2_LO;
     let r2 = r * r;
     let mut p = 1.987_569_1e-4_f32;
@@ -67,10 +69,12 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let y = p * r2 + r + 1.0;
-    // 2^n through the exponent bits; n is within [-126, 127] after the clamp.
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // 2^n through the exponent bits; n is an integer in [-126, 127] after the clamp, so
+    // n + 127 + 2^23 holds n + 127 exactly in its low mantissa bits (a float-to-int cast
+    // would saturate and not vectorise).
+    let bits = (n + 8_388_735.0).to_bits() << 23;
     y * f32::from_bits(bits)
 }
 

@@ -32,7 +32,9 @@ pub fn layer_norm(x: &[f64], w: &[f64], b: &[f64], d: usize, eps: f64) -> Vec<f6
 
 /// Exact GELU.
 pub fn gelu(x: &[f64]) -> Vec<f64> {
-    x.iter().map(|&v| 0.5 * v * (1.0 + libm::erf(v / std::f64::consts::SQRT_2))).collect()
+    x.iter()
+        .map(|&v| 0.5 * v * (1.0 + libm::erf(v / std::f64::consts::SQRT_2)))
+        .collect()
 }
 
 /// Row L2 normalisation `x / max(||x||, eps)`.
@@ -50,13 +52,26 @@ pub fn l2_normalize(x: &[f64], d: usize, eps: f64) -> Vec<f64> {
 /// RoPE applied to one head vector with tables `sin`, `cos` of the same length.
 pub fn rope(z: &[f64], sin: &[f64], cos: &[f64]) -> Vec<f64> {
     let h = z.len() / 2;
-    let rot: Vec<f64> = (0..z.len()).map(|j| if j < h { -z[j + h] } else { z[j - h] }).collect();
-    (0..z.len()).map(|j| z[j] * cos[j] + rot[j] * sin[j]).collect()
+    let rot: Vec<f64> = (0..z.len())
+        .map(|j| if j < h { -z[j + h] } else { z[j - h] })
+        .collect();
+    (0..z.len())
+        .map(|j| z[j] * cos[j] + rot[j] * sin[j])
+        .collect()
 }
 
 /// Multi-head attention on packed `qkv [batch * n, 3d]`; rope tables `[n - prefix, dh]`.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(qkv: &[f64], batch: usize, n: usize, d: usize, heads: usize, prefix: usize, sin: Option<&[f64]>, cos: Option<&[f64]>) -> Vec<f64> {
+pub fn attention(
+    qkv: &[f64],
+    batch: usize,
+    n: usize,
+    d: usize,
+    heads: usize,
+    prefix: usize,
+    sin: Option<&[f64]>,
+    cos: Option<&[f64]>,
+) -> Vec<f64> {
     let dh = d / heads;
     let mut out = vec![0.0; batch * n * d];
     for b in 0..batch {
@@ -76,7 +91,11 @@ pub fn attention(qkv: &[f64], batch: usize, n: usize, d: usize, heads: usize, pr
             let k: Vec<Vec<f64>> = (0..n).map(|i| get(i, 1)).collect();
             let v: Vec<Vec<f64>> = (0..n).map(|i| get(i, 2)).collect();
             for i in 0..n {
-                let s: Vec<f64> = (0..n).map(|j| q[i].iter().zip(&k[j]).map(|(a, b)| a * b).sum::<f64>() / (dh as f64).sqrt()).collect();
+                let s: Vec<f64> = (0..n)
+                    .map(|j| {
+                        q[i].iter().zip(&k[j]).map(|(a, b)| a * b).sum::<f64>() / (dh as f64).sqrt()
+                    })
+                    .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
@@ -124,7 +143,10 @@ pub fn sinkhorn_knopp(logits: &[f64], n: usize, k: usize, temp: f64, iters: usiz
 pub fn soft_ce(s: &[f64], t: &[f64], temp: f64) -> f64 {
     let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max) / temp;
     let lse = m + s.iter().map(|v| (v / temp - m).exp()).sum::<f64>().ln();
-    -s.iter().zip(t).map(|(a, b)| b * (a / temp - lse)).sum::<f64>()
+    -s.iter()
+        .zip(t)
+        .map(|(a, b)| b * (a / temp - lse))
+        .sum::<f64>()
 }
 
 /// KoLeo of one crop `[n, d]`, as the official `KoLeoLoss`.
@@ -135,13 +157,20 @@ pub fn koleo(x: &[f64], n: usize, d: usize) -> f64 {
         let mut best = usize::MAX;
         let mut best_dot = f64::NEG_INFINITY;
         for j in 0..n {
-            let dot = if i == j { -1.0 } else { (0..d).map(|c| y[i * d + c] * y[j * d + c]).sum() };
+            let dot = if i == j {
+                -1.0
+            } else {
+                (0..d).map(|c| y[i * d + c] * y[j * d + c]).sum()
+            };
             if dot > best_dot {
                 best_dot = dot;
                 best = j;
             }
         }
-        let dist = (0..d).map(|c| (y[i * d + c] - y[best * d + c] + 1e-8).powi(2)).sum::<f64>().sqrt();
+        let dist = (0..d)
+            .map(|c| (y[i * d + c] - y[best * d + c] + 1e-8).powi(2))
+            .sum::<f64>()
+            .sqrt();
         loss -= (dist + 1e-8).ln();
     }
     loss / n as f64
@@ -156,7 +185,11 @@ pub fn gram(s: &[f64], t: &[f64], groups: usize, d: usize) -> f64 {
     for g in 0..groups {
         for i in 0..p {
             for j in 0..p {
-                let dot = |y: &[f64]| (0..d).map(|c| y[(g * p + i) * d + c] * y[(g * p + j) * d + c]).sum::<f64>();
+                let dot = |y: &[f64]| {
+                    (0..d)
+                        .map(|c| y[(g * p + i) * d + c] * y[(g * p + j) * d + c])
+                        .sum::<f64>()
+                };
                 acc += (dot(&ys) - dot(&yt)).powi(2);
             }
         }
@@ -197,7 +230,18 @@ pub fn bicubic(x: &[f64], h_in: usize, w_in: usize, h_out: usize, w_out: usize) 
 
 /// One AdamW step on plain vectors (PyTorch formula); returns the new parameters.
 #[allow(clippy::too_many_arguments)]
-pub fn adamw(p: &[f64], g: &[f64], m: &mut [f64], v: &mut [f64], lr: f64, wd: f64, b1: f64, b2: f64, eps: f64, t: u64) -> Vec<f64> {
+pub fn adamw(
+    p: &[f64],
+    g: &[f64],
+    m: &mut [f64],
+    v: &mut [f64],
+    lr: f64,
+    wd: f64,
+    b1: f64,
+    b2: f64,
+    eps: f64,
+    t: u64,
+) -> Vec<f64> {
     let mut out = p.to_vec();
     for i in 0..p.len() {
         out[i] *= 1.0 - lr * wd;
@@ -208,4 +252,58 @@ pub fn adamw(p: &[f64], g: &[f64], m: &mut [f64], v: &mut [f64], lr: f64, wd: f6
         out[i] -= lr / bc1 * m[i] / (v[i].sqrt() / bc2.sqrt() + eps);
     }
     out
+}
+
+/// Rows `src[i]` of a `[rows, d]` matrix, in order.
+pub fn gather_rows(x: &[f64], src: &[usize], d: usize) -> Vec<f64> {
+    src.iter()
+        .flat_map(|&r| x[r * d..(r + 1) * d].iter().copied())
+        .collect()
+}
+
+/// LayerNorm of the selected rows `src` of `x` (a gather, then [`layer_norm`]).
+pub fn layer_norm_rows(
+    x: &[f64],
+    src: &[usize],
+    w: &[f64],
+    b: &[f64],
+    d: usize,
+    eps: f64,
+) -> Vec<f64> {
+    layer_norm(&gather_rows(x, src, d), w, b, d, eps)
+}
+
+/// Drop-path residual update: `out = x`, then `out[src[i]] += scale[i] * ((r[i] + bias) * gamma)`.
+pub fn residual_add(
+    x: &[f64],
+    src: &[usize],
+    scales: &[f64],
+    gamma: &[f64],
+    r: &[f64],
+    bias: Option<&[f64]>,
+    d: usize,
+) -> Vec<f64> {
+    let mut out = x.to_vec();
+    for (i, (&row, &s)) in src.iter().zip(scales).enumerate() {
+        for c in 0..d {
+            let v = r[i * d + c] + bias.map_or(0.0, |b| b[c]);
+            out[row * d + c] += s * (v * gamma[c]);
+        }
+    }
+    out
+}
+
+/// `gelu(x + b)` with `b` broadcast over rows of length `d`.
+pub fn gelu_bias(x: &[f64], b: &[f64], d: usize) -> Vec<f64> {
+    let shifted: Vec<f64> = x.iter().enumerate().map(|(i, v)| v + b[i % d]).collect();
+    gelu(&shifted)
+}
+
+/// `qkv` rows plus a bias of length `3d` broadcast over rows.
+pub fn add_row_bias(qkv: &[f64], bias: &[f64]) -> Vec<f64> {
+    let w = bias.len();
+    qkv.iter()
+        .enumerate()
+        .map(|(i, v)| v + bias[i % w])
+        .collect()
 }

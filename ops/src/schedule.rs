@@ -26,12 +26,24 @@ pub struct Schedule {
 impl Schedule {
     /// A constant value.
     pub fn constant(v: f64) -> Self {
-        Self { start: v, peak: v, end: v, warmup: 0, cosine: 0 }
+        Self {
+            start: v,
+            peak: v,
+            end: v,
+            warmup: 0,
+            cosine: 0,
+        }
     }
 
     /// Linear warm-up from `start` to `v`, then constant.
     pub fn warmup_constant(start: f64, v: f64, warmup: u64) -> Self {
-        Self { start, peak: v, end: v, warmup, cosine: 0 }
+        Self {
+            start,
+            peak: v,
+            end: v,
+            warmup,
+            cosine: 0,
+        }
     }
 
     /// The value at `step` (0-based).
@@ -43,7 +55,8 @@ impl Schedule {
         let s = step - self.warmup;
         if s < self.cosine {
             let t = s as f64 / self.cosine as f64;
-            return self.end + 0.5 * (self.peak - self.end) * (1.0 + (std::f64::consts::PI * t).cos());
+            return self.end
+                + 0.5 * (self.peak - self.end) * (1.0 + (std::f64::consts::PI * t).cos());
         }
         self.end
     }

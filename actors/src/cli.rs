@@ -404,13 +404,23 @@ fn dispatch(cli: Cli) -> Result<i32> {
             with_heads,
         } => crate::commands::export(&dir.state_dir, &out, &which, step, with_heads),
         Command::Bench {
-            what: BenchCommand::Distill { config, warmup, iters },
+            what:
+                BenchCommand::Distill {
+                    config,
+                    warmup,
+                    iters,
+                },
         } => {
             let plan = load_plan(Some(&config))?;
             if plan.students.is_empty() {
                 anyhow::bail!("{} has no [distill] students", config.display());
             }
-            println!("{}", serde_json::to_string_pretty(&crate::daemon::distill::bench(&plan, warmup, iters)?)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::daemon::distill::bench(
+                    &plan, warmup, iters
+                )?)?
+            );
             Ok(0)
         }
         Command::Probe {

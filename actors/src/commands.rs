@@ -129,7 +129,11 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
     {
         println!("probes       {p}");
     }
-    if let Some(st) = r.get("students").and_then(|v| v.as_object()).filter(|o| !o.is_empty()) {
+    if let Some(st) = r
+        .get("students")
+        .and_then(|v| v.as_object())
+        .filter(|o| !o.is_empty())
+    {
         for (name, l) in st {
             println!(
                 "student      {name:<10} step {:<7} loss {:>8.4}  {:>7.1} images/s  queue {}",
@@ -434,11 +438,20 @@ pub fn export(
             let name = &w["student:".len()..];
             student_dir = state_dir.join("students").join(name);
             if !student_dir.exists() {
-                bail!("`{w}`: {} has no student named `{name}`", state_dir.display());
+                bail!(
+                    "`{w}`: {} has no student named `{name}`",
+                    state_dir.display()
+                );
             }
-            (student_dir.as_path(), "teacher", format!("EMA of student {name}"))
+            (
+                student_dir.as_path(),
+                "teacher",
+                format!("EMA of student {name}"),
+            )
         }
-        w => bail!("unknown --which `{w}` (teacher, student, or student:NAME for a distillation run)"),
+        w => bail!(
+            "unknown --which `{w}` (teacher, student, or student:NAME for a distillation run)"
+        ),
     };
     let (s, blobs) = read_group(dir, step, group)?;
     let vit = checkpoint_vit_config(dir, s)?;

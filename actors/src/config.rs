@@ -63,6 +63,7 @@ pub struct ModelSection {
 pub enum LrScaling {
     /// Official `sqrt_wrt_1024`: `lr * 4 * sqrt(B / 1024)`.
     #[default]
+    #[serde(rename = "sqrt_wrt_1024", alias = "sqrt_wrt1024")]
     SqrtWrt1024,
     /// Use `lr` as given.
     None,
@@ -493,6 +494,7 @@ pub struct ProbeSetSection {
 /// `[eval]`: live probes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[derive(Default)]
 pub struct EvalSection {
     /// Probe the EMA teacher every N steps (0 = never). A checkpoint is written at every
     /// evaluated step, so the best-dense checkpoint exists when Gram anchoring needs it.
@@ -504,16 +506,6 @@ pub struct EvalSection {
     /// Probe settings (cost bounds).
     #[serde(default)]
     pub probes: eval_probes::ProbeConfig,
-}
-
-impl Default for EvalSection {
-    fn default() -> Self {
-        Self {
-            every_steps: 0,
-            sets: vec![],
-            probes: eval_probes::ProbeConfig::default(),
-        }
-    }
 }
 
 /// `[stages]`: automatic stage transitions, and the crops of high-resolution adaptation.
@@ -572,7 +564,9 @@ pub struct StudentSection {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistillSection {
-    /// The frozen teacher: `state:DIR` (the EMA teacher of the latest valid checkpoint of a
+    /// The frozen teacher: `self` (this run's own EMA teacher, when its stage machine leaves
+    /// high-resolution adaptation: pretraining, Gram anchoring and adaptation run first in
+    /// the same state directory, then the students start), `state:DIR` (the EMA teacher of the latest valid checkpoint of a
     /// dinod run; its architecture must match `[model]`) or `safetensors:FILE` (official
     /// state_dict names with `dino_head.*` / `ibot_head.*`, as `dinod export --with-heads`
     /// writes; architecture from `[model]`).
@@ -699,7 +693,22 @@ pub struct Plan {
     pub students: Vec<StudentPlan>,
 }
 
+/// `distill.teacher = "self"`: this run pretrains, anchors and adapts its own teacher, then
+/// hands over to the students.
+pub const SELF_TEACHER: &str = "self";
+
 impl Plan {
+    /// The students learn from this run's own teacher after its high-resolution stage
+    /// (`distill.teacher = "self"`), rather than from a teacher given up front.
+    pub fn distill_after_stages(&self) -> bool {
+        !self.students.is_empty()
+            && self
+                .config
+                .distill
+                .as_ref()
+                .is_some_and(|d| d.teacher == SELF_TEACHER)
+    }
+
     /// The schedule values of `step` in the pretraining stage.
     pub fn hparams(&self, step: u64) -> StepHparams {
         let t = &self.config.train;
@@ -738,7 +747,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
     // Every type rejects unknown keys; collect them all by removing each reported key and
     // deserialising again, so one run of `dinod` lists every misspelt key at once.
     let mut problems: Vec<ConfigProblem> = vec![];
-    let cfg = loop {
+    let mut cfg = loop {
         let mut ignored = BTreeSet::new();
         let parsed: Result<RunConfig, _> =
             serde_ignored::deserialize(toml::Value::Table(table.clone()), |path| {
@@ -789,6 +798,15 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
         problems.extend(s.problems().into_iter().map(|(k, m)| problem(k, m)));
         ssl = Some(s);
     }
+    if cfg
+        .distill
+        .as_ref()
+        .is_some_and(|d| d.teacher == SELF_TEACHER)
+    {
+        // the students take over from this run's own EMA teacher when high-resolution
+        // adaptation ends
+        cfg.stages.machine.after_high_res = eval_probes::AfterHighRes::Distill;
+    }
     let t = &cfg.train;
     if t.batch_size < 2 {
         problems.push(problem(
@@ -837,7 +855,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
                 ("gram", sizes.gram),
             ] {
                 if let Some(px) = px {
-                    if px as usize % s.backbone.patch_size != 0 {
+                    if !(px as usize).is_multiple_of(s.backbone.patch_size) {
                         problems.push(problem(
                             format!("data.crops.{what}_size"),
                             format!(
@@ -887,7 +905,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
                 .map(|m| problem(format!("eval.sets[{i}]"), m)),
         );
         if let Some(s) = &ssl {
-            if set.set.size as usize % s.backbone.patch_size != 0 {
+            if !(set.set.size as usize).is_multiple_of(s.backbone.patch_size) {
                 problems.push(problem(
                     format!("eval.sets[{i}].size"),
                     format!(
@@ -900,27 +918,57 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
     }
     if let (Some(d), Some(teacher)) = (&cfg.distill, &ssl) {
         if d.students.is_empty() {
-            problems.push(problem("distill.students", "a distillation run needs at least one student"));
+            problems.push(problem(
+                "distill.students",
+                "a distillation run needs at least one student",
+            ));
         }
-        if !(d.teacher.starts_with("state:") || d.teacher.starts_with("safetensors:")) {
-            problems.push(problem("distill.teacher", format!("`{}`: use state:DIR or safetensors:FILE", d.teacher)));
+        if !(d.teacher == SELF_TEACHER
+            || d.teacher.starts_with("state:")
+            || d.teacher.starts_with("safetensors:"))
+        {
+            problems.push(problem(
+                "distill.teacher",
+                format!("`{}`: use self, state:DIR or safetensors:FILE", d.teacher),
+            ));
+        }
+        if d.teacher == SELF_TEACHER && !cfg.stages.automatic {
+            problems.push(problem("distill.teacher", "`self` hands over from this run's own stages after high-resolution adaptation: it needs stages.automatic = true"));
         }
         if d.max_lag == 0 || d.keep_batches == 0 {
-            problems.push(problem("distill", "max_lag and keep_batches must be at least 1"));
+            problems.push(problem(
+                "distill",
+                "max_lag and keep_batches must be at least 1",
+            ));
         }
         let mut names = BTreeSet::new();
         for st in &d.students {
             let key = format!("distill.students.{}", st.name);
-            if st.name.is_empty() || !st.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || !names.insert(st.name.clone()) {
-                problems.push(problem(key.clone(), "names must be unique and use only letters, digits, `_` and `-`"));
+            if st.name.is_empty()
+                || !st
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                || !names.insert(st.name.clone())
+            {
+                problems.push(problem(
+                    key.clone(),
+                    "names must be unique and use only letters, digits, `_` and `-`",
+                ));
             }
             match student_ssl(st, teacher) {
                 Ok(s) => {
-                    problems.extend(s.problems().into_iter().map(|(k, m)| problem(format!("{key}.{k}"), m)));
+                    problems.extend(
+                        s.problems()
+                            .into_iter()
+                            .map(|(k, m)| problem(format!("{key}.{k}"), m)),
+                    );
                     if s.backbone.patch_size != teacher.backbone.patch_size {
                         problems.push(problem(format!("{key}.backbone.patch_size"), format!("{} differs from the teacher's {} (students see the teacher's crops and masks)", s.backbone.patch_size, teacher.backbone.patch_size)));
                     }
-                    if s.dino_head.n_prototypes != teacher.dino_head.n_prototypes || s.ibot_head.n_prototypes != teacher.ibot_head.n_prototypes {
+                    if s.dino_head.n_prototypes != teacher.dino_head.n_prototypes
+                        || s.ibot_head.n_prototypes != teacher.ibot_head.n_prototypes
+                    {
                         problems.push(problem(format!("{key}.dino_head.n_prototypes"), "students must have the teacher's numbers of prototypes (they learn its targets)"));
                     }
                 }
@@ -963,8 +1011,21 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             .iter()
             .map(|s| {
                 let ssl_s = student_ssl(s, &ssl).expect("validated above");
-                let seed = cfg.seed ^ blake3::hash(s.name.as_bytes()).as_bytes()[..8].iter().fold(0u64, |a, &b| (a << 8) | b as u64);
-                StudentPlan { name: s.name.clone(), ssl: ssl_s, lr: Schedule::warmup_constant(0.0, s.lr.unwrap_or(t.lr) * scale, t.warmup_steps), momentum: s.momentum.unwrap_or(t.momentum), seed }
+                let seed = cfg.seed
+                    ^ blake3::hash(s.name.as_bytes()).as_bytes()[..8]
+                        .iter()
+                        .fold(0u64, |a, &b| (a << 8) | b as u64);
+                StudentPlan {
+                    name: s.name.clone(),
+                    ssl: ssl_s,
+                    lr: Schedule::warmup_constant(
+                        0.0,
+                        s.lr.unwrap_or(t.lr) * scale,
+                        t.warmup_steps,
+                    ),
+                    momentum: s.momentum.unwrap_or(t.momentum),
+                    seed,
+                }
             })
             .collect(),
         None => vec![],
@@ -982,9 +1043,26 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
 
 /// A student's model config: its backbone and heads, the teacher's loss and optimizer settings.
 fn student_ssl(s: &StudentSection, teacher: &SslConfig) -> Result<SslConfig, Vec<ConfigProblem>> {
-    let m = ModelSection { preset: s.preset.clone(), backbone: s.backbone.clone(), dino_head: s.dino_head.clone(), ibot_head: s.ibot_head.clone(), loss: teacher.loss.clone(), optim: teacher.optim.clone() };
-    let backbone = build_backbone(&m).map_err(|p| p.into_iter().map(|x| problem(format!("distill.students.{}.{}", s.name, x.key), x.message)).collect::<Vec<_>>())?;
-    Ok(SslConfig { backbone, dino_head: s.dino_head.clone(), ibot_head: s.ibot_head.clone(), loss: teacher.loss.clone(), optim: teacher.optim.clone() })
+    let m = ModelSection {
+        preset: s.preset.clone(),
+        backbone: s.backbone.clone(),
+        dino_head: s.dino_head.clone(),
+        ibot_head: s.ibot_head.clone(),
+        loss: teacher.loss.clone(),
+        optim: teacher.optim.clone(),
+    };
+    let backbone = build_backbone(&m).map_err(|p| {
+        p.into_iter()
+            .map(|x| problem(format!("distill.students.{}.{}", s.name, x.key), x.message))
+            .collect::<Vec<_>>()
+    })?;
+    Ok(SslConfig {
+        backbone,
+        dino_head: s.dino_head.clone(),
+        ibot_head: s.ibot_head.clone(),
+        loss: teacher.loss.clone(),
+        optim: teacher.optim.clone(),
+    })
 }
 
 fn build_backbone(m: &ModelSection) -> Result<VitConfig, Vec<ConfigProblem>> {
@@ -1043,4 +1121,28 @@ fn remove_key(table: &mut toml::Table, path: &str, field: &str) -> bool {
         }
     }
     t.remove(field).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every recipe shipped in `configs/` (the built-in default among them) is valid.
+    #[test]
+    fn every_shipped_recipe_parses() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().and_then(|x| x.to_str()) != Some("toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            if let Err(e) = super::parse(&text, &p.display().to_string()) {
+                panic!("{e}");
+            }
+            n += 1;
+        }
+        assert!(n >= 4, "only {n} recipes in {}", dir.display());
+        let plan = super::parse(super::DEFAULT_RECIPE, "built-in").unwrap();
+        assert_eq!(plan.config.train.lr_scaling, super::LrScaling::SqrtWrt1024);
+    }
 }

@@ -191,7 +191,7 @@ pub fn similarity(
     let (s, vit) = load_teacher(state_dir, step)?;
     let p = vit.cfg.patch_size as u32;
     let size = size.unwrap_or(12 * p);
-    if size % p != 0 {
+    if !size.is_multiple_of(p) {
         bail!("--size {size} is not a multiple of the patch size {p}");
     }
     let (x, y) = point

@@ -131,7 +131,7 @@ impl VitConfig {
                 k("embed_dim"),
                 "embed_dim, depth and num_heads must be positive".into(),
             ));
-        } else if self.embed_dim % (4 * self.num_heads) != 0 {
+        } else if !self.embed_dim.is_multiple_of(4 * self.num_heads) {
             p.push((
                 k("num_heads"),
                 format!(
@@ -207,7 +207,7 @@ impl HeadConfig {
         let mut p = vec![];
         if self.hidden_dim == 0 || self.bottleneck_dim == 0 || self.n_prototypes == 0 {
             p.push((
-                format!("{prefix}"),
+                prefix.to_string(),
                 "hidden_dim, bottleneck_dim and n_prototypes must be positive".into(),
             ));
         }

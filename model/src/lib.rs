@@ -25,8 +25,8 @@ pub use config::{HeadConfig, LossConfig, OptimConfig, SslConfig, VitConfig};
 pub use state::{
     apply_step, apply_step_observed, clip_gradients, compute_step, compute_step_observed,
     distill_student_phase, distill_teacher_phase, frozen_teacher_targets, student_phase,
-    teacher_phase, train_step, Batch, Phase, StepError, StepHparams, StepOutcome,
-    StepReport, TeacherOutput, TrainState,
+    teacher_phase, train_step, Batch, Phase, StepError, StepHparams, StepOutcome, StepReport,
+    TeacherOutput, TrainState,
 };
 
 #[cfg(test)]

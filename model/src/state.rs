@@ -65,7 +65,7 @@ impl Batch {
                 bail!("gram crops: {} rows vs {n2} global crops", g.dims4()?.0)
             }
         }
-        if masks.len() % n2 != 0 {
+        if !masks.len().is_multiple_of(n2) {
             bail!("masks: {} entries for {n2} crops", masks.len())
         }
         let p = masks.len() / n2;
@@ -304,21 +304,50 @@ pub fn teacher_phase(
 
 /// DINO and iBOT targets of a (frozen or EMA) teacher for a batch: teacher forward on the
 /// unmasked global crops, heads, Sinkhorn-Knopp.
-pub fn frozen_teacher_targets(teacher: &SslModel, sk_iters: usize, batch: &Batch, hp: &StepHparams) -> Result<TeacherTargets> {
-    let tf = teacher.backbone.forward(&[CropGroup { images: &batch.global, masks: None }])?;
-    teacher_targets(teacher, &tf.cls(0)?, &tf.patches(0)?, &batch.mask_indices, hp.teacher_temp, sk_iters)
+pub fn frozen_teacher_targets(
+    teacher: &SslModel,
+    sk_iters: usize,
+    batch: &Batch,
+    hp: &StepHparams,
+) -> Result<TeacherTargets> {
+    let tf = teacher.backbone.forward(&[CropGroup {
+        images: &batch.global,
+        masks: None,
+    }])?;
+    teacher_targets(
+        teacher,
+        &tf.cls(0)?,
+        &tf.patches(0)?,
+        &batch.mask_indices,
+        hp.teacher_temp,
+        sk_iters,
+    )
 }
 
 /// The teacher side of a distillation step: a frozen teacher's targets, computed once per
 /// batch and shared by every student (no Gram loss in distillation).
-pub fn distill_teacher_phase(teacher: &SslModel, sk_iters: usize, batch: &Batch, hp: &StepHparams) -> Result<TeacherOutput> {
-    Ok(TeacherOutput { targets: frozen_teacher_targets(teacher, sk_iters, batch, hp)?, gram_target: None })
+pub fn distill_teacher_phase(
+    teacher: &SslModel,
+    sk_iters: usize,
+    batch: &Batch,
+    hp: &StepHparams,
+) -> Result<TeacherOutput> {
+    Ok(TeacherOutput {
+        targets: frozen_teacher_targets(teacher, sk_iters, batch, hp)?,
+        gram_target: None,
+    })
 }
 
 /// The student side of a distillation step: as [`student_phase`], but the student sees its
 /// global crops unmasked; the iBOT loss is still taken at the sampled mask positions
 /// (patch-level distillation on a random subset), as the official multi-distillation does.
-pub fn distill_student_phase(st: &TrainState, batch: &Batch, hp: &StepHparams, teacher: TeacherOutput, obs: &mut dyn FnMut(Phase)) -> Result<StepOutcome> {
+pub fn distill_student_phase(
+    st: &TrainState,
+    batch: &Batch,
+    hp: &StepHparams,
+    teacher: TeacherOutput,
+    obs: &mut dyn FnMut(Phase),
+) -> Result<StepOutcome> {
     student_phase_impl(st, batch, hp, teacher, obs, false)
 }
 

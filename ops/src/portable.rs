@@ -75,7 +75,10 @@ fn mat(t: &Tensor) -> Result<(Tensor, usize, usize)> {
 fn index(ix: &[usize], dev: &Device) -> Result<Tensor> {
     let v = ix
         .iter()
-        .map(|&i| u32::try_from(i).map_err(|_| candle_core::Error::Msg(format!("index {i} does not fit u32"))))
+        .map(|&i| {
+            u32::try_from(i)
+                .map_err(|_| candle_core::Error::Msg(format!("index {i} does not fit u32")))
+        })
         .collect::<Result<Vec<u32>>>()?;
     let n = v.len();
     Tensor::from_vec(v, n, dev)
@@ -336,7 +339,12 @@ pub fn layer_norm_sel(
 }
 
 /// `(dx, dw, db)` of LayerNorm rows `x2 [n, d]` (already gathered) with their cache.
-fn ln_grads(x2: &Tensor, w: &Tensor, cache: &LnCache, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+fn ln_grads(
+    x2: &Tensor,
+    w: &Tensor,
+    cache: &LnCache,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (n, d) = x2.dims2()?;
     if dy.elem_count() != n * d || cache.mean.elem_count() != n || w.elem_count() != d {
         bail!(
@@ -463,7 +471,11 @@ fn gelu_grad(v: &Tensor, dy: &Tensor) -> Result<Tensor> {
         .affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?
         .erf()?
         .affine(0.5, 0.5)?;
-    let pdf = vf.sqr()?.affine(-0.5, 0.0)?.exp()?.affine(FRAC_1_SQRT_2PI, 0.0)?;
+    let pdf = vf
+        .sqr()?
+        .affine(-0.5, 0.0)?
+        .exp()?
+        .affine(FRAC_1_SQRT_2PI, 0.0)?;
     (g * (cdf + (vf * pdf)?)?)?.to_dtype(v.dtype())
 }
 
@@ -741,7 +753,10 @@ pub fn assemble_tokens(
         let cond = mask_column(m, dev)?.broadcast_as((rows, d))?;
         patches = cond.where_cond(&mt, &patches)?;
     }
-    let mut parts = vec![cls.reshape((1, 1, d))?.broadcast_as((n, 1, d))?.contiguous()?];
+    let mut parts = vec![cls
+        .reshape((1, 1, d))?
+        .broadcast_as((n, 1, d))?
+        .contiguous()?];
     if r > 0 {
         parts.push(
             storage
@@ -797,7 +812,13 @@ pub fn assemble_tokens_bwd(
 }
 
 /// Row indices `b * stride + offset + i` for `i < count` and `b < n`, checked against `rows`.
-fn strided_rows(rows: usize, n: usize, stride: usize, offset: usize, count: usize) -> Result<Vec<usize>> {
+fn strided_rows(
+    rows: usize,
+    n: usize,
+    stride: usize,
+    offset: usize,
+    count: usize,
+) -> Result<Vec<usize>> {
     if n > 0 && count > 0 && (n - 1) * stride + offset + count > rows {
         bail!("select_rows: {n} x {count} rows at stride {stride} + {offset} exceed {rows} rows")
     }
@@ -937,18 +958,18 @@ impl AttnCache {
 /// Checks one group against the packed matrix; returns the model width `D`.
 fn check_group(rows: usize, d3: usize, g: &AttnGroup<'_>) -> Result<usize> {
     let s = &g.shape;
-    if d3 % 3 != 0 || g.row0 + s.batch * s.tokens > rows {
+    if !d3.is_multiple_of(3) || g.row0 + s.batch * s.tokens > rows {
         bail!(
             "attention: group {s:?} at row {} does not fit a [{rows}, {d3}] projection",
             g.row0
         )
     }
     let d = d3 / 3;
-    if s.heads == 0 || d % s.heads != 0 {
+    if s.heads == 0 || !d.is_multiple_of(s.heads) {
         bail!("attention: dim {d} not divisible by {} heads", s.heads)
     }
     let dh = d / s.heads;
-    if dh % 2 != 0 {
+    if !dh.is_multiple_of(2) {
         bail!("attention: head dim {dh} must be even")
     }
     if s.prefix > s.tokens {
@@ -997,7 +1018,13 @@ fn check_groups(qkv: &Tensor, groups: &[AttnGroup<'_>]) -> Result<usize> {
 
 /// `(sin, cos)` over all `tokens` rows in the compute type on `dev`: the prefix rows are
 /// the identity rotation (sin 0, cos 1), so one broadcast rotates every row.
-fn full_tables(r: &Rope, prefix: usize, dh: usize, cd: DType, dev: &Device) -> Result<(Tensor, Tensor)> {
+fn full_tables(
+    r: &Rope,
+    prefix: usize,
+    dh: usize,
+    cd: DType,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
     let sin = r.sin.to_device(dev)?.to_dtype(cd)?;
     let cos = r.cos.to_device(dev)?.to_dtype(cd)?;
     if prefix == 0 {
@@ -1012,13 +1039,25 @@ fn full_tables(r: &Rope, prefix: usize, dh: usize, cd: DType, dev: &Device) -> R
 /// `[-z2, z1]` over the last dimension (`z = [z1, z2]`), the rotate-half pairing.
 fn rotate_half(z: &Tensor) -> Result<Tensor> {
     let h = z.dim(D::Minus1)? / 2;
-    Tensor::cat(&[&z.narrow(D::Minus1, h, h)?.neg()?, &z.narrow(D::Minus1, 0, h)?], D::Minus1)
+    Tensor::cat(
+        &[
+            &z.narrow(D::Minus1, h, h)?.neg()?,
+            &z.narrow(D::Minus1, 0, h)?,
+        ],
+        D::Minus1,
+    )
 }
 
 /// The transpose of [`rotate_half`]: `[u2, -u1]`.
 fn rotate_half_t(u: &Tensor) -> Result<Tensor> {
     let h = u.dim(D::Minus1)? / 2;
-    Tensor::cat(&[&u.narrow(D::Minus1, h, h)?, &u.narrow(D::Minus1, 0, h)?.neg()?], D::Minus1)
+    Tensor::cat(
+        &[
+            &u.narrow(D::Minus1, h, h)?,
+            &u.narrow(D::Minus1, 0, h)?.neg()?,
+        ],
+        D::Minus1,
+    )
 }
 
 /// `z cos + rotate_half(z) sin` on `[b, h, n, dh]` (tables `[n, dh]`), in the compute
@@ -1080,10 +1119,7 @@ fn group_forward(
     let v = part(2)?.contiguous()?;
     let scale = 1.0 / (dh as f64).sqrt();
     let probs = softmax_scaled(&q.matmul(&k.t()?)?, scale)?;
-    let out = probs
-        .matmul(&v)?
-        .transpose(1, 2)?
-        .reshape((b * n, d))?;
+    let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * n, d))?;
     let cache = keep.then_some(AttnCache {
         shape: s,
         row0: g.row0,
@@ -1106,7 +1142,11 @@ fn forward(
     let d = check_groups(qkv, groups)?;
     if let Some(b) = bias {
         if b.elem_count() != 3 * d {
-            bail!("attention: bias {:?} for a [{}] projection", b.dims(), 3 * d)
+            bail!(
+                "attention: bias {:?} for a [{}] projection",
+                b.dims(),
+                3 * d
+            )
         }
     }
     let mut outs = Vec::with_capacity(groups.len());
@@ -1365,7 +1405,10 @@ pub fn koleo_t(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let dots = y.matmul(&y.t()?)?;
     let eye: Vec<u8> = (0..n * n).map(|i| u8::from(i / n == i % n)).collect();
     let eye = Tensor::from_vec(eye, (n, n), dev)?;
-    let dots = eye.where_cond(&Tensor::full(-1.0, (n, n), dev)?.to_dtype(y.dtype())?, &dots)?;
+    let dots = eye.where_cond(
+        &Tensor::full(-1.0, (n, n), dev)?.to_dtype(y.dtype())?,
+        &dots,
+    )?;
     let nn = dots.argmax_keepdim(1)?.reshape(n)?;
     let diff = (&y - y.index_select(&nn, 0)?)?.affine(1.0, EPS)?;
     let dist = diff.sqr()?.sum_keepdim(1)?.sqrt()?;
@@ -1448,7 +1491,12 @@ pub fn gram_loss(
 }
 
 /// The `[h_out w_out, h_in w_in]` bicubic matrix on `dev` in type `dt`.
-fn resize_matrix(hw_in: (usize, usize), hw_out: (usize, usize), dt: DType, dev: &Device) -> Result<Tensor> {
+fn resize_matrix(
+    hw_in: (usize, usize),
+    hw_out: (usize, usize),
+    dt: DType,
+    dev: &Device,
+) -> Result<Tensor> {
     let (pin, pout) = (hw_in.0 * hw_in.1, hw_out.0 * hw_out.1);
     let m = crate::loss::bicubic_resize_matrix(hw_in, hw_out);
     Tensor::from_vec(m, (pout, pin), dev)?.to_dtype(dt)
@@ -1551,7 +1599,10 @@ pub fn ema_update(teacher: &Tensor, student: &Tensor, momentum: f64) -> Result<T
             student.dims()
         )
     }
-    teacher.affine(momentum, 0.0)? + student.to_dtype(teacher.dtype())?.affine(1.0 - momentum, 0.0)?
+    teacher.affine(momentum, 0.0)?
+        + student
+            .to_dtype(teacher.dtype())?
+            .affine(1.0 - momentum, 0.0)?
 }
 
 /// `x <- s * x` in place (through [`write_into`]).

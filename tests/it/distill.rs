@@ -19,7 +19,15 @@ fn teacher_dir() -> &'static PathBuf {
         let dir = TempDir::new("distill-teacher");
         let cfg = write_config(dir.path(), &tiny_config(""));
         let st = dir.path().join("state");
-        let o = dinod(&["run", "--config", cfg.to_str().unwrap(), "--state-dir", st.to_str().unwrap(), "--max-steps", "6"]);
+        let o = dinod(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            st.to_str().unwrap(),
+            "--max-steps",
+            "6",
+        ]);
         assert_eq!(o.status.code(), Some(0), "{}", text(&o));
         (dir, st)
     })
@@ -60,12 +68,23 @@ fn students(state: &Path) -> Value {
 
 fn fps(state: &Path) -> (Value, Value) {
     let s = students(state);
-    (s["small"]["fingerprint"].clone(), s["base"]["fingerprint"].clone())
+    (
+        s["small"]["fingerprint"].clone(),
+        s["base"]["fingerprint"].clone(),
+    )
 }
 
 fn run(cfg: &Path, st: &Path, steps: u64, extra: &[&str]) -> std::process::Output {
     let s = steps.to_string();
-    let mut a = vec!["run", "--config", cfg.to_str().unwrap(), "--state-dir", st.to_str().unwrap(), "--max-steps", &s];
+    let mut a = vec![
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--max-steps",
+        &s,
+    ];
     a.extend(extra);
     dinod(&a)
 }
@@ -97,10 +116,25 @@ fn two_students_train_from_one_teacher_and_resume_exactly_after_sigkill() {
     let mut kills = 0;
     // kill as soon as the small student has committed step 2, 4, 6: always mid-run
     for target in [2u64, 4, 6] {
-        let mut child = spawn(&["run", "--config", cfg.to_str().unwrap(), "--state-dir", st.to_str().unwrap(), "--max-steps", &STEPS.to_string(), "--checkpoint-every", "1"]);
-        let ck = st.join("students/small/checkpoints").join(format!("step-{target:012}"));
+        let mut child = spawn(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            st.to_str().unwrap(),
+            "--max-steps",
+            &STEPS.to_string(),
+            "--checkpoint-every",
+            "1",
+        ]);
+        let ck = st
+            .join("students/small/checkpoints")
+            .join(format!("step-{target:012}"));
         let t0 = std::time::Instant::now();
-        while !ck.exists() && t0.elapsed() < Duration::from_secs(60) && child.try_wait().unwrap().is_none() {
+        while !ck.exists()
+            && t0.elapsed() < Duration::from_secs(60)
+            && child.try_wait().unwrap().is_none()
+        {
             std::thread::sleep(Duration::from_millis(2));
         }
         if child.try_wait().unwrap().is_none() {
@@ -118,15 +152,33 @@ fn two_students_train_from_one_teacher_and_resume_exactly_after_sigkill() {
         assert!(st.join("students").join(name).join("catalog").exists());
     }
     let out = dir.path().join("small.safetensors");
-    let o = dinod(&["export", "--state-dir", st.to_str().unwrap(), "--which", "student:small", "--out", out.to_str().unwrap()]);
+    let o = dinod(&[
+        "export",
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--which",
+        "student:small",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let bytes = std::fs::read(&out).unwrap();
     let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let names: Vec<String> = t.names().into_iter().map(|s| s.to_string()).collect();
-    for n in ["cls_token", "storage_tokens", "patch_embed.proj.weight", "blocks.0.attn.qkv.bias_mask", "norm.weight", "rope_embed.periods"] {
+    for n in [
+        "cls_token",
+        "storage_tokens",
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.bias_mask",
+        "norm.weight",
+        "rope_embed.periods",
+    ] {
         assert!(names.contains(&n.to_string()), "{n} missing from {names:?}");
     }
-    assert!(!names.iter().any(|n| n.starts_with("blocks.1.")), "the small student has one block");
+    assert!(
+        !names.iter().any(|n| n.starts_with("blocks.1.")),
+        "the small student has one block"
+    );
     assert_eq!(t.tensor("norm.weight").unwrap().shape(), &[16]);
 }
 
@@ -139,10 +191,25 @@ fn a_fault_in_one_student_leaves_the_other_identical() {
         let st = dir.path().join("state");
         let o = run(&cfg, &st, STEPS, &["--inject", fault]);
         assert_eq!(o.status.code(), Some(0), "{fault}: {}", text(&o));
-        assert_eq!(&fps(&st), r, "{fault}: results differ from the fault-free run");
-        let o = dinod(&["events", "--json", "--limit", "500", "--state-dir", st.to_str().unwrap()]);
+        assert_eq!(
+            &fps(&st),
+            r,
+            "{fault}: results differ from the fault-free run"
+        );
+        let o = dinod(&[
+            "events",
+            "--json",
+            "--limit",
+            "500",
+            "--state-dir",
+            st.to_str().unwrap(),
+        ]);
         let ev = String::from_utf8_lossy(&o.stdout).to_string();
-        let expect = if fault.starts_with("panic") { "actor.restarting" } else { "step.discarded" };
+        let expect = if fault.starts_with("panic") {
+            "actor.restarting"
+        } else {
+            "step.discarded"
+        };
         assert!(ev.contains(expect), "{fault}: no {expect} event");
     }
 }
@@ -151,12 +218,24 @@ fn a_fault_in_one_student_leaves_the_other_identical() {
 fn the_distillation_benchmark_reports_the_sharing_ratio() {
     let dir = TempDir::new("distill-bench");
     let cfg = write_config(dir.path(), &distill_config(teacher_dir()));
-    let o = dinod(&["bench", "distill", "--config", cfg.to_str().unwrap(), "--warmup", "0", "--iters", "1"]);
+    let o = dinod(&[
+        "bench",
+        "distill",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     for r in rows {
-        assert!(r["shared_ms"].as_f64().unwrap() > 0.0 && r["separate_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(
+            r["shared_ms"].as_f64().unwrap() > 0.0 && r["separate_ms"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
     }
 }

@@ -208,6 +208,13 @@ fn a_resumed_run_in_gram_anchoring_continues_exactly() {
             v["run"]["stage"].as_str().map(|s| s.to_string()),
         )
     };
+    for s in [&a, &b] {
+        let failed: Vec<Value> = events(s)
+            .into_iter()
+            .filter(|e| e["kind"] == "stage.failed")
+            .collect();
+        assert!(failed.is_empty(), "{failed:?}");
+    }
     let (fa, fb) = (fp(&a), fp(&b));
     assert_eq!(fa, fb);
     assert_eq!(fa.2.as_deref(), Some("gram_anchor"));
@@ -280,4 +287,79 @@ fn probe_and_feature_pictures_from_a_checkpoint() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let s = image::open(&sim).unwrap();
     assert_eq!((s.width(), s.height()), (32, 32));
+}
+
+/// `distill.teacher = "self"`: the run pretrains, anchors and adapts its own teacher; when
+/// high-resolution adaptation ends, the same process hands over to the students, which
+/// learn from the EMA teacher of the hand-off checkpoint. A restart resumes the students.
+#[test]
+fn after_high_res_adaptation_the_run_hands_over_to_its_students() {
+    let dir = TempDir::new("stages-handoff");
+    let extra = EVAL.replace(
+        "max_refreshes = 2",
+        "max_refreshes = 2\nmin_steps = 0\nmax_steps = 3",
+    ) + r#"
+[stages.high_res]
+steps = 3
+lr_warmup_steps = 1
+[distill]
+teacher = "self"
+[[distill.students]]
+name = "small"
+preset = "vit_pico"
+backbone = { embed_dim = 16, depth = 1, num_heads = 2, patch_size = 8 }
+dino_head = { hidden_dim = 16, bottleneck_dim = 8, n_prototypes = 64 }
+ibot_head = { hidden_dim = 16, bottleneck_dim = 8, n_prototypes = 64 }
+"#;
+    let cfg = write_config(dir.path(), &tiny_config(&extra));
+    let st = dir.path().join("state");
+    let run = |steps: &str| {
+        dinod(&[
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            st.to_str().unwrap(),
+            "--max-steps",
+            steps,
+        ])
+    };
+    let o = run("30");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&st);
+    let path: Vec<String> = ev
+        .iter()
+        .filter(|e| e["kind"] == "stage.transition")
+        .map(|e| e["fields"]["to"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        path,
+        ["gram_anchor", "high_res_adapt", "distill"],
+        "stage path"
+    );
+    let handoff = ev
+        .iter()
+        .find(|e| e["kind"] == "distill.handoff")
+        .expect("no hand-off event");
+    assert!(handoff["fields"]["teacher"]
+        .as_str()
+        .unwrap()
+        .starts_with("state:"));
+    // the self-supervised part stopped at the transition; the student trained to 30
+    let status = |st: &Path| {
+        let o = dinod(&["status", "--json", "--state-dir", st.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()
+    };
+    let s = status(&st);
+    assert_eq!(s["run"]["students"]["small"]["step"], 30, "{s}");
+    let fp = s["run"]["students"]["small"]["fingerprint"].clone();
+    assert!(fp.is_string(), "{s}");
+    let o = dinod(&["stage", "--json", "--state-dir", st.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["stage"]["stage"], "distill", "{v}");
+    // a restart goes straight to the students (nothing left to do at 30)
+    let o = run("30");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(status(&st)["run"]["students"]["small"]["fingerprint"], fp);
 }

@@ -26,6 +26,11 @@ pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
 
 /// Installs the Prometheus exporter on 127.0.0.1:`port`.
 pub fn start_metrics(ctx: &Ctx, port: u16) -> Result<()> {
+    // once per process: a run that hands over to its students keeps the same endpoint
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if STARTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(());
+    }
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(([127, 0, 0, 1], port))
         .install()
@@ -82,7 +87,7 @@ pub fn write_final_status(ctx: &Ctx) -> Result<()> {
 }
 
 async fn coordinator_cast(msg: CoordMsg) -> Result<(), String> {
-    match ractor::registry::where_is(coordinator::NAME.to_string()) {
+    match ractor::registry::where_is(coordinator::NAME) {
         Some(c) => ActorRef::<CoordMsg>::from(c)
             .cast(msg)
             .map_err(|e| format!("{e}")),

@@ -127,7 +127,7 @@ where
     // a restarting actor reappears after its backoff: wait a little for it
     let mut cell = None;
     for _ in 0..200 {
-        if let Some(c) = ractor::registry::where_is(name.to_string()) {
+        if let Some(c) = ractor::registry::where_is(name) {
             cell = Some(c);
             break;
         }
@@ -238,6 +238,14 @@ impl CoordState {
         self.store_machine();
         self.need_loader_reset = true;
         self.save_due = true;
+        if t.to == eval_probes::Stage::Distill
+            && ctx.students.is_empty()
+            && ctx.plan.distill_after_stages()
+        {
+            // the teacher is final: this tree stops at its final checkpoint and the
+            // students' tree takes over (daemon::run)
+            ctx.handoff.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         let reason = serde_json::to_value(&t.reason).unwrap_or_default();
         ctx.event(
             Level::Info,
@@ -302,6 +310,8 @@ impl CoordState {
         );
         if ctx.plan.config.stages.automatic {
             if let Some(t) = self.machine.observe_at(step, step, &ev.metrics) {
+                // the Gram teacher may be the checkpoint a save in flight is writing
+                self.wait_for_save().await;
                 self.apply_transition(t)?;
             }
         }
@@ -392,7 +402,7 @@ impl CoordState {
         .map_err(StepFail::Redo)?;
         let spike = self.is_spike(summary.losses.total);
         if !summary.finite || spike {
-            if let Some(c) = ractor::registry::where_is(TRAINER.to_string()) {
+            if let Some(c) = ractor::registry::where_is(TRAINER) {
                 let _ = ActorRef::<TrainerMsg>::from(c).cast(TrainerMsg::Discard { step });
             }
             let why = if summary.finite {
@@ -483,7 +493,7 @@ impl CoordState {
         });
         metrics::gauge!("dinod_step").set((s.step + 1) as f64);
         // the loss history behind `dinod viz curves`
-        if (s.step + 1) % ctx.plan.config.runtime.log_every_steps.max(1) == 0 {
+        if (s.step + 1).is_multiple_of(ctx.plan.config.runtime.log_every_steps.max(1)) {
             let rec = json!({"losses": s.losses, "lr": hp.lr, "gram_weight": hp.gram_weight, "stage": self.machine.stage().as_str(), "grad_norms": s.norms});
             if let Err(e) = ctx.store.record_probe(s.step + 1, "train", &rec) {
                 tracing::warn!("cannot record the loss history: {e}");
@@ -509,7 +519,7 @@ impl CoordState {
         if let Some(pb) = &self.progress {
             pb.set_position(s.step + 1);
             pb.set_message(format!("loss {:.4}  {:.1} img/s", s.losses.total, ips));
-        } else if (s.step + 1) % ctx.plan.config.runtime.log_every_steps.max(1) == 0 {
+        } else if (s.step + 1).is_multiple_of(ctx.plan.config.runtime.log_every_steps.max(1)) {
             tracing::info!(
                 step = s.step + 1,
                 loss = s.losses.total,
@@ -531,7 +541,7 @@ impl CoordState {
         let ctx = self.ctx.clone();
         let step = ctx.engine.lock().ts.step;
         let every = ctx.plan.config.checkpoint.every_steps;
-        if step > 0 && step % every == 0 {
+        if step > 0 && step.is_multiple_of(every) {
             self.save_due = true;
         }
         if self.save_in_flight.is_some() {
@@ -561,7 +571,7 @@ impl CoordState {
         {
             return;
         }
-        let Some(cell) = ractor::registry::where_is(checkpointer::NAME.to_string()) else {
+        let Some(cell) = ractor::registry::where_is(checkpointer::NAME) else {
             return;
         };
         let t0 = Instant::now();
@@ -692,23 +702,30 @@ impl CoordState {
     }
 
     /// Final checkpoint (synchronous), then stop the tree.
-    async fn finish(&mut self, code: i32, why: &str) {
-        let ctx = self.ctx.clone();
-        self.stopping = true;
-        // wait for a save in flight (its checkpointer records the outcome)
+    /// Waits (up to 10 minutes) for a save in flight to commit or fail; its checkpointer
+    /// records the outcome.
+    async fn wait_for_save(&self) {
         for _ in 0..6000 {
-            if !ctx.saving.load(std::sync::atomic::Ordering::SeqCst) {
+            if !self.ctx.saving.load(std::sync::atomic::Ordering::SeqCst) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    async fn finish(&mut self, code: i32, why: &str) {
+        let ctx = self.ctx.clone();
+        self.stopping = true;
+        self.wait_for_save().await;
         self.save_in_flight = None;
         let (step, dirty) = {
             let e = ctx.engine.lock();
             (e.ts.step, e.dirty)
         };
         let latest = ctx.store.latest_step().ok().flatten();
-        if !dirty && latest != Some(step) {
+        // a hand-off re-saves its step: the checkpoint must carry the `distill` stage
+        let handoff = ctx.handoff.load(std::sync::atomic::Ordering::SeqCst);
+        if !dirty && (latest != Some(step) || handoff) {
             let snap = {
                 let e = ctx.engine.lock();
                 engine::snapshot(&e, &ctx.plan)
@@ -860,6 +877,11 @@ impl Actor for CoordinatorActor {
                     return Ok(());
                 }
                 let step = ctx.engine.lock().ts.step;
+                if ctx.handoff.load(std::sync::atomic::Ordering::SeqCst) {
+                    st.finish(EXIT_OK, "handing over to the distillation students")
+                        .await;
+                    return Ok(());
+                }
                 if ctx.max_steps.is_some_and(|m| step >= m) {
                     st.finish(EXIT_OK, "reached the target step").await;
                     return Ok(());
@@ -879,6 +901,11 @@ impl Actor for CoordinatorActor {
                     }
                 }
                 st.refresh_if_due(step);
+                if ctx.handoff.load(std::sync::atomic::Ordering::SeqCst) {
+                    st.finish(EXIT_OK, "handing over to the distillation students")
+                        .await;
+                    return Ok(());
+                }
                 if st.need_loader_reset {
                     // a new coordinator does not know what the loader prefetched
                     if let Err(e) = st.reset_loader().await {
@@ -901,7 +928,7 @@ impl Actor for CoordinatorActor {
                         st.committed(&summary);
                         // heartbeat to the actors that are otherwise idle
                         for n in [super::control::NAME, evaluator::NAME] {
-                            if let Some(c) = ractor::registry::where_is(n.to_string()) {
+                            if let Some(c) = ractor::registry::where_is(n) {
                                 if n == evaluator::NAME {
                                     let _ = ActorRef::<evaluator::EvalMsg>::from(c)
                                         .cast(evaluator::EvalMsg::Tick);
@@ -1070,19 +1097,17 @@ impl Actor for CoordinatorActor {
                     format!("device context lost ({why}); policy {policy:?}"),
                     json!({"policy": format!("{policy:?}")}),
                 );
-                match policy {
-                    crate::config::OnDeviceLoss::Exit => {
-                        st.finish(EXIT_DEVICE, "device context lost").await
-                    }
-                    // on the CPU build the "device" is the CPU: waiting or falling back both mean
-                    // continuing once the trainer is back
-                    _ => {}
+                // on the CPU build the "device" is the CPU: waiting or falling back both mean
+                // continuing once the trainer is back
+                if policy == crate::config::OnDeviceLoss::Exit {
+                    st.finish(EXIT_DEVICE, "device context lost").await
                 }
             }
             CoordMsg::SetStage { stage, reply } => {
                 let r = match stage.parse::<eval_probes::Stage>() {
                     Ok(to) => {
                         let step = ctx.engine.lock().ts.step;
+                        st.wait_for_save().await;
                         let t = st.machine.force(to, step, "manual (dinod stage set)");
                         let msg = format!(
                             "stage {} -> {} at step {step} (manual)",

@@ -62,7 +62,10 @@ impl StudentRun {
 
 /// The batch index a student's state wants next.
 pub fn next_batch_of(ts: &TrainState) -> u64 {
-    ts.data_cursor.get("batch").and_then(|v| v.as_u64()).unwrap_or(0)
+    ts.data_cursor
+        .get("batch")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
 }
 
 /// The plan of one student.
@@ -75,7 +78,11 @@ pub fn student_plan(plan: &Plan, sp: &StudentPlan) -> Plan {
 }
 
 /// Opens (or resumes) every student of a distillation run.
-pub fn open_students(plan: &Plan, state_dir: &Path, faults: Arc<super::faults::Faults>) -> Result<Vec<Arc<StudentRun>>> {
+pub fn open_students(
+    plan: &Plan,
+    state_dir: &Path,
+    faults: Arc<super::faults::Faults>,
+) -> Result<Vec<Arc<StudentRun>>> {
     let mut out = vec![];
     for sp in &plan.students {
         let p = student_plan(plan, sp);
@@ -85,13 +92,26 @@ pub fn open_students(plan: &Plan, state_dir: &Path, faults: Arc<super::faults::F
             Some(ck) => engine::restore(&ck, &p).with_context(|| format!("student {}", sp.name))?,
             None => {
                 let ts = TrainState::new(&sp.ssl, sp.seed, plan.config.precision.dtype())?;
-                let mut st = EngineState { ts, dirty: false, stage: json!({"stage": "distill"}), counters: json!({}) };
+                let mut st = EngineState {
+                    ts,
+                    dirty: false,
+                    stage: json!({"stage": "distill"}),
+                    counters: json!({}),
+                };
                 st.ts.data_cursor = json!({"batch": 0});
                 st
             }
         };
         let next = next_batch_of(&st.ts);
-        out.push(Arc::new(StudentRun { name: sp.name.clone(), plan: p, sp: sp.clone(), engine: Engine::new(st), store, next_batch: AtomicU64::new(next), done: AtomicBool::new(false) }));
+        out.push(Arc::new(StudentRun {
+            name: sp.name.clone(),
+            plan: p,
+            sp: sp.clone(),
+            engine: Engine::new(st),
+            store,
+            next_batch: AtomicU64::new(next),
+            done: AtomicBool::new(false),
+        }));
     }
     Ok(out)
 }
@@ -104,12 +124,22 @@ pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
         let (step, blobs) = crate::commands::read_group(Path::new(dir), None, "teacher")?;
         let cfg = crate::commands::checkpoint_vit_config(Path::new(dir), step)?;
         if !cfg.same_architecture(&plan.ssl.backbone) {
-            bail!("the teacher in {dir} is a {}x{}x{} ViT, but [model] describes {}x{}x{}", cfg.embed_dim, cfg.depth, cfg.num_heads, plan.ssl.backbone.embed_dim, plan.ssl.backbone.depth, plan.ssl.backbone.num_heads);
+            bail!(
+                "the teacher in {dir} is a {}x{}x{} ViT, but [model] describes {}x{}x{}",
+                cfg.embed_dim,
+                cfg.depth,
+                cfg.num_heads,
+                plan.ssl.backbone.embed_dim,
+                plan.ssl.backbone.depth,
+                plan.ssl.backbone.num_heads
+            );
         }
         blobs
     } else if let Some(file) = spec.strip_prefix("safetensors:") {
-        let bytes = std::fs::read(file).with_context(|| format!("cannot read the teacher {file}"))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{file} is not a safetensors file"))?;
+        let bytes =
+            std::fs::read(file).with_context(|| format!("cannot read the teacher {file}"))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{file} is not a safetensors file"))?;
         let mut v = vec![];
         for (name, view) in st.tensors() {
             let dt = match view.dtype() {
@@ -118,8 +148,17 @@ pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
                 d => bail!("{file}: tensor {name} has dtype {d:?}"),
             };
             // official backbone names carry no prefix; heads are `dino_head.*` / `ibot_head.*`
-            let name = if name.starts_with("dino_head.") || name.starts_with("ibot_head.") { name } else { format!("backbone.{name}") };
-            v.push(checkpoints::TensorBlob::new(name, dt, view.shape().to_vec(), view.data().to_vec())?);
+            let name = if name.starts_with("dino_head.") || name.starts_with("ibot_head.") {
+                name
+            } else {
+                format!("backbone.{name}")
+            };
+            v.push(checkpoints::TensorBlob::new(
+                name,
+                dt,
+                view.shape().to_vec(),
+                view.data().to_vec(),
+            )?);
         }
         v
     } else {
@@ -159,7 +198,13 @@ pub struct Item {
 pub fn teacher_copy(t: &TeacherOutput) -> TeacherOutput {
     let x = &t.targets;
     TeacherOutput {
-        targets: model::ssl::TeacherTargets { cls: x.cls.clone(), dino_logits: x.dino_logits.clone(), dino_probs: x.dino_probs.clone(), ibot_logits: x.ibot_logits.clone(), ibot_probs: x.ibot_probs.clone() },
+        targets: model::ssl::TeacherTargets {
+            cls: x.cls.clone(),
+            dino_logits: x.dino_logits.clone(),
+            dino_probs: x.dino_probs.clone(),
+            ibot_logits: x.ibot_logits.clone(),
+            ibot_probs: x.ibot_probs.clone(),
+        },
         gram_target: t.gram_target.clone(),
     }
 }
@@ -168,7 +213,10 @@ pub fn teacher_copy(t: &TeacherOutput) -> TeacherOutput {
 pub enum DTeacherMsg {
     /// The batch with this index and its teacher outputs; `None` while the asking student
     /// is too far ahead of the slowest one.
-    Get { index: u64, reply: RpcReplyPort<Result<Option<Arc<Item>>, String>> },
+    Get {
+        index: u64,
+        reply: RpcReplyPort<Result<Option<Arc<Item>>, String>>,
+    },
 }
 
 /// The distillation teacher actor.
@@ -200,15 +248,33 @@ fn cursor_at(ctx: &Ctx, index: u64) -> data::Cursor {
 fn open_at(ctx: &Ctx, index: u64) -> Result<data::Loader> {
     let cfg = &ctx.plan.config;
     let opts = data::LoaderOptions::from_config(&cfg.data, cfg.train.batch_size, cfg.seed);
-    Ok(data::Loader::new(ctx.source.clone(), opts, cursor_at(ctx, index))?)
+    Ok(data::Loader::new(
+        ctx.source.clone(),
+        opts,
+        cursor_at(ctx, index),
+    )?)
 }
 
 fn teacher_outputs(ctx: &Ctx, index: u64, h: &data::HostBatch) -> Result<Item> {
     let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
     let batch = to_batch(h, ctx.plan.config.precision.dtype(), false)?;
-    let hp = StepHparams { teacher_temp: ctx.plan.teacher_temp.at(index), ..ctx.plan.hparams(index) };
-    let out = model::distill_teacher_phase(teacher, ctx.plan.ssl.loss.sinkhorn_iterations, &batch, &hp)?;
-    Ok(Item { index, batch: LoadedBatch { batch_index: h.batch_index, cursor_after: h.cursor_after, batch, bad_inputs: h.bad_inputs.clone(), n_substituted: h.n_substituted }, teacher: out })
+    let hp = StepHparams {
+        teacher_temp: ctx.plan.teacher_temp.at(index),
+        ..ctx.plan.hparams(index)
+    };
+    let out =
+        model::distill_teacher_phase(teacher, ctx.plan.ssl.loss.sinkhorn_iterations, &batch, &hp)?;
+    Ok(Item {
+        index,
+        batch: LoadedBatch {
+            batch_index: h.batch_index,
+            cursor_after: h.cursor_after,
+            batch,
+            bad_inputs: h.bad_inputs.clone(),
+            n_substituted: h.n_substituted,
+        },
+        teacher: out,
+    })
 }
 
 fn produce(ctx: &Ctx, prod: &mut Producer, index: u64) -> Result<Arc<Item>> {
@@ -225,7 +291,13 @@ fn produce(ctx: &Ctx, prod: &mut Producer, index: u64) -> Result<Arc<Item>> {
     if prod.loader.is_none() {
         prod.loader = Some(open_at(ctx, prod.produced)?);
     }
-    let keep = ctx.plan.config.distill.as_ref().map(|d| d.keep_batches).unwrap_or(16) as u64;
+    let keep = ctx
+        .plan
+        .config
+        .distill
+        .as_ref()
+        .map(|d| d.keep_batches)
+        .unwrap_or(16) as u64;
     while prod.produced <= index {
         let h = prod.loader.as_mut().expect("opened above").next_batch()?;
         let i = prod.produced;
@@ -241,7 +313,12 @@ fn produce(ctx: &Ctx, prod: &mut Producer, index: u64) -> Result<Arc<Item>> {
 }
 
 fn slowest(ctx: &Ctx) -> u64 {
-    ctx.students.iter().filter(|s| !s.done.load(Ordering::SeqCst)).map(|s| s.next_batch.load(Ordering::SeqCst)).min().unwrap_or(u64::MAX)
+    ctx.students
+        .iter()
+        .filter(|s| !s.done.load(Ordering::SeqCst))
+        .map(|s| s.next_batch.load(Ordering::SeqCst))
+        .min()
+        .unwrap_or(u64::MAX)
 }
 
 impl Actor for DistillTeacherActor {
@@ -249,16 +326,45 @@ impl Actor for DistillTeacherActor {
     type State = DTeacherState;
     type Arguments = Arc<Ctx>;
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, ctx: Arc<Ctx>) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<Self::State, ActorProcessingErr> {
         ctx.board.register(TEACHER, "teacher");
-        let start = ctx.students.iter().map(|s| s.next_batch.load(Ordering::SeqCst)).min().unwrap_or(0);
-        Ok(DTeacherState { worker: Worker::spawn("dinod-teacher")?, ctx, prod: Arc::new(Mutex::new(Producer { loader: None, produced: start, ring: BTreeMap::new() })) })
+        let start = ctx
+            .students
+            .iter()
+            .map(|s| s.next_batch.load(Ordering::SeqCst))
+            .min()
+            .unwrap_or(0);
+        Ok(DTeacherState {
+            worker: Worker::spawn("dinod-teacher")?,
+            ctx,
+            prod: Arc::new(Mutex::new(Producer {
+                loader: None,
+                produced: start,
+                ring: BTreeMap::new(),
+            })),
+        })
     }
 
-    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let DTeacherMsg::Get { index, reply } = msg;
         st.ctx.board.handled(TEACHER);
-        let max_lag = st.ctx.plan.config.distill.as_ref().map(|d| d.max_lag).unwrap_or(4);
+        let max_lag = st
+            .ctx
+            .plan
+            .config
+            .distill
+            .as_ref()
+            .map(|d| d.max_lag)
+            .unwrap_or(4);
         if index > slowest(&st.ctx).saturating_add(max_lag) {
             let _ = reply.send(Ok(None));
             return Ok(());
@@ -270,7 +376,9 @@ impl Actor for DistillTeacherActor {
         let r = st
             .worker
             .run(move || -> Result<Arc<Item>> {
-                let mut p = prod.lock().map_err(|_| anyhow::anyhow!("producer lock poisoned"))?;
+                let mut p = prod
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("producer lock poisoned"))?;
                 produce(&ctx, &mut p, index)
             })
             .await?;
@@ -318,7 +426,11 @@ impl StudentState {
         let lr = self.run.sp.lr.at(step);
         StepHparams {
             lr,
-            last_layer_lr: if step < p.config.train.freeze_last_layer_steps { 0.0 } else { lr },
+            last_layer_lr: if step < p.config.train.freeze_last_layer_steps {
+                0.0
+            } else {
+                lr
+            },
             weight_decay: p.config.train.weight_decay,
             momentum: self.run.sp.momentum,
             teacher_temp: p.teacher_temp.at(step),
@@ -335,15 +447,42 @@ impl StudentState {
         let step = run.engine.lock().ts.step;
         if run.store.latest_step().ok().flatten() != Some(step) {
             match save_student(run) {
-                Ok(r) => self.ctx.event(Level::Info, "checkpoint.saved", Some(&run.actor()), Some(step), format!("final checkpoint of student {} at step {step} ({:.1} MB)", run.name, r.bytes as f64 / 1e6), json!({})),
-                Err(e) => self.ctx.event(Level::Error, "checkpoint.failed", Some(&run.actor()), Some(step), format!("final checkpoint of student {}: {e:#}", run.name), json!({})),
+                Ok(r) => self.ctx.event(
+                    Level::Info,
+                    "checkpoint.saved",
+                    Some(&run.actor()),
+                    Some(step),
+                    format!(
+                        "final checkpoint of student {} at step {step} ({:.1} MB)",
+                        run.name,
+                        r.bytes as f64 / 1e6
+                    ),
+                    json!({}),
+                ),
+                Err(e) => self.ctx.event(
+                    Level::Error,
+                    "checkpoint.failed",
+                    Some(&run.actor()),
+                    Some(step),
+                    format!("final checkpoint of student {}: {e:#}", run.name),
+                    json!({}),
+                ),
             }
         }
         let fp = engine::fingerprint(&run.engine.lock().ts).ok();
         self.ctx.board.run(|r| {
-            r.students.entry(run.name.clone()).or_insert_with(|| json!({}))["fingerprint"] = json!(fp);
+            r.students
+                .entry(run.name.clone())
+                .or_insert_with(|| json!({}))["fingerprint"] = json!(fp);
         });
-        self.ctx.event(Level::Info, "student.done", Some(&run.actor()), Some(step), format!("student {} stopped at step {step}: {why}", run.name), json!({}));
+        self.ctx.event(
+            Level::Info,
+            "student.done",
+            Some(&run.actor()),
+            Some(step),
+            format!("student {} stopped at step {step}: {why}", run.name),
+            json!({}),
+        );
         // last: the coordinator ends the run once every student is done
         run.done.store(true, Ordering::SeqCst);
     }
@@ -372,9 +511,20 @@ impl StudentState {
                 None => bail!("student {} is torn and has no checkpoint", run.name),
             };
             let at = st.ts.step;
-            run.next_batch.store(next_batch_of(&st.ts), Ordering::SeqCst);
+            run.next_batch
+                .store(next_batch_of(&st.ts), Ordering::SeqCst);
             run.engine.replace(st);
-            ctx.event(Level::Warn, "run.reloaded", Some(&name), Some(at), format!("student {} reloaded from its checkpoint at step {at}", run.name), json!({}));
+            ctx.event(
+                Level::Warn,
+                "run.reloaded",
+                Some(&name),
+                Some(at),
+                format!(
+                    "student {} reloaded from its checkpoint at step {at}",
+                    run.name
+                ),
+                json!({}),
+            );
             return Ok(true);
         }
         run.next_batch.store(k, Ordering::SeqCst);
@@ -383,7 +533,12 @@ impl StudentState {
             return Ok(false);
         }
         ctx.faults.maybe_panic(&name, step);
-        let item = match call(&ctx.board, TEACHER, move |reply| DTeacherMsg::Get { index: k, reply }).await {
+        let item = match call(&ctx.board, TEACHER, move |reply| DTeacherMsg::Get {
+            index: k,
+            reply,
+        })
+        .await
+        {
             Ok(Ok(Some(it))) => it,
             Ok(Ok(None)) => {
                 // too far ahead of the slowest student: wait for it
@@ -392,7 +547,14 @@ impl StudentState {
                 return Ok(true);
             }
             Ok(Err(e)) | Err(e) => {
-                ctx.event(Level::Warn, "step.redo", Some(&name), Some(step), format!("student {} waits for the teacher: {e}", run.name), json!({}));
+                ctx.event(
+                    Level::Warn,
+                    "step.redo",
+                    Some(&name),
+                    Some(step),
+                    format!("student {} waits for the teacher: {e}", run.name),
+                    json!({}),
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 return Ok(true);
             }
@@ -424,9 +586,22 @@ impl StudentState {
                 ctx.event(Level::Warn, "step.discarded", Some(&name), Some(step), format!("student {}: step {step} not committed (losses {losses:?}); retrying it once", run.name), json!({}));
                 return Ok(true);
             }
-            let _ = run.store.quarantine_add(&format!("batch:{k}"), &json!({"step": step, "losses": format!("{losses:?}")}));
+            let _ = run.store.quarantine_add(
+                &format!("batch:{k}"),
+                &json!({"step": step, "losses": format!("{losses:?}")}),
+            );
             run.engine.lock().ts.data_cursor = json!({"batch": k + 1});
-            ctx.event(Level::Warn, "step.quarantined", Some(&name), Some(step), format!("student {}: batch {k} skipped after a failed retry", run.name), json!({}));
+            ctx.event(
+                Level::Warn,
+                "step.quarantined",
+                Some(&name),
+                Some(step),
+                format!(
+                    "student {}: batch {k} skipped after a failed retry",
+                    run.name
+                ),
+                json!({}),
+            );
             return Ok(true);
         }
         let grads = grads.expect("finite steps carry gradients");
@@ -436,11 +611,35 @@ impl StudentState {
                 let mut eng = r3.engine.lock();
                 eng.dirty = true;
                 let ts = &mut eng.ts;
-                let h = model::optim::OptimHparams { lr: hp.lr, last_layer_lr: hp.last_layer_lr, weight_decay: hp.weight_decay };
-                ts.optim.step(&[&ts.student.backbone.params, &ts.student.dino_head.params, &ts.student.ibot_head.params], &[&grads.backbone, &grads.dino_head, &grads.ibot_head], &h)?;
-                model::optim::ema(&ts.teacher.backbone.params, &ts.student.backbone.params, hp.momentum)?;
-                model::optim::ema(&ts.teacher.dino_head.params, &ts.student.dino_head.params, hp.momentum)?;
-                model::optim::ema(&ts.teacher.ibot_head.params, &ts.student.ibot_head.params, hp.momentum)?;
+                let h = model::optim::OptimHparams {
+                    lr: hp.lr,
+                    last_layer_lr: hp.last_layer_lr,
+                    weight_decay: hp.weight_decay,
+                };
+                ts.optim.step(
+                    &[
+                        &ts.student.backbone.params,
+                        &ts.student.dino_head.params,
+                        &ts.student.ibot_head.params,
+                    ],
+                    &[&grads.backbone, &grads.dino_head, &grads.ibot_head],
+                    &h,
+                )?;
+                model::optim::ema(
+                    &ts.teacher.backbone.params,
+                    &ts.student.backbone.params,
+                    hp.momentum,
+                )?;
+                model::optim::ema(
+                    &ts.teacher.dino_head.params,
+                    &ts.student.dino_head.params,
+                    hp.momentum,
+                )?;
+                model::optim::ema(
+                    &ts.teacher.ibot_head.params,
+                    &ts.student.ibot_head.params,
+                    hp.momentum,
+                )?;
                 ts.step += 1;
                 ts.data_cursor = json!({"batch": k + 1});
                 eng.dirty = false;
@@ -452,7 +651,11 @@ impl StudentState {
         let now = Instant::now();
         if let Some(prev) = self.last {
             let ms = (now - prev).as_secs_f64() * 1e3;
-            self.step_ms = if self.step_ms == 0.0 { ms } else { 0.9 * self.step_ms + 0.1 * ms };
+            self.step_ms = if self.step_ms == 0.0 {
+                ms
+            } else {
+                0.9 * self.step_ms + 0.1 * ms
+            };
         }
         self.last = Some(now);
         self.losses.push_back(losses.total);
@@ -460,7 +663,11 @@ impl StudentState {
             self.losses.pop_front();
         }
         let b = ctx.plan.config.train.batch_size as f64;
-        let ips = if self.step_ms > 0.0 { b / (self.step_ms / 1e3) } else { 0.0 };
+        let ips = if self.step_ms > 0.0 {
+            b / (self.step_ms / 1e3)
+        } else {
+            0.0
+        };
         let produced = ctx.board.run_status().step;
         ctx.board.run(|r| {
             r.students.insert(run.name.clone(), json!({"step": step + 1, "batch": k + 1, "losses": losses, "grad_norms": norms, "images_per_s": ips, "step_ms": self.step_ms, "queue": produced.saturating_sub(k + 1)}));
@@ -474,12 +681,40 @@ impl StudentState {
             let r4 = run.clone();
             ctx.board.phase(&name, ActorPhase::Checkpoint);
             match self.worker.run(move || save_student(&r4)).await? {
-                Ok(rep) => ctx.event(Level::Info, "checkpoint.saved", Some(&name), Some(step + 1), format!("student {} checkpoint at step {}: {:.1} MB, {:.0} ms", run.name, step + 1, rep.bytes as f64 / 1e6, rep.durable().as_secs_f64() * 1e3), json!({"bytes": rep.bytes})),
-                Err(e) => ctx.event(Level::Error, "checkpoint.failed", Some(&name), Some(step + 1), format!("student {} checkpoint at step {} failed (training continues): {e:#}", run.name, step + 1), json!({})),
+                Ok(rep) => ctx.event(
+                    Level::Info,
+                    "checkpoint.saved",
+                    Some(&name),
+                    Some(step + 1),
+                    format!(
+                        "student {} checkpoint at step {}: {:.1} MB, {:.0} ms",
+                        run.name,
+                        step + 1,
+                        rep.bytes as f64 / 1e6,
+                        rep.durable().as_secs_f64() * 1e3
+                    ),
+                    json!({"bytes": rep.bytes}),
+                ),
+                Err(e) => ctx.event(
+                    Level::Error,
+                    "checkpoint.failed",
+                    Some(&name),
+                    Some(step + 1),
+                    format!(
+                        "student {} checkpoint at step {} failed (training continues): {e:#}",
+                        run.name,
+                        step + 1
+                    ),
+                    json!({}),
+                ),
             }
         }
         if (step + 1) % ctx.plan.config.runtime.log_every_steps.max(1) == 0 {
-            let _ = run.store.record_probe(step + 1, "train", &json!({"losses": losses, "lr": hp.lr, "grad_norms": norms}));
+            let _ = run.store.record_probe(
+                step + 1,
+                "train",
+                &json!({"losses": losses, "lr": hp.lr, "grad_norms": norms}),
+            );
             tracing::info!(student = %run.name, step = step + 1, loss = losses.total, images_per_s = ips, "student step");
         }
         ctx.board.phase(&name, ActorPhase::Idle);
@@ -495,14 +730,31 @@ impl Actor for StudentActor {
     type State = StudentState;
     type Arguments = StudentArgs;
 
-    async fn pre_start(&self, me: ActorRef<Self::Msg>, (ctx, i): StudentArgs) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<Self::Msg>,
+        (ctx, i): StudentArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
         let run = ctx.students[i].clone();
         ctx.board.register(&run.actor(), "trainer");
         let _ = me.cast(StudentMsg::Tick);
-        Ok(StudentState { worker: Worker::spawn(&format!("dinod-{}", run.name))?, ctx, run, retried: None, losses: Default::default(), step_ms: 0.0, last: None })
+        Ok(StudentState {
+            worker: Worker::spawn(&format!("dinod-{}", run.name))?,
+            ctx,
+            run,
+            retried: None,
+            losses: Default::default(),
+            step_ms: 0.0,
+            last: None,
+        })
     }
 
-    async fn handle(&self, me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let StudentMsg::Tick = msg;
         if st.run.done.load(Ordering::SeqCst) {
             return Ok(());
@@ -532,7 +784,11 @@ impl Actor for DistillCoordinator {
     type State = DCoordState;
     type Arguments = Arc<Ctx>;
 
-    async fn pre_start(&self, me: ActorRef<Self::Msg>, ctx: Arc<Ctx>) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<Self::Msg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<Self::State, ActorProcessingErr> {
         ctx.board.register(super::coordinator::NAME, "coordinator");
         ctx.board.run(|r| {
             r.pid = std::process::id();
@@ -540,17 +796,36 @@ impl Actor for DistillCoordinator {
             r.max_steps = ctx.max_steps;
         });
         me.send_interval(Duration::from_millis(100), || CoordMsg::Tick);
-        Ok(DCoordState { ctx, finished: false })
+        Ok(DCoordState {
+            ctx,
+            finished: false,
+        })
     }
 
-    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let ctx = st.ctx.clone();
         match msg {
             CoordMsg::Tick => {
                 if !st.finished && ctx.students.iter().all(|s| s.done.load(Ordering::SeqCst)) {
                     st.finished = true;
-                    let code = if ctx.stopping.load(Ordering::SeqCst) { ctx.exit_code.load(Ordering::SeqCst) } else { EXIT_OK };
-                    ctx.event(Level::Info, "run.stopped", Some(super::coordinator::NAME), None, "every student stopped", json!({}));
+                    let code = if ctx.stopping.load(Ordering::SeqCst) {
+                        ctx.exit_code.load(Ordering::SeqCst)
+                    } else {
+                        EXIT_OK
+                    };
+                    ctx.event(
+                        Level::Info,
+                        "run.stopped",
+                        Some(super::coordinator::NAME),
+                        None,
+                        "every student stopped",
+                        json!({}),
+                    );
                     let _ = super::control::write_final_status(&ctx);
                     ctx.set_exit(code);
                     super::supervisor::send(super::supervisor::SupMsg::Shutdown);
@@ -559,12 +834,26 @@ impl Actor for DistillCoordinator {
             CoordMsg::Pause => {
                 ctx.paused.store(true, Ordering::SeqCst);
                 ctx.board.run(|r| r.paused = true);
-                ctx.event(Level::Info, "run.paused", Some(super::coordinator::NAME), None, "paused by the operator", json!({}));
+                ctx.event(
+                    Level::Info,
+                    "run.paused",
+                    Some(super::coordinator::NAME),
+                    None,
+                    "paused by the operator",
+                    json!({}),
+                );
             }
             CoordMsg::Resume => {
                 ctx.paused.store(false, Ordering::SeqCst);
                 ctx.board.run(|r| r.paused = false);
-                ctx.event(Level::Info, "run.resumed", Some(super::coordinator::NAME), None, "resumed by the operator", json!({}));
+                ctx.event(
+                    Level::Info,
+                    "run.resumed",
+                    Some(super::coordinator::NAME),
+                    None,
+                    "resumed by the operator",
+                    json!({}),
+                );
             }
             CoordMsg::Stop { reply } => {
                 ctx.stopping.store(true, Ordering::SeqCst);
@@ -573,13 +862,22 @@ impl Actor for DistillCoordinator {
                 }
             }
             CoordMsg::DeviceLost(why) => {
-                ctx.event(Level::Error, "device.lost", None, None, format!("device context lost ({why})"), json!({}));
+                ctx.event(
+                    Level::Error,
+                    "device.lost",
+                    None,
+                    None,
+                    format!("device context lost ({why})"),
+                    json!({}),
+                );
                 ctx.exit_code.store(EXIT_DEVICE, Ordering::SeqCst);
                 ctx.stopping.store(true, Ordering::SeqCst);
             }
             CoordMsg::Saved { .. } => {}
             CoordMsg::SetStage { reply, .. } => {
-                let _ = reply.send(Err("this is a distillation run: it has no stages to set".into()));
+                let _ = reply.send(Err(
+                    "this is a distillation run: it has no stages to set".into()
+                ));
             }
         }
         Ok(())
@@ -591,7 +889,11 @@ impl Actor for DistillCoordinator {
 pub fn bench(plan: &Plan, warmup: usize, iters: usize) -> Result<serde_json::Value> {
     let dtype = plan.config.precision.dtype();
     let teacher = SslModel::init(&plan.ssl, plan.config.seed, dtype)?;
-    let students: Vec<TrainState> = plan.students.iter().map(|s| TrainState::new(&s.ssl, s.seed, dtype)).collect::<candle_core::Result<_>>()?;
+    let students: Vec<TrainState> = plan
+        .students
+        .iter()
+        .map(|s| TrainState::new(&s.ssl, s.seed, dtype))
+        .collect::<candle_core::Result<_>>()?;
     let batch = crate::bench::synthetic_batch(plan, plan.config.seed)?;
     let hp = plan.hparams(1_000_000);
     let sk = plan.ssl.loss.sinkhorn_iterations;
@@ -625,7 +927,8 @@ pub fn bench(plan: &Plan, warmup: usize, iters: usize) -> Result<serde_json::Val
         let shared = time(&mut || {
             let t = model::distill_teacher_phase(&teacher, sk, &batch, &hp)?;
             for s in &students[..n] {
-                let out = model::distill_student_phase(s, &batch, &hp, teacher_copy(&t), &mut |_| {})?;
+                let out =
+                    model::distill_student_phase(s, &batch, &hp, teacher_copy(&t), &mut |_| {})?;
                 let _ = model::clip_gradients(&s.cfg, &out.grads)?;
             }
             Ok(())

@@ -90,6 +90,10 @@ pub struct Ctx {
     pub stopping: std::sync::atomic::AtomicBool,
     /// Paused by the operator (distillation students).
     pub paused: std::sync::atomic::AtomicBool,
+    /// The stage machine entered `distill` in a run whose students learn from its own
+    /// teacher: the self-supervised tree stops (after its final checkpoint) and the
+    /// students' tree starts.
+    pub handoff: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx {
@@ -184,8 +188,25 @@ pub fn open_store(dir: &Path, plan: &Plan, faults: Option<Arc<Faults>>) -> Resul
 pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
     let faults = Arc::new(Faults::new(&plan.config.runtime.faults));
     let store = Arc::new(open_store(&opts.state_dir, &plan, Some(faults.clone()))?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("dinod-rt")
+        .build()?;
+    let self_teacher = format!("state:{}", opts.state_dir.display());
     if !plan.students.is_empty() {
-        return run_distill(plan, opts, store, faults);
+        if !plan.distill_after_stages() {
+            let spec = plan
+                .config
+                .distill
+                .as_ref()
+                .map(|d| d.teacher.clone())
+                .unwrap_or_default();
+            return run_distill(&rt, plan, opts, store, faults, &spec);
+        }
+        if handed_off(&store, &plan)? {
+            return run_distill(&rt, plan, opts, store, faults, &self_teacher);
+        }
     }
     // resume or start
     let state = match store.load_latest_valid()? {
@@ -206,11 +227,6 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         .source
         .open()
         .with_context(|| format!("opening the data source {}", plan.config.data.source))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("dinod-rt")
-        .build()?;
     let ctx = Arc::new(Ctx {
         max_steps: opts.max_steps.or(plan.config.train.max_steps),
         faults,
@@ -227,19 +243,65 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         frozen_teacher: None,
         stopping: std::sync::atomic::AtomicBool::new(false),
         paused: std::sync::atomic::AtomicBool::new(false),
+        handoff: std::sync::atomic::AtomicBool::new(false),
     });
     let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
     let _ = ctx.store.flush();
+    if code == EXIT_OK && ctx.handoff.load(Ordering::SeqCst) {
+        // the final checkpoint carries stage `distill`: a restart resumes the students
+        if !handed_off(&ctx.store, &ctx.plan)? {
+            anyhow::bail!("the hand-off to distillation found no checkpoint in stage `distill` (the final save failed; see `dinod events`)");
+        }
+        ctx.event(
+            Level::Info,
+            "distill.handoff",
+            None,
+            None,
+            "high-resolution adaptation done: the students start from this run's EMA teacher",
+            serde_json::json!({"teacher": self_teacher}),
+        );
+        return run_distill(
+            &rt,
+            ctx.plan.clone(),
+            opts,
+            ctx.store.clone(),
+            ctx.faults.clone(),
+            &self_teacher,
+        );
+    }
     Ok(code)
 }
 
+/// Whether the run in `store` has reached the `distill` stage (its newest valid checkpoint
+/// says so): its teacher is final and the students train.
+fn handed_off(store: &Store, plan: &Plan) -> Result<bool> {
+    Ok(match store.load_latest_valid()? {
+        Some(ck) => {
+            let meta = engine::run_meta(&ck)?;
+            crate::stages::machine(plan, &meta.stage).stage() == eval_probes::Stage::Distill
+        }
+        None => false,
+    })
+}
+
 /// A distillation run: the frozen teacher, the students with their own stores.
-fn run_distill(plan: Plan, opts: RunOptions, store: Arc<Store>, faults: Arc<Faults>) -> Result<i32> {
-    let spec = plan.config.distill.as_ref().map(|d| d.teacher.clone()).unwrap_or_default();
-    let teacher = distill::load_teacher(&plan, &spec).with_context(|| format!("loading the teacher {spec}"))?;
+fn run_distill(
+    rt: &tokio::runtime::Runtime,
+    plan: Plan,
+    opts: RunOptions,
+    store: Arc<Store>,
+    faults: Arc<Faults>,
+    spec: &str,
+) -> Result<i32> {
+    let teacher = distill::load_teacher(&plan, spec)
+        .with_context(|| format!("loading the teacher {spec}"))?;
     let students = distill::open_students(&plan, &opts.state_dir, faults.clone())?;
-    let source = plan.config.data.source.open().with_context(|| format!("opening the data source {}", plan.config.data.source))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("dinod-rt").build()?;
+    let source = plan
+        .config
+        .data
+        .source
+        .open()
+        .with_context(|| format!("opening the data source {}", plan.config.data.source))?;
     let engine = students[0].engine.clone();
     let ctx = Arc::new(Ctx {
         max_steps: opts.max_steps.or(plan.config.train.max_steps),
@@ -257,6 +319,7 @@ fn run_distill(plan: Plan, opts: RunOptions, store: Arc<Store>, faults: Arc<Faul
         frozen_teacher: Some(Arc::new(teacher)),
         stopping: std::sync::atomic::AtomicBool::new(false),
         paused: std::sync::atomic::AtomicBool::new(false),
+        handoff: std::sync::atomic::AtomicBool::new(false),
     });
     let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
     let _ = ctx.store.flush();

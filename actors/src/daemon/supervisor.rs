@@ -75,7 +75,7 @@ pub fn order(ctx: &Ctx) -> Vec<String> {
 
 /// Casts a message to the supervisor, if it runs.
 pub fn send(msg: SupMsg) {
-    if let Some(c) = ractor::registry::where_is(NAME.to_string()) {
+    if let Some(c) = ractor::registry::where_is(NAME) {
         let _ = ActorRef::<SupMsg>::from(c).cast(msg);
     }
 }
@@ -106,12 +106,28 @@ async fn spawn_child(
     if !ctx.students.is_empty() {
         // a distillation run
         return Ok(match name {
-            "control" => Actor::spawn_linked(n, ControlActor, c, sup).await?.0.get_cell(),
-            "teacher" => Actor::spawn_linked(n, super::distill::DistillTeacherActor, c, sup).await?.0.get_cell(),
-            "coordinator" => Actor::spawn_linked(n, super::distill::DistillCoordinator, c, sup).await?.0.get_cell(),
+            "control" => Actor::spawn_linked(n, ControlActor, c, sup)
+                .await?
+                .0
+                .get_cell(),
+            "teacher" => Actor::spawn_linked(n, super::distill::DistillTeacherActor, c, sup)
+                .await?
+                .0
+                .get_cell(),
+            "coordinator" => Actor::spawn_linked(n, super::distill::DistillCoordinator, c, sup)
+                .await?
+                .0
+                .get_cell(),
             other => match ctx.students.iter().position(|s| s.actor() == other) {
-                Some(i) => Actor::spawn_linked(n, super::distill::StudentActor, (c, i), sup).await?.0.get_cell(),
-                None => return Err(ractor::SpawnErr::StartupFailed(format!("unknown child {other}").into())),
+                Some(i) => Actor::spawn_linked(n, super::distill::StudentActor, (c, i), sup)
+                    .await?
+                    .0
+                    .get_cell(),
+                None => {
+                    return Err(ractor::SpawnErr::StartupFailed(
+                        format!("unknown child {other}").into(),
+                    ))
+                }
             },
         });
     }
@@ -189,7 +205,7 @@ impl SupState {
         metrics::counter!("dinod_actor_restarts_total", "actor" => name.clone(), "reason" => reason).increment(1);
         let step = ctx.engine.lock().ts.step;
         if reason == "device_lost" {
-            if let Some(c) = ractor::registry::where_is(super::coordinator::NAME.to_string()) {
+            if let Some(c) = ractor::registry::where_is(super::coordinator::NAME) {
                 let _ = ActorRef::<CoordMsg>::from(c).cast(CoordMsg::DeviceLost(why.clone()));
             }
         }
@@ -298,14 +314,17 @@ impl Actor for SupervisorActor {
                 st.restarting.remove(&name);
                 let mut to_start = vec![name.clone()];
                 to_start.extend(dependents(&name).iter().map(|s| s.to_string()));
-                for n in order(&st.ctx).iter().filter(|o| to_start.iter().any(|t| t == *o)) {
+                for n in order(&st.ctx)
+                    .iter()
+                    .filter(|o| to_start.iter().any(|t| t == *o))
+                {
                     let n = n.as_str();
                     if st.children.contains_key(n) {
                         continue;
                     }
                     // the old actor's name must be free before the new one registers
                     for _ in 0..100 {
-                        if ractor::registry::where_is(n.to_string()).is_none() {
+                        if ractor::registry::where_is(n).is_none() {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -418,7 +437,7 @@ pub async fn run_tree(ctx: Arc<Ctx>) -> anyhow::Result<i32> {
             _ = term.recv() => {},
         }
         tracing::info!("signal received: draining, checkpointing and stopping");
-        if let Some(c) = ractor::registry::where_is(super::coordinator::NAME.to_string()) {
+        if let Some(c) = ractor::registry::where_is(super::coordinator::NAME) {
             let _ = ActorRef::<CoordMsg>::from(c).cast(CoordMsg::Stop { reply: None });
         }
     });

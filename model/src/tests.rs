@@ -296,6 +296,42 @@ fn two_runs_with_the_same_seed_are_bit_identical() {
     assert_eq!(run(), run());
 }
 
+/// The kernels chunk rows at fixed sizes and the step overlaps independent work with
+/// fork-join in a fixed order, so the thread count never changes a bit of the result.
+#[test]
+fn the_step_is_bit_identical_for_any_thread_count() {
+    let cfg = small_cfg(0.3, Some(2.0));
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut st = TrainState::new(&cfg, 7, DType::F32).unwrap();
+            st.refresh_gram_teacher().unwrap();
+            let mut losses = vec![];
+            for _ in 0..2 {
+                let r = train_step(&mut st, &small_batch(DType::F32, 8), &hp()).unwrap();
+                losses.push(r.losses.total.to_bits());
+            }
+            let w: Vec<u32> = st
+                .student
+                .backbone
+                .params
+                .tensors()
+                .iter()
+                .chain(st.teacher.backbone.params.tensors().iter())
+                .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .map(f32::to_bits)
+                .collect();
+            (losses, w)
+        })
+    };
+    let one = run(1);
+    assert_eq!(one, run(2), "1 vs 2 threads");
+    assert_eq!(one, run(3), "1 vs 3 threads");
+}
+
 #[test]
 fn non_finite_step_changes_nothing() {
     let cfg = small_cfg(0.0, None);

@@ -6,13 +6,22 @@
 /// here: AdamW 300 -> 70 ms per step from this alone. Equivalent to
 /// `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...`, but
 /// without depending on the user's environment.
+///
+/// One arena: the compute threads (rayon) would otherwise each get their own glibc arena,
+/// whose heaps are at most 64 MiB and are grown and shrunk by mmap; buffers freed on one
+/// thread and allocated on another then went back to the kernel every step. Measured on
+/// the vit_small step: 2.0 M -> 0.66 M page faults per 5-step benchmark (the rest is the
+/// first touch of the working set), median step 4440 -> 3728 ms (BENCHMARKS.md). The
+/// step does few, large allocations, so one arena's lock is not contended.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before any threads start.
     unsafe {
         const M_TRIM_THRESHOLD: libc::c_int = -1;
         const M_MMAP_THRESHOLD: libc::c_int = -3;
+        const M_ARENA_MAX: libc::c_int = -8;
         libc::mallopt(M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(M_ARENA_MAX, 1);
     }
 }

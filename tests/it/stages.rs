@@ -51,20 +51,25 @@ fn events(state: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// `dinod run --config CFG --state-dir STATE --max-steps STEPS` to completion.
+fn run_to(cfg: &Path, state: &Path, steps: u64) -> std::process::Output {
+    dinod(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--max-steps",
+        &steps.to_string(),
+    ])
+}
+
 #[test]
 fn a_degradation_switches_to_gram_anchoring_and_the_gram_loss_turns_on() {
     let dir = TempDir::new("stages");
     let cfg = write_config(dir.path(), &tiny_config(EVAL));
     let st = dir.path().join("state");
-    let o = dinod(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--state-dir",
-        st.to_str().unwrap(),
-        "--max-steps",
-        "16",
-    ]);
+    let o = run_to(&cfg, &st, 16);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let ev = events(&st);
     let probes: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "probe.done").collect();
@@ -157,48 +162,9 @@ fn a_resumed_run_in_gram_anchoring_continues_exactly() {
     let dir = TempDir::new("stages-resume");
     let cfg = write_config(dir.path(), &tiny_config(EVAL));
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    assert_eq!(
-        dinod(&[
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--state-dir",
-            a.to_str().unwrap(),
-            "--max-steps",
-            "14"
-        ])
-        .status
-        .code(),
-        Some(0)
-    );
-    assert_eq!(
-        dinod(&[
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--state-dir",
-            b.to_str().unwrap(),
-            "--max-steps",
-            "9"
-        ])
-        .status
-        .code(),
-        Some(0)
-    );
-    assert_eq!(
-        dinod(&[
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--state-dir",
-            b.to_str().unwrap(),
-            "--max-steps",
-            "14"
-        ])
-        .status
-        .code(),
-        Some(0)
-    );
+    assert_eq!(run_to(&cfg, &a, 14).status.code(), Some(0));
+    assert_eq!(run_to(&cfg, &b, 9).status.code(), Some(0));
+    assert_eq!(run_to(&cfg, &b, 14).status.code(), Some(0));
     let fp = |s: &Path| {
         let o = dinod(&["status", "--json", "--state-dir", s.to_str().unwrap()]);
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -225,20 +191,7 @@ fn probe_and_feature_pictures_from_a_checkpoint() {
     let dir = TempDir::new("viz");
     let cfg = write_config(dir.path(), &tiny_config(EVAL));
     let st = dir.path().join("state");
-    assert_eq!(
-        dinod(&[
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--state-dir",
-            st.to_str().unwrap(),
-            "--max-steps",
-            "4"
-        ])
-        .status
-        .code(),
-        Some(0)
-    );
+    assert_eq!(run_to(&cfg, &st, 4).status.code(), Some(0));
     let o = dinod(&["probe", "--json", "--state-dir", st.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -313,18 +266,7 @@ ibot_head = { hidden_dim = 16, bottleneck_dim = 8, n_prototypes = 64 }
 "#;
     let cfg = write_config(dir.path(), &tiny_config(&extra));
     let st = dir.path().join("state");
-    let run = |steps: &str| {
-        dinod(&[
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--state-dir",
-            st.to_str().unwrap(),
-            "--max-steps",
-            steps,
-        ])
-    };
-    let o = run("30");
+    let o = run_to(&cfg, &st, 30);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let ev = events(&st);
     let path: Vec<String> = ev
@@ -359,7 +301,7 @@ ibot_head = { hidden_dim = 16, bottleneck_dim = 8, n_prototypes = 64 }
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["stage"]["stage"], "distill", "{v}");
     // a restart goes straight to the students (nothing left to do at 30)
-    let o = run("30");
+    let o = run_to(&cfg, &st, 30);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(status(&st)["run"]["students"]["small"]["fingerprint"], fp);
 }

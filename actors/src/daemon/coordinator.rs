@@ -877,11 +877,6 @@ impl Actor for CoordinatorActor {
                     return Ok(());
                 }
                 let step = ctx.engine.lock().ts.step;
-                if ctx.handoff.load(std::sync::atomic::Ordering::SeqCst) {
-                    st.finish(EXIT_OK, "handing over to the distillation students")
-                        .await;
-                    return Ok(());
-                }
                 if ctx.max_steps.is_some_and(|m| step >= m) {
                     st.finish(EXIT_OK, "reached the target step").await;
                     return Ok(());
@@ -901,6 +896,7 @@ impl Actor for CoordinatorActor {
                     }
                 }
                 st.refresh_if_due(step);
+                // set by any transition into `distill`: this one, an evaluation's or a manual one
                 if ctx.handoff.load(std::sync::atomic::Ordering::SeqCst) {
                     st.finish(EXIT_OK, "handing over to the distillation students")
                         .await;

@@ -194,6 +194,9 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         .thread_name("dinod-rt")
         .build()?;
     let self_teacher = format!("state:{}", opts.state_dir.display());
+    // read once: it decides between the students and the self-supervised run, and is
+    // what the latter resumes from
+    let latest = store.load_latest_valid()?;
     if !plan.students.is_empty() {
         if !plan.distill_after_stages() {
             let spec = plan
@@ -204,12 +207,16 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
                 .unwrap_or_default();
             return run_distill(&rt, plan, opts, store, faults, &spec);
         }
-        if handed_off(&store, &plan)? {
+        if latest
+            .as_ref()
+            .is_some_and(|ck| in_distill_stage(ck.meta(), &plan))
+        {
+            drop(latest);
             return run_distill(&rt, plan, opts, store, faults, &self_teacher);
         }
     }
     // resume or start
-    let state = match store.load_latest_valid()? {
+    let state = match latest {
         Some(ck) => {
             let st = engine::restore(&ck, &plan)?;
             tracing::info!(
@@ -249,7 +256,12 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
     let _ = ctx.store.flush();
     if code == EXIT_OK && ctx.handoff.load(Ordering::SeqCst) {
         // the final checkpoint carries stage `distill`: a restart resumes the students
-        if !handed_off(&ctx.store, &ctx.plan)? {
+        // (its manifest says so; the students' teacher load verifies the tensors)
+        let latest = match ctx.store.latest_step()? {
+            Some(step) => Some(ctx.store.manifest(step)?),
+            None => None,
+        };
+        if !latest.is_some_and(|m| in_distill_stage(&m.meta, &ctx.plan)) {
             anyhow::bail!("the hand-off to distillation found no checkpoint in stage `distill` (the final save failed; see `dinod events`)");
         }
         ctx.event(
@@ -272,16 +284,10 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
     Ok(code)
 }
 
-/// Whether the run in `store` has reached the `distill` stage (its newest valid checkpoint
-/// says so): its teacher is final and the students train.
-fn handed_off(store: &Store, plan: &Plan) -> Result<bool> {
-    Ok(match store.load_latest_valid()? {
-        Some(ck) => {
-            let meta = engine::run_meta(&ck)?;
-            crate::stages::machine(plan, &meta.stage).stage() == eval_probes::Stage::Distill
-        }
-        None => false,
-    })
+/// Whether a checkpoint's metadata puts the run in the `distill` stage: its teacher is final
+/// and the students train.
+fn in_distill_stage(meta: &serde_json::Value, plan: &Plan) -> bool {
+    crate::stages::machine(plan, &meta["run"]["stage"]).stage() == eval_probes::Stage::Distill
 }
 
 /// A distillation run: the frozen teacher, the students with their own stores.

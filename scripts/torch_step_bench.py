@@ -33,6 +33,8 @@ Usage:
 Configs: s16 = vit_small (384/12/6) as configs/bench-cpu-s16.toml; t16-gram = vit_tiny
 (192/12/3) with the Gram teacher on 256 px crops as configs/bench-cpu-t16-gram.toml.
 Batch 16, 2 x 128 px global crops, 8 x 64 px local crops, float32.
+gpu-s16 / gpu-b16 (+ -gram): configs/bench-gpu-*.toml (batch 64, 224 / 96 px crops,
+65536 prototypes, Gram teacher at 448 px); `--amp bf16` for bf16 autocast.
 """
 
 import argparse
@@ -52,6 +54,15 @@ CONFIGS = {
     "s16": dict(embed_dim=384, depth=12, heads=6, gram_size=None),
     "t16-gram": dict(embed_dim=192, depth=12, heads=3, gram_size=256),
 }
+# The GPU benchmarks of configs/bench-gpu-*.toml: batch 64, 2 x 224 px global and
+# 8 x 96 px local crops, heads with the official 65536 prototypes, Gram teacher at 2x.
+GPU = dict(batch=64, global_size=224, local_size=96, n_local=8, prototypes=65536)
+CONFIGS.update({
+    "gpu-s16": dict(GPU, embed_dim=384, depth=12, heads=6, gram_size=None),
+    "gpu-s16-gram": dict(GPU, embed_dim=384, depth=12, heads=6, gram_size=448),
+    "gpu-b16": dict(GPU, embed_dim=768, depth=12, heads=12, gram_size=None),
+    "gpu-b16-gram": dict(GPU, embed_dim=768, depth=12, heads=12, gram_size=448),
+})
 COMMON = dict(
     patch=16,
     registers=4,

@@ -42,6 +42,39 @@ pub struct StepBench {
     pub threads: usize,
     /// Vector instruction set the kernels dispatched to.
     pub simd: String,
+    /// Device the step ran on (`cpu`, `cuda:0`).
+    pub device: String,
+    /// Element type of the compute (the master weights stay in the recipe's type).
+    pub compute_dtype: String,
+    /// Images per batch.
+    pub batch_size: usize,
+}
+
+/// How to run [`bench_step`].
+#[derive(Clone, Debug)]
+pub struct StepBenchOpts {
+    /// Untimed iterations first.
+    pub warmup: usize,
+    /// Timed iterations.
+    pub iters: usize,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Compute type override: `f32`, `f64` or `bf16` (f32 master weights).
+    pub precision: Option<String>,
+    /// `train.batch_size` override.
+    pub batch_size: Option<usize>,
+}
+
+impl Default for StepBenchOpts {
+    fn default() -> Self {
+        Self {
+            warmup: 2,
+            iters: 5,
+            device: "cpu".into(),
+            precision: None,
+            batch_size: None,
+        }
+    }
 }
 
 /// Peak RSS of this process in MiB (`VmHWM`), 0 where unavailable.
@@ -94,15 +127,40 @@ pub fn synthetic_batch(plan: &Plan, seed: u64) -> Result<Batch> {
 }
 
 /// Runs the step benchmark.
-pub fn bench_step(plan: &Plan, origin: &str, warmup: usize, iters: usize) -> Result<StepBench> {
+pub fn bench_step(plan: &Plan, origin: &str, opts: &StepBenchOpts) -> Result<StepBench> {
+    let (warmup, iters) = (opts.warmup, opts.iters);
+    let mut plan = plan.clone();
+    if let Some(b) = opts.batch_size {
+        anyhow::ensure!(b > 0, "--batch-size must be positive");
+        plan.config.train.batch_size = b;
+    }
+    let plan = &plan;
     let cfg = &plan.config;
-    let mut st = TrainState::new(&plan.ssl, cfg.seed, cfg.precision.dtype())
-        .context("building the model")?;
+    let dev = ops::portable::device(&opts.device)?;
+    let master = cfg.precision.dtype();
+    let compute = match opts.precision.as_deref() {
+        None => master,
+        Some("f32") => DType::F32,
+        Some("f64") => DType::F64,
+        Some("bf16") => DType::BF16,
+        Some(p) => anyhow::bail!("unknown precision `{p}` (f32, f64 or bf16)"),
+    };
+    if dev.is_cpu() && compute == DType::BF16 {
+        // the fused CPU kernels are f32/f64; bf16 runs the device code path on the host
+        ops::portable::set_force_on_cpu(true);
+    }
+    let mut st = TrainState::new(&plan.ssl, cfg.seed, master)
+        .context("building the model")?
+        .to_device(&dev)
+        .context("moving the model to the device")?;
     let gram_on = cfg.data.crops.gram_size.is_some();
     if gram_on {
         st.refresh_gram_teacher()?;
     }
-    let batch = synthetic_batch(plan, cfg.seed)?;
+    let batch = synthetic_batch(plan, cfg.seed)?
+        .to_device(&dev)?
+        .cast(compute)?;
+    let sync = || ops::portable::synchronize(&dev);
     let mut hp: StepHparams = plan.hparams(1_000_000);
     if gram_on {
         hp.gram_weight = 1.0;
@@ -132,17 +190,26 @@ pub fn bench_step(plan: &Plan, origin: &str, warmup: usize, iters: usize) -> Res
         let t0 = Instant::now();
         let mut last = t0;
         let mut obs = |p: Phase| {
+            // queued device work belongs to the phase that queued it
+            let _ = sync();
             let now = Instant::now();
             times[phase_ix(p)] += (now - last).as_secs_f64() * 1e3;
             last = now;
         };
-        let out = compute_step_observed(&st, &batch, &hp, &mut obs)?;
+        let out = if compute == master {
+            compute_step_observed(&st, &batch, &hp, &mut obs)?
+        } else {
+            // mixed precision: the casts of the master weights are part of the step
+            let view = st.compute_view(compute)?;
+            compute_step_observed(&view, &batch, &hp, &mut obs)?
+        };
         let clip = clip_gradients(&st.cfg, &out.grads)?;
         if clip.is_err() || !out.losses.is_finite() {
             anyhow::bail!("non-finite step during the benchmark: {:?}", out.losses);
         }
         apply_step_observed(&mut st, &out.grads, &hp, &mut obs)?;
         drop(out);
+        sync()?;
         let total = t0.elapsed().as_secs_f64() * 1e3;
         if it >= warmup {
             totals.push(total);
@@ -192,5 +259,11 @@ pub fn bench_step(plan: &Plan, origin: &str, warmup: usize, iters: usize) -> Res
         peak_rss_mib: peak_rss_mib(),
         threads: rayon::current_num_threads(),
         simd: format!("{:?}", ops::simd_level()),
+        device: match &dev {
+            Device::Cpu => "cpu".to_string(),
+            d => format!("{:?}", d.location()),
+        },
+        compute_dtype: format!("{compute:?}").to_lowercase(),
+        batch_size: b,
     })
 }

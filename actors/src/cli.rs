@@ -176,9 +176,13 @@ pub enum Command {
         /// Fixture files (safetensors with a `config` metadata entry).
         #[arg(required = true)]
         fixtures: Vec<PathBuf>,
-        /// Element type(s) to run: f64, f32 or both.
+        /// Element type(s) to run: f64, f32, both (f64 and f32) or bf16 (bf16 compute,
+        /// f32 losses; the device code path; tolerance 2e-2).
         #[arg(long, default_value = "both")]
         dtype: String,
+        /// Where to run: cpu, cuda or cuda:N (needs a `--features cuda` build).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Print every tensor, not only the summary and failures.
         #[arg(long, short)]
         verbose: bool,
@@ -314,6 +318,15 @@ pub enum BenchCommand {
         /// Timed iterations (the median is reported).
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        /// Where to run: cpu, cuda or cuda:N (needs a `--features cuda` build).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Override the recipe's `precision` (f32 or bf16; bf16 keeps f32 master weights).
+        #[arg(long)]
+        precision: Option<String>,
+        /// Override `train.batch_size`.
+        #[arg(long)]
+        batch_size: Option<usize>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -472,20 +485,31 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Parity {
             fixtures,
             dtype,
+            device,
             verbose,
             json,
-        } => crate::tools::parity(&fixtures, &dtype, verbose, json),
+        } => crate::tools::parity(&fixtures, &dtype, &device, verbose, json),
         Command::Bench {
             what:
                 BenchCommand::Step {
                     config,
                     warmup,
                     iters,
+                    device,
+                    precision,
+                    batch_size,
                     json,
                 },
         } => {
             let plan = load_plan(Some(&config))?;
-            let r = crate::bench::bench_step(&plan, &config.display().to_string(), warmup, iters)?;
+            let opts = crate::bench::StepBenchOpts {
+                warmup,
+                iters,
+                device,
+                precision,
+                batch_size,
+            };
+            let r = crate::bench::bench_step(&plan, &config.display().to_string(), &opts)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

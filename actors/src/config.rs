@@ -449,6 +449,10 @@ pub struct RuntimeSection {
     /// Restart policy.
     #[serde(default)]
     pub restart: RestartSection,
+    /// Where the training step runs: `cpu`, `cuda` or `cuda:N` (a `--features cuda`
+    /// build). The data pipeline, probes and checkpoints stay on the host.
+    #[serde(default = "d_device")]
+    pub device: String,
     /// Accelerator loss policy.
     #[serde(default)]
     pub on_gpu_loss: OnDeviceLoss,
@@ -461,6 +465,18 @@ fn d_log_every() -> u64 {
     10
 }
 
+fn d_device() -> String {
+    "cpu".into()
+}
+
+/// Whether `s` names a device: `cpu`, `cuda` or `cuda:N`.
+pub fn valid_device(s: &str) -> bool {
+    s == "cpu"
+        || s == "cuda"
+        || s.strip_prefix("cuda:")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 impl Default for RuntimeSection {
     fn default() -> Self {
         Self {
@@ -469,6 +485,7 @@ impl Default for RuntimeSection {
             heartbeat: HeartbeatSection::default(),
             bad_steps: BadStepSection::default(),
             restart: RestartSection::default(),
+            device: d_device(),
             on_gpu_loss: OnDeviceLoss::Exit,
             faults: vec![],
         }
@@ -786,6 +803,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             None
         }
     };
+    if !valid_device(&cfg.runtime.device) {
+        problems.push(problem(
+            "runtime.device",
+            format!("`{}`: use cpu, cuda or cuda:N", cfg.runtime.device),
+        ));
+    }
     let mut ssl = None;
     if let Some(backbone) = backbone {
         let s = SslConfig {
@@ -930,6 +953,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             problems.push(problem(
                 "distill.teacher",
                 format!("`{}`: use self, state:DIR or safetensors:FILE", d.teacher),
+            ));
+        }
+        if cfg.runtime.device != "cpu" {
+            problems.push(problem(
+                "runtime.device",
+                "distillation runs on the CPU only so far (its frozen teacher and students are host tensors); remove runtime.device or the [distill] section",
             ));
         }
         if d.teacher == SELF_TEACHER && !cfg.stages.automatic {
@@ -1144,5 +1173,42 @@ mod tests {
         assert!(n >= 4, "only {n} recipes in {}", dir.display());
         let plan = super::parse(super::DEFAULT_RECIPE, "built-in").unwrap();
         assert_eq!(plan.config.train.lr_scaling, super::LrScaling::SqrtWrt1024);
+        assert_eq!(plan.config.runtime.device, "cpu");
+    }
+
+    /// `runtime.device` is checked when the config is read, before any device is opened.
+    #[test]
+    fn the_device_is_validated() {
+        for ok in ["cpu", "cuda", "cuda:0", "cuda:7"] {
+            let text = format!(
+                "{}\n[runtime]\ndevice = \"{ok}\"\n",
+                strip_runtime(super::DEFAULT_RECIPE)
+            );
+            let plan = super::parse(&text, "t").unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(plan.config.runtime.device, ok);
+        }
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda0", ""] {
+            let text = format!(
+                "{}\n[runtime]\ndevice = \"{bad}\"\n",
+                strip_runtime(super::DEFAULT_RECIPE)
+            );
+            let e = super::parse(&text, "t").unwrap_err().to_string();
+            assert!(e.contains("runtime.device"), "{bad}: {e}");
+        }
+    }
+
+    /// The default recipe without its `[runtime]` table (so a test can append one).
+    fn strip_runtime(text: &str) -> String {
+        let mut out = vec![];
+        let mut skip = false;
+        for line in text.lines() {
+            if line.starts_with('[') {
+                skip = line.trim() == "[runtime]" || line.starts_with("[runtime.");
+            }
+            if !skip {
+                out.push(line);
+            }
+        }
+        out.join("\n")
     }
 }

@@ -291,6 +291,7 @@ pub fn restore(ck: &LoadedCheckpoint, plan: &Plan) -> Result<EngineState> {
     ts.step = meta.step;
     ts.data_cursor = meta.data_cursor.clone();
     ts.gram_updates = meta.gram_updates;
+    let ts = place(ts, plan)?;
     Ok(EngineState {
         ts,
         dirty: false,
@@ -299,9 +300,22 @@ pub fn restore(ck: &LoadedCheckpoint, plan: &Plan) -> Result<EngineState> {
     })
 }
 
+/// The state on the run's device (`runtime.device`; built on the host, moved once).
+fn place(ts: TrainState, plan: &Plan) -> Result<TrainState> {
+    let dev = crate::runtime::device(&plan.config.runtime.device)?;
+    if dev.is_cpu() {
+        return Ok(ts);
+    }
+    ts.to_device(&dev)
+        .with_context(|| format!("moving the state to {}", plan.config.runtime.device))
+}
+
 /// A fresh state for a new run.
 pub fn fresh(plan: &Plan) -> Result<EngineState> {
-    let ts = TrainState::new(&plan.ssl, plan.config.seed, plan.config.precision.dtype())?;
+    let ts = place(
+        TrainState::new(&plan.ssl, plan.config.seed, plan.config.precision.dtype())?,
+        plan,
+    )?;
     Ok(EngineState {
         ts,
         dirty: false,
@@ -338,6 +352,11 @@ pub fn fingerprint(ts: &TrainState) -> Result<String> {
                     for x in m.iter().chain(v) {
                         h.update(&x.to_le_bytes());
                     }
+                }
+                // the same bytes as the host variants: m's elements, then v's
+                Moments::Tensors { m, v } => {
+                    hash_tensor(&mut h, m)?;
+                    hash_tensor(&mut h, v)?;
                 }
             }
         }

@@ -1,4 +1,26 @@
-//! Process-wide settings applied once at start-up.
+//! Process-wide settings applied once at start-up, and the process's devices.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+/// The device named `spec` (`cpu`, `cuda`, `cuda:N`), opened once per process: candle
+/// gives every `Device::new_cuda` call its own context handle, and tensors of two handles
+/// cannot meet in one op, so the engine, the loader and the Gram-teacher loads must share
+/// this one. Fails with a clear message in a build without CUDA or without the device.
+pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
+    static DEVICES: OnceLock<Mutex<HashMap<String, candle_core::Device>>> = OnceLock::new();
+    let spec = if spec == "cuda" { "cuda:0" } else { spec };
+    let mut map = DEVICES
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .map_err(|_| anyhow::anyhow!("device table poisoned"))?;
+    if let Some(d) = map.get(spec) {
+        return Ok(d.clone());
+    }
+    let d = ops::portable::device(spec)?;
+    map.insert(spec.to_string(), d.clone());
+    Ok(d)
+}
 
 /// Keeps glibc from returning freed memory to the kernel after every step: the step
 /// allocates and frees large activation buffers, and by default glibc unmaps buffers over

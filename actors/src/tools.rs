@@ -8,13 +8,25 @@ use candle_core::DType;
 use crate::cli::EXIT_FAILED;
 
 /// `dinod parity FIXTURE...`: runs each fixture and prints each tensor's relative error.
-pub fn parity(files: &[PathBuf], dtype: &str, verbose: bool, json: bool) -> Result<i32> {
+pub fn parity(
+    files: &[PathBuf],
+    dtype: &str,
+    device: &str,
+    verbose: bool,
+    json: bool,
+) -> Result<i32> {
     let dtypes: Vec<DType> = match dtype {
         "f64" => vec![DType::F64],
         "f32" => vec![DType::F32],
+        "bf16" => vec![DType::BF16],
         "both" => vec![DType::F64, DType::F32],
-        d => bail!("unknown dtype `{d}` (use f64, f32 or both)"),
+        d => bail!("unknown dtype `{d}` (use f64, f32, both or bf16)"),
     };
+    let dev = ops::portable::device(device)?;
+    if dev.is_cpu() && dtypes.contains(&DType::BF16) {
+        // the fused CPU kernels are f32/f64: bf16 runs the device code path on the host
+        ops::portable::set_force_on_cpu(true);
+    }
     let mut all_ok = true;
     for f in files {
         let bytes =
@@ -22,8 +34,9 @@ pub fn parity(files: &[PathBuf], dtype: &str, verbose: bool, json: bool) -> Resu
         let fx = model::fixture::Fixture::parse(&bytes)
             .with_context(|| format!("fixture {}", f.display()))?;
         for &dt in &dtypes {
-            let rows = model::parity::run(&fx, dt)
-                .with_context(|| format!("running fixture {} in {dt:?}", f.display()))?;
+            let rows = model::parity::run_on(&fx, dt, &dev).with_context(|| {
+                format!("running fixture {} in {dt:?} on {device}", f.display())
+            })?;
             let bad = rows.iter().filter(|r| !r.ok()).count();
             all_ok &= bad == 0;
             let worst = rows
@@ -50,7 +63,7 @@ pub fn parity(files: &[PathBuf], dtype: &str, verbose: bool, json: bool) -> Resu
                     );
                 }
                 println!(
-                    "{} [{dt:?}]: {} tensors, {} out of tolerance, worst relative error {worst:.3e} -> {}",
+                    "{} [{dt:?}, {device}]: {} tensors, {} out of tolerance, worst relative error {worst:.3e} -> {}",
                     f.display(),
                     rows.len(),
                     bad,

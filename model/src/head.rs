@@ -99,6 +99,28 @@ impl Head {
         })
     }
 
+    /// The same head with its parameters cast to `dt` (see [`ParamSet::cast`]).
+    pub fn cast(&self, dt: DType) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            in_dim: self.in_dim,
+            params: self.params.cast(dt)?,
+            layers: self.layers.clone(),
+            last: self.last,
+        })
+    }
+
+    /// The same head with its parameters on `dev`.
+    pub fn to_device(&self, dev: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            in_dim: self.in_dim,
+            params: self.params.to_device(dev)?,
+            layers: self.layers.clone(),
+            last: self.last,
+        })
+    }
+
     /// Index of `last_layer.weight` in the parameter set.
     pub fn last_layer_index(&self) -> usize {
         self.last

@@ -54,7 +54,7 @@ pub fn param_group(
 }
 
 /// First and second moments of one parameter.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum Moments {
     /// f32 training.
     F32 {
@@ -70,6 +70,36 @@ pub enum Moments {
         /// exp_avg_sq
         v: Vec<f64>,
     },
+    /// Beside a parameter that lives off the host (or on the host while
+    /// `ops::portable::set_force_on_cpu` is on): tensors of the parameter's shape, type and
+    /// device. Each update replaces them with new tensors (never writes in place), so a
+    /// clone keeps its values.
+    Tensors {
+        /// exp_avg
+        m: Tensor,
+        /// exp_avg_sq
+        v: Tensor,
+    },
+}
+
+impl PartialEq for Moments {
+    /// Equal values (bit for bit for the host variants; element-wise for tensors).
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::F32 { m, v }, Self::F32 { m: m2, v: v2 }) => m == m2 && v == v2,
+            (Self::F64 { m, v }, Self::F64 { m: m2, v: v2 }) => m == m2 && v == v2,
+            (Self::Tensors { m, v }, Self::Tensors { m: m2, v: v2 }) => {
+                let host = |t: &Tensor| {
+                    t.flatten_all()
+                        .and_then(|t| t.to_dtype(DType::F64))
+                        .and_then(|t| t.to_vec1::<f64>())
+                        .ok()
+                };
+                host(m).is_some() && host(m) == host(m2) && host(v) == host(v2)
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Moments {
@@ -87,6 +117,33 @@ impl Moments {
             d => bail!("optimizer state in {d:?} is not supported"),
         }
     }
+    /// Zero moments for `param`: host vectors for a host parameter, tensors beside it
+    /// otherwise (see [`Moments::Tensors`]).
+    pub fn zeros_like(param: &Tensor) -> Result<Self> {
+        if ops::portable::active(param) {
+            Ok(Self::Tensors {
+                m: param.zeros_like()?,
+                v: param.zeros_like()?,
+            })
+        } else {
+            Self::zeros(param.elem_count(), param.dtype())
+        }
+    }
+
+    /// The same moments placed for `param` (see [`Moments::zeros_like`]): host vectors
+    /// for a host parameter, tensors of its shape on its device otherwise.
+    pub fn placed_for(&self, param: &Tensor) -> Result<Self> {
+        let (m, v) = self.to_tensors(param.dims())?;
+        if ops::portable::active(param) {
+            Ok(Self::Tensors {
+                m: m.to_dtype(param.dtype())?.to_device(param.device())?,
+                v: v.to_dtype(param.dtype())?.to_device(param.device())?,
+            })
+        } else {
+            Self::from_tensors(&m, &v, param.dtype())
+        }
+    }
+
     /// Moments from tensors (e.g. a checkpoint), converted to `dtype`.
     pub fn from_tensors(m: &Tensor, v: &Tensor, dtype: DType) -> Result<Self> {
         match dtype {
@@ -104,6 +161,14 @@ impl Moments {
     /// The moments as two CPU tensors of `shape`.
     pub fn to_tensors(&self, shape: &[usize]) -> Result<(Tensor, Tensor)> {
         Ok(match self {
+            Self::Tensors { m, v } => (
+                m.to_device(&candle_core::Device::Cpu)?
+                    .reshape(shape)?
+                    .copy()?,
+                v.to_device(&candle_core::Device::Cpu)?
+                    .reshape(shape)?
+                    .copy()?,
+            ),
             Self::F32 { m, v } => (
                 ops::host::from_vec(m.clone(), shape)?,
                 ops::host::from_vec(v.clone(), shape)?,
@@ -183,7 +248,7 @@ impl AdamW {
             let moments = ps
                 .tensors()
                 .iter()
-                .map(|t| Moments::zeros(t.elem_count(), t.dtype()))
+                .map(Moments::zeros_like)
                 .collect::<Result<_>>()?;
             out.push(ModuleOptim { groups, moments });
         }
@@ -224,10 +289,48 @@ impl AdamW {
                 match &mut st.moments[i] {
                     Moments::F32 { m, v } => adamw_update::<f32>(t, g, m, v, &step)?,
                     Moments::F64 { m, v } => adamw_update::<f64>(t, g, m, v, &step)?,
+                    Moments::Tensors { m, v } => {
+                        ops::optim::adamw_update_tensors(t, g, m, v, &step)?
+                    }
                 }
             }
         }
         Ok(())
+    }
+}
+
+impl AdamW {
+    /// The same state with every module's moments placed for `params` (aligned with
+    /// [`AdamW::modules`]; see [`Moments::placed_for`]).
+    pub fn placed_for(&self, params: &[&ParamSet]) -> Result<Self> {
+        if params.len() != self.modules.len() {
+            bail!(
+                "optimizer has {} modules, got {} parameter sets",
+                self.modules.len(),
+                params.len()
+            )
+        }
+        let modules = self
+            .modules
+            .iter()
+            .zip(params)
+            .map(|(st, ps)| {
+                Ok(ModuleOptim {
+                    groups: st.groups.clone(),
+                    moments: st
+                        .moments
+                        .iter()
+                        .zip(ps.tensors())
+                        .map(|(mo, t)| mo.placed_for(t))
+                        .collect::<Result<_>>()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            t: self.t,
+            modules,
+        })
     }
 }
 

@@ -89,6 +89,37 @@ impl ParamSet {
             tensors,
         })
     }
+    /// Every tensor on `dev` (new storage; a no-op copy-free clone when already there).
+    pub fn to_device(&self, dev: &Device) -> Result<Self> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|t| {
+                if t.device().same_device(dev) {
+                    Ok(t.clone())
+                } else {
+                    t.to_device(dev)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            names: self.names.clone(),
+            tensors,
+        })
+    }
+    /// Every tensor in `dtype` for computing (shares storage where the type already
+    /// matches; read-only use: the copies are not parameters).
+    pub fn cast(&self, dtype: DType) -> Result<Self> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|t| t.to_dtype(dtype))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            names: self.names.clone(),
+            tensors,
+        })
+    }
     /// Converts every tensor to `dtype` (new storage).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let tensors = self
@@ -149,8 +180,21 @@ impl Grads {
     /// Sum of squares of every gradient (f64 accumulation).
     pub fn sum_sq(&self) -> Result<f64> {
         let mut s = 0.0;
+        // device gradients: summed on the device, one synchronisation for the module
+        let mut dev: Option<Tensor> = None;
         for g in self.tensors.iter().flatten() {
-            s += ops::nn::sum_sq(g)?;
+            if g.device().is_cpu() {
+                s += ops::nn::sum_sq(g)?;
+            } else {
+                let t = ops::portable::sum_sq_t(g)?.to_dtype(DType::F64)?;
+                dev = Some(match dev {
+                    None => t,
+                    Some(a) => (a + t)?,
+                });
+            }
+        }
+        if let Some(d) = dev {
+            s += d.to_scalar::<f64>()?;
         }
         Ok(s)
     }

@@ -1,7 +1,7 @@
 //! Runs a golden fixture through our implementation and measures every tensor against
 //! the reference (`dinod parity`). The fixture kind and all sizes come from its metadata.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::config::SslConfig;
 use crate::fixture::{Fixture, FixtureError};
@@ -39,6 +39,8 @@ impl Row {
 pub const TOL_F64: f64 = 1e-6;
 /// Tolerance for f32 runs.
 pub const TOL_F32: f64 = 1e-4;
+/// Tolerance for bf16 runs (bf16 compute, f32 losses).
+pub const TOL_BF16: f64 = 2e-2;
 
 /// Relative error of two tensors of equal size, in f64.
 pub fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
@@ -67,29 +69,44 @@ pub fn rel_err(ours: &Tensor, reference: &Tensor) -> Result<f64> {
 struct Cmp<'a> {
     fx: &'a Fixture,
     dtype: DType,
+    device: Device,
     rows: Vec<Row>,
 }
 
 impl Cmp<'_> {
-    fn tol(&self) -> f64 {
-        if self.dtype == DType::F64 {
-            TOL_F64
-        } else {
-            TOL_F32
+    /// The type parameters are held in: f32 master weights for half compute, else the
+    /// compute type.
+    fn master(&self) -> DType {
+        match self.dtype {
+            DType::BF16 | DType::F16 => DType::F32,
+            d => d,
         }
     }
+    fn tol(&self) -> f64 {
+        match self.dtype {
+            DType::F64 => TOL_F64,
+            DType::BF16 | DType::F16 => TOL_BF16,
+            _ => TOL_F32,
+        }
+    }
+    /// A fixture input in the run's type, on the run's device.
     fn t(&self, name: &str) -> std::result::Result<Tensor, FixtureError> {
-        Ok(self.fx.get(name)?.to_dtype(self.dtype)?)
+        Ok(self
+            .fx
+            .get(name)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?)
     }
     fn check(&mut self, name: &str, ours: &Tensor) -> std::result::Result<(), FixtureError> {
         let r = self.fx.get(name)?;
         let e = rel_err(ours, &r)?;
         self.rows.push(Row {
             name: name.to_string(),
-            dtype: if self.dtype == DType::F64 {
-                "f64"
-            } else {
-                "f32"
+            dtype: match self.dtype {
+                DType::F64 => "f64",
+                DType::BF16 => "bf16",
+                DType::F16 => "f16",
+                _ => "f32",
             },
             rel_err: e,
             tol: self.tol(),
@@ -105,16 +122,28 @@ impl Cmp<'_> {
             self.fx
                 .get(&format!("{prefix}{n}"))
                 .ok()
-                .and_then(|t| t.to_dtype(self.dtype).ok())
+                .and_then(|t| t.to_dtype(self.master()).ok())
+                .and_then(|t| t.to_device(&self.device).ok())
         }
     }
 }
 
 /// Runs a fixture in `dtype` (F64 or F32) and returns one row per compared tensor.
 pub fn run(fx: &Fixture, dtype: DType) -> std::result::Result<Vec<Row>, FixtureError> {
+    run_on(fx, dtype, &Device::Cpu)
+}
+
+/// [`run`] with the model, its inputs and the optimizer state on `device` (the
+/// comparisons read the results back to the host).
+pub fn run_on(
+    fx: &Fixture,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<Vec<Row>, FixtureError> {
     let mut c = Cmp {
         fx,
         dtype,
+        device: device.clone(),
         rows: vec![],
     };
     match fx.kind()?.as_str() {
@@ -144,13 +173,13 @@ pub fn backbone_state_dict_shapes(vit: &Vit) -> Result<Vec<(String, Vec<usize>)>
 
 fn load_vit(c: &Cmp<'_>, prefix: &str) -> std::result::Result<Vit, FixtureError> {
     let cfg = c.fx.vit_config()?;
-    let mut vit = Vit::init(&cfg, 0, c.dtype)?;
+    let mut vit = Vit::init(&cfg, 0, c.master())?;
     vit.params.load_from(c.lookup(prefix))?;
     Ok(vit)
 }
 
 fn vit_forward(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
-    let vit = load_vit(c, "param.backbone.")?;
+    let vit = load_vit(c, "param.backbone.")?.cast(c.dtype)?;
     let cases =
         c.fx.config
             .get("cases")
@@ -252,15 +281,15 @@ fn losses(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
                 role: &str,
                 hc: &crate::config::HeadConfig|
      -> std::result::Result<Head, FixtureError> {
-        let mut h = Head::init(hc, d, role, 0, c.dtype)?;
+        let mut h = Head::init(hc, d, role, 0, c.master())?;
         h.params.load_from(c.lookup(&format!("param.{role}.")))?;
-        Ok(h)
+        Ok(h.cast(c.dtype)?)
     };
     let dino = head(c, "dino_head", &cfg.dino_head)?;
     let ibot = head(c, "ibot_head", &cfg.ibot_head)?;
     let tdino = head(c, "teacher_dino_head", &cfg.dino_head)?;
     let tibot = head(c, "teacher_ibot_head", &cfg.ibot_head)?;
-    let mut teacher = SslModel::init(&cfg, 0, c.dtype)?;
+    let mut teacher = SslModel::init(&cfg, 0, c.master())?.cast(c.dtype)?;
     teacher.dino_head = tdino;
     teacher.ibot_head = tibot;
     let mask_indices = c.fx.indices("input.mask_indices")?;
@@ -358,11 +387,13 @@ fn loss_rows(c: &mut Cmp<'_>, t: &crate::ssl::LossTerms) -> std::result::Result<
 fn train_step(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
     let cfg = ssl_config(c)?;
     let b = c.fx.usize_at(&["batch"])?;
-    let student = SslModel::from_lookup(&cfg, c.dtype, c.lookup("param."))?;
-    let mut teacher = SslModel::from_lookup(&cfg, c.dtype, |n| {
+    let master = c.master();
+    let student = SslModel::from_lookup(&cfg, master, c.lookup("param."))?;
+    let mut teacher = SslModel::from_lookup(&cfg, master, |n| {
         c.fx.get(&format!("param.teacher_{n}"))
             .ok()
-            .and_then(|t| t.to_dtype(c.dtype).ok())
+            .and_then(|t| t.to_dtype(master).ok())
+            .and_then(|t| t.to_device(&c.device).ok())
     })?;
     teacher.backbone.cfg = cfg.backbone.clone();
     let gram_teacher = if c
@@ -454,7 +485,12 @@ fn train_step(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
         gram_weight: gram_weight(c.fx),
         local_dino_weight: 1.0,
     };
-    let out = compute_step(&st, &batch, &hp)?;
+    // half compute: a cast twin of the master weights computes, AdamW updates the masters
+    let out = if c.dtype == master {
+        compute_step(&st, &batch, &hp)?
+    } else {
+        compute_step(&st.compute_view(c.dtype)?, &batch, &hp)?
+    };
     let tr = &out.trace;
     let nl = batch.n_local;
     c.check("expect.teacher.cls", &tr.teacher.cls)?;
@@ -513,9 +549,14 @@ fn train_step(c: &mut Cmp<'_>) -> std::result::Result<(), FixtureError> {
         warm.optim.t = done as u64;
         for (mi, (role, ps)) in warm.student.modules().iter().enumerate() {
             for (i, n) in ps.names().iter().enumerate() {
-                let m = c.t(&format!("input.adam_exp_avg.{role}.{n}"))?;
-                let v = c.t(&format!("input.adam_exp_avg_sq.{role}.{n}"))?;
-                warm.optim.modules[mi].moments[i] = Moments::from_tensors(&m, &v, c.dtype)?;
+                let m =
+                    c.fx.get(&format!("input.adam_exp_avg.{role}.{n}"))?
+                        .to_dtype(master)?;
+                let v =
+                    c.fx.get(&format!("input.adam_exp_avg_sq.{role}.{n}"))?
+                        .to_dtype(master)?;
+                warm.optim.modules[mi].moments[i] =
+                    Moments::from_tensors(&m, &v, master)?.placed_for(ps.get(i))?;
             }
         }
     }

@@ -59,6 +59,24 @@ impl SslModel {
         })
     }
 
+    /// The same model with its parameters cast to `dt` (see [`ParamSet::cast`]).
+    pub fn cast(&self, dt: DType) -> Result<Self> {
+        Ok(Self {
+            backbone: self.backbone.cast(dt)?,
+            dino_head: self.dino_head.cast(dt)?,
+            ibot_head: self.ibot_head.cast(dt)?,
+        })
+    }
+
+    /// The same model with its parameters on `dev`.
+    pub fn to_device(&self, dev: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            backbone: self.backbone.to_device(dev)?,
+            dino_head: self.dino_head.to_device(dev)?,
+            ibot_head: self.ibot_head.to_device(dev)?,
+        })
+    }
+
     /// `(role, parameters)` for the three modules.
     pub fn modules(&self) -> [(&'static str, &ParamSet); 3] {
         [

@@ -94,6 +94,43 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// The same batch with its images in `dt` (masks and weights are host metadata).
+    pub fn cast(&self, dt: DType) -> Result<Self> {
+        Ok(Self {
+            batch_size: self.batch_size,
+            n_local: self.n_local,
+            global: self.global.to_dtype(dt)?,
+            local: self.local.as_ref().map(|t| t.to_dtype(dt)).transpose()?,
+            gram: self.gram.as_ref().map(|t| t.to_dtype(dt)).transpose()?,
+            masks: self.masks.clone(),
+            mask_indices: self.mask_indices.clone(),
+            masks_weight: self.masks_weight.clone(),
+        })
+    }
+
+    /// The same batch with its images on `dev` (masks and weights are host metadata).
+    pub fn to_device(&self, dev: &candle_core::Device) -> Result<Self> {
+        let mv = |t: &Tensor| -> Result<Tensor> {
+            if t.device().same_device(dev) {
+                Ok(t.clone())
+            } else {
+                t.to_device(dev)
+            }
+        };
+        Ok(Self {
+            batch_size: self.batch_size,
+            n_local: self.n_local,
+            global: mv(&self.global)?,
+            local: self.local.as_ref().map(mv).transpose()?,
+            gram: self.gram.as_ref().map(mv).transpose()?,
+            masks: self.masks.clone(),
+            mask_indices: self.mask_indices.clone(),
+            masks_weight: self.masks_weight.clone(),
+        })
+    }
+}
+
 /// The scheduled values for one step.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepHparams {
@@ -153,6 +190,62 @@ impl TrainState {
             data_cursor: serde_json::Value::Null,
             gram_updates: 0,
         })
+    }
+
+    /// The same state with every tensor on `dev`: student, teacher, Gram teacher and the
+    /// AdamW moments (tensors beside their parameters off the host, host vectors on it).
+    /// Everything else (step, seed, data cursor) is shared host metadata.
+    pub fn to_device(&self, dev: &candle_core::Device) -> Result<Self> {
+        let student = self.student.to_device(dev)?;
+        let optim = self.optim.placed_for(&[
+            &student.backbone.params,
+            &student.dino_head.params,
+            &student.ibot_head.params,
+        ])?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            seed: self.seed,
+            step: self.step,
+            teacher: self.teacher.to_device(dev)?,
+            gram_teacher: self
+                .gram_teacher
+                .as_ref()
+                .map(|g| g.to_device(dev))
+                .transpose()?,
+            student,
+            optim,
+            data_cursor: self.data_cursor.clone(),
+            gram_updates: self.gram_updates,
+        })
+    }
+
+    /// A read-only twin of this state for computing a step in `dt` (mixed precision: the
+    /// master weights stay in their type here, the twin holds casts of the student,
+    /// teacher and Gram teacher and no optimizer moments). Run [`compute_step`] on the
+    /// twin, then [`apply_step`] on `self` with the twin's gradients (the optimizer widens
+    /// half gradients to the master type). With `dt` equal to the parameters' type the
+    /// twin shares every tensor with `self`.
+    pub fn compute_view(&self, dt: DType) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            seed: self.seed,
+            step: self.step,
+            student: self.student.cast(dt)?,
+            teacher: self.teacher.cast(dt)?,
+            gram_teacher: self.gram_teacher.as_ref().map(|g| g.cast(dt)).transpose()?,
+            optim: AdamW {
+                cfg: self.optim.cfg.clone(),
+                t: self.optim.t,
+                modules: vec![],
+            },
+            data_cursor: serde_json::Value::Null,
+            gram_updates: self.gram_updates,
+        })
+    }
+
+    /// The device the student's parameters live on.
+    pub fn device(&self) -> candle_core::Device {
+        self.student.backbone.device()
     }
 
     /// Copies the EMA teacher's backbone into the Gram teacher (hard copy, `update_gram(m=0)`).

@@ -343,6 +343,29 @@ impl Vit {
         })
     }
 
+    /// The same architecture with its parameters cast to `dt` (see [`ParamSet::cast`]).
+    pub fn cast(&self, dt: DType) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            params: self.params.cast(dt)?,
+            ix: self.ix.clone(),
+        })
+    }
+
+    /// The same architecture with its parameters on `dev`.
+    pub fn to_device(&self, dev: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            params: self.params.to_device(dev)?,
+            ix: self.ix.clone(),
+        })
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> candle_core::Device {
+        self.params.get(0).device().clone()
+    }
+
     /// The official non-trainable buffers (`rope_embed.periods`, `blocks.i.attn.qkv.bias_mask`)
     /// as `(name, tensor)`, for export and the name contract.
     pub fn buffers(&self) -> Result<Vec<(String, Tensor)>> {
@@ -475,18 +498,28 @@ impl Vit {
     }
 
     fn ropes(&self, layouts: &[GroupLayout], rescale: &[f64]) -> Result<Vec<Rope>> {
+        let dev = self.device();
         layouts
             .iter()
             .zip(rescale)
             .map(|(l, &s)| {
-                attention::rope_tables(
+                let r = attention::rope_tables(
                     l.grid.0,
                     l.grid.1,
                     self.cfg.head_dim(),
                     self.cfg.rope_base,
                     s,
                     self.dtype(),
-                )
+                )?;
+                if dev.is_cpu() {
+                    Ok(r)
+                } else {
+                    // once per forward, not once per block
+                    Ok(Rope {
+                        sin: r.sin.to_device(&dev)?,
+                        cos: r.cos.to_device(&dev)?,
+                    })
+                }
             })
             .collect()
     }

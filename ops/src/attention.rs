@@ -88,10 +88,18 @@ pub struct SeqShape {
     pub heads: usize,
 }
 
-/// What [`attention_bwd`] needs: the packed projections as they entered the forward pass
-/// (shared with the caller's tensor, not copied; the rotations are recomputed) and the
-/// attention probabilities `[batch * heads, tokens, tokens]`.
-pub struct AttnCache {
+/// What [`attention_bwd`] needs from one group's forward pass: on the CPU, the packed
+/// projections as they entered the forward pass (shared with the caller's tensor, not
+/// copied; the rotations are recomputed) and the attention probabilities
+/// `[batch * heads, tokens, tokens]`; on a device, [`crate::portable::AttnCache`].
+pub struct AttnCache(Cache);
+
+enum Cache {
+    Host(HostCache),
+    Device(crate::portable::AttnCache),
+}
+
+struct HostCache {
     shape: SeqShape,
     row0: usize,
     dim: usize,
@@ -878,19 +886,31 @@ pub fn attention_groups(
     bias: Option<&Tensor>,
     groups: &[AttnGroup<'_>],
 ) -> Result<(Tensor, Vec<AttnCache>)> {
+    if crate::portable::active(qkv) {
+        let (out, caches) = crate::portable::attention_groups(qkv, bias, groups)?;
+        return Ok((
+            out,
+            caches
+                .into_iter()
+                .map(|c| AttnCache(Cache::Device(c)))
+                .collect(),
+        ));
+    }
     let (out, probs) = float_dispatch!(qkv.dtype(), T => forward::<T>(qkv, bias, groups, true)?);
     let d = qkv.dim(1)? / 3;
     let caches = groups
         .iter()
         .zip(probs)
-        .map(|(g, probs)| AttnCache {
-            shape: g.shape,
-            row0: g.row0,
-            dim: d,
-            qkv: qkv.clone(),
-            bias: bias.cloned(),
-            probs,
-            rope: g.rope.cloned(),
+        .map(|(g, probs)| {
+            AttnCache(Cache::Host(HostCache {
+                shape: g.shape,
+                row0: g.row0,
+                dim: d,
+                qkv: qkv.clone(),
+                bias: bias.cloned(),
+                probs,
+                rope: g.rope.cloned(),
+            }))
         })
         .collect();
     Ok((out, caches))
@@ -902,6 +922,9 @@ pub fn attention_groups_infer(
     bias: Option<&Tensor>,
     groups: &[AttnGroup<'_>],
 ) -> Result<Tensor> {
+    if crate::portable::active(qkv) {
+        return crate::portable::attention_groups_infer(qkv, bias, groups);
+    }
     Ok(float_dispatch!(qkv.dtype(), T => forward::<T>(qkv, bias, groups, false)?).0)
 }
 
@@ -942,13 +965,31 @@ pub fn attention_bwd(c: &AttnCache, dout: &Tensor) -> Result<Tensor> {
 /// rows, its bias), `[rows, 3D]`, from the gradient of the packed output `[rows, D]`; one
 /// parallel pass over all groups.
 pub fn attention_groups_bwd(caches: &[AttnCache], dout: &Tensor) -> Result<Tensor> {
-    let Some(first) = caches.first() else {
+    if caches.is_empty() {
         bail!("attention_groups_bwd: no groups")
-    };
+    }
+    if let Some(dev) = caches
+        .iter()
+        .map(|c| match &c.0 {
+            Cache::Device(d) => Some(d),
+            Cache::Host(_) => None,
+        })
+        .collect::<Option<Vec<_>>>()
+    {
+        return crate::portable::attention_groups_bwd_refs(&dev, dout);
+    }
+    let caches = caches
+        .iter()
+        .map(|c| match &c.0 {
+            Cache::Host(h) => Ok(h),
+            Cache::Device(_) => bail!("attention_groups_bwd: caches from different devices"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let first = caches[0];
     let d = first.dim;
     let (rows, dd) = rows_dim(dout)?;
     let mut next = 0;
-    for c in caches {
+    for c in &caches {
         if c.dim != d || c.row0 != next || rows_dim(&c.qkv)? != (rows, 3 * d) {
             bail!(
                 "attention_groups_bwd: caches do not tile a [{rows}, {}] projection in order",

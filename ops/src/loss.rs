@@ -24,6 +24,9 @@ use crate::simd::simd_kernel;
 /// per-chunk partial sums added in chunk order and the row sums use fixed lanes, so the
 /// result does not depend on the number of threads.
 pub fn sinkhorn_knopp(logits: &Tensor, temp: f64, iters: usize) -> Result<Tensor> {
+    if crate::portable::active(logits) {
+        return crate::portable::sinkhorn_knopp(logits, temp, iters);
+    }
     let (n, k) = rows_dim(logits)?;
     float_dispatch!(logits.dtype(), T => {
         let l = view::<T>(logits)?;
@@ -109,6 +112,9 @@ pub fn soft_cross_entropy(
     temp: f64,
     grad_scale: &[f64],
 ) -> Result<(Vec<f64>, Tensor)> {
+    if crate::portable::active(student) {
+        return crate::portable::soft_cross_entropy(student, targets, pairs, temp, grad_scale);
+    }
     let (rows, k) = rows_dim(student)?;
     let (trows, k2) = rows_dim(targets)?;
     if k != k2 || pairs.len() != rows || grad_scale.len() != rows {
@@ -192,6 +198,9 @@ simd_kernel! {
 /// on L2-normalised rows (eps 1e-8), nearest neighbour by dot product with the diagonal
 /// excluded. Returns the loss and `d loss / d x`.
 pub fn koleo(x: &Tensor) -> Result<(f64, Tensor)> {
+    if crate::portable::active(x) {
+        return crate::portable::koleo(x);
+    }
     let (n, d) = rows_dim(x)?;
     if n < 2 {
         bail!("KoLeo needs at least 2 samples per crop, got {n}")
@@ -245,6 +254,9 @@ pub fn gram_loss(
     n_img: usize,
     per_image: bool,
 ) -> Result<(f64, Tensor)> {
+    if crate::portable::active(student) {
+        return crate::portable::gram_loss(student, target, n_img, per_image);
+    }
     let (rows, d) = rows_dim(student)?;
     if target.dims() != student.dims() || rows % n_img != 0 {
         bail!(
@@ -345,6 +357,9 @@ pub fn resize_tokens(
     hw_in: (usize, usize),
     hw_out: (usize, usize),
 ) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::resize_tokens(x, n_img, hw_in, hw_out);
+    }
     let (rows, d) = rows_dim(x)?;
     let (pin, pout) = (hw_in.0 * hw_in.1, hw_out.0 * hw_out.1);
     if rows != n_img * pin {
@@ -369,6 +384,9 @@ pub fn resize_tokens_bwd(
     hw_in: (usize, usize),
     hw_out: (usize, usize),
 ) -> Result<Tensor> {
+    if crate::portable::active(g) {
+        return crate::portable::resize_tokens_bwd(g, n_img, hw_in, hw_out);
+    }
     let (_, d) = rows_dim(g)?;
     let (pin, pout) = (hw_in.0 * hw_in.1, hw_out.0 * hw_out.1);
     float_dispatch!(g.dtype(), T => {

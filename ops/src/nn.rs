@@ -59,6 +59,9 @@ pub(crate) fn sum_partials<T: Real>(parts: Vec<Vec<T>>, d: usize) -> Vec<T> {
 
 /// `y = x W^T + b` for `x: [.., in]`, `w: [out, in]`, `b: [out]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::linear(x, w, b);
+    }
     let (m, k) = rows_dim(x)?;
     let (n, k2) = w.dims2()?;
     if k != k2 {
@@ -107,6 +110,9 @@ pub fn linear_bwd(
     want_dx: bool,
     has_bias: bool,
 ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+    if crate::portable::active(x) {
+        return crate::portable::linear_bwd(x, w, dy, want_dx, has_bias);
+    }
     let (m, k) = rows_dim(x)?;
     let (n, _) = w.dims2()?;
     float_dispatch!(x.dtype(), T => {
@@ -128,6 +134,9 @@ pub fn linear_bwd(
 
 /// The input gradient of [`linear`] alone, `dy W` (`[.., in]`, shaped like `x_shape`).
 pub fn linear_dx(dy: &Tensor, w: &Tensor, x_shape: &Shape) -> Result<Tensor> {
+    if crate::portable::active(dy) {
+        return crate::portable::linear_dx(dy, w, x_shape);
+    }
     let (m, n) = rows_dim(dy)?;
     let (n2, k) = w.dims2()?;
     if n != n2 || x_shape.elem_count() != m * k {
@@ -147,6 +156,9 @@ pub fn linear_dx(dy: &Tensor, w: &Tensor, x_shape: &Shape) -> Result<Tensor> {
 
 /// The weight gradient of [`linear`] alone, `dy^T x` (`[out, in]`).
 pub fn linear_dw(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::linear_dw(x, dy);
+    }
     let (m, k) = rows_dim(x)?;
     let (m2, n) = rows_dim(dy)?;
     if m != m2 {
@@ -166,6 +178,9 @@ pub fn linear_dw(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 
 /// Column sums of a `[.., d]` tensor (the bias gradient of a linear layer), `[d]`.
 pub fn col_sums(x: &Tensor) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::col_sums(x);
+    }
     let (_, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
@@ -206,6 +221,9 @@ pub struct LnCache {
 
 /// LayerNorm over the last dimension (biased variance), `y = (x - mean) * rstd * w + b`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<(Tensor, LnCache)> {
+    if crate::portable::active(x) {
+        return crate::portable::layer_norm(x, w, b, eps);
+    }
     layer_norm_sel(x, None, w, b, eps)
 }
 
@@ -219,6 +237,9 @@ pub fn layer_norm_sel(
     b: &Tensor,
     eps: f64,
 ) -> Result<(Tensor, LnCache)> {
+    if crate::portable::active(x) {
+        return crate::portable::layer_norm_sel(x, sel, w, b, eps);
+    }
     let (rows, d) = rows_dim(x)?;
     let src = sel.map(|s| s.source_rows());
     if let Some(src) = &src {
@@ -339,6 +360,9 @@ pub fn layer_norm_bwd(
     cache: &LnCache,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    if crate::portable::active(x) {
+        return crate::portable::layer_norm_bwd(x, w, cache, dy);
+    }
     let (rows, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let mut dx = vec![T::zero(); rows * d];
@@ -358,6 +382,9 @@ pub fn layer_norm_sel_bwd_into(
     dy: &Tensor,
     dx_acc: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    if crate::portable::active(x) {
+        return crate::portable::layer_norm_sel_bwd_into(x, sel, w, cache, dy, dx_acc);
+    }
     if dx_acc.dims() != x.dims() {
         bail!(
             "layer_norm_sel_bwd_into: accumulator {:?} vs input {:?}",
@@ -493,12 +520,18 @@ pub(crate) const PAR_ELEMS: usize = 1 << 14;
 
 /// Exact GELU, `0.5 x (1 + erf(x / sqrt 2))`.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::gelu(x);
+    }
     gelu_bias(x, None)
 }
 
 /// `gelu(x + b)` with the bias `b [d]` broadcast over the rows of `x [.., d]`: the bias add
 /// of the preceding linear layer fused into the activation (`x` is the bias-free product).
 pub fn gelu_bias(x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::gelu_bias(x, b);
+    }
     let (_, d) = rows_dim(x)?;
     if b.is_some_and(|b| b.elem_count() != d) {
         bail!(
@@ -544,6 +577,9 @@ simd_kernel! {
 
 /// Gradient of [`gelu`] with respect to its input.
 pub fn gelu_bwd(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::gelu_bwd(x, dy);
+    }
     Ok(gelu_bias_bwd_into(x, None, dy.copy()?)?.0)
 }
 
@@ -556,6 +592,9 @@ pub fn gelu_bias_bwd_into(
     b: Option<&Tensor>,
     dy: Tensor,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    if crate::portable::active(x) {
+        return crate::portable::gelu_bias_bwd_into(x, b, dy);
+    }
     let (_, d) = rows_dim(x)?;
     if dy.dims() != x.dims() || b.is_some_and(|b| b.elem_count() != d) {
         bail!(
@@ -618,6 +657,9 @@ simd_kernel! {
 
 /// `y = x * gamma` (gamma broadcast over rows).
 pub fn mul_row(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::mul_row(x, gamma);
+    }
     let (_, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
@@ -634,6 +676,9 @@ pub fn mul_row(x: &Tensor, gamma: &Tensor) -> Result<Tensor> {
 
 /// Gradients of [`mul_row`]: `(dx = dy * gamma, dgamma = sum_rows(dy * x))`.
 pub fn mul_row_bwd(x: &Tensor, gamma: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    if crate::portable::active(x) {
+        return crate::portable::mul_row_bwd(x, gamma, dy);
+    }
     let (_, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
@@ -662,6 +707,9 @@ pub fn mul_row_bwd(x: &Tensor, gamma: &Tensor, dy: &Tensor) -> Result<(Tensor, T
 
 /// `y = x / max(||x||, eps)` per row; returns `y` and the row norms `||x||`.
 pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    if crate::portable::active(x) {
+        return crate::portable::l2_normalize(x, eps);
+    }
     let (rows, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
@@ -685,6 +733,9 @@ pub fn l2_normalize(x: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
 /// Gradient of [`l2_normalize`]: `dx = (dy - y (y . dy)) / ||x||` where the norm exceeds
 /// `eps`, else `dy / eps` (the clamp is constant there).
 pub fn l2_normalize_bwd(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::portable::active(y) {
+        return crate::portable::l2_normalize_bwd(y, norms, dy, eps);
+    }
     let (_, d) = rows_dim(y)?;
     float_dispatch!(y.dtype(), T => {
         let ys = view::<T>(y)?;
@@ -716,6 +767,9 @@ pub fn l2_normalize_bwd(y: &Tensor, norms: &Tensor, dy: &Tensor, eps: f64) -> Re
 
 /// `a + s * b` for tensors of equal shape.
 pub fn axpy(a: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    if crate::portable::active(a) {
+        return crate::portable::axpy(a, b, s);
+    }
     if a.dims() != b.dims() {
         bail!("axpy: shapes {:?} and {:?} differ", a.dims(), b.dims())
     }
@@ -739,6 +793,9 @@ simd_kernel! {
 
 /// `s * a`.
 pub fn scale(a: &Tensor, s: f64) -> Result<Tensor> {
+    if crate::portable::active(a) {
+        return crate::portable::scale(a, s);
+    }
     float_dispatch!(a.dtype(), T => {
         let xs = view::<T>(a)?;
         let s = T::c(s);
@@ -818,6 +875,9 @@ pub fn residual_add(
     r: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::residual_add(x, sel, gamma, r, bias);
+    }
     let (rows, d) = rows_dim(x)?;
     let (src, scales) = selection(sel, rows)?;
     if r.elem_count() != src.len() * d || bias.is_some_and(|b| b.elem_count() != d) {
@@ -876,6 +936,9 @@ pub fn residual_add_bwd(
     r: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    if crate::portable::active(dy) {
+        return crate::portable::residual_add_bwd(dy, sel, gamma, r, bias);
+    }
     let (rows, d) = rows_dim(dy)?;
     let (src, scales) = selection(sel, rows)?;
     let n = src.len();
@@ -936,6 +999,9 @@ simd_kernel! {
 
 /// Gathers the selected row blocks into a new `[sel.rows(), d]` tensor.
 pub fn gather_blocks(x: &Tensor, sel: &RowBlocks) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::gather_blocks(x, sel);
+    }
     let (_, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
@@ -956,6 +1022,9 @@ pub fn scatter_add_blocks(
     r: &Tensor,
     unscaled: bool,
 ) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::scatter_add_blocks(x, sel, r, unscaled);
+    }
     let (_, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
@@ -975,6 +1044,9 @@ pub fn scatter_add_blocks(
 
 /// The adjoint of [`scatter_add_blocks`] for `r`: each gathered block times its scale.
 pub fn gather_blocks_scaled(dy: &Tensor, sel: &RowBlocks) -> Result<Tensor> {
+    if crate::portable::active(dy) {
+        return crate::portable::gather_blocks_scaled(dy, sel);
+    }
     let (_, d) = rows_dim(dy)?;
     float_dispatch!(dy.dtype(), T => {
         let xs = view::<T>(dy)?;
@@ -992,6 +1064,9 @@ pub fn gather_blocks_scaled(dy: &Tensor, sel: &RowBlocks) -> Result<Tensor> {
 /// Unfolds images `[n, c, h, w]` into patch rows `[n * (h/p) * (w/p), c * p * p]`
 /// (channel-major inside a patch, matching a `[D, c, p, p]` convolution weight).
 pub fn im2col(images: &Tensor, p: usize) -> Result<Tensor> {
+    if crate::portable::active(images) {
+        return crate::portable::im2col(images, p);
+    }
     let (n, c, h, w) = images.dims4()?;
     if h % p != 0 || w % p != 0 {
         bail!("image size {h}x{w} is not a multiple of the patch size {p}")
@@ -1030,6 +1105,9 @@ pub fn assemble_tokens(
     mask_token: &Tensor,
     masks: Option<&[u8]>,
 ) -> Result<Tensor> {
+    if crate::portable::active(patches) {
+        return crate::portable::assemble_tokens(patches, n, cls, storage, mask_token, masks);
+    }
     let (rows, d) = rows_dim(patches)?;
     let p = rows / n.max(1);
     let (r, _) = rows_dim(storage)?;
@@ -1073,6 +1151,9 @@ pub fn assemble_tokens_bwd(
     r: usize,
     masks: Option<&[u8]>,
 ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    if crate::portable::active(dtokens) {
+        return crate::portable::assemble_tokens_bwd(dtokens, n, r, masks);
+    }
     let (rows, d) = rows_dim(dtokens)?;
     let nt = rows / n.max(1);
     let p = nt - 1 - r;
@@ -1108,6 +1189,9 @@ pub fn select_rows(
     offset: usize,
     count: usize,
 ) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::select_rows(x, n, stride, offset, count);
+    }
     let (_, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
@@ -1129,6 +1213,9 @@ pub fn select_rows_bwd_add(
     offset: usize,
     count: usize,
 ) -> Result<Tensor> {
+    if crate::portable::active(acc) {
+        return crate::portable::select_rows_bwd_add(acc, g, n, stride, offset, count);
+    }
     let (_, d) = rows_dim(acc)?;
     float_dispatch!(acc.dtype(), T => {
         let gs = view::<T>(g)?;
@@ -1151,6 +1238,9 @@ pub fn select_rows_add_into(
     offset: usize,
     count: usize,
 ) -> Result<()> {
+    if crate::portable::active(acc) {
+        return crate::portable::select_rows_add_into(acc, g, n, stride, offset, count);
+    }
     let (rows, d) = rows_dim(acc)?;
     if g.elem_count() != n * count * d || (n > 0 && (n - 1) * stride + offset + count > rows) {
         bail!(
@@ -1175,6 +1265,9 @@ pub fn select_rows_add_into(
 
 /// Gathers arbitrary rows `[idx.len(), d]`.
 pub fn index_rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
+    if crate::portable::active(x) {
+        return crate::portable::index_rows(x, idx);
+    }
     let (rows, d) = rows_dim(x)?;
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
@@ -1189,6 +1282,9 @@ pub fn index_rows(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
 
 /// Adjoint of [`index_rows`]: scatters (adds) `g` rows into a zero `[rows, d]` tensor.
 pub fn index_rows_bwd(g: &Tensor, idx: &[usize], rows: usize) -> Result<Tensor> {
+    if crate::portable::active(g) {
+        return crate::portable::index_rows_bwd(g, idx, rows);
+    }
     let (_, d) = rows_dim(g)?;
     float_dispatch!(g.dtype(), T => {
         let gs = view::<T>(g)?;
@@ -1202,11 +1298,17 @@ pub fn index_rows_bwd(g: &Tensor, idx: &[usize], rows: usize) -> Result<Tensor> 
 
 /// Concatenates matrices with the same number of columns along rows.
 pub fn cat_rows(parts: &[&Tensor]) -> Result<Tensor> {
+    if parts.first().is_some_and(|t| crate::portable::active(t)) {
+        return crate::portable::cat_rows(parts);
+    }
     Tensor::cat(parts, 0)
 }
 
 /// Sum of squares of all elements, accumulated in f64.
 pub fn sum_sq(x: &Tensor) -> Result<f64> {
+    if crate::portable::active(x) {
+        return crate::portable::sum_sq(x);
+    }
     float_dispatch!(x.dtype(), T => {
         let xs = view::<T>(x)?;
         let parts: Vec<f64> = xs.par_chunks(PAR_ELEMS).map(|c| lane_dot(c, c).f()).collect();

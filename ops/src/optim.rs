@@ -57,6 +57,13 @@ pub fn adamw_update<T: Real>(
     v: &mut [T],
     h: &AdamWStep,
 ) -> Result<()> {
+    if !param.device().is_cpu() {
+        candle_core::bail!(
+            "adamw_update: the parameter is on {:?}; device parameters keep their moments \
+             on the device (use adamw_update_tensors)",
+            param.device()
+        )
+    }
     let state = RefCell::new((m, v));
     let bc1 = 1.0 - h.beta1.powi(h.t as i32);
     let bc2 = 1.0 - h.beta2.powi(h.t as i32);
@@ -76,12 +83,34 @@ pub fn adamw_update<T: Real>(
     })
 }
 
+/// One AdamW update of `param` in place with the moments held as tensors beside it
+/// (device parameters); the new moments replace `m`, `v` (fresh tensors, so a clone of
+/// the old ones keeps its values). The arithmetic is [`crate::portable::adamw_update`]'s;
+/// on the CPU the host-slice [`adamw_update`] is the fused path.
+pub fn adamw_update_tensors(
+    param: &candle_core::Tensor,
+    grad: &candle_core::Tensor,
+    m: &mut candle_core::Tensor,
+    v: &mut candle_core::Tensor,
+    h: &AdamWStep,
+) -> Result<()> {
+    let (p, m2, v2) = crate::portable::adamw_update(param, grad, m, v, h)?;
+    crate::portable::write_into(param, &p)?;
+    *m = m2;
+    *v = v2;
+    Ok(())
+}
+
 /// `teacher <- m * teacher + (1 - m) * student`, in place on `teacher`.
 pub fn ema_update(
     teacher: &candle_core::Tensor,
     student: &candle_core::Tensor,
     momentum: f64,
 ) -> Result<()> {
+    if crate::portable::active(teacher) {
+        let t = crate::portable::ema_update(teacher, student, momentum)?;
+        return crate::portable::write_into(teacher, &t);
+    }
     float_dispatch!(teacher.dtype(), T => {
         let (a, b) = (T::c(momentum), T::c(1.0 - momentum));
         inplace2::<T>(teacher, student, |t, s| {
@@ -94,6 +123,9 @@ pub fn ema_update(
 
 /// `x <- s * x` in place.
 pub fn scale_inplace(x: &candle_core::Tensor, s: f64) -> Result<()> {
+    if crate::portable::active(x) {
+        return crate::portable::scale_inplace(x, s);
+    }
     float_dispatch!(x.dtype(), T => {
         let s = T::c(s);
         inplace::<T>(x, |d| d.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s)))
@@ -102,5 +134,8 @@ pub fn scale_inplace(x: &candle_core::Tensor, s: f64) -> Result<()> {
 
 /// Copies `src` into `dst` in place (same shape and dtype).
 pub fn copy_into(dst: &candle_core::Tensor, src: &candle_core::Tensor) -> Result<()> {
+    if crate::portable::active(dst) {
+        return crate::portable::copy_into(dst, src);
+    }
     float_dispatch!(dst.dtype(), T => inplace2::<T>(dst, src, |d, s| d.copy_from_slice(s)))
 }

@@ -165,6 +165,25 @@ pub fn write_into(dst: &Tensor, src: &Tensor) -> Result<()> {
     dst.flatten_all()?.slice_set(&src.flatten_all()?, 0, 0)
 }
 
+static FORCE_ON_CPU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the ops of [`crate::nn`], [`crate::attention`], [`crate::loss`] and
+/// [`crate::optim`] route a call on `t` to this module: always for tensors off the CPU
+/// (the fused kernels read host memory), and on the CPU too while
+/// [`set_force_on_cpu`] is on.
+#[inline]
+pub fn active(t: &Tensor) -> bool {
+    !t.device().is_cpu() || FORCE_ON_CPU.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Routes every op through this module even on the CPU (process-wide). For tests: the
+/// whole training step then runs the device code path on the host, where it can be
+/// compared with the golden fixtures and the fused kernels without a GPU. Only for a
+/// process (test binary) of its own: it changes what every thread computes.
+pub fn set_force_on_cpu(on: bool) {
+    FORCE_ON_CPU.store(on, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Parses a device name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`. Fails with a clear message
 /// when this build has no CUDA support or the device cannot be opened.
 pub fn device(spec: &str) -> Result<Device> {
@@ -1249,6 +1268,11 @@ fn group_backward(c: &AttnCache, dout: &Tensor) -> Result<Tensor> {
 /// Gradient of [`attention_groups`] with respect to the packed `qkv` (and, summed over
 /// rows, its bias), `[rows, 3D]`, from the gradient of the packed output `[rows, D]`.
 pub fn attention_groups_bwd(caches: &[AttnCache], dout: &Tensor) -> Result<Tensor> {
+    attention_groups_bwd_refs(&caches.iter().collect::<Vec<_>>(), dout)
+}
+
+/// [`attention_groups_bwd`] over borrowed caches.
+pub(crate) fn attention_groups_bwd_refs(caches: &[&AttnCache], dout: &Tensor) -> Result<Tensor> {
     let Some(first) = caches.first() else {
         bail!("attention_groups_bwd: no groups")
     };

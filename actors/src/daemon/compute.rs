@@ -36,6 +36,51 @@ pub enum DeviceFault {
     Lost(String),
 }
 
+/// CUDA driver errors after which the context cannot be used again (sticky errors, a
+/// device that is gone): the process must be restarted.
+const CONTEXT_LOST: &[&str] = &[
+    "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_LAUNCH_TIMEOUT",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+    "CUDA_ERROR_NVLINK_UNCORRECTABLE",
+    "CUDA_ERROR_DEVICE_UNAVAILABLE",
+    "CUDA_ERROR_NO_DEVICE",
+    "CUDA_ERROR_CONTEXT_IS_DESTROYED",
+    "CUDA_ERROR_DEINITIALIZED",
+    "CUDA_ERROR_SYSTEM_NOT_READY",
+    "CUDA_ERROR_UNKNOWN",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+];
+
+/// Classifies an error message of the compute path: a CUDA / cuBLAS error whose context
+/// survives (out of memory, a bad launch configuration) is recoverable by restarting the
+/// actor; a sticky error or a vanished device loses the context. `None`: not a device
+/// error (a bug or bad data: the ordinary restart policy handles it).
+pub fn classify_device_error(msg: &str) -> Option<DeviceFault> {
+    if CONTEXT_LOST.iter().any(|c| msg.contains(c)) {
+        return Some(DeviceFault::Lost(msg.to_string()));
+    }
+    if msg.contains("CUDA_ERROR_") || msg.contains("CUBLAS_STATUS_") || msg.contains("cuda error") {
+        return Some(DeviceFault::Recoverable(msg.to_string()));
+    }
+    None
+}
+
+/// The device fault an error carries: injected ([`DeviceFaultError`]) or a real CUDA
+/// error recognised by [`classify_device_error`].
+pub fn device_fault(e: &anyhow::Error) -> Option<DeviceFault> {
+    if let Some(DeviceFaultError(f)) = e.downcast_ref::<DeviceFaultError>() {
+        return Some(f.clone());
+    }
+    classify_device_error(&format!("{e:#}"))
+}
+
 /// Teacher messages.
 pub enum TeacherMsg {
     /// Compute the targets of a batch.
@@ -117,7 +162,12 @@ impl Actor for TeacherActor {
             })
             .await?;
         st.ctx.board.phase(TEACHER, ActorPhase::Idle);
+        let fault = r.as_ref().err().and_then(device_fault);
         let _ = reply.send(r.map_err(|e| format!("{e:#}")));
+        if let Some(f) = fault {
+            // a device fault fails the actor: the supervisor classifies it
+            return Err(Box::new(DeviceFaultError(f)));
+        }
         Ok(())
     }
 }
@@ -257,9 +307,9 @@ impl Actor for TrainerActor {
                         let _ = reply.send(Ok(summary));
                     }
                     Err(e) => {
-                        let lost = e.downcast_ref::<DeviceFaultError>().cloned();
+                        let lost = device_fault(&e);
                         let _ = reply.send(Err(format!("{e:#}")));
-                        if let Some(DeviceFaultError(f)) = lost {
+                        if let Some(f) = lost {
                             // a device fault fails the actor: the supervisor classifies it
                             return Err(Box::new(DeviceFaultError(f)));
                         }
@@ -413,5 +463,50 @@ impl Actor for EmaActor {
         st.ctx.board.phase(EMA, ActorPhase::Idle);
         let _ = reply.send(r.map_err(|e| format!("{e:#}")));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_errors_are_classified() {
+        // the messages as candle / cudarc print them
+        let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        assert!(matches!(
+            classify_device_error(oom),
+            Some(DeviceFault::Recoverable(_))
+        ));
+        let sticky =
+            "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")";
+        assert!(matches!(
+            classify_device_error(sticky),
+            Some(DeviceFault::Lost(_))
+        ));
+        let gone = "cannot open CUDA device 0: DriverError(CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device is detected\")";
+        assert!(matches!(
+            classify_device_error(gone),
+            Some(DeviceFault::Lost(_))
+        ));
+        assert!(matches!(
+            classify_device_error("CUBLAS_STATUS_EXECUTION_FAILED"),
+            Some(DeviceFault::Lost(_))
+        ));
+        assert!(matches!(
+            classify_device_error("CUBLAS_STATUS_INVALID_VALUE in gemm"),
+            Some(DeviceFault::Recoverable(_))
+        ));
+        // ordinary errors are not device faults
+        assert_eq!(classify_device_error("shape mismatch in matmul"), None);
+        assert_eq!(classify_device_error("corrupt JPEG"), None);
+        // an injected fault keeps its class through anyhow
+        let e = anyhow::Error::new(DeviceFaultError(DeviceFault::Lost("x".into())));
+        assert_eq!(device_fault(&e), Some(DeviceFault::Lost("x".into())));
+        let e = anyhow::anyhow!("step 3: {oom}");
+        assert!(matches!(
+            device_fault(&e),
+            Some(DeviceFault::Recoverable(_))
+        ));
     }
 }

@@ -49,7 +49,12 @@ pub fn load_teacher_backbone(ctx: &Ctx, step: u64) -> anyhow::Result<model::vit:
     if let Some(e) = err {
         return Err(e);
     }
-    Ok(vit)
+    let dev = crate::runtime::device(&ctx.plan.config.runtime.device)?;
+    Ok(if dev.is_cpu() {
+        vit
+    } else {
+        vit.to_device(&dev)?
+    })
 }
 
 /// Actor name.
@@ -265,13 +270,14 @@ impl CoordState {
         let ctx = self.ctx.clone();
         let (step, teacher) = {
             let e = ctx.engine.lock();
-            (
-                e.ts.step,
-                e.ts.teacher
-                    .backbone
-                    .deep_clone()
-                    .map_err(|e| e.to_string())?,
-            )
+            // a host copy: the probes run on the evaluator's thread on the CPU
+            let bb = &e.ts.teacher.backbone;
+            let copy = if bb.device().is_cpu() {
+                bb.deep_clone()
+            } else {
+                bb.to_device(&candle_core::Device::Cpu)
+            };
+            (e.ts.step, copy.map_err(|e| e.to_string())?)
         };
         let ev = call(&ctx.board, evaluator::NAME, move |reply| {
             evaluator::EvalMsg::Evaluate {

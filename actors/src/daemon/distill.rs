@@ -257,7 +257,12 @@ fn open_at(ctx: &Ctx, index: u64) -> Result<data::Loader> {
 
 fn teacher_outputs(ctx: &Ctx, index: u64, h: &data::HostBatch) -> Result<Item> {
     let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
-    let batch = to_batch(h, ctx.plan.config.precision.dtype(), false)?;
+    let batch = to_batch(
+        h,
+        ctx.plan.config.precision.dtype(),
+        false,
+        &candle_core::Device::Cpu,
+    )?;
     let hp = StepHparams {
         teacher_temp: ctx.plan.teacher_temp.at(index),
         ..ctx.plan.hparams(index)

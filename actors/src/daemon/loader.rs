@@ -53,9 +53,14 @@ pub struct LoaderState {
     loader: Arc<Mutex<Option<data::Loader>>>,
 }
 
-/// Converts a host batch to tensors of `dtype`.
-pub fn to_batch(h: &data::HostBatch, dtype: DType, with_gram: bool) -> Result<model::Batch> {
-    let dev = Device::Cpu;
+/// Converts a host batch to tensors of `dtype` on `dev`.
+pub fn to_batch(
+    h: &data::HostBatch,
+    dtype: DType,
+    with_gram: bool,
+    dev: &Device,
+) -> Result<model::Batch> {
+    let dev = dev.clone();
     let b = h.batch_size;
     let (g, l) = (h.global_size as usize, h.local_size as usize);
     let global = Tensor::from_slice(&h.global_crops, (2 * b, 3, g, g), &dev)?.to_dtype(dtype)?;
@@ -163,7 +168,12 @@ impl Actor for LoaderActor {
                         Ok(LoadedBatch {
                             batch_index: h.batch_index,
                             cursor_after: h.cursor_after,
-                            batch: to_batch(&h, dtype, with_gram)?,
+                            batch: to_batch(
+                                &h,
+                                dtype,
+                                with_gram,
+                                &crate::runtime::device(&ctx.plan.config.runtime.device)?,
+                            )?,
                             bad_inputs: h.bad_inputs.clone(),
                             n_substituted: h.n_substituted,
                         })

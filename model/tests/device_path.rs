@@ -1,0 +1,128 @@
+//! The device code path (`ops::portable` behind every op, moments as tensors beside the
+//! parameters, in-place updates through device copies, attention caches of the device
+//! kind) run end to end on the host and checked against the golden fixtures, so the
+//! plumbing a GPU run depends on is proven on every CI machine. The GPU itself is
+//! checked by `scripts/gpu-check.sh` (`dinod parity --device cuda`).
+//!
+//! A test binary of its own: `ops::portable::set_force_on_cpu` is process-wide.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use model::fixture::Fixture;
+use model::optim::Moments;
+use model::parity::run_on;
+
+fn golden(name: &str) -> Fixture {
+    let dir = std::env::var_os("DINOD_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"));
+    let path = dir.join(name);
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("cannot read golden fixture {}: {e}", path.display()));
+    Fixture::parse(&bytes).unwrap()
+}
+
+/// bf16 on the host path: the forward stays under the 2e-2 of `dinod parity`
+/// (measured 5.4e-3), but gradients reach 3.2e-2 (patch embedding, iBOT head: sums over
+/// many bf16 products; the logits' bf16 rounding is amplified by 1/temperature in the
+/// loss gradients). The GPU figure, with cuBLAS's f32 accumulation, is in BENCHMARKS.md.
+const HOST_BF16_GRAD_TOL: f64 = 5e-2;
+
+fn assert_parity(file: &str, dtype: DType) {
+    ops::portable::set_force_on_cpu(true);
+    let rows = run_on(&golden(file), dtype, &Device::Cpu).unwrap();
+    assert!(
+        rows.len() > 10,
+        "{file}: only {} tensors compared",
+        rows.len()
+    );
+    let ok = |r: &model::parity::Row| {
+        if dtype == DType::BF16 && r.name.starts_with("grad.") {
+            r.rel_err < HOST_BF16_GRAD_TOL
+        } else {
+            r.ok()
+        }
+    };
+    let bad: Vec<String> = rows
+        .iter()
+        .filter(|r| !ok(r))
+        .map(|r| format!("{} {:e} (tol {:e})", r.name, r.rel_err, r.tol))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{file} in {dtype:?} on the device path: {} of {} tensors out of tolerance:\n{}",
+        bad.len(),
+        rows.len(),
+        bad.join("\n")
+    );
+}
+
+#[test]
+fn device_path_vit_forward_matches_official() {
+    assert_parity("vit_forward.safetensors", DType::F64);
+    assert_parity("vit_forward.safetensors", DType::F32);
+    assert_parity("vit_forward.safetensors", DType::BF16);
+}
+
+#[test]
+fn device_path_losses_match_official() {
+    assert_parity("losses.safetensors", DType::F64);
+    assert_parity("losses.safetensors", DType::F32);
+    assert_parity("losses.safetensors", DType::BF16);
+}
+
+#[test]
+fn device_path_train_step_matches_official() {
+    assert_parity("train_step.safetensors", DType::F64);
+    assert_parity("train_step.safetensors", DType::F32);
+    assert_parity("train_step.safetensors", DType::BF16);
+}
+
+/// Moments beside device parameters are tensors; a clone of the optimizer keeps its
+/// values when the original steps (updates replace the tensors, never write in place).
+#[test]
+fn device_moments_are_tensors_and_clones_stay_put() {
+    ops::portable::set_force_on_cpu(true);
+    let p = candle_core::Tensor::new(&[1.0f32, -2.0, 3.0], &Device::Cpu).unwrap();
+    let g = candle_core::Tensor::new(&[0.5f32, 0.5, -0.5], &Device::Cpu).unwrap();
+    let mo = Moments::zeros_like(&p).unwrap();
+    let Moments::Tensors { mut m, mut v } = mo.clone() else {
+        panic!("host moments for a device-path parameter")
+    };
+    let h = ops::optim::AdamWStep {
+        lr: 0.1,
+        weight_decay: 0.0,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        t: 1,
+    };
+    ops::optim::adamw_update_tensors(&p, &g, &mut m, &mut v, &h).unwrap();
+    assert_eq!(mo, Moments::zeros_like(&p).unwrap(), "the clone changed");
+    // first AdamW step: p - lr * sign(g)
+    let got = p.to_vec1::<f32>().unwrap();
+    for (a, b) in got.iter().zip([0.9f32, -2.1, 3.1]) {
+        assert!((a - b).abs() < 1e-5, "{got:?}");
+    }
+    let host = Moments::Tensors { m, v }.placed_for(&p).unwrap();
+    assert!(matches!(host, Moments::Tensors { .. }));
+}
+
+#[test]
+#[ignore]
+fn print_bf16_rows() {
+    ops::portable::set_force_on_cpu(true);
+    for f in [
+        "vit_forward.safetensors",
+        "losses.safetensors",
+        "train_step.safetensors",
+    ] {
+        let rows = run_on(&golden(f), DType::BF16, &Device::Cpu).unwrap();
+        let mut v: Vec<_> = rows.iter().map(|r| (r.rel_err, r.name.clone())).collect();
+        v.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
+        for (e, n) in v.iter().take(12) {
+            println!("{f} {n} {e:.3e}");
+        }
+    }
+}

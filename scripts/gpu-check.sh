@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# The GPU check of dinod, in one run of at most about 10 minutes on a machine with an NVIDIA
+# GPU, PyTorch (for its CUDA libraries and the side-by-side baseline) and no Rust toolchain:
+#
+#   scripts/gpu-check.sh [--quick]
+#
+# Needs the CUDA build of dinod (scripts/build-cuda.sh, built elsewhere and carried here)
+# at $DINOD (default target-cuda/release/dinod) and the golden fixtures at $DINOD_GOLDEN
+# (default ../shared/golden, else target-cuda/golden). Writes everything under $OUT
+# (default gpu-check-out/): gpu-check.log, one JSON file per measurement, summary.md.
+#
+# What it does, each part under its own time limit so a slow part cannot eat the rest:
+#  1. the card (nvidia-smi), the libraries the binary resolves (LD_LIBRARY_PATH from
+#     PyTorch's nvidia-* wheels);
+#  2. the measured matmul peak of the card with PyTorch (bf16 and f32/TF32, 8192^3);
+#  3. `dinod parity --device cuda` on the three golden fixtures in f32 (tolerance 1e-4)
+#     and bf16 (2e-2);
+#  4. `dinod bench step --device cuda` for vit_small/16 and vit_base/16 at 224 px
+#     (2 global + 8 local 96 px crops, batch 64, iBOT, KoLeo; and with the Gram teacher
+#     at 448 px), f32 and bf16 with f32 master weights, next to
+#     scripts/torch_step_bench.py (PyTorch eager, same model, losses and crops, `--amp
+#     bf16` for autocast) on the same card; peak device memory sampled by nvidia-smi;
+#  5. a real device error: a batch that cannot fit, which must fail with a clear
+#     out-of-memory message and exit non-zero, not hang or crash;
+#  6. summary.md: step ms, images/s, MFU against the measured bf16 / f32 peak, ratio to
+#     PyTorch.
+# `--quick` keeps 1 warm-up + 2 timed iterations per benchmark (default 2 + 4).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-$ROOT/gpu-check-out}
+mkdir -p "$OUT"
+DINOD=${DINOD:-$ROOT/target-cuda/release/dinod}
+PY=${PYTHON:-python3}
+WARM=2
+ITERS=4
+[ "${1:-}" = "--quick" ] && { WARM=1; ITERS=2; }
+LOG="$OUT/gpu-check.log"
+exec > >(tee -a "$LOG") 2>&1
+say() { printf '\n== %s  (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
+T0=$(date +%s)
+
+if [ -z "${DINOD_GOLDEN:-}" ]; then
+  for d in "$ROOT/../shared/golden" "$ROOT/shared/golden" "$ROOT/target-cuda/golden"; do
+    [ -f "$d/train_step.safetensors" ] && { DINOD_GOLDEN=$d; break; }
+  done
+fi
+export DINOD_GOLDEN=${DINOD_GOLDEN:-}
+
+# ------------------------------------------------------------------ 1. card and libraries
+say "1. the card and the libraries"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv | tee "$OUT/card.csv"
+NVLIBS=$("$PY" - <<'EOF'
+import glob, os, torch
+site = os.path.dirname(os.path.dirname(torch.__file__))
+dirs = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(site, "nvidia", "**", "lib*.so*"), recursive=True)})
+dirs.append(os.path.join(os.path.dirname(torch.__file__), "lib"))
+print(":".join(dirs))
+EOF
+)
+export LD_LIBRARY_PATH="$NVLIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+[ -x "$DINOD" ] || { echo "gpu-check: no dinod binary at $DINOD (build it with scripts/build-cuda.sh)"; exit 2; }
+if ldd "$DINOD" | grep "not found"; then
+  echo "gpu-check: the binary misses libraries (above); LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  exit 2
+fi
+ldd "$DINOD" | grep -E "cuda|cublas|curand|nvrtc" || true
+
+# ------------------------------------------------------------------ 2. matmul peak
+say "2. matmul peak (PyTorch, 8192^3)"
+timeout 90 "$PY" - <<'EOF' | tee "$OUT/peak.json"
+import json, time, torch
+n = 8192
+out = {}
+for name, dt, tf32 in [("bf16", torch.bfloat16, False), ("f32_tf32", torch.float32, True), ("f32", torch.float32, False)]:
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    a = torch.randn(n, n, device="cuda", dtype=dt)
+    b = torch.randn(n, n, device="cuda", dtype=dt)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    reps = 20 if dt == torch.bfloat16 else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    out[name + "_tflops"] = 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+print(json.dumps(out))
+EOF
+
+# ------------------------------------------------------------------ 3. golden fixtures
+say "3. golden fixtures on the GPU"
+if [ -n "$DINOD_GOLDEN" ]; then
+  for dt in f32 bf16; do
+    timeout 120 "$DINOD" parity --device cuda --dtype $dt --json "$DINOD_GOLDEN"/{vit_forward,losses,train_step}.safetensors >"$OUT/parity-$dt.jsonl"
+    echo "parity $dt: exit $?"
+    "$PY" - "$OUT/parity-$dt.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for f in sorted({r["fixture"] for r in rows}):
+    rs = [r for r in rows if r["fixture"] == f and r["tensor"] and not r["tensor"].startswith("param_group")]
+    worst = max(rs, key=lambda r: r["rel_err"]) if rs else None
+    bad = [r for r in rs if not r["ok"]]
+    print(f"  {f.split('/')[-1]:28s} {len(rs):4d} tensors, {len(bad)} out of tolerance, worst {worst['rel_err']:.2e} ({worst['tensor']})" if worst else f"  {f}: no rows")
+    for r in bad[:8]:
+        print(f"      {r['tensor']:60s} {r['rel_err']:.3e} (tol {r['tol']:.0e})")
+EOF
+  done
+else
+  echo "no golden fixtures found (set DINOD_GOLDEN)"
+fi
+
+# ------------------------------------------------------------------ 4. the training step
+mem_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$OUT/mem-$1.txt" 2>/dev/null & MEMPID=$!; }
+mem_stop() { kill "$MEMPID" 2>/dev/null; wait "$MEMPID" 2>/dev/null; sort -n "$OUT/mem-$1.txt" | tail -1; }
+bench() { # name, dinod config, torch config, precision (f32|bf16)
+  local name=$1 cfg=$2 tcfg=$3 prec=$4 amp=none
+  [ "$prec" = bf16 ] && amp=bf16
+  mem_start "dinod-$name"
+  timeout 150 "$DINOD" bench step --config "$cfg" --device cuda --precision "$prec" --warmup $WARM --iters $ITERS --json >"$OUT/dinod-$name.json"
+  local rc=$?
+  echo "dinod  $name: exit $rc, peak memory $(mem_stop "dinod-$name") MiB  $(head -c 300 "$OUT/dinod-$name.json")"
+  mem_start "torch-$name"
+  timeout 150 "$PY" scripts/torch_step_bench.py --config "$tcfg" --device cuda --amp $amp --warmup $WARM --iters $ITERS --json >"$OUT/torch-$name.json"
+  rc=$?
+  echo "torch  $name: exit $rc, peak memory $(mem_stop "torch-$name") MiB"
+}
+say "4. the training step, dinod vs PyTorch eager"
+bench s16-bf16 configs/bench-gpu-s16.toml gpu-s16 bf16
+bench b16-bf16 configs/bench-gpu-b16.toml gpu-b16 bf16
+bench s16-f32 configs/bench-gpu-s16.toml gpu-s16 f32
+bench b16-f32 configs/bench-gpu-b16.toml gpu-b16 f32
+bench b16-gram-bf16 configs/bench-gpu-b16-gram.toml gpu-b16-gram bf16
+bench s16-gram-bf16 configs/bench-gpu-s16-gram.toml gpu-s16-gram bf16
+
+# ------------------------------------------------------------------ 5. a real device error
+say "5. a real out-of-memory error"
+timeout 120 "$DINOD" bench step --config configs/bench-gpu-b16.toml --device cuda --batch-size 8192 --warmup 0 --iters 1 >"$OUT/oom.txt" 2>&1
+echo "exit $? (non-zero expected); $(grep -i -m1 -E "memory|error" "$OUT/oom.txt")"
+
+# ------------------------------------------------------------------ 6. summary
+say "6. summary"
+"$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.md"
+import json, os, sys
+out = sys.argv[1]
+def load(p):
+    try:
+        return json.load(open(os.path.join(out, p)))
+    except Exception:
+        return None
+peak = load("peak.json") or {}
+card = open(os.path.join(out, "card.csv")).read().splitlines()[-1].split(",")[0]
+print(f"card: {card}; measured matmul peak: bf16 {peak.get('bf16_tflops', 0):.0f} TFLOP/s, "
+      f"f32 (TF32 off) {peak.get('f32_tflops', 0):.1f}, TF32 {peak.get('f32_tf32_tflops', 0):.0f}")
+print()
+print("| benchmark | dinod ms | torch ms | dinod / torch | dinod img/s | torch img/s | dinod MFU | GFLOP/step |")
+print("|---|---|---|---|---|---|---|---|")
+names = sorted({f[6:-5] for f in os.listdir(out) if f.startswith("dinod-") and f.endswith(".json")})
+for n in names:
+    d, t = load(f"dinod-{n}.json"), load(f"torch-{n}.json")
+    pk = peak.get("bf16_tflops" if n.endswith("bf16") else "f32_tflops", 0) * 1e3
+    dm = d["median_ms"] if d else float("nan")
+    tm = t["median_ms"] if t else float("nan")
+    g = d["gflop_per_step"] if d else float("nan")
+    mfu = g / (dm / 1e3) / pk * 100 if d and pk else float("nan")
+    print(f"| {n} | {dm:.1f} | {tm:.1f} | {dm / tm:.2f} | {d['images_per_s'] if d else float('nan'):.1f} | "
+          f"{t['images_per_s'] if t else float('nan'):.1f} | {mfu:.1f}% | {g:.0f} |")
+print()
+for n in names:
+    d, t = load(f"dinod-{n}.json"), load(f"torch-{n}.json")
+    if d:
+        print(f"dinod {n} phases: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases_ms"]))
+    if t:
+        print(f"torch {n} phases: " + ", ".join(f"{k} {v:.1f}" for k, v in t["phases_ms"]))
+EOF
+echo "gpu-check: done in $(( $(date +%s) - T0 )) s; results in $OUT"

@@ -93,9 +93,9 @@ impl PartialEq for Moments {
                     t.flatten_all()
                         .and_then(|t| t.to_dtype(DType::F64))
                         .and_then(|t| t.to_vec1::<f64>())
-                        .ok()
                 };
-                host(m).is_some() && host(m) == host(m2) && host(v) == host(v2)
+                matches!((host(m), host(m2)), (Ok(a), Ok(b)) if a == b)
+                    && matches!((host(v), host(v2)), (Ok(a), Ok(b)) if a == b)
             }
             _ => false,
         }

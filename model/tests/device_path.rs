@@ -108,21 +108,3 @@ fn device_moments_are_tensors_and_clones_stay_put() {
     let host = Moments::Tensors { m, v }.placed_for(&p).unwrap();
     assert!(matches!(host, Moments::Tensors { .. }));
 }
-
-#[test]
-#[ignore]
-fn print_bf16_rows() {
-    ops::portable::set_force_on_cpu(true);
-    for f in [
-        "vit_forward.safetensors",
-        "losses.safetensors",
-        "train_step.safetensors",
-    ] {
-        let rows = run_on(&golden(f), DType::BF16, &Device::Cpu).unwrap();
-        let mut v: Vec<_> = rows.iter().map(|r| (r.rel_err, r.name.clone())).collect();
-        v.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap());
-        for (e, n) in v.iter().take(12) {
-            println!("{f} {n} {e:.3e}");
-        }
-    }
-}

@@ -103,6 +103,16 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
             l["gram"].as_f64().unwrap_or(f64::NAN)
         );
     }
+    if let Some(d) = r["device"].as_str().filter(|d| !d.is_empty()) {
+        println!(
+            "device       {d}{}",
+            r["batch_size"]
+                .as_u64()
+                .filter(|b| *b > 0)
+                .map(|b| format!("  (batch {b})"))
+                .unwrap_or_default()
+        );
+    }
     println!("lr           {:.3e}", r["lr"].as_f64().unwrap_or(0.0));
     println!(
         "throughput   {:.1} images/s ({:.0} ms/step)",

@@ -456,6 +456,17 @@ pub struct RuntimeSection {
     /// Accelerator loss policy.
     #[serde(default)]
     pub on_gpu_loss: OnDeviceLoss,
+    /// `on_gpu_loss = "wait"`: seconds between probes of the lost device.
+    #[serde(default = "d_gpu_probe_every")]
+    pub gpu_probe_every_s: f64,
+    /// `on_gpu_loss = "wait"`: give up (checkpoint, exit 75) after this many seconds
+    /// without the device; 0 waits for ever.
+    #[serde(default)]
+    pub gpu_wait_max_s: f64,
+    /// `on_gpu_loss = "cpu"`: the batch size on the CPU (default: a quarter of
+    /// `train.batch_size`, at least 2). The LR is rescaled for it by `train.lr_scaling`.
+    #[serde(default)]
+    pub cpu_batch_size: Option<usize>,
     /// Injected faults.
     #[serde(default)]
     pub faults: Vec<FaultSpec>,
@@ -467,6 +478,10 @@ fn d_log_every() -> u64 {
 
 fn d_device() -> String {
     "cpu".into()
+}
+
+fn d_gpu_probe_every() -> f64 {
+    30.0
 }
 
 /// Whether `s` names a device: `cpu`, `cuda` or `cuda:N`.
@@ -487,6 +502,9 @@ impl Default for RuntimeSection {
             restart: RestartSection::default(),
             device: d_device(),
             on_gpu_loss: OnDeviceLoss::Exit,
+            gpu_probe_every_s: d_gpu_probe_every(),
+            gpu_wait_max_s: 0.0,
+            cpu_batch_size: None,
             faults: vec![],
         }
     }
@@ -726,6 +744,22 @@ impl Plan {
                 .is_some_and(|d| d.teacher == SELF_TEACHER)
     }
 
+    /// The plan a run continues with on the CPU after losing its accelerator
+    /// (`on_gpu_loss = "cpu"`): the same recipe on `cpu` at `runtime.cpu_batch_size`
+    /// (default a quarter of the batch, at least 2), the LR rescaled for that batch by
+    /// `train.lr_scaling`. Validated like any config.
+    pub fn cpu_fallback(&self) -> Result<Plan, ConfigErrors> {
+        let mut cfg = self.config.clone();
+        let b = cfg.train.batch_size;
+        cfg.train.batch_size = cfg.runtime.cpu_batch_size.unwrap_or((b / 4).max(2)).min(b);
+        cfg.runtime.device = "cpu".into();
+        let text = toml::to_string(&cfg).map_err(|e| ConfigErrors {
+            origin: "the CPU fallback".into(),
+            problems: vec![problem("(value)", e.to_string())],
+        })?;
+        parse(&text, "the CPU fallback")
+    }
+
     /// The schedule values of `step` in the pretraining stage.
     pub fn hparams(&self, step: u64) -> StepHparams {
         let t = &self.config.train;
@@ -808,6 +842,36 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             "runtime.device",
             format!("`{}`: use cpu, cuda or cuda:N", cfg.runtime.device),
         ));
+    }
+    let rt = &cfg.runtime;
+    if !(rt.gpu_probe_every_s > 0.0 && rt.gpu_probe_every_s.is_finite()) {
+        problems.push(problem(
+            "runtime.gpu_probe_every_s",
+            format!(
+                "must be a positive number of seconds, got {}",
+                rt.gpu_probe_every_s
+            ),
+        ));
+    }
+    if !(rt.gpu_wait_max_s >= 0.0 && rt.gpu_wait_max_s.is_finite()) {
+        problems.push(problem(
+            "runtime.gpu_wait_max_s",
+            format!(
+                "must be 0 (no limit) or a positive number of seconds, got {}",
+                rt.gpu_wait_max_s
+            ),
+        ));
+    }
+    if let Some(b) = rt.cpu_batch_size {
+        if b < 2 || b > cfg.train.batch_size {
+            problems.push(problem(
+                "runtime.cpu_batch_size",
+                format!(
+                    "must be between 2 and train.batch_size ({}), got {b}",
+                    cfg.train.batch_size
+                ),
+            ));
+        }
     }
     let mut ssl = None;
     if let Some(backbone) = backbone {
@@ -1195,6 +1259,55 @@ mod tests {
             let e = super::parse(&text, "t").unwrap_err().to_string();
             assert!(e.contains("runtime.device"), "{bad}: {e}");
         }
+    }
+
+    /// The device-loss keys are checked when the config is read, and the CPU fallback
+    /// plan is the same recipe at the smaller batch with the LR rescaled for it.
+    #[test]
+    fn the_device_loss_policy_is_validated_and_the_cpu_plan_rescales() {
+        let with = |rt: &str| {
+            format!(
+                "{}\n[runtime]\n{rt}\n",
+                strip_runtime(super::DEFAULT_RECIPE)
+            )
+        };
+        for (bad, key) in [
+            ("gpu_probe_every_s = 0.0", "runtime.gpu_probe_every_s"),
+            ("gpu_probe_every_s = -1.0", "runtime.gpu_probe_every_s"),
+            ("gpu_wait_max_s = -5.0", "runtime.gpu_wait_max_s"),
+            ("cpu_batch_size = 1", "runtime.cpu_batch_size"),
+            ("cpu_batch_size = 100000", "runtime.cpu_batch_size"),
+            ("on_gpu_loss = \"retry\"", "on_gpu_loss"),
+        ] {
+            let e = super::parse(&with(bad), "t").unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let plan = super::parse(
+            &with("device = \"cuda:0\"\non_gpu_loss = \"cpu\"\ncpu_batch_size = 8\ngpu_wait_max_s = 600.0"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(plan.config.runtime.on_gpu_loss, super::OnDeviceLoss::Cpu);
+        let b = plan.config.train.batch_size;
+        let fb = plan.cpu_fallback().unwrap();
+        assert_eq!(fb.config.runtime.device, "cpu");
+        assert_eq!(fb.config.train.batch_size, 8);
+        // sqrt scaling with respect to 1024 (the default recipe's rule)
+        let (lr0, lr) = (plan.lr.at(u64::MAX), fb.lr.at(u64::MAX));
+        let want = lr0 * (8.0 / b as f64).sqrt();
+        assert!((lr - want).abs() < 1e-12 * want.max(1.0), "{lr} vs {want}");
+        // everything else is the recipe's
+        assert_eq!(fb.config.train.warmup_steps, plan.config.train.warmup_steps);
+        assert_eq!(
+            format!("{:?}", fb.config.model),
+            format!("{:?}", plan.config.model)
+        );
+        // without cpu_batch_size: a quarter of the batch, at least 2
+        let plan = super::parse(&with("on_gpu_loss = \"cpu\""), "t").unwrap();
+        assert_eq!(
+            plan.cpu_fallback().unwrap().config.train.batch_size,
+            (b / 4).max(2)
+        );
     }
 
     /// The default recipe without its `[runtime]` table (so a test can append one).

@@ -3,12 +3,14 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
+/// The process's open devices, by name.
+static DEVICES: OnceLock<Mutex<HashMap<String, candle_core::Device>>> = OnceLock::new();
+
 /// The device named `spec` (`cpu`, `cuda`, `cuda:N`), opened once per process: candle
 /// gives every `Device::new_cuda` call its own context handle, and tensors of two handles
 /// cannot meet in one op, so the engine, the loader and the Gram-teacher loads must share
 /// this one. Fails with a clear message in a build without CUDA or without the device.
 pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
-    static DEVICES: OnceLock<Mutex<HashMap<String, candle_core::Device>>> = OnceLock::new();
     let spec = if spec == "cuda" { "cuda:0" } else { spec };
     let mut map = DEVICES
         .get_or_init(|| Mutex::new(HashMap::new()))
@@ -19,6 +21,27 @@ pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
     }
     let d = ops::portable::device(spec)?;
     map.insert(spec.to_string(), d.clone());
+    Ok(d)
+}
+
+/// Probes the device named `spec` after it was lost: forgets the process's handle, opens
+/// it again and runs a small matmul whose result is read back and checked. On success the
+/// new handle is the one [`device`] returns from now on (state moved to it afterwards
+/// works); on failure the error says why (no device, driver error, wrong result).
+pub fn reopen(spec: &str) -> anyhow::Result<candle_core::Device> {
+    let key = if spec == "cuda" { "cuda:0" } else { spec };
+    if let Some(m) = DEVICES.get() {
+        m.lock()
+            .map_err(|_| anyhow::anyhow!("device table poisoned"))?
+            .remove(key);
+    }
+    let d = device(spec)?;
+    let a = candle_core::Tensor::ones((16, 16), candle_core::DType::F32, &d)?;
+    let s = a.matmul(&a)?.sum_all()?.to_scalar::<f32>()?;
+    anyhow::ensure!(
+        s == 4096.0,
+        "the device answered a test matmul wrongly ({s} instead of 4096)"
+    );
     Ok(d)
 }
 

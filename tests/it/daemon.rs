@@ -423,6 +423,105 @@ fn losing_the_device_checkpoints_and_exits_75() {
 }
 
 #[test]
+fn waiting_for_a_lost_device_resumes_when_it_answers() {
+    let dir = TempDir::new("device-wait");
+    let cfg = write_config(
+        dir.path(),
+        &tiny_config("[runtime]\non_gpu_loss = \"wait\"\ngpu_probe_every_s = 0.2\n"),
+    );
+    let st = dir.path().join("state");
+    // the device stays away for 1.5 s after the loss at step 5
+    let o = run_to(&cfg, &st, STEPS, &["--inject", "device_lost@5+1500"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&st);
+    let k = kinds(&ev);
+    for want in [
+        "device.lost",
+        "device.waiting",
+        "device.probe_failed",
+        "device.restored",
+    ] {
+        assert!(k.iter().any(|x| x == want), "no {want} in {k:?}");
+    }
+    let restored = ev.iter().find(|e| e["kind"] == "device.restored").unwrap();
+    let waited = restored["fields"]["waited_s"].as_f64().unwrap();
+    assert!(
+        waited >= 1.4,
+        "restored after {waited} s, before the device came back"
+    );
+    let probes = restored["fields"]["probes"].as_u64().unwrap();
+    assert!(
+        (2..=12).contains(&probes),
+        "{probes} probes in {waited:.1} s at one per 0.2 s"
+    );
+    // the wait lost nothing: the run is the uninterrupted one
+    assert_eq!(&fingerprint(&st), reference());
+    assert_eq!(status(&st)["run"]["device"], "cpu");
+}
+
+#[test]
+fn a_device_that_does_not_come_back_in_time_exits_75_and_the_restart_continues() {
+    let dir = TempDir::new("device-wait-expired");
+    let cfg = write_config(
+        dir.path(),
+        &tiny_config(
+            "[runtime]\non_gpu_loss = \"wait\"\ngpu_probe_every_s = 0.1\ngpu_wait_max_s = 0.5\n",
+        ),
+    );
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, STEPS, &["--inject", "device_lost@5+60000"]);
+    assert_eq!(o.status.code(), Some(75), "{}", text(&o));
+    let k = kinds(&events(&st));
+    assert!(k.iter().any(|x| x == "device.wait_expired"), "{k:?}");
+    assert!(!k.iter().any(|x| x == "device.restored"), "{k:?}");
+    let o = run_to(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(&fingerprint(&st), reference());
+}
+
+#[test]
+fn losing_the_device_with_the_cpu_policy_goes_on_on_the_cpu_plan() {
+    let dir = TempDir::new("device-cpu");
+    let cfg = write_config(
+        dir.path(),
+        &tiny_config("[runtime]\non_gpu_loss = \"cpu\"\ncpu_batch_size = 2\n"),
+    );
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, STEPS, &["--inject", "device_lost@5"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&st);
+    let fb = ev
+        .iter()
+        .find(|e| e["kind"] == "device.fallback")
+        .unwrap_or_else(|| panic!("no device.fallback in {:?}", kinds(&ev)));
+    assert_eq!(fb["fields"]["batch_size"], 2);
+    assert_eq!(fb["fields"]["was_batch_size"], 4);
+    // the LR follows the smaller batch by `train.lr_scaling`
+    let (lr, was) = (
+        fb["fields"]["lr"].as_f64().unwrap(),
+        fb["fields"]["was_lr"].as_f64().unwrap(),
+    );
+    assert!(lr > 0.0 && lr < was, "lr {lr} was {was}");
+    let s = status(&st);
+    assert_eq!(s["run"]["step"], STEPS);
+    assert_eq!(s["run"]["batch_size"], 2);
+    assert!(
+        s["run"]["device"].as_str().unwrap().contains("fallback"),
+        "{}",
+        s["run"]
+    );
+    // the steps after the fallback are not the uninterrupted run's
+    assert_ne!(&fingerprint(&st), reference());
+    // a restarted process goes back to the configured plan
+    let o = run_to(&cfg, &st, STEPS + 3, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let s = status(&st);
+    assert_eq!(s["run"]["step"], STEPS + 3);
+    assert_eq!(s["run"]["batch_size"], 4);
+    assert_eq!(s["run"]["device"], "cpu");
+}
+
+#[test]
 fn a_hung_actor_is_detected_and_restarted() {
     let dir = TempDir::new("hang");
     let cfg = write_config(

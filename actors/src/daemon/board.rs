@@ -97,6 +97,13 @@ pub struct RunStatus {
     pub data_cursor: serde_json::Value,
     /// Fingerprint of the state at the last checkpoint (for resume checks).
     pub fingerprint: Option<String>,
+    /// Where the step runs: the device, `waiting for DEVICE`, or `cpu (fallback from
+    /// DEVICE)`.
+    #[serde(default)]
+    pub device: String,
+    /// The batch size in force (smaller after a fall-back to the CPU).
+    #[serde(default)]
+    pub batch_size: usize,
     /// Per-student lines of a distillation run.
     #[serde(default)]
     pub students: std::collections::BTreeMap<String, serde_json::Value>,

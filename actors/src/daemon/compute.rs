@@ -163,6 +163,9 @@ impl Actor for TeacherActor {
             .await?;
         st.ctx.board.phase(TEACHER, ActorPhase::Idle);
         let fault = r.as_ref().err().and_then(device_fault);
+        if let Some(DeviceFault::Lost(m)) = &fault {
+            st.ctx.device.mark_lost(m, None);
+        }
         let _ = reply.send(r.map_err(|e| format!("{e:#}")));
         if let Some(f) = fault {
             // a device fault fails the actor: the supervisor classifies it
@@ -258,10 +261,14 @@ impl Actor for TrainerActor {
                             ))));
                         }
                         if let Some(f) = ctx.faults.take("device_lost", None, step) {
-                            let _ = f;
-                            bail!(DeviceFaultError(DeviceFault::Lost(format!(
-                                "injected loss of the device context at step {step}"
-                            ))));
+                            // `+MS`: the device stays away that long (probes fail)
+                            let why = format!("injected loss of the device context at step {step}");
+                            ctx.device.mark_lost(
+                                &why,
+                                (f.duration_ms > 0)
+                                    .then(|| std::time::Duration::from_millis(f.duration_ms)),
+                            );
+                            bail!(DeviceFaultError(DeviceFault::Lost(why)));
                         }
                         let eng = ctx.engine.lock();
                         if eng.ts.step != step {
@@ -308,6 +315,10 @@ impl Actor for TrainerActor {
                     }
                     Err(e) => {
                         let lost = device_fault(&e);
+                        if let Some(DeviceFault::Lost(m)) = &lost {
+                            // before the reply: the coordinator must see the loss first
+                            st.ctx.device.mark_lost(m, None);
+                        }
                         let _ = reply.send(Err(format!("{e:#}")));
                         if let Some(f) = lost {
                             // a device fault fails the actor: the supervisor classifies it

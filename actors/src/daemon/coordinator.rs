@@ -26,14 +26,15 @@ use super::evaluator;
 use super::loader::{self, LoadedBatch, LoaderMsg};
 use super::supervisor::{self, SupMsg};
 use super::{Ctx, EXIT_DEVICE, EXIT_FATAL, EXIT_OK};
+use crate::config::OnDeviceLoss;
 use crate::{engine, stages};
 
 /// The EMA-teacher backbone stored in the checkpoint of `step` (the Gram teacher of the
 /// best-dense evaluation).
 pub fn load_teacher_backbone(ctx: &Ctx, step: u64) -> anyhow::Result<model::vit::Vit> {
     let group = ctx.store.load_group(step, "teacher")?;
-    let dtype = ctx.plan.config.precision.dtype();
-    let mut vit = model::vit::Vit::init(&ctx.plan.ssl.backbone, 0, dtype)?;
+    let dtype = ctx.plan().config.precision.dtype();
+    let mut vit = model::vit::Vit::init(&ctx.plan().ssl.backbone, 0, dtype)?;
     let mut err = None;
     vit.params
         .load_from(|n| match group.get(&format!("backbone.{n}")) {
@@ -49,7 +50,7 @@ pub fn load_teacher_backbone(ctx: &Ctx, step: u64) -> anyhow::Result<model::vit:
     if let Some(e) = err {
         return Err(e);
     }
-    let dev = crate::runtime::device(&ctx.plan.config.runtime.device)?;
+    let dev = crate::runtime::device(&ctx.plan().config.runtime.device)?;
     Ok(if dev.is_cpu() {
         vit
     } else {
@@ -118,6 +119,9 @@ pub struct CoordState {
     progress: Option<indicatif::ProgressBar>,
     stop_replies: Vec<RpcReplyPort<String>>,
     machine: eval_probes::StageMachine,
+    /// Probes made for a lost device (`on_gpu_loss = "wait"`), while waiting.
+    device_probes: Option<u32>,
+    last_probe: Option<Instant>,
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -157,7 +161,7 @@ impl CoordState {
     fn hparams(&self, step: u64) -> model::StepHparams {
         let has_gram = self.ctx.engine.lock().ts.gram_teacher.is_some();
         stages::hparams(
-            &self.ctx.plan,
+            self.ctx.plan(),
             &self.machine.overrides(step),
             step,
             has_gram,
@@ -205,7 +209,7 @@ impl CoordState {
     /// Re-reads the stage machine after the engine was reloaded.
     fn sync_machine(&mut self) {
         let st = self.ctx.engine.lock().stage.clone();
-        self.machine = stages::machine(&self.ctx.plan, &st);
+        self.machine = stages::machine(self.ctx.plan(), &st);
         let name = self.machine.stage().as_str().to_string();
         self.ctx.board.run(|r| r.stage = name);
         self.need_loader_reset = true;
@@ -245,7 +249,7 @@ impl CoordState {
         self.save_due = true;
         if t.to == eval_probes::Stage::Distill
             && ctx.students.is_empty()
-            && ctx.plan.distill_after_stages()
+            && ctx.plan().distill_after_stages()
         {
             // the teacher is final: this tree stops at its final checkpoint and the
             // students' tree takes over (daemon::run)
@@ -314,7 +318,7 @@ impl CoordState {
             ),
             json!({"metrics": ev.metrics, "ms": ev.ms}),
         );
-        if ctx.plan.config.stages.automatic {
+        if ctx.plan().config.stages.automatic {
             if let Some(t) = self.machine.observe_at(step, step, &ev.metrics) {
                 // the Gram teacher may be the checkpoint a save in flight is writing
                 self.wait_for_save().await;
@@ -454,7 +458,7 @@ impl CoordState {
     }
 
     fn is_spike(&self, loss: f64) -> bool {
-        let p = &self.ctx.plan.config.runtime.bad_steps;
+        let p = &self.ctx.plan().config.runtime.bad_steps;
         p.spike_factor > 0.0
             && self.losses.len() >= p.spike_window.max(1)
             && loss > p.spike_factor * self.median_loss().abs()
@@ -462,7 +466,7 @@ impl CoordState {
 
     fn committed(&mut self, s: &StepSummary) {
         let ctx = &self.ctx;
-        let p = &ctx.plan.config.runtime.bad_steps;
+        let p = &ctx.plan().config.runtime.bad_steps;
         self.losses.push_back(s.losses.total);
         while self.losses.len() > p.spike_window.max(1) {
             self.losses.pop_front();
@@ -477,7 +481,7 @@ impl CoordState {
             };
         }
         self.last_commit = Some(now);
-        let b = ctx.plan.config.train.batch_size as f64;
+        let b = ctx.plan().config.train.batch_size as f64;
         let hp = self.hparams(s.step);
         let (step_ms, ips) = (
             self.step_ms,
@@ -499,7 +503,7 @@ impl CoordState {
         });
         metrics::gauge!("dinod_step").set((s.step + 1) as f64);
         // the loss history behind `dinod viz curves`
-        if (s.step + 1).is_multiple_of(ctx.plan.config.runtime.log_every_steps.max(1)) {
+        if (s.step + 1).is_multiple_of(ctx.plan().config.runtime.log_every_steps.max(1)) {
             let rec = json!({"losses": s.losses, "lr": hp.lr, "gram_weight": hp.gram_weight, "stage": self.machine.stage().as_str(), "grad_norms": s.norms});
             if let Err(e) = ctx.store.record_probe(s.step + 1, "train", &rec) {
                 tracing::warn!("cannot record the loss history: {e}");
@@ -525,7 +529,7 @@ impl CoordState {
         if let Some(pb) = &self.progress {
             pb.set_position(s.step + 1);
             pb.set_message(format!("loss {:.4}  {:.1} img/s", s.losses.total, ips));
-        } else if (s.step + 1).is_multiple_of(ctx.plan.config.runtime.log_every_steps.max(1)) {
+        } else if (s.step + 1).is_multiple_of(ctx.plan().config.runtime.log_every_steps.max(1)) {
             tracing::info!(
                 step = s.step + 1,
                 loss = s.losses.total,
@@ -546,7 +550,7 @@ impl CoordState {
     fn maybe_save(&mut self, me: &ActorRef<CoordMsg>, force: bool) {
         let ctx = self.ctx.clone();
         let step = ctx.engine.lock().ts.step;
-        let every = ctx.plan.config.checkpoint.every_steps;
+        let every = ctx.plan().config.checkpoint.every_steps;
         if step > 0 && step.is_multiple_of(every) {
             self.save_due = true;
         }
@@ -586,7 +590,7 @@ impl CoordState {
             if eng.dirty {
                 return;
             }
-            match engine::snapshot(&eng, &ctx.plan) {
+            match engine::snapshot(&eng, ctx.plan()) {
                 Ok(p) => p,
                 Err(e) => {
                     ctx.event(
@@ -622,7 +626,7 @@ impl CoordState {
     async fn handle_bad(&mut self, why: String, batch: Arc<LoadedBatch>) -> Result<(), String> {
         let ctx = self.ctx.clone();
         let step = ctx.engine.lock().ts.step;
-        let p = ctx.plan.config.runtime.bad_steps.clone();
+        let p = ctx.plan().config.runtime.bad_steps.clone();
         self.ctx.board.run(|r| r.bad_steps += 1);
         metrics::counter!("dinod_bad_steps_total").increment(1);
         if self.retry.is_none() && self.retried_step != Some(step) {
@@ -699,7 +703,7 @@ impl CoordState {
         self.retry = None;
         let cursor = loader::committed_cursor(&self.ctx);
         let step = self.ctx.engine.lock().ts.step;
-        let crops = stages::crops(&self.ctx.plan, &self.machine.overrides(step));
+        let crops = stages::crops(self.ctx.plan(), &self.machine.overrides(step));
         call(&self.ctx.board, loader::NAME, move |reply| {
             LoaderMsg::Reset(cursor, Box::new(crops), reply)
         })
@@ -719,6 +723,265 @@ impl CoordState {
         }
     }
 
+    /// Applies `runtime.on_gpu_loss` to a lost device. Called by every tick while the
+    /// device is lost; it runs no step. First the state is saved if it is consistent and
+    /// newer than the last checkpoint (on a dead context that save fails and the last
+    /// checkpoint is what survives). Then:
+    /// - `exit`: stop with status 75, for the outside supervisor to restart the process;
+    /// - `wait`: probe the device every `gpu_probe_every_s` (a fresh handle and a checked
+    ///   matmul); when it answers, reload the last checkpoint onto it and go on. After
+    ///   `gpu_wait_max_s` (if set) give up as `exit` does;
+    /// - `cpu`: reload the last checkpoint onto the CPU and go on with the CPU plan
+    ///   (`Plan::cpu_fallback`: smaller batch, LR rescaled) until the process restarts.
+    ///   A second loss there exits.
+    async fn on_device_lost(&mut self, me: &ActorRef<CoordMsg>, lost: super::device::Lost) {
+        let ctx = self.ctx.clone();
+        ctx.board.phase(NAME, ActorPhase::Idle);
+        let spec = ctx.plan.config.runtime.device.clone();
+        let policy = if ctx.fallback.get().is_some() {
+            OnDeviceLoss::Exit
+        } else {
+            ctx.plan.config.runtime.on_gpu_loss
+        };
+        let step = ctx.engine.lock().ts.step;
+        let first = self.device_probes.is_none();
+        if first {
+            ctx.event(
+                Level::Error,
+                "device.lost",
+                Some(TRAINER),
+                Some(step),
+                format!("device context lost ({}); policy {policy:?}", lost.why),
+                json!({"policy": format!("{policy:?}").to_lowercase(), "device": spec, "error": lost.why}),
+            );
+            self.device_probes = Some(0);
+            self.retry = None;
+            self.wait_for_save().await;
+            self.save_in_flight = None;
+            let (dirty, latest) = (
+                ctx.engine.lock().dirty,
+                ctx.store.latest_step().ok().flatten(),
+            );
+            if policy != OnDeviceLoss::Exit && !dirty && latest != Some(step) {
+                self.save_now(false).await;
+            }
+        }
+        match policy {
+            OnDeviceLoss::Exit => self.finish(EXIT_DEVICE, "device context lost").await,
+            OnDeviceLoss::Wait => {
+                let rt = &ctx.plan.config.runtime;
+                let every = Duration::from_secs_f64(rt.gpu_probe_every_s);
+                if first {
+                    ctx.event(
+                        Level::Warn,
+                        "device.waiting",
+                        Some(NAME),
+                        Some(step),
+                        format!("waiting for {spec}: probing every {:.1} s{}", rt.gpu_probe_every_s,
+                            if rt.gpu_wait_max_s > 0.0 { format!(" for at most {:.0} s", rt.gpu_wait_max_s) } else { String::new() }),
+                        json!({"device": spec, "probe_every_s": rt.gpu_probe_every_s, "max_wait_s": rt.gpu_wait_max_s}),
+                    );
+                    ctx.board.run(|r| r.device = format!("waiting for {spec}"));
+                    self.last_probe = Some(Instant::now());
+                    me.send_after(every, || CoordMsg::Tick);
+                    return;
+                }
+                // other ticks (a resume, a reset) must not make the probes more frequent
+                if self
+                    .last_probe
+                    .is_some_and(|t| t.elapsed() < every.mul_f64(0.9))
+                {
+                    return;
+                }
+                self.last_probe = Some(Instant::now());
+                let c = ctx.clone();
+                let s2 = spec.clone();
+                let probe = match tokio::task::spawn_blocking(move || c.device.probe(&s2)).await {
+                    Ok(r) => r,
+                    Err(e) => Err(anyhow::anyhow!("the probe task failed: {e}")),
+                };
+                let probes = self.device_probes.map_or(1, |n| n + 1);
+                self.device_probes = Some(probes);
+                let waited = lost.since.elapsed().as_secs_f64();
+                match probe {
+                    Ok(()) => {
+                        ctx.device.clear();
+                        self.device_probes = None;
+                        self.last_probe = None;
+                        if self
+                            .resume_after_device_change(&format!(
+                                "{spec} answered after {waited:.1} s"
+                            ))
+                            .await
+                        {
+                            ctx.event(
+                                Level::Info,
+                                "device.restored",
+                                Some(NAME),
+                                Some(ctx.engine.lock().ts.step),
+                                format!("{spec} is back after {waited:.1} s and {probes} probes; training goes on from the last checkpoint"),
+                                json!({"device": spec, "waited_s": waited, "probes": probes}),
+                            );
+                            ctx.board.run(|r| r.device = spec.clone());
+                            let _ = me.cast(CoordMsg::Tick);
+                        }
+                    }
+                    Err(e) if rt.gpu_wait_max_s > 0.0 && waited >= rt.gpu_wait_max_s => {
+                        ctx.event(
+                            Level::Error,
+                            "device.wait_expired",
+                            Some(NAME),
+                            Some(step),
+                            format!("{spec} did not come back within {:.0} s ({probes} probes, last: {e:#})", rt.gpu_wait_max_s),
+                            json!({"device": spec, "waited_s": waited, "probes": probes}),
+                        );
+                        self.finish(EXIT_DEVICE, "the device did not come back")
+                            .await;
+                    }
+                    Err(e) => {
+                        if probes == 1 || probes.is_multiple_of(10) {
+                            ctx.event(
+                                Level::Warn,
+                                "device.probe_failed",
+                                Some(NAME),
+                                Some(step),
+                                format!("{spec} is still unavailable after {waited:.1} s (probe {probes}): {e:#}"),
+                                json!({"device": spec, "waited_s": waited, "probes": probes}),
+                            );
+                        }
+                        me.send_after(every, || CoordMsg::Tick);
+                    }
+                }
+            }
+            OnDeviceLoss::Cpu => {
+                let fb = match ctx.plan.cpu_fallback() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        ctx.event(
+                            Level::Error,
+                            "run.fatal",
+                            Some(NAME),
+                            Some(step),
+                            format!("no CPU plan to fall back to: {e}"),
+                            json!({}),
+                        );
+                        self.finish(EXIT_DEVICE, "device context lost").await;
+                        return;
+                    }
+                };
+                let (b, b0) = (fb.config.train.batch_size, ctx.plan.config.train.batch_size);
+                let (lr, lr0) = (fb.lr.at(u64::MAX), ctx.plan.lr.at(u64::MAX));
+                let _ = ctx.fallback.set(fb);
+                ctx.device.clear();
+                self.device_probes = None;
+                if self
+                    .resume_after_device_change(&format!("{spec} lost; continuing on the CPU"))
+                    .await
+                {
+                    ctx.event(
+                        Level::Warn,
+                        "device.fallback",
+                        Some(NAME),
+                        Some(ctx.engine.lock().ts.step),
+                        format!("{spec} lost: training goes on on the CPU from the last checkpoint at batch size {b} (was {b0}), LR {lr:.3e} (was {lr0:.3e}), until the process is restarted"),
+                        json!({"from": spec, "batch_size": b, "was_batch_size": b0, "lr": lr, "was_lr": lr0}),
+                    );
+                    let (device, batch_size) = device_line(&ctx);
+                    ctx.board.run(|r| {
+                        r.device = device;
+                        r.batch_size = batch_size;
+                    });
+                    let _ = me.cast(CoordMsg::Tick);
+                }
+            }
+        }
+    }
+
+    /// Reloads the last checkpoint onto the device of the plan in force and makes the
+    /// loader start again at its cursor; false (after stopping the run) when that fails.
+    async fn resume_after_device_change(&mut self, why: &str) -> bool {
+        let ctx = self.ctx.clone();
+        let c = ctx.clone();
+        let why2 = why.to_string();
+        let r = match tokio::task::spawn_blocking(move || c.reload(&why2)).await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!("the reload task failed: {e}")),
+        };
+        if let Err(e) = r {
+            let step = ctx.engine.lock().ts.step;
+            ctx.event(
+                Level::Error,
+                "run.fatal",
+                Some(NAME),
+                Some(step),
+                format!("cannot reload the last checkpoint: {e:#}"),
+                json!({}),
+            );
+            self.finish(EXIT_DEVICE, "reload after a device change failed")
+                .await;
+            return false;
+        }
+        self.sync_machine();
+        self.need_loader_reset = true;
+        self.losses.clear();
+        true
+    }
+
+    /// Writes the engine's state now (blocking this actor), reporting the outcome as an
+    /// event: the final save of a stop, or what is consistent before a device loss is
+    /// handled (which fails harmlessly when the state sits on a dead context).
+    async fn save_now(&self, final_: bool) {
+        let ctx = self.ctx.clone();
+        let step = ctx.engine.lock().ts.step;
+        let snap = {
+            let e = ctx.engine.lock();
+            engine::snapshot(&e, ctx.plan())
+        };
+        match snap {
+            Ok(p) => {
+                let store = ctx.store.clone();
+                match tokio::task::spawn_blocking(move || store.save(&p)).await {
+                    Ok(Ok(rep)) => ctx.event(
+                        Level::Info,
+                        "checkpoint.saved",
+                        Some(NAME),
+                        Some(step),
+                        format!(
+                            "{} checkpoint at step {step} ({:.1} MB)",
+                            if final_ { "final" } else { "consistent" },
+                            rep.bytes as f64 / 1e6
+                        ),
+                        json!({"bytes": rep.bytes, "final": final_}),
+                    ),
+                    Ok(Err(e)) => ctx.event(
+                        Level::Error,
+                        "checkpoint.failed",
+                        Some(NAME),
+                        Some(step),
+                        format!("checkpoint failed: {e}"),
+                        json!({}),
+                    ),
+                    Err(e) => ctx.event(
+                        Level::Error,
+                        "checkpoint.failed",
+                        Some(NAME),
+                        Some(step),
+                        format!("checkpoint task failed: {e}"),
+                        json!({}),
+                    ),
+                }
+            }
+            Err(e) => ctx.event(
+                Level::Error,
+                "checkpoint.snapshot_failed",
+                Some(NAME),
+                Some(step),
+                format!("{e:#}"),
+                json!({}),
+            ),
+        }
+    }
+
     async fn finish(&mut self, code: i32, why: &str) {
         let ctx = self.ctx.clone();
         self.stopping = true;
@@ -732,52 +995,7 @@ impl CoordState {
         // a hand-off re-saves its step: the checkpoint must carry the `distill` stage
         let handoff = ctx.handoff.load(std::sync::atomic::Ordering::SeqCst);
         if !dirty && (latest != Some(step) || handoff) {
-            let snap = {
-                let e = ctx.engine.lock();
-                engine::snapshot(&e, &ctx.plan)
-            };
-            match snap {
-                Ok(p) => {
-                    let store = ctx.store.clone();
-                    match tokio::task::spawn_blocking(move || store.save(&p)).await {
-                        Ok(Ok(rep)) => ctx.event(
-                            Level::Info,
-                            "checkpoint.saved",
-                            Some(NAME),
-                            Some(step),
-                            format!(
-                                "final checkpoint at step {step} ({:.1} MB)",
-                                rep.bytes as f64 / 1e6
-                            ),
-                            json!({"bytes": rep.bytes, "final": true}),
-                        ),
-                        Ok(Err(e)) => ctx.event(
-                            Level::Error,
-                            "checkpoint.failed",
-                            Some(NAME),
-                            Some(step),
-                            format!("final checkpoint failed: {e}"),
-                            json!({}),
-                        ),
-                        Err(e) => ctx.event(
-                            Level::Error,
-                            "checkpoint.failed",
-                            Some(NAME),
-                            Some(step),
-                            format!("final checkpoint task failed: {e}"),
-                            json!({}),
-                        ),
-                    }
-                }
-                Err(e) => ctx.event(
-                    Level::Error,
-                    "checkpoint.snapshot_failed",
-                    Some(NAME),
-                    Some(step),
-                    format!("{e:#}"),
-                    json!({}),
-                ),
-            }
+            self.save_now(true).await;
         }
         let fp = engine::fingerprint(&ctx.engine.lock().ts).ok();
         ctx.board.run(|r| {
@@ -801,6 +1019,17 @@ impl CoordState {
             let _ = r.send(format!("stopped at step {step}"));
         }
         supervisor::send(SupMsg::Shutdown);
+    }
+}
+
+/// What `dinod status` shows as the run's device, and the batch size in force.
+fn device_line(ctx: &Ctx) -> (String, usize) {
+    let configured = &ctx.plan.config.runtime.device;
+    let b = ctx.plan().config.train.batch_size;
+    if ctx.fallback.get().is_some() {
+        (format!("cpu (fallback from {configured})"), b)
+    } else {
+        (configured.clone(), b)
     }
 }
 
@@ -833,13 +1062,16 @@ impl Actor for CoordinatorActor {
             None
         };
         let latest = ctx.store.latest_step().ok().flatten();
+        let (device, batch_size) = device_line(&ctx);
         ctx.board.run(|r| {
             r.pid = std::process::id();
             r.step = step;
             r.max_steps = ctx.max_steps;
             r.last_checkpoint = latest;
+            r.device = device;
+            r.batch_size = batch_size;
         });
-        let machine = stages::machine(&ctx.plan, &ctx.engine.lock().stage);
+        let machine = stages::machine(ctx.plan(), &ctx.engine.lock().stage);
         let stage_name = machine.stage().as_str().to_string();
         ctx.board.run(|r| r.stage = stage_name);
         let _ = me.cast(CoordMsg::Tick);
@@ -862,6 +1094,8 @@ impl Actor for CoordinatorActor {
             progress,
             stop_replies: vec![],
             machine,
+            device_probes: None,
+            last_probe: None,
         })
     }
 
@@ -880,6 +1114,10 @@ impl Actor for CoordinatorActor {
                 if st.paused {
                     ctx.board.phase(NAME, ActorPhase::Idle);
                     me.send_after(Duration::from_millis(200), || CoordMsg::Tick);
+                    return Ok(());
+                }
+                if let Some(lost) = ctx.device.lost() {
+                    st.on_device_lost(&me, lost).await;
                     return Ok(());
                 }
                 let step = ctx.engine.lock().ts.step;
@@ -940,7 +1178,7 @@ impl Actor for CoordinatorActor {
                                 }
                             }
                         }
-                        let every = ctx.plan.config.eval.every_steps;
+                        let every = ctx.plan().config.eval.every_steps;
                         let now = summary.step + 1;
                         if every > 0
                             && now % every == 0
@@ -970,6 +1208,10 @@ impl Actor for CoordinatorActor {
                         } else {
                             st.maybe_save(&me, false);
                         }
+                    }
+                    Err(StepFail::Redo(_)) if ctx.device.lost().is_some() => {
+                        // the next tick applies `runtime.on_gpu_loss`; a reload onto the
+                        // lost device would only fail
                     }
                     Err(StepFail::Redo(why)) => {
                         let dirty = ctx.engine.lock().dirty;
@@ -1089,21 +1331,9 @@ impl Actor for CoordinatorActor {
                 }
             }
             CoordMsg::DeviceLost(why) => {
-                let policy = ctx.plan.config.runtime.on_gpu_loss;
-                let step = ctx.engine.lock().ts.step;
-                ctx.event(
-                    Level::Error,
-                    "device.lost",
-                    Some(TRAINER),
-                    Some(step),
-                    format!("device context lost ({why}); policy {policy:?}"),
-                    json!({"policy": format!("{policy:?}")}),
-                );
-                // on the CPU build the "device" is the CPU: waiting or falling back both mean
-                // continuing once the trainer is back
-                if policy == crate::config::OnDeviceLoss::Exit {
-                    st.finish(EXIT_DEVICE, "device context lost").await
-                }
+                // the supervisor saw an actor fail with a lost context; the next tick
+                // applies `runtime.on_gpu_loss` (a compute actor usually marked it already)
+                ctx.device.mark_lost_by_supervisor(&why);
             }
             CoordMsg::SetStage { stage, reply } => {
                 let r = match stage.parse::<eval_probes::Stage>() {

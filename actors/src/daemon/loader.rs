@@ -79,7 +79,7 @@ pub fn to_batch(
 }
 
 fn open_loader(ctx: &Ctx, cursor: data::Cursor, crops: data::CropConfig) -> Result<data::Loader> {
-    let cfg = &ctx.plan.config;
+    let cfg = &ctx.plan().config;
     let mut dcfg = cfg.data.clone();
     dcfg.crops = crops;
     let opts = data::LoaderOptions::from_config(&dcfg, cfg.train.batch_size, cfg.seed);
@@ -92,8 +92,8 @@ pub fn current_crops(ctx: &Ctx) -> data::CropConfig {
         let e = ctx.engine.lock();
         (e.stage.clone(), e.ts.step)
     };
-    let m = crate::stages::machine(&ctx.plan, &st);
-    crate::stages::crops(&ctx.plan, &m.overrides(step))
+    let m = crate::stages::machine(ctx.plan(), &st);
+    crate::stages::crops(ctx.plan(), &m.overrides(step))
 }
 
 /// The committed cursor of the engine.
@@ -150,7 +150,7 @@ impl Actor for LoaderActor {
                 let step = ctx.engine.lock().ts.step;
                 ctx.faults.maybe_panic(NAME, step);
                 ctx.board.phase(NAME, ActorPhase::Load);
-                let dtype = ctx.plan.config.precision.dtype();
+                let dtype = ctx.plan().config.precision.dtype();
                 let r = st
                     .worker
                     .run(move || -> Result<LoadedBatch> {
@@ -172,7 +172,7 @@ impl Actor for LoaderActor {
                                 &h,
                                 dtype,
                                 with_gram,
-                                &crate::runtime::device(&ctx.plan.config.runtime.device)?,
+                                &crate::runtime::device(&ctx.plan().config.runtime.device)?,
                             )?,
                             bad_inputs: h.bad_inputs.clone(),
                             n_substituted: h.n_substituted,

@@ -19,6 +19,7 @@ pub mod checkpointer;
 pub mod compute;
 pub mod control;
 pub mod coordinator;
+pub mod device;
 pub mod distill;
 pub mod evaluator;
 pub mod faults;
@@ -94,9 +95,19 @@ pub struct Ctx {
     /// teacher: the self-supervised tree stops (after its final checkpoint) and the
     /// students' tree starts.
     pub handoff: std::sync::atomic::AtomicBool,
+    /// The accelerator's health (`runtime.on_gpu_loss` acts on it).
+    pub device: device::DeviceHealth,
+    /// The plan after a fall-back to the CPU (`on_gpu_loss = "cpu"`); set at most once.
+    pub fallback: std::sync::OnceLock<Plan>,
 }
 
 impl Ctx {
+    /// The plan in force: the configured one, or the CPU fall-back's after a device loss
+    /// under `on_gpu_loss = "cpu"` (same recipe, CPU, smaller batch, LR rescaled).
+    pub fn plan(&self) -> &Plan {
+        self.fallback.get().unwrap_or(&self.plan)
+    }
+
     /// Records an event in the catalog and the log.
     pub fn event(
         &self,
@@ -136,8 +147,8 @@ impl Ctx {
     /// exists); returns the step it resumed at.
     pub fn reload(&self, why: &str) -> Result<u64> {
         let st = match self.store.load_latest_valid()? {
-            Some(ck) => engine::restore(&ck, &self.plan)?,
-            None => engine::fresh(&self.plan)?,
+            Some(ck) => engine::restore(&ck, self.plan())?,
+            None => engine::fresh(self.plan())?,
         };
         let step = st.ts.step;
         self.engine.replace(st);
@@ -251,6 +262,8 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         stopping: std::sync::atomic::AtomicBool::new(false),
         paused: std::sync::atomic::AtomicBool::new(false),
         handoff: std::sync::atomic::AtomicBool::new(false),
+        device: device::DeviceHealth::default(),
+        fallback: std::sync::OnceLock::new(),
     });
     let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
     let _ = ctx.store.flush();
@@ -326,6 +339,8 @@ fn run_distill(
         stopping: std::sync::atomic::AtomicBool::new(false),
         paused: std::sync::atomic::AtomicBool::new(false),
         handoff: std::sync::atomic::AtomicBool::new(false),
+        device: device::DeviceHealth::default(),
+        fallback: std::sync::OnceLock::new(),
     });
     let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
     let _ = ctx.store.flush();

@@ -22,6 +22,8 @@
 #     bf16` for autocast) on the same card; peak device memory sampled by nvidia-smi;
 #  5. a real device error: a batch that cannot fit, which must fail with a clear
 #     out-of-memory message and exit non-zero, not hang or crash;
+#  5b. with more than one GPU visible, `dinod bench dp --device cuda` (NCCL all-reduce,
+#     one member per GPU) checked against one GPU on the same global batch;
 #  6. summary.md: step ms, images/s, MFU against the measured bf16 / f32 peak, ratio to
 #     PyTorch.
 # `--quick` keeps 1 warm-up + 2 timed iterations per benchmark (default 2 + 4).
@@ -139,6 +141,16 @@ bench s16-gram-bf16 configs/bench-gpu-s16-gram.toml gpu-s16-gram bf16
 say "5. a real out-of-memory error"
 timeout 120 "$DINOD" bench step --config configs/bench-gpu-b16.toml --device cuda --batch-size 8192 --warmup 0 --iters 1 >"$OUT/oom.txt" 2>&1
 echo "exit $? (non-zero expected); $(grep -i -m1 -E "memory|error" "$OUT/oom.txt")"
+
+# ------------------------------------------------------- 5b. data parallel over the GPUs
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$NGPU" -gt 1 ]; then
+  say "5b. data parallel over $NGPU GPUs (NCCL), checked against one GPU"
+  timeout 240 "$DINOD" bench dp --config configs/bench-gpu-s16.toml --device cuda --members "$NGPU" --batch-size $((64 * NGPU)) --warmup 1 --iters $ITERS --check >"$OUT/dinod-dp.json"
+  echo "exit $?: $(tr -d '\n ' <"$OUT/dinod-dp.json" | head -c 400)"
+else
+  say "5b. data parallel: one GPU visible, skipped (dinod bench dp --device cuda --members N)"
+fi
 
 # ------------------------------------------------------------------ 6. summary
 say "6. summary"

@@ -277,6 +277,31 @@ pub enum DataCommand {
 /// `dinod bench ...`
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Data parallelism: one step over a group of members (threads on the CPU, or one GPU
+    /// each with NCCL), each on its part of the batch; checks the members stay identical.
+    Dp {
+        /// Recipe to time.
+        #[arg(long)]
+        config: PathBuf,
+        /// Members of the group (`cuda`: GPUs cuda:0 .. cuda:N-1).
+        #[arg(long, default_value_t = 2)]
+        members: usize,
+        /// `cpu` or `cuda`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Untimed iterations first.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Timed iterations (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        /// Override `train.batch_size` (the global batch).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Also run one member on the whole batch and report the largest weight difference.
+        #[arg(long)]
+        check: bool,
+    },
     /// Cost of distilling 1..N students from one teacher pass versus separate runs.
     Distill {
         /// A distillation recipe (with `[distill]` students).
@@ -416,6 +441,31 @@ fn dispatch(cli: Cli) -> Result<i32> {
             step,
             with_heads,
         } => crate::commands::export(&dir.state_dir, &out, &which, step, with_heads),
+        Command::Bench {
+            what:
+                BenchCommand::Dp {
+                    config,
+                    members,
+                    device,
+                    warmup,
+                    iters,
+                    batch_size,
+                    check,
+                },
+        } => {
+            let plan = load_plan(Some(&config))?;
+            let opts = crate::dp::DpBenchOpts {
+                warmup,
+                iters,
+                members,
+                device,
+                check,
+                batch_size,
+            };
+            let r = crate::dp::bench_dp(&plan, &config.display().to_string(), &opts)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(if r.members_identical { 0 } else { 1 })
+        }
         Command::Bench {
             what:
                 BenchCommand::Distill {

@@ -4,13 +4,15 @@
 //! `params`), the SSL objective assembled as `SSLMetaArch` does (`ssl`), our saveable
 //! AdamW with the official parameter groups, clipping and the EMA (`optim`), `TrainState`
 //! and `train_step` (`state`), configs (`config`), and reading the golden fixtures
-//! (`fixture`, parsing bytes handed in by the caller).
+//! (`fixture`, parsing bytes handed in by the caller), and the data-parallel step over a
+//! group of members that all-reduce through a `Collective` (`dist`).
 //!
 //! Must not know: files, sockets, clocks, threads, actors, checkpoints, the data pipeline
 //! (batches arrive as tensors), or how the stage machine decides. The step is a pure
 //! function of `(TrainState, Batch, StepHparams)`.
 
 pub mod config;
+pub mod dist;
 pub mod fixture;
 pub mod flops;
 pub mod head;
@@ -25,8 +27,8 @@ pub use config::{HeadConfig, LossConfig, OptimConfig, SslConfig, VitConfig};
 pub use state::{
     apply_step, apply_step_observed, clip_gradients, compute_step, compute_step_observed,
     distill_student_phase, distill_teacher_phase, frozen_teacher_targets, student_phase,
-    teacher_phase, train_step, Batch, Phase, StepError, StepHparams, StepOutcome, StepReport,
-    TeacherOutput, TrainState,
+    teacher_phase, teacher_phase_in, train_step, Batch, Phase, StepError, StepHparams, StepOutcome,
+    StepReport, TeacherOutput, TrainState,
 };
 
 #[cfg(test)]

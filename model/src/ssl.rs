@@ -156,6 +156,38 @@ pub fn teacher_targets(
     temp: f64,
     sk_iters: usize,
 ) -> Result<TeacherTargets> {
+    teacher_targets_in(teacher, cls, patches, mask_indices, temp, sk_iters, None)
+}
+
+/// [`teacher_targets`] for one member of a data-parallel group: the Sinkhorn-Knopp
+/// normalisations run over the whole group (`comm`; `None` or a group of one is the
+/// single-process computation).
+pub fn teacher_targets_in(
+    teacher: &SslModel,
+    cls: &Tensor,
+    patches: &Tensor,
+    mask_indices: &[usize],
+    temp: f64,
+    sk_iters: usize,
+    comm: Option<&dyn crate::dist::Collective>,
+) -> Result<TeacherTargets> {
+    if let Some(comm) = comm.filter(|c| c.world() > 1) {
+        // the collectives must be made in the same order on every member: one head
+        // after the other, and the iBOT normalisation even where nothing is masked
+        let mut reduce = |v: &mut [f64]| comm.all_reduce_sum(v);
+        let dino_logits = teacher.dino_head.forward(cls)?;
+        let dino_probs = loss::sinkhorn_knopp_group(&dino_logits, temp, sk_iters, &mut reduce)?;
+        let masked = nn::index_rows(patches, mask_indices)?;
+        let ibot_logits = teacher.ibot_head.forward(&masked)?;
+        let ibot_probs = loss::sinkhorn_knopp_group(&ibot_logits, temp, sk_iters, &mut reduce)?;
+        return Ok(TeacherTargets {
+            cls: cls.clone(),
+            dino_logits,
+            dino_probs,
+            ibot_logits,
+            ibot_probs,
+        });
+    }
     // the two heads are independent: run them side by side on the compute pool
     let (dino, ibot) = ops::host::join(
         || -> Result<(Tensor, Tensor)> {

@@ -365,9 +365,33 @@ pub fn teacher_phase(
     hp: &StepHparams,
     obs: &mut dyn FnMut(Phase),
 ) -> Result<TeacherOutput> {
+    teacher_phase_in(st, batch, hp, None, obs)
+}
+
+/// [`teacher_phase`] for one member of a data-parallel group (`crate::dist`): the
+/// Sinkhorn-Knopp normalisations run over the group.
+pub fn teacher_phase_in(
+    st: &TrainState,
+    batch: &Batch,
+    hp: &StepHparams,
+    comm: Option<&dyn crate::dist::Collective>,
+    obs: &mut dyn FnMut(Phase),
+) -> Result<TeacherOutput> {
     let cfg = &st.cfg;
     let b = batch.batch_size;
-    let targets = frozen_teacher_targets(&st.teacher, cfg.loss.sinkhorn_iterations, batch, hp)?;
+    let tf = st.teacher.backbone.forward(&[CropGroup {
+        images: &batch.global,
+        masks: None,
+    }])?;
+    let targets = crate::ssl::teacher_targets_in(
+        &st.teacher,
+        &tf.cls(0)?,
+        &tf.patches(0)?,
+        &batch.mask_indices,
+        hp.teacher_temp,
+        cfg.loss.sinkhorn_iterations,
+        comm,
+    )?;
     obs(Phase::Teacher);
     let gram_target = if hp.gram_weight != 0.0 {
         let Some(gt) = &st.gram_teacher else {

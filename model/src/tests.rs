@@ -363,3 +363,185 @@ fn non_finite_step_changes_nothing() {
         .unwrap();
     assert_eq!(before, after);
 }
+
+/// Every student and teacher parameter, flattened, in module order.
+fn all_params(st: &TrainState) -> Vec<f64> {
+    let mut out = vec![];
+    for m in [&st.student, &st.teacher] {
+        for (_, ps) in m.modules() {
+            for t in ps.tensors() {
+                out.extend(
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap(),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// Runs `steps` data-parallel steps with `world` members on threads; returns each
+/// member's final state and its reported losses.
+fn dp_run(
+    cfg: &SslConfig,
+    batch: &Batch,
+    world: usize,
+    steps: usize,
+) -> Vec<(TrainState, Vec<crate::ssl::LossTerms>)> {
+    use crate::dist::Collective;
+    let group = crate::dist::ThreadGroup::new(world);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|comm| {
+                s.spawn(move || {
+                    let mut st = perturbed_state(cfg, DType::F64);
+                    let shard = batch.shard(comm.rank(), world).unwrap();
+                    let mut losses = vec![];
+                    for _ in 0..steps {
+                        let r =
+                            crate::dist::train_step_group(&mut st, &shard, &hp(), &comm).unwrap();
+                        losses.push(r.losses);
+                    }
+                    (st, losses)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Data parallelism changes nothing but the rounding: with the per-member terms off
+/// (KoLeo, drop path), two and four members on half / a quarter of the batch each give
+/// the one-member step on the whole batch, and every member ends with the same state.
+#[test]
+fn a_data_parallel_step_equals_the_step_on_the_whole_batch() {
+    let mut cfg = small_cfg(0.0, Some(2.0));
+    cfg.loss.koleo_loss_weight = 0.0;
+    let batch = small_batch(DType::F64, 8);
+    let mut single = perturbed_state(&cfg, DType::F64);
+    let mut want = vec![];
+    for _ in 0..2 {
+        want.push(train_step(&mut single, &batch, &hp()).unwrap().losses);
+    }
+    let reference = all_params(&single);
+    for world in [2, 4] {
+        let members = dp_run(&cfg, &batch, world, 2);
+        let first = all_params(&members[0].0);
+        let moved = max_rel(&first, &all_params(&perturbed_state(&cfg, DType::F64)));
+        assert!(moved > 1e-6, "the steps changed nothing ({moved:e})");
+        let err = max_rel(&first, &reference);
+        assert!(
+            err < 1e-10,
+            "{world} members vs one: parameters differ by {err:e}"
+        );
+        for (st, losses) in &members {
+            assert_eq!(st.step, 2);
+            assert_eq!(all_params(st), first, "members diverged");
+            for (got, want) in losses.iter().zip(&want) {
+                for (g, w) in [
+                    (got.total, want.total),
+                    (got.dino_global, want.dino_global),
+                    (got.dino_local, want.dino_local),
+                    (got.ibot, want.ibot),
+                    (got.gram, want.gram),
+                ] {
+                    assert!(
+                        (g - w).abs() <= 1e-10 * w.abs().max(1.0),
+                        "{got:?} vs {want:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// KoLeo stays per member, as in the official code: the group reports the mean of the
+/// members' own KoLeo values.
+#[test]
+fn koleo_is_computed_per_member_and_averaged() {
+    let cfg = small_cfg(0.0, None);
+    let batch = small_batch(DType::F64, 4);
+    let members = dp_run(&cfg, &batch, 2, 1);
+    let st = perturbed_state(&cfg, DType::F64);
+    let own: Vec<f64> = (0..2)
+        .map(|r| {
+            compute_step(&st, &batch.shard(r, 2).unwrap(), &hp())
+                .unwrap()
+                .losses
+                .koleo
+        })
+        .collect();
+    let want = (own[0] + own[1]) / 2.0;
+    let got = members[0].1[0].koleo;
+    assert!(
+        (got - want).abs() < 1e-12 * want.abs().max(1.0),
+        "{got} vs {want}"
+    );
+    let whole = compute_step(&st, &batch, &hp()).unwrap().losses.koleo;
+    assert!(
+        (got - whole).abs() > 1e-9,
+        "KoLeo over the whole batch: {whole}"
+    );
+}
+
+#[test]
+fn the_thread_group_sums_in_rank_order_and_fails_instead_of_hanging() {
+    use crate::dist::{Collective, ThreadGroup};
+    let g = ThreadGroup::new(3);
+    let out: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let hs: Vec<_> = g
+            .iter()
+            .map(|m| {
+                s.spawn(move || {
+                    let mut rounds = vec![];
+                    for round in 0..50 {
+                        let mut v = vec![m.rank() as f64 + round as f64, 1.0];
+                        m.all_reduce_sum(&mut v).unwrap();
+                        rounds.extend(v);
+                    }
+                    rounds
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (round, pair) in out[0].chunks(2).enumerate() {
+        assert_eq!(pair, [3.0 + 3.0 * round as f64, 3.0]);
+    }
+    assert!(out.iter().all(|o| o == &out[0]));
+    // a member alone times out with a clear error
+    let g = ThreadGroup::with_timeout(2, std::time::Duration::from_millis(100));
+    let e = g[0].all_reduce_sum(&mut [1.0]).unwrap_err().to_string();
+    assert!(e.contains("waited"), "{e}");
+    // members that disagree on the length all fail
+    let g = ThreadGroup::new(2);
+    let errs: Vec<bool> = std::thread::scope(|s| {
+        let hs: Vec<_> = g
+            .iter()
+            .map(|m| {
+                s.spawn(move || {
+                    let mut v = vec![0.0; 1 + m.rank()];
+                    m.all_reduce_sum(&mut v).is_err()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(errs, [true, true]);
+    // a batch that does not divide is refused
+    assert!(small_batch(DType::F64, 4).shard(0, 3).is_err());
+}

@@ -71,6 +71,57 @@ pub fn sinkhorn_knopp(logits: &Tensor, temp: f64, iters: usize) -> Result<Tensor
     })
 }
 
+/// Sinkhorn-Knopp over samples spread across a group of processes, as the official
+/// distributed code does it: `logits` are this member's `[n, k]` rows, and `reduce` sums
+/// a vector element-wise over the group in place (all-reduce). The total mass, the
+/// prototypes' masses and the sample count `N_total` are group-wide; each sample's row is
+/// normalised locally. Every member calls `reduce` exactly `2 + iters` times, in the same
+/// order, whatever its `n` (a member with no rows still takes part). Host arithmetic in
+/// f64; the result has the dtype and device of `logits`. With a `reduce` that does nothing
+/// it is [`sinkhorn_knopp`] (up to rounding).
+pub fn sinkhorn_knopp_group(
+    logits: &Tensor,
+    temp: f64,
+    iters: usize,
+    reduce: &mut dyn FnMut(&mut [f64]) -> Result<()>,
+) -> Result<Tensor> {
+    let (n, k) = rows_dim(logits)?;
+    let l: Vec<f64> = logits
+        .to_device(&candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    let inv_t = 1.0 / temp;
+    let mut q: Vec<f64> = l.iter().map(|v| (v * inv_t).exp()).collect();
+    let mut head = [n as f64, q.iter().sum::<f64>()];
+    reduce(&mut head)?;
+    let (n_total, total) = (head[0], head[1]);
+    let mut colsum = vec![0.0; k];
+    if n_total > 0.0 {
+        q.iter_mut().for_each(|v| *v /= total);
+    }
+    for _ in 0..iters {
+        colsum.iter_mut().for_each(|c| *c = 0.0);
+        for row in q.chunks_exact(k.max(1)) {
+            for (c, v) in colsum.iter_mut().zip(row) {
+                *c += v;
+            }
+        }
+        reduce(&mut colsum)?;
+        for row in q.chunks_exact_mut(k.max(1)) {
+            for (v, c) in row.iter_mut().zip(&colsum) {
+                *v = *v / c / k as f64;
+            }
+            let rs: f64 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v = *v / rs / n_total);
+        }
+    }
+    q.iter_mut().for_each(|v| *v *= n_total);
+    Tensor::from_vec(q, (n, k), &candle_core::Device::Cpu)?
+        .to_dtype(logits.dtype())?
+        .to_device(logits.device())
+}
+
 simd_kernel! {
     /// `q = exp(l * inv_t)` on a chunk of rows; returns the chunk's sum (fixed lanes).
     fn sk_exp<T>(l: &[T], inv_t: T, q: &mut [T]) -> T {

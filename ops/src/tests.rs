@@ -13,7 +13,7 @@ use crate::attention::{
 use crate::host::{from_vec, to_vec};
 use crate::loss::{
     bicubic_matrix, gram_loss, koleo, resize_tokens, resize_tokens_bwd, sinkhorn_knopp,
-    soft_cross_entropy,
+    sinkhorn_knopp_group, soft_cross_entropy,
 };
 use crate::nn::*;
 use crate::optim::{adamw_update, ema_update, AdamWStep};
@@ -403,6 +403,71 @@ fn row_blocks_roundtrip() {
         &v(&gather_blocks_scaled(&t(&g, &[10, 3]), &sel).unwrap()),
     );
     assert!((lhs - rhs).abs() < 1e-12);
+}
+
+/// An all-reduce among test threads (sum, any order).
+struct TestGroup {
+    barrier: std::sync::Barrier,
+    acc: std::sync::Mutex<Vec<f64>>,
+}
+
+impl TestGroup {
+    fn reduce(&self, v: &mut [f64]) {
+        self.barrier.wait();
+        {
+            let mut a = self.acc.lock().unwrap();
+            if a.is_empty() {
+                a.resize(v.len(), 0.0);
+            }
+            a.iter_mut().zip(v.iter()).for_each(|(a, b)| *a += b);
+        }
+        self.barrier.wait();
+        v.copy_from_slice(&self.acc.lock().unwrap());
+        if self.barrier.wait().is_leader() {
+            self.acc.lock().unwrap().clear();
+        }
+    }
+}
+
+#[test]
+fn sinkhorn_knopp_over_a_group_equals_it_over_the_whole_batch() {
+    let (k, temp) = (40, 0.07);
+    // three members with 5, 0 and 8 rows: a member without rows still takes part
+    let sizes = [5usize, 0, 8];
+    let n: usize = sizes.iter().sum();
+    let l = rv(n * k, 31);
+    let whole = r::sinkhorn_knopp(&l, n, k, temp, 3);
+    let g = TestGroup {
+        barrier: std::sync::Barrier::new(sizes.len()),
+        acc: std::sync::Mutex::new(vec![]),
+    };
+    let parts: Vec<Vec<f64>> = std::thread::scope(|s| {
+        let mut start = 0;
+        let hs: Vec<_> = sizes
+            .iter()
+            .map(|&m| {
+                let rows = l[start * k..(start + m) * k].to_vec();
+                start += m;
+                let g = &g;
+                s.spawn(move || {
+                    let q = sinkhorn_knopp_group(&t(&rows, &[m, k]), temp, 3, &mut |v| {
+                        g.reduce(v);
+                        Ok(())
+                    })
+                    .unwrap();
+                    assert_eq!(q.dims(), &[m, k]);
+                    v(&q)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let joined: Vec<f64> = parts.concat();
+    assert!(rel(&joined, &whole) < 1e-12, "{}", rel(&joined, &whole));
+    // alone, it is the fused kernel
+    let alone = sinkhorn_knopp_group(&t(&l, &[n, k]), temp, 3, &mut |_| Ok(())).unwrap();
+    let fused = sinkhorn_knopp(&t(&l, &[n, k]), temp, 3).unwrap();
+    assert!(rel(&v(&alone), &v(&fused)) < 1e-12);
 }
 
 #[test]

@@ -159,3 +159,43 @@ fn bench_step_reports_the_fields_benchmarks_need() {
         ]
     );
 }
+
+#[test]
+fn bench_dp_keeps_the_members_identical_and_equal_to_one_member() {
+    let dir = TempDir::new("bench-dp");
+    // KoLeo and drop path are per member (as in the official code): off, the group step
+    // is the one-member step on the whole batch up to rounding
+    let recipe = tiny_config("[model.loss]\nkoleo_loss_weight = 0.0\n")
+        .replace("drop_path = 0.2", "drop_path = 0.0");
+    let p = write_config(dir.path(), &recipe);
+    let cfg = p.to_str().unwrap();
+    let o = dinod(&[
+        "bench",
+        "dp",
+        "--config",
+        cfg,
+        "--members",
+        "2",
+        "--iters",
+        "2",
+        "--check",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["members"], 2);
+    assert_eq!(v["members_identical"], true, "{v}");
+    let d = v["max_rel_vs_single"].as_f64().unwrap();
+    assert!(d < 1e-5, "two members differ from one by {d:e}");
+    assert!(v["median_ms"].as_f64().unwrap() > 0.0);
+    // a batch that does not split, and a GPU group in a CPU build: clear refusals
+    let o = dinod(&["bench", "dp", "--config", cfg, "--members", "3"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not split into 3 members"),
+        "{}",
+        text(&o)
+    );
+    let o = dinod(&["bench", "dp", "--config", cfg, "--device", "cuda"]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("cuda"), "{}", text(&o));
+}

@@ -1,0 +1,358 @@
+//! Data parallelism: one step over a global batch split across the members of a group
+//! (GPUs of a machine, or threads in the tests), each holding an identical `TrainState`.
+//!
+//! What is group-wide, as in the official distributed code: the Sinkhorn-Knopp
+//! normalisations of the DINO and iBOT targets (total mass, prototype masses, sample
+//! count), the gradients (averaged, so every member applies the same update and the
+//! students, teachers and optimizer states stay identical), and the reported losses
+//! (averaged). What stays per member, also as officially: KoLeo (nearest neighbours within
+//! the member's images), the batch-wide Gram matrix when `gram_per_image = false`, and
+//! the drop-path subsets. With those off (or one member), a step of `W` members on
+//! `B / W` images each equals the one-member step on the `B` images up to rounding.
+//!
+//! The transport is a [`Collective`]: [`Solo`] (one member), [`ThreadGroup`] (members in
+//! one process: deterministic sums in rank order), or a device library (NCCL) behind the
+//! same trait. This module only calls it; it starts no threads.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+use crate::ssl::LossTerms;
+use crate::ssl::{ModelGrads, SslModel};
+use crate::state::{
+    apply_step, clip_gradients, student_phase, teacher_phase_in, Batch, StepError, StepHparams,
+    StepReport, TrainState,
+};
+
+/// An all-reduce among the members of a group.
+pub trait Collective: Send + Sync {
+    /// This member's index, `0..world`.
+    fn rank(&self) -> usize;
+    /// Members in the group.
+    fn world(&self) -> usize;
+    /// Sums `v` element-wise over every member, in place; every member gets the same
+    /// result. Every member must make the same calls in the same order with vectors of
+    /// the same length.
+    fn all_reduce_sum(&self, v: &mut [f64]) -> Result<()>;
+}
+
+/// The group of one.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _v: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Round {
+    /// Completed rounds.
+    round: u64,
+    /// Members that deposited in the current round.
+    arrived: usize,
+    /// Members yet to read the last result.
+    left: usize,
+    slots: Vec<Vec<f64>>,
+    result: std::result::Result<Vec<f64>, String>,
+}
+
+struct Shared {
+    world: usize,
+    timeout: Duration,
+    state: Mutex<Round>,
+    cv: Condvar,
+}
+
+/// Members of a group inside one process (one per thread). Sums are taken in rank
+/// order, so a run is bit-reproducible. A member that waits longer than the timeout for
+/// the others fails its call instead of hanging.
+#[derive(Clone)]
+pub struct ThreadGroup {
+    shared: Arc<Shared>,
+    rank: usize,
+}
+
+impl ThreadGroup {
+    /// `world` members, waiting at most 5 minutes for each other.
+    pub fn new(world: usize) -> Vec<ThreadGroup> {
+        Self::with_timeout(world, Duration::from_secs(300))
+    }
+
+    /// `world` members, waiting at most `timeout` for each other.
+    pub fn with_timeout(world: usize, timeout: Duration) -> Vec<ThreadGroup> {
+        let shared = Arc::new(Shared {
+            world,
+            timeout,
+            state: Mutex::new(Round {
+                round: 0,
+                arrived: 0,
+                left: 0,
+                slots: vec![vec![]; world],
+                result: Ok(vec![]),
+            }),
+            cv: Condvar::new(),
+        });
+        (0..world)
+            .map(|rank| ThreadGroup {
+                shared: shared.clone(),
+                rank,
+            })
+            .collect()
+    }
+}
+
+fn poisoned<T>(_: T) -> candle_core::Error {
+    candle_core::Error::Msg("all-reduce: a member panicked".into())
+}
+
+impl Collective for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+    fn all_reduce_sum(&self, v: &mut [f64]) -> Result<()> {
+        let sh = &*self.shared;
+        let mut g = sh.state.lock().map_err(poisoned)?;
+        let wait = |g, what: &str| -> Result<std::sync::MutexGuard<'_, Round>> {
+            let (g, to) = sh.cv.wait_timeout(g, sh.timeout).map_err(poisoned)?;
+            if to.timed_out() {
+                bail!(
+                    "all-reduce: member {} waited {:.0} s for {what}",
+                    self.rank,
+                    sh.timeout.as_secs_f64()
+                )
+            }
+            Ok(g)
+        };
+        // the previous result must be read by everyone before it is overwritten
+        while g.left > 0 {
+            g = wait(g, "the others to read the previous result")?;
+        }
+        g.slots[self.rank] = v.to_vec();
+        g.arrived += 1;
+        let mine = g.round;
+        if g.arrived == sh.world {
+            let n = g.slots[0].len();
+            g.result = if g.slots.iter().all(|s| s.len() == n) {
+                let mut acc = vec![0.0; n];
+                for s in &g.slots {
+                    acc.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                }
+                Ok(acc)
+            } else {
+                Err(format!(
+                    "all-reduce: members sent vectors of lengths {:?}",
+                    g.slots.iter().map(Vec::len).collect::<Vec<_>>()
+                ))
+            };
+            g.arrived = 0;
+            g.left = sh.world;
+            g.round += 1;
+            sh.cv.notify_all();
+        } else {
+            while g.round == mine {
+                g = wait(g, "the others to arrive")?;
+            }
+        }
+        let r = g.result.clone();
+        g.left -= 1;
+        if g.left == 0 {
+            sh.cv.notify_all();
+        }
+        drop(g);
+        match r {
+            Ok(sum) => {
+                v.copy_from_slice(&sum);
+                Ok(())
+            }
+            Err(e) => bail!("{e}"),
+        }
+    }
+}
+
+impl Batch {
+    /// Member `rank`'s part of the batch among `world`: images `rank * B/W ..` of every
+    /// crop (global, local, Gram) and their masks. `B` must divide by `world`.
+    pub fn shard(&self, rank: usize, world: usize) -> Result<Batch> {
+        let b = self.batch_size;
+        if world == 0 || rank >= world || !b.is_multiple_of(world) {
+            bail!("cannot give member {rank} of {world} its part of a batch of {b} images")
+        }
+        let m = b / world;
+        // crop-major rows: crop c of image i is row c * B + i
+        let rows = |t: &Tensor, crops: usize| -> Result<Tensor> {
+            let parts: Vec<Tensor> = (0..crops)
+                .map(|c| t.narrow(0, c * b + rank * m, m))
+                .collect::<Result<_>>()?;
+            Tensor::cat(&parts, 0)
+        };
+        let p = self.masks.len() / (2 * b);
+        let mut masks = Vec::with_capacity(2 * m * p);
+        for c in 0..2 {
+            let start = (c * b + rank * m) * p;
+            masks.extend_from_slice(&self.masks[start..start + m * p]);
+        }
+        Batch::new(
+            m,
+            rows(&self.global, 2)?,
+            self.local
+                .as_ref()
+                .map(|l| rows(l, self.n_local))
+                .transpose()?,
+            self.gram.as_ref().map(|g| rows(g, 2)).transpose()?,
+            masks,
+        )
+    }
+}
+
+/// Averages the gradients over the group in place (one all-reduce for all of them).
+/// `student` gives every parameter's shape: a member without a gradient for a parameter
+/// (no masked patch in its images, so no iBOT-head gradient) contributes zeros, and a
+/// parameter stays without a gradient only where no member has one.
+pub fn all_reduce_mean_grads(
+    comm: &dyn Collective,
+    grads: &mut ModelGrads,
+    student: &SslModel,
+) -> Result<()> {
+    let w = comm.world();
+    if w == 1 {
+        return Ok(());
+    }
+    let params = student.modules();
+    let mut present: Vec<f64> = vec![];
+    let mut buf: Vec<f64> = vec![];
+    for (m, (_, g)) in grads.modules().iter().enumerate() {
+        let ps = params[m].1;
+        if g.tensors.len() != ps.len() {
+            bail!(
+                "all-reduce: {} gradients for {} parameters of {}",
+                g.tensors.len(),
+                ps.len(),
+                params[m].0
+            )
+        }
+        for (i, t) in g.tensors.iter().enumerate() {
+            match t {
+                Some(t) => {
+                    present.push(1.0);
+                    buf.extend(
+                        t.to_device(&Device::Cpu)?
+                            .to_dtype(DType::F64)?
+                            .flatten_all()?
+                            .to_vec1::<f64>()?,
+                    );
+                }
+                None => {
+                    present.push(0.0);
+                    buf.extend(std::iter::repeat_n(0.0, ps.get(i).elem_count()));
+                }
+            }
+        }
+    }
+    comm.all_reduce_sum(&mut present)?;
+    comm.all_reduce_sum(&mut buf)?;
+    let inv = 1.0 / w as f64;
+    let (mut off, mut slot) = (0, 0);
+    for (m, g) in [
+        &mut grads.backbone,
+        &mut grads.dino_head,
+        &mut grads.ibot_head,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ps = params[m].1;
+        for i in 0..ps.len() {
+            let p = ps.get(i);
+            let n = p.elem_count();
+            if present[slot] > 0.0 {
+                let v: Vec<f64> = buf[off..off + n].iter().map(|x| x * inv).collect();
+                g.tensors[i] = Some(
+                    Tensor::from_vec(v, p.dims(), &Device::Cpu)?
+                        .to_dtype(p.dtype())?
+                        .to_device(p.device())?,
+                );
+            }
+            off += n;
+            slot += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Averages the loss values over the group in place.
+pub fn all_reduce_mean_losses(comm: &dyn Collective, l: &mut LossTerms) -> Result<()> {
+    let w = comm.world();
+    if w == 1 {
+        return Ok(());
+    }
+    let mut v = [
+        l.dino_local,
+        l.dino_global,
+        l.koleo,
+        l.ibot,
+        l.gram,
+        l.total,
+    ];
+    comm.all_reduce_sum(&mut v)?;
+    let inv = 1.0 / w as f64;
+    l.dino_local = v[0] * inv;
+    l.dino_global = v[1] * inv;
+    l.koleo = v[2] * inv;
+    l.ibot = v[3] * inv;
+    l.gram = v[4] * inv;
+    l.total = v[5] * inv;
+    Ok(())
+}
+
+/// One data-parallel training step: this member's `shard` of the global batch
+/// ([`Batch::shard`]), group-wide Sinkhorn-Knopp, averaged gradients and losses, the same
+/// clipping and update on every member. A non-finite step changes nothing on any member
+/// (they all see the same averaged values).
+pub fn train_step_group(
+    st: &mut TrainState,
+    shard: &Batch,
+    hp: &StepHparams,
+    comm: &dyn Collective,
+) -> std::result::Result<StepReport, StepError> {
+    let t = teacher_phase_in(st, shard, hp, Some(comm), &mut |_| {})?;
+    let mut out = student_phase(st, shard, hp, t, &mut |_| {})?;
+    all_reduce_mean_grads(comm, &mut out.grads, &st.student)?;
+    all_reduce_mean_losses(comm, &mut out.losses)?;
+    let clip = match clip_gradients(&st.cfg, &out.grads)? {
+        Ok(c) if out.losses.is_finite() => c,
+        Ok(c) => {
+            return Err(StepError::NonFinite {
+                step: st.step,
+                losses: out.losses,
+                norms: c.map(|s| s.total_norm),
+            })
+        }
+        Err(norms) => {
+            return Err(StepError::NonFinite {
+                step: st.step,
+                losses: out.losses,
+                norms,
+            })
+        }
+    };
+    let step = st.step;
+    apply_step(st, &out.grads, hp)?;
+    Ok(StepReport {
+        step,
+        losses: out.losses,
+        clip,
+        hparams: *hp,
+    })
+}

@@ -182,6 +182,10 @@ fn student_weights(st: &TrainState) -> Result<Vec<f64>> {
     Ok(out)
 }
 
+/// What a member reports: its timed step lengths (ms), its state's fingerprint and its
+/// student weights.
+type MemberResult = (Vec<f64>, String, Vec<f64>);
+
 /// Runs `warmup + iters` data-parallel steps of the recipe on random crops.
 pub fn bench_dp(plan: &Plan, origin: &str, opts: &DpBenchOpts) -> Result<DpBench> {
     let mut plan = plan.clone();
@@ -217,12 +221,12 @@ pub fn bench_dp(plan: &Plan, origin: &str, opts: &DpBenchOpts) -> Result<DpBench
         Ok(st)
     };
     let group = group(&opts.device, opts.members)?;
-    let results: Vec<Result<(Vec<f64>, String, Vec<f64>)>> = std::thread::scope(|s| {
+    let results: Vec<Result<MemberResult>> = std::thread::scope(|s| {
         let hs: Vec<_> = group
             .into_iter()
             .map(|(comm, dev)| {
                 let (batch, fresh, hp) = (&batch, &fresh, &hp);
-                s.spawn(move || -> Result<(Vec<f64>, String, Vec<f64>)> {
+                s.spawn(move || -> Result<MemberResult> {
                     let comm: &dyn Collective = comm.as_ref();
                     let mut st = fresh(&dev)?;
                     let shard = batch.shard(comm.rank(), comm.world())?.to_device(&dev)?;
@@ -251,7 +255,7 @@ pub fn bench_dp(plan: &Plan, origin: &str, opts: &DpBenchOpts) -> Result<DpBench
             })
             .collect()
     });
-    let results: Vec<(Vec<f64>, String, Vec<f64>)> = results.into_iter().collect::<Result<_>>()?;
+    let results: Vec<MemberResult> = results.into_iter().collect::<Result<_>>()?;
     let members_identical = results.iter().all(|r| r.1 == results[0].1);
     let mut times = results[0].0.clone();
     times.sort_by(|a, b| a.total_cmp(b));

@@ -522,6 +522,34 @@ fn losing_the_device_with_the_cpu_policy_goes_on_on_the_cpu_plan() {
 }
 
 #[test]
+fn a_second_loss_on_the_cpu_fallback_exits_75() {
+    let dir = TempDir::new("device-cpu-twice");
+    let cfg = write_config(
+        dir.path(),
+        &tiny_config("[runtime]\non_gpu_loss = \"cpu\"\ncpu_batch_size = 2\n"),
+    );
+    let st = dir.path().join("state");
+    let o = run_to(
+        &cfg,
+        &st,
+        STEPS,
+        &["--inject", "device_lost@5", "--inject", "device_lost@8"],
+    );
+    assert_eq!(o.status.code(), Some(75), "{}", text(&o));
+    let ev = events(&st);
+    let lost: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "device.lost").collect();
+    assert_eq!(lost.len(), 2, "{:?}", kinds(&ev));
+    assert_eq!(lost[0]["fields"]["policy"], "cpu");
+    assert_eq!(lost[1]["fields"]["policy"], "exit");
+    assert_eq!(
+        ev.iter().filter(|e| e["kind"] == "device.fallback").count(),
+        1,
+        "{:?}",
+        kinds(&ev)
+    );
+}
+
+#[test]
 fn a_hung_actor_is_detected_and_restarted() {
     let dir = TempDir::new("hang");
     let cfg = write_config(

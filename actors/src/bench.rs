@@ -139,7 +139,7 @@ pub fn bench_step(plan: &Plan, origin: &str, opts: &StepBenchOpts) -> Result<Ste
     let dev = ops::portable::device(&opts.device)?;
     let master = cfg.precision.dtype();
     let compute = match opts.precision.as_deref() {
-        None => master,
+        None => cfg.precision.compute_dtype(),
         Some("f32") => DType::F32,
         Some("f64") => DType::F64,
         Some("bf16") => DType::BF16,

@@ -23,14 +23,26 @@ pub enum Precision {
     F32,
     /// 64-bit floats (debugging, parity).
     F64,
+    /// Mixed precision as the official code trains: f32 master weights, optimizer state and
+    /// checkpoints; the step computes in bf16 (GPUs; on the CPU it runs the device code
+    /// path, which is slow).
+    Bf16,
 }
 
 impl Precision {
-    /// The candle dtype.
+    /// The type of the master weights, the optimizer state and the checkpoints.
     pub fn dtype(self) -> candle_core::DType {
         match self {
-            Precision::F32 => candle_core::DType::F32,
+            Precision::F32 | Precision::Bf16 => candle_core::DType::F32,
             Precision::F64 => candle_core::DType::F64,
+        }
+    }
+
+    /// The type the step computes in (batches, casts of the weights).
+    pub fn compute_dtype(self) -> candle_core::DType {
+        match self {
+            Precision::Bf16 => candle_core::DType::BF16,
+            p => p.dtype(),
         }
     }
 }
@@ -236,6 +248,15 @@ pub struct BadStepSection {
     /// Rollbacks allowed before the run halts for an operator.
     #[serde(default = "d_max_rollbacks")]
     pub max_rollbacks: u32,
+    /// Times in a row one step may fail to compute (an actor error, not a bad loss) and be
+    /// redone before the run stops with the error (exit 70): a failure that repeats is a
+    /// bug or a broken setup, not a transient fault.
+    #[serde(default = "d_max_redos")]
+    pub max_redos: u32,
+}
+
+fn d_max_redos() -> u32 {
+    8
 }
 
 fn d_spike() -> f64 {
@@ -262,6 +283,7 @@ impl Default for BadStepSection {
             max_bad_in_window: d_max_bad(),
             window_steps: d_bad_window(),
             max_rollbacks: d_max_rollbacks(),
+            max_redos: d_max_redos(),
         }
     }
 }
@@ -753,6 +775,10 @@ impl Plan {
         let b = cfg.train.batch_size;
         cfg.train.batch_size = cfg.runtime.cpu_batch_size.unwrap_or((b / 4).max(2)).min(b);
         cfg.runtime.device = "cpu".into();
+        if cfg.precision == Precision::Bf16 {
+            // the CPU kernels are f32: same master weights, f32 compute
+            cfg.precision = Precision::F32;
+        }
         let text = toml::to_string(&cfg).map_err(|e| ConfigErrors {
             origin: "the CPU fallback".into(),
             problems: vec![problem("(value)", e.to_string())],
@@ -1023,6 +1049,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             problems.push(problem(
                 "runtime.device",
                 "distillation runs on the CPU only so far (its frozen teacher and students are host tensors); remove runtime.device or the [distill] section",
+            ));
+        }
+        if cfg.precision == Precision::Bf16 {
+            problems.push(problem(
+                "precision",
+                "distillation computes in the master type so far: use f32 with a [distill] section",
             ));
         }
         if d.teacher == SELF_TEACHER && !cfg.stages.automatic {

@@ -222,7 +222,8 @@ pub fn check_architecture(meta: &RunMeta, plan: &Plan) -> Result<()> {
     if a.ibot_head != b.ibot_head {
         diffs.push(format!("ibot_head {:?} vs {:?}", a.ibot_head, b.ibot_head));
     }
-    if meta.precision != plan.config.precision {
+    // the master type must match; the compute type may change (f32 <-> bf16 mixed)
+    if meta.precision.dtype() != plan.config.precision.dtype() {
         diffs.push(format!(
             "precision {:?} vs {:?}",
             meta.precision, plan.config.precision
@@ -303,9 +304,11 @@ pub fn restore(ck: &LoadedCheckpoint, plan: &Plan) -> Result<EngineState> {
 /// The state on the run's device (`runtime.device`; built on the host, moved once).
 fn place(ts: TrainState, plan: &Plan) -> Result<TrainState> {
     let dev = crate::runtime::device(&plan.config.runtime.device)?;
-    if dev.is_cpu() {
+    if dev.is_cpu() && !ops::portable::forced_on_cpu() {
         return Ok(ts);
     }
+    // (on the CPU with the device code path forced, e.g. bf16: the optimizer moments
+    // become tensors as on a device, so a resumed run computes what a fresh one does)
     ts.to_device(&dev)
         .with_context(|| format!("moving the state to {}", plan.config.runtime.device))
 }

@@ -272,6 +272,14 @@ impl AdamW {
         for ((ps, gs), st) in params.iter().zip(grads).zip(self.modules.iter_mut()) {
             for (i, t) in ps.tensors().iter().enumerate() {
                 let Some(g) = gs.get(i) else { continue };
+                // mixed precision: half gradients are widened to the master type
+                let widened;
+                let g = if g.dtype() != t.dtype() {
+                    widened = g.to_dtype(t.dtype())?;
+                    &widened
+                } else {
+                    g
+                };
                 let grp = st.groups[i];
                 let lr = if grp.is_last_layer {
                     h.last_layer_lr

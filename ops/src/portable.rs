@@ -184,6 +184,11 @@ pub fn set_force_on_cpu(on: bool) {
     FORCE_ON_CPU.store(on, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Whether [`set_force_on_cpu`] is on.
+pub fn forced_on_cpu() -> bool {
+    FORCE_ON_CPU.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Parses a device name: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`. Fails with a clear message
 /// when this build has no CUDA support or the device cannot be opened.
 pub fn device(spec: &str) -> Result<Device> {

@@ -549,6 +549,79 @@ fn a_second_loss_on_the_cpu_fallback_exits_75() {
     );
 }
 
+/// `precision = "bf16"`: the step computes in bf16, the master weights, optimizer state
+/// and checkpoints stay f32, a resume is exact, and the same state directory can go on in
+/// f32 (the master type is what must match).
+#[test]
+fn bf16_mixed_precision_trains_keeps_f32_masters_and_resumes_exactly() {
+    let dir = TempDir::new("bf16");
+    let recipe = tiny_config("").replace("precision = \"f32\"", "precision = \"bf16\"");
+    let cfg = write_config(dir.path(), &recipe);
+    let whole = dir.path().join("whole");
+    let o = run_to(&cfg, &whole, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let (step, fp) = fingerprint(&whole);
+    assert_eq!(step, STEPS);
+    assert_ne!(
+        &(step, fp.clone()),
+        reference(),
+        "bf16 compute changed nothing"
+    );
+    let losses = &status(&whole)["run"]["losses"];
+    assert!(
+        losses["total"].as_f64().is_some_and(f64::is_finite),
+        "{losses}"
+    );
+    let ck = whole.join(format!("checkpoints/step-{STEPS:012}"));
+    for f in ["student", "teacher", "optimizer"] {
+        let bytes = std::fs::read(ck.join(format!("{f}.safetensors"))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, t) in st.tensors() {
+            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{f}: {name}");
+        }
+    }
+    // stopped half-way and resumed: the same run
+    let split = dir.path().join("split");
+    let o = run_to(&cfg, &split, STEPS / 2, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run_to(&cfg, &split, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(fingerprint(&split), (STEPS, fp));
+    // the f32 recipe takes the bf16 run over
+    let f32_cfg = write_config(&dir.path().join("whole"), &tiny_config(""));
+    let o = run_to(&f32_cfg, &whole, STEPS + 3, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(fingerprint(&whole).0, STEPS + 3);
+}
+
+/// A step that fails the same way every time is not retried forever: after
+/// `max_redos` redos the run stops with the error (and a restart resumes it once the
+/// cause is gone).
+#[test]
+fn a_step_that_keeps_failing_stops_the_run_after_max_redos() {
+    let dir = TempDir::new("redos");
+    let cfg = write_config(
+        dir.path(),
+        &tiny_config("[runtime.bad_steps]\nmax_redos = 3\n"),
+    );
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, STEPS, &["--inject", "device_error@5x50"]);
+    assert_eq!(o.status.code(), Some(70), "{}", text(&o));
+    let ev = events(&st);
+    let fatal = ev
+        .iter()
+        .find(|e| e["kind"] == "run.fatal")
+        .unwrap_or_else(|| panic!("no run.fatal in {:?}", kinds(&ev)));
+    let msg = fatal["message"].as_str().unwrap();
+    assert!(
+        msg.contains("step 5 failed 4 times in a row") && msg.contains("injected device error"),
+        "{msg}"
+    );
+    let o = run_to(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(&fingerprint(&st), reference());
+}
+
 #[test]
 fn a_hung_actor_is_detected_and_restarted() {
     let dir = TempDir::new("hang");

@@ -153,6 +153,13 @@ impl Actor for TeacherActor {
                         eng.ts.step
                     );
                 }
+                let dt = ctx.plan().config.precision.compute_dtype();
+                if dt != eng.ts.student.backbone.params.get(0).dtype() {
+                    // mixed precision: the step computes on casts of the master weights
+                    let view = eng.ts.compute_view(dt)?;
+                    drop(eng);
+                    return Ok(model::teacher_phase(&view, &batch.batch, &hp, &mut |_| {})?);
+                }
                 Ok(model::teacher_phase(
                     &eng.ts,
                     &batch.batch,
@@ -277,8 +284,15 @@ impl Actor for TrainerActor {
                                 eng.ts.step
                             );
                         }
+                        let dt = ctx.plan().config.precision.compute_dtype();
+                        let view = if dt != eng.ts.student.backbone.params.get(0).dtype() {
+                            // mixed precision: gradients in `dt`, widened by AdamW
+                            Some(eng.ts.compute_view(dt)?)
+                        } else {
+                            None
+                        };
                         let mut out = model::student_phase(
-                            &eng.ts,
+                            view.as_ref().unwrap_or(&eng.ts),
                             &batch.batch,
                             &hp,
                             *teacher,

@@ -122,6 +122,8 @@ pub struct CoordState {
     /// Probes made for a lost device (`on_gpu_loss = "wait"`), while waiting.
     device_probes: Option<u32>,
     last_probe: Option<Instant>,
+    /// The step being redone and how many times in a row it failed to compute.
+    redo_streak: (u64, u32),
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -1096,6 +1098,7 @@ impl Actor for CoordinatorActor {
             machine,
             device_probes: None,
             last_probe: None,
+            redo_streak: (0, 0),
         })
     }
 
@@ -1214,6 +1217,28 @@ impl Actor for CoordinatorActor {
                         // lost device would only fail
                     }
                     Err(StepFail::Redo(why)) => {
+                        if !why.starts_with("skipped") {
+                            let n = if st.redo_streak.0 == step {
+                                st.redo_streak.1 + 1
+                            } else {
+                                1
+                            };
+                            st.redo_streak = (step, n);
+                            let max = ctx.plan().config.runtime.bad_steps.max_redos;
+                            if n > max {
+                                let msg = format!("step {step} failed {n} times in a row (runtime.bad_steps.max_redos = {max}); last error: {why}");
+                                ctx.event(
+                                    Level::Error,
+                                    "run.fatal",
+                                    Some(NAME),
+                                    Some(step),
+                                    msg.clone(),
+                                    json!({"redos": n}),
+                                );
+                                st.finish(EXIT_FATAL, &msg).await;
+                                return Ok(());
+                            }
+                        }
                         let dirty = ctx.engine.lock().dirty;
                         if dirty {
                             let reloaded = ctx.reload(&why);

@@ -150,7 +150,7 @@ impl Actor for LoaderActor {
                 let step = ctx.engine.lock().ts.step;
                 ctx.faults.maybe_panic(NAME, step);
                 ctx.board.phase(NAME, ActorPhase::Load);
-                let dtype = ctx.plan().config.precision.dtype();
+                let dtype = ctx.plan().config.precision.compute_dtype();
                 let r = st
                     .worker
                     .run(move || -> Result<LoadedBatch> {

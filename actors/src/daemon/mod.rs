@@ -226,6 +226,13 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
             return run_distill(&rt, plan, opts, store, faults, &self_teacher);
         }
     }
+    if plan.config.precision == crate::config::Precision::Bf16
+        && plan.config.runtime.device == "cpu"
+    {
+        // the fused CPU kernels are f32/f64: bf16 runs the device code path on the host
+        tracing::warn!("precision = \"bf16\" on the CPU runs the device code path (slow); it is meant for GPUs");
+        ops::portable::set_force_on_cpu(true);
+    }
     // resume or start
     let state = match latest {
         Some(ck) => {

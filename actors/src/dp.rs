@@ -182,6 +182,35 @@ fn student_weights(st: &TrainState) -> Result<Vec<f64>> {
     Ok(out)
 }
 
+/// One member's steps: its own state on `dev`, its part of the batch.
+fn run_member(
+    comm: &dyn Collective,
+    dev: &Device,
+    batch: &model::Batch,
+    fresh: &dyn Fn(&Device) -> Result<TrainState>,
+    hp: &StepHparams,
+    steps: usize,
+    warmup: usize,
+) -> Result<MemberResult> {
+    let mut st = fresh(dev)?;
+    let shard = batch.shard(comm.rank(), comm.world())?.to_device(dev)?;
+    let mut times = vec![];
+    for it in 0..steps {
+        let t0 = Instant::now();
+        model::dist::train_step_group(&mut st, &shard, hp, comm)
+            .map_err(|e| anyhow!("member {}: {e}", comm.rank()))?;
+        ops::portable::synchronize(dev)?;
+        if it >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok((
+        times,
+        crate::engine::fingerprint(&st)?,
+        student_weights(&st)?,
+    ))
+}
+
 /// What a member reports: its timed step lengths (ms), its state's fingerprint and its
 /// student weights.
 type MemberResult = (Vec<f64>, String, Vec<f64>);
@@ -228,23 +257,12 @@ pub fn bench_dp(plan: &Plan, origin: &str, opts: &DpBenchOpts) -> Result<DpBench
                 let (batch, fresh, hp) = (&batch, &fresh, &hp);
                 s.spawn(move || -> Result<MemberResult> {
                     let comm: &dyn Collective = comm.as_ref();
-                    let mut st = fresh(&dev)?;
-                    let shard = batch.shard(comm.rank(), comm.world())?.to_device(&dev)?;
-                    let mut times = vec![];
-                    for it in 0..steps {
-                        let t0 = Instant::now();
-                        model::dist::train_step_group(&mut st, &shard, hp, comm)
-                            .map_err(|e| anyhow!("member {}: {e}", comm.rank()))?;
-                        ops::portable::synchronize(&dev)?;
-                        if it >= opts.warmup {
-                            times.push(t0.elapsed().as_secs_f64() * 1e3);
-                        }
+                    let r = run_member(comm, &dev, batch, fresh, hp, steps, opts.warmup);
+                    if let Err(e) = &r {
+                        // the others must not wait for this member's next all-reduce
+                        comm.abort(&format!("{e:#}"));
                     }
-                    Ok((
-                        times,
-                        crate::engine::fingerprint(&st)?,
-                        student_weights(&st)?,
-                    ))
+                    r
                 })
             })
             .collect();

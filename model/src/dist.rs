@@ -36,6 +36,10 @@ pub trait Collective: Send + Sync {
     /// result. Every member must make the same calls in the same order with vectors of
     /// the same length.
     fn all_reduce_sum(&self, v: &mut [f64]) -> Result<()>;
+    /// This member failed and will make no more calls: the others' pending and future
+    /// calls fail with `why` instead of waiting for it. The default does nothing (the
+    /// transport's own timeout applies).
+    fn abort(&self, _why: &str) {}
 }
 
 /// The group of one.
@@ -63,6 +67,8 @@ struct Round {
     left: usize,
     slots: Vec<Vec<f64>>,
     result: std::result::Result<Vec<f64>, String>,
+    /// Set by [`Collective::abort`]: every call fails with it from then on.
+    aborted: Option<String>,
 }
 
 struct Shared {
@@ -98,6 +104,7 @@ impl ThreadGroup {
                 left: 0,
                 slots: vec![vec![]; world],
                 result: Ok(vec![]),
+                aborted: None,
             }),
             cv: Condvar::new(),
         });
@@ -121,6 +128,9 @@ impl Collective for ThreadGroup {
     fn world(&self) -> usize {
         self.shared.world
     }
+    fn abort(&self, why: &str) {
+        self.abort_group(why)
+    }
     fn all_reduce_sum(&self, v: &mut [f64]) -> Result<()> {
         let sh = &*self.shared;
         let mut g = sh.state.lock().map_err(poisoned)?;
@@ -135,9 +145,17 @@ impl Collective for ThreadGroup {
             }
             Ok(g)
         };
+        let aborted = |g: &Round| -> Result<()> {
+            match &g.aborted {
+                Some(why) => bail!("all-reduce: the group was aborted ({why})"),
+                None => Ok(()),
+            }
+        };
+        aborted(&g)?;
         // the previous result must be read by everyone before it is overwritten
         while g.left > 0 {
             g = wait(g, "the others to read the previous result")?;
+            aborted(&g)?;
         }
         g.slots[self.rank] = v.to_vec();
         g.arrived += 1;
@@ -163,6 +181,7 @@ impl Collective for ThreadGroup {
         } else {
             while g.round == mine {
                 g = wait(g, "the others to arrive")?;
+                aborted(&g)?;
             }
         }
         let r = g.result.clone();
@@ -178,6 +197,20 @@ impl Collective for ThreadGroup {
             }
             Err(e) => bail!("{e}"),
         }
+    }
+}
+
+impl ThreadGroup {
+    fn abort_group(&self, why: &str) {
+        let sh = &*self.shared;
+        let mut g = match sh.state.lock() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        if g.aborted.is_none() {
+            g.aborted = Some(format!("member {} failed: {why}", self.rank));
+        }
+        sh.cv.notify_all();
     }
 }
 

@@ -523,6 +523,33 @@ fn the_thread_group_sums_in_rank_order_and_fails_instead_of_hanging() {
         assert_eq!(pair, [3.0 + 3.0 * round as f64, 3.0]);
     }
     assert!(out.iter().all(|o| o == &out[0]));
+    // a member that fails releases the others at once
+    let g = ThreadGroup::new(3);
+    let t0 = std::time::Instant::now();
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = g
+            .iter()
+            .map(|m| {
+                s.spawn(move || {
+                    if m.rank() == 2 {
+                        m.abort("out of memory");
+                        return "aborted".to_string();
+                    }
+                    m.all_reduce_sum(&mut [1.0]).unwrap_err().to_string()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    assert!(
+        errs[0].contains("member 2 failed: out of memory"),
+        "{errs:?}"
+    );
+    assert!(
+        errs[1].contains("member 2 failed: out of memory"),
+        "{errs:?}"
+    );
     // a member alone times out with a clear error
     let g = ThreadGroup::with_timeout(2, std::time::Duration::from_millis(100));
     let e = g[0].all_reduce_sum(&mut [1.0]).unwrap_err().to_string();

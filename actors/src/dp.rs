@@ -70,6 +70,9 @@ mod nccl {
 
     pub use candle_core::cuda_backend::cudarc::nccl::safe::Comm;
     use candle_core::cuda_backend::cudarc::nccl::safe::ReduceOp;
+    use candle_core::op::BackpropOp;
+    use candle_core::CudaStorage;
+    use candle_core::{DType, Device, Storage, Tensor};
     use model::dist::Collective;
 
     /// One GPU's NCCL communicator. NCCL communicators must not be used by two threads at
@@ -119,6 +122,57 @@ mod nccl {
             stream.memcpy_dtoh(&d, v).map_err(|e| err("download", e))?;
             stream.synchronize().map_err(|e| err("synchronize", e))?;
             Ok(())
+        }
+
+        /// Device buffers are reduced where they are (f32 and f64 on a GPU); anything
+        /// else goes through the host.
+        fn all_reduce_sum_tensor(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+            if !t.device().is_cuda() || !matches!(t.dtype(), DType::F32 | DType::F64) {
+                let mut v: Vec<f64> = t
+                    .to_device(&Device::Cpu)?
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                self.all_reduce_sum(&mut v)?;
+                return Tensor::from_vec(v, t.dims(), &Device::Cpu)?
+                    .to_dtype(t.dtype())?
+                    .to_device(t.device());
+            }
+            let t = t.contiguous()?;
+            let n = t.elem_count();
+            let comm = self
+                .comm
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("NCCL: a member panicked".into()))?;
+            let stream = comm.stream();
+            let (storage, layout) = t.storage_and_layout();
+            let Storage::Cuda(cs) = &*storage else {
+                candle_core::bail!("NCCL all-reduce: not a CUDA tensor")
+            };
+            let start = layout.start_offset();
+            let out = match t.dtype() {
+                DType::F32 => {
+                    let src = cs.as_cuda_slice::<f32>()?;
+                    let mut dst = stream.alloc_zeros::<f32>(n).map_err(|e| err("alloc", e))?;
+                    comm.all_reduce(&src.slice(start..start + n), &mut dst, &ReduceOp::Sum)
+                        .map_err(|e| err("reduce", e.0))?;
+                    CudaStorage::wrap_cuda_slice(dst, cs.device.clone())
+                }
+                _ => {
+                    let src = cs.as_cuda_slice::<f64>()?;
+                    let mut dst = stream.alloc_zeros::<f64>(n).map_err(|e| err("alloc", e))?;
+                    comm.all_reduce(&src.slice(start..start + n), &mut dst, &ReduceOp::Sum)
+                        .map_err(|e| err("reduce", e.0))?;
+                    CudaStorage::wrap_cuda_slice(dst, cs.device.clone())
+                }
+            };
+            drop(storage);
+            Ok(Tensor::from_storage(
+                Storage::Cuda(out),
+                t.dims(),
+                BackpropOp::none(),
+                false,
+            ))
         }
     }
 }

@@ -40,6 +40,20 @@ pub trait Collective: Send + Sync {
     /// calls fail with `why` instead of waiting for it. The default does nothing (the
     /// transport's own timeout applies).
     fn abort(&self, _why: &str) {}
+    /// The element-wise sum of `t` over the group, as a new tensor of `t`'s shape, type
+    /// and device. The default goes through the host in f64; a device transport (NCCL)
+    /// reduces device buffers in place of it.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let mut v: Vec<f64> = t
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
+        self.all_reduce_sum(&mut v)?;
+        Tensor::from_vec(v, t.dims(), &Device::Cpu)?
+            .to_dtype(t.dtype())?
+            .to_device(t.device())
+    }
 }
 
 /// The group of one.
@@ -249,10 +263,12 @@ impl Batch {
     }
 }
 
-/// Averages the gradients over the group in place (one all-reduce for all of them).
-/// `student` gives every parameter's shape: a member without a gradient for a parameter
-/// (no masked patch in its images, so no iBOT-head gradient) contributes zeros, and a
-/// parameter stays without a gradient only where no member has one.
+/// Averages the gradients over the group in place: one all-reduce of all of them,
+/// flattened into one buffer on their device (f64 if they are f64, else f32: half
+/// gradients are reduced in f32). `student` gives every parameter's shape: a member
+/// without a gradient for a parameter (no masked patch in its images, so no iBOT-head
+/// gradient) contributes zeros, and a parameter stays without a gradient only where no
+/// member has one.
 pub fn all_reduce_mean_grads(
     comm: &dyn Collective,
     grads: &mut ModelGrads,
@@ -263,8 +279,25 @@ pub fn all_reduce_mean_grads(
         return Ok(());
     }
     let params = student.modules();
+    let dev = student.backbone.device();
+    let wide = if grads
+        .modules()
+        .iter()
+        .any(|(_, g)| g.tensors.iter().flatten().any(|t| t.dtype() == DType::F64))
+    {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    // the type the gradients come back in: the compute type, the same on every member
+    // (every member has backbone gradients), even for a slot this member lacked
+    let grad_dt = grads
+        .modules()
+        .iter()
+        .find_map(|(_, g)| g.tensors.iter().flatten().next().map(|t| t.dtype()))
+        .unwrap_or(wide);
     let mut present: Vec<f64> = vec![];
-    let mut buf: Vec<f64> = vec![];
+    let mut parts: Vec<Tensor> = vec![];
     for (m, (_, g)) in grads.modules().iter().enumerate() {
         let ps = params[m].1;
         if g.tensors.len() != ps.len() {
@@ -279,23 +312,20 @@ pub fn all_reduce_mean_grads(
             match t {
                 Some(t) => {
                     present.push(1.0);
-                    buf.extend(
-                        t.to_device(&Device::Cpu)?
-                            .to_dtype(DType::F64)?
-                            .flatten_all()?
-                            .to_vec1::<f64>()?,
-                    );
+                    parts.push(t.flatten_all()?.to_dtype(wide)?);
                 }
                 None => {
                     present.push(0.0);
-                    buf.extend(std::iter::repeat_n(0.0, ps.get(i).elem_count()));
+                    parts.push(Tensor::zeros(ps.get(i).elem_count(), wide, &dev)?);
                 }
             }
         }
     }
     comm.all_reduce_sum(&mut present)?;
-    comm.all_reduce_sum(&mut buf)?;
-    let inv = 1.0 / w as f64;
+    let flat = Tensor::cat(&parts, 0)?;
+    drop(parts);
+    let sum = comm.all_reduce_sum_tensor(&flat)?;
+    let mean = sum.affine(1.0 / w as f64, 0.0)?;
     let (mut off, mut slot) = (0, 0);
     for (m, g) in [
         &mut grads.backbone,
@@ -310,12 +340,13 @@ pub fn all_reduce_mean_grads(
             let p = ps.get(i);
             let n = p.elem_count();
             if present[slot] > 0.0 {
-                let v: Vec<f64> = buf[off..off + n].iter().map(|x| x * inv).collect();
-                g.tensors[i] = Some(
-                    Tensor::from_vec(v, p.dims(), &Device::Cpu)?
-                        .to_dtype(p.dtype())?
-                        .to_device(p.device())?,
-                );
+                // an independent tensor: clipping scales gradients in place
+                let t = mean.narrow(0, off, n)?.reshape(p.dims())?;
+                g.tensors[i] = Some(if grad_dt == wide {
+                    t.copy()?
+                } else {
+                    t.to_dtype(grad_dt)?
+                });
             }
             off += n;
             slot += 1;

@@ -489,9 +489,20 @@ pub struct RuntimeSection {
     /// `train.batch_size`, at least 2). The LR is rescaled for it by `train.lr_scaling`.
     #[serde(default)]
     pub cpu_batch_size: Option<usize>,
+    /// Data parallelism: members sharing each global batch (`train.batch_size` split
+    /// evenly). On `device = "cpu"` they are threads of this process (for testing: no
+    /// speed-up on a CPU); on `device = "cuda"` one GPU each, `cuda:0 .. cuda:N-1`, with
+    /// NCCL. Rank 0 holds the state, optimizes and checkpoints; the others compute on
+    /// copies of it each step.
+    #[serde(default = "d_data_parallel")]
+    pub data_parallel: usize,
     /// Injected faults.
     #[serde(default)]
     pub faults: Vec<FaultSpec>,
+}
+
+fn d_data_parallel() -> usize {
+    1
 }
 
 fn d_log_every() -> u64 {
@@ -527,6 +538,7 @@ impl Default for RuntimeSection {
             gpu_probe_every_s: d_gpu_probe_every(),
             gpu_wait_max_s: 0.0,
             cpu_batch_size: None,
+            data_parallel: d_data_parallel(),
             faults: vec![],
         }
     }
@@ -775,6 +787,7 @@ impl Plan {
         let b = cfg.train.batch_size;
         cfg.train.batch_size = cfg.runtime.cpu_batch_size.unwrap_or((b / 4).max(2)).min(b);
         cfg.runtime.device = "cpu".into();
+        cfg.runtime.data_parallel = 1;
         if cfg.precision == Precision::Bf16 {
             // the CPU kernels are f32: same master weights, f32 compute
             cfg.precision = Precision::F32;
@@ -887,6 +900,33 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
                 rt.gpu_wait_max_s
             ),
         ));
+    }
+    if rt.data_parallel == 0 {
+        problems.push(problem("runtime.data_parallel", "must be at least 1"));
+    } else if rt.data_parallel > 1 {
+        let (n, b) = (rt.data_parallel, cfg.train.batch_size);
+        if !b.is_multiple_of(n) || b / n < 2 {
+            problems.push(problem(
+                "runtime.data_parallel",
+                format!("train.batch_size {b} must split into {n} parts of at least 2 images (KoLeo is per member)"),
+            ));
+        }
+        if !(rt.device == "cpu" || rt.device == "cuda" || rt.device == "cuda:0") {
+            problems.push(problem(
+                "runtime.data_parallel",
+                format!(
+                    "members run on cpu, or on cuda:0 .. cuda:{} with device = \"cuda\", not on {}",
+                    n - 1,
+                    rt.device
+                ),
+            ));
+        }
+        if cfg.distill.is_some() {
+            problems.push(problem(
+                "runtime.data_parallel",
+                "distillation runs on one device so far",
+            ));
+        }
     }
     if let Some(b) = rt.cpu_batch_size {
         if b < 2 || b > cfg.train.batch_size {
@@ -1310,12 +1350,18 @@ mod tests {
             ("cpu_batch_size = 1", "runtime.cpu_batch_size"),
             ("cpu_batch_size = 100000", "runtime.cpu_batch_size"),
             ("on_gpu_loss = \"retry\"", "on_gpu_loss"),
+            ("data_parallel = 0", "runtime.data_parallel"),
+            ("data_parallel = 7", "runtime.data_parallel"),
+            (
+                "device = \"cuda:1\"\ndata_parallel = 2",
+                "runtime.data_parallel",
+            ),
         ] {
             let e = super::parse(&with(bad), "t").unwrap_err().to_string();
             assert!(e.contains(key), "{bad}: {e}");
         }
         let plan = super::parse(
-            &with("device = \"cuda:0\"\non_gpu_loss = \"cpu\"\ncpu_batch_size = 8\ngpu_wait_max_s = 600.0"),
+            &with("device = \"cuda:0\"\non_gpu_loss = \"cpu\"\ncpu_batch_size = 8\ngpu_wait_max_s = 600.0\ndata_parallel = 2"),
             "t",
         )
         .unwrap();
@@ -1323,6 +1369,7 @@ mod tests {
         let b = plan.config.train.batch_size;
         let fb = plan.cpu_fallback().unwrap();
         assert_eq!(fb.config.runtime.device, "cpu");
+        assert_eq!(fb.config.runtime.data_parallel, 1);
         assert_eq!(fb.config.train.batch_size, 8);
         // sqrt scaling with respect to 1024 (the default recipe's rule)
         let (lr0, lr) = (plan.lr.at(u64::MAX), fb.lr.at(u64::MAX));

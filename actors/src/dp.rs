@@ -8,6 +8,7 @@
 //! NCCL unique id of rank 0 handed to the others (over the control socket), which is the
 //! only part that differs from this one.
 
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -38,8 +39,9 @@ pub fn group(device: &str, members: usize) -> Result<Vec<(Box<dyn Collective>, D
 
 #[cfg(feature = "cuda")]
 fn nccl_group(members: usize) -> Result<Vec<(Box<dyn Collective>, Device)>> {
+    // the process's handles (`runtime::device`): rank 0 is the daemon's own device
     let devices: Vec<Device> = (0..members)
-        .map(|i| Device::new_cuda(i).with_context(|| format!("opening cuda:{i}")))
+        .map(|i| crate::runtime::device(&format!("cuda:{i}")))
         .collect::<Result<_>>()?;
     let streams = devices
         .iter()
@@ -175,6 +177,76 @@ mod nccl {
             ))
         }
     }
+}
+
+/// The members of the daemon's group, rank 0 first.
+pub type Members = Arc<Vec<(Box<dyn Collective>, Device)>>;
+
+/// The group of `runtime.data_parallel` members for `plan` (None for one), built on first
+/// use and kept in `slot`; [`reset`] drops it after a failure (an aborted group stays
+/// aborted).
+pub fn members(slot: &Mutex<Option<Members>>, plan: &Plan) -> Result<Option<Members>> {
+    let rt = &plan.config.runtime;
+    if rt.data_parallel <= 1 {
+        return Ok(None);
+    }
+    let mut g = slot
+        .lock()
+        .map_err(|_| anyhow!("the group lock is poisoned"))?;
+    if g.is_none() {
+        let kind = if rt.device == "cpu" { "cpu" } else { "cuda" };
+        *g = Some(Arc::new(group(kind, rt.data_parallel)?));
+    }
+    Ok(g.clone())
+}
+
+/// Forgets the group (the next step builds a fresh one).
+pub fn reset(slot: &Mutex<Option<Members>>) {
+    if let Ok(mut g) = slot.lock() {
+        *g = None;
+    }
+}
+
+/// Runs `f(rank, comm, device)` for every member at once (rank 0 on this thread) and
+/// returns the results in rank order. If one fails, the group is aborted so the others'
+/// collectives fail at once, and the first failure that is not such an abort is returned.
+pub fn on_members<T: Send>(
+    members: &[(Box<dyn Collective>, Device)],
+    f: impl Fn(usize, &dyn Collective, &Device) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let run = |r: usize| -> Result<T> {
+        let (comm, dev) = &members[r];
+        let out = f(r, comm.as_ref(), dev).with_context(|| format!("data-parallel member {r}"));
+        if let Err(e) = &out {
+            comm.abort(&format!("{e:#}"));
+        }
+        out
+    };
+    let results: Vec<Result<T>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (1..members.len())
+            .map(|r| {
+                let run = &run;
+                s.spawn(move || run(r))
+            })
+            .collect();
+        let mut out = vec![run(0)];
+        for h in hs {
+            out.push(
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a data-parallel member panicked"))),
+            );
+        }
+        out
+    });
+    if results.iter().any(|r| r.is_err()) {
+        let mut errs: Vec<anyhow::Error> = results.into_iter().filter_map(|r| r.err()).collect();
+        let root = errs
+            .iter()
+            .position(|e| !format!("{e:#}").contains("group was aborted"))
+            .unwrap_or(0);
+        return Err(errs.swap_remove(root));
+    }
+    Ok(results.into_iter().map(|r| r.expect("checked")).collect())
 }
 
 /// What `dinod bench dp` measured.

@@ -243,6 +243,19 @@ impl TrainState {
         })
     }
 
+    /// [`TrainState::compute_view`] with the twin on `dev` (a member of a data-parallel
+    /// group computing on another device). On the state's own device and type it shares
+    /// every tensor.
+    pub fn compute_view_on(&self, dt: DType, dev: &candle_core::Device) -> Result<Self> {
+        let mut v = self.compute_view(dt)?;
+        if !dev.same_device(&self.device()) {
+            v.student = v.student.to_device(dev)?;
+            v.teacher = v.teacher.to_device(dev)?;
+            v.gram_teacher = v.gram_teacher.map(|g| g.to_device(dev)).transpose()?;
+        }
+        Ok(v)
+    }
+
     /// The device the student's parameters live on.
     pub fn device(&self) -> candle_core::Device {
         self.student.backbone.device()

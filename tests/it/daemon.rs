@@ -622,6 +622,89 @@ fn a_step_that_keeps_failing_stops_the_run_after_max_redos() {
     assert_eq!(&fingerprint(&st), reference());
 }
 
+/// The exported weights of a state directory, by name, as f64.
+fn exported(state: &Path, out: &Path) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let o = dinod(&[
+        "export",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let bytes = std::fs::read(out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{n}");
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+                .collect();
+            (n, v)
+        })
+        .collect()
+}
+
+/// `runtime.data_parallel = 2`: two members (threads here) on half the batch each train
+/// what one member trains on the whole batch (KoLeo and drop path, which are per member,
+/// off), a resume of the group run is exact, and the checkpoint is written once.
+#[test]
+fn a_data_parallel_daemon_trains_what_one_member_trains() {
+    let dir = TempDir::new("dp-daemon");
+    let base = tiny_config("[model.loss]\nkoleo_loss_weight = 0.0\n")
+        .replace("drop_path = 0.2", "drop_path = 0.0");
+    let one = write_config(dir.path(), &base);
+    let two_dir = dir.path().join("two");
+    std::fs::create_dir_all(&two_dir).unwrap();
+    let two = write_config(&two_dir, &format!("{base}\n[runtime]\ndata_parallel = 2\n"));
+    let (s1, s2) = (dir.path().join("s1"), dir.path().join("s2"));
+    let o = run_to(&one, &s1, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run_to(&two, &s2, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let (a, b) = (
+        exported(&s1, &dir.path().join("one.safetensors")),
+        exported(&s2, &dir.path().join("two.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    let scale = a.values().flatten().fold(0.0f64, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .map(|(n, x)| {
+            x.iter()
+                .zip(&b[n])
+                .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
+        })
+        .fold(0.0f64, f64::max);
+    assert!(
+        diff / scale < 1e-5,
+        "two members vs one: {:e}",
+        diff / scale
+    );
+    assert!(
+        diff > 0.0,
+        "the group run is the one-member run: nothing was split"
+    );
+    let (l1, l2) = (
+        status(&s1)["run"]["losses"].clone(),
+        status(&s2)["run"]["losses"].clone(),
+    );
+    for k in ["dino_local", "dino_global", "ibot"] {
+        let (x, y) = (l1[k].as_f64().unwrap(), l2[k].as_f64().unwrap());
+        assert!((x - y).abs() < 1e-5 * x.abs(), "{k}: {x} vs {y}");
+    }
+    // stopped half-way and resumed: the same group run, bit for bit
+    let s3 = dir.path().join("s3");
+    let o = run_to(&two, &s3, STEPS / 2, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run_to(&two, &s3, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(fingerprint(&s3), fingerprint(&s2));
+}
+
 #[test]
 fn a_hung_actor_is_detected_and_restarted() {
     let dir = TempDir::new("hang");

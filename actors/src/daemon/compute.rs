@@ -88,7 +88,8 @@ pub enum TeacherMsg {
         step: u64,
         batch: Arc<LoadedBatch>,
         hp: StepHparams,
-        reply: RpcReplyPort<Result<TeacherOutput, String>>,
+        /// One output per data-parallel member, rank 0 first (one without).
+        reply: RpcReplyPort<Result<Vec<TeacherOutput>, String>>,
     },
 }
 
@@ -144,7 +145,7 @@ impl Actor for TeacherActor {
         let ctx = st.ctx.clone();
         let r = st
             .worker
-            .run(move || -> Result<TeacherOutput> {
+            .run(move || -> Result<Vec<TeacherOutput>> {
                 ctx.faults.maybe_slow(TEACHER, step);
                 let eng = ctx.engine.lock();
                 if eng.ts.step != step {
@@ -154,18 +155,43 @@ impl Actor for TeacherActor {
                     );
                 }
                 let dt = ctx.plan().config.precision.compute_dtype();
+                if let Some(members) = crate::dp::members(&ctx.group, ctx.plan())? {
+                    // every member on its part of the batch, Sinkhorn-Knopp over all
+                    let ts: &model::TrainState = &eng.ts;
+                    let n = members.len();
+                    let outs = crate::dp::on_members(&members, |r, comm, dev| {
+                        let view = ts.compute_view_on(dt, dev)?;
+                        let shard = batch.batch.shard(r, n)?.to_device(dev)?;
+                        Ok(model::teacher_phase_in(
+                            &view,
+                            &shard,
+                            &hp,
+                            Some(comm),
+                            &mut |_| {},
+                        )?)
+                    });
+                    if outs.is_err() {
+                        crate::dp::reset(&ctx.group);
+                    }
+                    return outs;
+                }
                 if dt != eng.ts.student.backbone.params.get(0).dtype() {
                     // mixed precision: the step computes on casts of the master weights
                     let view = eng.ts.compute_view(dt)?;
                     drop(eng);
-                    return Ok(model::teacher_phase(&view, &batch.batch, &hp, &mut |_| {})?);
+                    return Ok(vec![model::teacher_phase(
+                        &view,
+                        &batch.batch,
+                        &hp,
+                        &mut |_| {},
+                    )?]);
                 }
-                Ok(model::teacher_phase(
+                Ok(vec![model::teacher_phase(
                     &eng.ts,
                     &batch.batch,
                     &hp,
                     &mut |_| {},
-                )?)
+                )?])
             })
             .await?;
         st.ctx.board.phase(TEACHER, ActorPhase::Idle);
@@ -204,7 +230,8 @@ pub enum TrainerMsg {
         step: u64,
         batch: Arc<LoadedBatch>,
         hp: StepHparams,
-        teacher: Box<TeacherOutput>,
+        /// The teacher's outputs, one per data-parallel member.
+        teacher: Vec<TeacherOutput>,
         reply: RpcReplyPort<Result<StepSummary, String>>,
     },
     /// Apply the pending step's gradients (AdamW). Marks the engine dirty until the EMA is done.
@@ -285,19 +312,61 @@ impl Actor for TrainerActor {
                             );
                         }
                         let dt = ctx.plan().config.precision.compute_dtype();
-                        let view = if dt != eng.ts.student.backbone.params.get(0).dtype() {
-                            // mixed precision: gradients in `dt`, widened by AdamW
-                            Some(eng.ts.compute_view(dt)?)
-                        } else {
-                            None
-                        };
-                        let mut out = model::student_phase(
-                            view.as_ref().unwrap_or(&eng.ts),
-                            &batch.batch,
-                            &hp,
-                            *teacher,
-                            &mut |_| {},
-                        )?;
+                        let mut out =
+                            if let Some(members) = crate::dp::members(&ctx.group, ctx.plan())? {
+                                let n = members.len();
+                                if teacher.len() != n {
+                                    bail!("{} teacher outputs for {n} members", teacher.len());
+                                }
+                                let slots: Vec<std::sync::Mutex<Option<TeacherOutput>>> = teacher
+                                    .into_iter()
+                                    .map(|t| std::sync::Mutex::new(Some(t)))
+                                    .collect();
+                                let ts: &model::TrainState = &eng.ts;
+                                let outs = crate::dp::on_members(&members, |r, comm, dev| {
+                                    let t = slots[r]
+                                        .lock()
+                                        .map_err(|_| anyhow::anyhow!("slot lock poisoned"))?
+                                        .take()
+                                        .ok_or_else(|| anyhow::anyhow!("no teacher output"))?;
+                                    let view = ts.compute_view_on(dt, dev)?;
+                                    let shard = batch.batch.shard(r, n)?.to_device(dev)?;
+                                    let mut out =
+                                        model::student_phase(&view, &shard, &hp, t, &mut |_| {})?;
+                                    // every member ends with the group's mean gradient
+                                    model::dist::all_reduce_mean_grads(
+                                        comm,
+                                        &mut out.grads,
+                                        &view.student,
+                                    )?;
+                                    model::dist::all_reduce_mean_losses(comm, &mut out.losses)?;
+                                    Ok((r == 0).then_some(out))
+                                });
+                                match outs {
+                                    Ok(mut v) => v.swap_remove(0).expect("rank 0 reports"),
+                                    Err(e) => {
+                                        crate::dp::reset(&ctx.group);
+                                        return Err(e);
+                                    }
+                                }
+                            } else {
+                                let Some(t) = teacher.into_iter().next() else {
+                                    bail!("no teacher output");
+                                };
+                                let view = if dt != eng.ts.student.backbone.params.get(0).dtype() {
+                                    // mixed precision: gradients in `dt`, widened by AdamW
+                                    Some(eng.ts.compute_view(dt)?)
+                                } else {
+                                    None
+                                };
+                                model::student_phase(
+                                    view.as_ref().unwrap_or(&eng.ts),
+                                    &batch.batch,
+                                    &hp,
+                                    t,
+                                    &mut |_| {},
+                                )?
+                            };
                         if ctx.faults.take("nan", None, step).is_some() {
                             out.losses.total = f64::NAN;
                         }

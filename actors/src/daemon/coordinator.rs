@@ -406,7 +406,7 @@ impl CoordState {
             step,
             batch: b3,
             hp,
-            teacher: Box::new(teacher),
+            teacher,
             reply,
         })
         .await
@@ -1028,8 +1028,11 @@ impl CoordState {
 fn device_line(ctx: &Ctx) -> (String, usize) {
     let configured = &ctx.plan.config.runtime.device;
     let b = ctx.plan().config.train.batch_size;
+    let n = ctx.plan().config.runtime.data_parallel;
     if ctx.fallback.get().is_some() {
         (format!("cpu (fallback from {configured})"), b)
+    } else if n > 1 {
+        (format!("{configured} ({n} data-parallel members)"), b)
     } else {
         (configured.clone(), b)
     }

@@ -99,6 +99,8 @@ pub struct Ctx {
     pub device: device::DeviceHealth,
     /// The plan after a fall-back to the CPU (`on_gpu_loss = "cpu"`); set at most once.
     pub fallback: std::sync::OnceLock<Plan>,
+    /// The data-parallel group (`runtime.data_parallel` > 1), built on first use.
+    pub group: std::sync::Mutex<Option<crate::dp::Members>>,
 }
 
 impl Ctx {
@@ -271,6 +273,7 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         handoff: std::sync::atomic::AtomicBool::new(false),
         device: device::DeviceHealth::default(),
         fallback: std::sync::OnceLock::new(),
+        group: std::sync::Mutex::new(None),
     });
     let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
     let _ = ctx.store.flush();
@@ -348,6 +351,7 @@ fn run_distill(
         handoff: std::sync::atomic::AtomicBool::new(false),
         device: device::DeviceHealth::default(),
         fallback: std::sync::OnceLock::new(),
+        group: std::sync::Mutex::new(None),
     });
     let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
     let _ = ctx.store.flush();

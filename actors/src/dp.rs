@@ -74,7 +74,7 @@ mod nccl {
     use candle_core::cuda_backend::cudarc::nccl::safe::ReduceOp;
     use candle_core::op::BackpropOp;
     use candle_core::CudaStorage;
-    use candle_core::{DType, Device, Storage, Tensor};
+    use candle_core::{DType, Storage, Tensor};
     use model::dist::Collective;
 
     /// One GPU's NCCL communicator. NCCL communicators must not be used by two threads at
@@ -130,15 +130,7 @@ mod nccl {
         /// else goes through the host.
         fn all_reduce_sum_tensor(&self, t: &Tensor) -> candle_core::Result<Tensor> {
             if !t.device().is_cuda() || !matches!(t.dtype(), DType::F32 | DType::F64) {
-                let mut v: Vec<f64> = t
-                    .to_device(&Device::Cpu)?
-                    .to_dtype(DType::F64)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                self.all_reduce_sum(&mut v)?;
-                return Tensor::from_vec(v, t.dims(), &Device::Cpu)?
-                    .to_dtype(t.dtype())?
-                    .to_device(t.device());
+                return model::dist::reduce_on_host(&|v| self.all_reduce_sum(v), t);
             }
             let t = t.contiguous()?;
             let n = t.elem_count();

@@ -44,16 +44,25 @@ pub trait Collective: Send + Sync {
     /// and device. The default goes through the host in f64; a device transport (NCCL)
     /// reduces device buffers in place of it.
     fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
-        let mut v: Vec<f64> = t
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1()?;
-        self.all_reduce_sum(&mut v)?;
-        Tensor::from_vec(v, t.dims(), &Device::Cpu)?
-            .to_dtype(t.dtype())?
-            .to_device(t.device())
+        reduce_on_host(&|v| self.all_reduce_sum(v), t)
     }
+}
+
+/// [`Collective::all_reduce_sum_tensor`] through the host in f64 (the default, and a
+/// device transport's fallback for types it does not reduce itself).
+pub fn reduce_on_host(
+    all_reduce_sum: &dyn Fn(&mut [f64]) -> Result<()>,
+    t: &Tensor,
+) -> Result<Tensor> {
+    let mut v: Vec<f64> = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    all_reduce_sum(&mut v)?;
+    Tensor::from_vec(v, t.dims(), &Device::Cpu)?
+        .to_dtype(t.dtype())?
+        .to_device(t.device())
 }
 
 /// The group of one.

@@ -22,8 +22,8 @@ use candle_core::{bail, DType, Device, Result, Tensor};
 use crate::ssl::LossTerms;
 use crate::ssl::{ModelGrads, SslModel};
 use crate::state::{
-    apply_step, clip_gradients, student_phase, teacher_phase_in, Batch, StepError, StepHparams,
-    StepReport, TrainState,
+    finish_step, student_phase, teacher_phase_in, Batch, StepError, StepHparams, StepReport,
+    TrainState,
 };
 
 /// An all-reduce among the members of a group.
@@ -403,29 +403,5 @@ pub fn train_step_group(
     let mut out = student_phase(st, shard, hp, t, &mut |_| {})?;
     all_reduce_mean_grads(comm, &mut out.grads, &st.student)?;
     all_reduce_mean_losses(comm, &mut out.losses)?;
-    let clip = match clip_gradients(&st.cfg, &out.grads)? {
-        Ok(c) if out.losses.is_finite() => c,
-        Ok(c) => {
-            return Err(StepError::NonFinite {
-                step: st.step,
-                losses: out.losses,
-                norms: c.map(|s| s.total_norm),
-            })
-        }
-        Err(norms) => {
-            return Err(StepError::NonFinite {
-                step: st.step,
-                losses: out.losses,
-                norms,
-            })
-        }
-    };
-    let step = st.step;
-    apply_step(st, &out.grads, hp)?;
-    Ok(StepReport {
-        step,
-        losses: out.losses,
-        clip,
-        hparams: *hp,
-    })
+    finish_step(st, out, hp)
 }

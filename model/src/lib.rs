@@ -26,9 +26,9 @@ pub mod vit;
 pub use config::{HeadConfig, LossConfig, OptimConfig, SslConfig, VitConfig};
 pub use state::{
     apply_step, apply_step_observed, clip_gradients, compute_step, compute_step_observed,
-    distill_student_phase, distill_teacher_phase, frozen_teacher_targets, student_phase,
-    teacher_phase, teacher_phase_in, train_step, Batch, Phase, StepError, StepHparams, StepOutcome,
-    StepReport, TeacherOutput, TrainState,
+    distill_student_phase, distill_teacher_phase, finish_step, frozen_teacher_targets,
+    student_phase, teacher_phase, teacher_phase_in, train_step, Batch, Phase, Side, StepError,
+    StepHparams, StepOutcome, StepReport, TeacherOutput, TrainState,
 };
 
 #[cfg(test)]

@@ -243,17 +243,56 @@ impl TrainState {
         })
     }
 
-    /// [`TrainState::compute_view`] with the twin on `dev` (a member of a data-parallel
-    /// group computing on another device). On the state's own device and type it shares
-    /// every tensor.
-    pub fn compute_view_on(&self, dt: DType, dev: &candle_core::Device) -> Result<Self> {
-        let mut v = self.compute_view(dt)?;
-        if !dev.same_device(&self.device()) {
-            v.student = v.student.to_device(dev)?;
-            v.teacher = v.teacher.to_device(dev)?;
-            v.gram_teacher = v.gram_teacher.map(|g| g.to_device(dev)).transpose()?;
+    /// A read-only twin for one side of a step, in `dt` on `dev`: the teacher side casts
+    /// and moves the EMA and Gram teachers, the student side the student; the other side's
+    /// modules are shared, uncast, and must not be read. For a mixed-precision step (the
+    /// teacher and trainer each cast only what they compute with) and for the members of
+    /// a data-parallel group on other devices. In the state's own type and device it
+    /// shares every tensor.
+    pub fn phase_view(&self, side: Side, dt: DType, dev: &candle_core::Device) -> Result<Self> {
+        let own = self.student.backbone.params.get(0).dtype();
+        let moved = |m: SslModel| -> Result<SslModel> {
+            if dev.same_device(&self.device()) {
+                Ok(m)
+            } else {
+                m.to_device(dev)
+            }
+        };
+        let (sdt, tdt) = match side {
+            Side::Teacher => (own, dt),
+            Side::Student => (dt, own),
+        };
+        let mut student = self.student.cast(sdt)?;
+        let mut teacher = self.teacher.cast(tdt)?;
+        let mut gram_teacher = self
+            .gram_teacher
+            .as_ref()
+            .map(|g| g.cast(tdt))
+            .transpose()?;
+        match side {
+            Side::Student => student = moved(student)?,
+            Side::Teacher => {
+                teacher = moved(teacher)?;
+                if !dev.same_device(&self.device()) {
+                    gram_teacher = gram_teacher.map(|g| g.to_device(dev)).transpose()?;
+                }
+            }
         }
-        Ok(v)
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            seed: self.seed,
+            step: self.step,
+            student,
+            teacher,
+            gram_teacher,
+            optim: AdamW {
+                cfg: self.optim.cfg.clone(),
+                t: self.optim.t,
+                modules: vec![],
+            },
+            data_cursor: serde_json::Value::Null,
+            gram_updates: self.gram_updates,
+        })
     }
 
     /// The device the student's parameters live on.
@@ -267,6 +306,15 @@ impl TrainState {
         self.gram_updates += 1;
         Ok(())
     }
+}
+
+/// The side of a step a [`TrainState::phase_view`] computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// EMA teacher and Gram teacher forwards.
+    Teacher,
+    /// Student forward and backward.
+    Student,
 }
 
 /// A fresh optimizer for a student model.
@@ -656,6 +704,16 @@ pub fn train_step(
     hp: &StepHparams,
 ) -> std::result::Result<StepReport, StepError> {
     let out = compute_step(st, batch, hp)?;
+    finish_step(st, out, hp)
+}
+
+/// The end of a step whose gradients are computed: clip, refuse a non-finite step
+/// (changing nothing), apply, report.
+pub fn finish_step(
+    st: &mut TrainState,
+    out: StepOutcome,
+    hp: &StepHparams,
+) -> std::result::Result<StepReport, StepError> {
     let clip = match clip_gradients(&st.cfg, &out.grads)? {
         Ok(c) if out.losses.is_finite() => c,
         Ok(c) => {

@@ -160,7 +160,7 @@ impl Actor for TeacherActor {
                     let ts: &model::TrainState = &eng.ts;
                     let n = members.len();
                     let outs = crate::dp::on_members(&members, |r, comm, dev| {
-                        let view = ts.compute_view_on(dt, dev)?;
+                        let view = ts.phase_view(model::Side::Teacher, dt, dev)?;
                         let shard = batch.batch.shard(r, n)?.to_device(dev)?;
                         Ok(model::teacher_phase_in(
                             &view,
@@ -175,19 +175,13 @@ impl Actor for TeacherActor {
                     }
                     return outs;
                 }
-                if dt != eng.ts.student.backbone.params.get(0).dtype() {
-                    // mixed precision: the step computes on casts of the master weights
-                    let view = eng.ts.compute_view(dt)?;
-                    drop(eng);
-                    return Ok(vec![model::teacher_phase(
-                        &view,
-                        &batch.batch,
-                        &hp,
-                        &mut |_| {},
-                    )?]);
-                }
+                // mixed precision: the teachers are cast to `dt` (otherwise shared)
+                let view = eng
+                    .ts
+                    .phase_view(model::Side::Teacher, dt, &eng.ts.device())?;
+                drop(eng);
                 Ok(vec![model::teacher_phase(
-                    &eng.ts,
+                    &view,
                     &batch.batch,
                     &hp,
                     &mut |_| {},
@@ -312,61 +306,55 @@ impl Actor for TrainerActor {
                             );
                         }
                         let dt = ctx.plan().config.precision.compute_dtype();
-                        let mut out =
-                            if let Some(members) = crate::dp::members(&ctx.group, ctx.plan())? {
-                                let n = members.len();
-                                if teacher.len() != n {
-                                    bail!("{} teacher outputs for {n} members", teacher.len());
+                        let mut out = if let Some(members) =
+                            crate::dp::members(&ctx.group, ctx.plan())?
+                        {
+                            let n = members.len();
+                            if teacher.len() != n {
+                                bail!("{} teacher outputs for {n} members", teacher.len());
+                            }
+                            let slots: Vec<std::sync::Mutex<Option<TeacherOutput>>> = teacher
+                                .into_iter()
+                                .map(|t| std::sync::Mutex::new(Some(t)))
+                                .collect();
+                            let ts: &model::TrainState = &eng.ts;
+                            let outs = crate::dp::on_members(&members, |r, comm, dev| {
+                                let t = slots[r]
+                                    .lock()
+                                    .map_err(|_| anyhow::anyhow!("slot lock poisoned"))?
+                                    .take()
+                                    .ok_or_else(|| anyhow::anyhow!("no teacher output"))?;
+                                let view = ts.phase_view(model::Side::Student, dt, dev)?;
+                                let shard = batch.batch.shard(r, n)?.to_device(dev)?;
+                                let mut out =
+                                    model::student_phase(&view, &shard, &hp, t, &mut |_| {})?;
+                                // every member ends with the group's mean gradient
+                                model::dist::all_reduce_mean_grads(
+                                    comm,
+                                    &mut out.grads,
+                                    &view.student,
+                                )?;
+                                model::dist::all_reduce_mean_losses(comm, &mut out.losses)?;
+                                Ok((r == 0).then_some(out))
+                            });
+                            match outs {
+                                Ok(mut v) => v.swap_remove(0).expect("rank 0 reports"),
+                                Err(e) => {
+                                    crate::dp::reset(&ctx.group);
+                                    return Err(e);
                                 }
-                                let slots: Vec<std::sync::Mutex<Option<TeacherOutput>>> = teacher
-                                    .into_iter()
-                                    .map(|t| std::sync::Mutex::new(Some(t)))
-                                    .collect();
-                                let ts: &model::TrainState = &eng.ts;
-                                let outs = crate::dp::on_members(&members, |r, comm, dev| {
-                                    let t = slots[r]
-                                        .lock()
-                                        .map_err(|_| anyhow::anyhow!("slot lock poisoned"))?
-                                        .take()
-                                        .ok_or_else(|| anyhow::anyhow!("no teacher output"))?;
-                                    let view = ts.compute_view_on(dt, dev)?;
-                                    let shard = batch.batch.shard(r, n)?.to_device(dev)?;
-                                    let mut out =
-                                        model::student_phase(&view, &shard, &hp, t, &mut |_| {})?;
-                                    // every member ends with the group's mean gradient
-                                    model::dist::all_reduce_mean_grads(
-                                        comm,
-                                        &mut out.grads,
-                                        &view.student,
-                                    )?;
-                                    model::dist::all_reduce_mean_losses(comm, &mut out.losses)?;
-                                    Ok((r == 0).then_some(out))
-                                });
-                                match outs {
-                                    Ok(mut v) => v.swap_remove(0).expect("rank 0 reports"),
-                                    Err(e) => {
-                                        crate::dp::reset(&ctx.group);
-                                        return Err(e);
-                                    }
-                                }
-                            } else {
-                                let Some(t) = teacher.into_iter().next() else {
-                                    bail!("no teacher output");
-                                };
-                                let view = if dt != eng.ts.student.backbone.params.get(0).dtype() {
-                                    // mixed precision: gradients in `dt`, widened by AdamW
-                                    Some(eng.ts.compute_view(dt)?)
-                                } else {
-                                    None
-                                };
-                                model::student_phase(
-                                    view.as_ref().unwrap_or(&eng.ts),
-                                    &batch.batch,
-                                    &hp,
-                                    t,
-                                    &mut |_| {},
-                                )?
+                            }
+                        } else {
+                            let Some(t) = teacher.into_iter().next() else {
+                                bail!("no teacher output");
                             };
+                            // mixed precision: the student is cast to `dt` (otherwise
+                            // shared); its gradients are widened by AdamW
+                            let view =
+                                eng.ts
+                                    .phase_view(model::Side::Student, dt, &eng.ts.device())?;
+                            model::student_phase(&view, &batch.batch, &hp, t, &mut |_| {})?
+                        };
                         if ctx.faults.take("nan", None, step).is_some() {
                             out.losses.total = f64::NAN;
                         }

@@ -25,6 +25,14 @@ pub enum FixtureError {
     /// A tensor operation failed.
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    /// The fixture file cannot be read.
+    #[error("cannot read fixture {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// A parsed fixture.
@@ -34,7 +42,24 @@ pub struct Fixture {
     tensors: HashMap<String, Tensor>,
 }
 
+/// Where the golden fixtures are: `$DINOD_GOLDEN`, else `shared/golden` beside the
+/// checkout (where CI has it).
+pub fn golden_dir() -> std::path::PathBuf {
+    std::env::var_os("DINOD_GOLDEN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden")
+        })
+}
+
 impl Fixture {
+    /// Reads and parses the fixture file `name` in [`golden_dir`].
+    pub fn golden(name: &str) -> Result<Self, FixtureError> {
+        let path = golden_dir().join(name);
+        let bytes = std::fs::read(&path).map_err(|source| FixtureError::Io { path, source })?;
+        Self::parse(&bytes)
+    }
+
     /// Parses fixture bytes.
     pub fn parse(bytes: &[u8]) -> Result<Self, FixtureError> {
         let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)

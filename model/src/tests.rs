@@ -2,8 +2,6 @@
 //! the properties the fixtures cannot show: gradients with drop path and RoPE jitter on,
 //! every parameter reached by a gradient, determinism.
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{HeadConfig, LossConfig, OptimConfig, SslConfig, VitConfig};
@@ -13,13 +11,7 @@ use crate::state::{compute_step, train_step, Batch, StepHparams, TrainState};
 use crate::vit::Vit;
 
 fn golden(name: &str) -> Fixture {
-    let dir = std::env::var_os("DINOD_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"));
-    let path = dir.join(name);
-    let bytes = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("cannot read golden fixture {}: {e}", path.display()));
-    Fixture::parse(&bytes).unwrap()
+    Fixture::golden(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn assert_parity(file: &str, dtype: DType) {

@@ -6,21 +6,13 @@
 //!
 //! A test binary of its own: `ops::portable::set_force_on_cpu` is process-wide.
 
-use std::path::PathBuf;
-
 use candle_core::{DType, Device};
 use model::fixture::Fixture;
 use model::optim::Moments;
 use model::parity::run_on;
 
 fn golden(name: &str) -> Fixture {
-    let dir = std::env::var_os("DINOD_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden"));
-    let path = dir.join(name);
-    let bytes = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("cannot read golden fixture {}: {e}", path.display()));
-    Fixture::parse(&bytes).unwrap()
+    Fixture::golden(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// bf16 on the host path: the forward stays under the 2e-2 of `dinod parity`

@@ -104,6 +104,38 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// The context of a fresh process: nothing saved, paused or lost yet, no students.
+    pub fn new(
+        plan: Plan,
+        opts: &RunOptions,
+        faults: Arc<Faults>,
+        engine: Engine,
+        store: Arc<Store>,
+        source: Arc<dyn data::Source>,
+    ) -> Self {
+        Self {
+            max_steps: opts.max_steps.or(plan.config.train.max_steps),
+            faults,
+            plan,
+            state_dir: opts.state_dir.clone(),
+            engine,
+            store,
+            board: Arc::new(Board::default()),
+            source,
+            exit_code: AtomicI32::new(EXIT_OK),
+            progress: opts.progress,
+            saving: std::sync::atomic::AtomicBool::new(false),
+            students: vec![],
+            frozen_teacher: None,
+            stopping: std::sync::atomic::AtomicBool::new(false),
+            paused: std::sync::atomic::AtomicBool::new(false),
+            handoff: std::sync::atomic::AtomicBool::new(false),
+            device: device::DeviceHealth::default(),
+            fallback: std::sync::OnceLock::new(),
+            group: std::sync::Mutex::new(None),
+        }
+    }
+
     /// The plan in force: the configured one, or the CPU fall-back's after a device loss
     /// under `on_gpu_loss = "cpu"` (same recipe, CPU, smaller batch, LR rescaled).
     pub fn plan(&self) -> &Plan {
@@ -254,27 +286,14 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         .source
         .open()
         .with_context(|| format!("opening the data source {}", plan.config.data.source))?;
-    let ctx = Arc::new(Ctx {
-        max_steps: opts.max_steps.or(plan.config.train.max_steps),
-        faults,
+    let ctx = Arc::new(Ctx::new(
         plan,
-        state_dir: opts.state_dir.clone(),
-        engine: Engine::new(state),
+        &opts,
+        faults,
+        Engine::new(state),
         store,
-        board: Arc::new(Board::default()),
         source,
-        exit_code: AtomicI32::new(EXIT_OK),
-        progress: opts.progress,
-        saving: std::sync::atomic::AtomicBool::new(false),
-        students: vec![],
-        frozen_teacher: None,
-        stopping: std::sync::atomic::AtomicBool::new(false),
-        paused: std::sync::atomic::AtomicBool::new(false),
-        handoff: std::sync::atomic::AtomicBool::new(false),
-        device: device::DeviceHealth::default(),
-        fallback: std::sync::OnceLock::new(),
-        group: std::sync::Mutex::new(None),
-    });
+    ));
     let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
     let _ = ctx.store.flush();
     if code == EXIT_OK && ctx.handoff.load(Ordering::SeqCst) {
@@ -333,25 +352,10 @@ fn run_distill(
         .with_context(|| format!("opening the data source {}", plan.config.data.source))?;
     let engine = students[0].engine.clone();
     let ctx = Arc::new(Ctx {
-        max_steps: opts.max_steps.or(plan.config.train.max_steps),
-        faults,
-        plan,
-        state_dir: opts.state_dir.clone(),
-        engine,
-        store,
-        board: Arc::new(Board::default()),
-        source,
-        exit_code: AtomicI32::new(EXIT_OK),
         progress: false,
-        saving: std::sync::atomic::AtomicBool::new(false),
         students,
         frozen_teacher: Some(Arc::new(teacher)),
-        stopping: std::sync::atomic::AtomicBool::new(false),
-        paused: std::sync::atomic::AtomicBool::new(false),
-        handoff: std::sync::atomic::AtomicBool::new(false),
-        device: device::DeviceHealth::default(),
-        fallback: std::sync::OnceLock::new(),
-        group: std::sync::Mutex::new(None),
+        ..Ctx::new(plan, &opts, faults, engine, store, source)
     });
     let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
     let _ = ctx.store.flush();

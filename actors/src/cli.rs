@@ -383,6 +383,16 @@ pub fn main() -> i32 {
             return if e.use_stderr() { EXIT_USAGE } else { 0 };
         }
     };
+    #[cfg(unix)]
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A one-shot command piped into `head` ends quietly when the reader goes away,
+        // as Unix tools do, instead of panicking on the write. Not `run`: the daemon
+        // writes to sockets whose clients may leave, and must survive that.
+        // SAFETY: no other thread exists yet; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {

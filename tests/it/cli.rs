@@ -18,6 +18,31 @@ fn parity_passes_on_the_golden_fixtures() {
     assert_eq!(out.matches("PASS").count(), 6, "{out}");
 }
 
+/// A one-shot command whose reader has gone (`dinod checkpoints | head -1`) ends the way
+/// Unix tools do, by SIGPIPE, not with a panic about a broken pipe.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let fixture = golden().join("losses.safetensors");
+    let o = std::process::Command::new(bin())
+        .args(["parity", &fixture.display().to_string()])
+        .env("RUST_BACKTRACE", "0")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        o.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        o.status
+    );
+}
+
 /// A copy of a fixture with one reference value changed must fail, naming the tensor.
 #[test]
 fn parity_fails_on_a_tampered_fixture() {

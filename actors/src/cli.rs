@@ -246,6 +246,12 @@ pub enum VizCommand {
         /// Output PNG.
         #[arg(long)]
         out: PathBuf,
+        /// The run's name in the legend when runs are compared (default: the directory's name).
+        #[arg(long)]
+        label: Option<String>,
+        /// Draw another run in the same panels, e.g. a branch's control (repeatable).
+        #[arg(long, value_name = "[LABEL=]STATE_DIR")]
+        compare: Vec<String>,
     },
 }
 
@@ -524,8 +530,14 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 },
         } => crate::viz::similarity(&dir.state_dir, step, &image, &out, &point, size),
         Command::Viz {
-            what: VizCommand::Curves { dir, out },
-        } => crate::viz::curves(&dir.state_dir, &out),
+            what:
+                VizCommand::Curves {
+                    dir,
+                    out,
+                    label,
+                    compare,
+                },
+        } => crate::viz::curves(&dir.state_dir, label.as_deref(), &compare, &out),
         Command::Data {
             what: DataCommand::Scan { spec, json },
         } => crate::commands::data_scan(&spec, json),

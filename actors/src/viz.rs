@@ -212,8 +212,9 @@ pub fn similarity(
     Ok(0)
 }
 
-/// `dinod viz curves`.
-pub fn curves(state_dir: &Path, out: &Path) -> Result<i32> {
+/// A run's losses, probe metrics and stage transitions, from its daemon or (stopped) its
+/// store.
+fn run_curves(state_dir: &Path, label: String) -> Result<eval_probes::RunCurves> {
     let doc = match client::request(state_dir, &json!({"cmd": "history"}))? {
         Some(v) => v,
         None => {
@@ -250,6 +251,7 @@ pub fn curves(state_dir: &Path, out: &Path) -> Result<i32> {
         "dense_miou",
         "locality",
         "correspondence",
+        "cls_patch_cos",
     ] {
         let pts: Vec<(u64, f64)> = probes
             .iter()
@@ -280,12 +282,52 @@ pub fn curves(state_dir: &Path, out: &Path) -> Result<i32> {
             state_dir.display()
         );
     }
-    eval_probes::curves_png(&series, &transitions, out)?;
+    Ok(eval_probes::RunCurves {
+        label,
+        series,
+        transitions,
+    })
+}
+
+/// `dinod viz curves`: one run, or (`compare`: `LABEL=DIR` or `DIR`) that run and others in
+/// the same panels.
+pub fn curves(
+    state_dir: &Path,
+    label: Option<&str>,
+    compare: &[String],
+    out: &Path,
+) -> Result<i32> {
+    let name = |dir: &Path| {
+        dir.file_name().map_or_else(
+            || dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    };
+    let mut runs = vec![run_curves(
+        state_dir,
+        label.map_or_else(|| name(state_dir), str::to_string),
+    )?];
+    for c in compare {
+        let (label, dir) = match c.split_once('=') {
+            Some((l, d)) if !l.is_empty() => (l.to_string(), PathBuf::from(d)),
+            _ => (name(Path::new(c)), PathBuf::from(c)),
+        };
+        let run = run_curves(&dir, label).with_context(|| format!("--compare {c}"))?;
+        runs.push(run);
+    }
+    if runs.len() == 1 {
+        let run = &runs[0];
+        eval_probes::curves_png(&run.series, &run.transitions, out)?;
+    } else {
+        eval_probes::runs_png(&runs, out)?;
+    }
+    let transitions: usize = runs.iter().map(|r| r.transitions.len()).sum();
     println!(
-        "wrote {} ({} series, {} stage transitions)",
+        "wrote {} ({} runs, {} series, {} stage transitions)",
         out.display(),
-        series.len(),
-        transitions.len()
+        runs.len(),
+        runs.iter().map(|r| r.series.len()).sum::<usize>(),
+        transitions
     );
     Ok(0)
 }

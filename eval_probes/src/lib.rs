@@ -65,6 +65,6 @@ pub use stage::{
 };
 pub use viz::{
     curves_png, denormalize, label_agreement, patch_similarities, pca_rgb, pca_rgb_shared,
-    render_curves, resize_nearest, side_by_side, similarity_map, viridis, write_png, PcaBasis,
-    Series,
+    render_curves, render_runs, resize_nearest, runs_png, side_by_side, similarity_map, viridis,
+    write_png, PcaBasis, RunCurves, Series,
 };

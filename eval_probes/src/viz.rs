@@ -1,7 +1,8 @@
 //! Pictures of features and of training: PCA of patch features as RGB, a patch's cosine-
 //! similarity map over the image, several of them side by side, and metric curves with
-//! the stage transitions marked. Renderers return `RgbImage`s; only [`write_png`] and
-//! [`curves_png`] touch the file system, and only the path they are given.
+//! the stage transitions marked (of one run, or of several runs in the same panels).
+//! Renderers return `RgbImage`s; only [`write_png`], [`curves_png`] and [`runs_png`] touch
+//! the file system, and only the path they are given.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -384,6 +385,18 @@ fn font() -> Result<()> {
     }
 }
 
+/// One run's curves, for drawing several runs (a branch and its control) in the same
+/// panels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunCurves {
+    /// The run's name in the legend.
+    pub label: String,
+    /// Its series; panels pair series of the same name across runs.
+    pub series: Vec<Series>,
+    /// Its stage transitions `(step, label)`.
+    pub transitions: Vec<(u64, String)>,
+}
+
 /// Renders every series in its own panel (stacked, sharing the step axis), with each
 /// transition drawn as a vertical line labelled in the top panel. Non-finite values are
 /// skipped. The picture is `width` wide and `panel_height` per series high.
@@ -393,11 +406,50 @@ pub fn render_curves(
     width: u32,
     panel_height: u32,
 ) -> Result<RgbImage> {
+    let run = RunCurves {
+        label: String::new(),
+        series: series.to_vec(),
+        transitions: transitions.to_vec(),
+    };
+    render_runs(std::slice::from_ref(&run), width, panel_height)
+}
+
+/// [`render_curves`] for several runs: one panel per series name (in order of first
+/// appearance, the first run's first), each run's line in its own colour with a legend in
+/// the top panel, and every run's transitions marked (a transition that not every run
+/// has is labelled with its run's name). With one run each panel has its own colour and
+/// there is no legend.
+pub fn render_runs(runs: &[RunCurves], width: u32, panel_height: u32) -> Result<RgbImage> {
     font()?;
-    let n_panels = series.len().max(1) as u32;
+    let mut names: Vec<&str> = vec![];
+    for r in runs {
+        for (name, _) in &r.series {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    let mut transitions: Vec<(u64, String)> = vec![];
+    for r in runs {
+        for (step, label) in &r.transitions {
+            let everywhere = runs
+                .iter()
+                .all(|o| o.transitions.iter().any(|t| t.0 == *step && &t.1 == label));
+            let shown = if everywhere || runs.len() == 1 {
+                label.clone()
+            } else {
+                format!("{}: {label}", r.label)
+            };
+            if !transitions.iter().any(|t| t.0 == *step && t.1 == shown) {
+                transitions.push((*step, shown));
+            }
+        }
+    }
+    let n_panels = names.len().max(1) as u32;
     let (w, h) = (width.max(200), panel_height.max(120) * n_panels);
-    let steps = series
+    let steps = runs
         .iter()
+        .flat_map(|r| r.series.iter())
         .flat_map(|(_, pts)| pts.iter().map(|p| p.0))
         .chain(transitions.iter().map(|t| t.0));
     let (x_lo, x_hi) = steps.fold((u64::MAX, 0), |(lo, hi), s| (lo.min(s), hi.max(s)));
@@ -408,27 +460,31 @@ pub fn render_curves(
     } else {
         (x_lo, x_hi)
     };
+    let multi = runs.len() > 1;
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         let plot_err = |e: &dyn std::fmt::Display| ProbeError::Plot(e.to_string());
         root.fill(&WHITE).map_err(|e| plot_err(&e))?;
         let panels = root.split_evenly((n_panels as usize, 1));
-        let empty: Series = ("(no series)".into(), vec![]);
-        let shown: Vec<&Series> = if series.is_empty() {
-            vec![&empty]
-        } else {
-            series.iter().collect()
-        };
-        for (k, ((name, pts), area)) in shown
-            .into_iter()
-            .map(|s| (&s.0, &s.1))
-            .zip(panels.iter())
-            .enumerate()
-        {
-            let finite: Vec<(u64, f64)> = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
-            let (lo, hi) = finite
+        if names.is_empty() {
+            names.push("(no series)");
+        }
+        for (k, (name, area)) in names.iter().zip(panels.iter()).enumerate() {
+            // (colour, legend label, finite points) of every run that has this series
+            let lines: Vec<(RGBColor, &str, Vec<(u64, f64)>)> = runs
                 .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    let pts = &r.series.iter().find(|(n, _)| n == name)?.1;
+                    let colour = SERIES_COLOURS[if multi { i } else { k } % SERIES_COLOURS.len()];
+                    let finite = pts.iter().copied().filter(|p| p.1.is_finite()).collect();
+                    Some((colour, r.label.as_str(), finite))
+                })
+                .collect();
+            let (lo, hi) = lines
+                .iter()
+                .flat_map(|l| l.2.iter())
                 .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| {
                     (lo.min(p.1), hi.max(p.1))
                 });
@@ -438,9 +494,8 @@ pub fn render_curves(
                 let pad = ((hi - lo) * 0.08).max(1e-6 * hi.abs().max(1.0));
                 (lo - pad, hi + pad)
             };
-            let color = SERIES_COLOURS[k % SERIES_COLOURS.len()];
             let mut chart = ChartBuilder::on(area)
-                .caption(name.as_str(), (FONT, 16))
+                .caption(*name, (FONT, 16))
                 .margin(8)
                 .margin_right(28)
                 .x_label_area_size(28)
@@ -456,13 +511,21 @@ pub fn render_curves(
                 .light_line_style(RGBColor(235, 235, 235))
                 .draw()
                 .map_err(|e| plot_err(&e))?;
-            chart
-                .draw_series(LineSeries::new(
-                    finite.iter().map(|&(s, v)| (s as f64, v)),
-                    color.stroke_width(2),
-                ))
-                .map_err(|e| plot_err(&e))?;
-            for (step, label) in transitions {
+            for (colour, label, finite) in &lines {
+                let colour = *colour;
+                let drawn = chart
+                    .draw_series(LineSeries::new(
+                        finite.iter().map(|&(s, v)| (s as f64, v)),
+                        colour.stroke_width(2),
+                    ))
+                    .map_err(|e| plot_err(&e))?;
+                if multi && k == 0 {
+                    drawn.label(*label).legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
+                    });
+                }
+            }
+            for (i, (step, label)) in transitions.iter().enumerate() {
                 let x = *step as f64;
                 chart
                     .draw_series(std::iter::once(PathElement::new(
@@ -471,7 +534,8 @@ pub fn render_curves(
                     )))
                     .map_err(|e| plot_err(&e))?;
                 if k == 0 {
-                    let y = hi - (hi - lo) * 0.05;
+                    // staggered, so that labels of nearby transitions stay readable
+                    let y = hi - (hi - lo) * (0.05 + 0.1 * (i % 4) as f64);
                     chart
                         .draw_series(std::iter::once(Text::new(
                             format!(" {label}"),
@@ -480,6 +544,16 @@ pub fn render_curves(
                         )))
                         .map_err(|e| plot_err(&e))?;
                 }
+            }
+            if multi && k == 0 {
+                chart
+                    .configure_series_labels()
+                    .position(SeriesLabelPosition::LowerLeft)
+                    .label_font((FONT, 12))
+                    .background_style(WHITE.mix(0.85))
+                    .border_style(RGBColor(160, 160, 160))
+                    .draw()
+                    .map_err(|e| plot_err(&e))?;
             }
         }
         root.present().map_err(|e| plot_err(&e))?;
@@ -491,4 +565,9 @@ pub fn render_curves(
 /// [`render_curves`] at 1000 px wide and 220 px per series, written as a PNG to `path`.
 pub fn curves_png(series: &[Series], transitions: &[(u64, String)], path: &Path) -> Result<()> {
     write_png(&render_curves(series, transitions, 1000, 220)?, path)
+}
+
+/// [`render_runs`] at 1000 px wide and 220 px per series, written as a PNG to `path`.
+pub fn runs_png(runs: &[RunCurves], path: &Path) -> Result<()> {
+    write_png(&render_runs(runs, 1000, 220)?, path)
 }

@@ -155,6 +155,40 @@ fn a_degradation_switches_to_gram_anchoring_and_the_gram_loss_turns_on() {
         "{}",
         text(&o)
     );
+    // the same panels with another run drawn in (here the run itself), and a clear error
+    // for a directory that holds no run
+    let both = dir.path().join("both.png");
+    let o = dinod(&[
+        "viz",
+        "curves",
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--compare",
+        &format!("again={}", st.display()),
+        "--out",
+        both.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("(2 runs"),
+        "{}",
+        text(&o)
+    );
+    let pair = image::open(&both).unwrap();
+    assert_eq!((pair.width(), pair.height()), (img.width(), img.height()));
+    let missing = dir.path().join("no-run");
+    let o = dinod(&[
+        "viz",
+        "curves",
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--compare",
+        missing.to_str().unwrap(),
+        "--out",
+        both.to_str().unwrap(),
+    ]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("--compare"), "{}", text(&o));
 }
 
 #[test]

@@ -7,7 +7,7 @@ use image::{Rgb, RgbImage};
 use super::util::{centres, Normal};
 use crate::{
     curves_png, denormalize, label_agreement, patch_similarities, pca_rgb, pca_rgb_shared,
-    render_curves, resize_nearest, side_by_side, similarity_map, write_png,
+    render_curves, render_runs, resize_nearest, side_by_side, similarity_map, write_png, RunCurves,
 };
 
 /// A 16x16 patch label map: background, a square, a disc and a bar.
@@ -200,4 +200,52 @@ fn curves_are_a_png_of_the_right_size_with_transitions_marked() {
         render_curves(&[], &[], 400, 150).unwrap().dimensions(),
         (400, 150)
     );
+}
+
+/// Two runs in the same panels: both lines drawn in their own colours (a branch and its
+/// control can be told apart), one panel per series name even where a run lacks one, a
+/// legend, and the branch's own transition marked.
+#[test]
+fn runs_share_panels_and_each_has_its_colour() {
+    let shared: Vec<(u64, f64)> = (0..10).map(|s| (s * 100, 0.4 + 0.01 * s as f64)).collect();
+    let branch = RunCurves {
+        label: "branch".into(),
+        series: vec![
+            (
+                "dense mIoU".into(),
+                shared.iter().map(|&(s, v)| (s, v + 0.05)).collect(),
+            ),
+            ("loss gram".into(), vec![(500, 0.2), (900, 0.05)]),
+        ],
+        transitions: vec![(500, "pretrain -> gram_anchor".into())],
+    };
+    let control = RunCurves {
+        label: "control".into(),
+        series: vec![("dense mIoU".into(), shared)],
+        transitions: vec![],
+    };
+    let img = render_runs(&[branch.clone(), control.clone()], 800, 200).unwrap();
+    assert_eq!(
+        img.dimensions(),
+        (800, 2 * 200),
+        "one panel per series name"
+    );
+    let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+    let (blue, green) = (count([31, 119, 180]), count([44, 160, 44]));
+    assert!(
+        blue > 200 && green > 200,
+        "both runs drawn: {blue} and {green} pixels"
+    );
+    let red = img
+        .pixels()
+        .filter(|p| p[0] > 200 && p[1] < 60 && p[2] < 60)
+        .count();
+    assert!(
+        red > 2 * 100,
+        "the branch's transition marked ({red} red pixels)"
+    );
+    // the same two runs in the other order swap the colours, not the picture's layout
+    let swapped = render_runs(&[control, branch], 800, 200).unwrap();
+    assert_eq!(swapped.dimensions(), img.dimensions());
+    assert_ne!(swapped, img);
 }

@@ -414,6 +414,9 @@ pub fn render_curves(
     render_runs(std::slice::from_ref(&run), width, panel_height)
 }
 
+/// One run's line in a panel: its colour, its legend label, its finite points.
+type Line<'a> = (RGBColor, &'a str, Vec<(u64, f64)>);
+
 /// [`render_curves`] for several runs: one panel per series name (in order of first
 /// appearance, the first run's first), each run's line in its own colour with a legend in
 /// the top panel, and every run's transitions marked (a transition that not every run
@@ -471,8 +474,8 @@ pub fn render_runs(runs: &[RunCurves], width: u32, panel_height: u32) -> Result<
             names.push("(no series)");
         }
         for (k, (name, area)) in names.iter().zip(panels.iter()).enumerate() {
-            // (colour, legend label, finite points) of every run that has this series
-            let lines: Vec<(RGBColor, &str, Vec<(u64, f64)>)> = runs
+            // every run that has this series
+            let lines: Vec<Line> = runs
                 .iter()
                 .enumerate()
                 .filter_map(|(i, r)| {

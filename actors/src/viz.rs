@@ -315,12 +315,7 @@ pub fn curves(
         let run = run_curves(&dir, label).with_context(|| format!("--compare {c}"))?;
         runs.push(run);
     }
-    if runs.len() == 1 {
-        let run = &runs[0];
-        eval_probes::curves_png(&run.series, &run.transitions, out)?;
-    } else {
-        eval_probes::runs_png(&runs, out)?;
-    }
+    eval_probes::runs_png(&runs, out)?;
     let transitions: usize = runs.iter().map(|r| r.transitions.len()).sum();
     println!(
         "wrote {} ({} runs, {} series, {} stage transitions)",

@@ -226,21 +226,11 @@ impl TrainState {
     /// half gradients to the master type). With `dt` equal to the parameters' type the
     /// twin shares every tensor with `self`.
     pub fn compute_view(&self, dt: DType) -> Result<Self> {
-        Ok(Self {
-            cfg: self.cfg.clone(),
-            seed: self.seed,
-            step: self.step,
-            student: self.student.cast(dt)?,
-            teacher: self.teacher.cast(dt)?,
-            gram_teacher: self.gram_teacher.as_ref().map(|g| g.cast(dt)).transpose()?,
-            optim: AdamW {
-                cfg: self.optim.cfg.clone(),
-                t: self.optim.t,
-                modules: vec![],
-            },
-            data_cursor: serde_json::Value::Null,
-            gram_updates: self.gram_updates,
-        })
+        Ok(self.twin(
+            self.student.cast(dt)?,
+            self.teacher.cast(dt)?,
+            self.gram_teacher.as_ref().map(|g| g.cast(dt)).transpose()?,
+        ))
     }
 
     /// A read-only twin for one side of a step, in `dt` on `dev`: the teacher side casts
@@ -278,7 +268,13 @@ impl TrainState {
                 }
             }
         }
-        Ok(Self {
+        Ok(self.twin(student, teacher, gram_teacher))
+    }
+
+    /// A state with these modules and `self`'s step, config and optimizer step count, but
+    /// no optimizer moments and no data cursor: what a view computes with.
+    fn twin(&self, student: SslModel, teacher: SslModel, gram_teacher: Option<Vit>) -> Self {
+        Self {
             cfg: self.cfg.clone(),
             seed: self.seed,
             step: self.step,
@@ -292,7 +288,7 @@ impl TrainState {
             },
             data_cursor: serde_json::Value::Null,
             gram_updates: self.gram_updates,
-        })
+        }
     }
 
     /// The device the student's parameters live on.

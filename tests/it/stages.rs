@@ -138,15 +138,14 @@ fn a_degradation_switches_to_gram_anchoring_and_the_gram_loss_turns_on() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["stage"]["history"][0]["to"], "gram_anchor", "{v}");
     // curves of the run, with the transition marked
+    let curves = |out: &Path, more: &[&str]| {
+        let mut args = vec!["viz", "curves", "--state-dir", st.to_str().unwrap()];
+        args.extend(["--out", out.to_str().unwrap()]);
+        args.extend(more);
+        dinod(&args)
+    };
     let png = dir.path().join("curves.png");
-    let o = dinod(&[
-        "viz",
-        "curves",
-        "--state-dir",
-        st.to_str().unwrap(),
-        "--out",
-        png.to_str().unwrap(),
-    ]);
+    let o = curves(&png, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let img = image::open(&png).unwrap();
     assert!(img.width() >= 600 && img.height() >= 300);
@@ -158,16 +157,7 @@ fn a_degradation_switches_to_gram_anchoring_and_the_gram_loss_turns_on() {
     // the same panels with another run drawn in (here the run itself), and a clear error
     // for a directory that holds no run
     let both = dir.path().join("both.png");
-    let o = dinod(&[
-        "viz",
-        "curves",
-        "--state-dir",
-        st.to_str().unwrap(),
-        "--compare",
-        &format!("again={}", st.display()),
-        "--out",
-        both.to_str().unwrap(),
-    ]);
+    let o = curves(&both, &["--compare", &format!("again={}", st.display())]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("(2 runs"),
@@ -177,16 +167,7 @@ fn a_degradation_switches_to_gram_anchoring_and_the_gram_loss_turns_on() {
     let pair = image::open(&both).unwrap();
     assert_eq!((pair.width(), pair.height()), (img.width(), img.height()));
     let missing = dir.path().join("no-run");
-    let o = dinod(&[
-        "viz",
-        "curves",
-        "--state-dir",
-        st.to_str().unwrap(),
-        "--compare",
-        missing.to_str().unwrap(),
-        "--out",
-        both.to_str().unwrap(),
-    ]);
+    let o = curves(&both, &["--compare", missing.to_str().unwrap()]);
     assert_ne!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("--compare"), "{}", text(&o));
 }

@@ -435,6 +435,25 @@ impl FaultSpec {
         if matches!(self.kind.as_str(), "panic" | "slow") && self.actor.is_none() {
             return Err(format!("fault `{}` needs an actor", self.kind));
         }
+        // the other kinds fire in one place: aimed at another actor they would never fire
+        let fires_in = match self.kind.as_str() {
+            "nan" => Some("trainer or student:NAME"),
+            "device_error" | "device_lost" => Some("trainer"),
+            "io_error" => Some("checkpointer"),
+            _ => None,
+        };
+        if let (Some(a), Some(only)) = (&self.actor, fires_in) {
+            let fires = match self.kind.as_str() {
+                "nan" => a == "trainer" || a.starts_with("student:"),
+                _ => a == only,
+            };
+            if !fires {
+                return Err(format!(
+                    "fault `{}` fires in the {only} only, not in `{a}`",
+                    self.kind
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -1290,6 +1309,45 @@ fn remove_key(table: &mut toml::Table, path: &str, field: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// A fault parses with or without its actor, and one aimed at an actor where its kind
+    /// never fires is refused instead of silently never firing.
+    #[test]
+    fn an_injected_fault_is_aimed_where_it_fires() {
+        use super::FaultSpec;
+        let f: FaultSpec = "device_error:trainer@30x2+5".parse().unwrap();
+        assert_eq!(
+            (
+                f.kind.as_str(),
+                f.actor.as_deref(),
+                f.step,
+                f.times,
+                f.duration_ms
+            ),
+            ("device_error", Some("trainer"), 30, 2, 5)
+        );
+        for ok in [
+            "device_error@3",
+            "device_lost:trainer@3",
+            "nan:student:s@4",
+            "io_error:checkpointer@2",
+            "panic:teacher@1",
+        ] {
+            assert!(ok.parse::<FaultSpec>().is_ok(), "{ok}");
+        }
+        for (bad, says) in [
+            ("device_error:teacher@3", "fires in the trainer only"),
+            ("nan:ema@3", "trainer or student:NAME"),
+            ("io_error:trainer@3", "checkpointer only"),
+            ("panic@3", "needs an actor"),
+            ("oops@3", "unknown fault kind"),
+            ("panic:nobody@3", "unknown actor"),
+            ("device_error:trainer", "expected KIND[:ACTOR]@STEP"),
+        ] {
+            let e = bad.parse::<FaultSpec>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
     /// Every recipe shipped in `configs/` (the built-in default among them) is valid.
     #[test]
     fn every_shipped_recipe_parses() {

@@ -430,8 +430,14 @@ fn waiting_for_a_lost_device_resumes_when_it_answers() {
         &tiny_config("[runtime]\non_gpu_loss = \"wait\"\ngpu_probe_every_s = 0.2\n"),
     );
     let st = dir.path().join("state");
-    // the device stays away for 1.5 s after the loss at step 5
-    let o = run_to(&cfg, &st, STEPS, &["--inject", "device_lost@5+1500"]);
+    // the device stays away for 1.5 s after the loss at step 5 (the fault named by its
+    // actor: that form once never fired)
+    let o = run_to(
+        &cfg,
+        &st,
+        STEPS,
+        &["--inject", "device_lost:trainer@5+1500"],
+    );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let ev = events(&st);
     let k = kinds(&ev);
@@ -605,7 +611,7 @@ fn a_step_that_keeps_failing_stops_the_run_after_max_redos() {
         &tiny_config("[runtime.bad_steps]\nmax_redos = 3\n"),
     );
     let st = dir.path().join("state");
-    let o = run_to(&cfg, &st, STEPS, &["--inject", "device_error@5x50"]);
+    let o = run_to(&cfg, &st, STEPS, &["--inject", "device_error:trainer@5x50"]);
     assert_eq!(o.status.code(), Some(70), "{}", text(&o));
     let ev = events(&st);
     let fatal = ev

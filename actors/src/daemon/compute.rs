@@ -282,13 +282,13 @@ impl Actor for TrainerActor {
                     .worker
                     .run(move || -> Result<(StepSummary, ModelGrads)> {
                         ctx.faults.maybe_slow(TRAINER, step);
-                        if let Some(f) = ctx.faults.take("device_error", None, step) {
+                        if let Some(f) = ctx.faults.take("device_error", Some(TRAINER), step) {
                             let _ = f;
                             bail!(DeviceFaultError(DeviceFault::Recoverable(format!(
                                 "injected device error at step {step}"
                             ))));
                         }
-                        if let Some(f) = ctx.faults.take("device_lost", None, step) {
+                        if let Some(f) = ctx.faults.take("device_lost", Some(TRAINER), step) {
                             // `+MS`: the device stays away that long (probes fail)
                             let why = format!("injected loss of the device context at step {step}");
                             ctx.device.mark_lost(
@@ -355,7 +355,7 @@ impl Actor for TrainerActor {
                                     .phase_view(model::Side::Student, dt, &eng.ts.device())?;
                             model::student_phase(&view, &batch.batch, &hp, t, &mut |_| {})?
                         };
-                        if ctx.faults.take("nan", None, step).is_some() {
+                        if ctx.faults.take("nan", Some(TRAINER), step).is_some() {
                             out.losses.total = f64::NAN;
                         }
                         let clip = model::clip_gradients(&eng.ts.cfg, &out.grads)?;

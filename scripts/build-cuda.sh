@@ -5,10 +5,13 @@
 #
 #   scripts/build-cuda.sh            # build (about 20 minutes on 2 cores the first time)
 #   scripts/build-cuda.sh --check    # `cargo check` only (what CI's compile check does)
+#   scripts/build-cuda.sh --bundle DIR  # build, then pack what scripts/gpu-check.sh needs
+#                                       # besides the checkout: DIR/dinod.xz (stripped,
+#                                       # about 10 MB instead of 200) and DIR/golden/
 #
 # What it does:
 #  1. installs the CUDA 13.0 toolkit from PyPI, pinned (nvcc, its headers, cicc, CCCL,
-#     cudart, cuBLAS, cuRAND, NVRTC), into a Python venv: $DINOD_CUDA_VENV
+#     cudart, cuBLAS, cuRAND, NVRTC, and NCCL for data parallel over GPUs), into a Python venv: $DINOD_CUDA_VENV
 #     (default ${XDG_CACHE_HOME:-~/.cache}/dinod/venv-cuda-13.0). The toolkit is pinned
 #     to 13.0 because the PTX that nvcc 13.0 embeds (ISA 9.0) is what a CUDA 13.0 driver
 #     can JIT, and because cudarc 0.19.10 knows CUDA 13.0-13.4 only;
@@ -20,21 +23,27 @@
 #  3. runs `cargo build --release --locked --features cuda -p dinod` with
 #     CUDA_COMPUTE_CAP=90 and CUDARC_CUDA_VERSION=13000 into its own target directory,
 #     $DINOD_CUDA_TARGET (default target-cuda/ in the checkout), under `nice`;
-#  4. prints the binary's path, size and the shared libraries it needs.
+#  4. prints the binary's path, size and the shared libraries it needs;
+#  5. with --bundle DIR: strips a copy of the binary, compresses it with xz into
+#     DIR/dinod.xz and copies the golden fixtures ($DINOD_GOLDEN, default ../shared/golden)
+#     to DIR/golden. On the GPU machine, in a checkout:
+#       DINOD=DIR/dinod.xz DINOD_GOLDEN=DIR/golden scripts/gpu-check.sh
 #
 # At run time the binary needs the driver's libcuda.so.1 and the CUDA 13 libraries
-# libcudart.so.13, libcublas.so.13 (+ libcublasLt.so.13) and libcurand.so.10, e.g. from
+# libcudart.so.13, libcublas.so.13 (+ libcublasLt.so.13), libcurand.so.10 and libnccl.so.2, e.g. from
 # PyTorch's nvidia-* wheels on the GPU machine (scripts/gpu-check.sh sets LD_LIBRARY_PATH).
 # The binary does not start without libcuda.so.1: CPU-only machines use the normal build.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 MODE=build
+BUNDLE=
 case "${1:-}" in
   "") ;;
   --check) MODE=check ;;
-  -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
-  *) echo "usage: $0 [--check]" >&2; exit 2 ;;
+  --bundle) [ -n "${2:-}" ] || { echo "usage: $0 --bundle DIR" >&2; exit 2; }; BUNDLE=$2 ;;
+  -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+  *) echo "usage: $0 [--check | --bundle DIR]" >&2; exit 2 ;;
 esac
 
 VENV=${DINOD_CUDA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/dinod/venv-cuda-13.0}
@@ -50,6 +59,7 @@ WHEELS=(
   nvidia-cublas==13.0.2.14
   nvidia-curand==10.4.0.35
   nvidia-cuda-nvrtc==13.0.88
+  nvidia-nccl-cu13==2.28.9
 )
 
 say() { printf '== %s\n' "$*"; }
@@ -88,7 +98,8 @@ mkdir -p "$CUDA_ROOT/lib/stubs"
 for d in bin include nvvm; do ln -sfn "$CU/$d" "$CUDA_ROOT/$d"; done
 ln -sfn lib "$CUDA_ROOT/lib64"
 shopt -s nullglob
-for f in "$CU"/lib/*.so*; do
+# NCCL's wheel keeps its library outside the cu13 tree (nvidia/nccl/lib)
+for f in "$CU"/lib/*.so* "$CU"/../nccl/lib/*.so*; do
   base=$(basename "$f")
   ln -sfn "$f" "$CUDA_ROOT/lib/$base"
   # libfoo.so.13[.x.y] -> libfoo.so
@@ -96,7 +107,7 @@ for f in "$CU"/lib/*.so*; do
   [ -e "$CUDA_ROOT/lib/$plain" ] || ln -sfn "$f" "$CUDA_ROOT/lib/$plain"
 done
 shopt -u nullglob
-for l in cudart cublas cublasLt curand nvrtc; do
+for l in cudart cublas cublasLt curand nvrtc nccl; do
   [ -e "$CUDA_ROOT/lib/lib$l.so" ] || die "lib$l.so is missing from $CU/lib"
 done
 
@@ -156,4 +167,19 @@ echo "PTX / SASS targets embedded:"
 if command -v cuobjdump >/dev/null; then
   cuobjdump --list-ptx --list-elf "$BIN" 2>/dev/null | sed -n 's/.*\(sm_[0-9a-z]*\).*/\1/p' | sort | uniq -c | sed 's/^/  /' || true
 fi
-echo "run it with: LD_LIBRARY_PATH=<dir of libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10>:<dir of the driver's libcuda.so.1> $BIN ..."
+echo "run it with: LD_LIBRARY_PATH=<dirs of libcudart.so.13, libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnccl.so.2>:<dir of the driver's libcuda.so.1> $BIN ..."
+
+# ---------------------------------------------------------------- 5. the bundle
+if [ -n "$BUNDLE" ]; then
+  GOLDEN=${DINOD_GOLDEN:-$ROOT/../shared/golden}
+  [ -f "$GOLDEN/train_step.safetensors" ] || die "no golden fixtures in $GOLDEN (set DINOD_GOLDEN)"
+  command -v xz >/dev/null || die "xz is needed for --bundle"
+  mkdir -p "$BUNDLE"
+  tmp=$(mktemp)
+  cp "$BIN" "$tmp" && strip "$tmp"
+  xz -6 -T0 -c "$tmp" >"$BUNDLE/dinod.xz"
+  rm -f "$tmp"
+  rm -rf "$BUNDLE/golden" && cp -r "$GOLDEN" "$BUNDLE/golden" && chmod -R u+w "$BUNDLE/golden"
+  say "bundle in $BUNDLE: dinod.xz $(du -h "$BUNDLE/dinod.xz" | cut -f1), golden/ $(du -sh "$BUNDLE/golden" | cut -f1)"
+  echo "on the GPU machine, in a checkout: DINOD=$BUNDLE/dinod.xz DINOD_GOLDEN=$BUNDLE/golden scripts/gpu-check.sh"
+fi

@@ -5,7 +5,8 @@
 #   scripts/gpu-check.sh [--quick]
 #
 # Needs the CUDA build of dinod (scripts/build-cuda.sh, built elsewhere and carried here)
-# at $DINOD (default target-cuda/release/dinod) and the golden fixtures at $DINOD_GOLDEN
+# at $DINOD (default target-cuda/release/dinod; a `.xz` file, as `build-cuda.sh --bundle`
+# packs it, is unpacked first) and the golden fixtures at $DINOD_GOLDEN
 # (default ../shared/golden, else target-cuda/golden). Writes everything under $OUT
 # (default gpu-check-out/): gpu-check.log, one JSON file per measurement, summary.md.
 #
@@ -22,11 +23,18 @@
 #     bf16` for autocast) on the same card; peak device memory sampled by nvidia-smi;
 #  5. a real device error: a batch that cannot fit, which must fail with a clear
 #     out-of-memory message and exit non-zero, not hang or crash;
+#  5a. the daemon on the GPU (`dinod run`, the default recipe in bf16 with `runtime.device =
+#      "cuda"`): trains with an injected device error at step 30 (the trainer must restart
+#      and go on), is killed with SIGKILL, its checkpoints are verified, and it resumes;
 #  5b. with more than one GPU visible, `dinod bench dp --device cuda` (NCCL all-reduce,
 #     one member per GPU) checked against one GPU on the same global batch;
 #  6. summary.md: step ms, images/s, MFU against the measured bf16 / f32 peak, ratio to
 #     PyTorch.
 # `--quick` keeps 1 warm-up + 2 timed iterations per benchmark (default 2 + 4).
+# The whole run keeps to $GPU_CHECK_BUDGET_S seconds (default 570): each part's timeout is
+# cut to what is left, and a part that no longer fits is skipped and says so. The parts run
+# in the order of what matters most: parity, the bf16 steps, the daemon, the error, then
+# the f32 steps.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,6 +50,12 @@ LOG="$OUT/gpu-check.log"
 exec > >(tee -a "$LOG") 2>&1
 say() { printf '\n== %s  (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
 T0=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-570}
+left() { echo $((T0 + BUDGET - $(date +%s))); }
+# lim N: N seconds, or what is left of the budget (less a margin) if that is less
+lim() { local l=$(($(left) - 5)); [ "$l" -lt "$1" ] && echo $((l > 1 ? l : 1)) || echo "$1"; }
+# fits N: whether about N more seconds fit in the budget (else say that the part is skipped)
+fits() { [ "$(left)" -ge "$1" ] && return 0; echo "skipped: $(left) s of the budget left, this part needs about $1 s"; return 1; }
 
 if [ -z "${DINOD_GOLDEN:-}" ]; then
   for d in "$ROOT/../shared/golden" "$ROOT/shared/golden" "$ROOT/target-cuda/golden"; do
@@ -61,8 +75,14 @@ dirs.append(os.path.join(os.path.dirname(torch.__file__), "lib"))
 print(":".join(dirs))
 EOF
 )
+# the driver's libcuda.so.1, where the image keeps it outside the loader's cache
+[ -d /usr/local/nvidia/lib64 ] && NVLIBS="$NVLIBS:/usr/local/nvidia/lib64"
 export LD_LIBRARY_PATH="$NVLIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+if [[ "$DINOD" == *.xz && -f "$DINOD" ]]; then
+  "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$DINOD" "$OUT/dinod" &&
+    chmod +x "$OUT/dinod" && echo "unpacked $DINOD" && DINOD=$OUT/dinod
+fi
 [ -x "$DINOD" ] || { echo "gpu-check: no dinod binary at $DINOD (build it with scripts/build-cuda.sh)"; exit 2; }
 if ldd "$DINOD" | grep "not found"; then
   echo "gpu-check: the binary misses libraries (above); LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
@@ -72,7 +92,7 @@ ldd "$DINOD" | grep -E "cuda|cublas|curand|nvrtc" || true
 
 # ------------------------------------------------------------------ 2. matmul peak
 say "2. matmul peak (PyTorch, 8192^3)"
-timeout 90 "$PY" - <<'EOF' | tee "$OUT/peak.json"
+timeout "$(lim 90)" "$PY" - <<'EOF' | tee "$OUT/peak.json"
 import json, time, torch
 n = 8192
 out = {}
@@ -96,7 +116,7 @@ EOF
 say "3. golden fixtures on the GPU"
 if [ -n "$DINOD_GOLDEN" ]; then
   for dt in f32 bf16; do
-    timeout 120 "$DINOD" parity --device cuda --dtype $dt --json "$DINOD_GOLDEN"/{vit_forward,losses,train_step}.safetensors >"$OUT/parity-$dt.jsonl"
+    timeout "$(lim 120)" "$DINOD" parity --device cuda --dtype $dt --json "$DINOD_GOLDEN"/{vit_forward,losses,train_step}.safetensors >"$OUT/parity-$dt.jsonl"
     echo "parity $dt: exit $?"
     "$PY" - "$OUT/parity-$dt.jsonl" <<'EOF'
 import json, sys
@@ -119,34 +139,73 @@ mem_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -
 mem_stop() { kill "$MEMPID" 2>/dev/null; wait "$MEMPID" 2>/dev/null; sort -n "$OUT/mem-$1.txt" | tail -1; }
 bench() { # name, dinod config, torch config, precision (f32|bf16)
   local name=$1 cfg=$2 tcfg=$3 prec=$4 amp=none
+  echo "-- $name"
+  fits 40 || return 0
   [ "$prec" = bf16 ] && amp=bf16
   mem_start "dinod-$name"
-  timeout 150 "$DINOD" bench step --config "$cfg" --device cuda --precision "$prec" --warmup $WARM --iters $ITERS --json >"$OUT/dinod-$name.json"
+  timeout "$(lim 150)" "$DINOD" bench step --config "$cfg" --device cuda --precision "$prec" --warmup $WARM --iters $ITERS --json >"$OUT/dinod-$name.json"
   local rc=$?
   echo "dinod  $name: exit $rc, peak memory $(mem_stop "dinod-$name") MiB  $(head -c 300 "$OUT/dinod-$name.json")"
   mem_start "torch-$name"
-  timeout 150 "$PY" scripts/torch_step_bench.py --config "$tcfg" --device cuda --amp $amp --warmup $WARM --iters $ITERS --json >"$OUT/torch-$name.json"
+  timeout "$(lim 150)" "$PY" scripts/torch_step_bench.py --config "$tcfg" --device cuda --amp $amp --warmup $WARM --iters $ITERS --json >"$OUT/torch-$name.json"
   rc=$?
   echo "torch  $name: exit $rc, peak memory $(mem_stop "torch-$name") MiB"
 }
 say "4. the training step, dinod vs PyTorch eager"
 bench s16-bf16 configs/bench-gpu-s16.toml gpu-s16 bf16
 bench b16-bf16 configs/bench-gpu-b16.toml gpu-b16 bf16
-bench s16-f32 configs/bench-gpu-s16.toml gpu-s16 f32
-bench b16-f32 configs/bench-gpu-b16.toml gpu-b16 f32
 bench b16-gram-bf16 configs/bench-gpu-b16-gram.toml gpu-b16-gram bf16
-bench s16-gram-bf16 configs/bench-gpu-s16-gram.toml gpu-s16-gram bf16
+
+# ------------------------------------------------------------------ 5a. the daemon on the GPU
+say "5a. the daemon on the GPU: train, a device error, SIGKILL, verify, resume"
+if fits 150; then
+  RUN="$OUT/daemon"
+  mkdir -p "$RUN"
+  # the default recipe in bf16 on the GPU ([runtime] is its last table)
+  sed 's/^precision = "f32"/precision = "bf16"/' configs/default.toml >"$RUN/gpu.toml"
+  echo 'device = "cuda"' >>"$RUN/gpu.toml"
+  status_step() { "$DINOD" status --json --state-dir "$RUN/state" 2>/dev/null |
+    "$PY" -c 'import json,sys; print(json.load(sys.stdin)["run"]["step"])' 2>/dev/null || echo 0; }
+  "$DINOD" run --config "$RUN/gpu.toml" --state-dir "$RUN/state" --checkpoint-every 20 \
+    --inject device_error:trainer@30 >"$RUN/run1.log" 2>&1 &
+  PID=$!
+  started=$SECONDS step=0
+  while [ $((SECONDS - started)) -lt 90 ] && kill -0 $PID 2>/dev/null; do
+    sleep 2; step=$(status_step)
+    [ "$step" -ge 70 ] && break
+  done
+  kill -9 $PID 2>/dev/null; wait $PID 2>/dev/null
+  echo "SIGKILL at step $step after $((SECONDS - started)) s"
+  grep -E "step=|images_per_s" "$RUN/run1.log" | tail -3
+  echo "device events:"
+  "$DINOD" events --state-dir "$RUN/state" --limit 500 | grep -i -E "device|restart|fault|inject" | head -8
+  timeout "$(lim 60)" "$DINOD" checkpoints verify --state-dir "$RUN/state"
+  echo "checkpoints verify: exit $?"
+  timeout "$(lim 60)" "$DINOD" run --config "$RUN/gpu.toml" --state-dir "$RUN/state" --max-steps $((step + 20)) >"$RUN/run2.log" 2>&1
+  echo "resume (--max-steps $((step + 20))): exit $?, now at step $(status_step)"
+  grep -i -E "resum|checkpoint" "$RUN/run2.log" | head -3
+  "$DINOD" status --state-dir "$RUN/state" | head -12
+fi
 
 # ------------------------------------------------------------------ 5. a real device error
 say "5. a real out-of-memory error"
-timeout 120 "$DINOD" bench step --config configs/bench-gpu-b16.toml --device cuda --batch-size 8192 --warmup 0 --iters 1 >"$OUT/oom.txt" 2>&1
-echo "exit $? (non-zero expected); $(grep -i -m1 -E "memory|error" "$OUT/oom.txt")"
+if fits 40; then
+  # batch 1024 of vit_base at 224 px needs far more than any card has (the MLP
+  # activations alone are about 18 GB per block in f32)
+  timeout "$(lim 120)" "$DINOD" bench step --config configs/bench-gpu-b16.toml --device cuda --batch-size 1024 --warmup 0 --iters 1 >"$OUT/oom.txt" 2>&1
+  echo "exit $? (non-zero expected); $(grep -i -m1 -E "memory|error" "$OUT/oom.txt")"
+fi
+
+say "4b. the training step in f32, and vit_small with the Gram teacher"
+bench s16-f32 configs/bench-gpu-s16.toml gpu-s16 f32
+bench b16-f32 configs/bench-gpu-b16.toml gpu-b16 f32
+bench s16-gram-bf16 configs/bench-gpu-s16-gram.toml gpu-s16-gram bf16
 
 # ------------------------------------------------------- 5b. data parallel over the GPUs
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-if [ "$NGPU" -gt 1 ]; then
+if [ "$NGPU" -gt 1 ] && fits 60; then
   say "5b. data parallel over $NGPU GPUs (NCCL), checked against one GPU"
-  timeout 240 "$DINOD" bench dp --config configs/bench-gpu-s16.toml --device cuda --members "$NGPU" --batch-size $((64 * NGPU)) --warmup 1 --iters $ITERS --check >"$OUT/dinod-dp.json"
+  timeout "$(lim 240)" "$DINOD" bench dp --config configs/bench-gpu-s16.toml --device cuda --members "$NGPU" --batch-size $((64 * NGPU)) --warmup 1 --iters $ITERS --check >"$OUT/dinod-dp.json"
   echo "exit $?: $(tr -d '\n ' <"$OUT/dinod-dp.json" | head -c 400)"
 else
   say "5b. data parallel: one GPU visible, skipped (dinod bench dp --device cuda --members N)"

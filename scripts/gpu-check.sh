@@ -21,6 +21,8 @@
 #     at 448 px), f32 and bf16 with f32 master weights, next to
 #     scripts/torch_step_bench.py (PyTorch eager, same model, losses and crops, `--amp
 #     bf16` for autocast) on the same card; peak device memory sampled by nvidia-smi;
+#  4c. `dinod bench distill --device cuda --precision bf16` (configs/distill.toml: three
+#     students sharing one teacher forward);
 #  5. a real device error: a batch that cannot fit, which must fail with a clear
 #     out-of-memory message and exit non-zero, not hang or crash;
 #  5a. the daemon on the GPU (`dinod run`, the default recipe in bf16 with `runtime.device =
@@ -34,7 +36,7 @@
 # The whole run keeps to $GPU_CHECK_BUDGET_S seconds (default 570): each part's timeout is
 # cut to what is left, and a part that no longer fits is skipped and says so. The parts run
 # in the order of what matters most: parity, the bf16 steps, the daemon, the error, then
-# the f32 steps.
+# the f32 steps and distillation.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -200,6 +202,12 @@ say "4b. the training step in f32, and vit_small with the Gram teacher"
 bench s16-f32 configs/bench-gpu-s16.toml gpu-s16 f32
 bench b16-f32 configs/bench-gpu-b16.toml gpu-b16 f32
 bench s16-gram-bf16 configs/bench-gpu-s16-gram.toml gpu-s16-gram bf16
+
+say "4c. multi-student distillation (configs/distill.toml), bf16"
+if fits 40; then
+  timeout "$(lim 120)" "$DINOD" bench distill --config configs/distill.toml --device cuda --precision bf16 --warmup 1 --iters $ITERS >"$OUT/distill-bf16.json"
+  echo "exit $?: $(tr -d '\n ' <"$OUT/distill-bf16.json" | head -c 600)"
+fi
 
 # ------------------------------------------------------- 5b. data parallel over the GPUs
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)

@@ -126,6 +126,24 @@ pub fn synthetic_batch(plan: &Plan, seed: u64) -> Result<Batch> {
     Ok(Batch::new(b, global, local, gram, masks)?)
 }
 
+/// The device and compute type of a benchmark: `device` (`cpu`, `cuda`, `cuda:N`) and
+/// `precision` (`f32`, `f64` or `bf16`; the recipe's when `None`). bf16 on the CPU runs the
+/// device code path (the fused CPU kernels are f32/f64).
+pub fn bench_device(plan: &Plan, device: &str, precision: Option<&str>) -> Result<(Device, DType)> {
+    let dev = ops::portable::device(device)?;
+    let compute = match precision {
+        None => plan.config.precision.compute_dtype(),
+        Some("f32") => DType::F32,
+        Some("f64") => DType::F64,
+        Some("bf16") => DType::BF16,
+        Some(p) => anyhow::bail!("unknown precision `{p}` (f32, f64 or bf16)"),
+    };
+    if dev.is_cpu() && compute == DType::BF16 {
+        ops::portable::set_force_on_cpu(true);
+    }
+    Ok((dev, compute))
+}
+
 /// Runs the step benchmark.
 pub fn bench_step(plan: &Plan, origin: &str, opts: &StepBenchOpts) -> Result<StepBench> {
     let (warmup, iters) = (opts.warmup, opts.iters);
@@ -136,19 +154,8 @@ pub fn bench_step(plan: &Plan, origin: &str, opts: &StepBenchOpts) -> Result<Ste
     }
     let plan = &plan;
     let cfg = &plan.config;
-    let dev = ops::portable::device(&opts.device)?;
     let master = cfg.precision.dtype();
-    let compute = match opts.precision.as_deref() {
-        None => cfg.precision.compute_dtype(),
-        Some("f32") => DType::F32,
-        Some("f64") => DType::F64,
-        Some("bf16") => DType::BF16,
-        Some(p) => anyhow::bail!("unknown precision `{p}` (f32, f64 or bf16)"),
-    };
-    if dev.is_cpu() && compute == DType::BF16 {
-        // the fused CPU kernels are f32/f64; bf16 runs the device code path on the host
-        ops::portable::set_force_on_cpu(true);
-    }
+    let (dev, compute) = bench_device(plan, &opts.device, opts.precision.as_deref())?;
     let mut st = TrainState::new(&plan.ssl, cfg.seed, master)
         .context("building the model")?
         .to_device(&dev)

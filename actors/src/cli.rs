@@ -313,6 +313,12 @@ pub enum BenchCommand {
         /// A distillation recipe (with `[distill]` students).
         #[arg(long)]
         config: PathBuf,
+        /// Where to run: cpu, cuda or cuda:N (needs a `--features cuda` build).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Override the recipe's `precision` (f32 or bf16; bf16 keeps f32 master weights).
+        #[arg(long)]
+        precision: Option<String>,
         /// Untimed iterations first.
         #[arg(long, default_value_t = 1)]
         warmup: usize,
@@ -486,6 +492,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
             what:
                 BenchCommand::Distill {
                     config,
+                    device,
+                    precision,
                     warmup,
                     iters,
                 },
@@ -497,7 +505,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&crate::daemon::distill::bench(
-                    &plan, warmup, iters
+                    &plan,
+                    &device,
+                    precision.as_deref(),
+                    warmup,
+                    iters
                 )?)?
             );
             Ok(0)

@@ -437,14 +437,14 @@ impl FaultSpec {
         }
         // the other kinds fire in one place: aimed at another actor they would never fire
         let fires_in = match self.kind.as_str() {
-            "nan" => Some("trainer or student:NAME"),
-            "device_error" | "device_lost" => Some("trainer"),
+            "nan" | "device_error" => Some("trainer or student:NAME"),
+            "device_lost" => Some("trainer"),
             "io_error" => Some("checkpointer"),
             _ => None,
         };
         if let (Some(a), Some(only)) = (&self.actor, fires_in) {
             let fires = match self.kind.as_str() {
-                "nan" => a == "trainer" || a.starts_with("student:"),
+                "nan" | "device_error" => a == "trainer" || a.starts_with("student:"),
                 _ => a == only,
             };
             if !fires {
@@ -1104,18 +1104,6 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
                 format!("`{}`: use self, state:DIR or safetensors:FILE", d.teacher),
             ));
         }
-        if cfg.runtime.device != "cpu" {
-            problems.push(problem(
-                "runtime.device",
-                "distillation runs on the CPU only so far (its frozen teacher and students are host tensors); remove runtime.device or the [distill] section",
-            ));
-        }
-        if cfg.precision == Precision::Bf16 {
-            problems.push(problem(
-                "precision",
-                "distillation computes in the master type so far: use f32 with a [distill] section",
-            ));
-        }
         if d.teacher == SELF_TEACHER && !cfg.stages.automatic {
             problems.push(problem("distill.teacher", "`self` hands over from this run's own stages after high-resolution adaptation: it needs stages.automatic = true"));
         }
@@ -1327,6 +1315,7 @@ mod tests {
         );
         for ok in [
             "device_error@3",
+            "device_error:student:s@3",
             "device_lost:trainer@3",
             "nan:student:s@4",
             "io_error:checkpointer@2",
@@ -1335,7 +1324,8 @@ mod tests {
             assert!(ok.parse::<FaultSpec>().is_ok(), "{ok}");
         }
         for (bad, says) in [
-            ("device_error:teacher@3", "fires in the trainer only"),
+            ("device_error:teacher@3", "trainer or student:NAME"),
+            ("device_lost:student:s@3", "fires in the trainer only"),
             ("nan:ema@3", "trainer or student:NAME"),
             ("io_error:trainer@3", "checkpointer only"),
             ("panic@3", "needs an actor"),

@@ -302,7 +302,7 @@ pub fn restore(ck: &LoadedCheckpoint, plan: &Plan) -> Result<EngineState> {
 }
 
 /// The state on the run's device (`runtime.device`; built on the host, moved once).
-fn place(ts: TrainState, plan: &Plan) -> Result<TrainState> {
+pub fn place(ts: TrainState, plan: &Plan) -> Result<TrainState> {
     let dev = crate::runtime::device(&plan.config.runtime.device)?;
     if dev.is_cpu() && !ops::portable::forced_on_cpu() {
         return Ok(ts);

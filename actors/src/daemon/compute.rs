@@ -81,6 +81,17 @@ pub fn device_fault(e: &anyhow::Error) -> Option<DeviceFault> {
     classify_device_error(&format!("{e:#}"))
 }
 
+/// The device fault of a failed compute result, a lost context marked on the device
+/// health first (the coordinator must see the loss before the caller replies). The caller
+/// then fails its actor with [`DeviceFaultError`] so that the supervisor classifies it.
+pub fn note_device_fault<T>(ctx: &Ctx, r: &Result<T>) -> Option<DeviceFault> {
+    let fault = r.as_ref().err().and_then(device_fault);
+    if let Some(DeviceFault::Lost(m)) = &fault {
+        ctx.device.mark_lost(m, None);
+    }
+    fault
+}
+
 /// Teacher messages.
 pub enum TeacherMsg {
     /// Compute the targets of a batch.
@@ -189,10 +200,7 @@ impl Actor for TeacherActor {
             })
             .await?;
         st.ctx.board.phase(TEACHER, ActorPhase::Idle);
-        let fault = r.as_ref().err().and_then(device_fault);
-        if let Some(DeviceFault::Lost(m)) = &fault {
-            st.ctx.device.mark_lost(m, None);
-        }
+        let fault = note_device_fault(&st.ctx, &r);
         let _ = reply.send(r.map_err(|e| format!("{e:#}")));
         if let Some(f) = fault {
             // a device fault fails the actor: the supervisor classifies it
@@ -377,6 +385,7 @@ impl Actor for TrainerActor {
                     })
                     .await?;
                 st.ctx.board.phase(TRAINER, ActorPhase::Idle);
+                let lost = note_device_fault(&st.ctx, &r);
                 match r {
                     Ok((summary, grads)) => {
                         if summary.finite {
@@ -385,11 +394,6 @@ impl Actor for TrainerActor {
                         let _ = reply.send(Ok(summary));
                     }
                     Err(e) => {
-                        let lost = device_fault(&e);
-                        if let Some(DeviceFault::Lost(m)) = &lost {
-                            // before the reply: the coordinator must see the loss first
-                            st.ctx.device.mark_lost(m, None);
-                        }
                         let _ = reply.send(Err(format!("{e:#}")));
                         if let Some(f) = lost {
                             // a device fault fails the actor: the supervisor classifies it

@@ -23,6 +23,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::json;
 
 use super::board::{now_ms, ActorPhase};
+use super::compute::{note_device_fault, DeviceFault, DeviceFaultError};
 use super::coordinator::{call, CoordMsg};
 use super::loader::{to_batch, LoadedBatch};
 use super::worker::Worker;
@@ -91,7 +92,10 @@ pub fn open_students(
         let st = match store.load_latest_valid()? {
             Some(ck) => engine::restore(&ck, &p).with_context(|| format!("student {}", sp.name))?,
             None => {
-                let ts = TrainState::new(&sp.ssl, sp.seed, plan.config.precision.dtype())?;
+                let ts = engine::place(
+                    TrainState::new(&sp.ssl, sp.seed, plan.config.precision.dtype())?,
+                    &p,
+                )?;
                 let mut st = EngineState {
                     ts,
                     dirty: false,
@@ -181,7 +185,10 @@ pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
             return Err(e);
         }
     }
-    Ok(m)
+    // frozen: it computes in the compute type (bf16 under mixed precision), on the device
+    let dev = crate::runtime::device(&plan.config.runtime.device)?;
+    Ok(m.cast(plan.config.precision.compute_dtype())?
+        .to_device(&dev)?)
 }
 
 /// A batch with the teacher's outputs, shared by every student.
@@ -259,9 +266,9 @@ fn teacher_outputs(ctx: &Ctx, index: u64, h: &data::HostBatch) -> Result<Item> {
     let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
     let batch = to_batch(
         h,
-        ctx.plan.config.precision.dtype(),
+        ctx.plan.config.precision.compute_dtype(),
         false,
-        &candle_core::Device::Cpu,
+        &crate::runtime::device(&ctx.plan.config.runtime.device)?,
     )?;
     let hp = StepHparams {
         teacher_temp: ctx.plan.teacher_temp.at(index),
@@ -390,8 +397,13 @@ impl Actor for DistillTeacherActor {
         let produced = st.prod.lock().map(|p| p.produced).unwrap_or(0);
         st.ctx.board.phase(TEACHER, ActorPhase::Idle);
         st.ctx.board.run(|r| r.step = produced);
+        let fault = note_device_fault(&st.ctx, &r);
         let _ = reply.send(r.map(Some).map_err(|e| format!("{e:#}")));
-        Ok(())
+        match fault {
+            // the supervisor classifies it: restart, or the device is lost (exit 75)
+            Some(f) => Err(Box::new(DeviceFaultError(f))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -568,11 +580,17 @@ impl StudentState {
         let hp = self.hparams(step);
         let (r2, c2, f2) = (run.clone(), item.clone(), ctx.faults.clone());
         let nm = name.clone();
-        let summary = self
+        let r = self
             .worker
             .run(move || -> Result<(model::ssl::LossTerms, [f64; 3], bool, Option<model::ssl::ModelGrads>)> {
+                if f2.take("device_error", Some(&nm), step).is_some() {
+                    bail!(DeviceFaultError(DeviceFault::Recoverable(format!("injected device error at step {step}"))));
+                }
                 let eng = r2.engine.lock();
-                let mut out = model::distill_student_phase(&eng.ts, &c2.batch.batch, &hp, teacher_copy(&c2.teacher), &mut |_| {})?;
+                // mixed precision: the student computes on a cast of its master weights
+                let dt = r2.plan.config.precision.compute_dtype();
+                let view = eng.ts.phase_view(model::Side::Student, dt, &eng.ts.device())?;
+                let mut out = model::distill_student_phase(&view, &c2.batch.batch, &hp, teacher_copy(&c2.teacher), &mut |_| {})?;
                 if f2.take("nan", Some(&nm), step).is_some() {
                     out.losses.total = f64::NAN;
                 }
@@ -583,7 +601,12 @@ impl StudentState {
                     Err(n) => (out.losses, n, false, None),
                 })
             })
-            .await??;
+            .await?;
+        if let Some(f) = note_device_fault(&ctx, &r) {
+            // the supervisor classifies it: this student restarts, or the device is lost
+            return Err(DeviceFaultError(f).into());
+        }
+        let summary = r?;
         let (losses, norms, finite, grads) = summary;
         if !finite {
             if self.retried != Some(k) {
@@ -894,15 +917,28 @@ impl Actor for DistillCoordinator {
 /// each student, summed; `teacher_plus_students_ms`: one teacher forward plus each
 /// student's step as measured after a teacher forward (the bound);
 /// `isolated_sum_ms`: the teacher and the students each timed alone (warm caches).
-pub fn bench(plan: &Plan, warmup: usize, iters: usize) -> Result<serde_json::Value> {
-    let dtype = plan.config.precision.dtype();
-    let teacher = SslModel::init(&plan.ssl, plan.config.seed, dtype)?;
+pub fn bench(
+    plan: &Plan,
+    device: &str,
+    precision: Option<&str>,
+    warmup: usize,
+    iters: usize,
+) -> Result<serde_json::Value> {
+    let (dev, dt) = crate::bench::bench_device(plan, device, precision)?;
+    let master = plan.config.precision.dtype();
+    // as the daemon holds them: the frozen teacher in the compute type, the students'
+    // master weights in the recipe's type (each step computes on a cast of them)
+    let teacher = SslModel::init(&plan.ssl, plan.config.seed, master)?
+        .cast(dt)?
+        .to_device(&dev)?;
     let students: Vec<TrainState> = plan
         .students
         .iter()
-        .map(|s| TrainState::new(&s.ssl, s.seed, dtype))
+        .map(|s| TrainState::new(&s.ssl, s.seed, master)?.to_device(&dev))
         .collect::<candle_core::Result<_>>()?;
-    let batch = crate::bench::synthetic_batch(plan, plan.config.seed)?;
+    let batch = crate::bench::synthetic_batch(plan, plan.config.seed)?
+        .to_device(&dev)?
+        .cast(dt)?;
     let hp = plan.hparams(1_000_000);
     let sk = plan.ssl.loss.sinkhorn_iterations;
     let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
@@ -910,6 +946,7 @@ pub fn bench(plan: &Plan, warmup: usize, iters: usize) -> Result<serde_json::Val
         for i in 0..warmup + iters {
             let t0 = Instant::now();
             f()?;
+            ops::portable::synchronize(&dev)?;
             if i >= warmup {
                 v.push(t0.elapsed().as_secs_f64() * 1e3);
             }
@@ -917,37 +954,33 @@ pub fn bench(plan: &Plan, warmup: usize, iters: usize) -> Result<serde_json::Val
         v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
         Ok(v[v.len() / 2])
     };
+    let teacher_step = || model::distill_teacher_phase(&teacher, sk, &batch, &hp);
+    let student_step = |s: &TrainState, t: &TeacherOutput| -> Result<()> {
+        let view = s.phase_view(model::Side::Student, dt, &dev)?;
+        let out = model::distill_student_phase(&view, &batch, &hp, teacher_copy(t), &mut |_| {})?;
+        let _ = model::clip_gradients(&s.cfg, &out.grads)?;
+        Ok(())
+    };
     let teacher_ms = time(&mut || {
-        model::distill_teacher_phase(&teacher, sk, &batch, &hp)?;
+        teacher_step()?;
         Ok(())
     })?;
-    let t = model::distill_teacher_phase(&teacher, sk, &batch, &hp)?;
+    let t = teacher_step()?;
     let mut student_ms = vec![];
     for s in &students {
-        student_ms.push(time(&mut || {
-            let out = model::distill_student_phase(s, &batch, &hp, teacher_copy(&t), &mut |_| {})?;
-            let _ = model::clip_gradients(&s.cfg, &out.grads)?;
-            Ok(())
-        })?);
+        student_ms.push(time(&mut || student_step(s, &t))?);
     }
     // a separate run of student i: the teacher forward and that student, back to back
     let mut pair_ms = vec![];
     for s in &students {
-        pair_ms.push(time(&mut || {
-            let t = model::distill_teacher_phase(&teacher, sk, &batch, &hp)?;
-            let out = model::distill_student_phase(s, &batch, &hp, teacher_copy(&t), &mut |_| {})?;
-            let _ = model::clip_gradients(&s.cfg, &out.grads)?;
-            Ok(())
-        })?);
+        pair_ms.push(time(&mut || student_step(s, &teacher_step()?))?);
     }
     let mut rows = vec![];
     for n in 1..=students.len() {
         let shared = time(&mut || {
-            let t = model::distill_teacher_phase(&teacher, sk, &batch, &hp)?;
+            let t = teacher_step()?;
             for s in &students[..n] {
-                let out =
-                    model::distill_student_phase(s, &batch, &hp, teacher_copy(&t), &mut |_| {})?;
-                let _ = model::clip_gradients(&s.cfg, &out.grads)?;
+                student_step(s, &t)?;
             }
             Ok(())
         })?;
@@ -962,7 +995,9 @@ pub fn bench(plan: &Plan, warmup: usize, iters: usize) -> Result<serde_json::Val
         "teacher_ms": teacher_ms,
         "students": plan.students.iter().zip(&student_ms).map(|(s, ms)| json!({"name": s.name, "step_ms": ms, "images_per_s": b / (ms / 1e3), "params": students.iter().find(|x| x.cfg == s.ssl).map(|x| x.student.numel())})).collect::<Vec<_>>(),
         "rows": rows,
-        "dtype": format!("{dtype:?}"),
+        "device": device,
+        "dtype": format!("{dt:?}"),
+        "master_dtype": format!("{master:?}"),
         "threads": rayon::current_num_threads(),
     }))
 }

@@ -238,6 +238,14 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         .enable_all()
         .thread_name("dinod-rt")
         .build()?;
+    if plan.config.precision == crate::config::Precision::Bf16
+        && plan.config.runtime.device == "cpu"
+    {
+        // the fused CPU kernels are f32/f64: bf16 runs the device code path on the host
+        // (the self-supervised run and the distillation alike)
+        tracing::warn!("precision = \"bf16\" on the CPU runs the device code path (slow); it is meant for GPUs");
+        ops::portable::set_force_on_cpu(true);
+    }
     let self_teacher = format!("state:{}", opts.state_dir.display());
     // read once: it decides between the students and the self-supervised run, and is
     // what the latter resumes from
@@ -259,13 +267,6 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
             drop(latest);
             return run_distill(&rt, plan, opts, store, faults, &self_teacher);
         }
-    }
-    if plan.config.precision == crate::config::Precision::Bf16
-        && plan.config.runtime.device == "cpu"
-    {
-        // the fused CPU kernels are f32/f64: bf16 runs the device code path on the host
-        tracing::warn!("precision = \"bf16\" on the CPU runs the device code path (slow); it is meant for GPUs");
-        ops::portable::set_force_on_cpu(true);
     }
     // resume or start
     let state = match latest {

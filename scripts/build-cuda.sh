@@ -4,7 +4,8 @@
 # NVIDIA driver that supports CUDA 13.0 (driver 580 or newer).
 #
 #   scripts/build-cuda.sh            # build (about 20 minutes on 2 cores the first time)
-#   scripts/build-cuda.sh --check    # `cargo check` only (what CI's compile check does)
+#   scripts/build-cuda.sh --check    # `cargo check`, and a link of the CUDA libraries
+#                                    # (what CI's compile check does)
 #   scripts/build-cuda.sh --bundle DIR  # build, then pack what scripts/gpu-check.sh needs
 #                                       # besides the checkout: DIR/dinod.xz (stripped,
 #                                       # about 10 MB instead of 200) and DIR/golden/
@@ -141,6 +142,20 @@ export CARGO_TARGET_DIR="$TARGET"
 if [ "$MODE" = check ]; then
   say "cargo check --release --locked --features cuda -p dinod (target $TARGET)"
   nice -n 19 cargo check --release --locked --features cuda -p dinod
+  # `cargo check` runs the build scripts but never links, so a library the final link
+  # needs and this toolkit lacks (NCCL once) would show only in a full build: link an
+  # empty program against every library the CUDA crates' build scripts ask for
+  libs=() dirs=()
+  for crate in cudarc candle-kernels; do
+    out=$(ls -t "$TARGET"/release/build/"$crate"-*/output 2>/dev/null | head -1)
+    [ -n "$out" ] || die "no build-script output of $crate under $TARGET (did cargo check run it?)"
+    while IFS= read -r l; do libs+=("-l${l##*=}"); done < <(sed -n 's/^cargo::\{0,1\}rustc-link-lib=//p' "$out")
+    while IFS= read -r d; do dirs+=("-L${d##*=}"); done < <(sed -n 's/^cargo::\{0,1\}rustc-link-search=//p' "$out")
+  done
+  echo 'int main(void) { return 0; }' >"$TARGET/link-check.c"
+  gcc "$TARGET/link-check.c" -o "$TARGET/link-check" "${dirs[@]}" -Wl,--no-as-needed "${libs[@]}" ||
+    die "the link would fail: a library above is missing from $CUDA_ROOT (libraries: ${libs[*]})"
+  say "links against: ${libs[*]}"
   say "ok"
   exit 0
 fi

@@ -2,7 +2,7 @@
 # The GPU check of dinod, in one run of at most about 10 minutes on a machine with an NVIDIA
 # GPU, PyTorch (for its CUDA libraries and the side-by-side baseline) and no Rust toolchain:
 #
-#   scripts/gpu-check.sh [--quick]
+#   scripts/gpu-check.sh [--quick] [--rehearse]
 #
 # Needs the CUDA build of dinod (scripts/build-cuda.sh, built elsewhere and carried here)
 # at $DINOD (default target-cuda/release/dinod; a `.xz` file, as `build-cuda.sh --bundle`
@@ -26,13 +26,17 @@
 #  5. a real device error: a batch that cannot fit, which must fail with a clear
 #     out-of-memory message and exit non-zero, not hang or crash;
 #  5a. the daemon on the GPU (`dinod run`, the default recipe in bf16 with `runtime.device =
-#      "cuda"`): trains with an injected device error at step 30 (the trainer must restart
-#      and go on), is killed with SIGKILL, its checkpoints are verified, and it resumes;
+#      "cuda"`): trains with an injected device error at step 30 (the trainer restarts,
+#      redoes the step and goes on), is killed with SIGKILL, its checkpoints are
+#      verified, and it resumes;
 #  5b. with more than one GPU visible, `dinod bench dp --device cuda` (NCCL all-reduce,
 #     one member per GPU) checked against one GPU on the same global batch;
 #  6. summary.md: step ms, images/s, MFU against the measured bf16 / f32 peak, ratio to
 #     PyTorch.
 # `--quick` keeps 1 warm-up + 2 timed iterations per benchmark (default 2 + 4).
+# `--rehearse` runs every part on the CPU instead (the CPU build in $CARGO_TARGET_DIR,
+# batch 2, one iteration, no out-of-memory part, PyTorch on the CPU): a GPU machine is lent
+# for minutes, so rehearse the script here first. Its numbers mean nothing.
 # The whole run keeps to $GPU_CHECK_BUDGET_S seconds (default 570): each part's timeout is
 # cut to what is left, and a part that no longer fits is skipped and says so. The parts run
 # in the order of what matters most: parity, the bf16 steps, the daemon, the error, then
@@ -43,11 +47,27 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-$ROOT/gpu-check-out}
 mkdir -p "$OUT"
-DINOD=${DINOD:-$ROOT/target-cuda/release/dinod}
 PY=${PYTHON:-python3}
 WARM=2
 ITERS=4
-[ "${1:-}" = "--quick" ] && { WARM=1; ITERS=2; }
+DEV=cuda
+REHEARSE=
+for a in "$@"; do
+  case "$a" in
+    --quick) WARM=1; ITERS=2 ;;
+    --rehearse) REHEARSE=1; DEV=cpu; WARM=0; ITERS=1 ;;
+    *) echo "usage: $0 [--quick] [--rehearse]" >&2; exit 2 ;;
+  esac
+done
+if [ -n "$REHEARSE" ]; then
+  DINOD=${DINOD:-${CARGO_TARGET_DIR:-$ROOT/target}/release/dinod}
+  SMALL=(--batch-size 2) TSMALL=(--batch 2)
+  FAULT_AT=3 KILL_AT=8 CKPT_EVERY=4
+else
+  FAULT_AT=30 KILL_AT=70 CKPT_EVERY=20
+  DINOD=${DINOD:-$ROOT/target-cuda/release/dinod}
+  SMALL=() TSMALL=()
+fi
 LOG="$OUT/gpu-check.log"
 exec > >(tee -a "$LOG") 2>&1
 say() { printf '\n== %s  (%s)\n' "$*" "$(date -u +%H:%M:%S)"; }
@@ -68,6 +88,9 @@ export DINOD_GOLDEN=${DINOD_GOLDEN:-}
 
 # ------------------------------------------------------------------ 1. card and libraries
 say "1. the card and the libraries"
+if [ -n "$REHEARSE" ]; then
+  printf 'name\nCPU rehearsal (%s cores)\n' "$(nproc)" | tee "$OUT/card.csv"
+else
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv | tee "$OUT/card.csv"
 NVLIBS=$("$PY" - <<'EOF'
 import glob, os, torch
@@ -81,35 +104,39 @@ EOF
 [ -d /usr/local/nvidia/lib64 ] && NVLIBS="$NVLIBS:/usr/local/nvidia/lib64"
 export LD_LIBRARY_PATH="$NVLIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+fi
 if [[ "$DINOD" == *.xz && -f "$DINOD" ]]; then
   "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$DINOD" "$OUT/dinod" &&
     chmod +x "$OUT/dinod" && echo "unpacked $DINOD" && DINOD=$OUT/dinod
 fi
 [ -x "$DINOD" ] || { echo "gpu-check: no dinod binary at $DINOD (build it with scripts/build-cuda.sh)"; exit 2; }
-if ldd "$DINOD" | grep "not found"; then
+if [ -z "$REHEARSE" ] && ldd "$DINOD" | grep "not found"; then
   echo "gpu-check: the binary misses libraries (above); LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   exit 2
 fi
 ldd "$DINOD" | grep -E "cuda|cublas|curand|nvrtc" || true
 
 # ------------------------------------------------------------------ 2. matmul peak
-say "2. matmul peak (PyTorch, 8192^3)"
-timeout "$(lim 90)" "$PY" - <<'EOF' | tee "$OUT/peak.json"
-import json, time, torch
-n = 8192
+N_PEAK=8192
+[ -n "$REHEARSE" ] && N_PEAK=512
+say "2. matmul peak (PyTorch, ${N_PEAK}^3)"
+timeout "$(lim 90)" "$PY" - "$DEV" "$N_PEAK" <<'EOF' | tee "$OUT/peak.json"
+import json, sys, time, torch
+dev, n = sys.argv[1], int(sys.argv[2])
+sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 out = {}
 for name, dt, tf32 in [("bf16", torch.bfloat16, False), ("f32_tf32", torch.float32, True), ("f32", torch.float32, False)]:
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    a = torch.randn(n, n, device="cuda", dtype=dt)
-    b = torch.randn(n, n, device="cuda", dtype=dt)
+    a = torch.randn(n, n, device=dev, dtype=dt)
+    b = torch.randn(n, n, device=dev, dtype=dt)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     reps = 20 if dt == torch.bfloat16 else 5
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
-    torch.cuda.synchronize()
+    sync()
     out[name + "_tflops"] = 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 print(json.dumps(out))
 EOF
@@ -118,7 +145,7 @@ EOF
 say "3. golden fixtures on the GPU"
 if [ -n "$DINOD_GOLDEN" ]; then
   for dt in f32 bf16; do
-    timeout "$(lim 120)" "$DINOD" parity --device cuda --dtype $dt --json "$DINOD_GOLDEN"/{vit_forward,losses,train_step}.safetensors >"$OUT/parity-$dt.jsonl"
+    timeout "$(lim 120)" "$DINOD" parity --device $DEV --dtype $dt --json "$DINOD_GOLDEN"/{vit_forward,losses,train_step}.safetensors >"$OUT/parity-$dt.jsonl"
     echo "parity $dt: exit $?"
     "$PY" - "$OUT/parity-$dt.jsonl" <<'EOF'
 import json, sys
@@ -137,19 +164,25 @@ else
 fi
 
 # ------------------------------------------------------------------ 4. the training step
-mem_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$OUT/mem-$1.txt" 2>/dev/null & MEMPID=$!; }
-mem_stop() { kill "$MEMPID" 2>/dev/null; wait "$MEMPID" 2>/dev/null; sort -n "$OUT/mem-$1.txt" | tail -1; }
+mem_start() {
+  [ -n "$REHEARSE" ] && return 0
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$OUT/mem-$1.txt" 2>/dev/null & MEMPID=$!
+}
+mem_stop() {
+  [ -n "$REHEARSE" ] && { echo "n/a"; return 0; }
+  kill "$MEMPID" 2>/dev/null; wait "$MEMPID" 2>/dev/null; sort -n "$OUT/mem-$1.txt" | tail -1
+}
 bench() { # name, dinod config, torch config, precision (f32|bf16)
   local name=$1 cfg=$2 tcfg=$3 prec=$4 amp=none
   echo "-- $name"
   fits 40 || return 0
   [ "$prec" = bf16 ] && amp=bf16
   mem_start "dinod-$name"
-  timeout "$(lim 150)" "$DINOD" bench step --config "$cfg" --device cuda --precision "$prec" --warmup $WARM --iters $ITERS --json >"$OUT/dinod-$name.json"
+  timeout "$(lim 150)" "$DINOD" bench step --config "$cfg" --device $DEV --precision "$prec" "${SMALL[@]}" --warmup $WARM --iters $ITERS --json >"$OUT/dinod-$name.json"
   local rc=$?
   echo "dinod  $name: exit $rc, peak memory $(mem_stop "dinod-$name") MiB  $(head -c 300 "$OUT/dinod-$name.json")"
   mem_start "torch-$name"
-  timeout "$(lim 150)" "$PY" scripts/torch_step_bench.py --config "$tcfg" --device cuda --amp $amp --warmup $WARM --iters $ITERS --json >"$OUT/torch-$name.json"
+  timeout "$(lim 150)" "$PY" scripts/torch_step_bench.py --config "$tcfg" --device $DEV --amp $amp "${TSMALL[@]}" --warmup $WARM --iters $ITERS --json >"$OUT/torch-$name.json"
   rc=$?
   echo "torch  $name: exit $rc, peak memory $(mem_stop "torch-$name") MiB"
 }
@@ -165,16 +198,16 @@ if fits 150; then
   mkdir -p "$RUN"
   # the default recipe in bf16 on the GPU ([runtime] is its last table)
   sed 's/^precision = "f32"/precision = "bf16"/' configs/default.toml >"$RUN/gpu.toml"
-  echo 'device = "cuda"' >>"$RUN/gpu.toml"
+  echo "device = \"$DEV\"" >>"$RUN/gpu.toml"
   status_step() { "$DINOD" status --json --state-dir "$RUN/state" 2>/dev/null |
     "$PY" -c 'import json,sys; print(json.load(sys.stdin)["run"]["step"])' 2>/dev/null || echo 0; }
-  "$DINOD" run --config "$RUN/gpu.toml" --state-dir "$RUN/state" --checkpoint-every 20 \
-    --inject device_error:trainer@30 >"$RUN/run1.log" 2>&1 &
+  "$DINOD" run --config "$RUN/gpu.toml" --state-dir "$RUN/state" --checkpoint-every $CKPT_EVERY \
+    --inject device_error:trainer@$FAULT_AT >"$RUN/run1.log" 2>&1 &
   PID=$!
   started=$SECONDS step=0
   while [ $((SECONDS - started)) -lt 90 ] && kill -0 $PID 2>/dev/null; do
     sleep 2; step=$(status_step)
-    [ "$step" -ge 70 ] && break
+    [ "$step" -ge $KILL_AT ] && break
   done
   kill -9 $PID 2>/dev/null; wait $PID 2>/dev/null
   echo "SIGKILL at step $step after $((SECONDS - started)) s"
@@ -191,7 +224,9 @@ fi
 
 # ------------------------------------------------------------------ 5. a real device error
 say "5. a real out-of-memory error"
-if fits 40; then
+if [ -n "$REHEARSE" ]; then
+  echo "skipped in a rehearsal (on the CPU it would exhaust the host's memory)"
+elif fits 40; then
   # batch 1024 of vit_base at 224 px needs far more than any card has (the MLP
   # activations alone are about 18 GB per block in f32)
   timeout "$(lim 120)" "$DINOD" bench step --config configs/bench-gpu-b16.toml --device cuda --batch-size 1024 --warmup 0 --iters 1 >"$OUT/oom.txt" 2>&1
@@ -205,16 +240,19 @@ bench s16-gram-bf16 configs/bench-gpu-s16-gram.toml gpu-s16-gram bf16
 
 say "4c. multi-student distillation (configs/distill.toml), bf16"
 if fits 40; then
-  timeout "$(lim 120)" "$DINOD" bench distill --config configs/distill.toml --device cuda --precision bf16 --warmup 1 --iters $ITERS >"$OUT/distill-bf16.json"
+  timeout "$(lim 120)" "$DINOD" bench distill --config configs/distill.toml --device $DEV --precision bf16 --warmup 1 --iters $ITERS >"$OUT/distill-bf16.json"
   echo "exit $?: $(tr -d '\n ' <"$OUT/distill-bf16.json" | head -c 600)"
 fi
 
 # ------------------------------------------------------- 5b. data parallel over the GPUs
-NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
-if [ "$NGPU" -gt 1 ] && fits 60; then
+NGPU=0
+[ -z "$REHEARSE" ] && NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$NGPU" -gt 1 ]; then
   say "5b. data parallel over $NGPU GPUs (NCCL), checked against one GPU"
-  timeout "$(lim 240)" "$DINOD" bench dp --config configs/bench-gpu-s16.toml --device cuda --members "$NGPU" --batch-size $((64 * NGPU)) --warmup 1 --iters $ITERS --check >"$OUT/dinod-dp.json"
-  echo "exit $?: $(tr -d '\n ' <"$OUT/dinod-dp.json" | head -c 400)"
+  if fits 60; then
+    timeout "$(lim 240)" "$DINOD" bench dp --config configs/bench-gpu-s16.toml --device cuda --members "$NGPU" --batch-size $((64 * NGPU)) --warmup 1 --iters $ITERS --check >"$OUT/dinod-dp.json"
+    echo "exit $?: $(tr -d '\n ' <"$OUT/dinod-dp.json" | head -c 400)"
+  fi
 else
   say "5b. data parallel: one GPU visible, skipped (dinod bench dp --device cuda --members N)"
 fi

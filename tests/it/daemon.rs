@@ -78,6 +78,23 @@ fn reference() -> &'static (u64, String) {
     })
 }
 
+/// A run that stops between periodic checkpoints writes a final one, and `status` (read
+/// from the catalog once the daemon is gone) reports that one, not the periodic one
+/// before it.
+#[test]
+fn a_stopped_run_reports_its_final_checkpoint() {
+    let dir = TempDir::new("final-ck");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    // checkpoints every 3 steps: a periodic one at 3, the final one at 4
+    let o = run_to(&cfg, &st, 4, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let s = status(&st);
+    assert_eq!(s["run"]["step"], 4);
+    assert_eq!(s["run"]["last_checkpoint"], 4, "{}", s["run"]);
+    assert!(s["run"]["last_checkpoint_durable_ms"].as_f64().unwrap() > 0.0);
+}
+
 #[test]
 fn fresh_runs_are_bit_identical_and_resume_is_exact() {
     let dir = TempDir::new("determinism");

@@ -110,19 +110,26 @@ impl Actor for CheckpointerActor {
     }
 }
 
+/// Puts a saved checkpoint on the status board and the metrics (every save: the
+/// checkpointer's, and the coordinator's final or consistent one). Returns the durable ms.
+pub fn note_saved(ctx: &Ctx, step: u64, blocking_ms: f64, rep: &SaveReport) -> f64 {
+    let durable = rep.durable().as_secs_f64() * 1e3;
+    ctx.board.run(|s| {
+        s.last_checkpoint = Some(step);
+        s.last_checkpoint_blocking_ms = blocking_ms;
+        s.last_checkpoint_durable_ms = durable;
+    });
+    metrics::histogram!("dinod_checkpoint_durable_seconds").record(durable / 1e3);
+    metrics::gauge!("dinod_last_checkpoint_step").set(step as f64);
+    durable
+}
+
 /// Records the outcome of a save: status board, metrics, event.
 pub fn record(ctx: &Ctx, step: u64, blocking_ms: f64, r: &SaveOutcome) {
     use checkpoints::Level;
     match r {
         Ok(rep) => {
-            let durable = rep.durable().as_secs_f64() * 1e3;
-            ctx.board.run(|s| {
-                s.last_checkpoint = Some(step);
-                s.last_checkpoint_blocking_ms = blocking_ms;
-                s.last_checkpoint_durable_ms = durable;
-            });
-            metrics::histogram!("dinod_checkpoint_durable_seconds").record(durable / 1e3);
-            metrics::gauge!("dinod_last_checkpoint_step").set(step as f64);
+            let durable = note_saved(ctx, step, blocking_ms, rep);
             ctx.event(
                 Level::Info,
                 "checkpoint.saved",

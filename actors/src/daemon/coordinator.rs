@@ -942,19 +942,25 @@ impl CoordState {
         match snap {
             Ok(p) => {
                 let store = ctx.store.clone();
+                let t0 = std::time::Instant::now();
                 match tokio::task::spawn_blocking(move || store.save(&p)).await {
-                    Ok(Ok(rep)) => ctx.event(
-                        Level::Info,
-                        "checkpoint.saved",
-                        Some(NAME),
-                        Some(step),
-                        format!(
-                            "{} checkpoint at step {step} ({:.1} MB)",
-                            if final_ { "final" } else { "consistent" },
-                            rep.bytes as f64 / 1e6
-                        ),
-                        json!({"bytes": rep.bytes, "final": final_}),
-                    ),
+                    Ok(Ok(rep)) => {
+                        // all of it blocks: the step waits for this save
+                        let ms = t0.elapsed().as_secs_f64() * 1e3;
+                        super::checkpointer::note_saved(&ctx, step, ms, &rep);
+                        ctx.event(
+                            Level::Info,
+                            "checkpoint.saved",
+                            Some(NAME),
+                            Some(step),
+                            format!(
+                                "{} checkpoint at step {step} ({:.1} MB)",
+                                if final_ { "final" } else { "consistent" },
+                                rep.bytes as f64 / 1e6
+                            ),
+                            json!({"bytes": rep.bytes, "final": final_}),
+                        )
+                    }
                     Ok(Err(e)) => ctx.event(
                         Level::Error,
                         "checkpoint.failed",

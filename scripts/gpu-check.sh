@@ -291,5 +291,22 @@ for n in names:
         print(f"dinod {n} phases: " + ", ".join(f"{k} {v:.1f}" for k, v in d["phases_ms"]))
     if t:
         print(f"torch {n} phases: " + ", ".join(f"{k} {v:.1f}" for k, v in t["phases_ms"]))
+print()
+for dt in ["f32", "bf16"]:
+    try:
+        rows = [json.loads(l) for l in open(os.path.join(out, f"parity-{dt}.jsonl")) if l.startswith("{")]
+    except OSError:
+        continue
+    rows = [r for r in rows if r["tensor"] and not r["tensor"].startswith("param_group")]
+    if rows:
+        w = max(rows, key=lambda r: r["rel_err"])
+        bad = sum(not r["ok"] for r in rows)
+        print(f"parity {dt}: {len(rows)} tensors, {bad} out of tolerance (tol {w['tol']:.0e}), "
+              f"worst {w['rel_err']:.2e} ({w['tensor']})")
+dist = load("distill-bf16.json")
+if dist:
+    print("distill bf16: teacher %.1f ms; " % dist["teacher_ms"] + "; ".join(
+        f"{r['students']} students shared {r['shared_ms']:.1f} ms vs separate {r['separate_ms']:.1f} ms"
+        for r in dist["rows"]))
 EOF
 echo "gpu-check: done in $(( $(date +%s) - T0 )) s; results in $OUT"

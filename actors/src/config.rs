@@ -436,16 +436,15 @@ impl FaultSpec {
             return Err(format!("fault `{}` needs an actor", self.kind));
         }
         // the other kinds fire in one place: aimed at another actor they would never fire
-        let fires_in = match self.kind.as_str() {
-            "nan" | "device_error" => Some("trainer or student:NAME"),
-            "device_lost" => Some("trainer"),
-            "io_error" => Some("checkpointer"),
-            _ => None,
-        };
-        if let (Some(a), Some(only)) = (&self.actor, fires_in) {
-            let fires = match self.kind.as_str() {
-                "nan" | "device_error" => a == "trainer" || a.starts_with("student:"),
-                _ => a == only,
+        if let Some(a) = &self.actor {
+            let (fires, only) = match self.kind.as_str() {
+                "nan" | "device_error" => (
+                    a == "trainer" || a.starts_with("student:"),
+                    "trainer or student:NAME",
+                ),
+                "device_lost" => (a == "trainer", "trainer"),
+                "io_error" => (a == "checkpointer", "checkpointer"),
+                _ => (true, ""),
             };
             if !fires {
                 return Err(format!(

@@ -92,6 +92,17 @@ pub fn note_device_fault<T>(ctx: &Ctx, r: &Result<T>) -> Option<DeviceFault> {
     fault
 }
 
+/// Fails with a recoverable device error if a `device_error` fault is armed for `actor`
+/// at `step` (the trainer, or a distillation student).
+pub fn injected_device_error(faults: &super::faults::Faults, actor: &str, step: u64) -> Result<()> {
+    if faults.take("device_error", Some(actor), step).is_some() {
+        bail!(DeviceFaultError(DeviceFault::Recoverable(format!(
+            "injected device error at step {step}"
+        ))));
+    }
+    Ok(())
+}
+
 /// Teacher messages.
 pub enum TeacherMsg {
     /// Compute the targets of a batch.
@@ -290,12 +301,7 @@ impl Actor for TrainerActor {
                     .worker
                     .run(move || -> Result<(StepSummary, ModelGrads)> {
                         ctx.faults.maybe_slow(TRAINER, step);
-                        if let Some(f) = ctx.faults.take("device_error", Some(TRAINER), step) {
-                            let _ = f;
-                            bail!(DeviceFaultError(DeviceFault::Recoverable(format!(
-                                "injected device error at step {step}"
-                            ))));
-                        }
+                        injected_device_error(&ctx.faults, TRAINER, step)?;
                         if let Some(f) = ctx.faults.take("device_lost", Some(TRAINER), step) {
                             // `+MS`: the device stays away that long (probes fail)
                             let why = format!("injected loss of the device context at step {step}");

@@ -23,7 +23,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::json;
 
 use super::board::{now_ms, ActorPhase};
-use super::compute::{note_device_fault, DeviceFault, DeviceFaultError};
+use super::compute::{injected_device_error, note_device_fault, DeviceFaultError};
 use super::coordinator::{call, CoordMsg};
 use super::loader::{to_batch, LoadedBatch};
 use super::worker::Worker;
@@ -583,9 +583,7 @@ impl StudentState {
         let r = self
             .worker
             .run(move || -> Result<(model::ssl::LossTerms, [f64; 3], bool, Option<model::ssl::ModelGrads>)> {
-                if f2.take("device_error", Some(&nm), step).is_some() {
-                    bail!(DeviceFaultError(DeviceFault::Recoverable(format!("injected device error at step {step}"))));
-                }
+                injected_device_error(&f2, &nm, step)?;
                 let eng = r2.engine.lock();
                 // mixed precision: the student computes on a cast of its master weights
                 let dt = r2.plan.config.precision.compute_dtype();

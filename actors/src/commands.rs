@@ -326,7 +326,7 @@ pub fn stage(
             if json_out {
                 print_json(&doc);
             } else {
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                print!("{}", stage_text(&doc));
             }
             Ok(0)
         }
@@ -347,6 +347,85 @@ pub fn stage(
             bail!("unknown stage action `{other}` (use `dinod stage` or `dinod stage set STAGE`)")
         }
     }
+}
+
+/// `dinod stage` for people: the stage, its Gram teacher, what the next automatic
+/// transition waits for (from a running daemon, which knows the recipe's thresholds) and
+/// the history with the reason of each transition.
+fn stage_text(doc: &Value) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let Ok(st) = serde_json::from_value::<eval_probes::StageState>(doc["stage"].clone()) else {
+        return "stage         pretrain (no evaluation yet)\n".into();
+    };
+    let _ = writeln!(
+        o,
+        "stage         {} since step {} ({} evaluations in all)",
+        st.stage.as_str(),
+        st.stage_start,
+        st.evals
+    );
+    if let Some(b) = st.best_dense {
+        let _ = writeln!(
+            o,
+            "best dense    {:.4} at step {} (pretraining)",
+            b.value, b.step
+        );
+    }
+    match &st.gram_teacher {
+        Some(eval_probes::GramTeacherSource::BestDenseCheckpoint { step, value }) => {
+            let _ = writeln!(
+                o,
+                "gram teacher  started from the EMA teacher of step {step} (the best dense checkpoint, {value:.4})"
+            );
+        }
+        Some(eval_probes::GramTeacherSource::EmaTeacher { step }) => {
+            let _ = writeln!(
+                o,
+                "gram teacher  started from the EMA teacher as of step {step}"
+            );
+        }
+        None => {}
+    }
+    if doc["automatic"] == json!(false) {
+        let _ = writeln!(o, "next          no automatic transitions (stages.automatic = false): dinod stage set STAGE");
+    } else if let Ok(Some(out)) =
+        serde_json::from_value::<Option<eval_probes::Outlook>>(doc["outlook"].clone())
+    {
+        if out.all_of.is_empty() {
+            let _ = writeln!(o, "next          {}", out.next.as_str());
+        } else {
+            let _ = writeln!(
+                o,
+                "next          {} when all of these hold at an evaluation:",
+                out.next.as_str()
+            );
+        }
+        for c in &out.all_of {
+            let _ = writeln!(o, "  [{}] {}", if c.met { "x" } else { " " }, c.what);
+        }
+        if let Some((steps, left)) = out.or_after {
+            let _ = writeln!(
+                o,
+                "  {}after {steps} steps in the stage ({left} left)",
+                if out.all_of.is_empty() { "" } else { "or " }
+            );
+        }
+    }
+    if !st.history.is_empty() {
+        let _ = writeln!(o, "history");
+    }
+    for t in &st.history {
+        let _ = writeln!(
+            o,
+            "  step {:<8} {} -> {}: {}",
+            t.step,
+            t.from.as_str(),
+            t.to.as_str(),
+            t.describe()
+        );
+    }
+    o
 }
 
 /// Reads a checkpoint's group straight from its directory (no catalog lock, so it works

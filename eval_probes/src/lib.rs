@@ -59,9 +59,10 @@ pub use report::{
     Timing,
 };
 pub use stage::{
-    cosine_ramp, AfterHighRes, ContinueConfig, CropSetting, DenseMetric, GramAnchorConfig,
-    GramTeacherSource, HighResConfig, LrBase, LrWarmup, MetricPoint, Rule, Stage, StageConfig,
-    StageMachine, StageOverrides, StageState, Threshold, Transition, TransitionReason,
+    cosine_ramp, AfterHighRes, Condition, ContinueConfig, CropSetting, DenseMetric,
+    GramAnchorConfig, GramTeacherSource, HighResConfig, LrBase, LrWarmup, MetricPoint, Outlook,
+    Rule, Stage, StageConfig, StageMachine, StageOverrides, StageState, Threshold, Transition,
+    TransitionReason,
 };
 pub use viz::{
     curves_png, denormalize, label_agreement, patch_similarities, pca_rgb, pca_rgb_shared,

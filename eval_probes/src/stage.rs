@@ -99,6 +99,16 @@ pub enum DenseMetric {
 }
 
 impl DenseMetric {
+    /// The name used in configs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            DenseMetric::Miou => "miou",
+            DenseMetric::PixelAccuracy => "pixel_accuracy",
+            DenseMetric::Correspondence => "correspondence",
+            DenseMetric::Locality => "locality",
+        }
+    }
+
     /// The value of this metric in `m`, if measured and finite.
     pub fn of(self, m: &ProbeMetrics) -> Option<f64> {
         match self {
@@ -513,6 +523,78 @@ pub struct Transition {
     pub gram_teacher: Option<GramTeacherSource>,
 }
 
+impl Transition {
+    /// Why it happened, in one line with the numbers that decided it (`dinod stage`).
+    pub fn describe(&self) -> String {
+        match &self.reason {
+            TransitionReason::Manual { note } if note.is_empty() => "manual".into(),
+            TransitionReason::Manual { note } => format!("manual: {note}"),
+            TransitionReason::Automatic { rule, .. } => match rule {
+                Rule::DenseDegraded {
+                    metric,
+                    best,
+                    current,
+                    consecutive,
+                    margin,
+                } => format!(
+                    "{} {:.4} at step {}: {} in a row more than {margin:.4} below the best {:.4} (step {})",
+                    metric.name(),
+                    current.value,
+                    current.step,
+                    evaluations(*consecutive),
+                    best.value,
+                    best.step
+                ),
+                Rule::DenseRecovered {
+                    metric,
+                    reference,
+                    current,
+                    stage_best,
+                    evals_without_improvement,
+                } => format!(
+                    "{} {:.4} at step {}: recovered to the pretraining best {} within tolerance (stage best {stage_best:.4}), no gain for {}",
+                    metric.name(),
+                    current.value,
+                    current.step,
+                    reference.map_or("(none)".into(), |r| format!("{r:.4}")),
+                    evaluations(*evals_without_improvement)
+                ),
+                Rule::GramStepLimit { steps } => {
+                    format!("{steps} steps of Gram anchoring (its max_steps)")
+                }
+                Rule::HighResComplete { steps } => {
+                    format!("{steps} steps of high-resolution adaptation")
+                }
+            },
+        }
+    }
+}
+
+/// "1 evaluation", "3 evaluations".
+fn evaluations(n: u32) -> String {
+    format!("{n} evaluation{}", if n == 1 { "" } else { "s" })
+}
+
+/// One condition of the next automatic transition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Condition {
+    /// What must hold, with where the run stands, in words.
+    pub what: String,
+    /// Whether it holds now.
+    pub met: bool,
+}
+
+/// The next automatic transition and what it waits for (`dinod stage`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Outlook {
+    /// The stage it leads to.
+    pub next: Stage,
+    /// Conditions that must all hold at an evaluation.
+    pub all_of: Vec<Condition>,
+    /// A step budget that moves the run on regardless, and the steps left of it.
+    pub or_after: Option<(u64, u64)>,
+}
+
 /// Everything the machine remembers; saved in every checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StageState {
@@ -809,6 +891,93 @@ impl StageMachine {
                 Some(self.enter(to, step, reason, None))
             }
             _ => None,
+        }
+    }
+
+    /// The next automatic transition from the current stage at `step`, and how far the
+    /// run is from each of its conditions; `None` in the open-ended stages.
+    pub fn outlook(&self, step: u64) -> Option<Outlook> {
+        let s = &self.state;
+        let metric = self.cfg.dense_metric.name();
+        let in_stage = step.saturating_sub(s.stage_start);
+        let cond = |what: String, met: bool| Condition { what, met };
+        let min_steps = |min: u64, at: u64, what: &str| {
+            cond(format!("at least {min} {what}: {at} so far"), at >= min)
+        };
+        match s.stage {
+            Stage::Pretrain => {
+                let p = self.cfg.patience;
+                let mut all_of = vec![match s.best_dense {
+                    Some(b) => cond(
+                        format!(
+                            "{metric} more than {:.4} below its best {:.4} (step {}) for {} in a row: {} so far",
+                            self.cfg.degradation_threshold.margin(b.value),
+                            b.value,
+                            b.step,
+                            evaluations(p),
+                            s.degraded_evals
+                        ),
+                        s.degraded_evals >= p,
+                    ),
+                    None => cond(format!("a first {metric} evaluation"), false),
+                }];
+                if self.cfg.min_pretrain_steps > 0 {
+                    all_of.push(min_steps(self.cfg.min_pretrain_steps, step, "steps"));
+                }
+                Some(Outlook {
+                    next: Stage::GramAnchor,
+                    all_of,
+                    or_after: None,
+                })
+            }
+            Stage::GramAnchor => {
+                let g = &self.cfg.gram_anchor;
+                let best = s.stage_best.map_or("none yet".into(), |b| {
+                    format!("{:.4} at step {}", b.value, b.step)
+                });
+                let recovered = match s.best_dense {
+                    Some(r) => {
+                        let bar = r.value - g.recovery_tolerance.margin(r.value);
+                        cond(
+                            format!(
+                                "{metric} at or above {bar:.4} (the pretraining best {:.4} less the tolerance): best in this stage {best}",
+                                r.value
+                            ),
+                            s.stage_best.is_some_and(|b| b.value >= bar),
+                        )
+                    }
+                    None => cond(format!("(no pretraining best: any {metric})"), true),
+                };
+                Some(Outlook {
+                    next: Stage::HighResAdapt,
+                    all_of: vec![
+                        recovered,
+                        cond(
+                            format!(
+                                "no gain above {} for {}: {} so far",
+                                g.plateau_delta,
+                                evaluations(g.plateau_patience),
+                                s.evals_since_improvement
+                            ),
+                            s.evals_since_improvement >= g.plateau_patience,
+                        ),
+                        min_steps(g.min_steps, in_stage, "steps in the stage"),
+                    ],
+                    or_after: g.max_steps.map(|m| (m, m.saturating_sub(in_stage))),
+                })
+            }
+            Stage::HighResAdapt => Some(Outlook {
+                next: match self.cfg.after_high_res {
+                    AfterHighRes::Continue => Stage::Continue,
+                    AfterHighRes::Distill => Stage::Distill,
+                },
+                all_of: vec![],
+                or_after: Some((
+                    self.cfg.high_res.steps,
+                    self.cfg.high_res.steps.saturating_sub(in_stage),
+                )),
+            }),
+            Stage::Distill | Stage::Continue => None,
         }
     }
 

@@ -320,3 +320,61 @@ ibot_head = { hidden_dim = 16, bottleneck_dim = 8, n_prototypes = 64 }
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(status(&st)["run"]["students"]["small"]["fingerprint"], fp);
 }
+
+/// `dinod stage` for people: on a running daemon it shows the stage, where its Gram teacher
+/// came from, each condition of the next automatic transition with where the run stands,
+/// and the history with the reason of every transition; once the daemon has stopped it
+/// shows the same from the last checkpoint, without the conditions (they need the recipe).
+#[test]
+fn the_stage_command_says_what_the_next_transition_waits_for() {
+    let dir = TempDir::new("stage-text");
+    let cfg = write_config(dir.path(), &tiny_config(EVAL));
+    let st = dir.path().join("state");
+    let sd = st.to_str().unwrap();
+    let mut child = spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        sd,
+        "--max-steps",
+        "400",
+    ]);
+    let t0 = std::time::Instant::now();
+    let mut doc = Value::Null;
+    while t0.elapsed() < std::time::Duration::from_secs(90) {
+        let o = dinod(&["stage", "--json", "--state-dir", sd]);
+        doc = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        if doc["stage"]["stage"] == "gram_anchor" && doc["outlook"].is_object() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(doc["outlook"]["next"], "high_res_adapt", "{doc}");
+    let o = dinod(&["stage", "--state-dir", sd]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let live = String::from_utf8_lossy(&o.stdout).to_string();
+    for want in [
+        "stage         gram_anchor since step",
+        "gram teacher  started from the EMA teacher of step",
+        "next          high_res_adapt when all of these hold at an evaluation:",
+        "] locality at or above",
+        "] no gain above",
+        "steps in the stage:",
+        "history\n  step ",
+        "pretrain -> gram_anchor: locality ",
+    ] {
+        assert!(live.contains(want), "`{want}` missing from:\n{live}");
+    }
+    let o = dinod(&["stop", "--state-dir", sd]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let status = wait_timeout(&mut child, std::time::Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let o = dinod(&["stage", "--state-dir", sd]);
+    let offline = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        offline.contains("pretrain -> gram_anchor: locality "),
+        "{offline}"
+    );
+    assert!(!offline.contains("next "), "{offline}");
+}

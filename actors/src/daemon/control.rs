@@ -173,7 +173,18 @@ async fn answer(
             .await
             .map(|_| json!("stopping: draining the current step and writing a final checkpoint")),
         "stage" => {
-            Ok(json!({"stage": ctx.engine.lock().stage, "run_stage": ctx.board.run_status().stage}))
+            let (state, step) = {
+                let e = ctx.engine.lock();
+                (e.stage.clone(), e.ts.step)
+            };
+            // what the next automatic transition waits for: needs the recipe's thresholds
+            let automatic = ctx.plan().config.stages.automatic;
+            let outlook = automatic
+                .then(|| crate::stages::machine(ctx.plan(), &state).outlook(step))
+                .flatten();
+            Ok(
+                json!({"stage": state, "run_stage": ctx.board.run_status().stage, "step": step, "automatic": automatic, "outlook": outlook}),
+            )
         }
         "stage_set" => {
             let stage = req

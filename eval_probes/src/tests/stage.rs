@@ -489,3 +489,68 @@ fn late_results_start_the_stage_when_applied_and_stale_snapshots_are_ignored() {
     assert_eq!(m.state().stage_best, None);
     assert_eq!(m.state().evals, 4);
 }
+
+/// `outlook` says what the next automatic transition waits for, with the numbers the
+/// machine will compare, and marks each condition as it comes true; `describe` gives a
+/// transition's reason in one line.
+#[test]
+fn the_outlook_tracks_each_condition_of_the_next_transition() {
+    let mut m = StageMachine::new(cfg());
+    let o = m.outlook(0).expect("pretraining has a next stage");
+    assert_eq!(o.next, Stage::GramAnchor);
+    assert_eq!((o.all_of.len(), o.all_of[0].met), (1, false));
+    assert!(
+        o.all_of[0].what.contains("a first miou evaluation"),
+        "{o:?}"
+    );
+    // best 0.40 at step 100, two degraded evaluations of three
+    assert!(feed(&mut m, 100, 100, &[0.40, 0.30, 0.30]).is_empty());
+    let o = m.outlook(300).unwrap();
+    let c = &o.all_of[0];
+    assert!(!c.met);
+    assert!(
+        c.what
+            .contains("more than 0.0200 below its best 0.4000 (step 100)")
+            && c.what.ends_with("2 so far"),
+        "{}",
+        c.what
+    );
+    let t = feed(&mut m, 400, 100, &[0.30]);
+    assert_eq!(t.len(), 1);
+    assert_eq!(
+        t[0].1.describe(),
+        "miou 0.3000 at step 400: 3 evaluations in a row more than 0.0200 below the best 0.4000 (step 100)"
+    );
+    // Gram anchoring from step 400: the bar is 0.40 - 0.01
+    let o = m.outlook(450).unwrap();
+    assert_eq!(o.next, Stage::HighResAdapt);
+    let met: Vec<bool> = o.all_of.iter().map(|c| c.met).collect();
+    assert_eq!(met, [false, false, false], "{o:?}");
+    assert!(o.all_of[0].what.contains("at or above 0.3900"), "{o:?}");
+    assert!(o.all_of[2]
+        .what
+        .contains("at least 200 steps in the stage: 50 so far"));
+    assert_eq!(o.or_after, None);
+    // recovered (0.395 >= 0.39), 200 steps in, one evaluation without gain
+    assert!(feed(&mut m, 500, 100, &[0.395, 0.396]).is_empty());
+    let o = m.outlook(600).unwrap();
+    let met: Vec<bool> = o.all_of.iter().map(|c| c.met).collect();
+    assert_eq!(met, [true, false, true], "{o:?}");
+    assert!(o.all_of[1].what.ends_with("1 so far"), "{o:?}");
+    // plateau: the transition fires, and high-res counts its budget down
+    let t = feed(&mut m, 700, 100, &[0.396, 0.395]);
+    assert_eq!(t.len(), 1);
+    assert!(t[0]
+        .1
+        .describe()
+        .starts_with("miou 0.3950 at step 800: recovered to the pretraining best 0.4000"));
+    let o = m.outlook(900).unwrap();
+    assert_eq!(o.next, Stage::Continue);
+    assert!(o.all_of.is_empty());
+    let budget = m.config().high_res.steps;
+    assert_eq!(o.or_after, Some((budget, budget - 100)));
+    // manual transitions say so; the open-ended stage has no outlook
+    let t = m.force(Stage::Continue, 950, "by hand");
+    assert_eq!(t.describe(), "manual: by hand");
+    assert_eq!(m.outlook(1000), None);
+}

@@ -186,16 +186,34 @@ impl Catalog {
             .mode(sled::Mode::LowSpace);
         // sled 0.34 panics on some corruptions instead of returning an error; turn that into a
         // typed error naming the catalog.
-        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
-            .map_err(|panic| {
-                let msg = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_else(|| "unknown panic".to_owned());
-                Error::catalog(path, "open (sled panicked)", msg)
-            })?
-            .map_err(|e| Error::catalog(path, "open", e))?;
+        let try_open = || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())).map_err(
+                |panic| {
+                    let msg = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_else(|| "unknown panic".to_owned());
+                    Error::catalog(path, "open (sled panicked)", msg)
+                },
+            )
+        };
+        // A catalog closed by this process a moment ago can still hold sled's file lock
+        // while its background flusher winds down (seen as a reopen right after a drop
+        // failing with WouldBlock): wait for it briefly. Another process cannot be the
+        // holder: the store's own lock file is taken before the catalog is opened.
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match try_open()? {
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < give_up =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => break r.map_err(|e| Error::catalog(path, "open", e))?,
+            }
+        };
         let tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| Error::catalog(path, "open tree", e))

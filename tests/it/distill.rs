@@ -74,6 +74,35 @@ fn fps(state: &Path) -> (Value, Value) {
     )
 }
 
+/// `dinod events --json` of a state directory, as text.
+fn events_text(state: &Path) -> String {
+    let o = dinod(&[
+        "events",
+        "--json",
+        "--limit",
+        "500",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// The bytes of `dinod export --which student:NAME` (a safetensors file written to `out`).
+fn export_student(state: &Path, name: &str, out: &Path) -> Vec<u8> {
+    let which = format!("student:{name}");
+    let o = dinod(&[
+        "export",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--which",
+        &which,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    std::fs::read(out).unwrap()
+}
+
 fn run(cfg: &Path, st: &Path, steps: u64, extra: &[&str]) -> std::process::Output {
     let s = steps.to_string();
     let mut a = vec![
@@ -156,18 +185,7 @@ fn two_students_train_from_one_teacher_and_resume_exactly_after_sigkill() {
     for name in ["small", "base"] {
         assert!(st.join("students").join(name).join("catalog").exists());
     }
-    let out = dir.path().join("small.safetensors");
-    let o = dinod(&[
-        "export",
-        "--state-dir",
-        st.to_str().unwrap(),
-        "--which",
-        "student:small",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let bytes = std::fs::read(&out).unwrap();
+    let bytes = export_student(&st, "small", &dir.path().join("small.safetensors"));
     let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let names: Vec<String> = t.names().into_iter().map(|s| s.to_string()).collect();
     for n in [
@@ -201,15 +219,7 @@ fn a_fault_in_one_student_leaves_the_other_identical() {
             r,
             "{fault}: results differ from the fault-free run"
         );
-        let o = dinod(&[
-            "events",
-            "--json",
-            "--limit",
-            "500",
-            "--state-dir",
-            st.to_str().unwrap(),
-        ]);
-        let ev = String::from_utf8_lossy(&o.stdout).to_string();
+        let ev = events_text(&st);
         let expect = if fault.starts_with("panic") {
             "actor.restarting"
         } else {
@@ -242,15 +252,7 @@ fn distillation_computes_in_bf16_and_a_device_error_restarts_one_student() {
         &["--inject", "device_error:student:small@3"],
     );
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let o = dinod(&[
-        "events",
-        "--json",
-        "--limit",
-        "500",
-        "--state-dir",
-        faulty.to_str().unwrap(),
-    ]);
-    let ev = String::from_utf8_lossy(&o.stdout).to_string();
+    let ev = events_text(&faulty);
     assert!(
         ev.contains("actor.restarting") && ev.contains("injected device error at step 3"),
         "no restart after the device error: {ev}"
@@ -282,18 +284,7 @@ fn distillation_computes_in_bf16_and_a_device_error_restarts_one_student() {
         assert!(bf16[name]["losses"]["koleo"].as_f64().unwrap().is_finite());
     }
     // the checkpoints hold the f32 master weights
-    let out = dir.path().join("small.safetensors");
-    let o = dinod(&[
-        "export",
-        "--state-dir",
-        clean.to_str().unwrap(),
-        "--which",
-        "student:small",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let bytes = std::fs::read(&out).unwrap();
+    let bytes = export_student(&clean, "small", &dir.path().join("small.safetensors"));
     let t = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(
         t.tensor("norm.weight").unwrap().dtype(),

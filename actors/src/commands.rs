@@ -248,6 +248,14 @@ pub fn checkpoints(state_dir: &Path, action: &str, json_out: bool) -> Result<i32
         print_json(&doc);
     }
     let items = doc.as_array().cloned().unwrap_or_default();
+    if items.is_empty() && !json_out {
+        println!(
+            "no checkpoints in {} yet{}",
+            state_dir.display(),
+            if verify { ": nothing to verify" } else { "" }
+        );
+        return Ok(0);
+    }
     if verify {
         let mut bad = 0;
         for r in &items {
@@ -267,6 +275,17 @@ pub fn checkpoints(state_dir: &Path, action: &str, json_out: bool) -> Result<i32
                     }
                 );
             }
+        }
+        if !json_out {
+            println!(
+                "{} checkpoints, {}",
+                items.len(),
+                if bad == 0 {
+                    "all ok".to_string()
+                } else {
+                    format!("{bad} corrupt")
+                }
+            );
         }
         return Ok(if bad == 0 { 0 } else { EXIT_FAILED });
     }

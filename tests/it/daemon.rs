@@ -345,8 +345,9 @@ fn a_corrupt_checkpoint_falls_back_to_the_previous_one() {
         "verify must report the corruption: {}",
         text(&o)
     );
+    let out = String::from_utf8_lossy(&o.stdout);
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("CORRUPT"),
+        out.contains("CORRUPT") && out.contains("1 corrupt"),
         "{}",
         text(&o)
     );
@@ -356,6 +357,46 @@ fn a_corrupt_checkpoint_falls_back_to_the_previous_one() {
     assert_eq!(&fingerprint(&st), reference());
     let k = kinds(&events(&st));
     assert!(k.iter().any(|x| x.contains("fallback")), "{k:?}");
+}
+
+/// A run killed before its first checkpoint has a catalog and nothing in it: `verify` and
+/// `list` say so instead of printing nothing.
+#[test]
+fn checkpoint_commands_say_so_when_a_run_has_none_yet() {
+    let dir = TempDir::new("nockpt");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let state = st.to_str().unwrap();
+    // step 1 stalls for a minute: long enough to find the daemon up and kill it
+    let mut child = spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        state,
+        "--inject",
+        "slow:teacher@1+60000",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dinod(&["status", "--state-dir", state]).status.success() {
+        assert!(Instant::now() < deadline, "the daemon never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    for (action, says) in [
+        ("verify", "no checkpoints in"),
+        ("verify", "nothing to verify"),
+        ("list", "no checkpoints in"),
+    ] {
+        let o = dinod(&["checkpoints", action, "--state-dir", state]);
+        assert_eq!(o.status.code(), Some(0), "{action}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains(says),
+            "{action}: {}",
+            text(&o)
+        );
+    }
 }
 
 #[test]

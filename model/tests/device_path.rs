@@ -15,13 +15,6 @@ fn golden(name: &str) -> Fixture {
     Fixture::golden(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// bf16 on the host path: the forward stays under the 2e-2 of `dinod parity`
-/// (measured 5.4e-3), but gradients reach 3.2e-2 (patch embedding, iBOT head: sums over
-/// many bf16 products; the logits' bf16 rounding is amplified by 1/temperature in the
-/// loss gradients). The GPU, with cuBLAS's f32 accumulation, is held to 2e-2 by
-/// `scripts/gpu-check.sh` (not yet run on a GPU: BENCHMARKS.md).
-const HOST_BF16_GRAD_TOL: f64 = 5e-2;
-
 fn assert_parity(file: &str, dtype: DType) {
     ops::portable::set_force_on_cpu(true);
     let rows = run_on(&golden(file), dtype, &Device::Cpu).unwrap();
@@ -30,16 +23,24 @@ fn assert_parity(file: &str, dtype: DType) {
         "{file}: only {} tensors compared",
         rows.len()
     );
-    let ok = |r: &model::parity::Row| {
-        if dtype == DType::BF16 && r.name.starts_with("grad.") {
-            r.rel_err < HOST_BF16_GRAD_TOL
-        } else {
-            r.ok()
-        }
-    };
+    if dtype == DType::BF16 && file != "vit_forward.safetensors" {
+        // the PyTorch table covers every gradient (a regenerated table that lost rows
+        // would silently narrow the bar back to 2e-2)
+        let uncovered: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.name.starts_with("grad.") && r.torch_bf16.is_none())
+            .map(|r| r.name.as_str())
+            .collect();
+        assert!(
+            uncovered.is_empty(),
+            "{file}: no PyTorch bf16 error for {uncovered:?}"
+        );
+    }
+    // bf16: 2e-2, or 2.5x PyTorch's own bf16 error where that is larger (`dinod parity`'s
+    // bar; the patch embedding's gradient is at 3.2e-2 here and 3.25e-2 in PyTorch)
     let bad: Vec<String> = rows
         .iter()
-        .filter(|r| !ok(r))
+        .filter(|r| !r.ok())
         .map(|r| format!("{} {:e} (tol {:e})", r.name, r.rel_err, r.tol))
         .collect();
     assert!(

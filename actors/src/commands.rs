@@ -406,6 +406,20 @@ fn stage_text(doc: &Value) -> String {
         }
         None => {}
     }
+    // refreshes are a schedule the live daemon computes (the recipe says the interval)
+    if let Some(steps) = doc["gram_refreshes"]["steps"]
+        .as_array()
+        .filter(|s| !s.is_empty())
+    {
+        let list: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
+        let _ = writeln!(
+            o,
+            "              refreshed from the EMA teacher at step {} ({} of at most {})",
+            list.join(", "),
+            list.len(),
+            doc["gram_refreshes"]["max"]
+        );
+    }
     if doc["automatic"] == json!(false) {
         let _ = writeln!(o, "next          no automatic transitions (stages.automatic = false): dinod stage set STAGE");
     } else if let Ok(Some(out)) =

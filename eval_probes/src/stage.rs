@@ -1032,6 +1032,19 @@ impl StageMachine {
         t
     }
 
+    /// The steps at which Gram anchoring has refreshed the Gram teacher from the EMA
+    /// teacher, as of `step` (none outside `gram_anchor`). Like every schedule, a function
+    /// of the stage's start, the config and the step, so nothing needs recording.
+    pub fn gram_refresh_steps(&self, step: u64) -> Vec<u64> {
+        if self.state.stage != Stage::GramAnchor {
+            return vec![];
+        }
+        let every = self.cfg.gram_anchor.refresh_every;
+        (1..=u64::from(self.overrides(step).gram_refreshes))
+            .map(|k| self.state.stage_start + k * every)
+            .collect()
+    }
+
     /// The recipe changes at `step` (a pure function of state, config and step).
     pub fn overrides(&self, step: u64) -> StageOverrides {
         let r = step.saturating_sub(self.state.stage_start);

@@ -345,7 +345,11 @@ fn the_stage_command_says_what_the_next_transition_waits_for() {
     while t0.elapsed() < std::time::Duration::from_secs(90) {
         let o = dinod(&["stage", "--json", "--state-dir", sd]);
         doc = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-        if doc["stage"]["stage"] == "gram_anchor" && doc["outlook"].is_object() {
+        // in gram_anchor, after its first Gram-teacher refresh (every 4 steps here)
+        let refreshed = doc["gram_refreshes"]["steps"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty());
+        if doc["stage"]["stage"] == "gram_anchor" && doc["outlook"].is_object() && refreshed {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
@@ -357,6 +361,8 @@ fn the_stage_command_says_what_the_next_transition_waits_for() {
     for want in [
         "stage         gram_anchor since step",
         "gram teacher  started from the EMA teacher of step",
+        "refreshed from the EMA teacher at step ",
+        "of at most 2)",
         "next          high_res_adapt when all of these hold at an evaluation:",
         "] locality at or above",
         "] no gain above",

@@ -179,11 +179,14 @@ async fn answer(
             };
             // what the next automatic transition waits for: needs the recipe's thresholds
             let automatic = ctx.plan().config.stages.automatic;
-            let outlook = automatic
-                .then(|| crate::stages::machine(ctx.plan(), &state).outlook(step))
-                .flatten();
+            let machine = crate::stages::machine(ctx.plan(), &state);
+            let outlook = automatic.then(|| machine.outlook(step)).flatten();
+            let refreshes = json!({
+                "steps": machine.gram_refresh_steps(step),
+                "max": machine.config().gram_anchor.max_refreshes,
+            });
             Ok(
-                json!({"stage": state, "run_stage": ctx.board.run_status().stage, "step": step, "automatic": automatic, "outlook": outlook}),
+                json!({"stage": state, "run_stage": ctx.board.run_status().stage, "step": step, "automatic": automatic, "outlook": outlook, "gram_refreshes": refreshes}),
             )
         }
         "stage_set" => {

@@ -301,6 +301,9 @@ fn gram_teacher_is_refreshed_every_interval_at_most_max_times() {
     assert_eq!(m.overrides(3499).gram_refreshes, 0);
     assert_eq!(m.overrides(3500).gram_refreshes, 1);
     assert_eq!(m.overrides(11_000).gram_refreshes, 3);
+    assert_eq!(m.gram_refresh_steps(3499), Vec::<u64>::new());
+    assert_eq!(m.gram_refresh_steps(4600), vec![3500, 4500]);
+    assert_eq!(m.gram_refresh_steps(11_000), vec![3500, 4500, 5500]);
     // Pure function of (state, step): a resumed machine agrees.
     let r = StageMachine::resume(m.config().clone(), m.state().clone());
     assert!((2400..12_000).all(|s| r.overrides(s) == m.overrides(s)));

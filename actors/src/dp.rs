@@ -4,9 +4,9 @@
 //! CPU and NCCL for members on GPUs (`cuda` feature, one GPU per member: `cuda:0`,
 //! `cuda:1`, ...). `dinod bench dp` runs it.
 //!
-//! Across machines nothing is implemented: an NCCL group spanning nodes would need the
-//! NCCL unique id of rank 0 handed to the others (over the control socket), which is the
-//! only part that differs from this one.
+//! Across machines nothing is implemented; `docs/multi-node.md` is the design (a TCP
+//! rendezvous that hands out rank 0's NCCL id, `ncclCommInitRank` per GPU, the state
+//! broadcast from rank 0, control messages to the workers).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

@@ -579,5 +579,8 @@ fn the_bf16_bar_widens_only_where_pytorch_misses_it() {
     let fwd = torch_bf16_error("losses", "expect.dino_head.out_global").unwrap();
     assert!(fwd < 1e-2, "{fwd}");
     assert_eq!(torch_bf16_error("train_step", "no.such.tensor"), None);
-    assert_eq!(torch_bf16_error("vit_forward", "expect.backbone.x.cls"), None);
+    assert_eq!(
+        torch_bf16_error("vit_forward", "expect.backbone.x.cls"),
+        None
+    );
 }

@@ -339,7 +339,15 @@ pub fn stage(
                     let ck = store
                         .load_latest_valid()?
                         .ok_or_else(|| anyhow!("{} holds no checkpoint", state_dir.display()))?;
-                    json!({"stage": crate::engine::run_meta(&ck)?.stage})
+                    let meta = crate::engine::run_meta(&ck)?;
+                    // the recipe stored with the checkpoint knows the thresholds
+                    let recipe = ck.meta()["config_toml"].as_str().and_then(|t| {
+                        crate::config::parse(t, "the config stored with the checkpoint").ok()
+                    });
+                    match recipe {
+                        Some(plan) => crate::stages::stage_doc(&plan, &meta.stage, meta.step),
+                        None => json!({"stage": meta.stage}),
+                    }
                 }
             };
             if json_out {
@@ -368,9 +376,9 @@ pub fn stage(
     }
 }
 
-/// `dinod stage` for people: the stage, its Gram teacher, what the next automatic
-/// transition waits for (from a running daemon, which knows the recipe's thresholds) and
-/// the history with the reason of each transition.
+/// `dinod stage` for people: the stage, its Gram teacher and its refreshes, what the next
+/// automatic transition waits for (from the recipe's thresholds: the daemon's, or the one
+/// stored with the latest checkpoint) and the history with the reason of each transition.
 fn stage_text(doc: &Value) -> String {
     use std::fmt::Write;
     let mut o = String::new();

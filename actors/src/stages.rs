@@ -15,6 +15,26 @@ pub fn machine(plan: &Plan, state: &serde_json::Value) -> StageMachine {
     }
 }
 
+/// What `dinod stage` shows: the stage state, what the next automatic transition waits
+/// for (it needs the recipe's thresholds) and the Gram-teacher refreshes so far. The live
+/// daemon builds it from its plan; the offline command from the recipe stored with the
+/// latest checkpoint, so both say the same.
+pub fn stage_doc(plan: &Plan, state: &serde_json::Value, step: u64) -> serde_json::Value {
+    let automatic = plan.config.stages.automatic;
+    let m = machine(plan, state);
+    let outlook = automatic.then(|| m.outlook(step)).flatten();
+    serde_json::json!({
+        "stage": state,
+        "step": step,
+        "automatic": automatic,
+        "outlook": outlook,
+        "gram_refreshes": {
+            "steps": m.gram_refresh_steps(step),
+            "max": m.config().gram_anchor.max_refreshes,
+        },
+    })
+}
+
 /// The serialised state of a machine (what goes into checkpoints).
 pub fn state_json(m: &StageMachine) -> serde_json::Value {
     serde_json::to_value(m.state()).unwrap_or(serde_json::Value::Null)

@@ -177,17 +177,9 @@ async fn answer(
                 let e = ctx.engine.lock();
                 (e.stage.clone(), e.ts.step)
             };
-            // what the next automatic transition waits for: needs the recipe's thresholds
-            let automatic = ctx.plan().config.stages.automatic;
-            let machine = crate::stages::machine(ctx.plan(), &state);
-            let outlook = automatic.then(|| machine.outlook(step)).flatten();
-            let refreshes = json!({
-                "steps": machine.gram_refresh_steps(step),
-                "max": machine.config().gram_anchor.max_refreshes,
-            });
-            Ok(
-                json!({"stage": state, "run_stage": ctx.board.run_status().stage, "step": step, "automatic": automatic, "outlook": outlook, "gram_refreshes": refreshes}),
-            )
+            let mut doc = crate::stages::stage_doc(ctx.plan(), &state, step);
+            doc["run_stage"] = json!(ctx.board.run_status().stage);
+            Ok(doc)
         }
         "stage_set" => {
             let stage = req

@@ -116,6 +116,14 @@ pub enum Command {
         #[command(flatten)]
         dir: StateDir,
     },
+    /// Every evaluation of the run: probe metrics, stage, mean losses, transitions.
+    History {
+        #[command(flatten)]
+        dir: StateDir,
+        /// Print the raw history (losses, probes, transitions) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the stage and its history, or force one (`dinod stage set STAGE`).
     Stage {
         /// `set` to force a stage.
@@ -451,6 +459,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Pause { dir } => crate::commands::simple(&dir.state_dir, "pause"),
         Command::Resume { dir } => crate::commands::simple(&dir.state_dir, "resume"),
         Command::Stop { dir } => crate::commands::simple(&dir.state_dir, "stop"),
+        Command::History { dir, json } => crate::commands::history(&dir.state_dir, json),
         Command::Stage {
             action,
             stage,

@@ -376,6 +376,144 @@ pub fn stage(
     }
 }
 
+/// `dinod history`: one row per evaluation (its probe metrics, the stage and the mean of
+/// the losses logged since the previous evaluation), with the stage transitions between
+/// the rows. Works on a running daemon and on a stopped run.
+pub fn history(state_dir: &Path, json_out: bool) -> Result<i32> {
+    let doc = crate::viz::history_of(state_dir)?;
+    if json_out {
+        print_json(&doc);
+    } else {
+        print!("{}", history_text(&doc));
+    }
+    Ok(0)
+}
+
+/// Probe metrics in the order people read them, with their column headers; others follow
+/// alphabetically under their own names.
+const METRIC_ORDER: [(&str, &str); 8] = [
+    ("dense_miou", "miou"),
+    ("dense_pixel_accuracy", "pixel_acc"),
+    ("knn_top1", "knn"),
+    ("linear_top1", "linear"),
+    ("correspondence", "corresp"),
+    ("locality", "locality"),
+    ("effective_rank", "eff_rank"),
+    ("cls_patch_cos", "cls_patch"),
+];
+
+fn history_text(doc: &Value) -> String {
+    use std::fmt::Write;
+    let probes = doc["probes"].as_array().cloned().unwrap_or_default();
+    let train = doc["train"].as_array().cloned().unwrap_or_default();
+    let transitions = doc["transitions"].as_array().cloned().unwrap_or_default();
+    if probes.is_empty() {
+        return "no evaluations yet\n".into();
+    }
+    let mut metrics: Vec<String> = vec![];
+    for p in &probes {
+        for k in p["metrics"].as_object().into_iter().flat_map(|m| m.keys()) {
+            if !metrics.contains(k) {
+                metrics.push(k.clone());
+            }
+        }
+    }
+    let rank = |k: &String| {
+        METRIC_ORDER
+            .iter()
+            .position(|m| m.0 == k)
+            .unwrap_or(usize::MAX)
+    };
+    metrics.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+    let header = |k: &String| {
+        METRIC_ORDER
+            .iter()
+            .find(|m| m.0 == k)
+            .map_or(k.clone(), |m| m.1.to_string())
+    };
+    let width = |k: &String| header(k).len().max(7);
+    let losses = ["total", "gram"];
+    let mut o = String::new();
+    let _ = write!(o, "{:>8}  {:<14}", "step", "stage");
+    for m in &metrics {
+        let _ = write!(o, " {:>w$}", header(m), w = width(m));
+    }
+    for l in losses {
+        let _ = write!(o, " {:>10}", format!("loss {l}"));
+    }
+    o.push('\n');
+    // (prev, step]: what happened since the previous evaluation (from the start for the first)
+    let since = |prev: Option<u64>, step: u64, s: u64| prev.is_none_or(|p| s > p) && s <= step;
+    let mut prev: Option<u64> = None;
+    for p in &probes {
+        let step = p["step"].as_u64().unwrap_or(0);
+        // a transition at step S was decided by the evaluation at S: below its row
+        for t in &transitions {
+            let ts = t["step"].as_u64().unwrap_or(0);
+            if prev.map_or(ts < step, |p| p <= ts && ts < step) {
+                let _ = writeln!(o, "{}", transition_line(t));
+            }
+        }
+        // the losses logged since the previous evaluation
+        let window: Vec<&Value> = train
+            .iter()
+            .filter(|r| r["step"].as_u64().is_some_and(|s| since(prev, step, s)))
+            .collect();
+        // the stage the steps before this evaluation ran in (a transition at step S is
+        // the first step of the new stage)
+        let stage = transitions
+            .iter()
+            .rfind(|t| t["step"].as_u64().is_some_and(|ts| ts < step))
+            .and_then(|t| t["to"].as_str())
+            .unwrap_or("pretrain");
+        let _ = write!(o, "{step:>8}  {stage:<14}");
+        for m in &metrics {
+            let w = width(m);
+            match p["metrics"][m].as_f64() {
+                Some(v) => {
+                    let _ = write!(o, " {v:>w$.4}");
+                }
+                None => {
+                    let _ = write!(o, " {:>w$}", "-");
+                }
+            }
+        }
+        for l in losses {
+            let vals: Vec<f64> = window
+                .iter()
+                .filter_map(|r| r["value"]["losses"][l].as_f64())
+                .collect();
+            if vals.is_empty() {
+                let _ = write!(o, " {:>10}", "-");
+            } else {
+                let _ = write!(o, " {:>10.4}", vals.iter().sum::<f64>() / vals.len() as f64);
+            }
+        }
+        o.push('\n');
+        prev = Some(step);
+    }
+    for t in &transitions {
+        if prev.is_none_or(|p| t["step"].as_u64().unwrap_or(0) >= p) {
+            let _ = writeln!(o, "{}", transition_line(t));
+        }
+    }
+    o
+}
+
+/// A transition between the rows of `dinod history`.
+fn transition_line(t: &Value) -> String {
+    match serde_json::from_value::<eval_probes::Transition>(t.clone()) {
+        Ok(t) => format!(
+            "  -- step {}: {} -> {}: {}",
+            t.step,
+            t.from.as_str(),
+            t.to.as_str(),
+            t.describe()
+        ),
+        Err(_) => format!("  -- {t}"),
+    }
+}
+
 /// `dinod stage` for people: the stage, its Gram teacher and its refreshes, what the next
 /// automatic transition waits for (from the recipe's thresholds: the daemon's, or the one
 /// stored with the latest checkpoint) and the history with the reason of each transition.

@@ -212,20 +212,27 @@ pub fn similarity(
     Ok(0)
 }
 
-/// A run's losses, probe metrics and stage transitions, from its daemon or (stopped) its
-/// store.
+/// A run's losses, probe metrics and stage transitions (`{"train", "probes",
+/// "transitions"}`), from its daemon or (stopped) its store.
+pub fn history_of(state_dir: &Path) -> Result<Value> {
+    Ok(
+        match client::request(state_dir, &json!({"cmd": "history"}))? {
+            Some(v) => v,
+            None => {
+                let store = client::open_offline(state_dir)?;
+                let stage = match store.load_latest_valid()? {
+                    Some(ck) => crate::engine::run_meta(&ck)?.stage,
+                    None => Value::Null,
+                };
+                crate::daemon::control::history_doc(&store, &stage).map_err(|e| anyhow!(e))?
+            }
+        },
+    )
+}
+
+/// A run's losses, probe metrics and stage transitions as curves.
 fn run_curves(state_dir: &Path, label: String) -> Result<eval_probes::RunCurves> {
-    let doc = match client::request(state_dir, &json!({"cmd": "history"}))? {
-        Some(v) => v,
-        None => {
-            let store = client::open_offline(state_dir)?;
-            let stage = match store.load_latest_valid()? {
-                Some(ck) => crate::engine::run_meta(&ck)?.stage,
-                None => Value::Null,
-            };
-            crate::daemon::control::history_doc(&store, &stage).map_err(|e| anyhow!(e))?
-        }
-    };
+    let doc = history_of(state_dir)?;
     let mut series: Vec<eval_probes::Series> = vec![];
     let train = doc["train"].as_array().cloned().unwrap_or_default();
     for k in [

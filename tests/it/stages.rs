@@ -372,6 +372,29 @@ fn the_stage_command_says_what_the_next_transition_waits_for() {
     ] {
         assert!(live.contains(want), "`{want}` missing from:\n{live}");
     }
+    // `dinod history`: a row per evaluation, the switch below the row that decided it
+    let history = |sd: &str| {
+        let o = dinod(&["history", "--state-dir", sd]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let rows = history(sd);
+    let lines: Vec<&str> = rows.lines().collect();
+    assert!(
+        lines[0].contains("step") && lines[0].contains("locality"),
+        "{rows}"
+    );
+    let switch = lines
+        .iter()
+        .position(|l| l.starts_with("  -- step ") && l.contains("pretrain -> gram_anchor"))
+        .unwrap_or_else(|| panic!("no transition line in:\n{rows}"));
+    assert!(lines[switch - 1].contains(" pretrain "), "{rows}");
+    assert!(
+        lines
+            .get(switch + 1)
+            .is_none_or(|l| l.contains(" gram_anchor ")),
+        "{rows}"
+    );
     let o = dinod(&["stop", "--state-dir", sd]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let status = wait_timeout(&mut child, std::time::Duration::from_secs(60));
@@ -382,6 +405,8 @@ fn the_stage_command_says_what_the_next_transition_waits_for() {
         offline.contains("pretrain -> gram_anchor: locality "),
         "{offline}"
     );
+    // a stopped run's history reads from its store
+    assert!(history(sd).contains("pretrain -> gram_anchor"));
     // with the daemon gone, the recipe stored with the final checkpoint gives the same
     // outlook and refreshes
     for want in [

@@ -320,8 +320,15 @@ for dt in ["f32", "bf16"]:
     if rows:
         w = max(rows, key=lambda r: r["rel_err"])
         bad = sum(not r["ok"] for r in rows)
-        print(f"parity {dt}: {len(rows)} tensors, {bad} out of tolerance (tol {w['tol']:.0e}), "
-              f"worst {w['rel_err']:.2e} ({w['tensor']})")
+        bar = "1e-4" if dt == "f32" else "2e-2, or 2.5x PyTorch's own bf16 error where larger"
+        wide = [r["tensor"] for r in rows if r["ok"] and dt == "bf16" and r["rel_err"] >= 2e-2]
+        print(f"parity {dt}: {len(rows)} tensors, {bad} out of tolerance (bar {bar}), "
+              f"worst {w['rel_err']:.2e} ({w['tensor']})"
+              + (f"; over 2e-2 but within the PyTorch bar: {', '.join(wide)}" if wide else ""))
+ref = load("torch-bf16-parity.json")
+if ref:
+    print(f"PyTorch {ref['torch']} on {ref['device']} in bf16, tensors at or over 2e-2: " + ", ".join(
+        f"{n} {r['bf16']:.2e}" for f in ref["fixtures"].values() for n, r in f.items() if r["bf16"] >= 2e-2))
 dist = load("distill-bf16.json")
 if dist:
     print("distill bf16: teacher %.1f ms; " % dist["teacher_ms"] + "; ".join(

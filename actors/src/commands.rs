@@ -442,8 +442,6 @@ fn history_text(doc: &Value) -> String {
         let _ = write!(o, " {:>10}", format!("loss {l}"));
     }
     o.push('\n');
-    // (prev, step]: what happened since the previous evaluation (from the start for the first)
-    let since = |prev: Option<u64>, step: u64, s: u64| prev.is_none_or(|p| s > p) && s <= step;
     let mut prev: Option<u64> = None;
     for p in &probes {
         let step = p["step"].as_u64().unwrap_or(0);
@@ -454,10 +452,14 @@ fn history_text(doc: &Value) -> String {
                 let _ = writeln!(o, "{}", transition_line(t));
             }
         }
-        // the losses logged since the previous evaluation
+        // the losses logged since the previous evaluation: steps in (prev, step]
         let window: Vec<&Value> = train
             .iter()
-            .filter(|r| r["step"].as_u64().is_some_and(|s| since(prev, step, s)))
+            .filter(|r| {
+                r["step"]
+                    .as_u64()
+                    .is_some_and(|s| prev.is_none_or(|p| s > p) && s <= step)
+            })
             .collect();
         // the stage the steps before this evaluation ran in (a transition at step S is
         // the first step of the new stage)

@@ -585,6 +585,9 @@ fn stage_text(doc: &Value) -> String {
         for c in &out.all_of {
             let _ = writeln!(o, "  [{}] {}", if c.met { "x" } else { " " }, c.what);
         }
+        if let Some(c) = &out.or_when {
+            let _ = writeln!(o, "  or [{}] {}", if c.met { "x" } else { " " }, c.what);
+        }
         if let Some((steps, left)) = out.or_after {
             let _ = writeln!(
                 o,

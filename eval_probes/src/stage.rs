@@ -210,6 +210,12 @@ pub struct GramAnchorConfig {
     pub plateau_delta: f64,
     /// Plateau = this many evaluations in a row without such an improvement.
     pub plateau_patience: u32,
+    /// Leave the stage also without recovery once the dense metric has not improved by
+    /// more than `plateau_delta` for this many evaluations: anchoring has stopped helping,
+    /// and waiting for a bar it cannot reach would keep the run here for ever
+    /// (EXPERIMENTS.md, e2: it levelled off at 0.42 under a bar of 0.46). `None`: wait for
+    /// recovery (or `max_steps`).
+    pub stall_patience: Option<u32>,
     /// No automatic exit before this many steps in the stage.
     pub min_steps: u64,
     /// Leave the stage after this many steps even without recovery (`None`: never).
@@ -233,6 +239,7 @@ impl Default for GramAnchorConfig {
             recovery_tolerance: Threshold::Relative(0.02),
             plateau_delta: 0.005,
             plateau_patience: 3,
+            stall_patience: Some(6),
             min_steps: 1000,
             max_steps: None,
         }
@@ -394,6 +401,9 @@ impl StageConfig {
         if self.patience == 0 {
             p.push("stages.patience must be at least 1".into());
         }
+        if g.stall_patience == Some(0) {
+            p.push("stages.gram_anchor.stall_patience must be at least 1 (or absent)".into());
+        }
         if g.plateau_patience == 0 {
             p.push("stages.gram_anchor.plateau_patience must be at least 1".into());
         }
@@ -478,6 +488,20 @@ pub enum Rule {
         /// Evaluations without an improvement larger than `plateau_delta`.
         evals_without_improvement: u32,
     },
+    /// The dense metric stopped improving under Gram anchoring without reaching the
+    /// recovery bar (`stall_patience`).
+    DenseStalled {
+        /// The metric watched.
+        metric: DenseMetric,
+        /// The recovery bar it did not reach.
+        bar: f64,
+        /// The evaluation that fired the rule.
+        current: MetricPoint,
+        /// The stage's best value.
+        stage_best: f64,
+        /// Evaluations without an improvement larger than `plateau_delta`.
+        evals_without_improvement: u32,
+    },
     /// Gram anchoring reached its `max_steps`.
     GramStepLimit {
         /// Steps spent in the stage.
@@ -545,6 +569,19 @@ impl Transition {
                     best.value,
                     best.step
                 ),
+                Rule::DenseStalled {
+                    metric,
+                    bar,
+                    current,
+                    stage_best,
+                    evals_without_improvement,
+                } => format!(
+                    "{} {:.4} at step {}: no gain for {} (stage best {stage_best:.4}), below the recovery bar {bar:.4}: anchoring stopped helping",
+                    metric.name(),
+                    current.value,
+                    current.step,
+                    evaluations(*evals_without_improvement)
+                ),
                 Rule::DenseRecovered {
                     metric,
                     reference,
@@ -593,6 +630,10 @@ pub struct Outlook {
     pub all_of: Vec<Condition>,
     /// A step budget that moves the run on regardless, and the steps left of it.
     pub or_after: Option<(u64, u64)>,
+    /// Another condition that moves the run on by itself (after the stage's minimum steps):
+    /// Gram anchoring's stall rule.
+    #[serde(default)]
+    pub or_when: Option<Condition>,
 }
 
 /// Everything the machine remembers; saved in every checkpoint.
@@ -828,16 +869,36 @@ impl StageMachine {
             Stage::GramAnchor => {
                 let g = &self.cfg.gram_anchor;
                 let reference = s.best_dense.map(|b| b.value);
-                let recovered = reference.is_none_or(|r| v >= r - g.recovery_tolerance.margin(r));
+                let bar = reference.map(|r| r - g.recovery_tolerance.margin(r));
+                let recovered = bar.is_none_or(|b| v >= b);
                 let plateaued = s.evals_since_improvement >= g.plateau_patience;
-                if recovered && plateaued && step - s.stage_start >= g.min_steps {
-                    let rule = Rule::DenseRecovered {
+                let stalled = g
+                    .stall_patience
+                    .is_some_and(|p| s.evals_since_improvement >= p);
+                let stage_best = s.stage_best.map_or(v, |b| b.value);
+                let current = MetricPoint { step, value: v };
+                let rule = if step - s.stage_start < g.min_steps {
+                    None
+                } else if recovered && plateaued {
+                    Some(Rule::DenseRecovered {
                         metric,
                         reference,
-                        current: MetricPoint { step, value: v },
-                        stage_best: s.stage_best.map_or(v, |b| b.value),
+                        current,
+                        stage_best,
                         evals_without_improvement: s.evals_since_improvement,
-                    };
+                    })
+                } else if stalled {
+                    Some(Rule::DenseStalled {
+                        metric,
+                        bar: bar.unwrap_or(f64::NAN),
+                        current,
+                        stage_best,
+                        evals_without_improvement: s.evals_since_improvement,
+                    })
+                } else {
+                    None
+                };
+                if let Some(rule) = rule {
                     let teacher = GramTeacherSource::EmaTeacher { step: apply };
                     return Some(self.enter(
                         Stage::HighResAdapt,
@@ -928,6 +989,7 @@ impl StageMachine {
                     next: Stage::GramAnchor,
                     all_of,
                     or_after: None,
+                    or_when: None,
                 })
             }
             Stage::GramAnchor => {
@@ -964,6 +1026,17 @@ impl StageMachine {
                         min_steps(g.min_steps, in_stage, "steps in the stage"),
                     ],
                     or_after: g.max_steps.map(|m| (m, m.saturating_sub(in_stage))),
+                    or_when: g.stall_patience.map(|p| {
+                        cond(
+                            format!(
+                                "no gain above {} for {} without recovering (anchoring stopped helping): {} so far",
+                                g.plateau_delta,
+                                evaluations(p),
+                                s.evals_since_improvement
+                            ),
+                            s.evals_since_improvement >= p,
+                        )
+                    }),
                 })
             }
             Stage::HighResAdapt => Some(Outlook {
@@ -976,6 +1049,7 @@ impl StageMachine {
                     self.cfg.high_res.steps,
                     self.cfg.high_res.steps.saturating_sub(in_stage),
                 )),
+                or_when: None,
             }),
             Stage::Distill | Stage::Continue => None,
         }

@@ -220,11 +220,57 @@ fn recovery_and_plateau_move_on_to_high_resolution() {
 }
 
 #[test]
-fn a_plateau_without_recovery_stays_until_the_step_limit() {
+fn a_stall_below_the_recovery_bar_moves_on_after_stall_patience() {
     let mut m = in_gram_anchor();
-    assert!(feed(&mut m, 500, 100, &[0.33, 0.33, 0.332, 0.331, 0.33, 0.33]).is_empty());
+    // climbing, but not to the bar (the best 0.40 less the tolerance): no exit while it improves
+    assert!(feed(&mut m, 500, 100, &[0.30, 0.32, 0.34]).is_empty());
+    // then flat: five evaluations without a gain above 0.005 are not yet a stall
+    assert!(feed(&mut m, 800, 100, &[0.343, 0.341, 0.344, 0.34, 0.342]).is_empty());
+    let o = m.outlook(1200).unwrap();
+    assert!(o.or_when.as_ref().is_some_and(|c| !c.met), "{o:?}");
+    let t = feed(&mut m, 1300, 100, &[0.339]);
+    assert_eq!(t.len(), 1, "the sixth evaluation without a gain is a stall");
+    let tr = &t[0].1;
+    assert_eq!((tr.to, tr.step), (Stage::HighResAdapt, 1300));
+    match &tr.reason {
+        TransitionReason::Automatic {
+            rule:
+                Rule::DenseStalled {
+                    bar,
+                    stage_best,
+                    evals_without_improvement,
+                    ..
+                },
+            ..
+        } => {
+            assert!((bar - 0.39).abs() < 1e-12, "{bar}");
+            assert_eq!((*stage_best, *evals_without_improvement), (0.34, 6));
+        }
+        other => panic!("unexpected reason {other:?}"),
+    }
+    assert!(
+        tr.describe().contains("below the recovery bar 0.3900"),
+        "{}",
+        tr.describe()
+    );
+}
+
+#[test]
+fn a_plateau_without_recovery_stays_until_the_step_limit() {
+    // without the stall rule, only the step budget ends an unrecovered stage
+    let mut c = cfg();
+    c.gram_anchor.stall_patience = None;
+    let mut m = StageMachine::resume(c, in_gram_anchor().state().clone());
+    assert!(feed(
+        &mut m,
+        500,
+        100,
+        &[0.33, 0.33, 0.332, 0.331, 0.33, 0.33, 0.33, 0.33]
+    )
+    .is_empty());
     assert_eq!(m.stage(), Stage::GramAnchor);
     let mut c = cfg();
+    c.gram_anchor.stall_patience = None;
     c.gram_anchor.max_steps = Some(1000);
     let mut m = StageMachine::resume(c, m.state().clone());
     assert!(m.on_step(1399).is_none());

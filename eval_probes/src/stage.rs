@@ -887,10 +887,11 @@ impl StageMachine {
                         stage_best,
                         evals_without_improvement: s.evals_since_improvement,
                     })
-                } else if stalled {
+                } else if let Some(bar) = bar.filter(|_| stalled && !recovered) {
+                    // (not recovered implies a bar: there is a pretraining best)
                     Some(Rule::DenseStalled {
                         metric,
-                        bar: bar.unwrap_or(f64::NAN),
+                        bar,
                         current,
                         stage_best,
                         evals_without_improvement: s.evals_since_improvement,

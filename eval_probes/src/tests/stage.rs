@@ -603,3 +603,28 @@ fn the_outlook_tracks_each_condition_of_the_next_transition() {
     assert_eq!(t.describe(), "manual: by hand");
     assert_eq!(m.outlook(1000), None);
 }
+
+/// Forced into Gram anchoring before any evaluation there is no bar: a stall cannot be
+/// "below" it, so only the recovered-and-plateaued rule applies (and no NaN bar reaches a
+/// checkpoint's JSON).
+#[test]
+fn without_a_pretraining_best_a_stall_is_a_plateau() {
+    let mut c = cfg();
+    c.gram_anchor.stall_patience = Some(1);
+    c.gram_anchor.min_steps = 0;
+    let mut m = StageMachine::new(c);
+    m.force(Stage::GramAnchor, 0, "test");
+    let t = feed(&mut m, 100, 100, &[0.3, 0.3, 0.3, 0.3]);
+    assert_eq!(t.len(), 1);
+    assert!(matches!(
+        t[0].1.reason,
+        TransitionReason::Automatic {
+            rule: Rule::DenseRecovered {
+                reference: None,
+                ..
+            },
+            ..
+        }
+    ));
+    serde_json::to_string(m.state()).unwrap();
+}

@@ -160,8 +160,8 @@ for f in sorted({r["fixture"] for r in rows}):
         print(f"      {r['tensor']:60s} {r['rel_err']:.3e} (tol {r['tol']:.0e})")
 EOF
   done
-  # what PyTorch itself reaches in bf16 on this card (the bf16 bar widens where PyTorch on
-  # the CPU misses 2e-2: model/data/torch_bf16_errors.json)
+  # what PyTorch itself reaches in bf16 on this card (the bf16 bar is 2e-2, or 2.5x
+  # PyTorch's error on the CPU where larger: model/data/torch_bf16_errors.json)
   timeout "$(lim 60)" "$PY" scripts/torch_bf16_reference.py --device $DEV --json "$DINOD_GOLDEN"/{losses,train_step}.safetensors >"$OUT/torch-bf16-parity.json"
   echo "torch bf16 parity: exit $?"
   "$PY" - "$OUT/parity-bf16.jsonl" "$OUT/torch-bf16-parity.json" <<'EOF'

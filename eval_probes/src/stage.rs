@@ -607,6 +607,12 @@ impl Transition {
     }
 }
 
+/// The dense metric Gram anchoring must reach to count as recovered: the pretraining best
+/// less the tolerance (`None` before any evaluation). The rule and the outlook share it.
+fn recovery_bar(g: &GramAnchorConfig, best: Option<MetricPoint>) -> Option<f64> {
+    best.map(|b| b.value - g.recovery_tolerance.margin(b.value))
+}
+
 /// "1 evaluation", "3 evaluations".
 fn evaluations(n: u32) -> String {
     format!("{n} evaluation{}", if n == 1 { "" } else { "s" })
@@ -869,7 +875,7 @@ impl StageMachine {
             Stage::GramAnchor => {
                 let g = &self.cfg.gram_anchor;
                 let reference = s.best_dense.map(|b| b.value);
-                let bar = reference.map(|r| r - g.recovery_tolerance.margin(r));
+                let bar = recovery_bar(g, s.best_dense);
                 let recovered = bar.is_none_or(|b| v >= b);
                 let plateaued = s.evals_since_improvement >= g.plateau_patience;
                 let stalled = g
@@ -998,9 +1004,8 @@ impl StageMachine {
                 let best = s.stage_best.map_or("none yet".into(), |b| {
                     format!("{:.4} at step {}", b.value, b.step)
                 });
-                let recovered = match s.best_dense {
-                    Some(r) => {
-                        let bar = r.value - g.recovery_tolerance.margin(r.value);
+                let recovered = match (s.best_dense, recovery_bar(g, s.best_dense)) {
+                    (Some(r), Some(bar)) => {
                         cond(
                             format!(
                                 "{metric} at or above {bar:.4} (the pretraining best {:.4} less the tolerance): best in this stage {best}",
@@ -1009,7 +1014,7 @@ impl StageMachine {
                             s.stage_best.is_some_and(|b| b.value >= bar),
                         )
                     }
-                    None => cond(format!("(no pretraining best: any {metric})"), true),
+                    _ => cond(format!("(no pretraining best: any {metric})"), true),
                 };
                 Some(Outlook {
                     next: Stage::HighResAdapt,

@@ -24,8 +24,7 @@ pub struct Row {
     pub dtype: &'static str,
     /// `||ours - ref|| / ||ref||` (absolute norm when the reference is zero).
     pub rel_err: f64,
-    /// Tolerance for this dtype (for bf16, widened where PyTorch itself misses 2e-2:
-    /// [`bf16_tolerance`]).
+    /// Tolerance for this dtype (for bf16: [`bf16_tolerance`]).
     pub tol: f64,
     /// PyTorch's own relative error on this tensor in bf16, where measured
     /// ([`torch_bf16_error`]).
@@ -66,9 +65,9 @@ pub fn torch_bf16_error(kind: &str, tensor: &str) -> Option<f64> {
 }
 
 /// The bf16 tolerance of a tensor: [`TOL_BF16`], or [`TORCH_BF16_FACTOR`] times PyTorch's
-/// own bf16 error where the reference itself misses [`TOL_BF16`] by that much. The issue's
-/// flat 2e-2 is below what PyTorch reaches on 5 of these tensors (the patch embedding's
-/// gradient: 3.25e-2), so it cannot be the bar for every tensor.
+/// own bf16 error where that is larger (PyTorch above 8e-3: 64 of the 93 measured
+/// tensors). The flat 2e-2 is below what PyTorch itself reaches on 5 of them (the
+/// patch embedding's gradient: 3.25e-2), so it cannot be the bar for every tensor.
 pub fn bf16_tolerance(torch_bf16: Option<f64>) -> f64 {
     torch_bf16.map_or(TOL_BF16, |t| TOL_BF16.max(TORCH_BF16_FACTOR * t))
 }

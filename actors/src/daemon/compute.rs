@@ -470,6 +470,26 @@ impl std::fmt::Display for DeviceFaultError {
 
 impl std::error::Error for DeviceFaultError {}
 
+/// An actor's error for ractor that keeps a device fault typed: a [`DeviceFaultError`]
+/// inside `e` becomes the boxed error itself (anyhow's own boxing would hide it from
+/// [`fault_of_actor_err`]); anything else is boxed as anyhow does.
+pub fn actor_err(e: anyhow::Error) -> ActorProcessingErr {
+    match e.downcast::<DeviceFaultError>() {
+        Ok(f) => Box::new(f),
+        Err(e) => e.into(),
+    }
+}
+
+/// The device fault an actor failed with, as its supervisor sees it: the typed
+/// [`DeviceFaultError`] the compute actors fail with, or an untyped error whose text
+/// names a CUDA / cuBLAS error ([`classify_device_error`]). `None`: not a device fault.
+pub fn fault_of_actor_err(err: &ActorProcessingErr) -> Option<DeviceFault> {
+    match err.downcast_ref::<DeviceFaultError>() {
+        Some(DeviceFaultError(f)) => Some(f.clone()),
+        None => classify_device_error(&format!("{err:#}")),
+    }
+}
+
 /// EMA messages.
 pub enum EmaMsg {
     /// Move the teacher after the commit of `step`, then finish the commit (step + 1,

@@ -59,14 +59,14 @@ impl DeviceHealth {
         }
     }
 
-    /// The supervisor's report of an actor that failed with a lost context. A failure a
-    /// compute actor reported in the last minute (its message is part of the
-    /// supervisor's) is the same episode and is not reported again; anything else is
-    /// marked as `mark_lost` does.
+    /// The supervisor's report of an actor that failed with a lost context, `why` being
+    /// the fault's own message (`DeviceFault::Lost`). A failure a compute actor reported
+    /// in the last minute with the same message is the same episode and is not reported
+    /// again; anything else is marked as `mark_lost` does.
     pub fn mark_lost_by_supervisor(&self, why: &str) {
         let known = self.reported.lock().is_ok_and(|r| {
             r.iter()
-                .any(|(m, at)| why.contains(m.as_str()) && at.elapsed() < SAME_FAILURE)
+                .any(|(m, at)| m == why && at.elapsed() < SAME_FAILURE)
         });
         if known {
             return;
@@ -121,14 +121,15 @@ mod tests {
         h.clear();
         assert!(h.lost().is_none());
         // the supervisor reports the same failure after it was handled: nothing new
-        h.mark_lost_by_supervisor("device context lost: first");
-        h.mark_lost_by_supervisor("device context lost: second");
+        h.mark_lost_by_supervisor("first");
+        h.mark_lost_by_supervisor("second");
         assert!(h.lost().is_none());
-        // a failure no compute actor reported is a loss
-        h.mark_lost_by_supervisor("device context lost: the EMA update failed");
+        // a failure no compute actor reported is a loss, even if its text contains an
+        // earlier report's
+        h.mark_lost_by_supervisor("CUDA_ERROR_LAUNCH_FAILED after first");
         assert_eq!(
             h.lost().unwrap().why,
-            "device context lost: the EMA update failed"
+            "CUDA_ERROR_LAUNCH_FAILED after first"
         );
     }
 }

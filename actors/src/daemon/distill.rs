@@ -23,7 +23,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::json;
 
 use super::board::{now_ms, ActorPhase};
-use super::compute::{injected_device_error, note_device_fault, DeviceFaultError};
+use super::compute::{actor_err, injected_device_error, note_device_fault, DeviceFaultError};
 use super::coordinator::{call, CoordMsg};
 use super::loader::{to_batch, LoadedBatch};
 use super::worker::Worker;
@@ -790,7 +790,7 @@ impl Actor for StudentActor {
                 let _ = me.cast(StudentMsg::Tick);
             }
             Ok(false) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(actor_err(e)),
         }
         Ok(())
     }

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::board::{now_ms, ActorPhase};
 use super::checkpointer::CheckpointerActor;
-use super::compute::{EmaActor, TeacherActor, TrainerActor};
+use super::compute::{fault_of_actor_err, DeviceFault, EmaActor, TeacherActor, TrainerActor};
 use super::control::ControlActor;
 use super::coordinator::{CoordMsg, CoordinatorActor};
 use super::evaluator::EvaluatorActor;
@@ -169,6 +169,44 @@ async fn spawn_child(
     })
 }
 
+/// Why a child went down, as the restart policy and the restart metric see it.
+#[derive(Debug, Clone, PartialEq)]
+enum Down {
+    /// A device fault: typed by the compute actors
+    /// ([`DeviceFaultError`](super::compute::DeviceFaultError)), or an untyped
+    /// error whose text names a CUDA error.
+    Device(DeviceFault),
+    /// Killed by the watchdog.
+    Hung,
+    /// A panic (ractor hands it over as the panic's message only).
+    Panic,
+    /// Any other error or stop.
+    Other,
+}
+
+impl Down {
+    fn of_failure(err: &ActorProcessingErr) -> Down {
+        match fault_of_actor_err(err) {
+            Some(f) => Down::Device(f),
+            // ractor boxes a panic's payload as a bare string: the injected panics say
+            // so, a real one is an ordinary error to the restart policy either way
+            None if format!("{err}").contains("panic") => Down::Panic,
+            None => Down::Other,
+        }
+    }
+
+    /// The `reason` label of `dinod_actor_restarts_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            Down::Device(DeviceFault::Lost(_)) => "device_lost",
+            Down::Device(DeviceFault::Recoverable(_)) => "device_error",
+            Down::Hung => "hung",
+            Down::Panic => "panic",
+            Down::Other => "error",
+        }
+    }
+}
+
 impl SupState {
     fn timeout_s(&self, phase: ActorPhase) -> f64 {
         let h = &self.ctx.plan.config.runtime.heartbeat;
@@ -181,7 +219,7 @@ impl SupState {
         }
     }
 
-    fn on_child_down(&mut self, me: &ActorRef<SupMsg>, name: String, why: String) {
+    fn on_child_down(&mut self, me: &ActorRef<SupMsg>, name: String, why: String, cause: Down) {
         if self.shutting_down {
             return;
         }
@@ -191,22 +229,12 @@ impl SupState {
         self.children.remove(&name);
         let ctx = self.ctx.clone();
         ctx.board.failed(&name, &why);
-        let reason = if why.contains("device context lost") {
-            "device_lost"
-        } else if why.contains("device error") {
-            "device_error"
-        } else if why.contains("hung") {
-            "hung"
-        } else if why.contains("panic") {
-            "panic"
-        } else {
-            "error"
-        };
+        let reason = cause.reason();
         metrics::counter!("dinod_actor_restarts_total", "actor" => name.clone(), "reason" => reason).increment(1);
         let step = ctx.engine.lock().ts.step;
-        if reason == "device_lost" {
+        if let Down::Device(DeviceFault::Lost(m)) = &cause {
             if let Some(c) = ractor::registry::where_is(super::coordinator::NAME) {
-                let _ = ActorRef::<CoordMsg>::from(c).cast(CoordMsg::DeviceLost(why.clone()));
+                let _ = ActorRef::<CoordMsg>::from(c).cast(CoordMsg::DeviceLost(m.clone()));
             }
         }
         // intensity limit
@@ -342,9 +370,12 @@ impl Actor for SupervisorActor {
                                 json!({}),
                             );
                         }
-                        Err(e) => {
-                            st.on_child_down(&me, n.to_string(), format!("restart failed: {e}"))
-                        }
+                        Err(e) => st.on_child_down(
+                            &me,
+                            n.to_string(),
+                            format!("restart failed: {e}"),
+                            Down::Other,
+                        ),
                     }
                 }
             }
@@ -399,17 +430,18 @@ impl Actor for SupervisorActor {
         match evt {
             SupervisionEvent::ActorFailed(cell, err) => {
                 let name = cell.get_name().unwrap_or_else(|| "?".into());
-                st.on_child_down(&me, name, format!("{err}"));
+                let cause = Down::of_failure(&err);
+                st.on_child_down(&me, name, format!("{err}"), cause);
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 let name = cell.get_name().unwrap_or_else(|| "?".into());
                 let hung = st.hung.contains_key(&name);
-                let why = match (hung, reason) {
-                    (true, _) => "hung (killed by the watchdog)".to_string(),
-                    (false, Some(r)) => format!("stopped unexpectedly: {r}"),
-                    (false, None) => "stopped unexpectedly".to_string(),
+                let (why, cause) = match (hung, reason) {
+                    (true, _) => ("hung (killed by the watchdog)".to_string(), Down::Hung),
+                    (false, Some(r)) => (format!("stopped unexpectedly: {r}"), Down::Other),
+                    (false, None) => ("stopped unexpectedly".to_string(), Down::Other),
                 };
-                st.on_child_down(&me, name, why);
+                st.on_child_down(&me, name, why, cause);
             }
             _ => {}
         }
@@ -446,4 +478,44 @@ pub async fn run_tree(ctx: Arc<Ctx>) -> anyhow::Result<i32> {
         .map_err(|e| anyhow::anyhow!("supervisor task failed: {e}"))?;
     drop(sup);
     Ok(ctx.exit_code.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::compute::{actor_err, DeviceFaultError};
+    use super::*;
+
+    fn lost(m: &str) -> DeviceFault {
+        DeviceFault::Lost(m.into())
+    }
+
+    #[test]
+    fn a_failed_actor_is_classified_by_its_error_type_not_its_wording() {
+        // the compute actors' typed fault, boxed directly
+        let e: ActorProcessingErr = Box::new(DeviceFaultError(lost("step 7")));
+        assert_eq!(Down::of_failure(&e), Down::Device(lost("step 7")));
+        // through anyhow, with context on top: `actor_err` keeps the type (anyhow's own
+        // boxing would hide it)
+        let a = anyhow::Error::new(DeviceFaultError(DeviceFault::Recoverable("oom".into())))
+            .context("student s1 at step 9");
+        assert_eq!(
+            Down::of_failure(&actor_err(a)),
+            Down::Device(DeviceFault::Recoverable("oom".into()))
+        );
+        // an untyped error naming a sticky CUDA error still loses the device
+        let e = actor_err(anyhow::anyhow!("ema: CUDA_ERROR_ILLEGAL_ADDRESS"));
+        assert!(matches!(
+            Down::of_failure(&e),
+            Down::Device(DeviceFault::Lost(_))
+        ));
+        // words alone are not a device fault any more: an error that merely says so
+        let e = actor_err(anyhow::anyhow!(
+            "config: device context lost is not a setting"
+        ));
+        assert_eq!(Down::of_failure(&e), Down::Other);
+        assert_eq!(Down::of_failure(&e).reason(), "error");
+        let e: ActorProcessingErr = From::from("injected panic in trainer at step 3");
+        assert_eq!(Down::of_failure(&e).reason(), "panic");
+        assert_eq!(Down::Device(lost("x")).reason(), "device_lost");
+    }
 }

@@ -1146,15 +1146,17 @@ impl StageMachine {
             Stage::Pretrain | Stage::Distill => base,
             Stage::GramAnchor => {
                 let g = &self.cfg.gram_anchor;
-                let (refresh, done) = if g.refresh_every == 0 || g.max_refreshes == 0 {
-                    (false, 0)
-                } else {
-                    let k = r / g.refresh_every;
-                    (
-                        r > 0 && r % g.refresh_every == 0 && k <= u64::from(g.max_refreshes),
-                        k.min(u64::from(g.max_refreshes)) as u32,
-                    )
-                };
+                // without a Gram loss there is nothing to refresh a teacher for
+                let (refresh, done) =
+                    if g.refresh_every == 0 || g.max_refreshes == 0 || g.gram_weight == 0.0 {
+                        (false, 0)
+                    } else {
+                        let k = r / g.refresh_every;
+                        (
+                            r > 0 && r % g.refresh_every == 0 && k <= u64::from(g.max_refreshes),
+                            k.min(u64::from(g.max_refreshes)) as u32,
+                        )
+                    };
                 StageOverrides {
                     lr_base: g.lr_base,
                     lr_factor: g.lr_factor,

@@ -353,6 +353,13 @@ fn gram_teacher_is_refreshed_every_interval_at_most_max_times() {
     // Pure function of (state, step): a resumed machine agrees.
     let r = StageMachine::resume(m.config().clone(), m.state().clone());
     assert!((2400..12_000).all(|s| r.overrides(s) == m.overrides(s)));
+    // With a Gram weight of 0 (an ablation) there is no Gram loss to refresh a teacher for.
+    let mut c = m.config().clone();
+    c.gram_anchor.gram_weight = 0.0;
+    let mut m = StageMachine::new(c);
+    m.force(Stage::GramAnchor, 2500, "test");
+    assert!((2400..12_000).all(|s| !m.overrides(s).refresh_gram_teacher_now));
+    assert_eq!(m.gram_refresh_steps(11_000), Vec::<u64>::new());
 }
 
 #[test]

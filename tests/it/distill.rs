@@ -12,13 +12,18 @@ use crate::support::*;
 
 const STEPS: u64 = 8;
 
-/// A teacher: the EMA teacher of a short self-supervised run of the tiny recipe.
+/// A teacher: the EMA teacher of a short self-supervised run of the tiny recipe, shared by
+/// the tests of one process. A static is never dropped, so it lives in cargo's own
+/// temporary directory under a fixed name, replaced by the next run, instead of a
+/// `TempDir` that would leak one directory into /tmp per test run.
 fn teacher_dir() -> &'static PathBuf {
-    static T: OnceLock<(TempDir, PathBuf)> = OnceLock::new();
-    &T.get_or_init(|| {
-        let dir = TempDir::new("distill-teacher");
-        let cfg = write_config(dir.path(), &tiny_config(""));
-        let st = dir.path().join("state");
+    static T: OnceLock<PathBuf> = OnceLock::new();
+    T.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("distill-teacher");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = write_config(&dir, &tiny_config(""));
+        let st = dir.join("state");
         let o = dinod(&[
             "run",
             "--config",
@@ -29,9 +34,8 @@ fn teacher_dir() -> &'static PathBuf {
             "6",
         ]);
         assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-        (dir, st)
+        st
     })
-    .1
 }
 
 fn distill_config(teacher: &Path) -> String {

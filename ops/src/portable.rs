@@ -229,13 +229,29 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if k != k2 {
         bail!("linear: input dim {k} vs weight {:?}", w.dims())
     }
-    let mut y = x2.matmul(&w.t()?)?;
     if let Some(b) = b {
         if b.elem_count() != n {
             bail!("linear: bias {:?} for {n} outputs", b.dims())
         }
-        y = y.broadcast_add(&b.reshape((1, n))?)?;
     }
+    let cd = compute_dtype(x.dtype());
+    let y = match b {
+        // Half types on the CPU: the bias joins the f32 accumulator and the sum is rounded
+        // once, as PyTorch's addmm does. Rounding the product to bf16 first and then the
+        // sum again loses the product's low bits where the bias cancels part of it; in the
+        // iBOT head (small bottleneck activations, softmax at temperature 0.1) that doubled
+        // the last layer's bf16 gradient error (BENCHMARKS.md, "bf16 parity against
+        // PyTorch"). The inputs are already half, so the f32 product is exactly a half
+        // GEMM with f32 accumulation. On CUDA this would turn bias layers into f32 GEMMs,
+        // which is unmeasured, so the GPU keeps the bf16 GEMM and a separate bias add.
+        Some(b) if cd != x.dtype() && x.device().is_cpu() => x2
+            .to_dtype(cd)?
+            .matmul(&w.to_dtype(cd)?.t()?)?
+            .broadcast_add(&b.to_dtype(cd)?.reshape((1, n))?)?
+            .to_dtype(x.dtype())?,
+        Some(b) => x2.matmul(&w.t()?)?.broadcast_add(&b.reshape((1, n))?)?,
+        None => x2.matmul(&w.t()?)?,
+    };
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("rows_dim checked the rank") = n;
     debug_assert_eq!(m * n, shape.iter().product::<usize>());

@@ -1346,3 +1346,43 @@ fn device_names_parse() {
     }
     p::synchronize(&Device::Cpu).unwrap();
 }
+
+#[test]
+fn a_bf16_linear_with_bias_rounds_once_as_pytorch_does() {
+    // x W^T + b with the bias cancelling most of the product: the result must be the f32
+    // sum rounded to bf16 once, not the product rounded, then the sum rounded again
+    let (m, k, n) = (16, 24, 12);
+    let x = t(&rv(m * k, 1), &[m, k], DType::BF16);
+    let w = t(&rv(n * k, 2), &[n, k], DType::BF16);
+    let prod = x
+        .to_dtype(DType::F32)
+        .unwrap()
+        .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+        .unwrap();
+    // a bias that cancels the first row's product up to ~1% (in bf16)
+    let b = prod
+        .narrow(0, 0, 1)
+        .unwrap()
+        .affine(-0.99, 0.0)
+        .unwrap()
+        .reshape(n)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let once = prod
+        .broadcast_add(&b.to_dtype(DType::F32).unwrap().reshape((1, n)).unwrap())
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let y = p::linear(&x, &w, Some(&b)).unwrap();
+    assert_eq!(v(&y), v(&once), "rounded once");
+    let twice = prod
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .broadcast_add(&b.reshape((1, n)).unwrap())
+        .unwrap();
+    assert_ne!(v(&y), v(&twice), "the fixture must tell the two apart");
+    // without a bias, and in f32, nothing changes
+    let y0 = p::linear(&x, &w, None).unwrap();
+    assert_eq!(v(&y0), v(&prod.to_dtype(DType::BF16).unwrap()));
+}

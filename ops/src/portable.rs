@@ -240,8 +240,8 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         // once, as PyTorch's addmm does. Rounding the product to bf16 first and then the
         // sum again loses the product's low bits where the bias cancels part of it; in the
         // iBOT head (small bottleneck activations, softmax at temperature 0.1) that doubled
-        // the last layer's bf16 gradient error (BENCHMARKS.md, "bf16 parity against
-        // PyTorch"). The inputs are already half, so the f32 product is exactly a half
+        // the last layer's bf16 gradient error (BENCHMARKS.md, "bf16: scatter or a
+        // systematic difference?"). The inputs are already half, so the f32 product is exactly a half
         // GEMM with f32 accumulation. On CUDA this would turn bias layers into f32 GEMMs,
         // which is unmeasured, so the GPU keeps the bf16 GEMM and a separate bias add.
         Some(b) if cd != x.dtype() && x.device().is_cpu() => x2

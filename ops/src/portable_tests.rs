@@ -1382,7 +1382,18 @@ fn a_bf16_linear_with_bias_rounds_once_as_pytorch_does() {
         .broadcast_add(&b.reshape((1, n)).unwrap())
         .unwrap();
     assert_ne!(v(&y), v(&twice), "the fixture must tell the two apart");
-    // without a bias, and in f32, nothing changes
+    // without a bias: the product rounded once
     let y0 = p::linear(&x, &w, None).unwrap();
     assert_eq!(v(&y0), v(&prod.to_dtype(DType::BF16).unwrap()));
+    // f32 with a bias: product plus bias in f32, as before
+    let (x32, w32, b32) = (
+        x.to_dtype(DType::F32).unwrap(),
+        w.to_dtype(DType::F32).unwrap(),
+        b.to_dtype(DType::F32).unwrap(),
+    );
+    let y32 = p::linear(&x32, &w32, Some(&b32)).unwrap();
+    assert_eq!(
+        v(&y32),
+        v(&prod.broadcast_add(&b32.reshape((1, n)).unwrap()).unwrap())
+    );
 }

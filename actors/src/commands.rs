@@ -554,18 +554,51 @@ fn stage_text(doc: &Value) -> String {
         }
         None => {}
     }
-    // refreshes are a schedule the live daemon computes (the recipe says the interval)
+    // the refreshes so far (with the EMA teacher's score when it was copied, where the
+    // stage state recorded it), and what the next one waits for
     if let Some(steps) = doc["gram_refreshes"]["steps"]
         .as_array()
         .filter(|s| !s.is_empty())
     {
-        let list: Vec<String> = steps.iter().map(|s| s.to_string()).collect();
+        let list: Vec<String> = steps
+            .iter()
+            .map(|s| {
+                let at = s.as_u64();
+                match st
+                    .gram_refreshes
+                    .iter()
+                    .find(|r| Some(r.step) == at)
+                    .and_then(|r| r.ema_dense)
+                {
+                    Some(p) => format!("{s} ({:.4} at step {})", p.value, p.step),
+                    None => s.to_string(),
+                }
+            })
+            .collect();
         let _ = writeln!(
             o,
             "              refreshed from the EMA teacher at step {} ({} of at most {})",
             list.join(", "),
             list.len(),
             doc["gram_refreshes"]["max"]
+        );
+    }
+    if let Ok(Some(next)) = serde_json::from_value::<Option<eval_probes::RefreshOutlook>>(
+        doc["gram_refreshes"]["next"].clone(),
+    ) {
+        let when = match &next.gate {
+            Some(g) => format!(
+                "due from step {}, then waits for [{}] {}",
+                next.due_step,
+                if g.met { "x" } else { " " },
+                g.what
+            ),
+            None => format!("at step {}", next.due_step),
+        };
+        let _ = writeln!(
+            o,
+            "              next refresh ({} policy) {when}",
+            next.policy.name()
         );
     }
     if doc["automatic"] == json!(false) {

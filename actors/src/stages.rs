@@ -16,7 +16,8 @@ pub fn machine(plan: &Plan, state: &serde_json::Value) -> StageMachine {
 }
 
 /// What `dinod stage` shows: the stage state, what the next automatic transition waits
-/// for (it needs the recipe's thresholds) and the Gram-teacher refreshes so far. The live
+/// for (it needs the recipe's thresholds), the Gram-teacher refreshes so far and what the
+/// next one waits for. The live
 /// daemon builds it from its plan; the offline command from the recipe stored with the
 /// latest checkpoint, so both say the same.
 pub fn stage_doc(plan: &Plan, state: &serde_json::Value, step: u64) -> serde_json::Value {
@@ -31,6 +32,8 @@ pub fn stage_doc(plan: &Plan, state: &serde_json::Value, step: u64) -> serde_jso
         "gram_refreshes": {
             "steps": m.gram_refresh_steps(step),
             "max": m.config().gram_anchor.max_refreshes,
+            "policy": m.config().gram_anchor.refresh_policy,
+            "next": m.next_refresh(step),
         },
     })
 }

@@ -60,9 +60,9 @@ pub use report::{
 };
 pub use stage::{
     cosine_ramp, AfterHighRes, Condition, ContinueConfig, CropSetting, DenseMetric,
-    GramAnchorConfig, GramTeacherSource, HighResConfig, LrBase, LrWarmup, MetricPoint, Outlook,
-    Rule, Stage, StageConfig, StageMachine, StageOverrides, StageState, Threshold, Transition,
-    TransitionReason,
+    GramAnchorConfig, GramRefresh, GramTeacherSource, HighResConfig, LrBase, LrWarmup, MetricPoint,
+    Outlook, RefreshOutlook, RefreshPolicy, Rule, Stage, StageConfig, StageMachine, StageOverrides,
+    StageState, Threshold, Transition, TransitionReason,
 };
 pub use viz::{
     curves_png, denormalize, label_agreement, patch_similarities, pca_rgb, pca_rgb_shared,

@@ -178,6 +178,36 @@ pub enum AfterHighRes {
     Distill,
 }
 
+/// When Gram anchoring copies the EMA teacher into the Gram teacher.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefreshPolicy {
+    /// The official schedule: every `refresh_every` steps of the stage, whatever the EMA
+    /// teacher is worth at that moment.
+    Schedule,
+    /// Due `refresh_every` steps after the stage began or after the last refresh, and done
+    /// at the first step from then on at which an evaluation made since that point scores
+    /// the EMA teacher's dense metric at least as high as the Gram teacher's. After a
+    /// switch triggered by a dense decline the EMA teacher is still the degraded one, and
+    /// the schedule replaced the best-dense anchor with it (EXPERIMENTS.md, e2: the first
+    /// refresh copied a 0.32 teacher over the 0.47 anchor, and the run levelled off at
+    /// 0.42; with the anchor kept it recovered fully). Once the EMA teacher is at least as
+    /// good, this is the schedule. Where nothing says what the Gram teacher scores (no
+    /// dense evaluation before the stage), the schedule's timing applies.
+    #[default]
+    Probe,
+}
+
+impl RefreshPolicy {
+    /// The name used in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            RefreshPolicy::Schedule => "schedule",
+            RefreshPolicy::Probe => "probe",
+        }
+    }
+}
+
 /// Gram anchoring (§6.2); every value scaled-down-configurable.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -190,6 +220,9 @@ pub struct GramAnchorConfig {
     pub refresh_every: u64,
     /// At most this many refreshes (official 3).
     pub max_refreshes: u32,
+    /// When a due refresh happens: on the schedule (official) or once the probes say the
+    /// EMA teacher is at least as good as the Gram teacher (the default).
+    pub refresh_policy: RefreshPolicy,
     /// Gram-teacher crop size as a multiple of the global crop (official 2).
     pub gram_teacher_scale: f64,
     /// What `lr_factor` multiplies.
@@ -229,6 +262,7 @@ impl Default for GramAnchorConfig {
             ramp_steps: 1000,
             refresh_every: 1000,
             max_refreshes: 3,
+            refresh_policy: RefreshPolicy::Probe,
             gram_teacher_scale: 2.0,
             lr_base: LrBase::Peak,
             lr_factor: 0.6,
@@ -438,6 +472,34 @@ pub struct MetricPoint {
     pub step: u64,
     /// Value.
     pub value: f64,
+}
+
+/// A Gram-teacher refresh of Gram anchoring, as recorded when it happened.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GramRefresh {
+    /// The step before which the EMA teacher was copied.
+    pub step: u64,
+    /// The latest dense evaluation of the EMA teacher at that moment (what the Gram
+    /// teacher scores from then on, as far as the probes know).
+    pub ema_dense: Option<MetricPoint>,
+}
+
+/// The next Gram-teacher refresh of Gram anchoring, and what it waits for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RefreshOutlook {
+    /// The policy.
+    pub policy: RefreshPolicy,
+    /// Refreshes of the stage so far (one at the step asked about included).
+    pub done: u32,
+    /// At most this many.
+    pub max: u32,
+    /// The step from which the next one is due.
+    pub due_step: u64,
+    /// What it waits for once due (policy `probe`, when the Gram teacher's score is
+    /// known), and whether that holds now.
+    pub gate: Option<Condition>,
+    /// Whether the refresh happens before the step asked about.
+    pub now: bool,
 }
 
 /// Where the Gram teacher of a stage comes from.
@@ -665,6 +727,13 @@ pub struct StageState {
     pub gram_teacher: Option<GramTeacherSource>,
     /// Every transition so far, oldest first.
     pub history: Vec<Transition>,
+    /// The latest evaluation of the dense metric (any stage): what a probe-driven Gram
+    /// refresh compares with the Gram teacher's score.
+    #[serde(default)]
+    pub last_dense: Option<MetricPoint>,
+    /// The Gram-teacher refreshes of the current stage, oldest first.
+    #[serde(default)]
+    pub gram_refreshes: Vec<GramRefresh>,
 }
 
 impl Default for StageState {
@@ -680,6 +749,8 @@ impl Default for StageState {
             evals_since_improvement: 0,
             gram_teacher: None,
             history: vec![],
+            last_dense: None,
+            gram_refreshes: vec![],
         }
     }
 }
@@ -822,6 +893,7 @@ impl StageMachine {
         s.evals += 1;
         let metric = self.cfg.dense_metric;
         let v = metric.of(m)?;
+        s.last_dense = Some(MetricPoint { step, value: v });
         // Plateau bookkeeping of the current stage.
         let plateau_delta = self.cfg.gram_anchor.plateau_delta;
         match s.stage_best {
@@ -1105,6 +1177,7 @@ impl StageMachine {
         s.degraded_evals = 0;
         s.stage_best = None;
         s.evals_since_improvement = 0;
+        s.gram_refreshes.clear();
         if gram_teacher.is_some() {
             s.gram_teacher = gram_teacher;
         }
@@ -1113,16 +1186,129 @@ impl StageMachine {
     }
 
     /// The steps at which Gram anchoring has refreshed the Gram teacher from the EMA
-    /// teacher, as of `step` (none outside `gram_anchor`). Like every schedule, a function
-    /// of the stage's start, the config and the step, so nothing needs recording.
+    /// teacher, as of `step` (none outside `gram_anchor`). On the schedule, a function of
+    /// the stage's start, the config and the step; with the probe policy, the recorded ones.
     pub fn gram_refresh_steps(&self, step: u64) -> Vec<u64> {
         if self.state.stage != Stage::GramAnchor {
             return vec![];
         }
-        let every = self.cfg.gram_anchor.refresh_every;
-        (1..=u64::from(self.overrides(step).gram_refreshes))
-            .map(|k| self.state.stage_start + k * every)
-            .collect()
+        let g = &self.cfg.gram_anchor;
+        match g.refresh_policy {
+            RefreshPolicy::Schedule => (1..=u64::from(self.overrides(step).gram_refreshes))
+                .map(|k| self.state.stage_start + k * g.refresh_every)
+                .collect(),
+            RefreshPolicy::Probe => self
+                .state
+                .gram_refreshes
+                .iter()
+                .map(|r| r.step)
+                .filter(|&s| s <= step)
+                .collect(),
+        }
+    }
+
+    /// What the Gram teacher scores on the dense metric, as far as the probes know: the
+    /// EMA teacher's latest evaluation when it was last copied, or the best-dense
+    /// checkpoint's score the stage began with.
+    pub fn gram_teacher_dense(&self) -> Option<MetricPoint> {
+        match self.state.gram_refreshes.last() {
+            Some(r) => r.ema_dense,
+            None => match self.state.gram_teacher {
+                Some(GramTeacherSource::BestDenseCheckpoint { step, value }) => {
+                    Some(MetricPoint { step, value })
+                }
+                _ => None,
+            },
+        }
+    }
+
+    /// The next Gram-teacher refresh as of `step` and what it waits for; `None` outside
+    /// Gram anchoring, without a Gram loss, or once `max_refreshes` are done.
+    pub fn next_refresh(&self, step: u64) -> Option<RefreshOutlook> {
+        let g = &self.cfg.gram_anchor;
+        if self.state.stage != Stage::GramAnchor
+            || g.refresh_every == 0
+            || g.max_refreshes == 0
+            // without a Gram loss there is nothing to refresh a teacher for
+            || g.gram_weight == 0.0
+        {
+            return None;
+        }
+        let start = self.state.stage_start;
+        let r = step.saturating_sub(start);
+        let max = g.max_refreshes;
+        match g.refresh_policy {
+            RefreshPolicy::Schedule => {
+                let k = r / g.refresh_every;
+                let now = r > 0 && r % g.refresh_every == 0 && k <= u64::from(max);
+                let done = k.min(u64::from(max)) as u32;
+                (now || done < max).then(|| RefreshOutlook {
+                    policy: g.refresh_policy,
+                    done,
+                    max,
+                    due_step: if now {
+                        step
+                    } else {
+                        start + (k + 1) * g.refresh_every
+                    },
+                    gate: None,
+                    now,
+                })
+            }
+            RefreshPolicy::Probe => {
+                let past: Vec<&GramRefresh> = self
+                    .state
+                    .gram_refreshes
+                    .iter()
+                    .filter(|x| x.step <= step)
+                    .collect();
+                let done = past.len() as u32;
+                if done >= max {
+                    return None;
+                }
+                let since = past.last().map_or(start, |x| x.step);
+                let due_step = since + g.refresh_every;
+                let metric = self.cfg.dense_metric.name();
+                let gate = self.gram_teacher_dense().map(|gt| {
+                    let fresh = self.state.last_dense.filter(|e| e.step > since);
+                    let latest = match fresh {
+                        Some(e) => format!("latest {:.4} at step {}", e.value, e.step),
+                        None => "none yet".into(),
+                    };
+                    Condition {
+                        what: format!(
+                            "an evaluation after step {since} with the EMA teacher's {metric} at or above the Gram teacher's {:.4}: {latest}",
+                            gt.value
+                        ),
+                        met: fresh.is_some_and(|e| e.value >= gt.value),
+                    }
+                });
+                let now = step >= due_step && gate.as_ref().is_none_or(|c| c.met);
+                Some(RefreshOutlook {
+                    policy: g.refresh_policy,
+                    done: done + u32::from(now),
+                    max,
+                    due_step,
+                    gate,
+                    now,
+                })
+            }
+        }
+    }
+
+    /// Records that the Gram teacher was refreshed from the EMA teacher before `step`
+    /// (call once the copy is made; a second call for the same step changes nothing).
+    /// The probe policy counts its refreshes from these records; on the schedule they
+    /// only keep the EMA teacher's score at the time.
+    pub fn record_refresh(&mut self, step: u64) {
+        let s = &mut self.state;
+        if s.stage != Stage::GramAnchor || s.gram_refreshes.last().is_some_and(|r| r.step >= step) {
+            return;
+        }
+        s.gram_refreshes.push(GramRefresh {
+            step,
+            ema_dense: s.last_dense,
+        });
     }
 
     /// The recipe changes at `step` (a pure function of state, config and step).
@@ -1146,17 +1332,18 @@ impl StageMachine {
             Stage::Pretrain | Stage::Distill => base,
             Stage::GramAnchor => {
                 let g = &self.cfg.gram_anchor;
-                // without a Gram loss there is nothing to refresh a teacher for
-                let (refresh, done) =
-                    if g.refresh_every == 0 || g.max_refreshes == 0 || g.gram_weight == 0.0 {
-                        (false, 0)
-                    } else {
-                        let k = r / g.refresh_every;
-                        (
-                            r > 0 && r % g.refresh_every == 0 && k <= u64::from(g.max_refreshes),
-                            k.min(u64::from(g.max_refreshes)) as u32,
-                        )
-                    };
+                let (refresh, done) = match self.next_refresh(step) {
+                    Some(o) => (o.now, o.done),
+                    // all done (or none configured)
+                    None => (
+                        false,
+                        match g.refresh_policy {
+                            _ if g.refresh_every == 0 || g.gram_weight == 0.0 => 0,
+                            RefreshPolicy::Schedule => g.max_refreshes,
+                            RefreshPolicy::Probe => self.gram_refresh_steps(step).len() as u32,
+                        },
+                    ),
+                };
                 StageOverrides {
                     lr_base: g.lr_base,
                     lr_factor: g.lr_factor,

@@ -1,6 +1,7 @@
 //! The evaluator and the stage machine in a real run: probes at fixed steps, an automatic
 //! transition to Gram anchoring that loads the best-dense checkpoint's EMA teacher, the
-//! Gram loss becoming active, the manual `dinod stage set`, and the pictures.
+//! Gram loss becoming active, Gram-teacher refreshes on the schedule or when the probes
+//! allow, the manual `dinod stage set`, and the pictures.
 
 use std::path::Path;
 
@@ -34,6 +35,7 @@ degradation_threshold = { absolute = 0.0 }
 ramp_steps = 2
 refresh_every = 4
 max_refreshes = 2
+refresh_policy = "schedule"
 "#;
 
 fn events(state: &Path) -> Vec<Value> {
@@ -62,6 +64,87 @@ fn run_to(cfg: &Path, state: &Path, steps: u64) -> std::process::Output {
         "--max-steps",
         &steps.to_string(),
     ])
+}
+
+#[test]
+fn probe_driven_refreshes_copy_only_an_ema_teacher_as_good_as_the_gram_teacher() {
+    let dir = TempDir::new("stages-probe-refresh");
+    let eval = EVAL.replace(
+        "refresh_policy = \"schedule\"",
+        "refresh_policy = \"probe\"",
+    );
+    let cfg = write_config(dir.path(), &tiny_config(&eval));
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, 30);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&st);
+    let switch = ev
+        .iter()
+        .find(|e| e["kind"] == "stage.transition" && e["fields"]["to"] == "gram_anchor")
+        .unwrap_or_else(|| panic!("no switch to gram_anchor"));
+    let start = switch["step"].as_u64().unwrap();
+    let score = |v: &Value| v["value"].as_f64();
+    // Each refresh was opened by an evaluation made after the previous one (or the switch)
+    // that scored at least the Gram teacher's; each held one by none such.
+    let mut since = start;
+    let (mut refreshed, mut held) = (vec![], 0);
+    for e in ev.iter().filter(|e| e["step"].as_u64() >= Some(start)) {
+        let f = &e["fields"];
+        if e["kind"] == "stage.gram_refresh" {
+            let step = e["step"].as_u64().unwrap();
+            assert_eq!(f["policy"], "probe", "{e}");
+            let (ema, anchor) = (score(&f["ema_teacher"]), score(&f["gram_teacher"]));
+            assert!(ema.unwrap() >= anchor.unwrap(), "{e}");
+            assert!(f["ema_teacher"]["step"].as_u64().unwrap() > since, "{e}");
+            assert!(step >= since + 4, "refreshed before it was due: {e}");
+            since = step;
+            refreshed.push(step);
+        } else if e["kind"] == "stage.gram_refresh_held" {
+            held += 1;
+            let fresh = f["ema_teacher"]["step"].as_u64().is_some_and(|s| s > since);
+            let below = score(&f["ema_teacher"]) < score(&f["gram_teacher"]);
+            assert!(!fresh || below, "held although the probes allowed it: {e}");
+            assert!(
+                e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("held back: it waits for an evaluation after step"),
+                "{e}"
+            );
+        }
+    }
+    assert!(
+        !refreshed.is_empty() || held > 0,
+        "the policy was never exercised: {:?}",
+        ev.iter().map(|e| e["kind"].clone()).collect::<Vec<_>>()
+    );
+    // the stage state in the final checkpoint recorded exactly those refreshes, and
+    // `dinod stage` says what the next one waits for
+    let o = dinod(&["stage", "--json", "--state-dir", st.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    if v["stage"]["stage"] == "gram_anchor" {
+        let recorded: Vec<u64> = v["stage"]["gram_refreshes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(recorded, refreshed, "{v}");
+        assert_eq!(
+            v["gram_refreshes"]["steps"],
+            serde_json::json!(refreshed),
+            "{v}"
+        );
+        assert_eq!(v["gram_refreshes"]["policy"], "probe", "{v}");
+        if refreshed.len() < 2 {
+            let o = dinod(&["stage", "--state-dir", st.to_str().unwrap()]);
+            let t = String::from_utf8_lossy(&o.stdout).to_string();
+            assert!(
+                t.contains("next refresh (probe policy) due from step "),
+                "{t}"
+            );
+        }
+    }
 }
 
 #[test]

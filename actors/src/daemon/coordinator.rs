@@ -124,6 +124,9 @@ pub struct CoordState {
     last_probe: Option<Instant>,
     /// The step being redone and how many times in a row it failed to compute.
     redo_streak: (u64, u32),
+    /// The due Gram-teacher refresh last said to be held back, and the evaluation that held
+    /// it (so it is said once per evaluation).
+    refresh_held: Option<(u64, Option<u64>)>,
 }
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -171,13 +174,39 @@ impl CoordState {
     }
 
     /// Copies the EMA teacher into the Gram teacher when the stage says so (once per step,
-    /// even if the step is redone).
+    /// even if the step is redone), and records the refresh in the stage state under the
+    /// same engine lock, so a checkpoint holds both or neither. A due refresh the probes
+    /// hold back (policy `probe`) is said once per evaluation that kept it back.
     fn refresh_if_due(&mut self, step: u64) {
-        let ov = self.machine.overrides(step);
-        if !ov.refresh_gram_teacher_now {
+        let Some(next) = self.machine.next_refresh(step) else {
+            return;
+        };
+        if !next.now {
+            if let Some(gate) = next.gate.filter(|g| step >= next.due_step && !g.met) {
+                let key = (
+                    next.due_step,
+                    self.machine.state().last_dense.map(|p| p.step),
+                );
+                if self.refresh_held != Some(key) {
+                    self.refresh_held = Some(key);
+                    self.ctx.event(
+                        Level::Info,
+                        "stage.gram_refresh_held",
+                        Some(NAME),
+                        Some(step),
+                        format!(
+                            "Gram-teacher refresh due since step {} held back: it waits for {}",
+                            next.due_step, gate.what
+                        ),
+                        json!({"due_step": next.due_step, "gram_teacher": self.machine.gram_teacher_dense(), "ema_teacher": self.machine.state().last_dense}),
+                    );
+                }
+            }
             return;
         }
         let ctx = self.ctx.clone();
+        let mut machine = self.machine.clone();
+        machine.record_refresh(step);
         let mut eng = ctx.engine.lock();
         if eng
             .counters
@@ -203,9 +232,34 @@ impl CoordState {
             eng.counters = json!({});
         }
         eng.counters["gram_refreshed_at"] = json!(step);
+        eng.stage = stages::state_json(&machine);
         let n = eng.ts.gram_updates;
         drop(eng);
-        ctx.event(Level::Info, "stage.gram_refresh", Some(NAME), Some(step), format!("Gram teacher refreshed from the EMA teacher at step {step} (refresh {} of the stage)", ov.gram_refreshes), json!({"updates": n}));
+        let anchor = self.machine.gram_teacher_dense();
+        self.machine = machine;
+        let ema = self.machine.state().last_dense;
+        let score = match ema {
+            Some(p) => format!(
+                "; the EMA teacher's latest {} {:.4} at step {}",
+                self.machine.config().dense_metric.name(),
+                p.value,
+                p.step
+            ),
+            None => String::new(),
+        };
+        ctx.event(
+            Level::Info,
+            "stage.gram_refresh",
+            Some(NAME),
+            Some(step),
+            format!(
+                "Gram teacher refreshed from the EMA teacher at step {step} (refresh {} of at most {}, policy {}{score})",
+                next.done,
+                next.max,
+                next.policy.name()
+            ),
+            json!({"updates": n, "refresh": next.done, "policy": next.policy.name(), "ema_teacher": ema, "gram_teacher": anchor}),
+        );
     }
 
     /// Re-reads the stage machine after the engine was reloaded.
@@ -1108,6 +1162,7 @@ impl Actor for CoordinatorActor {
             device_probes: None,
             last_probe: None,
             redo_streak: (0, 0),
+            refresh_held: None,
         })
     }
 

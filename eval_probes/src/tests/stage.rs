@@ -1,11 +1,13 @@
 //! The stage machine driven by metric sequences: a sustained degradation switches to
 //! Gram anchoring (and names the best checkpoint), noise and isolated dips do not,
 //! recovery plus plateau moves on to high-resolution adaptation, budgets end stages,
-//! ramps and refreshes follow the official schedules, and everything round-trips serde.
+//! ramps and refreshes follow the official schedules (or wait for the probes to say the EMA
+//! teacher is at least as good as the Gram teacher), and everything round-trips serde.
 
 use crate::{
-    cosine_ramp, AfterHighRes, CropSetting, DenseMetric, GramTeacherSource, LrBase, MetricPoint,
-    ProbeMetrics, Rule, Stage, StageConfig, StageMachine, StageState, Threshold, TransitionReason,
+    cosine_ramp, AfterHighRes, CropSetting, DenseMetric, GramRefresh, GramTeacherSource, LrBase,
+    MetricPoint, ProbeMetrics, RefreshPolicy, Rule, Stage, StageConfig, StageMachine, StageState,
+    Threshold, TransitionReason,
 };
 
 fn miou(v: f64) -> ProbeMetrics {
@@ -338,6 +340,7 @@ fn gram_teacher_is_refreshed_every_interval_at_most_max_times() {
     let mut c = cfg();
     c.gram_anchor.refresh_every = 1000;
     c.gram_anchor.max_refreshes = 3;
+    c.gram_anchor.refresh_policy = RefreshPolicy::Schedule;
     let mut m = StageMachine::new(c);
     m.force(Stage::GramAnchor, 2500, "test");
     let refreshes: Vec<u64> = (2400..12_000)
@@ -353,13 +356,147 @@ fn gram_teacher_is_refreshed_every_interval_at_most_max_times() {
     // Pure function of (state, step): a resumed machine agrees.
     let r = StageMachine::resume(m.config().clone(), m.state().clone());
     assert!((2400..12_000).all(|s| r.overrides(s) == m.overrides(s)));
+    // Records keep the EMA teacher's score; on the schedule they do not move the timing.
+    let mut rec = r.clone();
+    rec.record_refresh(3500);
+    assert_eq!(rec.state().gram_refreshes.len(), 1);
+    assert!((2400..12_000).all(|s| rec.overrides(s) == m.overrides(s)));
+    let o = m.next_refresh(4000).unwrap();
+    assert_eq!((o.done, o.due_step, o.now, o.gate), (1, 4500, false, None));
+    assert!(m.next_refresh(5500).unwrap().now);
+    assert_eq!(m.next_refresh(5501), None, "all three done");
     // With a Gram weight of 0 (an ablation) there is no Gram loss to refresh a teacher for.
-    let mut c = m.config().clone();
-    c.gram_anchor.gram_weight = 0.0;
+    for policy in [RefreshPolicy::Schedule, RefreshPolicy::Probe] {
+        let mut c = m.config().clone();
+        c.gram_anchor.gram_weight = 0.0;
+        c.gram_anchor.refresh_policy = policy;
+        let mut m = StageMachine::new(c);
+        m.force(Stage::GramAnchor, 2500, "test");
+        assert!((2400..12_000).all(|s| !m.overrides(s).refresh_gram_teacher_now));
+        assert_eq!(m.gram_refresh_steps(11_000), Vec::<u64>::new());
+        assert_eq!(m.next_refresh(3500), None);
+    }
+}
+
+#[test]
+fn a_probe_driven_refresh_waits_until_the_ema_teacher_is_as_good_as_the_gram_teacher() {
+    let mut c = cfg();
+    c.gram_anchor.refresh_every = 1000;
+    c.gram_anchor.max_refreshes = 2;
+    assert_eq!(
+        c.gram_anchor.refresh_policy,
+        RefreshPolicy::Probe,
+        "the default"
+    );
+    c.gram_anchor.stall_patience = None;
+    c.gram_anchor.plateau_patience = 100;
     let mut m = StageMachine::new(c);
-    m.force(Stage::GramAnchor, 2500, "test");
-    assert!((2400..12_000).all(|s| !m.overrides(s).refresh_gram_teacher_now));
-    assert_eq!(m.gram_refresh_steps(11_000), Vec::<u64>::new());
+    // Peak 0.40 at step 300; the decline switches at 600 with that checkpoint as the anchor.
+    assert_eq!(
+        feed(&mut m, 100, 100, &[0.30, 0.35, 0.40, 0.30, 0.30, 0.30]).len(),
+        1
+    );
+    assert_eq!(m.state().stage_start, 600);
+    assert_eq!(
+        m.gram_teacher_dense(),
+        Some(MetricPoint {
+            step: 300,
+            value: 0.40
+        })
+    );
+    // Due at 1600, but the EMA teacher is the degraded one: the schedule would copy it
+    // over the anchor here; the probe policy holds the refresh.
+    let o = m.next_refresh(1600).unwrap();
+    assert_eq!((o.due_step, o.done, o.now), (1600, 0, false));
+    let gate = o.gate.unwrap();
+    assert!(!gate.met);
+    assert!(
+        gate.what.contains("after step 600") && gate.what.contains("0.4000: none yet"),
+        "{}",
+        gate.what
+    );
+    assert!(m.observe(1600, &miou(0.33)).is_none());
+    assert!(m.observe(1800, &miou(0.399)).is_none());
+    let gate = m.next_refresh(1900).unwrap().gate.unwrap();
+    assert!(!gate.met && gate.what.contains("latest 0.3990 at step 1800"));
+    assert!((600..2000).all(|s| !m.overrides(s).refresh_gram_teacher_now));
+    assert_eq!(m.overrides(1999).gram_refreshes, 0);
+    // An evaluation at the anchor's score opens it: the refresh happens at the next step.
+    assert!(m.observe(2000, &miou(0.40)).is_none());
+    let ov = m.overrides(2000);
+    assert!(ov.refresh_gram_teacher_now);
+    assert_eq!(ov.gram_refreshes, 1);
+    // It is recorded (idempotently) with the score that opened it; the next is due 1000
+    // steps later, against that score, and needs an evaluation made after it.
+    m.record_refresh(2000);
+    m.record_refresh(2000);
+    assert_eq!(
+        m.state().gram_refreshes,
+        vec![GramRefresh {
+            step: 2000,
+            ema_dense: Some(MetricPoint {
+                step: 2000,
+                value: 0.40
+            })
+        }]
+    );
+    assert!(!m.overrides(2000).refresh_gram_teacher_now);
+    assert_eq!(m.overrides(2000).gram_refreshes, 1);
+    assert_eq!(m.gram_refresh_steps(2500), vec![2000]);
+    assert_eq!(m.gram_refresh_steps(1999), Vec::<u64>::new());
+    let o = m.next_refresh(3000).unwrap();
+    assert_eq!(
+        (o.due_step, o.now),
+        (3000, false),
+        "2000's evaluation is the copy's own"
+    );
+    assert!(m.observe(2800, &miou(0.45)).is_none());
+    assert!(!m.overrides(2900).refresh_gram_teacher_now, "not due yet");
+    assert!(m.overrides(3000).refresh_gram_teacher_now);
+    // A resumed machine (the state as checkpointed) decides the same.
+    let back: StageState =
+        serde_json::from_str(&serde_json::to_string(m.state()).unwrap()).unwrap();
+    let r = StageMachine::resume(m.config().clone(), back);
+    assert!((600..5000).all(|s| r.overrides(s) == m.overrides(s)));
+    m.record_refresh(3100);
+    assert_eq!(m.gram_refresh_steps(9000), vec![2000, 3100]);
+    assert_eq!(m.next_refresh(9000), None, "max_refreshes done");
+    assert_eq!(m.overrides(9000).gram_refreshes, 2);
+    // Switching stages forgets them; a record outside Gram anchoring is ignored.
+    m.force(Stage::HighResAdapt, 9000, "test");
+    assert!(m.state().gram_refreshes.is_empty());
+    m.record_refresh(9100);
+    assert!(m.state().gram_refreshes.is_empty());
+    // A manual switch with no dense evaluation before it: nothing says what the Gram
+    // teacher scores, so the schedule's timing applies (one refresh per due point).
+    let mut m = StageMachine::new(m.config().clone());
+    m.force(Stage::GramAnchor, 500, "test");
+    assert_eq!(m.gram_teacher_dense(), None);
+    assert!(!m.overrides(1499).refresh_gram_teacher_now);
+    let o = m.next_refresh(1500).unwrap();
+    assert!(o.now && o.gate.is_none());
+    m.record_refresh(1500);
+    assert!(!m.overrides(1501).refresh_gram_teacher_now);
+    assert!(m.overrides(2500).refresh_gram_teacher_now);
+}
+
+#[test]
+fn stage_state_from_before_refresh_records_still_loads() {
+    let mut m = in_gram_anchor();
+    feed(&mut m, 500, 100, &[0.32]);
+    let mut v = serde_json::to_value(m.state()).unwrap();
+    let o = v.as_object_mut().unwrap();
+    assert!(o.remove("last_dense").is_some() && o.remove("gram_refreshes").is_some());
+    let old: StageState = serde_json::from_value(v).unwrap();
+    assert_eq!(old.last_dense, None);
+    assert!(old.gram_refreshes.is_empty());
+    assert_eq!(
+        m.state().last_dense,
+        Some(MetricPoint {
+            step: 500,
+            value: 0.32
+        })
+    );
 }
 
 #[test]

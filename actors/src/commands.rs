@@ -442,14 +442,27 @@ fn history_text(doc: &Value) -> String {
         let _ = write!(o, " {:>10}", format!("loss {l}"));
     }
     o.push('\n');
+    // transitions and Gram-teacher refreshes between the rows: one at step S happened
+    // after the evaluation at S (and a transition was decided by it), so below its row
+    let mut marks: Vec<(u64, String)> = transitions
+        .iter()
+        .map(|t| (t["step"].as_u64().unwrap_or(0), transition_line(t)))
+        .chain(
+            doc["gram_refreshes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| serde_json::from_value::<eval_probes::GramRefresh>(r.clone()).ok())
+                .map(|r| (r.step, refresh_line(&r))),
+        )
+        .collect();
+    marks.sort_by_key(|m| m.0);
     let mut prev: Option<u64> = None;
     for p in &probes {
         let step = p["step"].as_u64().unwrap_or(0);
-        // a transition at step S was decided by the evaluation at S: below its row
-        for t in &transitions {
-            let ts = t["step"].as_u64().unwrap_or(0);
-            if prev.map_or(ts < step, |p| p <= ts && ts < step) {
-                let _ = writeln!(o, "{}", transition_line(t));
+        for (ts, line) in &marks {
+            if prev.map_or(*ts < step, |p| p <= *ts && *ts < step) {
+                let _ = writeln!(o, "{line}");
             }
         }
         // the losses logged since the previous evaluation: steps in (prev, step]
@@ -494,12 +507,26 @@ fn history_text(doc: &Value) -> String {
         o.push('\n');
         prev = Some(step);
     }
-    for t in &transitions {
-        if prev.is_none_or(|p| t["step"].as_u64().unwrap_or(0) >= p) {
-            let _ = writeln!(o, "{}", transition_line(t));
+    for (ts, line) in &marks {
+        if prev.is_none_or(|p| *ts >= p) {
+            let _ = writeln!(o, "{line}");
         }
     }
     o
+}
+
+/// A Gram-teacher refresh between the rows of `dinod history`.
+fn refresh_line(r: &eval_probes::GramRefresh) -> String {
+    match r.ema_dense {
+        Some(p) => format!(
+            "  -- step {}: Gram teacher refreshed from the EMA teacher (its latest dense score {:.4}, step {})",
+            r.step, p.value, p.step
+        ),
+        None => format!(
+            "  -- step {}: Gram teacher refreshed from the EMA teacher",
+            r.step
+        ),
+    }
 }
 
 /// A transition between the rows of `dinod history`.

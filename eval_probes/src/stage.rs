@@ -607,6 +607,9 @@ pub struct Transition {
     pub reason: TransitionReason,
     /// When the new stage needs a (new) Gram teacher: where to take it from.
     pub gram_teacher: Option<GramTeacherSource>,
+    /// The Gram-teacher refreshes of the stage left (its record goes with it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gram_refreshes_before: Vec<GramRefresh>,
 }
 
 impl Transition {
@@ -1171,13 +1174,13 @@ impl StageMachine {
             step,
             reason,
             gram_teacher: gram_teacher.clone(),
+            gram_refreshes_before: std::mem::take(&mut s.gram_refreshes),
         };
         s.stage = to;
         s.stage_start = step;
         s.degraded_evals = 0;
         s.stage_best = None;
         s.evals_since_improvement = 0;
-        s.gram_refreshes.clear();
         if gram_teacher.is_some() {
             s.gram_teacher = gram_teacher;
         }

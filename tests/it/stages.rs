@@ -118,6 +118,25 @@ fn probe_driven_refreshes_copy_only_an_ema_teacher_as_good_as_the_gram_teacher()
         "the policy was never exercised: {:?}",
         ev.iter().map(|e| e["kind"].clone()).collect::<Vec<_>>()
     );
+    // `dinod history` puts each refresh below the row of the evaluation before it
+    let o = dinod(&["history", "--state-dir", st.to_str().unwrap()]);
+    let rows = String::from_utf8_lossy(&o.stdout).to_string();
+    for r in &refreshed {
+        let mark = format!(
+            "  -- step {r}: Gram teacher refreshed from the EMA teacher (its latest dense score "
+        );
+        let at = rows
+            .lines()
+            .position(|l| l.starts_with(&mark))
+            .unwrap_or_else(|| panic!("`{mark}` missing from:\n{rows}"));
+        let lines: Vec<&str> = rows.lines().collect();
+        let before = lines[..at]
+            .iter()
+            .rfind(|l| !l.starts_with("  --"))
+            .unwrap();
+        let row_step: u64 = before.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(row_step <= *r, "{rows}");
+    }
     // the stage state in the final checkpoint recorded exactly those refreshes, and
     // `dinod stage` says what the next one waits for
     let o = dinod(&["stage", "--json", "--state-dir", st.to_str().unwrap()]);

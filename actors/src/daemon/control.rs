@@ -292,5 +292,18 @@ pub fn history_doc(store: &checkpoints::Store, stage: &Value) -> Result<Value, S
         .map(|r| json!({"step": r.step, "metrics": r.value.get("metrics").cloned().unwrap_or(Value::Null)}))
         .collect();
     let transitions = stage.get("history").cloned().unwrap_or_else(|| json!([]));
-    Ok(json!({"train": train, "probes": probes, "transitions": transitions}))
+    // the Gram-teacher refreshes of every stage: those of stages left went with their
+    // transition, the current stage's are in the state
+    let refreshes: Vec<Value> = transitions
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.get("gram_refreshes_before")?.as_array())
+        .chain(stage.get("gram_refreshes").and_then(Value::as_array))
+        .flatten()
+        .cloned()
+        .collect();
+    Ok(
+        json!({"train": train, "probes": probes, "transitions": transitions, "gram_refreshes": refreshes}),
+    )
 }

@@ -462,9 +462,17 @@ fn a_probe_driven_refresh_waits_until_the_ema_teacher_is_as_good_as_the_gram_tea
     assert_eq!(m.gram_refresh_steps(9000), vec![2000, 3100]);
     assert_eq!(m.next_refresh(9000), None, "max_refreshes done");
     assert_eq!(m.overrides(9000).gram_refreshes, 2);
-    // Switching stages forgets them; a record outside Gram anchoring is ignored.
-    m.force(Stage::HighResAdapt, 9000, "test");
+    // Switching stages hands them to the transition's record; a record outside Gram
+    // anchoring is ignored.
+    let t = m.force(Stage::HighResAdapt, 9000, "test");
     assert!(m.state().gram_refreshes.is_empty());
+    assert_eq!(
+        t.gram_refreshes_before
+            .iter()
+            .map(|r| r.step)
+            .collect::<Vec<_>>(),
+        vec![2000, 3100]
+    );
     m.record_refresh(9100);
     assert!(m.state().gram_refreshes.is_empty());
     // A manual switch with no dense evaluation before it: nothing says what the Gram

@@ -1197,9 +1197,13 @@ impl StageMachine {
         }
         let g = &self.cfg.gram_anchor;
         match g.refresh_policy {
-            RefreshPolicy::Schedule => (1..=u64::from(self.overrides(step).gram_refreshes))
-                .map(|k| self.state.stage_start + k * g.refresh_every)
-                .collect(),
+            _ if g.refresh_every == 0 || g.gram_weight == 0.0 => vec![],
+            RefreshPolicy::Schedule => {
+                let r = step.saturating_sub(self.state.stage_start);
+                (1..=(r / g.refresh_every).min(u64::from(g.max_refreshes)))
+                    .map(|k| self.state.stage_start + k * g.refresh_every)
+                    .collect()
+            }
             RefreshPolicy::Probe => self
                 .state
                 .gram_refreshes
@@ -1338,14 +1342,7 @@ impl StageMachine {
                 let (refresh, done) = match self.next_refresh(step) {
                     Some(o) => (o.now, o.done),
                     // all done (or none configured)
-                    None => (
-                        false,
-                        match g.refresh_policy {
-                            _ if g.refresh_every == 0 || g.gram_weight == 0.0 => 0,
-                            RefreshPolicy::Schedule => g.max_refreshes,
-                            RefreshPolicy::Probe => self.gram_refresh_steps(step).len() as u32,
-                        },
-                    ),
+                    None => (false, self.gram_refresh_steps(step).len() as u32),
                 };
                 StageOverrides {
                     lr_base: g.lr_base,

@@ -182,7 +182,8 @@ impl CoordState {
             return;
         };
         if !next.now {
-            if let Some(gate) = next.gate.filter(|g| step >= next.due_step && !g.met) {
+            // due, so the gate is what holds it
+            if let Some(gate) = next.gate.filter(|_| step >= next.due_step) {
                 let key = (
                     next.due_step,
                     self.machine.state().last_dense.map(|p| p.step),

@@ -939,12 +939,6 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
                 ),
             ));
         }
-        if cfg.distill.is_some() {
-            problems.push(problem(
-                "runtime.data_parallel",
-                "distillation runs on one device so far",
-            ));
-        }
     }
     if let Some(b) = rt.cpu_batch_size {
         if b < 2 || b > cfg.train.batch_size {

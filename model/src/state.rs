@@ -12,8 +12,8 @@ use crate::config::SslConfig;
 use crate::optim::{clip_module, ema, AdamW, ClipStat, OptimHparams};
 use crate::params::stream;
 use crate::ssl::{
-    ssl_losses, teacher_targets, CropCounts, HeadOutputs, LossTerms, LossWeights, ModelGrads,
-    SslModel, StudentFeatures, TeacherTargets,
+    ssl_losses, CropCounts, HeadOutputs, LossTerms, LossWeights, ModelGrads, SslModel,
+    StudentFeatures, TeacherTargets,
 };
 use crate::vit::{CropGroup, FeatureGrads, Vit};
 
@@ -483,31 +483,36 @@ pub fn frozen_teacher_targets(
     sk_iters: usize,
     batch: &Batch,
     hp: &StepHparams,
+    comm: Option<&dyn crate::dist::Collective>,
 ) -> Result<TeacherTargets> {
     let tf = teacher.backbone.forward(&[CropGroup {
         images: &batch.global,
         masks: None,
     }])?;
-    teacher_targets(
+    crate::ssl::teacher_targets_in(
         teacher,
         &tf.cls(0)?,
         &tf.patches(0)?,
         &batch.mask_indices,
         hp.teacher_temp,
         sk_iters,
+        comm,
     )
 }
 
 /// The teacher side of a distillation step: a frozen teacher's targets, computed once per
-/// batch and shared by every student (no Gram loss in distillation).
+/// batch and shared by every student (no Gram loss in distillation). With `comm`, one
+/// member of a data-parallel group on its part of the batch: the Sinkhorn-Knopp
+/// normalisations run over the group, so the parts' targets are the whole batch's.
 pub fn distill_teacher_phase(
     teacher: &SslModel,
     sk_iters: usize,
     batch: &Batch,
     hp: &StepHparams,
+    comm: Option<&dyn crate::dist::Collective>,
 ) -> Result<TeacherOutput> {
     Ok(TeacherOutput {
-        targets: frozen_teacher_targets(teacher, sk_iters, batch, hp)?,
+        targets: frozen_teacher_targets(teacher, sk_iters, batch, hp, comm)?,
         gram_target: None,
     })
 }

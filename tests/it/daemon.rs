@@ -696,20 +696,7 @@ fn exported(state: &Path, out: &Path) -> std::collections::BTreeMap<String, Vec<
         out.to_str().unwrap(),
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let bytes = std::fs::read(out).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(n, t)| {
-            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{n}");
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
-                .collect();
-            (n, v)
-        })
-        .collect()
+    f32_tensors(&std::fs::read(out).unwrap())
 }
 
 /// `runtime.data_parallel = 2`: two members (threads here) on half the batch each train
@@ -733,21 +720,8 @@ fn a_data_parallel_daemon_trains_what_one_member_trains() {
         exported(&s1, &dir.path().join("one.safetensors")),
         exported(&s2, &dir.path().join("two.safetensors")),
     );
-    assert_eq!(a.len(), b.len());
-    let scale = a.values().flatten().fold(0.0f64, |m, v| m.max(v.abs()));
-    let diff = a
-        .iter()
-        .map(|(n, x)| {
-            x.iter()
-                .zip(&b[n])
-                .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
-        })
-        .fold(0.0f64, f64::max);
-    assert!(
-        diff / scale < 1e-5,
-        "two members vs one: {:e}",
-        diff / scale
-    );
+    let diff = max_rel_diff(&a, &b);
+    assert!(diff < 1e-5, "two members vs one: {diff:e}");
     assert!(
         diff > 0.0,
         "the group run is the one-member run: nothing was split"

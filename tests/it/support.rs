@@ -147,3 +147,44 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// The F32 tensors of a safetensors file's bytes, by name, as f64.
+pub fn f32_tensors(bytes: &[u8]) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{n}");
+            let v = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+                .collect();
+            (n, v)
+        })
+        .collect()
+}
+
+/// The largest absolute difference between two sets of tensors with the same names and
+/// shapes, relative to the largest magnitude in `a`.
+pub fn max_rel_diff(
+    a: &std::collections::BTreeMap<String, Vec<f64>>,
+    b: &std::collections::BTreeMap<String, Vec<f64>>,
+) -> f64 {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "different tensors"
+    );
+    let scale = a.values().flatten().fold(0.0f64, |m, v| m.max(v.abs()));
+    let diff = a
+        .iter()
+        .map(|(n, x)| {
+            assert_eq!(x.len(), b[n].len(), "{n}");
+            x.iter()
+                .zip(&b[n])
+                .fold(0.0f64, |m, (p, q)| m.max((p - q).abs()))
+        })
+        .fold(0.0f64, f64::max);
+    diff / scale
+}

@@ -10,6 +10,12 @@
 //! `STATE/students/NAME`, and fails alone: a panic or a NaN in one student restarts or
 //! rolls back that student only; a student that fell behind the teacher's memory gets its
 //! batches recomputed (the teacher is frozen, so they are identical).
+//!
+//! Data parallel (`runtime.data_parallel` > 1): the teacher actor runs every member on its
+//! part of the batch (Sinkhorn-Knopp over the group) and keeps each part with its targets
+//! on the member's device ([`Teaching::Parts`]); a student's step runs all members on
+//! copies of its weights and applies the group's mean gradient to its one state. The
+//! teacher and the students take turns on the group (`Ctx::group_turn`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -198,7 +204,16 @@ pub struct Item {
     /// The batch.
     pub batch: LoadedBatch,
     /// The teacher's targets.
-    pub teacher: TeacherOutput,
+    pub teacher: Teaching,
+}
+
+/// The teacher's targets for a batch, as the students will consume them.
+pub enum Teaching {
+    /// For the whole batch, on the run's device.
+    Whole(TeacherOutput),
+    /// Data parallel: member `r`'s part of the batch (`Batch::shard`) and its targets, on
+    /// member `r`'s device, Sinkhorn-Knopp normalised over the whole batch.
+    Parts(Vec<(model::Batch, TeacherOutput)>),
 }
 
 /// A student's own copy of the teacher outputs (tensors share storage).
@@ -262,6 +277,49 @@ fn open_at(ctx: &Ctx, index: u64) -> Result<data::Loader> {
     )?)
 }
 
+/// The frozen teacher on every member's device: the run's own where a member shares its
+/// device (every member on the CPU), a copy elsewhere (one GPU per member).
+fn replicas(ctx: &Ctx, members: &crate::dp::Members) -> Result<Vec<Arc<SslModel>>> {
+    let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
+    let mut r = ctx
+        .frozen_replicas
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the replica lock is poisoned"))?;
+    if r.len() != members.len() {
+        let home = crate::runtime::device(&ctx.plan.config.runtime.device)?;
+        *r = members
+            .iter()
+            .map(|(_, dev)| -> Result<Arc<SslModel>> {
+                Ok(if dev.same_device(&home) {
+                    teacher.clone()
+                } else {
+                    Arc::new(teacher.to_device(dev)?)
+                })
+            })
+            .collect::<Result<_>>()?;
+    }
+    Ok(r.clone())
+}
+
+/// Runs `f` on every member of `members`, alone on the group: the teacher and the
+/// students take turns, since their collectives must not interleave. A failed group is
+/// dropped (the next step builds a fresh one).
+fn group_step<T: Send>(
+    ctx: &Ctx,
+    members: &crate::dp::Members,
+    f: impl Fn(usize, &dyn model::dist::Collective, &candle_core::Device) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let _turn = ctx
+        .group_turn
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the group turn lock is poisoned"))?;
+    let out = crate::dp::on_members(members, f);
+    if out.is_err() {
+        crate::dp::reset(&ctx.group);
+    }
+    out
+}
+
 fn teacher_outputs(ctx: &Ctx, index: u64, h: &data::HostBatch) -> Result<Item> {
     let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
     let batch = to_batch(
@@ -274,8 +332,22 @@ fn teacher_outputs(ctx: &Ctx, index: u64, h: &data::HostBatch) -> Result<Item> {
         teacher_temp: ctx.plan.teacher_temp.at(index),
         ..ctx.plan.hparams(index)
     };
-    let out =
-        model::distill_teacher_phase(teacher, ctx.plan.ssl.loss.sinkhorn_iterations, &batch, &hp)?;
+    let sk = ctx.plan.ssl.loss.sinkhorn_iterations;
+    let out = match crate::dp::members(&ctx.group, &ctx.plan)? {
+        // every member runs the teacher on its part: one teacher pass per image in all
+        Some(members) => {
+            let n = members.len();
+            let teachers = replicas(ctx, &members)?;
+            Teaching::Parts(group_step(ctx, &members, |r, comm, dev| {
+                let part = batch.shard(r, n)?.to_device(dev)?;
+                let out = model::distill_teacher_phase(&teachers[r], sk, &part, &hp, Some(comm))?;
+                Ok((part, out))
+            })?)
+        }
+        None => Teaching::Whole(model::distill_teacher_phase(
+            teacher, sk, &batch, &hp, None,
+        )?),
+    };
     Ok(Item {
         index,
         batch: LoadedBatch {
@@ -578,7 +650,7 @@ impl StudentState {
         };
         ctx.board.phase(&name, ActorPhase::Step);
         let hp = self.hparams(step);
-        let (r2, c2, f2) = (run.clone(), item.clone(), ctx.faults.clone());
+        let (r2, c2, f2, x2) = (run.clone(), item.clone(), ctx.faults.clone(), ctx.clone());
         let nm = name.clone();
         let r = self
             .worker
@@ -587,8 +659,31 @@ impl StudentState {
                 let eng = r2.engine.lock();
                 // mixed precision: the student computes on a cast of its master weights
                 let dt = r2.plan.config.precision.compute_dtype();
-                let view = eng.ts.phase_view(model::Side::Student, dt, &eng.ts.device())?;
-                let mut out = model::distill_student_phase(&view, &c2.batch.batch, &hp, teacher_copy(&c2.teacher), &mut |_| {})?;
+                let mut out = match &c2.teacher {
+                    Teaching::Whole(t) => {
+                        let view = eng.ts.phase_view(model::Side::Student, dt, &eng.ts.device())?;
+                        model::distill_student_phase(&view, &c2.batch.batch, &hp, teacher_copy(t), &mut |_| {})?
+                    }
+                    Teaching::Parts(parts) => {
+                        // every member on its part, on a copy of this student's weights;
+                        // all of them end with the group's mean gradient
+                        let members = crate::dp::members(&x2.group, &x2.plan)?
+                            .context("the batch was split for a data-parallel group, but there is none")?;
+                        if parts.len() != members.len() {
+                            bail!("{} parts of batch {k} for {} members", parts.len(), members.len());
+                        }
+                        let ts: &TrainState = &eng.ts;
+                        let outs = group_step(&x2, &members, |r, comm, dev| {
+                            let (part, t) = &parts[r];
+                            let view = ts.phase_view(model::Side::Student, dt, dev)?;
+                            let mut out = model::distill_student_phase(&view, part, &hp, teacher_copy(t), &mut |_| {})?;
+                            model::dist::all_reduce_mean_grads(comm, &mut out.grads, &view.student)?;
+                            model::dist::all_reduce_mean_losses(comm, &mut out.losses)?;
+                            Ok((r == 0).then_some(out))
+                        })?;
+                        outs.into_iter().next().flatten().context("member 0 reports the step")?
+                    }
+                };
                 if f2.take("nan", Some(&nm), step).is_some() {
                     out.losses.total = f64::NAN;
                 }
@@ -952,7 +1047,7 @@ pub fn bench(
         v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
         Ok(v[v.len() / 2])
     };
-    let teacher_step = || model::distill_teacher_phase(&teacher, sk, &batch, &hp);
+    let teacher_step = || model::distill_teacher_phase(&teacher, sk, &batch, &hp, None);
     let student_step = |s: &TrainState, t: &TeacherOutput| -> Result<()> {
         let view = s.phase_view(model::Side::Student, dt, &dev)?;
         let out = model::distill_student_phase(&view, &batch, &hp, teacher_copy(t), &mut |_| {})?;

@@ -101,6 +101,13 @@ pub struct Ctx {
     pub fallback: std::sync::OnceLock<Plan>,
     /// The data-parallel group (`runtime.data_parallel` > 1), built on first use.
     pub group: std::sync::Mutex<Option<crate::dp::Members>>,
+    /// Held for the whole of a collective step over `group` where several actors could
+    /// start one at once (the distillation teacher and every student): the members'
+    /// collectives must not interleave.
+    pub group_turn: std::sync::Mutex<()>,
+    /// The frozen distillation teacher on each member's device (data parallel), built on
+    /// first use; the member on the run's device shares `frozen_teacher`.
+    pub frozen_replicas: std::sync::Mutex<Vec<Arc<model::ssl::SslModel>>>,
 }
 
 impl Ctx {
@@ -133,6 +140,8 @@ impl Ctx {
             device: device::DeviceHealth::default(),
             fallback: std::sync::OnceLock::new(),
             group: std::sync::Mutex::new(None),
+            group_turn: std::sync::Mutex::new(()),
+            frozen_replicas: std::sync::Mutex::new(vec![]),
         }
     }
 

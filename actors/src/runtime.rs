@@ -24,6 +24,17 @@ pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
     Ok(d)
 }
 
+/// The devices a run computes on: `device` itself, or `cuda:0` .. `cuda:N-1` for a
+/// data-parallel group of N on GPUs (the members on the CPU share the one `cpu`). A lost
+/// device is back only when every one of them answers.
+pub fn run_devices(device: &str, data_parallel: usize) -> Vec<String> {
+    if data_parallel > 1 && device.starts_with("cuda") {
+        (0..data_parallel).map(|i| format!("cuda:{i}")).collect()
+    } else {
+        vec![device.to_string()]
+    }
+}
+
 /// Probes the device named `spec` after it was lost: forgets the process's handle, opens
 /// it again and runs a small matmul whose result is read back and checked. On success the
 /// new handle is the one [`device`] returns from now on (state moved to it afterwards
@@ -68,5 +79,20 @@ pub fn tune_allocator() {
         libc::mallopt(M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(M_TRIM_THRESHOLD, 1 << 30);
         libc::mallopt(M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_devices;
+
+    #[test]
+    fn a_group_on_gpus_runs_on_one_device_per_member() {
+        assert_eq!(run_devices("cpu", 1), ["cpu"]);
+        assert_eq!(run_devices("cpu", 4), ["cpu"]);
+        assert_eq!(run_devices("cuda:1", 1), ["cuda:1"]);
+        assert_eq!(run_devices("cuda", 1), ["cuda"]);
+        assert_eq!(run_devices("cuda", 3), ["cuda:0", "cuda:1", "cuda:2"]);
+        assert_eq!(run_devices("cuda:0", 2), ["cuda:0", "cuda:1"]);
     }
 }

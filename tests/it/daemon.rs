@@ -699,14 +699,20 @@ fn exported(state: &Path, out: &Path) -> std::collections::BTreeMap<String, Vec<
     f32_tensors(&std::fs::read(out).unwrap())
 }
 
+/// The tiny recipe without what is per member (KoLeo, drop path): a group of members
+/// trains what one member trains.
+fn dp_base() -> String {
+    tiny_config("[model.loss]\nkoleo_loss_weight = 0.0\n")
+        .replace("drop_path = 0.2", "drop_path = 0.0")
+}
+
 /// `runtime.data_parallel = 2`: two members (threads here) on half the batch each train
 /// what one member trains on the whole batch (KoLeo and drop path, which are per member,
 /// off), a resume of the group run is exact, and the checkpoint is written once.
 #[test]
 fn a_data_parallel_daemon_trains_what_one_member_trains() {
     let dir = TempDir::new("dp-daemon");
-    let base = tiny_config("[model.loss]\nkoleo_loss_weight = 0.0\n")
-        .replace("drop_path = 0.2", "drop_path = 0.0");
+    let base = dp_base();
     let one = write_config(dir.path(), &base);
     let two_dir = dir.path().join("two");
     std::fs::create_dir_all(&two_dir).unwrap();
@@ -741,6 +747,40 @@ fn a_data_parallel_daemon_trains_what_one_member_trains() {
     let o = run_to(&two, &s3, STEPS, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(fingerprint(&s3), fingerprint(&s2));
+}
+
+/// A group that loses its device under `on_gpu_loss = "wait"` probes every member's
+/// device, rebuilds the group when they answer and goes on from the last checkpoint: the
+/// run is the uninterrupted group run.
+#[test]
+fn a_data_parallel_run_waits_for_its_devices_and_goes_on_exactly() {
+    let dir = TempDir::new("dp-wait");
+    let group = "\n[runtime]\ndata_parallel = 2\n";
+    let plain = write_config(dir.path(), &format!("{}{group}", dp_base()));
+    let wait_dir = dir.path().join("wait");
+    std::fs::create_dir_all(&wait_dir).unwrap();
+    let wait = write_config(
+        &wait_dir,
+        &format!(
+            "{}{group}on_gpu_loss = \"wait\"\ngpu_probe_every_s = 0.1\n",
+            dp_base()
+        ),
+    );
+    let (s1, s2) = (dir.path().join("s1"), dir.path().join("s2"));
+    let o = run_to(&plain, &s1, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = run_to(
+        &wait,
+        &s2,
+        STEPS,
+        &["--inject", "device_lost:trainer@5+500"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let k = kinds(&events(&s2));
+    for want in ["device.lost", "device.waiting", "device.restored"] {
+        assert!(k.iter().any(|x| x == want), "no {want} in {k:?}");
+    }
+    assert_eq!(fingerprint(&s2), fingerprint(&s1));
 }
 
 #[test]

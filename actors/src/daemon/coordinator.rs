@@ -852,8 +852,13 @@ impl CoordState {
                 }
                 self.last_probe = Some(Instant::now());
                 let c = ctx.clone();
-                let s2 = spec.clone();
-                let probe = match tokio::task::spawn_blocking(move || c.device.probe(&s2)).await {
+                // a group is back when every member's device answers
+                let specs = crate::runtime::run_devices(&spec, rt.data_parallel);
+                let probe = match tokio::task::spawn_blocking(move || {
+                    specs.iter().try_for_each(|s| c.device.probe(s))
+                })
+                .await
+                {
                     Ok(r) => r,
                     Err(e) => Err(anyhow::anyhow!("the probe task failed: {e}")),
                 };
@@ -958,6 +963,9 @@ impl CoordState {
     /// loader start again at its cursor; false (after stopping the run) when that fails.
     async fn resume_after_device_change(&mut self, why: &str) -> bool {
         let ctx = self.ctx.clone();
+        // a data-parallel group may hold handles of the lost device: the next step builds
+        // a fresh one on the handles the probe opened
+        crate::dp::reset(&ctx.group);
         let c = ctx.clone();
         let why2 = why.to_string();
         let r = match tokio::task::spawn_blocking(move || c.reload(&why2)).await {

@@ -783,6 +783,31 @@ fn a_data_parallel_run_waits_for_its_devices_and_goes_on_exactly() {
     assert_eq!(fingerprint(&s2), fingerprint(&s1));
 }
 
+/// Unreadable images in a real folder: the run goes on (each bad sample is replaced),
+/// every bad file is named in an event and in the quarantine, and `status` counts them.
+#[test]
+fn corrupt_images_are_reported_and_skipped() {
+    let dir = TempDir::new("bad-images");
+    let (spec, bad) = image_folder_with_bad_files(dir.path(), 10);
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    // 12 files, 4 per batch: 6 steps read every file at least once
+    let o = run_to(&cfg, &st, 6, &["--data", &spec]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&st);
+    for name in bad {
+        assert!(
+            ev.iter().any(|e| e["kind"] == "data.bad_input"
+                && e["message"].as_str().unwrap_or("").contains(name)),
+            "no data.bad_input event names {name}: {:?}",
+            kinds(&ev)
+        );
+    }
+    let s = status(&st);
+    assert_eq!(s["run"]["step"], 6, "{s}");
+    assert!(s["run"]["bad_inputs"].as_u64().unwrap() >= 2, "{s}");
+}
+
 #[test]
 fn a_hung_actor_is_detected_and_restarted() {
     let dir = TempDir::new("hang");

@@ -394,3 +394,29 @@ fn data_parallel_distillation_trains_what_one_device_trains() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(fps(&s3), fps(&s2), "the resumed group distillation differs");
 }
+
+/// A distillation reading a folder with unreadable images: the students train on, and
+/// every bad file is named in an event and counted, as in a self-supervised run.
+#[test]
+fn distillation_reports_corrupt_images() {
+    let dir = TempDir::new("distill-bad-images");
+    let (spec, bad) = image_folder_with_bad_files(dir.path(), 10);
+    let cfg = write_config(dir.path(), &distill_config(teacher_dir()));
+    let st = dir.path().join("state");
+    let o = run(&cfg, &st, 6, &["--data", &spec]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events_text(&st);
+    for name in bad {
+        assert!(
+            ev.lines()
+                .any(|l| l.contains("data.bad_input") && l.contains(name)),
+            "no data.bad_input event names {name}:\n{ev}"
+        );
+    }
+    let o = dinod(&["status", "--json", "--state-dir", st.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["run"]["bad_inputs"].as_u64().unwrap() >= 2, "{v}");
+    for name in ["small", "base"] {
+        assert_eq!(v["run"]["students"][name]["step"], 6, "{v}");
+    }
+}

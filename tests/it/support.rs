@@ -188,3 +188,26 @@ pub fn max_rel_diff(
         .fold(0.0f64, f64::max);
     diff / scale
 }
+
+/// A folder of real images for `--data folder:DIR`: `good` small PNG and JPEG files in two
+/// class sub-folders, plus a truncated JPEG and a file that is not an image at all. Returns
+/// the `folder:` spec and the names of the two bad files.
+pub fn image_folder_with_bad_files(dir: &Path, good: usize) -> (String, [&'static str; 2]) {
+    let root = dir.join("imgs");
+    for (i, class) in (0..good).map(|i| (i, ["cats", "dogs"][i % 2])) {
+        let d = root.join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        let img = image::RgbImage::from_fn(48, 40, |x, y| {
+            image::Rgb([(x * 5 + i as u32 * 9) as u8, (y * 6) as u8, (40 * i) as u8])
+        });
+        let ext = if i % 3 == 0 { "jpg" } else { "png" };
+        img.save(d.join(format!("img{i:02}.{ext}"))).unwrap();
+    }
+    let jpg = std::fs::read(root.join("cats/img00.jpg")).unwrap();
+    std::fs::write(root.join("cats/truncated.jpg"), &jpg[..jpg.len() / 3]).unwrap();
+    std::fs::write(root.join("dogs/garbage.png"), b"this is not a png at all").unwrap();
+    (
+        format!("folder:{}", root.display()),
+        ["truncated.jpg", "garbage.png"],
+    )
+}

@@ -404,26 +404,7 @@ impl CoordState {
                     .await
                     .map_err(StepFail::Redo)?
                     .map_err(|e| StepFail::Fatal(format!("data loader: {e}")))?;
-                for bad in &b.bad_inputs {
-                    self.ctx.board.run(|r| r.bad_inputs += 1);
-                    metrics::counter!("dinod_bad_inputs_total").increment(1);
-                    ctx.event(
-                        Level::Warn,
-                        "data.bad_input",
-                        Some(loader::NAME),
-                        Some(step),
-                        format!(
-                            "skipped unreadable input {}: {}",
-                            bad.path.display(),
-                            bad.reason
-                        ),
-                        json!({"path": bad.path, "reason": bad.reason.to_string()}),
-                    );
-                    let _ = ctx.store.quarantine_add(
-                        &format!("file:{}", bad.path.display()),
-                        &json!({"reason": bad.reason.to_string(), "step": step}),
-                    );
-                }
+                loader::report_bad_inputs(&ctx, loader::NAME, step, &b.bad_inputs);
                 b
             }
         };

@@ -385,6 +385,8 @@ fn produce(ctx: &Ctx, prod: &mut Producer, index: u64) -> Result<Arc<Item>> {
     while prod.produced <= index {
         let h = prod.loader.as_mut().expect("opened above").next_batch()?;
         let i = prod.produced;
+        // reported once, when first read (a recomputed batch meets them again)
+        super::loader::report_bad_inputs(ctx, TEACHER, i, &h.bad_inputs);
         let item = Arc::new(teacher_outputs(ctx, i, &h)?);
         prod.ring.insert(i, item);
         prod.produced += 1;

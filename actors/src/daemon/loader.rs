@@ -16,6 +16,32 @@ use super::Ctx;
 /// Actor name.
 pub const NAME: &str = "data_loader";
 
+/// Reports the unreadable files met while building a batch (each was replaced by a
+/// readable sample): an event naming the file, a quarantine record, the status count and
+/// the metric. `actor` is whoever read the batch; `step` the step it is for.
+pub fn report_bad_inputs(ctx: &Ctx, actor: &str, step: u64, bad: &[data::BadInput]) {
+    for b in bad {
+        ctx.board.run(|r| r.bad_inputs += 1);
+        metrics::counter!("dinod_bad_inputs_total").increment(1);
+        ctx.event(
+            checkpoints::Level::Warn,
+            "data.bad_input",
+            Some(actor),
+            Some(step),
+            format!(
+                "skipped unreadable input {}: {}",
+                b.path.display(),
+                b.reason
+            ),
+            serde_json::json!({"path": b.path, "reason": b.reason.to_string()}),
+        );
+        let _ = ctx.store.quarantine_add(
+            &format!("file:{}", b.path.display()),
+            &serde_json::json!({"reason": b.reason.to_string(), "step": step}),
+        );
+    }
+}
+
 /// A batch ready for the step, plus its bookkeeping.
 pub struct LoadedBatch {
     /// Index of the batch in the run.

@@ -31,7 +31,7 @@ use serde_json::json;
 use super::board::{now_ms, ActorPhase};
 use super::compute::{actor_err, injected_device_error, note_device_fault, DeviceFaultError};
 use super::coordinator::{call, CoordMsg};
-use super::loader::{to_batch, LoadedBatch};
+use super::loader::to_batch;
 use super::worker::Worker;
 use super::{Ctx, EXIT_DEVICE, EXIT_OK};
 use crate::config::{Plan, StudentPlan};
@@ -201,16 +201,14 @@ pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
 pub struct Item {
     /// Batch index.
     pub index: u64,
-    /// The batch.
-    pub batch: LoadedBatch,
-    /// The teacher's targets.
+    /// The batch and the teacher's targets.
     pub teacher: Teaching,
 }
 
-/// The teacher's targets for a batch, as the students will consume them.
+/// A batch and the teacher's targets for it, as the students will consume them.
 pub enum Teaching {
-    /// For the whole batch, on the run's device.
-    Whole(TeacherOutput),
+    /// The whole batch and its targets, on the run's device.
+    Whole(model::Batch, TeacherOutput),
     /// Data parallel: member `r`'s part of the batch (`Batch::shard`) and its targets, on
     /// member `r`'s device, Sinkhorn-Knopp normalised over the whole batch.
     Parts(Vec<(model::Batch, TeacherOutput)>),
@@ -344,19 +342,13 @@ fn teacher_outputs(ctx: &Ctx, index: u64, h: &data::HostBatch) -> Result<Item> {
                 Ok((part, out))
             })?)
         }
-        None => Teaching::Whole(model::distill_teacher_phase(
-            teacher, sk, &batch, &hp, None,
-        )?),
+        None => {
+            let out = model::distill_teacher_phase(teacher, sk, &batch, &hp, None)?;
+            Teaching::Whole(batch, out)
+        }
     };
     Ok(Item {
         index,
-        batch: LoadedBatch {
-            batch_index: h.batch_index,
-            cursor_after: h.cursor_after,
-            batch,
-            bad_inputs: h.bad_inputs.clone(),
-            n_substituted: h.n_substituted,
-        },
         teacher: out,
     })
 }
@@ -662,9 +654,9 @@ impl StudentState {
                 // mixed precision: the student computes on a cast of its master weights
                 let dt = r2.plan.config.precision.compute_dtype();
                 let mut out = match &c2.teacher {
-                    Teaching::Whole(t) => {
+                    Teaching::Whole(batch, t) => {
                         let view = eng.ts.phase_view(model::Side::Student, dt, &eng.ts.device())?;
-                        model::distill_student_phase(&view, &c2.batch.batch, &hp, teacher_copy(t), &mut |_| {})?
+                        model::distill_student_phase(&view, batch, &hp, teacher_copy(t), &mut |_| {})?
                     }
                     Teaching::Parts(parts) => {
                         // every member on its part, on a copy of this student's weights;

@@ -289,10 +289,17 @@ fn run_curves(state_dir: &Path, label: String) -> Result<eval_probes::RunCurves>
             state_dir.display()
         );
     }
+    let refreshes: Vec<u64> = doc["gram_refreshes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["step"].as_u64())
+        .collect();
     Ok(eval_probes::RunCurves {
         label,
         series,
         transitions,
+        refreshes,
     })
 }
 
@@ -324,12 +331,14 @@ pub fn curves(
     }
     eval_probes::runs_png(&runs, out)?;
     let transitions: usize = runs.iter().map(|r| r.transitions.len()).sum();
+    let refreshes: usize = runs.iter().map(|r| r.refreshes.len()).sum();
     println!(
-        "wrote {} ({} runs, {} series, {} stage transitions)",
+        "wrote {} ({} runs, {} series, {} stage transitions, {} Gram-teacher refreshes)",
         out.display(),
         runs.len(),
         runs.iter().map(|r| r.series.len()).sum::<usize>(),
-        transitions
+        transitions,
+        refreshes
     );
     Ok(0)
 }

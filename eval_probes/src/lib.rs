@@ -67,5 +67,5 @@ pub use stage::{
 pub use viz::{
     curves_png, denormalize, label_agreement, patch_similarities, pca_rgb, pca_rgb_shared,
     render_curves, render_runs, resize_nearest, runs_png, side_by_side, similarity_map, viridis,
-    write_png, PcaBasis, RunCurves, Series,
+    write_png, PcaBasis, RunCurves, Series, REFRESH_COLOUR,
 };

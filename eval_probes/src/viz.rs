@@ -395,7 +395,12 @@ pub struct RunCurves {
     pub series: Vec<Series>,
     /// Its stage transitions `(step, label)`.
     pub transitions: Vec<(u64, String)>,
+    /// The steps where its Gram teacher was refreshed from the EMA teacher.
+    pub refreshes: Vec<u64>,
 }
+
+/// Colour of the Gram-teacher refresh marks (not a series colour, not red).
+pub const REFRESH_COLOUR: RGBColor = RGBColor(227, 119, 194);
 
 /// Renders every series in its own panel (stacked, sharing the step axis), with each
 /// transition drawn as a vertical line labelled in the top panel. Non-finite values are
@@ -410,6 +415,7 @@ pub fn render_curves(
         label: String::new(),
         series: series.to_vec(),
         transitions: transitions.to_vec(),
+        refreshes: vec![],
     };
     render_runs(std::slice::from_ref(&run), width, panel_height)
 }
@@ -420,8 +426,9 @@ type Line<'a> = (RGBColor, &'a str, Vec<(u64, f64)>);
 /// [`render_curves`] for several runs: one panel per series name (in order of first
 /// appearance, the first run's first), each run's line in its own colour with a legend in
 /// the top panel, and every run's transitions marked (a transition that not every run
-/// has is labelled with its run's name). With one run each panel has its own colour and
-/// there is no legend.
+/// has is labelled with its run's name). Gram-teacher refreshes are thin pink lines,
+/// labelled "G" in the top panel. With one run each panel has its own colour and there is
+/// no legend.
 pub fn render_runs(runs: &[RunCurves], width: u32, panel_height: u32) -> Result<RgbImage> {
     font()?;
     let mut names: Vec<&str> = vec![];
@@ -448,13 +455,20 @@ pub fn render_runs(runs: &[RunCurves], width: u32, panel_height: u32) -> Result<
             }
         }
     }
+    let mut refreshes: Vec<u64> = runs
+        .iter()
+        .flat_map(|r| r.refreshes.iter().copied())
+        .collect();
+    refreshes.sort_unstable();
+    refreshes.dedup();
     let n_panels = names.len().max(1) as u32;
     let (w, h) = (width.max(200), panel_height.max(120) * n_panels);
     let steps = runs
         .iter()
         .flat_map(|r| r.series.iter())
         .flat_map(|(_, pts)| pts.iter().map(|p| p.0))
-        .chain(transitions.iter().map(|t| t.0));
+        .chain(transitions.iter().map(|t| t.0))
+        .chain(refreshes.iter().copied());
     let (x_lo, x_hi) = steps.fold((u64::MAX, 0), |(lo, hi), s| (lo.min(s), hi.max(s)));
     let (x_lo, x_hi) = if x_lo > x_hi {
         (0, 1)
@@ -526,6 +540,24 @@ pub fn render_runs(runs: &[RunCurves], width: u32, panel_height: u32) -> Result<
                     drawn.label(*label).legend(move |(x, y)| {
                         PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
                     });
+                }
+            }
+            for &step in &refreshes {
+                let x = step as f64;
+                chart
+                    .draw_series(std::iter::once(PathElement::new(
+                        vec![(x, lo), (x, hi)],
+                        REFRESH_COLOUR.stroke_width(1),
+                    )))
+                    .map_err(|e| plot_err(&e))?;
+                if k == 0 {
+                    chart
+                        .draw_series(std::iter::once(Text::new(
+                            " G",
+                            (x, lo + (hi - lo) * 0.12),
+                            (FONT, 12).into_font().color(&REFRESH_COLOUR),
+                        )))
+                        .map_err(|e| plot_err(&e))?;
                 }
             }
             for (i, (step, label)) in transitions.iter().enumerate() {

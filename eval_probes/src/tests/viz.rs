@@ -8,6 +8,7 @@ use super::util::{centres, Normal};
 use crate::{
     curves_png, denormalize, label_agreement, patch_similarities, pca_rgb, pca_rgb_shared,
     render_curves, render_runs, resize_nearest, side_by_side, similarity_map, write_png, RunCurves,
+    REFRESH_COLOUR,
 };
 
 /// A 16x16 patch label map: background, a square, a disc and a bar.
@@ -218,11 +219,13 @@ fn runs_share_panels_and_each_has_its_colour() {
             ("loss gram".into(), vec![(500, 0.2), (900, 0.05)]),
         ],
         transitions: vec![(500, "pretrain -> gram_anchor".into())],
+        refreshes: vec![],
     };
     let control = RunCurves {
         label: "control".into(),
         series: vec![("dense mIoU".into(), shared)],
         transitions: vec![],
+        refreshes: vec![],
     };
     let img = render_runs(&[branch.clone(), control.clone()], 800, 200).unwrap();
     assert_eq!(
@@ -248,4 +251,50 @@ fn runs_share_panels_and_each_has_its_colour() {
     let swapped = render_runs(&[control, branch], 800, 200).unwrap();
     assert_eq!(swapped.dimensions(), img.dimensions());
     assert_ne!(swapped, img);
+}
+
+/// Gram-teacher refreshes are marked in their own colour in every panel, apart from the
+/// stage transitions, and only where a run has them.
+#[test]
+fn gram_refreshes_are_marked_in_every_panel() {
+    let run = |refreshes: Vec<u64>| RunCurves {
+        label: "run".into(),
+        series: vec![
+            (
+                "loss".into(),
+                (0..10).map(|s| (s * 100, 1.0 / (1.0 + s as f64))).collect(),
+            ),
+            (
+                "dense mIoU".into(),
+                (0..10).map(|s| (s * 100, 0.3 + 0.01 * s as f64)).collect(),
+            ),
+        ],
+        transitions: vec![(300, "pretrain -> gram_anchor".into())],
+        refreshes,
+    };
+    let pink = |img: &image::RgbImage, x0: u32, x1: u32| {
+        img.enumerate_pixels()
+            .filter(|(x, _, p)| {
+                (x0..x1).contains(x)
+                    && p.0 == [REFRESH_COLOUR.0, REFRESH_COLOUR.1, REFRESH_COLOUR.2]
+            })
+            .count()
+    };
+    let plain = render_runs(&[run(vec![])], 800, 200).unwrap();
+    assert_eq!(pink(&plain, 0, 800), 0, "no refresh, no mark");
+    let marked = render_runs(&[run(vec![500, 700])], 800, 200).unwrap();
+    // both panels: most of their plot height, for each of the two marks
+    assert!(
+        pink(&marked, 0, 800) > 2 * 2 * 100,
+        "{} pink pixels",
+        pink(&marked, 0, 800)
+    );
+    // the two marks are where their steps are: in the right half of the axis
+    assert_eq!(pink(&marked, 0, 400), 0);
+    // the transition is still drawn in red
+    let red = marked
+        .pixels()
+        .filter(|p| p[0] > 200 && p[1] < 60 && p[2] < 60)
+        .count();
+    assert!(red > 2 * 100, "{red} red pixels");
 }

@@ -337,7 +337,8 @@ pub struct FaultSpec {
     /// `panic`, `nan`, `slow`, `io_error`, `device_error`, `device_lost`.
     pub kind: String,
     /// Which actor (for `panic`, `slow`): data_loader, teacher, trainer, ema, evaluator,
-    /// checkpointer, control, coordinator.
+    /// checkpointer, control, coordinator, `student:NAME`; for `device_error` also
+    /// `member:R`, member R > 0 of a data-parallel group.
     #[serde(default)]
     pub actor: Option<String>,
     /// At which step.
@@ -424,11 +425,25 @@ impl FaultSpec {
                 KINDS.join(", ")
             ));
         }
+        // member R > 0 of a data-parallel group (rank 0 is the computing actor itself)
+        let member = |a: &str| {
+            a.strip_prefix("member:")
+                .and_then(|r| r.parse::<usize>().ok())
+                .is_some_and(|r| r > 0)
+        };
         if let Some(a) = &self.actor {
-            if !ACTORS.contains(&a.as_str()) && !a.starts_with("student:") {
+            if !ACTORS.contains(&a.as_str()) && !a.starts_with("student:") && !member(a) {
                 return Err(format!(
-                    "unknown actor `{a}` (one of {})",
+                    "unknown actor `{a}` (one of {}, student:NAME, member:R with R > 0)",
                     ACTORS.join(", ")
+                ));
+            }
+        }
+        if let Some(a) = self.actor.as_deref().filter(|a| member(a)) {
+            if self.kind != "device_error" {
+                return Err(format!(
+                    "fault `{}` cannot be aimed at `{a}`: only device_error fires in a data-parallel member",
+                    self.kind
                 ));
             }
         }
@@ -438,9 +453,13 @@ impl FaultSpec {
         // the other kinds fire in one place: aimed at another actor they would never fire
         if let Some(a) = &self.actor {
             let (fires, only) = match self.kind.as_str() {
-                "nan" | "device_error" => (
+                "nan" => (
                     a == "trainer" || a.starts_with("student:"),
                     "trainer or student:NAME",
+                ),
+                "device_error" => (
+                    a == "trainer" || a.starts_with("student:") || member(a),
+                    "trainer, student:NAME or member:R",
                 ),
                 "device_lost" => (a == "trainer", "trainer"),
                 "io_error" => (a == "checkpointer", "checkpointer"),
@@ -1309,6 +1328,7 @@ mod tests {
         for ok in [
             "device_error@3",
             "device_error:student:s@3",
+            "device_error:member:2@3",
             "device_lost:trainer@3",
             "nan:student:s@4",
             "io_error:checkpointer@2",
@@ -1317,13 +1337,25 @@ mod tests {
             assert!(ok.parse::<FaultSpec>().is_ok(), "{ok}");
         }
         for (bad, says) in [
-            ("device_error:teacher@3", "trainer or student:NAME"),
+            (
+                "device_error:teacher@3",
+                "trainer, student:NAME or member:R",
+            ),
             ("device_lost:student:s@3", "fires in the trainer only"),
             ("nan:ema@3", "trainer or student:NAME"),
             ("io_error:trainer@3", "checkpointer only"),
             ("panic@3", "needs an actor"),
             ("oops@3", "unknown fault kind"),
             ("panic:nobody@3", "unknown actor"),
+            ("device_error:member:0@3", "unknown actor"),
+            (
+                "nan:member:1@3",
+                "only device_error fires in a data-parallel member",
+            ),
+            (
+                "panic:member:1@3",
+                "only device_error fires in a data-parallel member",
+            ),
             ("device_error:trainer", "expected KIND[:ACTOR]@STEP"),
         ] {
             let e = bad.parse::<FaultSpec>().unwrap_err();

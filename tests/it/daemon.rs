@@ -747,6 +747,23 @@ fn a_data_parallel_daemon_trains_what_one_member_trains() {
     let o = run_to(&two, &s3, STEPS, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(fingerprint(&s3), fingerprint(&s2));
+    // one member's device fails mid-step: the others stop waiting for it at once, the
+    // trainer restarts as after a device error of its own, and the step is redone exactly
+    let s4 = dir.path().join("s4");
+    let o = run_to(&two, &s4, STEPS, &["--inject", "device_error:member:1@5"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&s4);
+    assert!(
+        ev.iter().any(|e| e["kind"] == "actor.restarting"
+            && e["actor"] == "trainer"
+            && e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("injected device error in data-parallel member 1")),
+        "{:?}",
+        kinds(&ev)
+    );
+    assert_eq!(fingerprint(&s4), fingerprint(&s2));
 }
 
 /// A group that loses its device under `on_gpu_loss = "wait"` probes every member's

@@ -393,6 +393,22 @@ fn data_parallel_distillation_trains_what_one_device_trains() {
     let o = run(&two, &s3, STEPS, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(fps(&s3), fps(&s2), "the resumed group distillation differs");
+    // a device error in one member during a student's step restarts that student; the
+    // group is rebuilt and both students end where the fault-free group run did
+    let s4 = dir.path().join("s4");
+    let o = run(&two, &s4, STEPS, &["--inject", "device_error:member:1@3"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events_text(&s4);
+    assert!(
+        ev.lines().any(|l| l.contains("actor.restarting")
+            && l.contains("injected device error in data-parallel member 1")),
+        "no student restart after the member's device error:\n{ev}"
+    );
+    assert_eq!(
+        fps(&s4),
+        fps(&s2),
+        "the member's device error changed the result"
+    );
 }
 
 /// A distillation reading a folder with unreadable images: the students train on, and

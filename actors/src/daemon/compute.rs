@@ -103,6 +103,22 @@ pub fn injected_device_error(faults: &super::faults::Faults, actor: &str, step: 
     Ok(())
 }
 
+/// Fails member `r` (> 0) of a data-parallel group with a recoverable device error if a
+/// `device_error:member:R` fault is armed at `step`: one GPU of the group failing while
+/// the others are in the step (rank 0 is the actor's own, `device_error:ACTOR`).
+pub fn injected_member_error(faults: &super::faults::Faults, r: usize, step: u64) -> Result<()> {
+    if r > 0
+        && faults
+            .take("device_error", Some(&format!("member:{r}")), step)
+            .is_some()
+    {
+        bail!(DeviceFaultError(DeviceFault::Recoverable(format!(
+            "injected device error in data-parallel member {r} at step {step}"
+        ))));
+    }
+    Ok(())
+}
+
 /// Teacher messages.
 pub enum TeacherMsg {
     /// Compute the targets of a batch.
@@ -333,6 +349,7 @@ impl Actor for TrainerActor {
                                 .collect();
                             let ts: &model::TrainState = &eng.ts;
                             let outs = crate::dp::on_members(&members, |r, comm, dev| {
+                                injected_member_error(&ctx.faults, r, step)?;
                                 let t = slots[r]
                                     .lock()
                                     .map_err(|_| anyhow::anyhow!("slot lock poisoned"))?

@@ -29,7 +29,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::json;
 
 use super::board::{now_ms, ActorPhase};
-use super::compute::{actor_err, injected_device_error, note_device_fault, DeviceFaultError};
+use super::compute::{
+    actor_err, injected_device_error, injected_member_error, note_device_fault, DeviceFaultError,
+};
 use super::coordinator::{call, CoordMsg};
 use super::loader::to_batch;
 use super::worker::Worker;
@@ -668,6 +670,7 @@ impl StudentState {
                         }
                         let ts: &TrainState = &eng.ts;
                         let outs = group_step(&x2, &members, |r, comm, dev| {
+                            injected_member_error(&f2, r, step)?;
                             let (part, t) = &parts[r];
                             let view = ts.phase_view(model::Side::Student, dt, dev)?;
                             let mut out = model::distill_student_phase(&view, part, &hp, teacher_copy(t), &mut |_| {})?;

@@ -24,6 +24,9 @@
 #     bf16` for autocast) on the same card; peak device memory sampled by nvidia-smi;
 #  4c. `dinod bench distill --device cuda --precision bf16` (configs/distill.toml: three
 #     students sharing one teacher forward);
+#  4d. `dinod bench linear --device cuda`: the biased layers of a vit_base/16 step as the
+#     device path computes them (bf16 GEMM, bf16 bias add: two roundings) and rounded once
+#     (f32 GEMM and bias, as PyTorch's addmm), times and errors against f64;
 #  5. a real device error: a batch that cannot fit, which must fail with a clear
 #     out-of-memory message and exit non-zero, not hang or crash;
 #  5a. the daemon on the GPU (`dinod run`, the default recipe in bf16 with `runtime.device =
@@ -261,6 +264,21 @@ say "4c. multi-student distillation (configs/distill.toml), bf16"
 if fits 40; then
   timeout "$(lim 120)" "$DINOD" bench distill --config configs/distill.toml --device $DEV --precision bf16 --warmup 1 --iters $ITERS >"$OUT/distill-bf16.json"
   echo "exit $?: $(tr -d '\n ' <"$OUT/distill-bf16.json" | head -c 600)"
+fi
+
+say "4d. bias layers: bf16 GEMM + bf16 bias add (two roundings) vs f32 GEMM + bias, rounded once"
+if fits 20; then
+  RD=1; [ -n "$REHEARSE" ] && RD=256
+  timeout "$(lim 60)" "$DINOD" bench linear --device $DEV --rows-div $RD --warmup 2 --iters $ITERS >"$OUT/linear.json"
+  echo "exit $?"
+  "$PY" - "$OUT/linear.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for l in d["layers"]:
+    print(f"{l['layer']:16s} {l['rows']:6d}x{l['in']}->{l['out']}: bf16 {l['bf16_ms']:.3f} ms, "
+          f"f32 round-once {l['f32_round_once_ms']:.3f} ms (x{l['time_ratio']:.2f}); mean error "
+          f"{l['bf16_err_mean']:.2e} vs {l['f32_round_once_err_mean']:.2e}")
+EOF
 fi
 
 # ------------------------------------------------------- 5b. data parallel over the GPUs

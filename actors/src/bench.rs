@@ -274,3 +274,117 @@ pub fn bench_step(plan: &Plan, origin: &str, opts: &StepBenchOpts) -> Result<Ste
         batch_size: b,
     })
 }
+
+/// The layers with a bias of a vit_base/16 step at 224 px (batch 64, 2 global + 8 local
+/// crops at 96 px, 4 registers, iBOT on ~30% of the global patches): name, rows, in, out.
+const LINEAR_SHAPES: [(&str, usize, usize, usize); 7] = [
+    ("patch_embed", 43_520, 768, 768),
+    ("blocks.attn.qkv", 46_720, 768, 2304),
+    ("blocks.mlp.fc1", 46_720, 768, 3072),
+    ("dino_head.mlp.0", 640, 768, 2048),
+    ("dino_head.mlp.4", 640, 2048, 256),
+    ("ibot_head.mlp.0", 7_526, 768, 2048),
+    ("ibot_head.mlp.4", 7_526, 2048, 256),
+];
+
+/// Deterministic values uniform in `[-a, a]` (a xorshift stream; candle's own RNG cannot be
+/// seeded on the CPU).
+fn uniform(n: usize, a: f32, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
+        })
+        .collect()
+}
+
+/// `dinod bench linear`: what rounding a bf16 layer's output once would cost. For every
+/// layer with a bias of a vit_base/16 step (rows divided by `rows_div`), on bf16 inputs:
+/// `bf16`, the GEMM in bf16 (f32 accumulation, output rounded to bf16) and then the bias
+/// added in bf16, a second rounding (what the device path does); `f32`, the same inputs
+/// widened, one f32 GEMM, the bias added in f32 and the sum rounded once (what PyTorch's
+/// addmm computes, and what the CPU path does). Reports the median time of each and their
+/// error against the same product in f64.
+pub fn bench_linear(
+    device: &str,
+    rows_div: usize,
+    warmup: usize,
+    iters: usize,
+) -> Result<serde_json::Value> {
+    anyhow::ensure!(
+        rows_div > 0 && iters > 0,
+        "--rows-div and --iters must be positive"
+    );
+    let dev = ops::portable::device(device)?;
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<(f64, Tensor)> {
+        let mut v = vec![];
+        let mut out = f()?;
+        for i in 0..warmup + iters {
+            ops::portable::synchronize(&dev)?;
+            let t0 = Instant::now();
+            out = f()?;
+            ops::portable::synchronize(&dev)?;
+            if i >= warmup {
+                v.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        Ok((v[v.len() / 2], out))
+    };
+    // max |y - ref| / max |ref| and mean |y - ref| / mean |ref|, in f64
+    let err = |y: &Tensor, r: &Tensor| -> Result<(f64, f64)> {
+        let d = (y.to_dtype(DType::F64)? - r)?.abs()?;
+        let ra = r.abs()?;
+        let max = d.max_all()?.to_scalar::<f64>()? / ra.max_all()?.to_scalar::<f64>()?;
+        let mean = d.mean_all()?.to_scalar::<f64>()? / ra.mean_all()?.to_scalar::<f64>()?;
+        Ok((max, mean))
+    };
+    let mut rows_out = vec![];
+    for (i, &(name, rows, k, n)) in LINEAR_SHAPES.iter().enumerate() {
+        let m = (rows / rows_div).max(1);
+        let seed = 1 + i as u64 * 3;
+        let up = |v: Vec<f32>, shape: (usize, usize)| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, shape, &dev)?.to_dtype(DType::BF16)?)
+        };
+        let x = up(uniform(m * k, 1.7, seed), (m, k))?;
+        let w = up(uniform(n * k, 1.7 / (k as f32).sqrt(), seed + 1), (n, k))?;
+        // a bias as large as the products, so that it cancels part of them
+        let b = up(uniform(n, 1.0, seed + 2), (1, n))?;
+        let (bf16_ms, y_bf16) = time(&|| x.matmul(&w.t()?)?.broadcast_add(&b))?;
+        let (x32, w32, b32) = (
+            x.to_dtype(DType::F32)?,
+            w.to_dtype(DType::F32)?,
+            b.to_dtype(DType::F32)?,
+        );
+        let (f32_ms, y_f32) = time(&|| {
+            x.to_dtype(DType::F32)?
+                .matmul(&w.to_dtype(DType::F32)?.t()?)?
+                .broadcast_add(&b.to_dtype(DType::F32)?)?
+                .to_dtype(DType::BF16)
+        })?;
+        let (f32_gemm_ms, _) = time(&|| x32.matmul(&w32.t()?)?.broadcast_add(&b32))?;
+        let reference = x
+            .to_dtype(DType::F64)?
+            .matmul(&w.to_dtype(DType::F64)?.t()?)?
+            .broadcast_add(&b.to_dtype(DType::F64)?)?;
+        let (bf16_max, bf16_mean) = err(&y_bf16, &reference)?;
+        let (f32_max, f32_mean) = err(&y_f32, &reference)?;
+        rows_out.push(serde_json::json!({
+            "layer": name, "rows": m, "in": k, "out": n,
+            "bf16_ms": bf16_ms, "f32_round_once_ms": f32_ms, "f32_gemm_only_ms": f32_gemm_ms,
+            "time_ratio": f32_ms / bf16_ms,
+            "bf16_err_max": bf16_max, "bf16_err_mean": bf16_mean,
+            "f32_round_once_err_max": f32_max, "f32_round_once_err_mean": f32_mean,
+            "error_ratio_mean": bf16_mean / f32_mean,
+        }));
+    }
+    Ok(serde_json::json!({
+        "device": device,
+        "rows_div": rows_div,
+        "iters": iters,
+        "layers": rows_out,
+    }))
+}

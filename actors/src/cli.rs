@@ -335,6 +335,23 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         iters: usize,
     },
+    /// What rounding a bf16 layer's output once (an f32 GEMM and bias add, as PyTorch's
+    /// addmm) would cost against the bf16 GEMM plus a bf16 bias add, for the biased layers
+    /// of a vit_base/16 step, with each one's error against f64.
+    Linear {
+        /// Where to run: cpu, cuda or cuda:N (needs a `--features cuda` build).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Divide every layer's rows by this (the CPU needs about 64 to finish in seconds).
+        #[arg(long, default_value_t = 1)]
+        rows_div: usize,
+        /// Untimed iterations first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed iterations (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
     /// Multi-crop samples/s of the data pipeline.
     Data {
         /// The source.
@@ -497,6 +514,19 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let r = crate::dp::bench_dp(&plan, &config.display().to_string(), &opts)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(if r.members_identical { 0 } else { 1 })
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Linear {
+                    device,
+                    rows_div,
+                    warmup,
+                    iters,
+                },
+        } => {
+            let r = crate::bench::bench_linear(&device, rows_div, warmup, iters)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(0)
         }
         Command::Bench {
             what:

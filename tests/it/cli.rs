@@ -224,3 +224,33 @@ fn bench_dp_keeps_the_members_identical_and_equal_to_one_member() {
     assert_ne!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("cuda"), "{}", text(&o));
 }
+
+/// `dinod bench linear`: every biased layer of the vit_base/16 step timed both ways, and
+/// rounding once is what it claims: within bf16's unit roundoff of the f64 product (2^-8,
+/// relative to the largest output) and closer on average than rounding twice.
+#[test]
+fn bench_linear_times_both_roundings_and_rounding_once_is_closer() {
+    let o = dinod(&[
+        "bench",
+        "linear",
+        "--rows-div",
+        "256",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let layers = v["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 7, "{v}");
+    for l in layers {
+        let f = |k: &str| {
+            l[k].as_f64()
+                .unwrap_or_else(|| panic!("{k} missing in {l}"))
+        };
+        assert!(f("bf16_ms") > 0.0 && f("f32_round_once_ms") > 0.0, "{l}");
+        assert!(f("f32_round_once_err_max") <= 2f64.powi(-8), "{l}");
+        assert!(f("f32_round_once_err_mean") < f("bf16_err_mean"), "{l}");
+    }
+}

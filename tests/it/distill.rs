@@ -377,6 +377,9 @@ fn data_parallel_distillation_trains_what_one_device_trains() {
             "student {name}: the group run is the one-device run, nothing was split"
         );
     }
+    let o = dinod(&["status", "--json", "--state-dir", s2.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["run"]["device"], "cpu (2 data-parallel members)", "{v}");
     let (l1, l2) = (students(&s1), students(&s2));
     for name in ["small", "base"] {
         assert_eq!(l2[name]["step"], STEPS, "{l2}");

@@ -1075,7 +1075,7 @@ impl CoordState {
 }
 
 /// What `dinod status` shows as the run's device, and the batch size in force.
-fn device_line(ctx: &Ctx) -> (String, usize) {
+pub(super) fn device_line(ctx: &Ctx) -> (String, usize) {
     let configured = &ctx.plan.config.runtime.device;
     let b = ctx.plan().config.train.batch_size;
     let n = ctx.plan().config.runtime.data_parallel;

@@ -908,10 +908,13 @@ impl Actor for DistillCoordinator {
         ctx: Arc<Ctx>,
     ) -> Result<Self::State, ActorProcessingErr> {
         ctx.board.register(super::coordinator::NAME, "coordinator");
+        let (device, batch_size) = super::coordinator::device_line(&ctx);
         ctx.board.run(|r| {
             r.pid = std::process::id();
             r.stage = "distill".into();
             r.max_steps = ctx.max_steps;
+            r.device = device;
+            r.batch_size = batch_size;
         });
         me.send_interval(Duration::from_millis(100), || CoordMsg::Tick);
         Ok(DCoordState {

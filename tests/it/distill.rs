@@ -233,6 +233,31 @@ fn a_fault_in_one_student_leaves_the_other_identical() {
     }
 }
 
+/// A full disk while a student writes its checkpoint (ENOSPC in the middle of a tensor
+/// file): that save fails and says so, the previous checkpoint stays the latest, both
+/// students train on, and the run ends where the fault-free run does.
+#[test]
+fn a_full_disk_during_a_student_save_loses_nothing() {
+    let r = reference();
+    let dir = TempDir::new("distill-enospc");
+    let cfg = write_config(dir.path(), &distill_config(teacher_dir()));
+    let st = dir.path().join("state");
+    let o = run(&cfg, &st, STEPS, &["--inject", "io_error@3"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events_text(&st);
+    assert!(
+        ev.lines().any(|l| l.contains("checkpoint.failed")
+            && l.contains("student")
+            && l.contains("training continues")),
+        "no failed student save:\n{ev}"
+    );
+    assert_eq!(&fps(&st), r, "the full disk changed the result");
+    // and what is on disk is whole: a restart resumes from it and has nothing left to do
+    let o = run(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(&fps(&st), r);
+}
+
 /// Mixed precision on the device code path (what a GPU runs; the CPU runs it when the
 /// recipe says bf16): both students compute in bf16 on f32 master weights, their losses
 /// stay near the f32 run's, and a device error in one student restarts that student

@@ -258,6 +258,48 @@ fn a_full_disk_during_a_student_save_loses_nothing() {
     assert_eq!(&fps(&st), r);
 }
 
+/// A corrupt student checkpoint (one flipped byte in its newest tensors): the restart
+/// detects it by its checksum, resumes that student from its previous checkpoint, and the
+/// run ends where the uninterrupted run does.
+#[test]
+fn a_corrupt_student_checkpoint_falls_back_to_the_previous_one() {
+    let r = reference();
+    let dir = TempDir::new("distill-corrupt");
+    let cfg = write_config(dir.path(), &distill_config(teacher_dir()));
+    let st = dir.path().join("state");
+    // checkpoints at 3 and 6 (every_steps = 3) and the final one at 7
+    let o = run(&cfg, &st, 7, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let cks = st.join("students/small/checkpoints");
+    let newest = std::fs::read_dir(&cks)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("step-")
+        })
+        .max()
+        .unwrap();
+    let f = newest.join("student.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x40;
+    std::fs::write(&f, bytes).unwrap();
+    let o = run(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(&fps(&st), r, "the fallback did not replay exactly");
+    let ev = events_text(&st);
+    assert!(
+        ev.lines().any(|l| l.contains("checkpoint.fallback")
+            && l.contains("student:small")
+            && l.contains("resumed from step 6")),
+        "no fallback event for the student in the run's log:\n{ev}"
+    );
+}
+
 /// Mixed precision on the device code path (what a GPU runs; the CPU runs it when the
 /// recipe says bf16): both students compute in bf16 on f32 master weights, their losses
 /// stay near the f32 run's, and a device error in one student restarts that student

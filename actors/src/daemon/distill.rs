@@ -86,11 +86,34 @@ pub fn student_plan(plan: &Plan, sp: &StudentPlan) -> Plan {
     p
 }
 
-/// Opens (or resumes) every student of a distillation run.
+/// Records in the run's event log (`dinod events`) each checkpoint of student `name` that
+/// a load skipped because it did not verify (the student's own store logs it too, where
+/// nobody looks).
+fn report_fallbacks(log: &Store, name: &str, skipped: &[(u64, checkpoints::Problem)], loaded: u64) {
+    for (step, problem) in skipped {
+        let e = checkpoints::Event::new(
+            Level::Warn,
+            checkpoints::event_kind::FALLBACK,
+            format!(
+                "student {name}: checkpoint step {step} is invalid ({problem}); resumed from step {loaded}"
+            ),
+        )
+        .actor(format!("student:{name}"))
+        .step(*step)
+        .fields(json!({"step": step, "problem": problem.to_string(), "resumed_from": loaded}));
+        if let Err(err) = log.append_event(&e) {
+            tracing::error!("cannot record a student's checkpoint fallback: {err}");
+        }
+    }
+}
+
+/// Opens (or resumes) every student of a distillation run; `log` is the run's store, whose
+/// event log hears about student checkpoints skipped as invalid.
 pub fn open_students(
     plan: &Plan,
     state_dir: &Path,
     faults: Arc<super::faults::Faults>,
+    log: &Store,
 ) -> Result<Vec<Arc<StudentRun>>> {
     let mut out = vec![];
     for sp in &plan.students {
@@ -98,7 +121,10 @@ pub fn open_students(
         let dir = state_dir.join("students").join(&sp.name);
         let store = Arc::new(super::open_store(&dir, &p, Some(faults.clone()))?);
         let st = match store.load_latest_valid()? {
-            Some(ck) => engine::restore(&ck, &p).with_context(|| format!("student {}", sp.name))?,
+            Some(ck) => {
+                report_fallbacks(log, &sp.name, &ck.skipped, ck.manifest.step);
+                engine::restore(&ck, &p).with_context(|| format!("student {}", sp.name))?
+            }
             None => {
                 let ts = engine::place(
                     TrainState::new(&sp.ssl, sp.seed, plan.config.precision.dtype())?,
@@ -592,7 +618,10 @@ impl StudentState {
         if dirty {
             let ck = run.store.load_latest_valid()?;
             let st = match ck {
-                Some(c) => engine::restore(&c, &run.plan)?,
+                Some(c) => {
+                    report_fallbacks(&ctx.store, &run.name, &c.skipped, c.manifest.step);
+                    engine::restore(&c, &run.plan)?
+                }
                 None => bail!("student {} is torn and has no checkpoint", run.name),
             };
             let at = st.ts.step;

@@ -353,7 +353,7 @@ fn run_distill(
 ) -> Result<i32> {
     let teacher = distill::load_teacher(&plan, spec)
         .with_context(|| format!("loading the teacher {spec}"))?;
-    let students = distill::open_students(&plan, &opts.state_dir, faults.clone())?;
+    let students = distill::open_students(&plan, &opts.state_dir, faults.clone(), &store)?;
     let source = plan
         .config
         .data

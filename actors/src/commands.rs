@@ -230,18 +230,59 @@ pub fn events(
     Ok(0)
 }
 
-/// `dinod checkpoints list|verify`.
+/// The rows of `dinod checkpoints list|verify` for the run's store and every student's
+/// (`None`: the run's own), in that order; a student's rows carry `"student": NAME`.
+pub fn checkpoint_rows(
+    stores: &[(Option<String>, &checkpoints::Store)],
+    verify: bool,
+) -> Result<Vec<Value>> {
+    let mut rows = vec![];
+    for (student, store) in stores {
+        let v = if verify {
+            json!(store.verify_all()?)
+        } else {
+            json!(store.list()?)
+        };
+        for mut r in v.as_array().cloned().unwrap_or_default() {
+            if let Some(n) = student {
+                r["student"] = json!(n);
+            }
+            rows.push(r);
+        }
+    }
+    Ok(rows)
+}
+
+/// The students' stores of a stopped run (`STATE/students/NAME`), by name.
+fn student_stores_offline(state_dir: &Path) -> Result<Vec<(String, checkpoints::Store)>> {
+    let dir = state_dir.join("students");
+    let mut names: Vec<String> = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("catalog").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => vec![],
+    };
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| Ok((n.clone(), client::open_offline(&dir.join(&n))?)))
+        .collect()
+}
+
+/// `dinod checkpoints list|verify`: the run's checkpoints and every distillation
+/// student's (`STATE/students/NAME`); `verify` exits 1 if any of them is corrupt.
 pub fn checkpoints(state_dir: &Path, action: &str, json_out: bool) -> Result<i32> {
     let verify = action == "verify";
     let doc = match client::request(state_dir, &json!({"cmd": "checkpoints", "verify": verify}))? {
         Some(v) => v,
         None => {
             let store = client::open_offline(state_dir)?;
-            if verify {
-                json!(store.verify_all()?)
-            } else {
-                json!(store.list()?)
-            }
+            let students = student_stores_offline(state_dir)?;
+            let mut stores: Vec<(Option<String>, &checkpoints::Store)> = vec![(None, &store)];
+            stores.extend(students.iter().map(|(n, s)| (Some(n.clone()), s)));
+            json!(checkpoint_rows(&stores, verify)?)
         }
     };
     if json_out {
@@ -256,6 +297,17 @@ pub fn checkpoints(state_dir: &Path, action: &str, json_out: bool) -> Result<i32
         );
         return Ok(0);
     }
+    // a heading before each student's rows
+    let mut owner: Option<Option<String>> = None;
+    let mut heading = |r: &Value| {
+        let o = r["student"].as_str().map(str::to_string);
+        if owner.as_ref() != Some(&o) {
+            if let Some(n) = &o {
+                println!("student {n}:");
+            }
+            owner = Some(o);
+        }
+    };
     if verify {
         let mut bad = 0;
         for r in &items {
@@ -265,6 +317,7 @@ pub fn checkpoints(state_dir: &Path, action: &str, json_out: bool) -> Result<i32
                 .unwrap_or(false);
             bad += usize::from(!ok);
             if !json_out {
+                heading(r);
                 println!(
                     "step {:<10} {}",
                     r["step"],
@@ -295,16 +348,33 @@ pub fn checkpoints(state_dir: &Path, action: &str, json_out: bool) -> Result<i32
             "step", "MB", "latest", "keep"
         );
         for c in &items {
+            heading(c);
+            // why retention keeps it: "latest, recent", "best dense", ...
+            let keep: Vec<String> = c["keep"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|k| match (k["reason"].as_str(), &k["metric"], &k["n"]) {
+                    (Some(r), Value::String(m), _) => format!("{r} {m}"),
+                    (Some(r), _, Value::Number(n)) => format!("{r} {n}"),
+                    (Some(r), _, _) => r.to_string(),
+                    (None, _, _) => k.to_string(),
+                })
+                .collect();
             println!(
                 "{:<10} {:>10.1} {:<8} {:<30} {}",
                 c["step"],
                 c["bytes"].as_u64().unwrap_or(0) as f64 / 1e6,
-                if c["latest"].as_bool() == Some(true) {
+                if c["is_latest"].as_bool() == Some(true) {
                     "*"
                 } else {
                     ""
                 },
-                c["keep"].to_string(),
+                if keep.is_empty() {
+                    "(deleted at the next save)".to_string()
+                } else {
+                    keep.join(", ")
+                },
                 c["scores"]
             );
         }

@@ -288,6 +288,25 @@ fn a_corrupt_student_checkpoint_falls_back_to_the_previous_one() {
     let i = bytes.len() / 2;
     bytes[i] ^= 0x40;
     std::fs::write(&f, bytes).unwrap();
+    // `checkpoints verify` covers the students' stores and finds it
+    let o = dinod(&["checkpoints", "verify", "--state-dir", st.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    // each line under the heading of the store it belongs to
+    let mut under = "";
+    let mut corrupt = vec![];
+    for l in out.lines() {
+        if let Some(n) = l.strip_prefix("student ") {
+            under = n.trim_end_matches(':');
+        } else if l.contains("CORRUPT") {
+            corrupt.push((under, l.split_whitespace().nth(1).unwrap_or("")));
+        }
+    }
+    assert_eq!(corrupt, [("small", "7")], "{out}");
+    assert!(
+        out.contains("student base:") && out.contains("1 corrupt"),
+        "{out}"
+    );
     let o = run(&cfg, &st, STEPS, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(&fps(&st), r, "the fallback did not replay exactly");

@@ -142,16 +142,18 @@ async fn answer(
         }
         "checkpoints" => {
             let verify = req.get("verify").and_then(|v| v.as_bool()).unwrap_or(false);
-            let store = ctx.store.clone();
+            let c = ctx.clone();
             tokio::task::spawn_blocking(move || -> Result<Value, String> {
-                if verify {
-                    store
-                        .verify_all()
-                        .map(|v| json!(v))
-                        .map_err(|e| e.to_string())
-                } else {
-                    store.list().map(|v| json!(v)).map_err(|e| e.to_string())
-                }
+                let mut stores: Vec<(Option<String>, &checkpoints::Store)> =
+                    vec![(None, c.store.as_ref())];
+                stores.extend(
+                    c.students
+                        .iter()
+                        .map(|s| (Some(s.name.clone()), s.store.as_ref())),
+                );
+                crate::commands::checkpoint_rows(&stores, verify)
+                    .map(|v| json!(v))
+                    .map_err(|e| format!("{e:#}"))
             })
             .await
             .unwrap_or_else(|e| Err(e.to_string()))

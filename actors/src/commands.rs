@@ -152,6 +152,18 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
                 l["images_per_s"].as_f64().unwrap_or(0.0),
                 l["queue"]
             );
+            if let Some(m) = l["probes"]["metrics"].as_object() {
+                let shown: Vec<String> = m
+                    .iter()
+                    .filter_map(|(k, v)| Some(format!("{k} {:.4}", v.as_f64()?)))
+                    .collect();
+                println!(
+                    "             {:<10} probes at step {}: {}",
+                    "",
+                    l["probes"]["step"],
+                    shown.join("  ")
+                );
+            }
         }
     }
     Ok(0)

@@ -525,3 +525,70 @@ fn distillation_reports_corrupt_images() {
         assert_eq!(v["run"]["students"][name]["step"], 6, "{v}");
     }
 }
+
+/// With `[[eval.sets]]` the students' EMAs are probed every `eval.every_steps` of their own
+/// steps, as the evaluator probes the teacher of a self-supervised run: an event per
+/// student and evaluation, the metrics in `status`, a probe history in the student's store
+/// (`dinod history` and `viz curves` read it), and training unchanged by it.
+#[test]
+fn students_are_probed_during_distillation() {
+    let r = reference();
+    let dir = TempDir::new("distill-probes");
+    let recipe = distill_config(teacher_dir())
+        + r#"
+[eval]
+every_steps = 4
+[[eval.sets]]
+name = "scenes"
+train = "synthetic:11:32"
+test = "synthetic:12:32"
+size = 32
+n_train = 32
+n_test = 16
+[eval.probes]
+knn_k = 5
+linear_iters = 10
+dense_iters = 10
+locality_images = 8
+batch = 16
+[eval.probes.correspondence]
+images = 4
+"#;
+    let cfg = write_config(dir.path(), &recipe);
+    let st = dir.path().join("state");
+    let o = run(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events_text(&st);
+    for name in ["small", "base"] {
+        for step in [4, 8] {
+            assert!(
+                ev.lines().any(|l| l.contains("probe.done")
+                    && l.contains(&format!("\"actor\":\"student:{name}\""))
+                    && l.contains(&format!("\"step\":{step},"))),
+                "no probes of student {name} at step {step}:\n{ev}"
+            );
+        }
+    }
+    let s = students(&st);
+    for name in ["small", "base"] {
+        let p = &s[name]["probes"];
+        assert_eq!(p["step"], 8, "{s}");
+        for k in ["knn_top1", "dense_miou", "locality"] {
+            assert!(p["metrics"][k].as_f64().is_some(), "{k} missing: {s}");
+        }
+    }
+    // the student's own history has the two evaluations
+    let small = st.join("students/small");
+    let o = dinod(&["history", "--json", "--state-dir", small.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let h: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let steps: Vec<u64> = h["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [4, 8], "{h}");
+    // probing reads the students and changes nothing
+    assert_eq!(&fps(&st), r);
+}

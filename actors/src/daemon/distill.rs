@@ -519,6 +519,44 @@ pub struct StudentState {
     losses: std::collections::VecDeque<f64>,
     step_ms: f64,
     last: Option<Instant>,
+    /// The latest probes of this student's EMA: step and metrics (for `dinod status`).
+    probes: Option<serde_json::Value>,
+}
+
+/// Probes student `run`'s EMA (what its checkpoints export) at `step`, on a host copy, with
+/// the run's probe sets, and records the result in the student's probe history.
+fn probe_student(ctx: &Ctx, run: &StudentRun, step: u64) -> Result<super::evaluator::Evaluation> {
+    let sets = {
+        let mut g = ctx
+            .probe_sets
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the probe sets lock is poisoned"))?;
+        if g.is_none() {
+            *g = Some(Arc::new(super::evaluator::build_sets(
+                &ctx.plan.config.eval,
+            )?));
+        }
+        g.clone().expect("built above")
+    };
+    let vit = {
+        let e = run.engine.lock();
+        let bb = &e.ts.teacher.backbone;
+        if bb.device().is_cpu() {
+            bb.deep_clone()?
+        } else {
+            bb.to_device(&candle_core::Device::Cpu)?
+        }
+    };
+    let ev = super::evaluator::evaluate(&vit, &sets, &ctx.plan.config.eval, step)?;
+    run.store.record_probe(
+        step,
+        "probes",
+        &json!({"metrics": ev.metrics, "ms": ev.ms, "report": ev.report}),
+    )?;
+    if let Some(d) = ev.metrics.dense_miou {
+        run.store.set_score(step, "dense", d)?;
+    }
+    Ok(ev)
 }
 
 fn save_student(run: &StudentRun) -> Result<checkpoints::SaveReport> {
@@ -816,8 +854,9 @@ impl StudentState {
             0.0
         };
         let produced = ctx.board.run_status().step;
+        let probes = self.probes.clone();
         ctx.board.run(|r| {
-            r.students.insert(run.name.clone(), json!({"step": step + 1, "batch": k + 1, "losses": losses, "grad_norms": norms, "images_per_s": ips, "step_ms": self.step_ms, "queue": produced.saturating_sub(k + 1)}));
+            r.students.insert(run.name.clone(), json!({"step": step + 1, "batch": k + 1, "losses": losses, "grad_norms": norms, "images_per_s": ips, "step_ms": self.step_ms, "queue": produced.saturating_sub(k + 1), "probes": probes}));
             r.last_step_ms = now_ms();
         });
         metrics::gauge!("dinod_student_step", "student" => run.name.clone()).set((step + 1) as f64);
@@ -849,6 +888,55 @@ impl StudentState {
                     Some(step + 1),
                     format!(
                         "student {} checkpoint at step {} failed (training continues): {e:#}",
+                        run.name,
+                        step + 1
+                    ),
+                    json!({}),
+                ),
+            }
+        }
+        let ev_cfg = &ctx.plan.config.eval;
+        if !ev_cfg.sets.is_empty() && ev_cfg.every_steps > 0 && (step + 1) % ev_cfg.every_steps == 0
+        {
+            // the student's EMA, probed as the evaluator probes the teacher; a failed
+            // evaluation is reported and training goes on
+            ctx.board.phase(&name, ActorPhase::Eval);
+            let (c5, r5) = (ctx.clone(), run.clone());
+            match self
+                .worker
+                .run(move || probe_student(&c5, &r5, step + 1))
+                .await?
+            {
+                Ok(ev) => {
+                    let p = json!({"step": step + 1, "metrics": ev.metrics});
+                    ctx.board.run(|r| {
+                        if let Some(e) = r.students.get_mut(&run.name) {
+                            e["probes"] = p.clone();
+                        }
+                    });
+                    self.probes = Some(p);
+                    ctx.event(
+                        Level::Info,
+                        "probe.done",
+                        Some(&name),
+                        Some(step + 1),
+                        format!(
+                            "student {}: probes at step {} in {:.1} s: {}",
+                            run.name,
+                            step + 1,
+                            ev.ms / 1e3,
+                            serde_json::to_string(&ev.metrics).unwrap_or_default()
+                        ),
+                        json!({"metrics": ev.metrics, "ms": ev.ms}),
+                    );
+                }
+                Err(e) => ctx.event(
+                    Level::Warn,
+                    "probe.failed",
+                    Some(&name),
+                    Some(step + 1),
+                    format!(
+                        "student {}: probes at step {} failed (training continues): {e:#}",
                         run.name,
                         step + 1
                     ),
@@ -893,6 +981,7 @@ impl Actor for StudentActor {
             losses: Default::default(),
             step_ms: 0.0,
             last: None,
+            probes: None,
         })
     }
 

@@ -108,6 +108,9 @@ pub struct Ctx {
     /// The frozen distillation teacher on each member's device (data parallel), built on
     /// first use; the member on the run's device shares `frozen_teacher`.
     pub frozen_replicas: std::sync::Mutex<Vec<Arc<model::ssl::SslModel>>>,
+    /// The probe sets of a distillation's student evaluations, built on first use and
+    /// shared by the students.
+    pub probe_sets: std::sync::Mutex<Option<Arc<Vec<eval_probes::ProbeSet>>>>,
 }
 
 impl Ctx {
@@ -142,6 +145,7 @@ impl Ctx {
             group: std::sync::Mutex::new(None),
             group_turn: std::sync::Mutex::new(()),
             frozen_replicas: std::sync::Mutex::new(vec![]),
+            probe_sets: std::sync::Mutex::new(None),
         }
     }
 

@@ -589,6 +589,31 @@ images = 4
         .map(|p| p["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, [4, 8], "{h}");
+    // an evaluated step is a checkpoint (4 is not a multiple of every_steps = 3), scored
+    // for best-dense retention
+    for name in ["small", "base"] {
+        assert!(
+            ev.contains(&format!("student {name} checkpoint at step 4:")),
+            "{name} saved nothing at its evaluated step 4:\n{ev}"
+        );
+    }
+    let o = dinod(&[
+        "checkpoints",
+        "list",
+        "--json",
+        "--state-dir",
+        st.to_str().unwrap(),
+    ]);
+    let rows: Value = serde_json::from_slice(&o.stdout).unwrap();
+    for name in ["small", "base"] {
+        let at8 = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["student"] == name && r["step"] == 8)
+            .unwrap_or_else(|| panic!("no checkpoint of {name} at step 8: {rows}"));
+        assert!(at8["scores"]["dense"].as_f64().is_some(), "{at8}");
+    }
     // probing reads the students and changes nothing
     assert_eq!(&fps(&st), r);
 }

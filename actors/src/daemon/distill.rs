@@ -407,7 +407,15 @@ fn produce(ctx: &Ctx, prod: &mut Producer, index: u64) -> Result<Arc<Item>> {
         let i = prod.produced;
         // reported once, when first read (a recomputed batch meets them again)
         super::loader::report_bad_inputs(ctx, TEACHER, i, &h.bad_inputs);
-        let item = Arc::new(teacher_outputs(ctx, i, &h)?);
+        let item = match teacher_outputs(ctx, i, &h) {
+            Ok(it) => Arc::new(it),
+            Err(e) => {
+                // the loader has moved past batch i: reopen it there next time, or batch
+                // i + 1 would be produced as batch i
+                prod.loader = None;
+                return Err(e);
+            }
+        };
         prod.ring.insert(i, item);
         prod.produced += 1;
         while prod.ring.len() as u64 > keep {
@@ -862,42 +870,11 @@ impl StudentState {
         metrics::gauge!("dinod_student_step", "student" => run.name.clone()).set((step + 1) as f64);
         metrics::gauge!("dinod_student_loss", "student" => run.name.clone()).set(losses.total);
         metrics::gauge!("dinod_last_step_timestamp_seconds").set(now_ms() as f64 / 1e3);
-        let every = ctx.plan.config.checkpoint.every_steps;
-        if (step + 1) % every == 0 {
-            let r4 = run.clone();
-            ctx.board.phase(&name, ActorPhase::Checkpoint);
-            match self.worker.run(move || save_student(&r4)).await? {
-                Ok(rep) => ctx.event(
-                    Level::Info,
-                    "checkpoint.saved",
-                    Some(&name),
-                    Some(step + 1),
-                    format!(
-                        "student {} checkpoint at step {}: {:.1} MB, {:.0} ms",
-                        run.name,
-                        step + 1,
-                        rep.bytes as f64 / 1e6,
-                        rep.durable().as_secs_f64() * 1e3
-                    ),
-                    json!({"bytes": rep.bytes}),
-                ),
-                Err(e) => ctx.event(
-                    Level::Error,
-                    "checkpoint.failed",
-                    Some(&name),
-                    Some(step + 1),
-                    format!(
-                        "student {} checkpoint at step {} failed (training continues): {e:#}",
-                        run.name,
-                        step + 1
-                    ),
-                    json!({}),
-                ),
-            }
-        }
         let ev_cfg = &ctx.plan.config.eval;
-        if !ev_cfg.sets.is_empty() && ev_cfg.every_steps > 0 && (step + 1) % ev_cfg.every_steps == 0
-        {
+        let evaluated = !ev_cfg.sets.is_empty()
+            && ev_cfg.every_steps > 0
+            && (step + 1) % ev_cfg.every_steps == 0;
+        if evaluated {
             // the student's EMA, probed as the evaluator probes the teacher; a failed
             // evaluation is reported and training goes on
             ctx.board.phase(&name, ActorPhase::Eval);
@@ -937,6 +914,41 @@ impl StudentState {
                     Some(step + 1),
                     format!(
                         "student {}: probes at step {} failed (training continues): {e:#}",
+                        run.name,
+                        step + 1
+                    ),
+                    json!({}),
+                ),
+            }
+        }
+        let every = ctx.plan.config.checkpoint.every_steps;
+        // an evaluated step is saved too, as in a self-supervised run: the probe history
+        // then names checkpoints (keep_best_dense keeps the best student)
+        if (step + 1) % every == 0 || evaluated {
+            let r4 = run.clone();
+            ctx.board.phase(&name, ActorPhase::Checkpoint);
+            match self.worker.run(move || save_student(&r4)).await? {
+                Ok(rep) => ctx.event(
+                    Level::Info,
+                    "checkpoint.saved",
+                    Some(&name),
+                    Some(step + 1),
+                    format!(
+                        "student {} checkpoint at step {}: {:.1} MB, {:.0} ms",
+                        run.name,
+                        step + 1,
+                        rep.bytes as f64 / 1e6,
+                        rep.durable().as_secs_f64() * 1e3
+                    ),
+                    json!({"bytes": rep.bytes}),
+                ),
+                Err(e) => ctx.event(
+                    Level::Error,
+                    "checkpoint.failed",
+                    Some(&name),
+                    Some(step + 1),
+                    format!(
+                        "student {} checkpoint at step {} failed (training continues): {e:#}",
                         run.name,
                         step + 1
                     ),

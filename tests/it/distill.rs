@@ -569,6 +569,21 @@ images = 4
             );
         }
     }
+    // the frozen teacher is probed once, before the first batch: the reference
+    assert_eq!(
+        ev.lines()
+            .filter(|l| l.contains("probe.done") && l.contains("\"actor\":\"teacher\""))
+            .count(),
+        1,
+        "{ev}"
+    );
+    let o = dinod(&["status", "--json", "--state-dir", st.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["run"]["probes"]["of"], "the frozen teacher", "{v}");
+    assert!(
+        v["run"]["probes"]["metrics"]["knn_top1"].as_f64().is_some(),
+        "{v}"
+    );
     let s = students(&st);
     for name in ["small", "base"] {
         let p = &s[name]["probes"];
@@ -616,4 +631,10 @@ images = 4
     }
     // probing reads the students and changes nothing
     assert_eq!(&fps(&st), r);
+    // a later process shows the latest evaluation until it makes its own
+    let o = run(&cfg, &st, STEPS + 2, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let s = students(&st);
+    assert_eq!(s["small"]["step"], STEPS + 2, "{s}");
+    assert_eq!(s["small"]["probes"]["step"], 8, "{s}");
 }

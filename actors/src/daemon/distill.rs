@@ -484,6 +484,40 @@ impl Actor for DistillTeacherActor {
             return Ok(());
         }
         st.ctx.faults.maybe_panic(TEACHER, index);
+        if !st.ctx.plan.config.eval.sets.is_empty()
+            && !st.ctx.teacher_probed.swap(true, Ordering::SeqCst)
+        {
+            // once per process, before the first batch: what the students are measured against
+            st.ctx.board.phase(TEACHER, ActorPhase::Eval);
+            let c = st.ctx.clone();
+            match st.worker.run(move || probe_frozen_teacher(&c)).await? {
+                Ok(ev) => {
+                    st.ctx.board.run(|r| {
+                        r.probes = json!({"of": "the frozen teacher", "metrics": ev.metrics, "ms": ev.ms})
+                    });
+                    st.ctx.event(
+                        Level::Info,
+                        "probe.done",
+                        Some(TEACHER),
+                        None,
+                        format!(
+                            "the frozen teacher: probes in {:.1} s: {}",
+                            ev.ms / 1e3,
+                            serde_json::to_string(&ev.metrics).unwrap_or_default()
+                        ),
+                        json!({"metrics": ev.metrics, "ms": ev.ms}),
+                    );
+                }
+                Err(e) => st.ctx.event(
+                    Level::Warn,
+                    "probe.failed",
+                    Some(TEACHER),
+                    None,
+                    format!("probing the frozen teacher failed (distillation goes on): {e:#}"),
+                    json!({}),
+                ),
+            }
+        }
         st.ctx.board.phase(TEACHER, ActorPhase::Step);
         let ctx = st.ctx.clone();
         let prod = st.prod.clone();
@@ -531,21 +565,36 @@ pub struct StudentState {
     probes: Option<serde_json::Value>,
 }
 
+/// The run's probe sets, built on first use and shared by the teacher and the students.
+fn probe_sets(ctx: &Ctx) -> Result<Arc<Vec<eval_probes::ProbeSet>>> {
+    let mut g = ctx
+        .probe_sets
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the probe sets lock is poisoned"))?;
+    if g.is_none() {
+        *g = Some(Arc::new(super::evaluator::build_sets(
+            &ctx.plan.config.eval,
+        )?));
+    }
+    Ok(g.clone().expect("built above"))
+}
+
+/// Probes the frozen teacher (an f32 host copy of its backbone): the reference the
+/// students' probes are read against.
+fn probe_frozen_teacher(ctx: &Ctx) -> Result<super::evaluator::Evaluation> {
+    let sets = probe_sets(ctx)?;
+    let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
+    let vit = teacher
+        .backbone
+        .to_device(&candle_core::Device::Cpu)?
+        .cast(candle_core::DType::F32)?;
+    super::evaluator::evaluate(&vit, &sets, &ctx.plan.config.eval, 0)
+}
+
 /// Probes student `run`'s EMA (what its checkpoints export) at `step`, on a host copy, with
 /// the run's probe sets, and records the result in the student's probe history.
 fn probe_student(ctx: &Ctx, run: &StudentRun, step: u64) -> Result<super::evaluator::Evaluation> {
-    let sets = {
-        let mut g = ctx
-            .probe_sets
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the probe sets lock is poisoned"))?;
-        if g.is_none() {
-            *g = Some(Arc::new(super::evaluator::build_sets(
-                &ctx.plan.config.eval,
-            )?));
-        }
-        g.clone().expect("built above")
-    };
+    let sets = probe_sets(ctx)?;
     let vit = {
         let e = run.engine.lock();
         let bb = &e.ts.teacher.backbone;
@@ -988,12 +1037,20 @@ impl Actor for StudentActor {
         Ok(StudentState {
             worker: Worker::spawn(&format!("dinod-{}", run.name))?,
             ctx,
-            run,
             retried: None,
             losses: Default::default(),
             step_ms: 0.0,
             last: None,
-            probes: None,
+            // the latest evaluation, possibly from an earlier process
+            probes: run
+                .store
+                .latest_probes()
+                .ok()
+                .into_iter()
+                .flatten()
+                .find(|p| p.name == "probes")
+                .map(|p| json!({"step": p.step, "metrics": p.value["metrics"]})),
+            run,
         })
     }
 

@@ -111,6 +111,9 @@ pub struct Ctx {
     /// The probe sets of a distillation's student evaluations, built on first use and
     /// shared by the students.
     pub probe_sets: std::sync::Mutex<Option<Arc<Vec<eval_probes::ProbeSet>>>>,
+    /// The frozen distillation teacher has been probed in this process (once, as the
+    /// reference the students' probes are read against).
+    pub teacher_probed: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx {
@@ -146,6 +149,7 @@ impl Ctx {
             group_turn: std::sync::Mutex::new(()),
             frozen_replicas: std::sync::Mutex::new(vec![]),
             probe_sets: std::sync::Mutex::new(None),
+            teacher_probed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

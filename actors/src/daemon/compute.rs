@@ -59,8 +59,9 @@ const CONTEXT_LOST: &[&str] = &[
 ];
 
 /// Classifies an error message of the compute path: a CUDA / cuBLAS error whose context
-/// survives (out of memory, a bad launch configuration) is recoverable by restarting the
-/// actor; a sticky error or a vanished device loses the context. `None`: not a device
+/// survives (out of memory, a bad launch configuration) or a failed NCCL collective is
+/// recoverable by restarting the actor; a sticky error or a vanished device loses the
+/// context. `None`: not a device
 /// error (a bug or bad data: the ordinary restart policy handles it).
 pub fn classify_device_error(msg: &str) -> Option<DeviceFault> {
     if CONTEXT_LOST.iter().any(|c| msg.contains(c)) {
@@ -69,8 +70,22 @@ pub fn classify_device_error(msg: &str) -> Option<DeviceFault> {
     if msg.contains("CUDA_ERROR_") || msg.contains("CUBLAS_STATUS_") || msg.contains("cuda error") {
         return Some(DeviceFault::Recoverable(msg.to_string()));
     }
+    // a failed NCCL collective (a peer's CUDA error, a lost connection): the failed group
+    // is dropped and the restarted actor builds a fresh one; if the context itself is
+    // gone, the next CUDA call says so with a context-losing error
+    if NCCL_FAILED.iter().any(|c| msg.contains(c)) {
+        return Some(DeviceFault::Recoverable(msg.to_string()));
+    }
     None
 }
+
+/// NCCL results that fail a collective (`ncclResult_t`, as cudarc prints them).
+const NCCL_FAILED: &[&str] = &[
+    "ncclUnhandledCudaError",
+    "ncclSystemError",
+    "ncclInternalError",
+    "ncclRemoteError",
+];
 
 /// The device fault an error carries: injected ([`DeviceFaultError`]) or a real CUDA
 /// error recognised by [`classify_device_error`].
@@ -624,6 +639,17 @@ mod tests {
         ));
         assert!(matches!(
             classify_device_error("CUBLAS_STATUS_INVALID_VALUE in gemm"),
+            Some(DeviceFault::Recoverable(_))
+        ));
+        // a failed NCCL collective: the actor restarts and the group is rebuilt
+        assert!(matches!(
+            classify_device_error(
+                "data-parallel member 1: NCCL all-reduce: reduce: ncclRemoteError"
+            ),
+            Some(DeviceFault::Recoverable(_))
+        ));
+        assert!(matches!(
+            classify_device_error("NCCL all-reduce: reduce: ncclUnhandledCudaError"),
             Some(DeviceFault::Recoverable(_))
         ));
         // ordinary errors are not device faults

@@ -215,6 +215,18 @@ pub fn similarity(
 /// A run's losses, probe metrics and stage transitions (`{"train", "probes",
 /// "transitions"}`), from its daemon or (stopped) its store.
 pub fn history_of(state_dir: &Path) -> Result<Value> {
+    // a distillation student's directory (`STATE/students/NAME`): while the run's daemon
+    // holds its store open, the daemon answers for it
+    let student = state_dir
+        .parent()
+        .filter(|p| p.file_name().is_some_and(|n| n == "students"))
+        .and_then(|p| p.parent())
+        .zip(state_dir.file_name().and_then(|n| n.to_str()));
+    if let Some((run, name)) = student {
+        if let Some(v) = client::request(run, &json!({"cmd": "history", "student": name}))? {
+            return Ok(v);
+        }
+    }
     Ok(
         match client::request(state_dir, &json!({"cmd": "history"}))? {
             Some(v) => v,

@@ -637,4 +637,36 @@ images = 4
     let s = students(&st);
     assert_eq!(s["small"]["step"], STEPS + 2, "{s}");
     assert_eq!(s["small"]["probes"]["step"], 8, "{s}");
+    // while a daemon runs it holds the student's store open: it answers for the student
+    let mut child = spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--max-steps",
+        "100000",
+    ]);
+    let small = st.join("students/small");
+    let t0 = std::time::Instant::now();
+    let mut seen = vec![];
+    while t0.elapsed() < Duration::from_secs(60) && !seen.contains(&12) {
+        std::thread::sleep(Duration::from_millis(50));
+        let o = dinod(&["history", "--json", "--state-dir", small.to_str().unwrap()]);
+        if let Ok(h) = serde_json::from_slice::<Value>(&o.stdout) {
+            seen = h["probes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["step"].as_u64())
+                .collect();
+        }
+    }
+    let o = dinod(&["stop", "--state-dir", st.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let _ = wait_timeout(&mut child, Duration::from_secs(60));
+    assert!(
+        seen.starts_with(&[4, 8, 12]),
+        "the running daemon's student history: {seen:?}"
+    );
 }

@@ -159,11 +159,25 @@ async fn answer(
             .unwrap_or_else(|e| Err(e.to_string()))
         }
         "history" => {
-            let store = ctx.store.clone();
-            let stage = ctx.engine.lock().stage.clone();
-            tokio::task::spawn_blocking(move || history_doc(&store, &stage))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()))
+            // a distillation student's own history (`STATE/students/NAME`, which a running
+            // daemon holds open), or the run's
+            let whose = match req.get("student").and_then(|v| v.as_str()) {
+                Some(name) => ctx
+                    .students
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map(|s| (s.store.clone(), s.engine.lock().stage.clone()))
+                    .ok_or_else(|| format!("this run has no student `{name}`")),
+                None => Ok((ctx.store.clone(), ctx.engine.lock().stage.clone())),
+            };
+            match whose {
+                Ok((store, stage)) => {
+                    tokio::task::spawn_blocking(move || history_doc(&store, &stage))
+                        .await
+                        .unwrap_or_else(|e| Err(e.to_string()))
+                }
+                Err(e) => Err(e),
+            }
         }
         "pause" => coordinator_cast(CoordMsg::Pause)
             .await

@@ -83,10 +83,17 @@ pub fn probe(
     if json_out {
         println!("{}", serde_json::to_string_pretty(&ev)?);
     } else {
-        println!(
-            "probes of the EMA teacher at step {s} ({:.1} s)",
-            ev.ms / 1e3
-        );
+        // a distillation student's directory holds that student's EMA as its "teacher"
+        let whose = match (
+            state_dir.parent().and_then(|p| p.file_name()),
+            state_dir.file_name(),
+        ) {
+            (Some(p), Some(n)) if p == "students" => {
+                format!("student {}'s EMA", n.to_string_lossy())
+            }
+            _ => "the EMA teacher".to_string(),
+        };
+        println!("probes of {whose} at step {s} ({:.1} s)", ev.ms / 1e3);
         let m = serde_json::to_value(&ev.metrics)?;
         for (k, v) in m.as_object().into_iter().flatten() {
             println!(

@@ -669,4 +669,12 @@ images = 4
         seen.starts_with(&[4, 8, 12]),
         "the running daemon's student history: {seen:?}"
     );
+    // `dinod probe` on a student's directory probes that student's EMA and says so
+    let o = dinod(&["probe", "--state-dir", small.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("probes of student small's EMA at step"),
+        "{}",
+        text(&o)
+    );
 }

@@ -321,23 +321,7 @@ fn a_corrupt_checkpoint_falls_back_to_the_previous_one() {
     let st = dir.path().join("state");
     assert_eq!(run_to(&cfg, &st, 9, &[]).status.code(), Some(0));
     // flip one byte in the middle of the latest student tensors
-    let ck = std::fs::read_dir(st.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("step-")
-        })
-        .max()
-        .unwrap();
-    let f = ck.join("student.safetensors");
-    let mut bytes = std::fs::read(&f).unwrap();
-    let i = bytes.len() / 2;
-    bytes[i] ^= 0x40;
-    std::fs::write(&f, bytes).unwrap();
+    corrupt_newest_checkpoint(&st);
     let o = dinod(&["checkpoints", "verify", "--state-dir", st.to_str().unwrap()]);
     assert_eq!(
         o.status.code(),

@@ -270,24 +270,7 @@ fn a_corrupt_student_checkpoint_falls_back_to_the_previous_one() {
     // checkpoints at 3 and 6 (every_steps = 3) and the final one at 7
     let o = run(&cfg, &st, 7, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let cks = st.join("students/small/checkpoints");
-    let newest = std::fs::read_dir(&cks)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("step-")
-        })
-        .max()
-        .unwrap();
-    let f = newest.join("student.safetensors");
-    let mut bytes = std::fs::read(&f).unwrap();
-    let i = bytes.len() / 2;
-    bytes[i] ^= 0x40;
-    std::fs::write(&f, bytes).unwrap();
+    corrupt_newest_checkpoint(&st.join("students/small"));
     // `checkpoints verify` covers the students' stores and finds it
     let o = dinod(&["checkpoints", "verify", "--state-dir", st.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
@@ -534,26 +517,7 @@ fn distillation_reports_corrupt_images() {
 fn students_are_probed_during_distillation() {
     let r = reference();
     let dir = TempDir::new("distill-probes");
-    let recipe = distill_config(teacher_dir())
-        + r#"
-[eval]
-every_steps = 4
-[[eval.sets]]
-name = "scenes"
-train = "synthetic:11:32"
-test = "synthetic:12:32"
-size = 32
-n_train = 32
-n_test = 16
-[eval.probes]
-knn_k = 5
-linear_iters = 10
-dense_iters = 10
-locality_images = 8
-batch = 16
-[eval.probes.correspondence]
-images = 4
-"#;
+    let recipe = distill_config(teacher_dir()) + &tiny_eval(4);
     let cfg = write_config(dir.path(), &recipe);
     let st = dir.path().join("state");
     let o = run(&cfg, &st, STEPS, &[]);

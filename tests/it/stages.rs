@@ -9,24 +9,10 @@ use serde_json::Value;
 
 use crate::support::*;
 
-const EVAL: &str = r#"
-[eval]
-every_steps = 2
-[[eval.sets]]
-name = "scenes"
-train = "synthetic:11:32"
-test = "synthetic:12:32"
-size = 32
-n_train = 32
-n_test = 16
-[eval.probes]
-knn_k = 5
-linear_iters = 10
-dense_iters = 10
-locality_images = 8
-batch = 16
-[eval.probes.correspondence]
-images = 4
+/// The tiny probe sets every 2 steps and a stage machine that reacts at once.
+fn eval() -> String {
+    tiny_eval(2)
+        + r#"
 [stages]
 patience = 1
 dense_metric = "locality"
@@ -36,7 +22,8 @@ ramp_steps = 2
 refresh_every = 4
 max_refreshes = 2
 refresh_policy = "schedule"
-"#;
+"#
+}
 
 fn events(state: &Path) -> Vec<Value> {
     let o = dinod(&[
@@ -69,7 +56,7 @@ fn run_to(cfg: &Path, state: &Path, steps: u64) -> std::process::Output {
 #[test]
 fn probe_driven_refreshes_copy_only_an_ema_teacher_as_good_as_the_gram_teacher() {
     let dir = TempDir::new("stages-probe-refresh");
-    let eval = EVAL.replace(
+    let eval = eval().replace(
         "refresh_policy = \"schedule\"",
         "refresh_policy = \"probe\"",
     );
@@ -169,7 +156,7 @@ fn probe_driven_refreshes_copy_only_an_ema_teacher_as_good_as_the_gram_teacher()
 #[test]
 fn a_degradation_switches_to_gram_anchoring_and_the_gram_loss_turns_on() {
     let dir = TempDir::new("stages");
-    let cfg = write_config(dir.path(), &tiny_config(EVAL));
+    let cfg = write_config(dir.path(), &tiny_config(&eval()));
     let st = dir.path().join("state");
     let o = run_to(&cfg, &st, 16);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
@@ -213,18 +200,7 @@ fn a_degradation_switches_to_gram_anchoring_and_the_gram_loss_turns_on() {
     assert_eq!(s["run"]["stage"], "gram_anchor", "{s}");
     let gram = s["run"]["losses"]["gram"].as_f64().unwrap();
     assert!(gram > 0.0, "Gram loss not active: {s}");
-    let ck = std::fs::read_dir(st.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("step-")
-        })
-        .max()
-        .unwrap();
+    let ck = newest_checkpoint(&st);
     assert!(
         ck.join("gram_teacher.safetensors").exists(),
         "no Gram teacher in {}",
@@ -277,7 +253,7 @@ fn a_degradation_switches_to_gram_anchoring_and_the_gram_loss_turns_on() {
 #[test]
 fn a_resumed_run_in_gram_anchoring_continues_exactly() {
     let dir = TempDir::new("stages-resume");
-    let cfg = write_config(dir.path(), &tiny_config(EVAL));
+    let cfg = write_config(dir.path(), &tiny_config(&eval()));
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
     assert_eq!(run_to(&cfg, &a, 14).status.code(), Some(0));
     assert_eq!(run_to(&cfg, &b, 9).status.code(), Some(0));
@@ -306,7 +282,7 @@ fn a_resumed_run_in_gram_anchoring_continues_exactly() {
 #[test]
 fn probe_and_feature_pictures_from_a_checkpoint() {
     let dir = TempDir::new("viz");
-    let cfg = write_config(dir.path(), &tiny_config(EVAL));
+    let cfg = write_config(dir.path(), &tiny_config(&eval()));
     let st = dir.path().join("state");
     assert_eq!(run_to(&cfg, &st, 4).status.code(), Some(0));
     let o = dinod(&["probe", "--json", "--state-dir", st.to_str().unwrap()]);
@@ -365,7 +341,7 @@ fn probe_and_feature_pictures_from_a_checkpoint() {
 #[test]
 fn after_high_res_adaptation_the_run_hands_over_to_its_students() {
     let dir = TempDir::new("stages-handoff");
-    let extra = EVAL.replace(
+    let extra = eval().replace(
         "max_refreshes = 2",
         "max_refreshes = 2\nmin_steps = 0\nmax_steps = 3",
     ) + r#"
@@ -430,7 +406,7 @@ ibot_head = { hidden_dim = 16, bottleneck_dim = 8, n_prototypes = 64 }
 #[test]
 fn the_stage_command_says_what_the_next_transition_waits_for() {
     let dir = TempDir::new("stage-text");
-    let cfg = write_config(dir.path(), &tiny_config(EVAL));
+    let cfg = write_config(dir.path(), &tiny_config(&eval()));
     let st = dir.path().join("state");
     let sd = st.to_str().unwrap();
     let mut child = spawn(&[

@@ -211,3 +211,56 @@ pub fn image_folder_with_bad_files(dir: &Path, good: usize) -> (String, [&'stati
         ["truncated.jpg", "garbage.png"],
     )
 }
+
+/// The tiny probe sets of the end-to-end tests (scenes of 32 px), probed every `every`
+/// steps: an `[eval]` section to append to a recipe.
+pub fn tiny_eval(every: u64) -> String {
+    format!(
+        r#"
+[eval]
+every_steps = {every}
+[[eval.sets]]
+name = "scenes"
+train = "synthetic:11:32"
+test = "synthetic:12:32"
+size = 32
+n_train = 32
+n_test = 16
+[eval.probes]
+knn_k = 5
+linear_iters = 10
+dense_iters = 10
+locality_images = 8
+batch = 16
+[eval.probes.correspondence]
+images = 4
+"#
+    )
+}
+
+/// The directory of the newest checkpoint in a state directory (a run's, or a
+/// distillation student's `STATE/students/NAME`).
+pub fn newest_checkpoint(state: &Path) -> PathBuf {
+    std::fs::read_dir(state.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("step-")
+        })
+        .max()
+        .unwrap()
+}
+
+/// Flips one byte in the middle of the student tensors of the newest checkpoint in a
+/// state directory.
+pub fn corrupt_newest_checkpoint(state: &Path) {
+    let f = newest_checkpoint(state).join("student.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x40;
+    std::fs::write(&f, bytes).unwrap();
+}

@@ -331,13 +331,7 @@ impl CoordState {
         let ctx = self.ctx.clone();
         let (step, teacher) = {
             let e = ctx.engine.lock();
-            // a host copy: the probes run on the evaluator's thread on the CPU
-            let bb = &e.ts.teacher.backbone;
-            let copy = if bb.device().is_cpu() {
-                bb.deep_clone()
-            } else {
-                bb.to_device(&candle_core::Device::Cpu)
-            };
+            let copy = evaluator::host_copy(&e.ts.teacher.backbone);
             (e.ts.step, copy.map_err(|e| e.to_string())?)
         };
         let ev = call(&ctx.board, evaluator::NAME, move |reply| {

@@ -595,15 +595,7 @@ fn probe_frozen_teacher(ctx: &Ctx) -> Result<super::evaluator::Evaluation> {
 /// the run's probe sets, and records the result in the student's probe history.
 fn probe_student(ctx: &Ctx, run: &StudentRun, step: u64) -> Result<super::evaluator::Evaluation> {
     let sets = probe_sets(ctx)?;
-    let vit = {
-        let e = run.engine.lock();
-        let bb = &e.ts.teacher.backbone;
-        if bb.device().is_cpu() {
-            bb.deep_clone()?
-        } else {
-            bb.to_device(&candle_core::Device::Cpu)?
-        }
-    };
+    let vit = super::evaluator::host_copy(&run.engine.lock().ts.teacher.backbone)?;
     let ev = super::evaluator::evaluate(&vit, &sets, &ctx.plan.config.eval, step)?;
     run.store.record_probe(
         step,

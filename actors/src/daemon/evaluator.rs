@@ -77,6 +77,16 @@ pub fn build_sets(cfg: &crate::config::EvalSection) -> Result<Vec<ProbeSet>> {
     Ok(out)
 }
 
+/// A host copy of a backbone for the probes, which run on the CPU on their own thread (a
+/// deep copy when it is on the host already, so training may go on changing the original).
+pub fn host_copy(vit: &Vit) -> candle_core::Result<Vit> {
+    if vit.device().is_cpu() {
+        vit.deep_clone()
+    } else {
+        vit.to_device(&candle_core::Device::Cpu)
+    }
+}
+
 /// Runs the probes on a backbone (used by the evaluator and by `dinod probe`).
 pub fn evaluate(
     vit: &Vit,

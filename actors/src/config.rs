@@ -337,8 +337,8 @@ pub struct FaultSpec {
     /// `panic`, `nan`, `slow`, `io_error`, `device_error`, `device_lost`.
     pub kind: String,
     /// Which actor (for `panic`, `slow`): data_loader, teacher, trainer, ema, evaluator,
-    /// checkpointer, control, coordinator, `student:NAME`; for `device_error` also
-    /// `member:R`, member R > 0 of a data-parallel group.
+    /// checkpointer, control, coordinator, `student:NAME`; for `device_error` and `slow`
+    /// also `member:R`, member R > 0 of a data-parallel group (in the student's step).
     #[serde(default)]
     pub actor: Option<String>,
     /// At which step.
@@ -440,9 +440,9 @@ impl FaultSpec {
             }
         }
         if let Some(a) = self.actor.as_deref().filter(|a| member(a)) {
-            if self.kind != "device_error" {
+            if !matches!(self.kind.as_str(), "device_error" | "slow") {
                 return Err(format!(
-                    "fault `{}` cannot be aimed at `{a}`: only device_error fires in a data-parallel member",
+                    "fault `{}` cannot be aimed at `{a}`: only device_error and slow fire in a data-parallel member",
                     self.kind
                 ));
             }
@@ -533,6 +533,13 @@ pub struct RuntimeSection {
     /// copies of it each step.
     #[serde(default = "d_data_parallel")]
     pub data_parallel: usize,
+    /// Data parallelism: how long a member waits in one all-reduce for the others before
+    /// the collective fails (a member that stopped: its GPU hung, a peer that died). The
+    /// group is then dropped (on NCCL: `ncclCommAbort`) and the step redone on a fresh
+    /// one, as for any recoverable device fault. Below `heartbeat.step_s`, or the hang
+    /// watchdog fires first.
+    #[serde(default = "d_collective_timeout")]
+    pub collective_timeout_s: f64,
     /// Injected faults.
     #[serde(default)]
     pub faults: Vec<FaultSpec>,
@@ -540,6 +547,10 @@ pub struct RuntimeSection {
 
 fn d_data_parallel() -> usize {
     1
+}
+
+fn d_collective_timeout() -> f64 {
+    300.0
 }
 
 fn d_log_every() -> u64 {
@@ -576,6 +587,7 @@ impl Default for RuntimeSection {
             gpu_wait_max_s: 0.0,
             cpu_batch_size: None,
             data_parallel: d_data_parallel(),
+            collective_timeout_s: d_collective_timeout(),
             faults: vec![],
         }
     }
@@ -946,6 +958,16 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             problems.push(problem(
                 "runtime.data_parallel",
                 format!("train.batch_size {b} must split into {n} parts of at least 2 images (KoLeo is per member)"),
+            ));
+        }
+        let t = rt.collective_timeout_s;
+        if !(t > 0.0 && t < rt.heartbeat.step_s) {
+            problems.push(problem(
+                "runtime.collective_timeout_s",
+                format!(
+                    "must be positive and below runtime.heartbeat.step_s ({} s; the hang watchdog would fire first), got {t}",
+                    rt.heartbeat.step_s
+                ),
             ));
         }
         if !(rt.device == "cpu" || rt.device == "cuda" || rt.device == "cuda:0") {
@@ -1329,6 +1351,7 @@ mod tests {
             "device_error@3",
             "device_error:student:s@3",
             "device_error:member:2@3",
+            "slow:member:1@3+2000",
             "device_lost:trainer@3",
             "nan:student:s@4",
             "io_error:checkpointer@2",
@@ -1350,11 +1373,11 @@ mod tests {
             ("device_error:member:0@3", "unknown actor"),
             (
                 "nan:member:1@3",
-                "only device_error fires in a data-parallel member",
+                "only device_error and slow fire in a data-parallel member",
             ),
             (
                 "panic:member:1@3",
-                "only device_error fires in a data-parallel member",
+                "only device_error and slow fire in a data-parallel member",
             ),
             ("device_error:trainer", "expected KIND[:ACTOR]@STEP"),
         ] {
@@ -1428,6 +1451,14 @@ mod tests {
             (
                 "device = \"cuda:1\"\ndata_parallel = 2",
                 "runtime.data_parallel",
+            ),
+            (
+                "data_parallel = 2\ncollective_timeout_s = 0.0",
+                "runtime.collective_timeout_s",
+            ),
+            (
+                "data_parallel = 2\ncollective_timeout_s = 900.0",
+                "runtime.collective_timeout_s",
             ),
         ] {
             let e = super::parse(&with(bad), "t").unwrap_err().to_string();

@@ -9,7 +9,7 @@
 //! broadcast from rank 0, control messages to the workers).
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Device;
@@ -20,25 +20,97 @@ use model::dist::{Collective, ThreadGroup};
 use model::{StepHparams, TrainState};
 
 /// The members of a group on `device` (`cpu`: threads of this process; `cuda`: GPUs
-/// `0..members` with NCCL). Member `r` runs on the returned device `r`.
-pub fn group(device: &str, members: usize) -> Result<Vec<(Box<dyn Collective>, Device)>> {
+/// `0..members` with NCCL). Member `r` runs on the returned device `r`. A member waits
+/// at most `timeout` in one collective for the others, then fails it
+/// ([`model::dist::TIMED_OUT`]).
+pub fn group(
+    device: &str,
+    members: usize,
+    timeout: Duration,
+) -> Result<Vec<(Box<dyn Collective>, Device)>> {
     if members == 0 {
         bail!("a group needs at least one member");
     }
     if device == "cpu" {
-        return Ok(ThreadGroup::new(members)
+        return Ok(ThreadGroup::with_timeout(members, timeout)
             .into_iter()
             .map(|m| (Box::new(m) as Box<dyn Collective>, Device::Cpu))
             .collect());
     }
     if device == "cuda" {
-        return nccl_group(members);
+        return nccl_group(members, timeout);
     }
     bail!("data parallelism runs on `cpu` or `cuda` (all visible GPUs from cuda:0), not `{device}`")
 }
 
+/// The abort state that the members of a device group share: set by the first member
+/// that fails ([`Collective::abort`]), after which the others stop waiting for it.
+#[derive(Debug, Default)]
+pub struct GroupAbort(Mutex<Option<String>>);
+
+impl GroupAbort {
+    /// Marks the group failed by member `rank` (the first reason is kept).
+    pub fn set(&self, rank: usize, why: &str) {
+        let mut g = match self.0.lock() {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+        if g.is_none() {
+            *g = Some(format!("member {rank} failed: {why}"));
+        }
+    }
+
+    /// Why the group was aborted, if it was.
+    pub fn reason(&self) -> Option<String> {
+        match self.0.lock() {
+            Ok(g) => g.clone(),
+            Err(e) => e.into_inner().clone(),
+        }
+    }
+}
+
+/// Waits until `done()` says that member `rank`'s collective has finished on its device,
+/// by polling it (NCCL's own wait would block for ever on a member that never arrives).
+/// Fails when `abort` is set (another member failed: its call will never come), after
+/// `timeout` ([`model::dist::TIMED_OUT`]: a member that stopped), or with `done`'s error.
+pub fn await_collective(
+    rank: usize,
+    mut done: impl FnMut() -> std::result::Result<bool, String>,
+    abort: &GroupAbort,
+    timeout: Duration,
+) -> candle_core::Result<()> {
+    let start = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        match done() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => candle_core::bail!("NCCL all-reduce: {e}"),
+        }
+        if let Some(why) = abort.reason() {
+            candle_core::bail!("NCCL all-reduce: the group was aborted ({why})")
+        }
+        let waited = start.elapsed();
+        if waited >= timeout {
+            candle_core::bail!(
+                "NCCL all-reduce: {}: member {rank} waited {:.1} s for the others",
+                model::dist::TIMED_OUT,
+                waited.as_secs_f64()
+            )
+        }
+        // a gradient all-reduce takes milliseconds: spin briefly, then sleep in steps
+        // far below that
+        polls += 1;
+        if polls < 64 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
-fn nccl_group(members: usize) -> Result<Vec<(Box<dyn Collective>, Device)>> {
+fn nccl_group(members: usize, timeout: Duration) -> Result<Vec<(Box<dyn Collective>, Device)>> {
     // the process's handles (`runtime::device`): rank 0 is the daemon's own device
     let devices: Vec<Device> = (0..members)
         .map(|i| crate::runtime::device(&format!("cuda:{i}")))
@@ -52,15 +124,19 @@ fn nccl_group(members: usize) -> Result<Vec<(Box<dyn Collective>, Device)>> {
         .collect::<Result<Vec<_>>>()?;
     let comms = nccl::Comm::from_devices(streams)
         .map_err(|e| anyhow!("NCCL could not set up {members} GPUs: {:?}", e.0))?;
+    let abort = Arc::new(GroupAbort::default());
     Ok(comms
         .into_iter()
         .zip(devices)
-        .map(|(c, d)| (Box::new(nccl::NcclMember::new(c)) as Box<dyn Collective>, d))
+        .map(|(c, d)| {
+            let m = nccl::NcclMember::new(c, abort.clone(), timeout);
+            (Box::new(m) as Box<dyn Collective>, d)
+        })
         .collect())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn nccl_group(_members: usize) -> Result<Vec<(Box<dyn Collective>, Device)>> {
+fn nccl_group(_members: usize, _timeout: Duration) -> Result<Vec<(Box<dyn Collective>, Device)>> {
     Err(anyhow!(
         "this dinod was built without the `cuda` feature (scripts/build-cuda.sh builds it)"
     ))
@@ -68,8 +144,10 @@ fn nccl_group(_members: usize) -> Result<Vec<(Box<dyn Collective>, Device)>> {
 
 #[cfg(feature = "cuda")]
 mod nccl {
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex, MutexGuard};
+    use std::time::Duration;
 
+    pub use candle_core::cuda_backend::cudarc::driver::CudaStream;
     pub use candle_core::cuda_backend::cudarc::nccl::safe::Comm;
     use candle_core::cuda_backend::cudarc::nccl::safe::ReduceOp;
     use candle_core::op::BackpropOp;
@@ -77,12 +155,22 @@ mod nccl {
     use candle_core::{DType, Storage, Tensor};
     use model::dist::Collective;
 
+    use super::GroupAbort;
+
     /// One GPU's NCCL communicator. NCCL communicators must not be used by two threads at
     /// once; the mutex serialises the calls, which is what makes sharing it sound.
+    ///
+    /// A call returns only once its collective has finished on the device, waited for by
+    /// polling ([`super::await_collective`]) so that a member that fails (`abort`) or
+    /// stops (`timeout`) fails the others' calls instead of blocking them in NCCL. The
+    /// failed group is then dropped, and dropping a `Comm` is `ncclCommAbort`, which ends
+    /// the collective still pending on the device.
     pub struct NcclMember {
-        comm: Mutex<Comm>,
+        comm: Mutex<Option<Comm>>,
         rank: usize,
         world: usize,
+        abort: Arc<GroupAbort>,
+        timeout: Duration,
     }
 
     // SAFETY: the communicator is only touched under the mutex, and NCCL allows a
@@ -91,13 +179,49 @@ mod nccl {
     unsafe impl Sync for NcclMember {}
 
     impl NcclMember {
-        pub fn new(comm: Comm) -> Self {
+        pub fn new(comm: Comm, abort: Arc<GroupAbort>, timeout: Duration) -> Self {
             let (rank, world) = (comm.rank(), comm.world_size());
             Self {
-                comm: Mutex::new(comm),
+                comm: Mutex::new(Some(comm)),
                 rank,
                 world,
+                abort,
+                timeout,
             }
+        }
+
+        fn comm(&self) -> candle_core::Result<MutexGuard<'_, Option<Comm>>> {
+            let g = self
+                .comm
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("NCCL: a member panicked".into()))?;
+            if g.is_none() {
+                candle_core::bail!("NCCL all-reduce: the communicator is gone");
+            }
+            Ok(g)
+        }
+
+        /// Waits for everything enqueued on `stream` so far (the collective just issued).
+        fn finish(&self, stream: &CudaStream) -> candle_core::Result<()> {
+            let ev = stream.record_event(None).map_err(|e| err("event", e))?;
+            super::await_collective(
+                self.rank,
+                || ev.try_is_complete().map_err(|e| format!("{e:?}")),
+                &self.abort,
+                self.timeout,
+            )
+        }
+    }
+
+    impl Drop for NcclMember {
+        fn drop(&mut self) {
+            let comm = match self.comm.get_mut() {
+                Ok(c) => c.take(),
+                Err(e) => e.into_inner().take(),
+            };
+            // cudarc's `Comm` aborts itself when dropped and panics if NCCL reports an
+            // error doing so (a communicator on a dead GPU): nothing is left to clean then
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(comm)));
         }
     }
 
@@ -112,15 +236,17 @@ mod nccl {
         fn world(&self) -> usize {
             self.world
         }
+        fn abort(&self, why: &str) {
+            self.abort.set(self.rank, why)
+        }
         fn all_reduce_sum(&self, v: &mut [f64]) -> candle_core::Result<()> {
-            let comm = self
-                .comm
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("NCCL: a member panicked".into()))?;
+            let g = self.comm()?;
+            let comm = g.as_ref().expect("checked by comm()");
             let stream = comm.stream();
             let mut d = stream.clone_htod(v).map_err(|e| err("upload", e))?;
             comm.all_reduce_in_place(&mut d, &ReduceOp::Sum)
                 .map_err(|e| err("reduce", e.0))?;
+            self.finish(&stream)?;
             stream.memcpy_dtoh(&d, v).map_err(|e| err("download", e))?;
             stream.synchronize().map_err(|e| err("synchronize", e))?;
             Ok(())
@@ -134,10 +260,8 @@ mod nccl {
             }
             let t = t.contiguous()?;
             let n = t.elem_count();
-            let comm = self
-                .comm
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("NCCL: a member panicked".into()))?;
+            let g = self.comm()?;
+            let comm = g.as_ref().expect("checked by comm()");
             let stream = comm.stream();
             let (storage, layout) = t.storage_and_layout();
             let Storage::Cuda(cs) = &*storage else {
@@ -161,6 +285,7 @@ mod nccl {
                 }
             };
             drop(storage);
+            self.finish(&stream)?;
             Ok(Tensor::from_storage(
                 Storage::Cuda(out),
                 t.dims(),
@@ -187,7 +312,8 @@ pub fn members(slot: &Mutex<Option<Members>>, plan: &Plan) -> Result<Option<Memb
         .map_err(|_| anyhow!("the group lock is poisoned"))?;
     if g.is_none() {
         let kind = if rt.device == "cpu" { "cpu" } else { "cuda" };
-        *g = Some(Arc::new(group(kind, rt.data_parallel)?));
+        let timeout = Duration::from_secs_f64(rt.collective_timeout_s);
+        *g = Some(Arc::new(group(kind, rt.data_parallel, timeout)?));
     }
     Ok(g.clone())
 }
@@ -367,7 +493,8 @@ pub fn bench_dp(plan: &Plan, origin: &str, opts: &DpBenchOpts) -> Result<DpBench
         }
         Ok(st)
     };
-    let group = group(&opts.device, opts.members)?;
+    let timeout = Duration::from_secs_f64(plan.config.runtime.collective_timeout_s);
+    let group = group(&opts.device, opts.members, timeout)?;
     let results: Vec<Result<MemberResult>> = std::thread::scope(|s| {
         let hs: Vec<_> = group
             .into_iter()
@@ -433,4 +560,73 @@ pub fn bench_dp(plan: &Plan, origin: &str, opts: &DpBenchOpts) -> Result<DpBench
         members_identical,
         max_rel_vs_single,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wait of a device member: it returns when the collective finishes, fails at
+    /// once when another member aborts the group, fails after its timeout when nobody
+    /// does, and passes the device's own error on (so that it is classified).
+    #[test]
+    fn a_device_member_stops_waiting_on_abort_timeout_or_error() {
+        let abort = GroupAbort::default();
+        let long = Duration::from_secs(60);
+        // finishes after a few polls
+        let mut polls = 0;
+        await_collective(
+            0,
+            || {
+                polls += 1;
+                Ok(polls >= 100)
+            },
+            &abort,
+            long,
+        )
+        .unwrap();
+        assert_eq!(polls, 100);
+
+        // another member fails while this one waits
+        let t0 = Instant::now();
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                abort.set(1, "out of memory");
+                abort.set(2, "a later failure");
+            });
+            await_collective(0, || Ok(false), &abort, long).unwrap_err()
+        })
+        .to_string();
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        assert!(e.contains("group was aborted"), "{e}");
+        assert!(e.contains("member 1 failed: out of memory"), "{e}");
+        assert!(!e.contains("later"), "{e}");
+        assert_eq!(
+            abort.reason().as_deref(),
+            Some("member 1 failed: out of memory")
+        );
+
+        // nobody arrives and nobody aborts
+        let fresh = GroupAbort::default();
+        let t0 = Instant::now();
+        let e = await_collective(3, || Ok(false), &fresh, Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(10),
+            "{waited:?}"
+        );
+        assert!(
+            e.contains(model::dist::TIMED_OUT) && e.contains("member 3"),
+            "{e}"
+        );
+
+        // the device's error wins over waiting
+        let e = await_collective(0, || Err("CUDA_ERROR_ILLEGAL_ADDRESS".into()), &fresh, long)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{e}");
+    }
 }

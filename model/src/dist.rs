@@ -26,6 +26,11 @@ use crate::state::{
     TrainState,
 };
 
+/// Every transport's error for a collective that waited longer than its timeout for the
+/// other members contains this (the daemon treats it as a recoverable device fault: the
+/// group is dropped and the step redone on a fresh one).
+pub const TIMED_OUT: &str = "collective timed out";
+
 /// An all-reduce among the members of a group.
 pub trait Collective: Send + Sync {
     /// This member's index, `0..world`.
@@ -161,7 +166,7 @@ impl Collective for ThreadGroup {
             let (g, to) = sh.cv.wait_timeout(g, sh.timeout).map_err(poisoned)?;
             if to.timed_out() {
                 bail!(
-                    "all-reduce: member {} waited {:.0} s for {what}",
+                    "all-reduce: {TIMED_OUT}: member {} waited {:.1} s for {what}",
                     self.rank,
                     sh.timeout.as_secs_f64()
                 )

@@ -748,6 +748,28 @@ fn a_data_parallel_daemon_trains_what_one_member_trains() {
         kinds(&ev)
     );
     assert_eq!(fingerprint(&s4), fingerprint(&s2));
+    // one member stalls (a hung GPU) longer than the collective timeout: the others give
+    // up waiting, the group is dropped and the step redone on a fresh one, exactly
+    let stall_dir = dir.path().join("stall");
+    std::fs::create_dir_all(&stall_dir).unwrap();
+    let stall = write_config(
+        &stall_dir,
+        &format!("{base}\n[runtime]\ndata_parallel = 2\ncollective_timeout_s = 1.0\n"),
+    );
+    let s5 = dir.path().join("s5");
+    let o = run_to(&stall, &s5, STEPS, &["--inject", "slow:member:1@5+3000"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&s5);
+    let restart = ev
+        .iter()
+        .find(|e| e["kind"] == "actor.restarting" && e["actor"] == "trainer")
+        .unwrap_or_else(|| panic!("no trainer restart in {:?}", kinds(&ev)));
+    let why = restart["message"].as_str().unwrap_or("");
+    assert!(
+        why.contains("collective timed out") && why.contains("waited 1.0 s"),
+        "{why}"
+    );
+    assert_eq!(fingerprint(&s5), fingerprint(&s2));
 }
 
 /// A group that loses its device under `on_gpu_loss = "wait"` probes every member's

@@ -76,6 +76,11 @@ pub fn classify_device_error(msg: &str) -> Option<DeviceFault> {
     if NCCL_FAILED.iter().any(|c| msg.contains(c)) {
         return Some(DeviceFault::Recoverable(msg.to_string()));
     }
+    // a member that stopped answering (its GPU hung, a stall): the others gave up
+    // waiting; the group is dropped (NCCL: aborted) and the step redone on a fresh one
+    if msg.contains(model::dist::TIMED_OUT) {
+        return Some(DeviceFault::Recoverable(msg.to_string()));
+    }
     None
 }
 
@@ -118,15 +123,18 @@ pub fn injected_device_error(faults: &super::faults::Faults, actor: &str, step: 
     Ok(())
 }
 
-/// Fails member `r` (> 0) of a data-parallel group with a recoverable device error if a
-/// `device_error:member:R` fault is armed at `step`: one GPU of the group failing while
-/// the others are in the step (rank 0 is the actor's own, `device_error:ACTOR`).
-pub fn injected_member_error(faults: &super::faults::Faults, r: usize, step: u64) -> Result<()> {
-    if r > 0
-        && faults
-            .take("device_error", Some(&format!("member:{r}")), step)
-            .is_some()
-    {
+/// The faults of member `r` (> 0) of a data-parallel group at `step`: `slow:member:R`
+/// holds it back (a GPU that stalls while the others wait in the all-reduce; longer than
+/// `runtime.collective_timeout_s`, the collective times out); `device_error:member:R`
+/// fails it with a recoverable device error (one GPU of the group failing while the
+/// others are in the step). Rank 0 is the actor's own (`device_error:ACTOR`).
+pub fn injected_member_fault(faults: &super::faults::Faults, r: usize, step: u64) -> Result<()> {
+    if r == 0 {
+        return Ok(());
+    }
+    let member = format!("member:{r}");
+    faults.maybe_slow(&member, step);
+    if faults.take("device_error", Some(&member), step).is_some() {
         bail!(DeviceFaultError(DeviceFault::Recoverable(format!(
             "injected device error in data-parallel member {r} at step {step}"
         ))));
@@ -364,7 +372,7 @@ impl Actor for TrainerActor {
                                 .collect();
                             let ts: &model::TrainState = &eng.ts;
                             let outs = crate::dp::on_members(&members, |r, comm, dev| {
-                                injected_member_error(&ctx.faults, r, step)?;
+                                injected_member_fault(&ctx.faults, r, step)?;
                                 let t = slots[r]
                                     .lock()
                                     .map_err(|_| anyhow::anyhow!("slot lock poisoned"))?
@@ -651,6 +659,20 @@ mod tests {
         assert!(matches!(
             classify_device_error("NCCL all-reduce: reduce: ncclUnhandledCudaError"),
             Some(DeviceFault::Recoverable(_))
+        ));
+        // a member gave up waiting for the others: restart, fresh group
+        assert!(matches!(
+            classify_device_error(
+                "data-parallel member 0: NCCL all-reduce: collective timed out: member 0 waited 300.0 s for the others"
+            ),
+            Some(DeviceFault::Recoverable(_))
+        ));
+        // the device failed under the collective: the context is gone
+        assert!(matches!(
+            classify_device_error(
+                "NCCL all-reduce: DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")"
+            ),
+            Some(DeviceFault::Lost(_))
         ));
         // ordinary errors are not device faults
         assert_eq!(classify_device_error("shape mismatch in matmul"), None);

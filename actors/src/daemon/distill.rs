@@ -30,7 +30,7 @@ use serde_json::json;
 
 use super::board::{now_ms, ActorPhase};
 use super::compute::{
-    actor_err, injected_device_error, injected_member_error, note_device_fault, DeviceFaultError,
+    actor_err, injected_device_error, injected_member_fault, note_device_fault, DeviceFaultError,
 };
 use super::coordinator::{call, CoordMsg};
 use super::loader::to_batch;
@@ -786,7 +786,7 @@ impl StudentState {
                         }
                         let ts: &TrainState = &eng.ts;
                         let outs = group_step(&x2, &members, |r, comm, dev| {
-                            injected_member_error(&f2, r, step)?;
+                            injected_member_fault(&f2, r, step)?;
                             let (part, t) = &parts[r];
                             let view = ts.phase_view(model::Side::Student, dt, dev)?;
                             let mut out = model::distill_student_phase(&view, part, &hp, teacher_copy(t), &mut |_| {})?;

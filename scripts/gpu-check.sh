@@ -35,6 +35,9 @@
 #      verified, and it resumes;
 #  5b. with more than one GPU visible, `dinod bench dp --device cuda` (NCCL all-reduce,
 #     one member per GPU) checked against one GPU on the same global batch;
+#  5c. with more than one GPU visible, the daemon over all of them through a member's
+#     device error and a member stalled past `runtime.collective_timeout_s` (the NCCL
+#     abort): both must restart the trainer and the run must finish;
 #  6. summary.md: step ms, images/s, MFU against the measured bf16 / f32 peak, ratio to
 #     PyTorch.
 # `--quick` keeps 1 warm-up + 2 timed iterations per benchmark (default 2 + 4).
@@ -292,6 +295,31 @@ if [ "$NGPU" -gt 1 ]; then
   fi
 else
   say "5b. data parallel: one GPU visible, skipped (dinod bench dp --device cuda --members N)"
+fi
+# the daemon over the group through its two member faults: a member's device error (the
+# others' collectives fail at once) and a member that stalls past the collective timeout
+# (the others give up waiting, the group is aborted: ncclCommAbort). Both must restart the
+# trainer and go on; a hang here is what the NCCL abort is for. A rehearsal runs it over
+# two CPU threads.
+MEMBERS=$NGPU DPDEV=cuda DP_FAULT=10 DP_STALL=20 DP_STEPS=30 DP_TIMEOUT=5
+[ -n "$REHEARSE" ] && MEMBERS=2 DPDEV=cpu DP_FAULT=3 DP_STALL=6 DP_STEPS=10 DP_TIMEOUT=2
+if [ "$MEMBERS" -gt 1 ]; then
+  say "5c. the daemon over $MEMBERS members: a member's device error at step $DP_FAULT, a member stalled past the ${DP_TIMEOUT} s collective timeout at step $DP_STALL"
+  if fits 120; then
+    DPR="$OUT/daemon-dp"
+    mkdir -p "$DPR"
+    # the default recipe (batch 32: 2, 4 or 8 members) in bf16 ([runtime] is its last table)
+    sed 's/^precision = "f32"/precision = "bf16"/' configs/default.toml >"$DPR/dp.toml"
+    printf 'device = "%s"\ndata_parallel = %d\ncollective_timeout_s = %s\n' "$DPDEV" "$MEMBERS" "$DP_TIMEOUT" >>"$DPR/dp.toml"
+    timeout "$(lim 180)" "$DINOD" run --config "$DPR/dp.toml" --state-dir "$DPR/state" --max-steps $DP_STEPS \
+      --inject "device_error:member:1@$DP_FAULT" --inject "slow:member:1@$DP_STALL+$((DP_TIMEOUT * 3000))" >"$DPR/run.log" 2>&1
+    rc=$?
+    "$DINOD" events --state-dir "$DPR/state" --limit 1000 >"$DPR/events.txt" 2>&1
+    n_err=$(grep -c "actor.restarting.*injected device error in data-parallel member 1" "$DPR/events.txt")
+    n_out=$(grep -c "actor.restarting.*collective timed out" "$DPR/events.txt")
+    echo "exit $rc (0 expected), at step $("$DINOD" status --json --state-dir "$DPR/state" 2>/dev/null | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["run"]["step"])' 2>/dev/null) of $DP_STEPS; trainer restarts: $n_err after the device error, $n_out after the timeout (1 and 1 expected)"
+    if [ "$rc" = 0 ] && [ "$n_err" -ge 1 ] && [ "$n_out" -ge 1 ]; then echo "5c: PASS"; else echo "5c: FAIL (see $DPR/run.log, $DPR/events.txt)"; fi
+  fi
 fi
 
 # ------------------------------------------------------------------ 6. summary

@@ -32,7 +32,9 @@
 #  5a. the daemon on the GPU (`dinod run`, the default recipe in bf16 with `runtime.device =
 #      "cuda"`): trains with an injected device error at step 30 (the trainer restarts,
 #      redoes the step and goes on), is killed with SIGKILL, its checkpoints are
-#      verified, and it resumes;
+#      verified, and it resumes; its live probes ran on the GPU (`eval.device = "auto"`),
+#      and `dinod probe` of its checkpoint on the GPU and on the host are timed and
+#      compared;
 #  5b. with more than one GPU visible, `dinod bench dp --device cuda` (NCCL all-reduce,
 #     one member per GPU) checked against one GPU on the same global batch;
 #  5c. with more than one GPU visible, the daemon over all of them through a member's
@@ -245,6 +247,24 @@ if fits 150; then
   echo "resume (--max-steps $((step + 20))): exit $?, now at step $(status_step)"
   grep -i -E "resum|checkpoint" "$RUN/run2.log" | head -3
   "$DINOD" status --state-dir "$RUN/state" | head -12
+  # the live probes extract their features where the run trains (eval.device = "auto")
+  echo "live probes: $("$DINOD" events --state-dir "$RUN/state" --limit 1000 | grep -c probe.done) probe.done events; the last:"
+  "$DINOD" events --state-dir "$RUN/state" --limit 1000 | grep probe.done | tail -1 | cut -c1-220
+  # the same checkpoint probed on the device and on the host: time and agreement
+  for d in $DEV cpu; do
+    timeout "$(lim 120)" "$DINOD" probe --state-dir "$RUN/state" --device $d --json >"$OUT/probe-$d.json"
+    echo "dinod probe --device $d: exit $?"
+  done
+  "$PY" - "$OUT/probe-$DEV.json" "$OUT/probe-cpu.json" <<'EOF'
+import json, sys
+try:
+    a, b = (json.load(open(p)) for p in sys.argv[1:3])
+except Exception as e:
+    sys.exit(f"probe comparison: {e}")
+diff = max(abs((a["metrics"][k] or 0) - (b["metrics"][k] or 0)) for k in a["metrics"] if isinstance(a["metrics"][k], (int, float)))
+print(f"probes on {a['device']}: {a['ms'] / 1e3:.1f} s, on {b['device']}: {b['ms'] / 1e3:.1f} s "
+      f"(x{b['ms'] / a['ms']:.1f}); largest metric difference {diff:.4f}")
+EOF
 fi
 
 # ------------------------------------------------------------------ 5. a real device error

@@ -163,6 +163,9 @@ pub enum Command {
         /// Take the probe sets from this recipe instead of the run's own config.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Where to extract the features: cpu, cuda or cuda:N (a `--features cuda` build).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Print the full report as JSON.
         #[arg(long)]
         json: bool,
@@ -558,8 +561,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
             dir,
             checkpoint,
             config,
+            device,
             json,
-        } => crate::viz::probe(&dir.state_dir, checkpoint, config.as_ref(), json),
+        } => crate::viz::probe(&dir.state_dir, checkpoint, config.as_ref(), &device, json),
         Command::Viz {
             what:
                 VizCommand::Pca {

@@ -612,7 +612,6 @@ pub struct ProbeSetSection {
 /// `[eval]`: live probes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[derive(Default)]
 pub struct EvalSection {
     /// Probe the EMA teacher every N steps (0 = never). A checkpoint is written at every
     /// evaluated step, so the best-dense checkpoint exists when Gram anchoring needs it.
@@ -624,6 +623,26 @@ pub struct EvalSection {
     /// Probe settings (cost bounds).
     #[serde(default)]
     pub probes: eval_probes::ProbeConfig,
+    /// Where the probe features are extracted: `auto` (where the model trains: a GPU run
+    /// probes on its GPU while training waits), `cpu`, or `cuda:N`. The probes' fits
+    /// (k-NN, linear, dense) run on the host.
+    #[serde(default = "d_eval_device")]
+    pub device: String,
+}
+
+fn d_eval_device() -> String {
+    "auto".into()
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            sets: vec![],
+            probes: Default::default(),
+            device: d_eval_device(),
+        }
+    }
 }
 
 /// `[stages]`: automatic stage transitions, and the crops of high-resolution adaptation.
@@ -1097,6 +1116,15 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             .into_iter()
             .map(|m| problem("stages", m)),
     );
+    if !(cfg.eval.device == "auto" || valid_device(&cfg.eval.device)) {
+        problems.push(problem(
+            "eval.device",
+            format!(
+                "must be auto, cpu, cuda or cuda:N, got `{}`",
+                cfg.eval.device
+            ),
+        ));
+    }
     if cfg.eval.every_steps > 0 && cfg.eval.sets.is_empty() {
         problems.push(problem(
             "eval.sets",
@@ -1427,6 +1455,25 @@ mod tests {
             let e = super::parse(&text, "t").unwrap_err().to_string();
             assert!(e.contains("runtime.device"), "{bad}: {e}");
         }
+        // where the probes extract their features
+        let eval_on = |d: &str| {
+            assert!(super::DEFAULT_RECIPE.contains("\n[eval]\n"));
+            super::DEFAULT_RECIPE.replace("\n[eval]\n", &format!("\n[eval]\ndevice = \"{d}\"\n"))
+        };
+        assert_eq!(
+            super::parse(super::DEFAULT_RECIPE, "t")
+                .unwrap()
+                .config
+                .eval
+                .device,
+            "auto"
+        );
+        for ok in ["auto", "cpu", "cuda:1"] {
+            let plan = super::parse(&eval_on(ok), "t").unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(plan.config.eval.device, ok);
+        }
+        let e = super::parse(&eval_on("gpu"), "t").unwrap_err().to_string();
+        assert!(e.contains("eval.device"), "{e}");
     }
 
     /// The device-loss keys are checked when the config is read, and the CPU fallback

@@ -68,8 +68,12 @@ pub fn probe(
     state_dir: &Path,
     step: Option<u64>,
     config: Option<&PathBuf>,
+    device: &str,
     json_out: bool,
 ) -> Result<i32> {
+    if !crate::config::valid_device(device) {
+        bail!("--device must be cpu, cuda or cuda:N, not `{device}`");
+    }
     let (s, vit) = load_teacher(state_dir, step)?;
     let plan = match config {
         Some(c) => load_plan(Some(c))?,
@@ -79,6 +83,7 @@ pub fn probe(
         bail!("no probe sets: the run's config has no [[eval.sets]]; pass --config with one");
     }
     let sets = crate::daemon::evaluator::build_sets(&plan.config.eval)?;
+    let vit = crate::daemon::evaluator::probe_copy(&vit, device)?;
     let ev = crate::daemon::evaluator::evaluate(&vit, &sets, &plan.config.eval, s)?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&ev)?);
@@ -93,7 +98,11 @@ pub fn probe(
             }
             _ => "the EMA teacher".to_string(),
         };
-        println!("probes of {whose} at step {s} ({:.1} s)", ev.ms / 1e3);
+        println!(
+            "probes of {whose} at step {s} on {} ({:.1} s)",
+            ev.device,
+            ev.ms / 1e3
+        );
         let m = serde_json::to_value(&ev.metrics)?;
         for (k, v) in m.as_object().into_iter().flatten() {
             println!(

@@ -113,7 +113,9 @@ pub fn extract(
     extract_tensor(vit, &t, batch)
 }
 
-/// [`extract`] for a candle tensor `[n, 3, H, W]` of any float dtype.
+/// [`extract`] for a candle tensor `[n, 3, H, W]` of any float dtype, on any device: each
+/// batch is moved to the backbone's device (a GPU extracts, the features come back to the
+/// host).
 pub fn extract_tensor(vit: &Vit, images: &Tensor, batch: usize) -> Result<FeatureSet> {
     let (n, c, h, w) = images.dims4()?;
     if c != 3 {
@@ -140,6 +142,7 @@ pub fn extract_tensor(vit: &Vit, images: &Tensor, batch: usize) -> Result<Featur
         let len = batch.min(n - start);
         let chunk = images
             .narrow(0, start, len)?
+            .to_device(&vit.device())?
             .to_dtype(dtype)?
             .contiguous()?;
         let f = vit.forward(&[CropGroup {

@@ -289,6 +289,29 @@ fn probe_and_feature_pictures_from_a_checkpoint() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["metrics"]["dense_miou"].as_f64().is_some(), "{v}");
+    assert_eq!(v["device"], "cpu", "{v}");
+    // the daemon's probes say where they ran (eval.device = "auto": the run's device)
+    let done = events(&st)
+        .into_iter()
+        .find(|e| e["kind"] == "probe.done")
+        .expect("no probe.done event");
+    assert_eq!(done["fields"]["device"], "cpu", "{done}");
+    assert!(
+        done["message"].as_str().unwrap().contains(" on cpu in "),
+        "{done}"
+    );
+    // a device the probes cannot use is refused with the reason
+    for (bad, says) in [("gpu", "--device must be"), ("cuda:0", "CUDA")] {
+        let o = dinod(&[
+            "probe",
+            "--device",
+            bad,
+            "--state-dir",
+            st.to_str().unwrap(),
+        ]);
+        assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+        assert!(text(&o).contains(says), "{bad}: {}", text(&o));
+    }
     // an input image
     let img = image::RgbImage::from_fn(80, 60, |x, y| {
         image::Rgb([

@@ -331,8 +331,9 @@ impl CoordState {
         let ctx = self.ctx.clone();
         let (step, teacher) = {
             let e = ctx.engine.lock();
-            let copy = evaluator::host_copy(&e.ts.teacher.backbone);
-            (e.ts.step, copy.map_err(|e| e.to_string())?)
+            let copy =
+                evaluator::probe_copy(&e.ts.teacher.backbone, &ctx.plan().config.eval.device);
+            (e.ts.step, copy.map_err(|e| format!("{e:#}"))?)
         };
         let ev = call(&ctx.board, evaluator::NAME, move |reply| {
             evaluator::EvalMsg::Evaluate {
@@ -363,11 +364,12 @@ impl CoordState {
             Some(evaluator::NAME),
             Some(step),
             format!(
-                "probes at step {step} in {:.1} s: {}",
+                "probes at step {step} on {} in {:.1} s: {}",
+                ev.device,
                 ev.ms / 1e3,
                 serde_json::to_string(&ev.metrics).unwrap_or_default()
             ),
-            json!({"metrics": ev.metrics, "ms": ev.ms}),
+            json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device}),
         );
         if ctx.plan().config.stages.automatic {
             if let Some(t) = self.machine.observe_at(step, step, &ev.metrics) {

@@ -501,11 +501,12 @@ impl Actor for DistillTeacherActor {
                         Some(TEACHER),
                         None,
                         format!(
-                            "the frozen teacher: probes in {:.1} s: {}",
+                            "the frozen teacher: probes on {} in {:.1} s: {}",
+                            ev.device,
                             ev.ms / 1e3,
                             serde_json::to_string(&ev.metrics).unwrap_or_default()
                         ),
-                        json!({"metrics": ev.metrics, "ms": ev.ms}),
+                        json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device}),
                     );
                 }
                 Err(e) => st.ctx.event(
@@ -579,23 +580,24 @@ fn probe_sets(ctx: &Ctx) -> Result<Arc<Vec<eval_probes::ProbeSet>>> {
     Ok(g.clone().expect("built above"))
 }
 
-/// Probes the frozen teacher (an f32 host copy of its backbone): the reference the
-/// students' probes are read against.
+/// Probes the frozen teacher (an f32 copy of its backbone on the probe device): the
+/// reference the students' probes are read against.
 fn probe_frozen_teacher(ctx: &Ctx) -> Result<super::evaluator::Evaluation> {
     let sets = probe_sets(ctx)?;
     let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
-    let vit = teacher
-        .backbone
-        .to_device(&candle_core::Device::Cpu)?
-        .cast(candle_core::DType::F32)?;
+    let vit = super::evaluator::probe_copy(&teacher.backbone, &ctx.plan.config.eval.device)?;
     super::evaluator::evaluate(&vit, &sets, &ctx.plan.config.eval, 0)
 }
 
-/// Probes student `run`'s EMA (what its checkpoints export) at `step`, on a host copy, with
-/// the run's probe sets, and records the result in the student's probe history.
+/// Probes student `run`'s EMA (what its checkpoints export) at `step`, on a copy on the
+/// probe device, with the run's probe sets, and records the result in the student's
+/// probe history.
 fn probe_student(ctx: &Ctx, run: &StudentRun, step: u64) -> Result<super::evaluator::Evaluation> {
     let sets = probe_sets(ctx)?;
-    let vit = super::evaluator::host_copy(&run.engine.lock().ts.teacher.backbone)?;
+    let vit = super::evaluator::probe_copy(
+        &run.engine.lock().ts.teacher.backbone,
+        &ctx.plan.config.eval.device,
+    )?;
     let ev = super::evaluator::evaluate(&vit, &sets, &ctx.plan.config.eval, step)?;
     run.store.record_probe(
         step,
@@ -939,13 +941,14 @@ impl StudentState {
                         Some(&name),
                         Some(step + 1),
                         format!(
-                            "student {}: probes at step {} in {:.1} s: {}",
+                            "student {}: probes at step {} on {} in {:.1} s: {}",
                             run.name,
                             step + 1,
+                            ev.device,
                             ev.ms / 1e3,
                             serde_json::to_string(&ev.metrics).unwrap_or_default()
                         ),
-                        json!({"metrics": ev.metrics, "ms": ev.ms}),
+                        json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device}),
                     );
                 }
                 Err(e) => ctx.event(

@@ -30,6 +30,8 @@ pub struct Evaluation {
     pub report: serde_json::Value,
     /// Wall time, building the sets included.
     pub ms: f64,
+    /// Where the features were extracted (`cpu`, `cuda:N`).
+    pub device: String,
 }
 
 /// Messages.
@@ -77,13 +79,33 @@ pub fn build_sets(cfg: &crate::config::EvalSection) -> Result<Vec<ProbeSet>> {
     Ok(out)
 }
 
-/// A host copy of a backbone for the probes, which run on the CPU on their own thread (a
-/// deep copy when it is on the host already, so training may go on changing the original).
-pub fn host_copy(vit: &Vit) -> candle_core::Result<Vit> {
-    if vit.device().is_cpu() {
-        vit.deep_clone()
+/// A copy of a backbone for the probes, in f32 on the device `eval.device` names (`on`):
+/// `auto` is where the backbone is (the run's device: a GPU run extracts its probe
+/// features on the GPU), `cpu` the host, `cuda:N` a GPU. Always a copy, so training may
+/// go on changing the original. The probes' fits run on the host either way.
+pub fn probe_copy(vit: &Vit, on: &str) -> anyhow::Result<Vit> {
+    let dev = match on {
+        "auto" => vit.device(),
+        spec => crate::runtime::device(spec)?,
+    };
+    let copy = if vit.device().same_device(&dev) {
+        vit.deep_clone()?
     } else {
-        vit.to_device(&candle_core::Device::Cpu)
+        vit.to_device(&dev)?
+    };
+    Ok(if copy.dtype() == candle_core::DType::F32 {
+        copy
+    } else {
+        copy.cast(candle_core::DType::F32)?
+    })
+}
+
+/// How a device is named in reports: `cpu`, `cuda:N`.
+pub fn device_name(dev: &candle_core::Device) -> String {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 
@@ -99,6 +121,7 @@ pub fn evaluate(
     report.step = Some(step);
     let metrics = report.metrics();
     Ok(Evaluation {
+        device: device_name(&vit.device()),
         step,
         metrics,
         report: serde_json::to_value(&report)?,

@@ -339,6 +339,8 @@ pub struct FaultSpec {
     /// Which actor (for `panic`, `slow`): data_loader, teacher, trainer, ema, evaluator,
     /// checkpointer, control, coordinator, `student:NAME`; for `device_error` and `slow`
     /// also `member:R`, member R > 0 of a data-parallel group (in the student's step).
+    /// `device_error` fires in the trainer, a student, a member, or the evaluator (its
+    /// probes then run again on the host).
     #[serde(default)]
     pub actor: Option<String>,
     /// At which step.
@@ -458,8 +460,8 @@ impl FaultSpec {
                     "trainer or student:NAME",
                 ),
                 "device_error" => (
-                    a == "trainer" || a.starts_with("student:") || member(a),
-                    "trainer, student:NAME or member:R",
+                    a == "trainer" || a == "evaluator" || a.starts_with("student:") || member(a),
+                    "trainer, evaluator, student:NAME or member:R",
                 ),
                 "device_lost" => (a == "trainer", "trainer"),
                 "io_error" => (a == "checkpointer", "checkpointer"),
@@ -1379,6 +1381,7 @@ mod tests {
             "device_error@3",
             "device_error:student:s@3",
             "device_error:member:2@3",
+            "device_error:evaluator@4",
             "slow:member:1@3+2000",
             "device_lost:trainer@3",
             "nan:student:s@4",
@@ -1390,7 +1393,7 @@ mod tests {
         for (bad, says) in [
             (
                 "device_error:teacher@3",
-                "trainer, student:NAME or member:R",
+                "trainer, evaluator, student:NAME or member:R",
             ),
             ("device_lost:student:s@3", "fires in the trainer only"),
             ("nan:ema@3", "trainer or student:NAME"),

@@ -279,6 +279,63 @@ fn a_resumed_run_in_gram_anchoring_continues_exactly() {
     assert_eq!(fa.2.as_deref(), Some("gram_anchor"));
 }
 
+/// Probes that fail on their device run again on the host: the evaluation of that step
+/// is not lost (the stage machine would starve without it), its result is what the
+/// device would have given, and the event says where it ran and why.
+#[test]
+fn probes_that_fail_on_the_device_run_again_on_the_host() {
+    let dir = TempDir::new("probe-fallback");
+    let cfg = write_config(dir.path(), &tiny_config(&eval()));
+    let history = |st: &Path| {
+        let o = dinod(&["history", "--json", "--state-dir", st.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["probes"].clone()
+    };
+    let (plain, faulty) = (dir.path().join("plain"), dir.path().join("faulty"));
+    assert_eq!(run_to(&cfg, &plain, 6).status.code(), Some(0));
+    let o = dinod(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        faulty.to_str().unwrap(),
+        "--max-steps",
+        "6",
+        "--inject",
+        "device_error:evaluator@4",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&faulty);
+    let fallback = ev
+        .iter()
+        .find(|e| e["kind"] == "probe.fallback")
+        .unwrap_or_else(|| panic!("no probe.fallback in {ev:?}"));
+    assert_eq!(fallback["step"], 4, "{fallback}");
+    assert!(
+        fallback["message"]
+            .as_str()
+            .unwrap()
+            .contains("injected device error in the probes at step 4"),
+        "{fallback}"
+    );
+    let done: Vec<&Value> = ev.iter().filter(|e| e["kind"] == "probe.done").collect();
+    assert_eq!(done.len(), 3, "evaluations at 2, 4 and 6: {done:?}");
+    assert!(done[1]["message"]
+        .as_str()
+        .unwrap()
+        .contains("on cpu (after cpu failed: injected device error"));
+    assert!(done[1]["fields"]["fallback"].is_string(), "{}", done[1]);
+    assert!(done[0]["fields"]["fallback"].is_null(), "{}", done[0]);
+    // the same evaluations, and the same training, as without the fault
+    assert_eq!(history(&faulty), history(&plain));
+    let fp = |st: &Path| {
+        let o = dinod(&["status", "--json", "--state-dir", st.to_str().unwrap()]);
+        serde_json::from_slice::<Value>(&o.stdout).unwrap()["run"]["fingerprint"].clone()
+    };
+    assert!(fp(&plain).is_string());
+    assert_eq!(fp(&faulty), fp(&plain));
+}
+
 #[test]
 fn probe_and_feature_pictures_from_a_checkpoint() {
     let dir = TempDir::new("viz");

@@ -358,6 +358,16 @@ impl CoordState {
         }
         ctx.board
             .run(|r| r.probes = json!({"step": step, "metrics": ev.metrics, "ms": ev.ms}));
+        if let Some(why) = &ev.fallback {
+            ctx.event(
+                Level::Warn,
+                "probe.fallback",
+                Some(evaluator::NAME),
+                Some(step),
+                format!("probes at step {step} ran on the host {why}"),
+                json!({"device": ev.device, "why": why}),
+            );
+        }
         ctx.event(
             Level::Info,
             "probe.done",
@@ -365,11 +375,11 @@ impl CoordState {
             Some(step),
             format!(
                 "probes at step {step} on {} in {:.1} s: {}",
-                ev.device,
+                ev.place(),
                 ev.ms / 1e3,
                 serde_json::to_string(&ev.metrics).unwrap_or_default()
             ),
-            json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device}),
+            json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device, "fallback": ev.fallback}),
         );
         if ctx.plan().config.stages.automatic {
             if let Some(t) = self.machine.observe_at(step, step, &ev.metrics) {

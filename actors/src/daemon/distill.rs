@@ -502,11 +502,11 @@ impl Actor for DistillTeacherActor {
                         None,
                         format!(
                             "the frozen teacher: probes on {} in {:.1} s: {}",
-                            ev.device,
+                            ev.place(),
                             ev.ms / 1e3,
                             serde_json::to_string(&ev.metrics).unwrap_or_default()
                         ),
-                        json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device}),
+                        json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device, "fallback": ev.fallback}),
                     );
                 }
                 Err(e) => st.ctx.event(
@@ -586,7 +586,7 @@ fn probe_frozen_teacher(ctx: &Ctx) -> Result<super::evaluator::Evaluation> {
     let sets = probe_sets(ctx)?;
     let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
     let vit = super::evaluator::probe_copy(&teacher.backbone, &ctx.plan.config.eval.device)?;
-    super::evaluator::evaluate(&vit, &sets, &ctx.plan.config.eval, 0)
+    super::evaluator::evaluate_or_on_host(&vit, &sets, &ctx.plan.config.eval, 0, None)
 }
 
 /// Probes student `run`'s EMA (what its checkpoints export) at `step`, on a copy on the
@@ -598,7 +598,7 @@ fn probe_student(ctx: &Ctx, run: &StudentRun, step: u64) -> Result<super::evalua
         &run.engine.lock().ts.teacher.backbone,
         &ctx.plan.config.eval.device,
     )?;
-    let ev = super::evaluator::evaluate(&vit, &sets, &ctx.plan.config.eval, step)?;
+    let ev = super::evaluator::evaluate_or_on_host(&vit, &sets, &ctx.plan.config.eval, step, None)?;
     run.store.record_probe(
         step,
         "probes",
@@ -944,11 +944,11 @@ impl StudentState {
                             "student {}: probes at step {} on {} in {:.1} s: {}",
                             run.name,
                             step + 1,
-                            ev.device,
+                            ev.place(),
                             ev.ms / 1e3,
                             serde_json::to_string(&ev.metrics).unwrap_or_default()
                         ),
-                        json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device}),
+                        json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device, "fallback": ev.fallback}),
                     );
                 }
                 Err(e) => ctx.event(

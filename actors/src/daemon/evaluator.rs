@@ -32,6 +32,53 @@ pub struct Evaluation {
     pub ms: f64,
     /// Where the features were extracted (`cpu`, `cuda:N`).
     pub device: String,
+    /// Why they were extracted on the host instead of the probe device (it failed there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+}
+
+impl Evaluation {
+    /// Where the probes ran, for messages: `cuda:0`, or `cpu (after cuda:0 failed: ...)`.
+    pub fn place(&self) -> String {
+        match &self.fallback {
+            Some(why) => format!("{} ({why})", self.device),
+            None => self.device.clone(),
+        }
+    }
+}
+
+/// [`evaluate`] on `vit`'s device and, if that fails off the host, again on a host copy:
+/// the live probes must not starve the stage machine because the GPU is short of memory
+/// or failed under them (training notices a lost device itself). `inject`: a
+/// `device_error` fault armed for this actor at `step` fails the device attempt (on a
+/// CPU run too, where the retry is then on the same host).
+pub fn evaluate_or_on_host(
+    vit: &Vit,
+    sets: &[ProbeSet],
+    cfg: &crate::config::EvalSection,
+    step: u64,
+    inject: Option<(&super::faults::Faults, &str)>,
+) -> Result<Evaluation> {
+    let first = match inject {
+        Some((faults, actor)) if faults.take("device_error", Some(actor), step).is_some() => Err(
+            anyhow::anyhow!("injected device error in the probes at step {step}"),
+        ),
+        _ => evaluate(vit, sets, cfg, step),
+    };
+    let e = match first {
+        Ok(ev) => return Ok(ev),
+        Err(e) if vit.device().is_cpu() && inject.is_none() => return Err(e),
+        Err(e) => e,
+    };
+    let on = device_name(&vit.device());
+    let host = match vit.to_device(&candle_core::Device::Cpu) {
+        Ok(h) => h,
+        Err(_) => return Err(e),
+    };
+    let mut ev = evaluate(&host, sets, cfg, step)
+        .with_context(|| format!("after the probes failed on {on}: {e:#}"))?;
+    ev.fallback = Some(format!("after {on} failed: {e:#}"));
+    Ok(ev)
 }
 
 /// Messages.
@@ -121,6 +168,7 @@ pub fn evaluate(
     report.step = Some(step);
     let metrics = report.metrics();
     Ok(Evaluation {
+        fallback: None,
         device: device_name(&vit.device()),
         step,
         metrics,
@@ -176,7 +224,8 @@ impl Actor for EvaluatorActor {
                         if g.is_none() {
                             *g = Some(build_sets(&ctx.plan.config.eval)?);
                         }
-                        let mut ev = evaluate(&teacher, g.as_ref().expect("built above"), &ctx.plan.config.eval, step)?;
+                        let sets = g.as_ref().expect("built above");
+                        let mut ev = evaluate_or_on_host(&teacher, sets, &ctx.plan.config.eval, step, Some((&ctx.faults, NAME)))?;
                         ev.ms = t0.elapsed().as_secs_f64() * 1e3;
                         ctx.store.record_probe(step, "probes", &serde_json::json!({"metrics": ev.metrics, "ms": ev.ms, "report": ev.report}))?;
                         if let Some(d) = ev.metrics.dense_miou {

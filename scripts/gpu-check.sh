@@ -36,7 +36,8 @@
 #      and `dinod probe` of its checkpoint on the GPU and on the host are timed and
 #      compared;
 #  5b. with more than one GPU visible, `dinod bench dp --device cuda` (NCCL all-reduce,
-#     one member per GPU) checked against one GPU on the same global batch;
+#     one member per GPU) checked against one GPU on the same global batch, and
+#     `dinod bench distill --members N` (three students over the group vs one GPU);
 #  5c. with more than one GPU visible, the daemon over all of them through a member's
 #     device error and a member stalled past `runtime.collective_timeout_s` (the NCCL
 #     abort): both must restart the trainer and the run must finish;
@@ -312,6 +313,11 @@ if [ "$NGPU" -gt 1 ]; then
   if fits 60; then
     timeout "$(lim 240)" "$DINOD" bench dp --config configs/bench-gpu-s16.toml --device cuda --members "$NGPU" --batch-size $((64 * NGPU)) --warmup 1 --iters $ITERS --check >"$OUT/dinod-dp.json"
     echo "exit $?: $(tr -d '\n ' <"$OUT/dinod-dp.json" | head -c 400)"
+  fi
+  if fits 60; then
+    # distillation over the group: the teacher split over the GPUs, each student in turn
+    timeout "$(lim 120)" "$DINOD" bench distill --config configs/distill.toml --device cuda --precision bf16 --members "$NGPU" --batch-size $((32 * NGPU)) --warmup 1 --iters $ITERS >"$OUT/distill-dp.json"
+    echo "exit $?: group $(tr -d '\n ' <"$OUT/distill-dp.json" | grep -o '"group":{[^}]*}')"
   fi
 else
   say "5b. data parallel: one GPU visible, skipped (dinod bench dp --device cuda --members N)"

@@ -337,6 +337,13 @@ pub enum BenchCommand {
         /// Timed iterations (the median is reported).
         #[arg(long, default_value_t = 3)]
         iters: usize,
+        /// Also time the step over a data-parallel group of N members (`cuda`: GPUs
+        /// cuda:0 .. cuda:N-1 with NCCL; `cpu`: threads) against one device.
+        #[arg(long, default_value_t = 1)]
+        members: usize,
+        /// Override `train.batch_size` (the global batch).
+        #[arg(long)]
+        batch_size: Option<usize>,
     },
     /// What rounding a bf16 layer's output once (an f32 GEMM and bias add, as PyTorch's
     /// addmm) would cost against the bf16 GEMM plus a bf16 bias add, for the biased layers
@@ -539,9 +546,14 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     precision,
                     warmup,
                     iters,
+                    members,
+                    batch_size,
                 },
         } => {
-            let plan = load_plan(Some(&config))?;
+            let mut plan = load_plan(Some(&config))?;
+            if let Some(b) = batch_size {
+                plan.config.train.batch_size = b;
+            }
             if plan.students.is_empty() {
                 anyhow::bail!("{} has no [distill] students", config.display());
             }
@@ -552,7 +564,8 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     &device,
                     precision.as_deref(),
                     warmup,
-                    iters
+                    iters,
+                    members
                 )?)?
             );
             Ok(0)

@@ -398,7 +398,45 @@ fn the_distillation_benchmark_reports_the_sharing_ratio() {
                 "{r}"
             );
         }
+        assert!(v["group"].is_null(), "{v}");
     }
+    // over a data-parallel group (threads here), against one device
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "distill",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        dinod(&args)
+    };
+    let o = bench(&["--members", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let g = &v["group"];
+    assert_eq!(g["members"], 2, "{v}");
+    let (ms, one) = (
+        g["all_students_ms"].as_f64().unwrap(),
+        g["one_device_ms"].as_f64().unwrap(),
+    );
+    assert!(ms > 0.0 && one > 0.0, "{g}");
+    assert!(
+        (g["speedup"].as_f64().unwrap() - one / ms).abs() < 1e-9,
+        "{g}"
+    );
+    // a batch that does not split is refused with the reason
+    let o = bench(&["--members", "2", "--batch-size", "3"]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not split into 2 members"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// `runtime.data_parallel = 2` in a distillation: each member runs the teacher on its half

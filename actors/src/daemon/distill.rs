@@ -1192,13 +1192,22 @@ impl Actor for DistillCoordinator {
 /// each student, summed; `teacher_plus_students_ms`: one teacher forward plus each
 /// student's step as measured after a teacher forward (the bound);
 /// `isolated_sum_ms`: the teacher and the students each timed alone (warm caches).
+/// With `members > 1` it also times the step of all the students over a data-parallel
+/// group (`cpu`: threads; `cuda`: GPUs 0..members-1 with NCCL), as the daemon runs it:
+/// the teacher pass split over the members with group-wide Sinkhorn-Knopp, then each
+/// student in turn over every member with the mean gradient (`group`).
 pub fn bench(
     plan: &Plan,
     device: &str,
     precision: Option<&str>,
     warmup: usize,
     iters: usize,
+    members: usize,
 ) -> Result<serde_json::Value> {
+    let b = plan.config.train.batch_size;
+    if members == 0 || (members > 1 && (!b.is_multiple_of(members) || b / members < 2)) {
+        bail!("the batch of {b} images does not split into {members} members of at least 2 images (--batch-size)");
+    }
     let (dev, dt) = crate::bench::bench_device(plan, device, precision)?;
     let master = plan.config.precision.dtype();
     // as the daemon holds them: the frozen teacher in the compute type, the students'
@@ -1265,8 +1274,24 @@ pub fn bench(
         let isolated = teacher_ms + student_ms[..n].iter().sum::<f64>();
         rows.push(json!({"students": n, "shared_ms": shared, "separate_ms": separate, "teacher_plus_students_ms": bound, "isolated_sum_ms": isolated, "sharing_ratio": shared / separate, "overhead_vs_bound": shared / bound - 1.0}));
     }
-    let b = plan.config.train.batch_size as f64;
+    let group = if members > 1 {
+        let shared_all = rows.last().and_then(|r| r["shared_ms"].as_f64());
+        let ms = bench_group(
+            plan, device, members, &teacher, &students, &batch, &hp, dt, &time,
+        )?;
+        Some(json!({
+            "members": members,
+            "all_students_ms": ms,
+            "images_per_s": b as f64 / (ms / 1e3),
+            "one_device_ms": shared_all,
+            "speedup": shared_all.map(|one| one / ms),
+        }))
+    } else {
+        None
+    };
+    let b = b as f64;
     Ok(json!({
+        "group": group,
         "teacher_ms": teacher_ms,
         "students": plan.students.iter().zip(&student_ms).map(|(s, ms)| json!({"name": s.name, "step_ms": ms, "images_per_s": b / (ms / 1e3), "params": students.iter().find(|x| x.cfg == s.ssl).map(|x| x.student.numel())})).collect::<Vec<_>>(),
         "rows": rows,
@@ -1275,4 +1300,63 @@ pub fn bench(
         "master_dtype": format!("{master:?}"),
         "threads": rayon::current_num_threads(),
     }))
+}
+
+/// The median time of one distillation batch over a group of `members` ([`bench`]).
+#[allow(clippy::too_many_arguments)]
+fn bench_group(
+    plan: &Plan,
+    device: &str,
+    members: usize,
+    teacher: &SslModel,
+    students: &[TrainState],
+    batch: &model::Batch,
+    hp: &StepHparams,
+    dt: candle_core::DType,
+    time: &dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64>,
+) -> Result<f64> {
+    let kind = if device == "cpu" { "cpu" } else { "cuda" };
+    let timeout = Duration::from_secs_f64(plan.config.runtime.collective_timeout_s);
+    let group = crate::dp::group(kind, members, timeout)?;
+    let sk = plan.ssl.loss.sinkhorn_iterations;
+    // each member's copy of the frozen teacher and its part of the batch, on its device
+    let teachers: Vec<SslModel> = group
+        .iter()
+        .map(|(_, d)| teacher.to_device(d))
+        .collect::<candle_core::Result<_>>()?;
+    let parts: Vec<model::Batch> = group
+        .iter()
+        .enumerate()
+        .map(|(r, (_, d))| batch.shard(r, members)?.to_device(d))
+        .collect::<candle_core::Result<_>>()?;
+    time(&mut || {
+        let targets = crate::dp::on_members(&group, |r, comm, _| {
+            Ok(model::distill_teacher_phase(
+                &teachers[r],
+                sk,
+                &parts[r],
+                hp,
+                Some(comm),
+            )?)
+        })?;
+        for s in students {
+            crate::dp::on_members(&group, |r, comm, dev| {
+                let view = s.phase_view(model::Side::Student, dt, dev)?;
+                let mut out = model::distill_student_phase(
+                    &view,
+                    &parts[r],
+                    hp,
+                    teacher_copy(&targets[r]),
+                    &mut |_| {},
+                )?;
+                model::dist::all_reduce_mean_grads(comm, &mut out.grads, &view.student)?;
+                model::dist::all_reduce_mean_losses(comm, &mut out.losses)?;
+                if r == 0 {
+                    let _ = model::clip_gradients(&s.cfg, &out.grads)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    })
 }

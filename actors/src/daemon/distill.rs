@@ -1302,6 +1302,9 @@ pub fn bench(
     }))
 }
 
+/// Times a closure: the median wall time in ms of [`bench`]'s iterations.
+type Timer<'a> = &'a dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64>;
+
 /// The median time of one distillation batch over a group of `members` ([`bench`]).
 #[allow(clippy::too_many_arguments)]
 fn bench_group(
@@ -1313,7 +1316,7 @@ fn bench_group(
     batch: &model::Batch,
     hp: &StepHparams,
     dt: candle_core::DType,
-    time: &dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64>,
+    time: Timer<'_>,
 ) -> Result<f64> {
     let kind = if device == "cpu" { "cpu" } else { "cuda" };
     let timeout = Duration::from_secs_f64(plan.config.runtime.collective_timeout_s);

@@ -295,6 +295,38 @@ pub enum DataCommand {
 /// `dinod bench ...`
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Step efficiency under failures: the daemon for SECONDS fault-free, then as long
+    /// under a SIGKILL every KILL_EVERY seconds (restarted at once) and in-process faults
+    /// between kills; steps trained under chaos over steps trained without.
+    Chaos {
+        /// The recipe (default: the built-in one).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data source for the runs, overriding the recipe's.
+        #[arg(long)]
+        data: Option<String>,
+        /// Checkpoint every N steps (what a kill loses is at most that).
+        #[arg(long)]
+        checkpoint_every: Option<u64>,
+        /// Wall time of each run, from its first step.
+        #[arg(long, default_value_t = 300.0)]
+        seconds: f64,
+        /// Seconds between SIGKILLs (0: none).
+        #[arg(long, default_value_t = 60.0)]
+        kill_every: f64,
+        /// In-process faults (actor panics, a device error, a NaN step) between two kills.
+        #[arg(long, default_value_t = 1)]
+        faults_per_kill: usize,
+        /// Picks the faults.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Where the two runs keep their state and logs (must not hold them yet).
+        #[arg(long)]
+        workdir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Data parallelism: one step over a group of members (threads on the CPU, or one GPU
     /// each with NCCL), each on its part of the batch; checks the members stay identical.
     Dp {
@@ -500,6 +532,64 @@ fn dispatch(cli: Cli) -> Result<i32> {
             step,
             with_heads,
         } => crate::commands::export(&dir.state_dir, &out, &which, step, with_heads),
+        Command::Bench {
+            what:
+                BenchCommand::Chaos {
+                    config,
+                    data,
+                    checkpoint_every,
+                    seconds,
+                    kill_every,
+                    faults_per_kill,
+                    seed,
+                    workdir,
+                    json,
+                },
+        } => {
+            let r = crate::chaos::bench_chaos(&crate::chaos::ChaosOpts {
+                config,
+                data,
+                checkpoint_every,
+                seconds,
+                kill_every,
+                faults_per_kill,
+                seed,
+                workdir,
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "fault-free: {} steps in {:.0} s ({:.2} steps/s)",
+                    r.baseline_steps, r.seconds, r.baseline_steps_per_s
+                );
+                println!(
+                    "chaos:      {} steps in {:.0} s under {} failures (one per {:.1} s: {} SIGKILLs, {} in-process faults fired of {} armed)",
+                    r.chaos_steps,
+                    r.seconds,
+                    r.failures,
+                    r.seconds_per_failure,
+                    r.kills.len(),
+                    r.fired,
+                    r.armed.len()
+                );
+                println!("step efficiency {:.1}%", r.step_efficiency * 100.0);
+                if let (Some(rec), Some(lost)) = (r.recovery_s_median, r.lost_steps_mean) {
+                    println!(
+                        "per SIGKILL: {lost:.1} steps lost on average, {rec:.1} s (median) from the kill to the first new step"
+                    );
+                }
+                println!(
+                    "checkpoints verify: {}",
+                    if r.checkpoints_verified {
+                        "ok"
+                    } else {
+                        "FAILED"
+                    }
+                );
+            }
+            Ok(if r.checkpoints_verified { 0 } else { 1 })
+        }
         Command::Bench {
             what:
                 BenchCommand::Dp {

@@ -731,6 +731,15 @@ fn a_data_parallel_daemon_trains_what_one_member_trains() {
     let o = run_to(&two, &s3, STEPS, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(fingerprint(&s3), fingerprint(&s2));
+    // the second start resumed after a clean stop, and says so
+    let starts: Vec<Value> = events(&s3)
+        .into_iter()
+        .filter(|e| e["kind"] == "run.started")
+        .collect();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_eq!(starts[1]["level"], "info", "{}", starts[1]);
+    assert_eq!(starts[1]["fields"]["previous_stopped"], true);
+    assert_eq!(starts[1]["fields"]["resumed_from"], STEPS / 2);
     // one member's device fails mid-step: the others stop waiting for it at once, the
     // trainer restarts as after a device error of its own, and the step is redone exactly
     let s4 = dir.path().join("s4");
@@ -971,4 +980,81 @@ fn sigterm_drains_and_checkpoints() {
     ]);
     let v: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert!(v.as_array().unwrap().iter().any(|c| c["step"] == step));
+}
+
+/// `dinod bench chaos` drives the real daemon through SIGKILLs and in-process faults and
+/// reports the step efficiency against a fault-free run of the same length; the chaos
+/// run's checkpoints verify at the end, and a used work directory is refused.
+#[test]
+fn the_chaos_benchmark_kills_and_faults_the_daemon_and_reports_the_cost() {
+    let dir = TempDir::new("chaos");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let work = dir.path().join("work");
+    let args = |work: &Path| {
+        vec![
+            "bench".to_string(),
+            "chaos".into(),
+            "--config".into(),
+            cfg.to_str().unwrap().into(),
+            "--seconds".into(),
+            "4".into(),
+            "--kill-every".into(),
+            "1.5".into(),
+            "--faults-per-kill".into(),
+            "1".into(),
+            "--workdir".into(),
+            work.to_str().unwrap().into(),
+            "--json".into(),
+        ]
+    };
+    let a = args(&work);
+    let o = dinod(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["baseline_steps"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["chaos_steps"].as_u64().unwrap() > 0, "{v}");
+    let kills = v["kills"].as_array().unwrap();
+    assert!(!kills.is_empty(), "{v}");
+    for k in kills {
+        assert!(
+            k["resumed_at"].as_u64().unwrap() <= k["step_before"].as_u64().unwrap(),
+            "{k}"
+        );
+        assert!(k["recovery_s"].as_f64().unwrap() > 0.0, "{k}");
+    }
+    assert!(!v["armed"].as_array().unwrap().is_empty(), "{v}");
+    assert!(v["fired"].as_u64().unwrap() >= 1, "{v}");
+    let eff = v["step_efficiency"].as_f64().unwrap();
+    assert!(eff > 0.0 && eff < 1.5, "{v}");
+    assert_eq!(v["checkpoints_verified"], true, "{v}");
+    // the chaos run's log says what happened to it: each start after a kill is a warning
+    // naming the checkpoint it resumed from
+    let o = dinod(&[
+        "events",
+        "--json",
+        "--since",
+        "0",
+        "--limit",
+        "100000",
+        "--state-dir",
+        work.join("chaos").to_str().unwrap(),
+    ]);
+    let starts: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["kind"] == "run.started")
+        .collect();
+    assert_eq!(starts.len(), kills.len() + 1, "{starts:?}");
+    assert_eq!(starts[0]["fields"]["previous_stopped"], Value::Null);
+    for (s, k) in starts[1..].iter().zip(kills) {
+        assert_eq!(s["level"], "warn", "{s}");
+        assert_eq!(s["fields"]["previous_stopped"], false, "{s}");
+        assert_eq!(s["fields"]["resumed_from"], k["resumed_at"], "{s} {k}");
+        let m = s["message"].as_str().unwrap();
+        assert!(m.contains("the previous process did not stop"), "{m}");
+    }
+    // the runs must start fresh
+    let o = dinod(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_ne!(o.status.code(), Some(0));
+    assert!(text(&o).contains("give an empty --workdir"), "{}", text(&o));
 }

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use checkpoints::{Event, Level, Retention, Store, StoreOptions};
+use checkpoints::{Event, Level, Retention, Store, StoreOptions, StoredEvent};
 
 use crate::config::Plan;
 use crate::engine::{self, Engine};
@@ -246,6 +246,48 @@ pub fn open_store(dir: &Path, plan: &Plan, faults: Option<Arc<Faults>>) -> Resul
     Ok(store)
 }
 
+/// Events after which a process ended on purpose (anything else last in the log means
+/// it was killed or crashed).
+const CLEAN_ENDS: &[&str] = &["run.stopped", "run.fatal", "run.halted"];
+
+/// Records this process's start (`run.started`): what it resumes from, and whether the
+/// previous process stopped or was killed (its last event is not a clean end: the steps
+/// since the last checkpoint are trained again). A warning in the latter case.
+fn record_start(
+    store: &Store,
+    previous: Option<&StoredEvent>,
+    latest: Option<u64>,
+    distill_only: bool,
+) {
+    let pid = std::process::id();
+    let from = match (latest, distill_only) {
+        (_, true) => "a distillation (each student resumes from its own checkpoint)".to_string(),
+        (Some(s), _) => format!("resuming from the checkpoint at step {s}"),
+        (None, _) => "a new run".to_string(),
+    };
+    let unclean = previous.filter(|p| !CLEAN_ENDS.contains(&p.event.kind.as_str()));
+    let (level, message) = match unclean {
+        Some(p) => (
+            Level::Warn,
+            format!(
+                "started (pid {pid}), {from}; the previous process did not stop (killed or crashed after `{}`{})",
+                p.event.kind,
+                p.event.step.map(|s| format!(" at step {s}")).unwrap_or_default()
+            ),
+        ),
+        None => (Level::Info, format!("started (pid {pid}), {from}")),
+    };
+    tracing::info!(kind = "run.started", "{message}");
+    let e = Event::new(level, "run.started", message).fields(serde_json::json!({
+        "pid": pid,
+        "resumed_from": latest,
+        "previous_stopped": previous.map(|_| unclean.is_none()),
+        "previous_last_event": previous.map(|p| p.event.kind.clone()),
+        "code_version": engine::CODE_VERSION,
+    }));
+    let _ = store.append_event(&e);
+}
+
 /// Runs the daemon in the foreground until it stops; returns the exit status.
 pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
     let faults = Arc::new(Faults::new(&plan.config.runtime.faults));
@@ -264,9 +306,17 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         ops::portable::set_force_on_cpu(true);
     }
     let self_teacher = format!("state:{}", opts.state_dir.display());
+    // how the previous process of this state directory ended, before this one writes
+    let previous = store.recent_events(1)?.into_iter().next();
     // read once: it decides between the students and the self-supervised run, and is
     // what the latter resumes from
     let latest = store.load_latest_valid()?;
+    record_start(
+        &store,
+        previous.as_ref(),
+        latest.as_ref().map(|ck| ck.manifest.step),
+        !plan.students.is_empty() && !plan.distill_after_stages(),
+    );
     if !plan.students.is_empty() {
         if !plan.distill_after_stages() {
             let spec = plan

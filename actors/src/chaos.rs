@@ -168,11 +168,11 @@ impl Daemon {
     }
 
     /// Polls until the step exceeds `after` (within `limit`).
-    fn wait_past(&mut self, after: Option<u64>, limit: Duration) -> Result<(u64, Instant)> {
+    fn wait_past(&mut self, after: u64, limit: Duration) -> Result<(u64, Instant)> {
         let t0 = Instant::now();
         loop {
             if let Some(s) = self.step()? {
-                if after.is_none_or(|a| s > a) {
+                if s > after {
                     return Ok((s, Instant::now()));
                 }
             }
@@ -248,7 +248,7 @@ pub fn bench_chaos(opts: &ChaosOpts) -> Result<ChaosBench> {
         &[],
         &opts.workdir.join("baseline.log"),
     )?;
-    let (s0, t0) = d.wait_past(None, first_step)?;
+    let (s0, t0) = d.wait_past(0, first_step)?;
     std::thread::sleep(window.saturating_sub(t0.elapsed()));
     let s1 = d
         .step()?
@@ -278,7 +278,7 @@ pub fn bench_chaos(opts: &ChaosOpts) -> Result<ChaosBench> {
     };
     let faults = arm(0, &mut seed);
     let mut d = Daemon::start(&exe, opts, &chaos_dir, &faults, &log)?;
-    let (c0, t0) = d.wait_past(None, first_step)?;
+    let (c0, t0) = d.wait_past(0, first_step)?;
     let mut last = c0;
     let mut kills = vec![];
     let mut started = t0;
@@ -304,7 +304,7 @@ pub fn bench_chaos(opts: &ChaosOpts) -> Result<ChaosBench> {
         let resumed_at = checkpoint_step(&chaos_dir)?;
         let faults = arm(resumed_at, &mut seed);
         d = Daemon::start(&exe, opts, &chaos_dir, &faults, &log)?;
-        let (s, t) = d.wait_past(Some(resumed_at), first_step)?;
+        let (s, t) = d.wait_past(resumed_at, first_step)?;
         last = s;
         started = t;
         kills.push(Kill {

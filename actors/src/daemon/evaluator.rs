@@ -59,15 +59,19 @@ pub fn evaluate_or_on_host(
     step: u64,
     inject: Option<(&super::faults::Faults, &str)>,
 ) -> Result<Evaluation> {
-    let first = match inject {
-        Some((faults, actor)) if faults.take("device_error", Some(actor), step).is_some() => Err(
-            anyhow::anyhow!("injected device error in the probes at step {step}"),
-        ),
-        _ => evaluate(vit, sets, cfg, step),
+    let injected = inject
+        .is_some_and(|(faults, actor)| faults.take("device_error", Some(actor), step).is_some());
+    let first = if injected {
+        Err(anyhow::anyhow!(
+            "injected device error in the probes at step {step}"
+        ))
+    } else {
+        evaluate(vit, sets, cfg, step)
     };
     let e = match first {
         Ok(ev) => return Ok(ev),
-        Err(e) if vit.device().is_cpu() && inject.is_none() => return Err(e),
+        // on the host already: the same probes would fail the same way again
+        Err(e) if vit.device().is_cpu() && !injected => return Err(e),
         Err(e) => e,
     };
     let on = device_name(&vit.device());

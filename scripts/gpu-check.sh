@@ -41,6 +41,8 @@
 #  5c. with more than one GPU visible, the daemon over all of them through a member's
 #     device error and a member stalled past `runtime.collective_timeout_s` (the NCCL
 #     abort): both must restart the trainer and the run must finish;
+#  5d. `dinod bench chaos` on the GPU: step efficiency under SIGKILLs and in-process
+#      faults, and what a restart costs there (CUDA context, first kernel loads);
 #  6. summary.md: step ms, images/s, MFU against the measured bf16 / f32 peak, ratio to
 #     PyTorch.
 # `--quick` keeps 1 warm-up + 2 timed iterations per benchmark (default 2 + 4).
@@ -346,6 +348,23 @@ if [ "$MEMBERS" -gt 1 ]; then
     echo "exit $rc (0 expected), at step $("$DINOD" status --json --state-dir "$DPR/state" 2>/dev/null | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["run"]["step"])' 2>/dev/null) of $DP_STEPS; trainer restarts: $n_err after the device error, $n_out after the timeout (1 and 1 expected)"
     if [ "$rc" = 0 ] && [ "$n_err" -ge 1 ] && [ "$n_out" -ge 1 ]; then echo "5c: PASS"; else echo "5c: FAIL (see $DPR/run.log, $DPR/events.txt)"; fi
   fi
+fi
+
+# ------------------------------------------------------------------ 5d. chaos on the GPU
+# what a SIGKILL costs on the GPU: the restart pays the CUDA context, cuBLAS and the
+# kernels' first loads (BENCHMARKS.md has the CPU figures); last, it is the least needed
+say "5d. the daemon on the GPU under SIGKILLs and in-process faults (dinod bench chaos)"
+if fits 150; then
+  CH="$OUT/chaos"
+  rm -rf "$CH"
+  CS=40 CK=15
+  [ -n "$REHEARSE" ] && CS=20 CK=8
+  sed 's/^precision = "f32"/precision = "bf16"/' configs/default.toml >"$OUT/chaos-gpu.toml"
+  echo "device = \"$DEV\"" >>"$OUT/chaos-gpu.toml"
+  timeout "$(lim 140)" "$DINOD" bench chaos --config "$OUT/chaos-gpu.toml" --seconds $CS --kill-every $CK \
+    --faults-per-kill 1 --checkpoint-every 20 --workdir "$CH" >"$OUT/chaos.txt" 2>&1
+  echo "exit $?"
+  cat "$OUT/chaos.txt" | tail -6
 fi
 
 # ------------------------------------------------------------------ 6. summary

@@ -139,6 +139,11 @@ pub struct CheckpointSection {
     /// Save every N committed steps.
     #[serde(default = "d_every")]
     pub every_steps: u64,
+    /// Also save once this many seconds have passed since the last save (at the next step
+    /// boundary): bounds in wall time what a kill loses, whatever a step costs (steps of
+    /// high-resolution adaptation are slower; a GPU is faster than the CPU).
+    #[serde(default)]
+    pub every_seconds: Option<f64>,
     /// Newest checkpoints always kept (at least 2).
     #[serde(default = "d_keep_last")]
     pub keep_last: usize,
@@ -164,6 +169,7 @@ impl Default for CheckpointSection {
     fn default() -> Self {
         Self {
             every_steps: d_every(),
+            every_seconds: None,
             keep_last: d_keep_last(),
             keep_every: None,
             keep_best_dense: true,
@@ -1104,6 +1110,14 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
     if cfg.checkpoint.every_steps == 0 {
         problems.push(problem("checkpoint.every_steps", "must be at least 1"));
     }
+    if let Some(t) = cfg.checkpoint.every_seconds {
+        if !(t.is_finite() && t > 0.0) {
+            problems.push(problem(
+                "checkpoint.every_seconds",
+                format!("must be a positive number of seconds, got {t}"),
+            ));
+        }
+    }
     problems.extend(
         cfg.eval
             .probes
@@ -1477,6 +1491,20 @@ mod tests {
         }
         let e = super::parse(&eval_on("gpu"), "t").unwrap_err().to_string();
         assert!(e.contains("eval.device"), "{e}");
+        // a time-based checkpoint cadence
+        assert!(super::DEFAULT_RECIPE.contains("\n[checkpoint]\n"));
+        let every = |t: &str| {
+            super::DEFAULT_RECIPE.replace(
+                "\n[checkpoint]\n",
+                &format!("\n[checkpoint]\nevery_seconds = {t}\n"),
+            )
+        };
+        let plan = super::parse(&every("300.0"), "t").unwrap();
+        assert_eq!(plan.config.checkpoint.every_seconds, Some(300.0));
+        for bad in ["0.0", "-1.0"] {
+            let e = super::parse(&every(bad), "t").unwrap_err().to_string();
+            assert!(e.contains("checkpoint.every_seconds"), "{bad}: {e}");
+        }
     }
 
     /// The device-loss keys are checked when the config is read, and the CPU fallback

@@ -1058,3 +1058,42 @@ fn the_chaos_benchmark_kills_and_faults_the_daemon_and_reports_the_cost() {
     assert_ne!(o.status.code(), Some(0));
     assert!(text(&o).contains("give an empty --workdir"), "{}", text(&o));
 }
+
+/// `checkpoint.every_seconds` saves at the first step boundary once that much time has
+/// passed since the last save, whatever `every_steps` says: a slow step (injected) is
+/// followed by a save, and without the key there is none before the final one.
+#[test]
+fn a_time_based_checkpoint_follows_a_slow_step() {
+    let dir = TempDir::new("ckpt-seconds");
+    let steps = |cfg: &str, name: &str| -> Vec<u64> {
+        let sub = dir.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let cfg = write_config(&sub, cfg);
+        let st = sub.join("state");
+        let o = run_to(&cfg, &st, 10, &["--inject", "slow:trainer@5+1500"]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        let o = dinod(&[
+            "checkpoints",
+            "list",
+            "--json",
+            "--state-dir",
+            st.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        let rows: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+        rows.iter().map(|r| r["step"].as_u64().unwrap()).collect()
+    };
+    let base = tiny_config("");
+    assert!(base.contains("every_steps = 3\n"));
+    let rare = base.replace("every_steps = 3\n", "every_steps = 1000\n");
+    assert_eq!(steps(&rare, "steps"), [10], "only the final save");
+    let timed = base.replace(
+        "every_steps = 3\n",
+        "every_steps = 1000\nevery_seconds = 1.0\n",
+    );
+    let got = steps(&timed, "seconds");
+    assert!(
+        got.contains(&10) && got.iter().any(|&s| (5..10).contains(&s)),
+        "a save after the slow step 5, then the final one: {got:?}"
+    );
+}

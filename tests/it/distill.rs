@@ -680,3 +680,40 @@ fn students_are_probed_during_distillation() {
         text(&o)
     );
 }
+
+/// `checkpoint.every_seconds` applies to each student: a slow step of one student
+/// (injected) is followed by a save of that student, though `every_steps` is far away.
+#[test]
+fn a_student_saves_after_a_slow_step_with_a_time_based_cadence() {
+    let dir = TempDir::new("distill-ckpt-seconds");
+    let text_cfg = distill_config(teacher_dir());
+    assert!(text_cfg.contains("every_steps = 3\n"));
+    let cfg = write_config(
+        dir.path(),
+        &text_cfg.replace(
+            "every_steps = 3\n",
+            "every_steps = 1000\nevery_seconds = 1.0\n",
+        ),
+    );
+    let st = dir.path().join("state");
+    let o = run(&cfg, &st, 10, &["--inject", "slow:student:small@5+1500"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = dinod(&[
+        "checkpoints",
+        "list",
+        "--json",
+        "--state-dir",
+        st.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rows: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let small: Vec<u64> = rows
+        .iter()
+        .filter(|r| r["student"] == "small")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert!(
+        small.contains(&10) && small.iter().any(|&s| (5..10).contains(&s)),
+        "student small: a save after its slow step 5, then the final one: {small:?}"
+    );
+}

@@ -107,6 +107,8 @@ pub struct CoordState {
     save_in_flight: Option<u64>,
     save_issued_restarts: u32,
     save_due: bool,
+    /// When the last save was handed to the checkpointer (or the process started).
+    last_save_at: Instant,
     need_loader_reset: bool,
     save_backoff_until: u64,
     losses: VecDeque<f64>,
@@ -598,6 +600,11 @@ impl CoordState {
         if step > 0 && step.is_multiple_of(every) {
             self.save_due = true;
         }
+        if let Some(secs) = ctx.plan().config.checkpoint.every_seconds {
+            if step > 0 && self.last_save_at.elapsed().as_secs_f64() >= secs {
+                self.save_due = true;
+            }
+        }
         if self.save_in_flight.is_some() {
             // a save whose checkpointer died with it will never report back
             let restarts = ctx
@@ -652,6 +659,7 @@ impl CoordState {
         let blocking_ms = t0.elapsed().as_secs_f64() * 1e3;
         metrics::histogram!("dinod_checkpoint_blocking_seconds").record(blocking_ms / 1e3);
         self.save_due = false;
+        self.last_save_at = Instant::now();
         self.save_in_flight = Some(step);
         self.save_issued_restarts = ctx
             .board
@@ -1143,6 +1151,7 @@ impl Actor for CoordinatorActor {
             save_in_flight: None,
             save_issued_restarts: 0,
             save_due: false,
+            last_save_at: Instant::now(),
             need_loader_reset: true,
             save_backoff_until: 0,
             losses: VecDeque::new(),

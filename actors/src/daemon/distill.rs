@@ -564,6 +564,8 @@ pub struct StudentState {
     last: Option<Instant>,
     /// The latest probes of this student's EMA: step and metrics (for `dinod status`).
     probes: Option<serde_json::Value>,
+    /// When this student last saved (or started): `checkpoint.every_seconds`.
+    last_save: Instant,
 }
 
 /// The run's probe sets, built on first use and shared by the teacher and the students.
@@ -769,6 +771,7 @@ impl StudentState {
         let r = self
             .worker
             .run(move || -> Result<(model::ssl::LossTerms, [f64; 3], bool, Option<model::ssl::ModelGrads>)> {
+                f2.maybe_slow(&nm, step);
                 injected_device_error(&f2, &nm, step)?;
                 let eng = r2.engine.lock();
                 // mixed precision: the student computes on a cast of its master weights
@@ -965,10 +968,14 @@ impl StudentState {
                 ),
             }
         }
-        let every = ctx.plan.config.checkpoint.every_steps;
+        let ck = &ctx.plan.config.checkpoint;
+        let timed = ck
+            .every_seconds
+            .is_some_and(|t| self.last_save.elapsed().as_secs_f64() >= t);
         // an evaluated step is saved too, as in a self-supervised run: the probe history
         // then names checkpoints (keep_best_dense keeps the best student)
-        if (step + 1) % every == 0 || evaluated {
+        if (step + 1) % ck.every_steps == 0 || evaluated || timed {
+            self.last_save = Instant::now();
             let r4 = run.clone();
             ctx.board.phase(&name, ActorPhase::Checkpoint);
             match self.worker.run(move || save_student(&r4)).await? {
@@ -1036,6 +1043,7 @@ impl Actor for StudentActor {
             losses: Default::default(),
             step_ms: 0.0,
             last: None,
+            last_save: Instant::now(),
             // the latest evaluation, possibly from an earlier process
             probes: run
                 .store

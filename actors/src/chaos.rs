@@ -203,6 +203,16 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    /// A benchmark that fails half-way must not leave a daemon training behind it.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// The latest committed step of a stopped run's state directory.
 fn checkpoint_step(state: &Path) -> Result<u64> {
     let store = client::open_offline(state)?;

@@ -226,8 +226,10 @@ say "5a. the daemon on the GPU: train, a device error, SIGKILL, verify, resume"
 if fits 150; then
   RUN="$OUT/daemon"
   mkdir -p "$RUN"
-  # the default recipe in bf16 on the GPU ([runtime] is its last table)
-  sed 's/^precision = "f32"/precision = "bf16"/' configs/default.toml >"$RUN/gpu.toml"
+  # the default recipe in bf16 on the GPU ([runtime] is its last table), probed every 25
+  # steps so that its live probes run on the GPU within the part
+  sed -e 's/^precision = "f32"/precision = "bf16"/' -e '/^\[eval\]/,/^\[/ s/^every_steps = .*/every_steps = 25/' \
+    configs/default.toml >"$RUN/gpu.toml"
   echo "device = \"$DEV\"" >>"$RUN/gpu.toml"
   status_step() { "$DINOD" status --json --state-dir "$RUN/state" 2>/dev/null |
     "$PY" -c 'import json,sys; print(json.load(sys.stdin)["run"]["step"])' 2>/dev/null || echo 0; }

@@ -277,7 +277,11 @@ fn record_start(
         ),
         None => (Level::Info, format!("started (pid {pid}), {from}")),
     };
-    tracing::info!(kind = "run.started", "{message}");
+    if level == Level::Warn {
+        tracing::warn!(kind = "run.started", "{message}");
+    } else {
+        tracing::info!(kind = "run.started", "{message}");
+    }
     let e = Event::new(level, "run.started", message).fields(serde_json::json!({
         "pid": pid,
         "resumed_from": latest,

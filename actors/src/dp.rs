@@ -44,11 +44,36 @@ pub fn group(
 }
 
 /// The abort state that the members of a device group share: set by the first member
-/// that fails ([`Collective::abort`]), after which the others stop waiting for it.
+/// that fails ([`Collective::abort`]), after which the others stop waiting for it; and
+/// whether a member's wait timed out ([`Collective::timed_out`]).
 #[derive(Debug, Default)]
-pub struct GroupAbort(Mutex<Option<String>>);
+pub struct GroupAbort(Mutex<Option<String>>, std::sync::atomic::AtomicBool);
+
+/// A group step failed because a member waited longer than
+/// `runtime.collective_timeout_s` for the others: a member stopped answering. The daemon
+/// treats it as a recoverable device fault (the group is dropped and rebuilt).
+#[derive(Debug)]
+pub struct CollectiveTimedOut(pub String);
+
+impl std::fmt::Display for CollectiveTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CollectiveTimedOut {}
 
 impl GroupAbort {
+    /// Records that a member's wait timed out.
+    pub fn set_timed_out(&self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a member's wait timed out.
+    pub fn timed_out(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Marks the group failed by member `rank` (the first reason is kept).
     pub fn set(&self, rank: usize, why: &str) {
         let mut g = match self.0.lock() {
@@ -92,6 +117,7 @@ pub fn await_collective(
         }
         let waited = start.elapsed();
         if waited >= timeout {
+            abort.set_timed_out();
             candle_core::bail!(
                 "NCCL all-reduce: {}: member {rank} waited {:.1} s for the others",
                 model::dist::TIMED_OUT,
@@ -239,6 +265,9 @@ mod nccl {
         fn abort(&self, why: &str) {
             self.abort.set(self.rank, why)
         }
+        fn timed_out(&self) -> bool {
+            self.abort.timed_out()
+        }
         fn all_reduce_sum(&self, v: &mut [f64]) -> candle_core::Result<()> {
             let g = self.comm()?;
             let comm = g.as_ref().expect("checked by comm()");
@@ -362,7 +391,11 @@ pub fn on_members<T: Send>(
             .iter()
             .position(|e| !format!("{e:#}").contains("group was aborted"))
             .unwrap_or(0);
-        return Err(errs.swap_remove(root));
+        let e = errs.swap_remove(root);
+        if members.iter().any(|(c, _)| c.timed_out()) {
+            return Err(CollectiveTimedOut(format!("{e:#}")).into());
+        }
+        return Err(e);
     }
     Ok(results.into_iter().map(|r| r.expect("checked")).collect())
 }
@@ -622,6 +655,7 @@ mod tests {
             e.contains(model::dist::TIMED_OUT) && e.contains("member 3"),
             "{e}"
         );
+        assert!(fresh.timed_out() && !abort.timed_out());
 
         // the device's error wins over waiting
         let e = await_collective(0, || Err("CUDA_ERROR_ILLEGAL_ADDRESS".into()), &fresh, long)

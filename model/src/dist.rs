@@ -27,8 +27,7 @@ use crate::state::{
 };
 
 /// Every transport's error for a collective that waited longer than its timeout for the
-/// other members contains this (the daemon treats it as a recoverable device fault: the
-/// group is dropped and the step redone on a fresh one).
+/// other members says this (for people; callers ask [`Collective::timed_out`]).
 pub const TIMED_OUT: &str = "collective timed out";
 
 /// An all-reduce among the members of a group.
@@ -45,6 +44,11 @@ pub trait Collective: Send + Sync {
     /// calls fail with `why` instead of waiting for it. The default does nothing (the
     /// transport's own timeout applies).
     fn abort(&self, _why: &str) {}
+    /// Whether a call of this member failed because it waited longer than the
+    /// transport's timeout for the others (a member that stopped answering).
+    fn timed_out(&self) -> bool {
+        false
+    }
     /// The element-wise sum of `t` over the group, as a new tensor of `t`'s shape, type
     /// and device. The default goes through the host in f64; a device transport (NCCL)
     /// reduces device buffers in place of it.
@@ -104,6 +108,8 @@ struct Shared {
     timeout: Duration,
     state: Mutex<Round>,
     cv: Condvar,
+    /// Set when a member's wait timed out.
+    timed_out: std::sync::atomic::AtomicBool,
 }
 
 /// Members of a group inside one process (one per thread). Sums are taken in rank
@@ -135,6 +141,7 @@ impl ThreadGroup {
                 aborted: None,
             }),
             cv: Condvar::new(),
+            timed_out: Default::default(),
         });
         (0..world)
             .map(|rank| ThreadGroup {
@@ -159,12 +166,19 @@ impl Collective for ThreadGroup {
     fn abort(&self, why: &str) {
         self.abort_group(why)
     }
+    fn timed_out(&self) -> bool {
+        self.shared
+            .timed_out
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
     fn all_reduce_sum(&self, v: &mut [f64]) -> Result<()> {
         let sh = &*self.shared;
         let mut g = sh.state.lock().map_err(poisoned)?;
         let wait = |g, what: &str| -> Result<std::sync::MutexGuard<'_, Round>> {
             let (g, to) = sh.cv.wait_timeout(g, sh.timeout).map_err(poisoned)?;
             if to.timed_out() {
+                sh.timed_out
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 bail!(
                     "all-reduce: {TIMED_OUT}: member {} waited {:.1} s for {what}",
                     self.rank,

@@ -544,10 +544,15 @@ fn the_thread_group_sums_in_rank_order_and_fails_instead_of_hanging() {
     );
     // a member alone times out with a clear error
     let g = ThreadGroup::with_timeout(2, std::time::Duration::from_millis(100));
+    assert!(!g[0].timed_out());
     let e = g[0].all_reduce_sum(&mut [1.0]).unwrap_err().to_string();
     assert!(
         e.contains("waited") && e.contains(crate::dist::TIMED_OUT),
         "{e}"
+    );
+    assert!(
+        g[0].timed_out() && g[1].timed_out(),
+        "the group knows it timed out"
     );
     // members that disagree on the length all fail
     let g = ThreadGroup::new(2);

@@ -76,11 +76,6 @@ pub fn classify_device_error(msg: &str) -> Option<DeviceFault> {
     if NCCL_FAILED.iter().any(|c| msg.contains(c)) {
         return Some(DeviceFault::Recoverable(msg.to_string()));
     }
-    // a member that stopped answering (its GPU hung, a stall): the others gave up
-    // waiting; the group is dropped (NCCL: aborted) and the step redone on a fresh one
-    if msg.contains(model::dist::TIMED_OUT) {
-        return Some(DeviceFault::Recoverable(msg.to_string()));
-    }
     None
 }
 
@@ -97,6 +92,11 @@ const NCCL_FAILED: &[&str] = &[
 pub fn device_fault(e: &anyhow::Error) -> Option<DeviceFault> {
     if let Some(DeviceFaultError(f)) = e.downcast_ref::<DeviceFaultError>() {
         return Some(f.clone());
+    }
+    // a member that stopped answering (its GPU hung, a stall): the others gave up
+    // waiting; the group is dropped (NCCL: aborted) and the step redone on a fresh one
+    if e.downcast_ref::<crate::dp::CollectiveTimedOut>().is_some() {
+        return Some(DeviceFault::Recoverable(format!("{e:#}")));
     }
     classify_device_error(&format!("{e:#}"))
 }
@@ -660,13 +660,15 @@ mod tests {
             classify_device_error("NCCL all-reduce: reduce: ncclUnhandledCudaError"),
             Some(DeviceFault::Recoverable(_))
         ));
-        // a member gave up waiting for the others: restart, fresh group
+        // a member gave up waiting for the others: restart, fresh group (known by its
+        // type: the same words in an ordinary error are not a device fault)
+        let msg = "data-parallel member 0: NCCL all-reduce: collective timed out: member 0 waited 300.0 s for the others";
+        let e = anyhow::Error::new(crate::dp::CollectiveTimedOut(msg.into()));
         assert!(matches!(
-            classify_device_error(
-                "data-parallel member 0: NCCL all-reduce: collective timed out: member 0 waited 300.0 s for the others"
-            ),
+            device_fault(&e.context("step 3")),
             Some(DeviceFault::Recoverable(_))
         ));
+        assert_eq!(device_fault(&anyhow::anyhow!("{msg}")), None);
         // the device failed under the collective: the context is gone
         assert!(matches!(
             classify_device_error(

@@ -368,10 +368,12 @@ pub fn all_reduce_mean_grads(
             let p = ps.get(i);
             let n = p.elem_count();
             if present[slot] > 0.0 {
-                // an independent tensor: clipping scales gradients in place
+                // an independent tensor of its own size (clipping scales gradients in
+                // place): `copy` of a view would clone the whole flat buffer, once per
+                // parameter
                 let t = mean.narrow(0, off, n)?.reshape(p.dims())?;
                 g.tensors[i] = Some(if grad_dt == wide {
-                    t.copy()?
+                    t.force_contiguous()?
                 } else {
                     t.to_dtype(grad_dt)?
                 });

@@ -416,6 +416,78 @@ fn dp_run(
     })
 }
 
+/// The group's mean gradients are tensors of their own size: each parameter's slice of
+/// the reduced buffer is copied alone (a `copy` of the slice cloned the whole buffer, once
+/// per parameter: 2 GB per step at the default recipe's size, far more on a GPU).
+#[test]
+fn mean_gradients_over_a_group_own_only_their_elements() {
+    use crate::dist::Collective;
+    let cfg = small_cfg(0.0, None);
+    let st = perturbed_state(&cfg, DType::F32);
+    let group = crate::dist::ThreadGroup::new(2);
+    let outs: Vec<crate::ssl::ModelGrads> = std::thread::scope(|s| {
+        let hs: Vec<_> = group
+            .iter()
+            .map(|comm| {
+                let st = &st;
+                s.spawn(move || {
+                    // member r's gradient of every parameter: r + 1 everywhere
+                    let mut g = crate::ssl::ModelGrads {
+                        backbone: crate::params::Grads::new(st.student.backbone.params.len()),
+                        dino_head: crate::params::Grads::new(st.student.dino_head.params.len()),
+                        ibot_head: crate::params::Grads::new(st.student.ibot_head.params.len()),
+                    };
+                    for (m, (_, ps)) in st.student.modules().iter().enumerate() {
+                        let slots = match m {
+                            0 => &mut g.backbone,
+                            1 => &mut g.dino_head,
+                            _ => &mut g.ibot_head,
+                        };
+                        for i in 0..ps.len() {
+                            let p = ps.get(i);
+                            slots.tensors[i] = Some(
+                                (Tensor::ones(p.dims(), DType::F32, &Device::Cpu).unwrap()
+                                    * (comm.rank() + 1) as f64)
+                                    .unwrap(),
+                            );
+                        }
+                    }
+                    crate::dist::all_reduce_mean_grads(comm, &mut g, &st.student).unwrap();
+                    g
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut n = 0;
+    for g in &outs {
+        for (_, grads) in g.modules() {
+            for t in grads.tensors.iter().flatten() {
+                let (storage, layout) = t.storage_and_layout();
+                let candle_core::Storage::Cpu(cs) = &*storage else {
+                    panic!("not on the CPU")
+                };
+                let held = cs.as_slice::<f32>().unwrap().len();
+                assert_eq!(
+                    held,
+                    t.elem_count(),
+                    "a gradient holds {held} elements for {:?}",
+                    t.dims()
+                );
+                assert_eq!(layout.start_offset(), 0);
+                drop(storage);
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                assert!(
+                    v.iter().all(|x| (x - 1.5).abs() < 1e-6),
+                    "the mean of 1 and 2"
+                );
+                n += 1;
+            }
+        }
+    }
+    assert!(n > 10, "{n} gradients checked");
+}
+
 /// Data parallelism changes nothing but the rounding: with the per-member terms off
 /// (KoLeo, drop path), two and four members on half / a quarter of the batch each give
 /// the one-member step on the whole batch, and every member ends with the same state.

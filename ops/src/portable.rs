@@ -160,8 +160,9 @@ pub fn write_into(dst: &Tensor, src: &Tensor) -> Result<()> {
         return Ok(());
     }
     // a fresh copy: `src` may be a view of `dst`'s storage (candle does not expose the
-    // check), and `slice_set` must not read what it is writing
-    let src = src.copy()?;
+    // check), and `slice_set` must not read what it is writing; of the view only (`copy`
+    // would clone the whole storage under it)
+    let src = src.force_contiguous()?;
     dst.flatten_all()?.slice_set(&src.flatten_all()?, 0, 0)
 }
 

@@ -8,6 +8,7 @@
 //! rendezvous that hands out rank 0's NCCL id, `ncclCommInitRank` per GPU, the state
 //! broadcast from rank 0, control messages to the workers).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,7 +48,12 @@ pub fn group(
 /// that fails ([`Collective::abort`]), after which the others stop waiting for it; and
 /// whether a member's wait timed out ([`Collective::timed_out`]).
 #[derive(Debug, Default)]
-pub struct GroupAbort(Mutex<Option<String>>, std::sync::atomic::AtomicBool);
+pub struct GroupAbort {
+    /// Set with `reason`: read on every poll without the lock.
+    aborted: AtomicBool,
+    reason: Mutex<Option<String>>,
+    timed_out: AtomicBool,
+}
 
 /// A group step failed because a member waited longer than
 /// `runtime.collective_timeout_s` for the others: a member stopped answering. The daemon
@@ -66,28 +72,32 @@ impl std::error::Error for CollectiveTimedOut {}
 impl GroupAbort {
     /// Records that a member's wait timed out.
     pub fn set_timed_out(&self) {
-        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.timed_out.store(true, Ordering::SeqCst);
     }
 
     /// Whether a member's wait timed out.
     pub fn timed_out(&self) -> bool {
-        self.1.load(std::sync::atomic::Ordering::SeqCst)
+        self.timed_out.load(Ordering::SeqCst)
     }
 
     /// Marks the group failed by member `rank` (the first reason is kept).
     pub fn set(&self, rank: usize, why: &str) {
-        let mut g = match self.0.lock() {
+        let mut g = match self.reason.lock() {
             Ok(g) => g,
             Err(e) => e.into_inner(),
         };
         if g.is_none() {
             *g = Some(format!("member {rank} failed: {why}"));
         }
+        self.aborted.store(true, Ordering::SeqCst);
     }
 
     /// Why the group was aborted, if it was.
     pub fn reason(&self) -> Option<String> {
-        match self.0.lock() {
+        if !self.aborted.load(Ordering::SeqCst) {
+            return None;
+        }
+        match self.reason.lock() {
             Ok(g) => g.clone(),
             Err(e) => e.into_inner().clone(),
         }

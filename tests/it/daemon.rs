@@ -203,17 +203,7 @@ fn sigkill_at_random_moments_loses_nothing_and_resumes_exactly() {
             st.to_str().unwrap(),
         ]);
         assert_eq!(o.status.code(), Some(0), "after kill {kills}: {}", text(&o));
-        let list = dinod(&[
-            "checkpoints",
-            "list",
-            "--json",
-            "--state-dir",
-            st.to_str().unwrap(),
-        ]);
-        let v: Value = serde_json::from_slice(&list.stdout).unwrap();
-        let latest = v
-            .as_array()
-            .unwrap()
+        let latest = checkpoint_rows(&st)
             .iter()
             .filter_map(|c| c["step"].as_u64())
             .max()
@@ -446,17 +436,10 @@ fn losing_the_device_checkpoints_and_exits_75() {
     let st = dir.path().join("state");
     let o = run_to(&cfg, &st, STEPS, &["--inject", "device_lost@5"]);
     assert_eq!(o.status.code(), Some(75), "{}", text(&o));
-    let list = dinod(&[
-        "checkpoints",
-        "list",
-        "--json",
-        "--state-dir",
-        st.to_str().unwrap(),
-    ]);
-    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let v = checkpoint_rows(&st);
     assert!(
-        v.as_array().unwrap().iter().any(|c| c["step"] == 5),
-        "no consistent checkpoint at the failing step: {v}"
+        v.iter().any(|c| c["step"] == 5),
+        "no consistent checkpoint at the failing step: {v:?}"
     );
     // the restarted process continues exactly
     let o = run_to(&cfg, &st, STEPS, &[]);
@@ -942,11 +925,10 @@ fn the_cli_inspects_and_controls_a_running_daemon() {
     let s = status(&st);
     assert_eq!(s["daemon"], false);
     let step = s["run"]["step"].as_u64().unwrap();
-    let list = dinod(&["checkpoints", "list", "--json", "--state-dir", &sd]);
-    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let v = checkpoint_rows(Path::new(&sd));
     assert!(
-        v.as_array().unwrap().iter().any(|c| c["step"] == step),
-        "no final checkpoint at step {step}: {v}"
+        v.iter().any(|c| c["step"] == step),
+        "no final checkpoint at step {step}: {v:?}"
     );
 }
 
@@ -971,15 +953,7 @@ fn sigterm_drains_and_checkpoints() {
     let s = status(&st);
     let step = s["run"]["step"].as_u64().unwrap();
     assert!(step > 0);
-    let list = dinod(&[
-        "checkpoints",
-        "list",
-        "--json",
-        "--state-dir",
-        st.to_str().unwrap(),
-    ]);
-    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
-    assert!(v.as_array().unwrap().iter().any(|c| c["step"] == step));
+    assert!(checkpoint_rows(&st).iter().any(|c| c["step"] == step));
 }
 
 /// `dinod bench chaos` drives the real daemon through SIGKILLs and in-process faults and
@@ -1072,16 +1046,10 @@ fn a_time_based_checkpoint_follows_a_slow_step() {
         let st = sub.join("state");
         let o = run_to(&cfg, &st, 10, &["--inject", "slow:trainer@5+1500"]);
         assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-        let o = dinod(&[
-            "checkpoints",
-            "list",
-            "--json",
-            "--state-dir",
-            st.to_str().unwrap(),
-        ]);
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-        let rows: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
-        rows.iter().map(|r| r["step"].as_u64().unwrap()).collect()
+        checkpoint_rows(&st)
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect()
     };
     let base = tiny_config("");
     assert!(base.contains("every_steps = 3\n"));

@@ -369,8 +369,7 @@ fn distillation_computes_in_bf16_and_a_device_error_restarts_one_student() {
 fn the_distillation_benchmark_reports_the_sharing_ratio() {
     let dir = TempDir::new("distill-bench");
     let cfg = write_config(dir.path(), &distill_config(teacher_dir()));
-    // the recipe's f32, and mixed precision (on the CPU: the device code path)
-    for (precision, dtype) in [(None, "F32"), (Some("bf16"), "BF16")] {
+    let bench = |extra: &[&str]| {
         let mut args = vec![
             "bench",
             "distill",
@@ -381,8 +380,13 @@ fn the_distillation_benchmark_reports_the_sharing_ratio() {
             "--iters",
             "1",
         ];
-        args.extend(precision.iter().flat_map(|p| ["--precision", *p]));
-        let o = dinod(&args);
+        args.extend_from_slice(extra);
+        dinod(&args)
+    };
+    // the recipe's f32, and mixed precision (on the CPU: the device code path)
+    for (precision, dtype) in [(None, "F32"), (Some("bf16"), "BF16")] {
+        let extra: Vec<&str> = precision.iter().flat_map(|p| ["--precision", *p]).collect();
+        let o = bench(&extra);
         assert_eq!(o.status.code(), Some(0), "{}", text(&o));
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(
@@ -401,20 +405,6 @@ fn the_distillation_benchmark_reports_the_sharing_ratio() {
         assert!(v["group"].is_null(), "{v}");
     }
     // over a data-parallel group (threads here), against one device
-    let bench = |extra: &[&str]| {
-        let mut args = vec![
-            "bench",
-            "distill",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        dinod(&args)
-    };
     let o = bench(&["--members", "2"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -614,21 +604,12 @@ fn students_are_probed_during_distillation() {
             "{name} saved nothing at its evaluated step 4:\n{ev}"
         );
     }
-    let o = dinod(&[
-        "checkpoints",
-        "list",
-        "--json",
-        "--state-dir",
-        st.to_str().unwrap(),
-    ]);
-    let rows: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = checkpoint_rows(&st);
     for name in ["small", "base"] {
         let at8 = rows
-            .as_array()
-            .unwrap()
             .iter()
             .find(|r| r["student"] == name && r["step"] == 8)
-            .unwrap_or_else(|| panic!("no checkpoint of {name} at step 8: {rows}"));
+            .unwrap_or_else(|| panic!("no checkpoint of {name} at step 8: {rows:?}"));
         assert!(at8["scores"]["dense"].as_f64().is_some(), "{at8}");
     }
     // probing reads the students and changes nothing
@@ -698,16 +679,7 @@ fn a_student_saves_after_a_slow_step_with_a_time_based_cadence() {
     let st = dir.path().join("state");
     let o = run(&cfg, &st, 10, &["--inject", "slow:student:small@5+1500"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let o = dinod(&[
-        "checkpoints",
-        "list",
-        "--json",
-        "--state-dir",
-        st.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let rows: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap();
-    let small: Vec<u64> = rows
+    let small: Vec<u64> = checkpoint_rows(&st)
         .iter()
         .filter(|r| r["student"] == "small")
         .map(|r| r["step"].as_u64().unwrap())

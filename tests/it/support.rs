@@ -264,3 +264,17 @@ pub fn corrupt_newest_checkpoint(state: &Path) {
     bytes[i] ^= 0x40;
     std::fs::write(&f, bytes).unwrap();
 }
+
+/// `dinod checkpoints list --json` of a state directory: one row per checkpoint, the
+/// run's and then each student's (with a `student` field).
+pub fn checkpoint_rows(state: &Path) -> Vec<serde_json::Value> {
+    let o = dinod(&[
+        "checkpoints",
+        "list",
+        "--json",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}

@@ -360,29 +360,7 @@ impl CoordState {
         }
         ctx.board
             .run(|r| r.probes = json!({"step": step, "metrics": ev.metrics, "ms": ev.ms}));
-        if let Some(why) = &ev.fallback {
-            ctx.event(
-                Level::Warn,
-                "probe.fallback",
-                Some(evaluator::NAME),
-                Some(step),
-                format!("probes at step {step} ran on the host {why}"),
-                json!({"device": ev.device, "why": why}),
-            );
-        }
-        ctx.event(
-            Level::Info,
-            "probe.done",
-            Some(evaluator::NAME),
-            Some(step),
-            format!(
-                "probes at step {step} on {} in {:.1} s: {}",
-                ev.place(),
-                ev.ms / 1e3,
-                serde_json::to_string(&ev.metrics).unwrap_or_default()
-            ),
-            json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device, "fallback": ev.fallback}),
-        );
+        evaluator::report_done(&ctx, evaluator::NAME, Some(step), "", &ev);
         if ctx.plan().config.stages.automatic {
             if let Some(t) = self.machine.observe_at(step, step, &ev.metrics) {
                 // the Gram teacher may be the checkpoint a save in flight is writing

@@ -495,18 +495,12 @@ impl Actor for DistillTeacherActor {
                     st.ctx.board.run(|r| {
                         r.probes = json!({"of": "the frozen teacher", "metrics": ev.metrics, "ms": ev.ms})
                     });
-                    st.ctx.event(
-                        Level::Info,
-                        "probe.done",
-                        Some(TEACHER),
+                    super::evaluator::report_done(
+                        &st.ctx,
+                        TEACHER,
                         None,
-                        format!(
-                            "the frozen teacher: probes on {} in {:.1} s: {}",
-                            ev.place(),
-                            ev.ms / 1e3,
-                            serde_json::to_string(&ev.metrics).unwrap_or_default()
-                        ),
-                        json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device, "fallback": ev.fallback}),
+                        "the frozen teacher: ",
+                        &ev,
                     );
                 }
                 Err(e) => st.ctx.event(
@@ -938,20 +932,12 @@ impl StudentState {
                         }
                     });
                     self.probes = Some(p);
-                    ctx.event(
-                        Level::Info,
-                        "probe.done",
-                        Some(&name),
+                    super::evaluator::report_done(
+                        &ctx,
+                        &name,
                         Some(step + 1),
-                        format!(
-                            "student {}: probes at step {} on {} in {:.1} s: {}",
-                            run.name,
-                            step + 1,
-                            ev.place(),
-                            ev.ms / 1e3,
-                            serde_json::to_string(&ev.metrics).unwrap_or_default()
-                        ),
-                        json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device, "fallback": ev.fallback}),
+                        &format!("student {}: ", run.name),
+                        &ev,
                     );
                 }
                 Err(e) => ctx.event(

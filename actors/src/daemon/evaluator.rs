@@ -47,6 +47,36 @@ impl Evaluation {
     }
 }
 
+/// Records a finished evaluation in the event log: `probe.done` (`{what}probes at step S
+/// on DEVICE in T s: METRICS`), after a `probe.fallback` warning when the probes had to
+/// run on the host. `what` says whose probes (`""`: the run's EMA teacher).
+pub fn report_done(ctx: &Ctx, actor: &str, step: Option<u64>, what: &str, ev: &Evaluation) {
+    let at = step.map(|s| format!(" at step {s}")).unwrap_or_default();
+    if let Some(why) = &ev.fallback {
+        ctx.event(
+            checkpoints::Level::Warn,
+            "probe.fallback",
+            Some(actor),
+            step,
+            format!("{what}probes{at} ran on the host {why}"),
+            serde_json::json!({"device": ev.device, "why": why}),
+        );
+    }
+    ctx.event(
+        checkpoints::Level::Info,
+        "probe.done",
+        Some(actor),
+        step,
+        format!(
+            "{what}probes{at} on {} in {:.1} s: {}",
+            ev.place(),
+            ev.ms / 1e3,
+            serde_json::to_string(&ev.metrics).unwrap_or_default()
+        ),
+        serde_json::json!({"metrics": ev.metrics, "ms": ev.ms, "device": ev.device, "fallback": ev.fallback}),
+    );
+}
+
 /// [`evaluate`] on `vit`'s device and, if that fails off the host, again on a host copy:
 /// the live probes must not starve the stage machine because the GPU is short of memory
 /// or failed under them (training notices a lost device itself). `inject`: a

@@ -388,3 +388,114 @@ pub fn bench_linear(
         "layers": rows_out,
     }))
 }
+
+/// What one probe run of a recipe costs: `dinod bench probes`.
+#[derive(Debug, Serialize)]
+pub struct ProbeBench {
+    /// The recipe.
+    pub config: String,
+    /// Where the features were extracted (the fits run on the host).
+    pub device: String,
+    /// Backbone width.
+    pub embed_dim: usize,
+    /// Backbone depth.
+    pub depth: usize,
+    /// Building the probe sets (decode, resize, crop) in ms.
+    pub build_ms: f64,
+    /// What the built sets hold in memory, MiB.
+    pub sets_mib: f64,
+    /// Resident memory once the sets are built (the model not yet made), MiB.
+    pub rss_after_build_mib: f64,
+    /// Peak resident memory while the probes ran, MiB.
+    pub probe_peak_rss_mib: f64,
+    /// What the probes needed beyond that (peak minus the resident memory before), MiB.
+    pub probe_extra_mib: f64,
+    /// The whole probe run, ms.
+    pub probe_ms: f64,
+    /// Per set: images and what each probe took.
+    pub sets: Vec<ProbeBenchSet>,
+}
+
+/// One set of [`ProbeBench`].
+#[derive(Debug, Serialize)]
+pub struct ProbeBenchSet {
+    /// The set's name.
+    pub name: String,
+    /// Training images.
+    pub n_train: usize,
+    /// Test images.
+    pub n_test: usize,
+    /// Image side.
+    pub size: usize,
+    /// Per probe, ms.
+    pub timing: eval_probes::Timing,
+}
+
+/// Resident memory of this process now in MiB (`VmRSS`), 0 where unavailable.
+fn rss_mib() -> f64 {
+    proc_status_kib("VmRSS:").map_or(0.0, |k| k / 1024.0)
+}
+
+fn proc_status_kib(key: &str) -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Starts a new peak-RSS window (Linux: writing 5 to `clear_refs` resets `VmHWM`).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Builds `plan`'s probe sets, makes a random-init backbone of its model on `device` (in
+/// f32, as the evaluator's copy) and runs every probe once, as the evaluator does; reports
+/// the time per probe and the memory the sets and the probes hold.
+pub fn bench_probes(plan: &Plan, origin: &str, device: &str) -> Result<ProbeBench> {
+    anyhow::ensure!(
+        !plan.config.eval.sets.is_empty(),
+        "{origin} has no [[eval.sets]]"
+    );
+    let dev = crate::runtime::device(device)?;
+    reset_peak_rss();
+    let t = Instant::now();
+    let sets = crate::daemon::evaluator::build_sets(&plan.config.eval)?;
+    let build_ms = t.elapsed().as_secs_f64() * 1e3;
+    let sets_mib = sets.iter().map(|s| s.heap_bytes()).sum::<usize>() as f64 / (1 << 20) as f64;
+    let rss_after_build_mib = rss_mib();
+    let cfg = &plan.ssl.backbone;
+    let vit = model::vit::Vit::init(cfg, plan.config.seed, DType::F32)
+        .context("building the backbone")?
+        .to_device(&dev)?;
+    let before = rss_mib();
+    reset_peak_rss();
+    let ev = crate::daemon::evaluator::evaluate(&vit, &sets, &plan.config.eval, 0)?;
+    let probe_peak_rss_mib = peak_rss_mib();
+    let report: eval_probes::ProbeReport = serde_json::from_value(ev.report.clone())?;
+    Ok(ProbeBench {
+        config: origin.to_string(),
+        device: ev.device.clone(),
+        embed_dim: cfg.embed_dim,
+        depth: cfg.depth,
+        build_ms,
+        sets_mib,
+        rss_after_build_mib,
+        probe_peak_rss_mib,
+        probe_extra_mib: probe_peak_rss_mib - before,
+        probe_ms: ev.ms,
+        sets: report
+            .sets
+            .into_iter()
+            .map(|s| ProbeBenchSet {
+                name: s.name,
+                n_train: s.n_train,
+                n_test: s.n_test,
+                size: s.size.0,
+                timing: s.timing,
+            })
+            .collect(),
+    })
+}

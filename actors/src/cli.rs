@@ -394,6 +394,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 10)]
         iters: usize,
     },
+    /// What one probe run of a recipe costs: builds its probe sets, runs every probe once
+    /// on a random-init backbone of its model, and reports the time per probe and the
+    /// memory the sets and the probes hold.
+    Probes {
+        /// The recipe (its `[[eval.sets]]`, `[eval.probes]` and model).
+        #[arg(long)]
+        config: PathBuf,
+        /// Where to extract the features: cpu, cuda or cuda:N (the fits run on the host).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Multi-crop samples/s of the data pipeline.
     Data {
         /// The source.
@@ -626,6 +640,35 @@ fn dispatch(cli: Cli) -> Result<i32> {
         } => {
             let r = crate::bench::bench_linear(&device, rows_div, warmup, iters)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(0)
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Probes {
+                    config,
+                    device,
+                    json,
+                },
+        } => {
+            let plan = load_plan(Some(&config))?;
+            let r = crate::bench::bench_probes(&plan, &config.display().to_string(), &device)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{}: D={} depth {} on {}; sets built in {:.1} s, holding {:.0} MiB (RSS {:.0} MiB); probes {:.1} s, peak RSS {:.0} MiB (+{:.0} MiB)",
+                    r.config, r.embed_dim, r.depth, r.device, r.build_ms / 1e3, r.sets_mib,
+                    r.rss_after_build_mib, r.probe_ms / 1e3, r.probe_peak_rss_mib, r.probe_extra_mib
+                );
+                for s in &r.sets {
+                    let t = &s.timing;
+                    println!(
+                        "  {} ({} + {} at {} px): extract {:.1} s, knn {:.2} s, linear {:.2} s, dense {:.2} s, locality {:.2} s, correspondence {:.2} s",
+                        s.name, s.n_train, s.n_test, s.size, t.extract_ms / 1e3, t.knn_ms / 1e3,
+                        t.linear_ms / 1e3, t.dense_ms / 1e3, t.locality_ms / 1e3, t.correspondence_ms / 1e3
+                    );
+                }
+            }
             Ok(0)
         }
         Command::Bench {

@@ -36,7 +36,7 @@ mod source;
 #[cfg(test)]
 mod tests;
 
-pub use augment::eval::{eval_transform, load_eval, EvalBatch, EvalImage};
+pub use augment::eval::{eval_transform, load_eval, EvalBatch, EvalImage, Normalizer};
 pub use augment::{
     random_resized_crop, Augmenter, CropBox, CropRecord, JitterParams, MultiCrop, Photometric,
     SampleKey,

@@ -109,8 +109,14 @@ pub fn extract(
             ),
         ));
     }
-    let t = ops::host::from_vec(images.to_vec(), (n, 3, size.0, size.1))?;
-    extract_tensor(vit, &t, batch)
+    // one batch on the host at a time, never a second copy of all the images
+    let (cls, patches) = extract_batches(vit, n, size, batch, 0..n, |r| {
+        Ok(ops::host::from_vec(
+            images[r.start * per..r.end * per].to_vec(),
+            (r.len(), 3, size.0, size.1),
+        )?)
+    })?;
+    FeatureSet::new(n, vit.cfg.embed_dim, grid_of(vit, size)?, cls, patches)
 }
 
 /// [`extract`] for a candle tensor `[n, 3, H, W]` of any float dtype, on any device: each
@@ -124,24 +130,83 @@ pub fn extract_tensor(vit: &Vit, images: &Tensor, batch: usize) -> Result<Featur
             format!("expected 3 channels, got {c}"),
         ));
     }
+    let (cls, patches) = extract_batches(vit, n, (h, w), batch, 0..n, |r| {
+        Ok(images.narrow(0, r.start, r.len())?)
+    })?;
+    FeatureSet::new(n, vit.cfg.embed_dim, grid_of(vit, (h, w))?, cls, patches)
+}
+
+/// The features of a probe set's images: the CLS token of every image, and the full
+/// [`FeatureSet`] (CLS and patch tokens) of images `keep` only. Each batch is normalised
+/// from the set's bytes and moved to the backbone's device on its own; patch tokens of
+/// the other images are never copied off the device. A labelled set without label maps
+/// needs patch tokens only for the few images of the locality probes: for 15 000 images
+/// at 224 px and width 768, keeping them all would hold 9 GB.
+pub fn extract_set(
+    vit: &Vit,
+    set: &ProbeSet,
+    batch: usize,
+    keep: std::ops::Range<usize>,
+) -> Result<(Vec<f32>, FeatureSet)> {
+    set.validate()?;
+    let n = set.len();
+    if keep.start > keep.end || keep.end > n {
+        return Err(ProbeError::shape(
+            "kept patch tokens",
+            format!("images {keep:?} of {n}"),
+        ));
+    }
+    let (h, w) = set.size;
+    let (cls, patches) = extract_batches(vit, n, set.size, batch, keep.clone(), |r| {
+        Ok(ops::host::from_vec(
+            set.pixels(r.clone()),
+            (r.len(), 3, h, w),
+        )?)
+    })?;
+    let dim = vit.cfg.embed_dim;
+    let part = FeatureSet::new(
+        keep.len(),
+        dim,
+        grid_of(vit, set.size)?,
+        cls[keep.start * dim..keep.end * dim].to_vec(),
+        patches,
+    )?;
+    Ok((cls, part))
+}
+
+/// The patch grid of `size` images, which must be whole patches.
+fn grid_of(vit: &Vit, (h, w): (usize, usize)) -> Result<(usize, usize)> {
     let p = vit.cfg.patch_size;
-    if h % p != 0 || w % p != 0 {
+    if h % p != 0 || w % p != 0 || h == 0 || w == 0 {
         return Err(ProbeError::shape(
             "images",
             format!("size {h}x{w} is not a multiple of the patch size {p}"),
         ));
     }
-    let grid = (h / p, w / p);
+    Ok((h / p, w / p))
+}
+
+/// The batched forward under the extractors: `fetch(range)` gives images `range` as a
+/// `[k, 3, H, W]` tensor (any float dtype, any device); returns every image's CLS token
+/// `[n, D]` and the patch tokens `[|keep|, P, D]` of images `keep`.
+fn extract_batches(
+    vit: &Vit,
+    n: usize,
+    size: (usize, usize),
+    batch: usize,
+    keep: std::ops::Range<usize>,
+    mut fetch: impl FnMut(std::ops::Range<usize>) -> Result<Tensor>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let grid = grid_of(vit, size)?;
     let dim = vit.cfg.embed_dim;
     let batch = batch.max(1);
     let mut cls = Vec::with_capacity(n * dim);
-    let mut patches = Vec::with_capacity(n * grid.0 * grid.1 * dim);
+    let mut patches = Vec::with_capacity(keep.len() * grid.0 * grid.1 * dim);
     let dtype = vit.dtype();
     let mut start = 0;
     while start < n {
-        let len = batch.min(n - start);
-        let chunk = images
-            .narrow(0, start, len)?
+        let end = (start + batch).min(n);
+        let chunk = fetch(start..end)?
             .to_device(&vit.device())?
             .to_dtype(dtype)?
             .contiguous()?;
@@ -150,10 +215,16 @@ pub fn extract_tensor(vit: &Vit, images: &Tensor, batch: usize) -> Result<Featur
             masks: None,
         }])?;
         cls.extend(ops::host::to_vec::<f32>(&f.cls(0)?)?);
-        patches.extend(ops::host::to_vec::<f32>(&f.patches(0)?)?);
-        start += len;
+        let (a, b) = (keep.start.max(start), keep.end.min(end));
+        if a < b {
+            // `[k * P, D]`, image-major
+            let p = grid.0 * grid.1;
+            let kept = f.patches(0)?.narrow(0, (a - start) * p, (b - a) * p)?;
+            patches.extend(ops::host::to_vec::<f32>(&kept)?);
+        }
+        start = end;
     }
-    FeatureSet::new(n, dim, grid, cls, patches)
+    Ok((cls, patches))
 }
 
 /// How a probe set is drawn from a source.
@@ -240,8 +311,11 @@ pub struct ProbeSet {
     pub name: String,
     /// Image size (H, W).
     pub size: (usize, usize),
-    /// `[n, 3, H, W]` normalised pixels.
-    pub images: Vec<f32>,
+    /// `[n, 3, H, W]` RGB8 planes after the evaluation transform's resize and crop, before
+    /// normalisation: a quarter of the floats' memory. [`ProbeSet::pixels`] normalises.
+    pub rgb: Vec<u8>,
+    /// The normalisation of [`ProbeSet::rgb`] (the transform's mean and std).
+    pub norm: data::Normalizer,
     /// Image-level classes, when every image has one.
     pub labels: Option<Vec<u32>>,
     /// `[n, H, W]` per-pixel classes (0 = background, `k + 1` = class `k`), when the source
@@ -276,6 +350,13 @@ impl ProbeSet {
         self.n_classes + 1
     }
 
+    /// Bytes its buffers hold (pixels, label maps, labels).
+    pub fn heap_bytes(&self) -> usize {
+        self.rgb.len()
+            + self.label_maps.as_ref().map_or(0, Vec::len)
+            + self.labels.as_ref().map_or(0, |l| 4 * l.len())
+    }
+
     /// Checks that every buffer matches the image count and size.
     pub fn validate(&self) -> Result<()> {
         let n = self.len();
@@ -286,10 +367,10 @@ impl ProbeSet {
                 reason,
             })
         };
-        if self.images.len() != n * 3 * h * w {
+        if self.rgb.len() != n * 3 * h * w {
             return fail(format!(
                 "{} pixel values for {n} images of 3x{h}x{w}",
-                self.images.len()
+                self.rgb.len()
             ));
         }
         if self.n_train == 0 || self.n_train >= n {
@@ -388,13 +469,14 @@ impl ProbeSet {
             (Some(m), 0) => m.iter().copied().max().unwrap_or(0) as usize,
             (_, c) => c,
         };
-        let mut images = a.images;
-        images.extend(b.images);
+        let mut rgb = a.rgb;
+        rgb.extend(b.rgb);
         let size = cfg.size as usize;
         let set = ProbeSet {
             name: name.to_string(),
             size: (size, size),
-            images,
+            rgb,
+            norm: a.norm,
             labels,
             label_maps,
             n_classes,
@@ -405,10 +487,11 @@ impl ProbeSet {
         Ok(set)
     }
 
-    /// Pixels of images `range`.
-    pub(crate) fn images_of(&self, range: std::ops::Range<usize>) -> &[f32] {
-        let per = 3 * self.size.0 * self.size.1;
-        &self.images[range.start * per..range.end * per]
+    /// The normalised pixels `[k, 3, H, W]` of images `range`, as the backbone takes them.
+    pub fn pixels(&self, range: std::ops::Range<usize>) -> Vec<f32> {
+        let hw = self.size.0 * self.size.1;
+        self.norm
+            .to_f32(&self.rgb[range.start * 3 * hw..range.end * 3 * hw], hw)
     }
 }
 

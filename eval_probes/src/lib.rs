@@ -45,7 +45,7 @@ pub use dense::{
 };
 pub use error::{ProbeError, Result};
 pub use features::{
-    extract, extract_tensor, FeatureSet, ProbeSet, ProbeSetConfig, MAX_PROBE_IMAGES,
+    extract, extract_set, extract_tensor, FeatureSet, ProbeSet, ProbeSetConfig, MAX_PROBE_IMAGES,
 };
 pub use knn::{knn, KnnResult};
 pub use linear::{fit_softmax, FitConfig, FitReport, SoftmaxClassifier, Targets};

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dense::{dense_probe, DenseGeometry, DenseResult, DenseSettings, PatchTargets};
 use crate::error::{ProbeError, Result};
-use crate::features::{extract, FeatureSet, ProbeSet};
+use crate::features::{extract, extract_set, FeatureSet, ProbeSet};
 use crate::knn::{knn, KnnResult};
 use crate::linear::{fit_softmax, FitConfig, FitReport, Targets};
 use crate::locality::{
@@ -311,16 +311,24 @@ pub fn run_probes(vit: &Vit, sets: &[ProbeSet], cfg: &ProbeConfig) -> Result<Pro
     let mut out = vec![];
     for set in sets {
         let t = Instant::now();
-        let feats = extract(vit, &set.images, set.len(), set.size, cfg.batch)?;
+        // patch tokens only where a probe reads them: all images for the dense probe, the
+        // locality images of the test part otherwise
+        let keep = if set.label_maps.is_some() {
+            0..set.len()
+        } else {
+            locality_images(set, cfg)
+        };
+        let (cls, part) = extract_set(vit, set, cfg.batch, keep.clone())?;
         let extract_ms = ms(t);
-        let mut rep = probe_features(set, &feats, cfg)?;
+        let mut rep = probe_parts(set, &cls, &part, keep.start, cfg)?;
+        drop(part);
         rep.timing.extract_ms = extract_ms;
         let n_corr = cfg.correspondence.images.min(set.n_test());
         if n_corr > 0 {
             let t = Instant::now();
-            let images = set.images_of(set.n_train..set.n_train + n_corr);
+            let images = set.pixels(set.n_train..set.n_train + n_corr);
             let res = correspondence(
-                images,
+                &images,
                 n_corr,
                 set.size,
                 vit.cfg.patch_size,
@@ -339,6 +347,12 @@ pub fn run_probes(vit: &Vit, sets: &[ProbeSet], cfg: &ProbeConfig) -> Result<Pro
     })
 }
 
+/// The images of `set` the locality and collapse indicators read: the first
+/// `cfg.locality_images` of its test part.
+fn locality_images(set: &ProbeSet, cfg: &ProbeConfig) -> std::ops::Range<usize> {
+    set.n_train..set.n_train + cfg.locality_images.min(set.n_test())
+}
+
 /// Every probe that needs only features: k-NN and linear on CLS (when `set` has image
 /// labels), the dense probe (when it has label maps), locality and collapse indicators on
 /// the test part. `features` must be those of `set`'s images, in order.
@@ -347,7 +361,6 @@ pub fn probe_features(
     features: &FeatureSet,
     cfg: &ProbeConfig,
 ) -> Result<SetReport> {
-    set.validate()?;
     if features.n != set.len() {
         return Err(ProbeError::shape(
             "features",
@@ -359,19 +372,53 @@ pub fn probe_features(
             ),
         ));
     }
+    probe_parts(set, &features.cls, features, 0, cfg)
+}
+
+/// [`probe_features`] on the CLS tokens `cls [n, D]` of every image and the full features
+/// `part` of images `from..from + part.n` only, which must cover every image whose patch
+/// tokens a probe reads (all of them for the dense probe, the locality images otherwise).
+/// Nothing here copies more than those locality images' features.
+fn probe_parts(
+    set: &ProbeSet,
+    cls: &[f32],
+    part: &FeatureSet,
+    from: usize,
+    cfg: &ProbeConfig,
+) -> Result<SetReport> {
+    set.validate()?;
+    let d = part.dim;
+    let n = set.len();
+    let covers = |r: &std::ops::Range<usize>| from <= r.start && r.end <= from + part.n;
+    let local = locality_images(set, cfg);
+    let dense_needs = set.label_maps.is_some().then_some(0..n);
+    if cls.len() != n * d || !covers(&local) || dense_needs.as_ref().is_some_and(|r| !covers(r)) {
+        return Err(ProbeError::shape(
+            "features",
+            format!(
+                "{} CLS values and patch tokens of images {from}..{} for the {n} images of {:?} (width {d})",
+                cls.len(),
+                from + part.n,
+                set.name
+            ),
+        ));
+    }
     let (n_tr, n_te) = (set.n_train, set.n_test());
-    let train = features.slice(0..n_tr);
-    let test = features.slice(n_tr..set.len());
-    let d = features.dim;
+    let (cls_train, cls_test) = cls.split_at(n_tr * d);
+    // the patch tokens of images r, which `covers` checked are in `part`
+    let patches = |r: std::ops::Range<usize>| {
+        let s = part.n_patches() * d;
+        &part.patches[(r.start - from) * s..(r.end - from) * s]
+    };
     let mut timing = Timing::default();
     let (mut knn_res, mut linear_res, mut dense_res) = (None, None, None);
     if let Some(labels) = &set.labels {
         let (ytr, yte) = labels.split_at(n_tr);
         let t = Instant::now();
         knn_res = Some(knn(
-            &train.cls,
+            cls_train,
             ytr,
-            &test.cls,
+            cls_test,
             yte,
             d,
             set.n_classes,
@@ -381,7 +428,7 @@ pub fn probe_features(
         timing.knn_ms = ms(t);
         let t = Instant::now();
         let (clf, fit) = fit_softmax(
-            &train.cls,
+            cls_train,
             d,
             Targets::Hard(ytr),
             set.n_classes,
@@ -400,8 +447,8 @@ pub fn probe_features(
                 / y.len().max(1) as f64)
         };
         linear_res = Some(LinearResult {
-            top1: acc(&test.cls, yte)?,
-            train_top1: acc(&train.cls, ytr)?,
+            top1: acc(cls_test, yte)?,
+            train_top1: acc(cls_train, ytr)?,
             n_train: n_tr,
             n_test: n_te,
             fit,
@@ -413,7 +460,7 @@ pub fn probe_features(
         let hw = set.size.0 * set.size.1;
         let geo = DenseGeometry {
             size: set.size,
-            grid: features.grid,
+            grid: part.grid,
             n_classes: set.n_dense_classes(),
         };
         let settings = DenseSettings {
@@ -425,9 +472,9 @@ pub fn probe_features(
             max_train_patches: cfg.dense_max_train_patches,
         };
         dense_res = Some(dense_probe(
-            &train.patches,
+            patches(0..n_tr),
             &maps[..n_tr * hw],
-            &test.patches,
+            patches(n_tr..n),
             &maps[n_tr * hw..],
             d,
             &geo,
@@ -436,7 +483,7 @@ pub fn probe_features(
         timing.dense_ms = ms(t);
     }
     let t = Instant::now();
-    let sub = test.slice(0..cfg.locality_images.min(n_te));
+    let sub = part.slice(local.start - from..local.end - from);
     let loc = locality(&sub, cfg.far_radius)?;
     let collapse = collapse_indicators(&sub, cfg.rank_rows)?;
     timing.locality_ms = ms(t);
@@ -445,7 +492,7 @@ pub fn probe_features(
         n_train: n_tr,
         n_test: n_te,
         size: set.size,
-        grid: features.grid,
+        grid: part.grid,
         knn: knn_res,
         linear: linear_res,
         dense: dense_res,

@@ -254,3 +254,66 @@ fn bench_linear_times_both_roundings_and_rounding_once_is_closer() {
         assert!(f("f32_round_once_err_mean") < f("bf16_err_mean"), "{l}");
     }
 }
+
+/// `dinod bench probes`: every probe of a set with label maps and of a labelled folder
+/// without them is timed, and the memory it reports is what the sets hold: one byte per
+/// pixel and channel (the normalised floats are made batch by batch).
+#[test]
+fn bench_probes_times_every_probe_and_reports_the_sets_memory() {
+    let dir = TempDir::new("bench-probes");
+    let (folder, _) = image_folder_with_bad_files(dir.path(), 24);
+    let recipe = format!(
+        "{}{}\n[[eval.sets]]\nname = \"photos\"\ntrain = \"{folder}\"\nsize = 32\nn_train = 12\nn_test = 8\n",
+        tiny_config(""),
+        tiny_eval(10)
+    );
+    let p = write_config(dir.path(), &recipe);
+    let o = dinod(&["bench", "probes", "--config", p.to_str().unwrap(), "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let sets = v["sets"].as_array().unwrap();
+    let names: Vec<&str> = sets.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["scenes", "photos"], "{v}");
+    let t = |i: usize, k: &str| sets[i]["timing"][k].as_f64().unwrap();
+    for i in 0..2 {
+        for k in [
+            "extract_ms",
+            "knn_ms",
+            "linear_ms",
+            "locality_ms",
+            "correspondence_ms",
+        ] {
+            assert!(t(i, k) > 0.0, "{k} of set {i} in {v}");
+        }
+    }
+    assert!(t(0, "dense_ms") > 0.0 && t(1, "dense_ms") == 0.0, "{v}");
+    // the scenes with their label maps and the photos that could be read (the folder's
+    // two bad files are left out), all 32 x 32: 4 bytes a pixel for the scenes (3 channels
+    // and the map), 3 for the photos, 4 bytes per label
+    let n = |i: usize| sets[i]["n_train"].as_u64().unwrap() + sets[i]["n_test"].as_u64().unwrap();
+    assert_eq!(n(0), 48);
+    let want =
+        (n(0) * 32 * 32 * 4 + n(1) * 32 * 32 * 3 + 4 * (n(0) + n(1))) as f64 / (1 << 20) as f64;
+    let got = v["sets_mib"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() < 1e-9,
+        "sets hold {got} MiB, want {want}"
+    );
+    for k in [
+        "build_ms",
+        "probe_ms",
+        "rss_after_build_mib",
+        "probe_peak_rss_mib",
+    ] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
+    }
+    assert_eq!(
+        (v["embed_dim"].as_u64(), v["device"].as_str()),
+        (Some(32), Some("cpu"))
+    );
+    // a recipe without probe sets is refused by name
+    let bare = write_config(dir.path(), &tiny_config(""));
+    let o = dinod(&["bench", "probes", "--config", bare.to_str().unwrap()]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(text(&o).contains("no [[eval.sets]]"), "{}", text(&o));
+}

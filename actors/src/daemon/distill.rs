@@ -562,24 +562,10 @@ pub struct StudentState {
     last_save: Instant,
 }
 
-/// The run's probe sets, built on first use and shared by the teacher and the students.
-fn probe_sets(ctx: &Ctx) -> Result<Arc<Vec<eval_probes::ProbeSet>>> {
-    let mut g = ctx
-        .probe_sets
-        .lock()
-        .map_err(|_| anyhow::anyhow!("the probe sets lock is poisoned"))?;
-    if g.is_none() {
-        *g = Some(Arc::new(super::evaluator::build_sets(
-            &ctx.plan.config.eval,
-        )?));
-    }
-    Ok(g.clone().expect("built above"))
-}
-
 /// Probes the frozen teacher (an f32 copy of its backbone on the probe device): the
 /// reference the students' probes are read against.
 fn probe_frozen_teacher(ctx: &Ctx) -> Result<super::evaluator::Evaluation> {
-    let sets = probe_sets(ctx)?;
+    let sets = super::evaluator::shared_sets(ctx)?;
     let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
     let vit = super::evaluator::probe_copy(&teacher.backbone, &ctx.plan.config.eval.device)?;
     super::evaluator::evaluate_or_on_host(&vit, &sets, &ctx.plan.config.eval, 0, None)
@@ -589,7 +575,7 @@ fn probe_frozen_teacher(ctx: &Ctx) -> Result<super::evaluator::Evaluation> {
 /// probe device, with the run's probe sets, and records the result in the student's
 /// probe history.
 fn probe_student(ctx: &Ctx, run: &StudentRun, step: u64) -> Result<super::evaluator::Evaluation> {
-    let sets = probe_sets(ctx)?;
+    let sets = super::evaluator::shared_sets(ctx)?;
     let vit = super::evaluator::probe_copy(
         &run.engine.lock().ts.teacher.backbone,
         &ctx.plan.config.eval.device,

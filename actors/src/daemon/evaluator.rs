@@ -3,7 +3,7 @@
 //! (best-by-dense retention), and answers the coordinator, which feeds the stage machine.
 //! Probe sets are built once, lazily, on the evaluator's thread.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -134,7 +134,20 @@ pub struct EvaluatorActor;
 pub struct EvalState {
     ctx: Arc<Ctx>,
     worker: Worker,
-    sets: Arc<Mutex<Option<Vec<ProbeSet>>>>,
+}
+
+/// The run's probe sets, built on first use and then shared by everything in the process
+/// that probes (the evaluator, the frozen teacher, the students): one copy, which survives
+/// a restart of the evaluator.
+pub fn shared_sets(ctx: &Ctx) -> Result<Arc<Vec<ProbeSet>>> {
+    let mut g = ctx
+        .probe_sets
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the probe sets lock is poisoned"))?;
+    if g.is_none() {
+        *g = Some(Arc::new(build_sets(&ctx.plan.config.eval)?));
+    }
+    Ok(g.clone().expect("built above"))
 }
 
 /// Builds the configured probe sets.
@@ -226,7 +239,6 @@ impl Actor for EvaluatorActor {
         Ok(EvalState {
             worker: Worker::spawn("dinod-eval")?,
             ctx,
-            sets: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -249,17 +261,12 @@ impl Actor for EvaluatorActor {
                 st.ctx.board.handled(NAME);
                 st.ctx.board.phase(NAME, ActorPhase::Eval);
                 let ctx = st.ctx.clone();
-                let sets = st.sets.clone();
                 let r = st
                     .worker
                     .run(move || -> Result<Evaluation> {
                         let t0 = Instant::now();
-                        let mut g = sets.lock().map_err(|_| anyhow::anyhow!("probe sets lock poisoned"))?;
-                        if g.is_none() {
-                            *g = Some(build_sets(&ctx.plan.config.eval)?);
-                        }
-                        let sets = g.as_ref().expect("built above");
-                        let mut ev = evaluate_or_on_host(&teacher, sets, &ctx.plan.config.eval, step, Some((&ctx.faults, NAME)))?;
+                        let sets = shared_sets(&ctx)?;
+                        let mut ev = evaluate_or_on_host(&teacher, &sets, &ctx.plan.config.eval, step, Some((&ctx.faults, NAME)))?;
                         ev.ms = t0.elapsed().as_secs_f64() * 1e3;
                         ctx.store.record_probe(step, "probes", &serde_json::json!({"metrics": ev.metrics, "ms": ev.ms, "report": ev.report}))?;
                         if let Some(d) = ev.metrics.dense_miou {

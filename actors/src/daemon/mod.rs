@@ -108,8 +108,8 @@ pub struct Ctx {
     /// The frozen distillation teacher on each member's device (data parallel), built on
     /// first use; the member on the run's device shares `frozen_teacher`.
     pub frozen_replicas: std::sync::Mutex<Vec<Arc<model::ssl::SslModel>>>,
-    /// The probe sets of a distillation's student evaluations, built on first use and
-    /// shared by the students.
+    /// The run's probe sets, built on first use and shared by everything that probes (the
+    /// evaluator, the frozen teacher, the students): [`evaluator::shared_sets`].
     pub probe_sets: std::sync::Mutex<Option<Arc<Vec<eval_probes::ProbeSet>>>>,
     /// The frozen distillation teacher has been probed in this process (once, as the
     /// reference the students' probes are read against).

@@ -8,6 +8,68 @@ use crate::config::EvalConfig;
 use crate::error::{BadInput, DataError};
 use crate::source::{Sample, Source};
 
+/// The evaluation transform's normalisation as a table: the resize and crop give RGB8
+/// pixels, so a normalised value is a function of one byte and its channel. Storing the
+/// bytes and normalising on use gives the same floats, bit for bit, at a quarter of the
+/// memory (a probe set of 15 000 images at 224 px: 2.3 GB instead of 9 GB).
+#[derive(Clone, PartialEq)]
+pub struct Normalizer {
+    table: [[f32; 256]; 3],
+}
+
+impl std::fmt::Debug for Normalizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Normalizer").finish_non_exhaustive()
+    }
+}
+
+impl Normalizer {
+    /// `(v / 255 - mean[c]) / std[c]`, computed exactly as the crops' pixel kernels do
+    /// (`pixels::to_planes` then `pixels::normalize`).
+    pub fn new(mean: &[f32; 3], std: &[f32; 3]) -> Self {
+        // three planes of the 256 byte values, through the same two kernels
+        let mut planes: Vec<f32> = (0..3)
+            .flat_map(|_| (0..=255u8).map(|v| f32::from(v) * (1.0 / 255.0)))
+            .collect();
+        pixels::normalize(&mut planes, 256, mean, std);
+        let mut table = [[0f32; 256]; 3];
+        for (row, plane) in table.iter_mut().zip(planes.chunks_exact(256)) {
+            row.copy_from_slice(plane);
+        }
+        Self { table }
+    }
+
+    /// Normalises planar RGB8 images `[k, 3, n]` (`n` pixels per plane) into `out`.
+    pub fn apply(&self, planes: &[u8], n: usize, out: &mut [f32]) {
+        assert_eq!(planes.len(), out.len(), "one float per byte");
+        assert!(n > 0 && planes.len().is_multiple_of(3 * n), "whole images");
+        for (i, (src, dst)) in planes
+            .chunks_exact(n)
+            .zip(out.chunks_exact_mut(n))
+            .enumerate()
+        {
+            let t = &self.table[i % 3];
+            for (o, &v) in dst.iter_mut().zip(src) {
+                *o = t[usize::from(v)];
+            }
+        }
+    }
+
+    /// [`Normalizer::apply`] into a new vector.
+    pub fn to_f32(&self, planes: &[u8], n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; planes.len()];
+        self.apply(planes, n, &mut out);
+        out
+    }
+}
+
+/// One sample after the evaluation transform, before normalisation.
+struct EvalRgb {
+    /// `[3, S, S]` RGB8 planes.
+    planes: Vec<u8>,
+    label_map: Option<Vec<u8>>,
+}
+
 /// One transformed sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalImage {
@@ -36,10 +98,15 @@ pub(crate) fn eval_box(width: u32, height: u32, resize: u32, size: u32) -> (f64,
 /// Applies the evaluation transform to one sample.
 pub fn eval_transform(sample: &Sample, cfg: &EvalConfig) -> EvalImage {
     let mut resizer = fr::Resizer::new();
-    eval_transform_with(&mut resizer, sample, cfg)
+    let rgb = eval_rgb(&mut resizer, sample, cfg);
+    let n = (cfg.size * cfg.size) as usize;
+    EvalImage {
+        pixels: Normalizer::new(&cfg.mean, &cfg.std).to_f32(&rgb.planes, n),
+        label_map: rgb.label_map,
+    }
 }
 
-fn eval_transform_with(resizer: &mut fr::Resizer, sample: &Sample, cfg: &EvalConfig) -> EvalImage {
+fn eval_rgb(resizer: &mut fr::Resizer, sample: &Sample, cfg: &EvalConfig) -> EvalRgb {
     let (w, h) = sample.image.dimensions();
     let size = cfg.size as usize;
     let (left, top, bw, bh) = eval_box(w, h, cfg.resize_side(), cfg.size);
@@ -52,9 +119,12 @@ fn eval_transform_with(resizer: &mut fr::Resizer, sample: &Sample, cfg: &EvalCon
     resizer
         .resize(&src, &mut rgb, &opts)
         .expect("same pixel type");
-    let mut out = vec![0.0; 3 * size * size];
-    pixels::to_planes(rgb.buffer(), size, false, &mut out);
-    pixels::normalize(&mut out, size * size, &cfg.mean, &cfg.std);
+    let mut planes = vec![0u8; 3 * size * size];
+    for (i, px) in rgb.buffer().chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            planes[c * size * size + i] = px[c];
+        }
+    }
     let label_map = sample.label_map.as_ref().map(|lm| {
         let src = fr::images::ImageRef::new(lm.width, lm.height, &lm.data, fr::PixelType::U8)
             .expect("buffer matches");
@@ -67,10 +137,7 @@ fn eval_transform_with(resizer: &mut fr::Resizer, sample: &Sample, cfg: &EvalCon
             .expect("same pixel type");
         dst.into_vec()
     });
-    EvalImage {
-        pixels: out,
-        label_map,
-    }
+    EvalRgb { planes, label_map }
 }
 
 /// Evaluation images of a list of samples, stacked.
@@ -78,8 +145,11 @@ fn eval_transform_with(resizer: &mut fr::Resizer, sample: &Sample, cfg: &EvalCon
 pub struct EvalBatch {
     /// Side of every image.
     pub size: u32,
-    /// `[N, 3, S, S]` normalised.
-    pub images: Vec<f32>,
+    /// `[N, 3, S, S]` RGB8 planes before normalisation ([`EvalBatch::norm`] gives the
+    /// normalised floats).
+    pub rgb: Vec<u8>,
+    /// The normalisation of [`EvalBatch::rgb`].
+    pub norm: Normalizer,
     /// `[N, S, S]` classes when the source has label maps (0 where a sample lacks one).
     pub label_maps: Option<Vec<u8>>,
     /// Image-level labels.
@@ -102,7 +172,7 @@ pub fn load_eval(
 ) -> Result<EvalBatch, DataError> {
     cfg.validate()?;
     let n_workers = n_workers.max(1).min(indices.len().max(1));
-    type Item = (u64, Result<(EvalImage, Option<u32>, String), BadInput>);
+    type Item = (u64, Result<(EvalRgb, Option<u32>, String), BadInput>);
     let chunk = indices.len().div_ceil(n_workers).max(1);
     let results: Vec<Result<Vec<Item>, DataError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = indices
@@ -114,7 +184,7 @@ pub fn load_eval(
                     for &i in part {
                         match source.get(i) {
                             Ok(sample) => {
-                                let img = eval_transform_with(&mut resizer, &sample, cfg);
+                                let img = eval_rgb(&mut resizer, &sample, cfg);
                                 out.push((i, Ok((img, sample.label, sample.id))));
                             }
                             Err(DataError::BadInput(b)) => out.push((i, Err(b))),
@@ -137,7 +207,8 @@ pub fn load_eval(
     let with_maps = source.has_label_maps();
     let mut batch = EvalBatch {
         size: cfg.size,
-        images: Vec::with_capacity(indices.len() * 3 * size * size),
+        rgb: Vec::with_capacity(indices.len() * 3 * size * size),
+        norm: Normalizer::new(&cfg.mean, &cfg.std),
         label_maps: with_maps.then(|| Vec::with_capacity(indices.len() * size * size)),
         labels: Vec::new(),
         ids: Vec::new(),
@@ -148,7 +219,7 @@ pub fn load_eval(
         for (i, item) in part? {
             match item {
                 Ok((img, label, id)) => {
-                    batch.images.extend_from_slice(&img.pixels);
+                    batch.rgb.extend_from_slice(&img.planes);
                     if let Some(maps) = batch.label_maps.as_mut() {
                         match img.label_map {
                             Some(m) => maps.extend_from_slice(&m),

@@ -516,3 +516,44 @@ fn eval_transform_keeps_label_maps_exact() {
         "nearest sampling takes a label of the covered 2x2 block"
     );
 }
+
+#[test]
+fn the_eval_normalizer_gives_the_pixel_kernels_floats_bit_for_bit() {
+    // every byte value in every channel, through the crops' kernels and through the table
+    let side = 16;
+    let rgb: Vec<u8> = (0..side * side * 3).map(|i| (i * 7 % 256) as u8).collect();
+    let mean = crate::IMAGENET_MEAN;
+    let std = crate::IMAGENET_STD;
+    let mut want = vec![0f32; 3 * side * side];
+    crate::augment::pixels::to_planes(&rgb, side, false, &mut want);
+    crate::augment::pixels::normalize(&mut want, side * side, &mean, &std);
+    let mut planes = vec![0u8; rgb.len()];
+    for (i, px) in rgb.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            planes[c * side * side + i] = px[c];
+        }
+    }
+    let got = crate::Normalizer::new(&mean, &std).to_f32(&planes, side * side);
+    assert!(rgb.iter().collect::<std::collections::HashSet<_>>().len() == 256);
+    assert_eq!(
+        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    // and so does the whole transform on a real-sized sample: a batch's bytes normalised
+    // equal eval_transform's floats
+    let src = SyntheticScenes::new(SyntheticConfig {
+        size: 40,
+        len: 4,
+        ..Default::default()
+    });
+    let cfg = EvalConfig {
+        size: 32,
+        ..Default::default()
+    };
+    let batch = crate::load_eval(&src, &[1, 2], &cfg, 1).expect("eval");
+    let floats = batch.norm.to_f32(&batch.rgb, 32 * 32);
+    for (k, i) in [1u64, 2].into_iter().enumerate() {
+        let one = eval_transform(&src.get(i).expect("sample"), &cfg);
+        assert_eq!(one.pixels, floats[k * 3 * 32 * 32..(k + 1) * 3 * 32 * 32]);
+    }
+}

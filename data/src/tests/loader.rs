@@ -328,7 +328,7 @@ fn eval_loading_is_independent_of_threads() {
     let one = crate::load_eval(&*source, &indices, &cfg, 1).expect("eval");
     let three = crate::load_eval(&*source, &indices, &cfg, 3).expect("eval");
     assert_eq!(one, three);
-    assert_eq!(one.images.len(), 13 * 3 * 32 * 32);
+    assert_eq!(one.rgb.len(), 13 * 3 * 32 * 32);
     assert_eq!(one.label_maps.as_ref().map(Vec::len), Some(13 * 32 * 32));
     assert_eq!(one.indices, indices);
     assert!(one.labels.iter().all(Option::is_some));

@@ -6,7 +6,7 @@ use model::vit::Vit;
 
 use super::real::tiny_vit_config;
 use crate::features::split_for_tests;
-use crate::{extract, ProbeSet, ProbeSetConfig};
+use crate::{extract, extract_set, ProbeSet, ProbeSetConfig};
 
 #[test]
 fn interleaved_split_is_disjoint_and_spread() {
@@ -38,7 +38,7 @@ fn probe_sets_are_deterministic_with_label_maps_at_image_size() {
         (a.len(), a.n_train, a.n_test(), a.size, a.n_classes),
         (10, 6, 4, (32, 32), 8)
     );
-    assert_eq!(a.images.len(), 10 * 3 * 32 * 32);
+    assert_eq!(a.rgb.len(), 10 * 3 * 32 * 32);
     let maps = a.label_maps.as_ref().unwrap();
     assert_eq!(maps.len(), 10 * 32 * 32);
     assert!(maps.iter().all(|&v| v <= 8) && maps.iter().any(|&v| v > 0));
@@ -95,8 +95,9 @@ fn extraction_does_not_depend_on_the_batch_size() {
         },
     )
     .unwrap();
-    let a = extract(&vit, &set.images, 5, (32, 32), 5).unwrap();
-    let b = extract(&vit, &set.images, 5, (32, 32), 2).unwrap();
+    let images = set.pixels(0..5);
+    let a = extract(&vit, &images, 5, (32, 32), 5).unwrap();
+    let b = extract(&vit, &images, 5, (32, 32), 2).unwrap();
     assert_eq!((a.n, a.dim, a.grid), (5, 32, (4, 4)));
     assert_eq!((a.cls.len(), a.patches.len()), (5 * 32, 5 * 16 * 32));
     let diff = a
@@ -107,7 +108,27 @@ fn extraction_does_not_depend_on_the_batch_size() {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max);
     assert!(diff < 1e-5, "batch 5 vs 2 differ by {diff}");
-    assert!(extract(&vit, &set.images[1..], 5, (32, 32), 2).is_err());
+    assert!(extract(&vit, &images[1..], 5, (32, 32), 2).is_err());
+    // A set's features with patch tokens for some images only: the same tokens, bit for
+    // bit, whatever the batches and wherever the kept images fall in them.
+    for (batch, keep) in [(2, 1..4), (5, 3..5), (3, 0..5), (1, 2..2)] {
+        let (cls, part) = extract_set(&vit, &set, batch, keep.clone()).unwrap();
+        let cls_diff = cls.iter().zip(&a.cls).map(|(x, y)| (x - y).abs());
+        assert_eq!(cls.len(), a.cls.len());
+        assert!(cls_diff.fold(0.0f32, f32::max) < 1e-5, "batch {batch}");
+        let want = a.slice(keep.clone());
+        assert_eq!((part.n, part.grid), (keep.len(), (4, 4)));
+        let diff = part
+            .patches
+            .iter()
+            .zip(&want.patches)
+            .chain(part.cls.iter().zip(&want.cls))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-5, "batch {batch}, kept {keep:?}: {diff}");
+        assert_eq!(part.patches.len(), keep.len() * 16 * 32);
+    }
+    assert!(extract_set(&vit, &set, 2, 4..6).is_err(), "past the set");
     assert!(
         extract(&vit, &vec![0.0; 3 * 30 * 30], 1, (30, 30), 1).is_err(),
         "not a multiple of the patch"

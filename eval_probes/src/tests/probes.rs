@@ -150,7 +150,8 @@ fn probe_features_reports_every_probe_and_condenses_to_metrics() {
     let set = ProbeSet {
         name: "toy".into(),
         size,
-        images: vec![0.0; n * 3 * size.0 * size.1],
+        rgb: vec![0; n * 3 * size.0 * size.1],
+        norm: data::Normalizer::new(&data::IMAGENET_MEAN, &data::IMAGENET_STD),
         labels: Some(y.clone()),
         label_maps: Some(maps),
         n_classes: k,

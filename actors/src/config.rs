@@ -408,13 +408,14 @@ impl std::str::FromStr for FaultSpec {
 impl FaultSpec {
     /// Checks the kind and actor names.
     pub fn check(&self) -> Result<(), String> {
-        const KINDS: [&str; 6] = [
+        const KINDS: [&str; 7] = [
             "panic",
             "nan",
             "slow",
             "io_error",
             "device_error",
             "device_lost",
+            "error",
         ];
         const ACTORS: [&str; 8] = [
             "data_loader",
@@ -471,6 +472,7 @@ impl FaultSpec {
                 ),
                 "device_lost" => (a == "trainer", "trainer"),
                 "io_error" => (a == "checkpointer", "checkpointer"),
+                "error" => (a == "teacher", "teacher (of a distillation)"),
                 _ => (true, ""),
             };
             if !fires {

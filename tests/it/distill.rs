@@ -233,6 +233,32 @@ fn a_fault_in_one_student_leaves_the_other_identical() {
     }
 }
 
+/// The teacher's targets of a batch fail with an error that restarts no actor (as an NCCL
+/// internal error would): the students wait, ask again, and get that batch, not the next
+/// one the loader had already moved on to. The run ends where the fault-free run does.
+#[test]
+fn a_failed_teacher_batch_is_produced_again_not_skipped() {
+    let dir = TempDir::new("distill-teacher-error");
+    let cfg = write_config(dir.path(), &distill_config(teacher_dir()));
+    let st = dir.path().join("state");
+    let o = run(&cfg, &st, STEPS, &["--inject", "error:teacher@3"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events_text(&st);
+    assert!(
+        ev.contains("injected error computing the teacher's targets of batch 3"),
+        "the fault did not fire:\n{ev}"
+    );
+    assert!(
+        !ev.contains("actor.restarting"),
+        "it should restart nothing:\n{ev}"
+    );
+    assert_eq!(
+        &fps(&st),
+        reference(),
+        "results differ from the fault-free run"
+    );
+}
+
 /// A full disk while a student writes its checkpoint (ENOSPC in the middle of a tensor
 /// file): that save fails and says so, the previous checkpoint stays the latest, both
 /// students train on, and the run ends where the fault-free run does.

@@ -347,6 +347,11 @@ fn group_step<T: Send>(
 }
 
 fn teacher_outputs(ctx: &Ctx, index: u64, h: &data::HostBatch) -> Result<Item> {
+    // an error that restarts nothing (as an NCCL internal error would be): the students
+    // wait and ask for the batch again
+    if ctx.faults.take("error", Some(TEACHER), index).is_some() {
+        bail!("injected error computing the teacher's targets of batch {index}");
+    }
     let teacher = ctx.frozen_teacher.as_ref().context("no frozen teacher")?;
     let batch = to_batch(
         h,

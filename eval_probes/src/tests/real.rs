@@ -129,3 +129,66 @@ fn sets_the_model_cannot_probe_are_refused_before_any_forward() {
         "{err}"
     );
 }
+
+/// `run_probes` keeps patch tokens only where a probe reads them (a set without label
+/// maps: its locality images); the report is the one the probes give on every image's
+/// full features, with and without label maps.
+#[test]
+fn probing_with_the_needed_patch_tokens_only_gives_the_full_features_report() {
+    let vit = Vit::init(&tiny_vit_config(), 3, DType::F32).unwrap();
+    let src = data::SyntheticScenes::new(data::SyntheticConfig {
+        seed: 4,
+        size: 32,
+        len: 1000,
+        ..Default::default()
+    });
+    let with_maps = ProbeSet::build(
+        "maps",
+        &src,
+        None,
+        &ProbeSetConfig {
+            size: 32,
+            n_train: 24,
+            n_test: 12,
+            workers: 1,
+            ..ProbeSetConfig::default()
+        },
+    )
+    .unwrap();
+    let without = ProbeSet {
+        name: "no maps".into(),
+        label_maps: None,
+        ..with_maps.clone()
+    };
+    let mut cfg = ProbeConfig {
+        knn_k: 5,
+        linear_iters: 10,
+        dense_iters: 10,
+        locality_images: 5,
+        batch: 7,
+        ..ProbeConfig::default()
+    };
+    cfg.correspondence.images = 0;
+    for set in [&with_maps, &without] {
+        let full = crate::extract(
+            &vit,
+            &set.pixels(0..set.len()),
+            set.len(),
+            set.size,
+            cfg.batch,
+        )
+        .unwrap();
+        let mut want = crate::probe_features(set, &full, &cfg).unwrap();
+        let mut got = run_probes(&vit, std::slice::from_ref(set), &cfg)
+            .unwrap()
+            .sets
+            .remove(0);
+        want.timing = Default::default();
+        got.timing = Default::default();
+        assert_eq!(got, want, "{}", set.name);
+        assert_eq!(got.dense.is_some(), set.label_maps.is_some());
+    }
+    // features that miss the patch tokens a probe reads are refused
+    let full = crate::extract(&vit, &without.pixels(0..36), 36, (32, 32), 7).unwrap();
+    assert!(crate::probe_features(&without, &full.slice(0..30), &cfg).is_err());
+}

@@ -153,6 +153,20 @@ pub struct CheckpointSection {
     /// Keep the best checkpoint by the dense probe.
     #[serde(default = "d_true")]
     pub keep_best_dense: bool,
+    /// Disk budget of the kept checkpoints in GB: over it, the oldest kept only by
+    /// `keep_every` are deleted (a run that never stops would otherwise fill its disk
+    /// with them). The newest `keep_last`, the latest and the best are always kept.
+    #[serde(default)]
+    pub max_disk_gb: Option<f64>,
+    /// GB the checkpoints must leave free on their file system (for the catalog, the
+    /// logs, the system): a save that would eat into them is refused before it writes
+    /// anything, and `checkpoint.disk_low` warns when the next one would not fit.
+    #[serde(default = "d_min_free_gb")]
+    pub min_free_gb: f64,
+}
+
+fn d_min_free_gb() -> f64 {
+    0.25
 }
 
 fn d_every() -> u64 {
@@ -173,6 +187,8 @@ impl Default for CheckpointSection {
             keep_last: d_keep_last(),
             keep_every: None,
             keep_best_dense: true,
+            max_disk_gb: None,
+            min_free_gb: d_min_free_gb(),
         }
     }
 }
@@ -1112,6 +1128,21 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
     if cfg.checkpoint.every_steps == 0 {
         problems.push(problem("checkpoint.every_steps", "must be at least 1"));
     }
+    if let Some(g) = cfg.checkpoint.max_disk_gb {
+        if !(g.is_finite() && g > 0.0) {
+            problems.push(problem(
+                "checkpoint.max_disk_gb",
+                format!("must be a positive number of GB, got {g}"),
+            ));
+        }
+    }
+    let f = cfg.checkpoint.min_free_gb;
+    if !(f.is_finite() && f >= 0.0) {
+        problems.push(problem(
+            "checkpoint.min_free_gb",
+            format!("must be a number of GB >= 0, got {f}"),
+        ));
+    }
     if let Some(t) = cfg.checkpoint.every_seconds {
         if !(t.is_finite() && t > 0.0) {
             problems.push(problem(
@@ -1403,10 +1434,12 @@ mod tests {
             "nan:student:s@4",
             "io_error:checkpointer@2",
             "panic:teacher@1",
+            "error:teacher@3",
         ] {
             assert!(ok.parse::<FaultSpec>().is_ok(), "{ok}");
         }
         for (bad, says) in [
+            ("error:trainer@3", "teacher (of a distillation)"),
             (
                 "device_error:teacher@3",
                 "trainer, evaluator, student:NAME or member:R",
@@ -1506,6 +1539,28 @@ mod tests {
         for bad in ["0.0", "-1.0"] {
             let e = super::parse(&every(bad), "t").unwrap_err().to_string();
             assert!(e.contains("checkpoint.every_seconds"), "{bad}: {e}");
+        }
+        // the disk: a budget for the kept checkpoints and a reserve that must stay free
+        let disk = |k: &str| {
+            super::DEFAULT_RECIPE.replace("\n[checkpoint]\n", &format!("\n[checkpoint]\n{k}\n"))
+        };
+        let plan = super::parse(&disk("max_disk_gb = 40.0\nmin_free_gb = 2.0"), "t").unwrap();
+        assert_eq!(plan.config.checkpoint.max_disk_gb, Some(40.0));
+        assert_eq!(
+            crate::daemon::retention(&plan).max_bytes,
+            Some(40_000_000_000)
+        );
+        let plan = super::parse(super::DEFAULT_RECIPE, "t").unwrap();
+        assert_eq!(plan.config.checkpoint.min_free_gb, 0.25);
+        assert_eq!(crate::daemon::retention(&plan).max_bytes, None);
+        for (bad, key) in [
+            ("max_disk_gb = 0.0", "checkpoint.max_disk_gb"),
+            ("max_disk_gb = -3.0", "checkpoint.max_disk_gb"),
+            ("min_free_gb = -1.0", "checkpoint.min_free_gb"),
+            ("min_free_gb = nan", "checkpoint.min_free_gb"),
+        ] {
+            let e = super::parse(&disk(bad), "t").unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
         }
     }
 

@@ -145,7 +145,10 @@ pub fn snapshot(st: &EngineState, plan: &Plan) -> Result<CheckpointPayload> {
     let mut opt = vec![];
     for ((role, ps), mo) in ts.student.modules().iter().zip(&ts.optim.modules) {
         for ((n, t), m) in ps.names().iter().zip(ps.tensors()).zip(&mo.moments) {
-            let (a, b) = (format!("exp_avg.{role}.{n}"), format!("exp_avg_sq.{role}.{n}"));
+            let (a, b) = (
+                format!("exp_avg.{role}.{n}"),
+                format!("exp_avg_sq.{role}.{n}"),
+            );
             let dims = t.dims();
             // host moments straight into the blobs: one copy each
             match m {

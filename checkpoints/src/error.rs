@@ -66,6 +66,19 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The checkpoint would not fit: the file system has less room than its bytes plus the
+    /// space the store must leave free. Nothing was written.
+    #[error("{dir} has {} free; the checkpoint needs {} and {} must stay free (checkpoint.min_free_gb)", gb(*available), gb(*needed), gb(*reserve))]
+    NoSpace {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// Bytes available to this process there.
+        available: u64,
+        /// Bytes of the checkpoint's tensors.
+        needed: u64,
+        /// Bytes that must stay free.
+        reserve: u64,
+    },
     /// The caller handed the store something it cannot write.
     #[error("invalid payload: {0}")]
     InvalidPayload(String),
@@ -172,6 +185,8 @@ impl Error {
 pub enum SaveStage {
     /// Checking the payload (names, sizes).
     Validate,
+    /// Checking that the checkpoint fits on the file system.
+    Space,
     /// Creating the temporary directory.
     Prepare,
     /// Writing the safetensors files and `manifest.json`.
@@ -186,10 +201,25 @@ pub enum SaveStage {
     CatalogCommit,
 }
 
+/// Bytes for messages: `1.25 GB`, `3.4 MB`, `812 kB`, `96 bytes`.
+pub(crate) fn gb(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.0} kB", b / 1e3)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 impl fmt::Display for SaveStage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             SaveStage::Validate => "validating the payload",
+            SaveStage::Space => "checking the free space",
             SaveStage::Prepare => "creating the temporary directory",
             SaveStage::WriteFiles => "writing files",
             SaveStage::SyncFiles => "syncing files",

@@ -25,6 +25,11 @@ pub struct Retention {
     /// Also keep the best checkpoint by a score recorded with `Store::set_score`.
     #[serde(default)]
     pub keep_best: Option<KeepBest>,
+    /// Disk budget of the kept checkpoints in bytes: while they hold more, the oldest one
+    /// kept only by `keep_every` is deleted. The newest `keep_last`, the latest and the
+    /// best are never deleted for it (they may exceed the budget on their own).
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
 }
 
 /// "Keep the best checkpoint by this metric".
@@ -44,6 +49,7 @@ impl Retention {
             keep_last: n,
             keep_every: None,
             keep_best: None,
+            max_bytes: None,
         }
     }
 
@@ -62,6 +68,12 @@ impl Retention {
         self
     }
 
+    /// Also bound the kept checkpoints' bytes (see [`Retention::max_bytes`]).
+    pub fn with_max_bytes(mut self, n: u64) -> Self {
+        self.max_bytes = Some(n);
+        self
+    }
+
     /// Rejects policies that could delete a checkpoint still needed.
     pub fn validate(&self) -> Result<()> {
         let mut errors = Vec::new();
@@ -73,6 +85,9 @@ impl Retention {
         }
         if self.keep_every == Some(0) {
             errors.push("keep_every = 0; use a positive step count or leave it out".to_owned());
+        }
+        if self.max_bytes == Some(0) {
+            errors.push("max_bytes = 0; use a positive budget or leave it out".to_owned());
         }
         if let Some(best) = &self.keep_best {
             if best.metric.is_empty() {
@@ -96,6 +111,8 @@ pub struct CheckpointInfo {
     pub score: Option<f64>,
     /// Verification found it corrupt.
     pub bad: bool,
+    /// Bytes of its files (0 where unknown).
+    pub bytes: u64,
 }
 
 /// Why a checkpoint is kept.
@@ -177,6 +194,23 @@ pub fn keep_reasons(
                     value,
                 },
             );
+        }
+    }
+    if let Some(max) = policy.max_bytes {
+        // over the budget: the oldest checkpoints kept only for `keep_every` give way
+        let mut total: u64 = reasons
+            .iter()
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(s, _)| by_step[s].bytes)
+            .sum();
+        for (step, r) in reasons.iter_mut() {
+            if total <= max {
+                break;
+            }
+            if !r.is_empty() && r.iter().all(|k| matches!(k, KeepReason::Every { .. })) {
+                total -= by_step[step].bytes;
+                r.clear();
+            }
         }
     }
     reasons

@@ -36,6 +36,10 @@ pub struct StoreOptions {
     pub catalog_cache_bytes: u64,
     /// Fault injection for tests and the daemon's fault flags; `None` in normal operation.
     pub fault_injector: Option<Arc<dyn FaultInjector>>,
+    /// Bytes the checkpoints must leave free on their file system: a save that would eat
+    /// into them is refused before it writes anything ([`Error::NoSpace`]), and a save
+    /// after which one more checkpoint would not fit logs `checkpoint.disk_low`.
+    pub min_free_bytes: u64,
 }
 
 impl StoreOptions {
@@ -46,7 +50,14 @@ impl StoreOptions {
             max_events: 100_000,
             catalog_cache_bytes: 32 << 20,
             fault_injector: None,
+            min_free_bytes: 0,
         }
+    }
+
+    /// Sets the bytes the checkpoints must leave free (see [`StoreOptions::min_free_bytes`]).
+    pub fn with_min_free_bytes(mut self, n: u64) -> Self {
+        self.min_free_bytes = n;
+        self
     }
 
     /// Sets the event-log bound.
@@ -85,6 +96,9 @@ pub struct SaveReport {
     pub deleted: Vec<u64>,
     /// Retention failure, if any; the save itself succeeded and deletion is retried later.
     pub gc_error: Option<String>,
+    /// Set when the file system has no room for one more checkpoint of this size beside
+    /// the bytes that must stay free: the next save will be refused unless space is freed.
+    pub disk_low: Option<String>,
 }
 
 impl SaveReport {
@@ -201,6 +215,7 @@ pub struct Store {
     catalog: Catalog,
     retention: Retention,
     injector: Option<Arc<dyn FaultInjector>>,
+    min_free_bytes: u64,
     /// Serializes saves (and their retention).
     save_lock: Mutex<()>,
     /// Readers of checkpoint files hold it shared; retention holds it exclusively while it
@@ -263,6 +278,7 @@ impl Store {
             catalog,
             retention: options.retention,
             injector: options.fault_injector,
+            min_free_bytes: options.min_free_bytes,
             save_lock: Mutex::new(()),
             files_lock: RwLock::new(()),
             poisoned: AtomicBool::new(false),
@@ -473,6 +489,24 @@ impl Store {
             source: Box::new(e),
         })?;
 
+        self.check_space(payload).map_err(|e| {
+            let err = Error::Save {
+                step,
+                stage: SaveStage::Space,
+                source: Box::new(e),
+            };
+            self.event(
+                Event::new(
+                    Level::Error,
+                    event_kind::SAVE_FAILED,
+                    format!("checkpoint step {step} not saved: {err}"),
+                )
+                .step(step)
+                .fields(json!({ "stage": "space" })),
+            );
+            err
+        })?;
+
         let previous = self.catalog.latest()?;
         let name = self.free_dir_name(step)?;
         let tmp = self.ckpt_dir.join(format!("{name}.tmp"));
@@ -539,6 +573,40 @@ impl Store {
             gc: t.elapsed(),
             deleted,
             gc_error,
+            disk_low: self.disk_low(staged.bytes),
+        })
+    }
+
+    /// Refuses a checkpoint that would not fit beside the bytes that must stay free, before
+    /// anything is written (writing it would fail part way, or fill the disk that the
+    /// system and the logs need). A file system that cannot say is not checked.
+    fn check_space(&self, payload: &CheckpointPayload) -> Result<()> {
+        let Ok(available) = fsx::available_bytes(&self.ckpt_dir) else {
+            return Ok(());
+        };
+        let needed: u64 = payload.groups.iter().map(|g| g.data_bytes()).sum();
+        if available < needed.saturating_add(self.min_free_bytes) {
+            return Err(Error::NoSpace {
+                dir: self.ckpt_dir.clone(),
+                available,
+                needed,
+                reserve: self.min_free_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// After a save of `bytes`: why the next one would not fit, if it would not.
+    fn disk_low(&self, bytes: u64) -> Option<String> {
+        let available = fsx::available_bytes(&self.ckpt_dir).ok()?;
+        (available < bytes.saturating_add(self.min_free_bytes)).then(|| {
+            format!(
+                "{} free on {}: the next checkpoint ({}) will not fit beside the {} that must stay free; free space, lower checkpoint.keep_last or keep_every, or set checkpoint.max_disk_gb",
+                crate::error::gb(available),
+                self.ckpt_dir.display(),
+                crate::error::gb(bytes),
+                crate::error::gb(self.min_free_bytes)
+            )
         })
     }
 
@@ -855,12 +923,14 @@ impl Store {
                     Some(m) => self.catalog.scores(r.step)?.get(m).copied(),
                     None => None,
                 };
-                let unparsable = serde_json::from_slice::<Manifest>(&r.bytes).is_err();
-                let bad = unparsable || self.catalog.bad(r.step)?.is_some();
+                let parsed = serde_json::from_slice::<Manifest>(&r.bytes).ok();
+                let bad = parsed.is_none() || self.catalog.bad(r.step)?.is_some();
+                let bytes = parsed.map_or(0, |m| m.total_bytes());
                 Ok(CheckpointInfo {
                     step: r.step,
                     score,
                     bad,
+                    bytes,
                 })
             })
             .collect()

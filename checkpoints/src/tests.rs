@@ -275,6 +275,7 @@ fn infos(steps: impl IntoIterator<Item = u64>) -> Vec<CheckpointInfo> {
             step,
             score: None,
             bad: false,
+            bytes: 100,
         })
         .collect()
 }
@@ -353,6 +354,48 @@ fn retention_keep_every_and_keep_best() {
     );
 }
 
+/// A disk budget: while the kept checkpoints hold more bytes than `max_bytes`, the oldest
+/// kept only by `keep_every` is deleted; the latest, the recent and the best never are.
+#[test]
+fn retention_over_its_disk_budget_deletes_the_oldest_kept_every_first() {
+    // 100 bytes each; 12 checkpoints
+    let mut existing = infos(1..=12);
+    existing[1].score = Some(0.9); // step 2 is the best
+    let policy = Retention::keep_last(2)
+        .with_keep_every(2)
+        .with_keep_best("dense", true);
+    // no budget: 2 (best, every), 4, 6, 8, 10 (every), 11, 12 (recent)
+    assert_eq!(plan_retention(&existing, &policy), vec![1, 3, 5, 7, 9]);
+    // 500 bytes: 7 kept, so the two oldest kept only for keep_every go (4 and 6); the
+    // best at step 2 stays though it is older
+    let budget = policy.clone().with_max_bytes(500);
+    assert_eq!(
+        plan_retention(&existing, &budget),
+        vec![1, 3, 4, 5, 6, 7, 9]
+    );
+    let reasons = keep_reasons(&existing, &budget);
+    assert_eq!(reasons[&8], vec![KeepReason::Every { n: 2 }]);
+    assert!(reasons[&2].contains(&KeepReason::Every { n: 2 }));
+    // a budget below what must be kept: every keep_every one goes, the rest stays
+    let tiny = policy.with_max_bytes(1);
+    assert_eq!(
+        plan_retention(&existing, &tiny),
+        vec![1, 3, 4, 5, 6, 7, 8, 9, 10]
+    );
+    // checkpoints of unknown size count nothing
+    let unknown: Vec<CheckpointInfo> = infos(1..=12)
+        .into_iter()
+        .map(|i| CheckpointInfo { bytes: 0, ..i })
+        .collect();
+    assert_eq!(
+        plan_retention(
+            &unknown,
+            &Retention::keep_last(2).with_keep_every(2).with_max_bytes(1)
+        ),
+        vec![1, 3, 5, 7, 9]
+    );
+}
+
 #[test]
 fn retention_does_not_count_corrupt_checkpoints() {
     let mut existing = infos(1..=10);
@@ -392,11 +435,13 @@ fn retention_validation_reports_every_problem() {
             metric: String::new(),
             higher_is_better: true,
         }),
+        max_bytes: Some(0),
     };
     let msg = bad.validate().unwrap_err().to_string();
     for needle in [
         "keep_last = 1",
         "keep_every = 0",
+        "max_bytes = 0",
         "keep_best.metric is empty",
     ] {
         assert!(msg.contains(needle), "{msg}");
@@ -1269,4 +1314,81 @@ fn store_and_error_can_cross_threads() {
     check::<Store>();
     check::<Error>();
     check::<LoadedCheckpoint>();
+}
+
+// ---- free space ------------------------------------------------------------------------------
+
+fn step_dirs(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A checkpoint that would not fit beside the bytes that must stay free is refused before
+/// anything is written, with a typed error that says what is free and what is needed; the
+/// previous checkpoint stays the latest. One that fits, but after which the next would not,
+/// is saved and says so.
+#[test]
+fn a_save_that_would_eat_into_the_free_reserve_is_refused_and_a_tight_one_warned() {
+    let dir = tempfile::tempdir().unwrap();
+    let roomy = open(dir.path(), 2);
+    let rep = roomy.save(&payload(1, 64)).unwrap();
+    assert_eq!(rep.disk_low, None, "64 KiB fit twice on this disk");
+    drop(roomy);
+    let before = step_dirs(dir.path());
+
+    let options =
+        |reserve: u64| StoreOptions::new(Retention::keep_last(2)).with_min_free_bytes(reserve);
+    let store = Store::open(dir.path(), options(u64::MAX / 2)).unwrap();
+    let err = store.save(&payload(2, 64)).unwrap_err();
+    match &err {
+        Error::Save {
+            step: 2,
+            stage: SaveStage::Space,
+            source,
+        } => assert!(matches!(**source, Error::NoSpace { .. }), "{err}"),
+        other => panic!("not a refusal for space: {other}"),
+    }
+    let msg = err.to_string();
+    assert!(
+        msg.contains("checking the free space")
+            && msg.contains("must stay free (checkpoint.min_free_gb)"),
+        "{msg}"
+    );
+    assert_eq!(store.latest_step().unwrap(), Some(1));
+    assert_eq!(
+        step_dirs(dir.path()),
+        before,
+        "nothing written, no temporary directory"
+    );
+    let events = store.recent_events(10).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.event.kind == event_kind::SAVE_FAILED
+                && e.event.message.contains("not saved")),
+        "{events:?}"
+    );
+    drop(store);
+
+    // a reserve that leaves room for this checkpoint and half of another
+    let p = payload(3, 16 << 10);
+    let needed: u64 = p.groups.iter().map(|g| g.data_bytes()).sum();
+    let available = crate::fsx::available_bytes(&dir.path().join("checkpoints")).unwrap();
+    assert!(
+        available > 4 * needed,
+        "this test needs {} bytes free",
+        4 * needed
+    );
+    let store = Store::open(dir.path(), options(available - needed - needed / 2)).unwrap();
+    let rep = store.save(&p).unwrap();
+    let why = rep.disk_low.expect("the next checkpoint does not fit");
+    assert!(
+        why.contains("the next checkpoint") && why.contains("will not fit"),
+        "{why}"
+    );
+    assert_eq!(store.latest_step().unwrap(), Some(3));
 }

@@ -387,6 +387,65 @@ fn a_disk_error_during_a_save_keeps_training_and_loses_nothing() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+/// `checkpoint.min_free_gb`: a save that would eat into the space that must stay free is
+/// refused before it writes anything, says why, and training goes on as without it.
+#[test]
+fn saves_that_would_fill_the_disk_are_refused_and_training_goes_on() {
+    let dir = TempDir::new("reserve");
+    let cfg = write_config(dir.path(), &tiny_config("min_free_gb = 1e9"));
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(&fingerprint(&st), reference());
+    let ev = events(&st);
+    let refused: Vec<&serde_json::Value> = ev
+        .iter()
+        .filter(|e| {
+            e["kind"] == "checkpoint.failed"
+                && e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("must stay free (checkpoint.min_free_gb)"))
+        })
+        .collect();
+    assert!(!refused.is_empty(), "no refusal in the events: {ev:?}");
+    assert!(checkpoint_rows(&st).is_empty(), "nothing was written");
+    // with the default reserve the same state directory trains from scratch and saves
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    assert_eq!(run_to(&cfg, &st, 3, &[]).status.code(), Some(0));
+    assert_eq!(checkpoint_rows(&st).len(), 1);
+}
+
+/// `checkpoint.max_disk_gb`: over the budget the oldest checkpoints kept only by
+/// `keep_every` are deleted; the newest `keep_last` stay, and training is unchanged.
+#[test]
+fn a_disk_budget_deletes_the_oldest_keep_every_checkpoints() {
+    let dir = TempDir::new("budget");
+    let st = dir.path().join("all");
+    let cfg = write_config(dir.path(), &tiny_config("keep_every = 3"));
+    assert_eq!(run_to(&cfg, &st, STEPS, &[]).status.code(), Some(0));
+    let rows = checkpoint_rows(&st);
+    let steps = |rows: &[serde_json::Value]| -> Vec<u64> {
+        rows.iter().map(|r| r["step"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(steps(&rows), [3, 6, 9, 12], "keep_every keeps them all");
+    let biggest = rows
+        .iter()
+        .map(|r| r["bytes"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    // room for three and a half: the oldest (step 3) goes
+    let budget = 3.5 * biggest as f64 / 1e9;
+    let st = dir.path().join("budget");
+    let cfg = write_config(
+        dir.path(),
+        &tiny_config(&format!("keep_every = 3\nmax_disk_gb = {budget}")),
+    );
+    let o = run_to(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(steps(&checkpoint_rows(&st)), [6, 9, 12]);
+    assert_eq!(&fingerprint(&st), reference());
+}
+
 #[test]
 fn an_unusable_state_directory_is_a_clear_error() {
     let dir = TempDir::new("unwritable");

@@ -124,6 +124,22 @@ pub fn note_saved(ctx: &Ctx, step: u64, blocking_ms: f64, rep: &SaveReport) -> f
     durable
 }
 
+/// After a save: a `checkpoint.disk_low` warning when one more checkpoint of this size
+/// would not fit (the next save will be refused unless space is freed).
+pub fn warn_if_disk_low(ctx: &Ctx, actor: &str, step: u64, rep: &checkpoints::SaveReport) {
+    if let Some(why) = &rep.disk_low {
+        metrics::counter!("dinod_checkpoint_disk_low_total").increment(1);
+        ctx.event(
+            checkpoints::Level::Warn,
+            "checkpoint.disk_low",
+            Some(actor),
+            Some(step),
+            why.clone(),
+            serde_json::json!({"bytes": rep.bytes}),
+        );
+    }
+}
+
 /// Records the outcome of a save: status board, metrics, event.
 pub fn record(ctx: &Ctx, step: u64, blocking_ms: f64, r: &SaveOutcome) {
     use checkpoints::Level;
@@ -138,6 +154,7 @@ pub fn record(ctx: &Ctx, step: u64, blocking_ms: f64, r: &SaveOutcome) {
                 format!("checkpoint at step {step}: {:.1} MB, blocking {blocking_ms:.0} ms, durable {durable:.0} ms", rep.bytes as f64 / 1e6),
                 serde_json::json!({"bytes": rep.bytes, "blocking_ms": blocking_ms, "durable_ms": durable, "deleted": rep.deleted}),
             );
+            warn_if_disk_low(ctx, NAME, step, rep);
         }
         Err(e) => {
             metrics::counter!("dinod_checkpoint_failures_total").increment(1);

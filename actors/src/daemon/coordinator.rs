@@ -995,7 +995,8 @@ impl CoordState {
                                 rep.bytes as f64 / 1e6
                             ),
                             json!({"bytes": rep.bytes, "final": final_}),
-                        )
+                        );
+                        super::checkpointer::warn_if_disk_low(&ctx, NAME, step, &rep);
                     }
                     Ok(Err(e)) => ctx.event(
                         Level::Error,

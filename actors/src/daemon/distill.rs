@@ -634,18 +634,21 @@ impl StudentState {
         let step = run.engine.lock().ts.step;
         if run.store.latest_step().ok().flatten() != Some(step) {
             match save_student(run) {
-                Ok(r) => self.ctx.event(
-                    Level::Info,
-                    "checkpoint.saved",
-                    Some(&run.actor()),
-                    Some(step),
-                    format!(
-                        "final checkpoint of student {} at step {step} ({:.1} MB)",
-                        run.name,
-                        r.bytes as f64 / 1e6
-                    ),
-                    json!({}),
-                ),
+                Ok(r) => {
+                    self.ctx.event(
+                        Level::Info,
+                        "checkpoint.saved",
+                        Some(&run.actor()),
+                        Some(step),
+                        format!(
+                            "final checkpoint of student {} at step {step} ({:.1} MB)",
+                            run.name,
+                            r.bytes as f64 / 1e6
+                        ),
+                        json!({}),
+                    );
+                    super::checkpointer::warn_if_disk_low(&self.ctx, &run.actor(), step, &r);
+                }
                 Err(e) => self.ctx.event(
                     Level::Error,
                     "checkpoint.failed",
@@ -956,20 +959,23 @@ impl StudentState {
             let r4 = run.clone();
             ctx.board.phase(&name, ActorPhase::Checkpoint);
             match self.worker.run(move || save_student(&r4)).await? {
-                Ok(rep) => ctx.event(
-                    Level::Info,
-                    "checkpoint.saved",
-                    Some(&name),
-                    Some(step + 1),
-                    format!(
-                        "student {} checkpoint at step {}: {:.1} MB, {:.0} ms",
-                        run.name,
-                        step + 1,
-                        rep.bytes as f64 / 1e6,
-                        rep.durable().as_secs_f64() * 1e3
-                    ),
-                    json!({"bytes": rep.bytes}),
-                ),
+                Ok(rep) => {
+                    ctx.event(
+                        Level::Info,
+                        "checkpoint.saved",
+                        Some(&name),
+                        Some(step + 1),
+                        format!(
+                            "student {} checkpoint at step {}: {:.1} MB, {:.0} ms",
+                            run.name,
+                            step + 1,
+                            rep.bytes as f64 / 1e6,
+                            rep.durable().as_secs_f64() * 1e3
+                        ),
+                        json!({"bytes": rep.bytes}),
+                    );
+                    super::checkpointer::warn_if_disk_low(&ctx, &name, step + 1, &rep);
+                }
                 Err(e) => ctx.event(
                     Level::Error,
                     "checkpoint.failed",

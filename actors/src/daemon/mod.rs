@@ -229,6 +229,7 @@ pub fn retention(plan: &Plan) -> Retention {
         } else {
             None
         },
+        max_bytes: c.max_disk_gb.map(|g| (g * 1e9) as u64),
     }
 }
 
@@ -237,7 +238,8 @@ pub fn retention(plan: &Plan) -> Retention {
 pub fn open_store(dir: &Path, plan: &Plan, faults: Option<Arc<Faults>>) -> Result<Store> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
-    let mut opts = StoreOptions::new(retention(plan));
+    let mut opts = StoreOptions::new(retention(plan))
+        .with_min_free_bytes((plan.config.checkpoint.min_free_gb * 1e9) as u64);
     if let Some(f) = faults {
         opts = opts.with_fault_injector(Arc::new(checkpointer::ConfigFaults(f)));
     }

@@ -163,11 +163,21 @@ impl Error {
         }
     }
 
-    /// True when the cause is a full disk: `ENOSPC`, `EDQUOT` or `EFBIG` (file size limit).
+    /// True when the cause is a full disk: `ENOSPC`, `EDQUOT` or `EFBIG` (file size limit),
+    /// or a save refused up front because it would not fit ([`Error::NoSpace`]).
     pub fn is_disk_full(&self) -> bool {
-        self.io_error()
-            .and_then(io::Error::raw_os_error)
-            .is_some_and(|code| code == libc::ENOSPC || code == libc::EDQUOT || code == libc::EFBIG)
+        if let Error::Save { source, .. } = self {
+            if matches!(**source, Error::NoSpace { .. }) {
+                return true;
+            }
+        }
+        matches!(self, Error::NoSpace { .. })
+            || self
+                .io_error()
+                .and_then(io::Error::raw_os_error)
+                .is_some_and(|code| {
+                    code == libc::ENOSPC || code == libc::EDQUOT || code == libc::EFBIG
+                })
     }
 
     /// The failed save phase, when this is a save error.

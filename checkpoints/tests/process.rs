@@ -495,6 +495,26 @@ fn child_tmpfs_full(mnt: &Path) -> i32 {
     assert_eq!(fill_err.raw_os_error(), Some(libc::ENOSPC));
     drop(f);
 
+    // The store sees that the checkpoint cannot fit and refuses it before writing.
+    let err = store.save(&payload(2, 4 * 1024)).unwrap_err();
+    println!("error: {err}");
+    assert!(err.is_disk_full(), "{err}");
+    assert_eq!(err.save_stage(), Some(SaveStage::Space), "{err}");
+    assert_eq!(store.latest_step().unwrap(), Some(1));
+    assert_eq!(dir_names(store.checkpoints_dir()), ["step-000000000001"]);
+
+    // Room for the tensors' bytes and one page more passes that check, but the files'
+    // headers, the manifest and the directories need more: the disk fills during the
+    // write, which fails cleanly with the OS's ENOSPC.
+    let needed: u64 = payload(2, 4 * 1024)
+        .groups
+        .iter()
+        .map(|g| g.data_bytes())
+        .sum();
+    let len = fs::metadata(&filler).unwrap().len();
+    let f = fs::OpenOptions::new().write(true).open(&filler).unwrap();
+    f.set_len(len - (needed.div_ceil(4096) + 1) * 4096).unwrap();
+    drop(f);
     let err = store.save(&payload(2, 4 * 1024)).unwrap_err();
     println!("error: {err}");
     assert!(err.is_disk_full(), "{err}");

@@ -68,7 +68,7 @@ pub enum Error {
     },
     /// The checkpoint would not fit: the file system has less room than its bytes plus the
     /// space the store must leave free. Nothing was written.
-    #[error("{dir} has {} free; the checkpoint needs {} and {} must stay free (checkpoint.min_free_gb)", gb(*available), gb(*needed), gb(*reserve))]
+    #[error("{dir} has {} free; the checkpoint needs {} and {} must stay free", gb(*available), gb(*needed), gb(*reserve))]
     NoSpace {
         /// The checkpoint directory.
         dir: PathBuf,
@@ -209,6 +209,33 @@ pub enum SaveStage {
     SyncDir,
     /// Recording the manifest and moving `latest` in the catalog, then flushing it.
     CatalogCommit,
+}
+
+/// After a save, the file system has no room for one more checkpoint of its size beside
+/// the bytes that must stay free: the next save will be refused unless space is freed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiskLow {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Bytes available there after the save.
+    pub available: u64,
+    /// Bytes of the checkpoint just saved (the next one's size, about).
+    pub next: u64,
+    /// Bytes that must stay free.
+    pub reserve: u64,
+}
+
+impl fmt::Display for DiskLow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} free on {}: the next checkpoint ({}) will not fit beside the {} that must stay free",
+            gb(self.available),
+            self.dir.display(),
+            gb(self.next),
+            gb(self.reserve)
+        )
+    }
 }
 
 /// Bytes for messages: `1.25 GB`, `3.4 MB`, `812 kB`, `96 bytes`.

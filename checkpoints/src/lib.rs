@@ -65,7 +65,7 @@ mod tensorfile;
 mod tests;
 
 pub use catalog::{event_kind, Event, Level, ProbeRecord, StoredEvent, CATALOG_SCHEMA};
-pub use error::{Error, Problem, Result, SaveStage};
+pub use error::{DiskLow, Error, Problem, Result, SaveStage};
 pub use fault::{FaultInjector, FaultPoint, FaultStage, InjectFault};
 pub use fsx::{disk_usage, now_ms};
 pub use manifest::{CheckpointPayload, FileEntry, Manifest, MANIFEST_FORMAT};

@@ -98,7 +98,7 @@ pub struct SaveReport {
     pub gc_error: Option<String>,
     /// Set when the file system has no room for one more checkpoint of this size beside
     /// the bytes that must stay free: the next save will be refused unless space is freed.
-    pub disk_low: Option<String>,
+    pub disk_low: Option<crate::error::DiskLow>,
 }
 
 impl SaveReport {
@@ -597,16 +597,13 @@ impl Store {
     }
 
     /// After a save of `bytes`: why the next one would not fit, if it would not.
-    fn disk_low(&self, bytes: u64) -> Option<String> {
+    fn disk_low(&self, bytes: u64) -> Option<crate::error::DiskLow> {
         let available = fsx::available_bytes(&self.ckpt_dir).ok()?;
-        (available < bytes.saturating_add(self.min_free_bytes)).then(|| {
-            format!(
-                "{} free on {}: the next checkpoint ({}) will not fit beside the {} that must stay free; free space, lower checkpoint.keep_last or keep_every, or set checkpoint.max_disk_gb",
-                crate::error::gb(available),
-                self.ckpt_dir.display(),
-                crate::error::gb(bytes),
-                crate::error::gb(self.min_free_bytes)
-            )
+        (available < bytes.saturating_add(self.min_free_bytes)).then(|| crate::error::DiskLow {
+            dir: self.ckpt_dir.clone(),
+            available,
+            next: bytes,
+            reserve: self.min_free_bytes,
         })
     }
 

@@ -1354,8 +1354,7 @@ fn a_save_that_would_eat_into_the_free_reserve_is_refused_and_a_tight_one_warned
     }
     let msg = err.to_string();
     assert!(
-        msg.contains("checking the free space")
-            && msg.contains("must stay free (checkpoint.min_free_gb)"),
+        msg.contains("checking the free space") && msg.contains("must stay free"),
         "{msg}"
     );
     assert_eq!(store.latest_step().unwrap(), Some(1));
@@ -1385,10 +1384,12 @@ fn a_save_that_would_eat_into_the_free_reserve_is_refused_and_a_tight_one_warned
     );
     let store = Store::open(dir.path(), options(available - needed - needed / 2)).unwrap();
     let rep = store.save(&p).unwrap();
-    let why = rep.disk_low.expect("the next checkpoint does not fit");
-    assert!(
-        why.contains("the next checkpoint") && why.contains("will not fit"),
-        "{why}"
+    let low = rep.disk_low.expect("the next checkpoint does not fit");
+    assert_eq!(
+        (low.next, low.reserve),
+        (rep.bytes, available - needed - needed / 2)
     );
+    assert!(low.available < low.next + low.reserve, "{low}");
+    assert!(low.to_string().contains("will not fit"), "{low}");
     assert_eq!(store.latest_step().unwrap(), Some(3));
 }

@@ -402,9 +402,9 @@ fn saves_that_would_fill_the_disk_are_refused_and_training_goes_on() {
         .iter()
         .filter(|e| {
             e["kind"] == "checkpoint.failed"
-                && e["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("must stay free (checkpoint.min_free_gb)"))
+                && e["message"].as_str().is_some_and(|m| {
+                    m.contains("must stay free") && m.contains("checkpoint.min_free_gb")
+                })
         })
         .collect();
     assert!(!refused.is_empty(), "no refusal in the events: {ev:?}");

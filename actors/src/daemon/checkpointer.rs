@@ -92,7 +92,7 @@ impl Actor for CheckpointerActor {
             .worker
             .run(move || {
                 ctx.faults.maybe_slow(NAME, step);
-                ctx.store.save(&payload).map_err(|e| format!("{e}"))
+                ctx.store.save(&payload).map_err(|e| save_error_text(&e))
             })
             .await
             .unwrap_or_else(|e| Err(format!("{e:#}")));
@@ -124,6 +124,16 @@ pub fn note_saved(ctx: &Ctx, step: u64, blocking_ms: f64, rep: &SaveReport) -> f
     durable
 }
 
+/// A failed save as the operator reads it: a save refused for space names the settings
+/// that decide it.
+pub fn save_error_text(e: &checkpoints::Error) -> String {
+    if e.save_stage() == Some(checkpoints::SaveStage::Space) {
+        format!("{e} (the reserve is checkpoint.min_free_gb; checkpoint.max_disk_gb bounds the kept checkpoints)")
+    } else {
+        format!("{e}")
+    }
+}
+
 /// After a save: a `checkpoint.disk_low` warning when one more checkpoint of this size
 /// would not fit (the next save will be refused unless space is freed).
 pub fn warn_if_disk_low(ctx: &Ctx, actor: &str, step: u64, rep: &checkpoints::SaveReport) {
@@ -134,8 +144,8 @@ pub fn warn_if_disk_low(ctx: &Ctx, actor: &str, step: u64, rep: &checkpoints::Sa
             "checkpoint.disk_low",
             Some(actor),
             Some(step),
-            why.clone(),
-            serde_json::json!({"bytes": rep.bytes}),
+            format!("{why}; free space, lower checkpoint.keep_last or keep_every, or set checkpoint.max_disk_gb"),
+            serde_json::json!({"bytes": rep.bytes, "available": why.available, "reserve": why.reserve}),
         );
     }
 }

@@ -79,17 +79,7 @@ impl Default for StepBenchOpts {
 
 /// Peak RSS of this process in MiB (`VmHWM`), 0 where unavailable.
 pub fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|v| v.parse::<f64>().ok())
-            })
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
+    proc_status_kib("VmHWM:").map_or(0.0, |k| k / 1024.0)
 }
 
 fn noise(seed: u64, shape: &[usize], dtype: DType) -> Result<Tensor> {
@@ -436,6 +426,7 @@ fn rss_mib() -> f64 {
     proc_status_kib("VmRSS:").map_or(0.0, |k| k / 1024.0)
 }
 
+/// A `kB` field of `/proc/self/status` (`VmRSS:`, `VmHWM:`).
 fn proc_status_kib(key: &str) -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     s.lines()

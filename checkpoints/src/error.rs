@@ -166,12 +166,11 @@ impl Error {
     /// True when the cause is a full disk: `ENOSPC`, `EDQUOT` or `EFBIG` (file size limit),
     /// or a save refused up front because it would not fit ([`Error::NoSpace`]).
     pub fn is_disk_full(&self) -> bool {
-        if let Error::Save { source, .. } = self {
-            if matches!(**source, Error::NoSpace { .. }) {
-                return true;
-            }
-        }
-        matches!(self, Error::NoSpace { .. })
+        let cause = match self {
+            Error::Save { source, .. } => source,
+            e => e,
+        };
+        matches!(cause, Error::NoSpace { .. })
             || self
                 .io_error()
                 .and_then(io::Error::raw_os_error)

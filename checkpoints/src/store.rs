@@ -489,28 +489,19 @@ impl Store {
             source: Box::new(e),
         })?;
 
-        self.check_space(payload).map_err(|e| {
-            let err = Error::Save {
-                step,
-                stage: SaveStage::Space,
-                source: Box::new(e),
-            };
-            self.event(
-                Event::new(
-                    Level::Error,
-                    event_kind::SAVE_FAILED,
-                    format!("checkpoint step {step} not saved: {err}"),
-                )
-                .step(step)
-                .fields(json!({ "stage": "space" })),
-            );
-            err
-        })?;
-
         let previous = self.catalog.latest()?;
         let name = self.free_dir_name(step)?;
         let tmp = self.ckpt_dir.join(format!("{name}.tmp"));
         let final_dir = self.ckpt_dir.join(&name);
+
+        if let Err(error) = self.check_space(payload) {
+            let f = Failed {
+                stage: SaveStage::Space,
+                error,
+                renamed: false,
+            };
+            return Err(self.abort_save(step, f, &tmp, &final_dir));
+        }
 
         let staged = match self.stage(payload, &name, previous, &tmp, &final_dir) {
             Ok(s) => s,

@@ -1368,7 +1368,8 @@ fn a_save_that_would_eat_into_the_free_reserve_is_refused_and_a_tight_one_warned
         events
             .iter()
             .any(|e| e.event.kind == event_kind::SAVE_FAILED
-                && e.event.message.contains("not saved")),
+                && e.event.fields["stage"] == "space"
+                && e.event.fields["disk_full"] == true),
         "{events:?}"
     );
     drop(store);

@@ -92,7 +92,9 @@ impl Actor for CheckpointerActor {
             .worker
             .run(move || {
                 ctx.faults.maybe_slow(NAME, step);
-                ctx.store.save(&payload).map_err(|e| save_error_text(&e))
+                ctx.store
+                    .save(&payload)
+                    .map_err(|e| save_error_text(&e.into()))
             })
             .await
             .unwrap_or_else(|e| Err(format!("{e:#}")));
@@ -124,13 +126,18 @@ pub fn note_saved(ctx: &Ctx, step: u64, blocking_ms: f64, rep: &SaveReport) -> f
     durable
 }
 
-/// A failed save as the operator reads it: a save refused for space names the settings
-/// that decide it.
-pub fn save_error_text(e: &checkpoints::Error) -> String {
-    if e.save_stage() == Some(checkpoints::SaveStage::Space) {
-        format!("{e} (the reserve is checkpoint.min_free_gb; checkpoint.max_disk_gb bounds the kept checkpoints)")
+/// A failed save as the operator reads it, for every save of the run and of its
+/// students: one refused for space names the settings that decide it (the store does
+/// not know the config).
+pub fn save_error_text(e: &anyhow::Error) -> String {
+    let refused = e.chain().any(|c| {
+        c.downcast_ref::<checkpoints::Error>()
+            .is_some_and(|s| s.save_stage() == Some(checkpoints::SaveStage::Space))
+    });
+    if refused {
+        format!("{e:#} (the reserve is checkpoint.min_free_gb; checkpoint.max_disk_gb bounds the kept checkpoints)")
     } else {
-        format!("{e}")
+        format!("{e:#}")
     }
 }
 

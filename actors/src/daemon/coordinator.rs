@@ -1003,7 +1003,10 @@ impl CoordState {
                         "checkpoint.failed",
                         Some(NAME),
                         Some(step),
-                        format!("checkpoint failed: {e}"),
+                        format!(
+                            "checkpoint failed: {}",
+                            super::checkpointer::save_error_text(&e.into())
+                        ),
                         json!({}),
                     ),
                     Err(e) => ctx.event(

@@ -654,7 +654,11 @@ impl StudentState {
                     "checkpoint.failed",
                     Some(&run.actor()),
                     Some(step),
-                    format!("final checkpoint of student {}: {e:#}", run.name),
+                    format!(
+                        "final checkpoint of student {}: {}",
+                        run.name,
+                        super::checkpointer::save_error_text(&e)
+                    ),
                     json!({}),
                 ),
             }
@@ -982,9 +986,10 @@ impl StudentState {
                     Some(&name),
                     Some(step + 1),
                     format!(
-                        "student {} checkpoint at step {} failed (training continues): {e:#}",
+                        "student {} checkpoint at step {} failed (training continues): {}",
                         run.name,
-                        step + 1
+                        step + 1,
+                        super::checkpointer::save_error_text(&e)
                     ),
                     json!({}),
                 ),

@@ -539,10 +539,10 @@ fn the_eval_normalizer_gives_the_pixel_kernels_floats_bit_for_bit() {
         got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
         want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
     );
-    // and so does the whole transform on a real-sized sample: a batch's bytes normalised
-    // equal eval_transform's floats
+    // and a loaded batch, in the identity geometry (the crop is the whole image): its
+    // bytes normalised are the kernels' floats of the original pixels, bit for bit
     let src = SyntheticScenes::new(SyntheticConfig {
-        size: 40,
+        size: 32,
         len: 4,
         ..Default::default()
     });
@@ -553,7 +553,16 @@ fn the_eval_normalizer_gives_the_pixel_kernels_floats_bit_for_bit() {
     let batch = crate::load_eval(&src, &[1, 2], &cfg, 1).expect("eval");
     let floats = batch.norm.to_f32(&batch.rgb, 32 * 32);
     for (k, i) in [1u64, 2].into_iter().enumerate() {
-        let one = eval_transform(&src.get(i).expect("sample"), &cfg);
-        assert_eq!(one.pixels, floats[k * 3 * 32 * 32..(k + 1) * 3 * 32 * 32]);
+        let original = src.get(i).expect("sample").image;
+        let mut want = vec![0f32; 3 * 32 * 32];
+        pixels::to_planes(original.as_raw(), 32, false, &mut want);
+        pixels::normalize(&mut want, 32 * 32, &mean, &std);
+        let got = &floats[k * 3 * 32 * 32..(k + 1) * 3 * 32 * 32];
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits()),
+            "image {i}"
+        );
     }
 }

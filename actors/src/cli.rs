@@ -2,8 +2,9 @@
 //! commands, and the offline tools (parity, bench, data scan, export).
 //!
 //! Exit codes: 0 success; 1 the command ran and found a problem (parity out of tolerance,
-//! bad input files, a failed check); 2 usage or configuration error; 75 the GPU context
-//! is unusable and the process must be restarted by its supervisor.
+//! bad input files, a failed check); 2 usage or configuration error; 70, 75, 76 the
+//! daemon must be restarted by its supervisor (it gave up, the GPU context is unusable, a
+//! compute thread hung); 74 it stopped without writing its final checkpoint.
 
 use std::path::PathBuf;
 

@@ -388,16 +388,27 @@ fn a_disk_error_during_a_save_keeps_training_and_loses_nothing() {
 }
 
 /// `checkpoint.min_free_gb`: a save that would eat into the space that must stay free is
-/// refused before it writes anything, says why, and training goes on as without it.
+/// refused before it writes anything, says why, and training goes on as without it; a
+/// run whose final save is refused exits 74, not 0.
 #[test]
 fn saves_that_would_fill_the_disk_are_refused_and_training_goes_on() {
     let dir = TempDir::new("reserve");
     let cfg = write_config(dir.path(), &tiny_config("min_free_gb = 1e9"));
     let st = dir.path().join("state");
     let o = run_to(&cfg, &st, STEPS, &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // trained as without the saves, but the final one failed too: the status says the
+    // steps are lost, and so does the stop event
+    assert_eq!(o.status.code(), Some(74), "{}", text(&o));
     assert_eq!(&fingerprint(&st), reference());
     let ev = events(&st);
+    let stopped = ev.iter().find(|e| e["kind"] == "run.stopped").unwrap();
+    assert_eq!(stopped["level"], "error", "{stopped}");
+    assert!(
+        stopped["message"].as_str().is_some_and(
+            |m| m.contains("the final checkpoint was not written (the newest is none)")
+        ),
+        "{stopped}"
+    );
     let refused: Vec<&serde_json::Value> = ev
         .iter()
         .filter(|e| {

@@ -284,6 +284,34 @@ fn a_full_disk_during_a_student_save_loses_nothing() {
     assert_eq!(&fps(&st), r);
 }
 
+/// Every student save refused for space (`checkpoint.min_free_gb`): the students train as
+/// without them, and the run's exit status says that their final checkpoints are missing.
+#[test]
+fn students_whose_final_saves_are_refused_exit_74() {
+    let dir = TempDir::new("distill-nospace");
+    let recipe = distill_config(teacher_dir())
+        .replace("[checkpoint]\n", "[checkpoint]\nmin_free_gb = 1e9\n");
+    assert!(recipe.contains("min_free_gb"));
+    let cfg = write_config(dir.path(), &recipe);
+    let st = dir.path().join("state");
+    let o = run(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(74), "{}", text(&o));
+    assert_eq!(
+        &fps(&st),
+        reference(),
+        "the refused saves changed the result"
+    );
+    let ev = events_text(&st);
+    for name in ["small", "base"] {
+        assert!(
+            ev.lines().any(|l| l.contains("checkpoint.failed")
+                && l.contains(&format!("final checkpoint of student {name}"))
+                && l.contains("must stay free")),
+            "no refused final save of {name}:\n{ev}"
+        );
+    }
+}
+
 /// A corrupt student checkpoint (one flipped byte in its newest tensors): the restart
 /// detects it by its checksum, resumes that student from its previous checkpoint, and the
 /// run ends where the uninterrupted run does.

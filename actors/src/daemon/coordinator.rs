@@ -25,7 +25,7 @@ use super::compute::{EmaMsg, StepSummary, TeacherMsg, TrainerMsg, EMA, TEACHER, 
 use super::evaluator;
 use super::loader::{self, LoadedBatch, LoaderMsg};
 use super::supervisor::{self, SupMsg};
-use super::{Ctx, EXIT_DEVICE, EXIT_FATAL, EXIT_OK};
+use super::{Ctx, EXIT_DEVICE, EXIT_FATAL, EXIT_OK, EXIT_UNSAVED};
 use crate::config::OnDeviceLoss;
 use crate::{engine, stages};
 
@@ -967,8 +967,9 @@ impl CoordState {
 
     /// Writes the engine's state now (blocking this actor), reporting the outcome as an
     /// event: the final save of a stop, or what is consistent before a device loss is
-    /// handled (which fails harmlessly when the state sits on a dead context).
-    async fn save_now(&self, final_: bool) {
+    /// handled (which fails harmlessly when the state sits on a dead context). Returns
+    /// whether the checkpoint was written.
+    async fn save_now(&self, final_: bool) -> bool {
         let ctx = self.ctx.clone();
         let step = ctx.engine.lock().ts.step;
         let snap = {
@@ -997,6 +998,7 @@ impl CoordState {
                             json!({"bytes": rep.bytes, "final": final_}),
                         );
                         super::checkpointer::warn_if_disk_low(&ctx, NAME, step, &rep);
+                        return true;
                     }
                     Ok(Err(e)) => ctx.event(
                         Level::Error,
@@ -1028,6 +1030,7 @@ impl CoordState {
                 json!({}),
             ),
         }
+        false
     }
 
     async fn finish(&mut self, code: i32, why: &str) {
@@ -1042,9 +1045,18 @@ impl CoordState {
         let latest = ctx.store.latest_step().ok().flatten();
         // a hand-off re-saves its step: the checkpoint must carry the `distill` stage
         let handoff = ctx.handoff.load(std::sync::atomic::Ordering::SeqCst);
-        if !dirty && (latest != Some(step) || handoff) {
-            self.save_now(true).await;
-        }
+        let unsaved = !dirty && (latest != Some(step) || handoff) && !self.save_now(true).await;
+        // a stop that loses the steps since the last checkpoint says so in its status; a
+        // failure's own status (device, fatal) stays, it already means "look at me"
+        let (code, why) = if unsaved && code == EXIT_OK {
+            let last = latest.map_or("none".to_string(), |s| format!("step {s}"));
+            (
+                EXIT_UNSAVED,
+                format!("{why}; the final checkpoint was not written (the newest is {last})"),
+            )
+        } else {
+            (code, why.to_string())
+        };
         let fp = engine::fingerprint(&ctx.engine.lock().ts).ok();
         ctx.board.run(|r| {
             r.step = step;
@@ -1054,17 +1066,22 @@ impl CoordState {
             pb.finish_and_clear();
         }
         ctx.event(
-            Level::Info,
+            if unsaved { Level::Error } else { Level::Info },
             "run.stopped",
             Some(NAME),
             Some(step),
             format!("stopped at step {step}: {why}"),
-            json!({"exit_code": code}),
+            json!({"exit_code": code, "final_checkpoint": !unsaved}),
         );
         let _ = super::control::write_final_status(&ctx);
         ctx.set_exit(code);
+        let reply = if unsaved {
+            format!("stopped at step {step}, but its final checkpoint was not written (see `dinod events`)")
+        } else {
+            format!("stopped at step {step}")
+        };
         for r in self.stop_replies.drain(..) {
-            let _ = r.send(format!("stopped at step {step}"));
+            let _ = r.send(reply.clone());
         }
         supervisor::send(SupMsg::Shutdown);
     }

@@ -35,7 +35,7 @@ use super::compute::{
 use super::coordinator::{call, CoordMsg};
 use super::loader::to_batch;
 use super::worker::Worker;
-use super::{Ctx, EXIT_DEVICE, EXIT_OK};
+use super::{Ctx, EXIT_DEVICE, EXIT_OK, EXIT_UNSAVED};
 use crate::config::{Plan, StudentPlan};
 use crate::engine::{self, Engine, EngineState};
 use model::ssl::SslModel;
@@ -649,18 +649,22 @@ impl StudentState {
                     );
                     super::checkpointer::warn_if_disk_low(&self.ctx, &run.actor(), step, &r);
                 }
-                Err(e) => self.ctx.event(
-                    Level::Error,
-                    "checkpoint.failed",
-                    Some(&run.actor()),
-                    Some(step),
-                    format!(
-                        "final checkpoint of student {}: {}",
-                        run.name,
-                        super::checkpointer::save_error_text(&e)
-                    ),
-                    json!({}),
-                ),
+                Err(e) => {
+                    self.ctx.event(
+                        Level::Error,
+                        "checkpoint.failed",
+                        Some(&run.actor()),
+                        Some(step),
+                        format!(
+                            "final checkpoint of student {}: {}",
+                            run.name,
+                            super::checkpointer::save_error_text(&e)
+                        ),
+                        json!({}),
+                    );
+                    // the run's status says so, unless a device loss already set its own
+                    self.ctx.set_exit(EXIT_UNSAVED);
+                }
             }
         }
         let fp = engine::fingerprint(&run.engine.lock().ts).ok();

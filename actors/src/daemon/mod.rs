@@ -43,6 +43,10 @@ use faults::Faults;
 pub const EXIT_OK: i32 = 0;
 /// Exit status: the supervisor gave up (restart intensity exceeded) or a fatal error.
 pub const EXIT_FATAL: i32 = 70;
+/// Exit status: the run stopped (on request or at its target), but its final checkpoint
+/// could not be written (a full disk, an I/O error): what it trained since its last
+/// checkpoint is lost. Not a "restart me": the disk needs a look first.
+pub const EXIT_UNSAVED: i32 = 74;
 /// Exit status: the accelerator context is unusable; restart the process (systemd).
 pub const EXIT_DEVICE: i32 = 75;
 /// Exit status: a hung compute thread could not be recovered in-process.

@@ -232,10 +232,68 @@ pub struct DenseSettings {
     pub max_train_patches: usize,
 }
 
+/// The even stride at which the dense probe samples `rows` training patch rows down to at
+/// most `max`: it fits on rows `0, stride, 2 * stride, ...` (counted image-major).
+pub fn train_stride(rows: usize, max: usize) -> usize {
+    rows.div_ceil(max.max(1)).max(1)
+}
+
+/// Every `stride`-th row of `rows [k, dim]`, from row 0.
+pub fn sample_rows(rows: &[f32], dim: usize, stride: usize) -> Vec<f32> {
+    rows.chunks_exact(dim)
+        .step_by(stride.max(1))
+        .flatten()
+        .copied()
+        .collect()
+}
+
 /// Trains on `train_patches [n_tr * P, D]` with `train_maps [n_tr, H, W]` and scores on the
 /// test images.
 pub fn dense_probe(
     train_patches: &[f32],
+    train_maps: &[u8],
+    test_patches: &[f32],
+    test_maps: &[u8],
+    dim: usize,
+    geo: &DenseGeometry,
+    settings: &DenseSettings,
+) -> Result<DenseResult> {
+    let (h, w) = geo.size;
+    let p = geo.grid.0 * geo.grid.1;
+    let n_tr = train_maps.len() / (h * w).max(1);
+    if train_patches.len() != n_tr * p * dim {
+        return Err(ProbeError::shape(
+            "dense probe",
+            format!(
+                "{} training patch values for {n_tr} label maps, grid {:?}, width {dim}",
+                train_patches.len(),
+                geo.grid
+            ),
+        ));
+    }
+    let stride = train_stride(n_tr * p, settings.max_train_patches);
+    let rows: std::borrow::Cow<'_, [f32]> = if stride == 1 {
+        train_patches.into()
+    } else {
+        sample_rows(train_patches, dim, stride).into()
+    };
+    dense_probe_sampled(
+        &rows,
+        train_maps,
+        test_patches,
+        test_maps,
+        dim,
+        geo,
+        settings,
+    )
+}
+
+/// [`dense_probe`] given only the training rows it fits on: `train_rows` are rows
+/// `0, s, 2s, ...` of the training patch tokens `[n_tr * P, D]`, where `s` is
+/// [`train_stride`]`(n_tr * P, settings.max_train_patches)`. A caller that extracts
+/// features batch by batch need not hold every training image's patch tokens.
+pub fn dense_probe_sampled(
+    train_rows: &[f32],
     train_maps: &[u8],
     test_patches: &[f32],
     test_maps: &[u8],
@@ -254,43 +312,30 @@ pub fn dense_probe(
     }
     let n_tr = train_maps.len() / (h * w);
     let n_te = test_maps.len() / (h * w);
-    if train_patches.len() != n_tr * p * dim
+    let stride = train_stride(n_tr * p, settings.max_train_patches);
+    if train_rows.len() != (n_tr * p).div_ceil(stride) * dim
         || test_patches.len() != n_te * p * dim
         || train_maps.len() != n_tr * h * w
         || test_maps.len() != n_te * h * w
     {
         return Err(ProbeError::shape(
             "dense probe",
-            format!("{} / {} patch values and {} / {} label values for grid {:?}, width {dim}, maps {h}x{w}", train_patches.len(), test_patches.len(), train_maps.len(), test_maps.len(), geo.grid),
+            format!("{} sampled training (stride {stride}) / {} test patch values and {} / {} label values for grid {:?}, width {dim}, maps {h}x{w}", train_rows.len(), test_patches.len(), train_maps.len(), test_maps.len(), geo.grid),
         ));
     }
-    let mut hist = patch_histograms(train_maps, geo)?;
-    let total = n_tr * p;
-    let stride = total.div_ceil(settings.max_train_patches.max(1)).max(1);
-    let kept: std::borrow::Cow<'_, [f32]> = if stride == 1 {
-        train_patches.into()
-    } else {
-        hist = hist
-            .chunks_exact(c)
-            .step_by(stride)
-            .flatten()
-            .copied()
-            .collect();
-        train_patches
-            .chunks_exact(dim)
-            .step_by(stride)
-            .flatten()
-            .copied()
-            .collect::<Vec<_>>()
-            .into()
-    };
+    let hist: Vec<f32> = patch_histograms(train_maps, geo)?
+        .chunks_exact(c)
+        .step_by(stride)
+        .flatten()
+        .copied()
+        .collect();
     let n_fit = hist.len() / c;
     let majority: Vec<u32> = hist.chunks_exact(c).map(argmax).collect();
     let targets = match settings.targets {
         PatchTargets::Soft => Targets::Soft(&hist),
         PatchTargets::Majority => Targets::Hard(&majority),
     };
-    let (clf, fit) = fit_softmax(&kept, dim, targets, c, &settings.fit)?;
+    let (clf, fit) = fit_softmax(train_rows, dim, targets, c, &settings.fit)?;
     let logits = clf.logits(test_patches)?;
     let test_hist = patch_histograms(test_maps, geo)?;
     let patch_hits = logits

@@ -110,13 +110,19 @@ pub fn extract(
         ));
     }
     // one batch on the host at a time, never a second copy of all the images
-    let (cls, patches) = extract_batches(vit, n, size, batch, 0..n, |r| {
+    let got = extract_batches(vit, n, size, batch, 0..n, None, |r| {
         Ok(ops::host::from_vec(
             images[r.start * per..r.end * per].to_vec(),
             (r.len(), 3, size.0, size.1),
         )?)
     })?;
-    FeatureSet::new(n, vit.cfg.embed_dim, grid_of(vit, size)?, cls, patches)
+    FeatureSet::new(
+        n,
+        vit.cfg.embed_dim,
+        grid_of(vit, size)?,
+        got.cls,
+        got.patches,
+    )
 }
 
 /// [`extract`] for a candle tensor `[n, 3, H, W]` of any float dtype, on any device: each
@@ -130,34 +136,67 @@ pub fn extract_tensor(vit: &Vit, images: &Tensor, batch: usize) -> Result<Featur
             format!("expected 3 channels, got {c}"),
         ));
     }
-    let (cls, patches) = extract_batches(vit, n, (h, w), batch, 0..n, |r| {
+    let got = extract_batches(vit, n, (h, w), batch, 0..n, None, |r| {
         Ok(images.narrow(0, r.start, r.len())?)
     })?;
-    FeatureSet::new(n, vit.cfg.embed_dim, grid_of(vit, (h, w))?, cls, patches)
+    FeatureSet::new(
+        n,
+        vit.cfg.embed_dim,
+        grid_of(vit, (h, w))?,
+        got.cls,
+        got.patches,
+    )
 }
 
-/// The features of a probe set's images: the CLS token of every image, and the full
-/// [`FeatureSet`] (CLS and patch tokens) of images `keep` only. Each batch is normalised
-/// from the set's bytes and moved to the backbone's device on its own; patch tokens of
-/// the other images are never copied off the device. A labelled set without label maps
-/// needs patch tokens only for the few images of the locality probes: for 15 000 images
-/// at 224 px and width 768, keeping them all would hold 9 GB.
+/// Every `stride`-th patch row of a set's first `images` images, counted image-major from
+/// the first image's first patch: the training rows the dense probe fits on
+/// ([`crate::dense::train_stride`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowSample {
+    /// The sample is drawn from images `0..images`.
+    pub images: usize,
+    /// Every `stride`-th row (at least 1).
+    pub stride: usize,
+}
+
+/// What [`extract_set`] keeps of a probe set's features.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SetFeatures {
+    /// The CLS token of every image, `[n, D]`.
+    pub cls: Vec<f32>,
+    /// The full features (CLS and patch tokens) of the kept images only.
+    pub part: FeatureSet,
+    /// The sampled patch rows `[k, D]` (empty without a [`RowSample`]).
+    pub sampled: Vec<f32>,
+}
+
+/// The features of a probe set's images: the CLS token of every image, the full
+/// [`FeatureSet`] (CLS and patch tokens) of images `keep` only, and the rows of `sample`.
+/// Each batch is normalised from the set's bytes and moved to the backbone's device on its
+/// own; patch tokens of the other images are never copied off the device. A labelled set
+/// without label maps needs patch tokens only for the few images of the locality probes:
+/// for 15 000 images at 224 px and width 768, keeping them all would hold 9 GB; the dense
+/// probe fits on a bounded sample of its training patches.
 pub fn extract_set(
     vit: &Vit,
     set: &ProbeSet,
     batch: usize,
     keep: std::ops::Range<usize>,
-) -> Result<(Vec<f32>, FeatureSet)> {
+    sample: Option<RowSample>,
+) -> Result<SetFeatures> {
     set.validate()?;
     let n = set.len();
-    if keep.start > keep.end || keep.end > n {
+    if keep.start > keep.end
+        || keep.end > n
+        || sample.is_some_and(|s| s.images > n || s.stride == 0)
+    {
         return Err(ProbeError::shape(
             "kept patch tokens",
-            format!("images {keep:?} of {n}"),
+            format!("images {keep:?} and sample {sample:?} of {n}"),
         ));
     }
     let (h, w) = set.size;
-    let (cls, patches) = extract_batches(vit, n, set.size, batch, keep.clone(), |r| {
+    let got = extract_batches(vit, n, set.size, batch, keep.clone(), sample, |r| {
         Ok(ops::host::from_vec(
             set.pixels(r.clone()),
             (r.len(), 3, h, w),
@@ -168,10 +207,14 @@ pub fn extract_set(
         keep.len(),
         dim,
         grid_of(vit, set.size)?,
-        cls[keep.start * dim..keep.end * dim].to_vec(),
-        patches,
+        got.cls[keep.start * dim..keep.end * dim].to_vec(),
+        got.patches,
     )?;
-    Ok((cls, part))
+    Ok(SetFeatures {
+        cls: got.cls,
+        part,
+        sampled: got.sampled,
+    })
 }
 
 /// The patch grid of `size` images, which must be whole patches.
@@ -186,22 +229,34 @@ fn grid_of(vit: &Vit, (h, w): (usize, usize)) -> Result<(usize, usize)> {
     Ok((h / p, w / p))
 }
 
+/// The host buffers [`extract_batches`] fills.
+struct Extracted {
+    cls: Vec<f32>,
+    patches: Vec<f32>,
+    sampled: Vec<f32>,
+}
+
 /// The batched forward under the extractors: `fetch(range)` gives images `range` as a
 /// `[k, 3, H, W]` tensor (any float dtype, any device); returns every image's CLS token
-/// `[n, D]` and the patch tokens `[|keep|, P, D]` of images `keep`.
+/// `[n, D]`, the patch tokens `[|keep|, P, D]` of images `keep` and the rows of `sample`
+/// (selected on the device).
 fn extract_batches(
     vit: &Vit,
     n: usize,
     size: (usize, usize),
     batch: usize,
     keep: std::ops::Range<usize>,
+    sample: Option<RowSample>,
     mut fetch: impl FnMut(std::ops::Range<usize>) -> Result<Tensor>,
-) -> Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<Extracted> {
     let grid = grid_of(vit, size)?;
+    let p = grid.0 * grid.1;
     let dim = vit.cfg.embed_dim;
     let batch = batch.max(1);
     let mut cls = Vec::with_capacity(n * dim);
-    let mut patches = Vec::with_capacity(keep.len() * grid.0 * grid.1 * dim);
+    let mut patches = Vec::with_capacity(keep.len() * p * dim);
+    let mut sampled =
+        Vec::with_capacity(sample.map_or(0, |s| (s.images * p).div_ceil(s.stride.max(1))) * dim);
     let dtype = vit.dtype();
     let mut start = 0;
     while start < n {
@@ -215,16 +270,34 @@ fn extract_batches(
             masks: None,
         }])?;
         cls.extend(ops::host::to_vec::<f32>(&f.cls(0)?)?);
+        // `[k * P, D]`, image-major
+        let tokens = f.patches(0)?;
         let (a, b) = (keep.start.max(start), keep.end.min(end));
         if a < b {
-            // `[k * P, D]`, image-major
-            let p = grid.0 * grid.1;
-            let kept = f.patches(0)?.narrow(0, (a - start) * p, (b - a) * p)?;
+            let kept = tokens.narrow(0, (a - start) * p, (b - a) * p)?;
             patches.extend(ops::host::to_vec::<f32>(&kept)?);
+        }
+        if let Some(s) = sample {
+            let stride = s.stride.max(1);
+            // rows start * P .. min(end, images) * P of the sample's row numbering
+            let (first, last) = (start * p, end.min(s.images) * p);
+            let rows: Vec<u32> = (first.next_multiple_of(stride)..last)
+                .step_by(stride)
+                .map(|g| (g - first) as u32)
+                .collect();
+            if !rows.is_empty() {
+                let k = rows.len();
+                let idx = Tensor::from_vec(rows, k, tokens.device())?;
+                sampled.extend(ops::host::to_vec::<f32>(&tokens.index_select(&idx, 0)?)?);
+            }
         }
         start = end;
     }
-    Ok((cls, patches))
+    Ok(Extracted {
+        cls,
+        patches,
+        sampled,
+    })
 }
 
 /// How a probe set is drawn from a source.

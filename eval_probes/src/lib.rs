@@ -40,12 +40,13 @@ mod viz;
 mod tests;
 
 pub use dense::{
-    dense_probe, patch_histograms, upsample_bilinear, Confusion, DenseGeometry, DenseResult,
-    DenseSettings, PatchTargets,
+    dense_probe, dense_probe_sampled, patch_histograms, sample_rows, train_stride,
+    upsample_bilinear, Confusion, DenseGeometry, DenseResult, DenseSettings, PatchTargets,
 };
 pub use error::{ProbeError, Result};
 pub use features::{
-    extract, extract_set, extract_tensor, FeatureSet, ProbeSet, ProbeSetConfig, MAX_PROBE_IMAGES,
+    extract, extract_set, extract_tensor, FeatureSet, ProbeSet, ProbeSetConfig, RowSample,
+    SetFeatures, MAX_PROBE_IMAGES,
 };
 pub use knn::{knn, KnnResult};
 pub use linear::{fit_softmax, FitConfig, FitReport, SoftmaxClassifier, Targets};

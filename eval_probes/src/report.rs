@@ -8,9 +8,12 @@ use std::time::Instant;
 use model::vit::Vit;
 use serde::{Deserialize, Serialize};
 
-use crate::dense::{dense_probe, DenseGeometry, DenseResult, DenseSettings, PatchTargets};
+use crate::dense::{
+    dense_probe_sampled, sample_rows, train_stride, DenseGeometry, DenseResult, DenseSettings,
+    PatchTargets,
+};
 use crate::error::{ProbeError, Result};
-use crate::features::{extract, extract_set, FeatureSet, ProbeSet};
+use crate::features::{extract, extract_set, FeatureSet, ProbeSet, RowSample};
 use crate::knn::{knn, KnnResult};
 use crate::linear::{fit_softmax, FitConfig, FitReport, Targets};
 use crate::locality::{
@@ -311,17 +314,24 @@ pub fn run_probes(vit: &Vit, sets: &[ProbeSet], cfg: &ProbeConfig) -> Result<Pro
     let mut out = vec![];
     for set in sets {
         let t = Instant::now();
-        // patch tokens only where a probe reads them: all images for the dense probe, the
-        // locality images of the test part otherwise
-        let keep = if set.label_maps.is_some() {
-            0..set.len()
+        // patch tokens only where a probe reads them: the test part and a sample of the
+        // training part's rows for the dense probe, the locality images of the test part
+        // otherwise
+        let (keep, sample) = if set.label_maps.is_some() {
+            let rows = set.n_train * (set.size.0 / p) * (set.size.1 / p);
+            let sample = RowSample {
+                images: set.n_train,
+                stride: train_stride(rows, cfg.dense_max_train_patches),
+            };
+            (set.n_train..set.len(), Some(sample))
         } else {
-            locality_images(set, cfg)
+            (locality_images(set, cfg), None)
         };
-        let (cls, part) = extract_set(vit, set, cfg.batch, keep.clone())?;
+        let got = extract_set(vit, set, cfg.batch, keep.clone(), sample)?;
         let extract_ms = ms(t);
-        let mut rep = probe_parts(set, &cls, &part, keep.start, cfg)?;
-        drop(part);
+        let dense_train = sample.map(|_| got.sampled.as_slice());
+        let mut rep = probe_parts(set, &got.cls, &got.part, keep.start, dense_train, cfg)?;
+        drop(got);
         rep.timing.extract_ms = extract_ms;
         let n_corr = cfg.correspondence.images.min(set.n_test());
         if n_corr > 0 {
@@ -372,18 +382,29 @@ pub fn probe_features(
             ),
         ));
     }
-    probe_parts(set, &features.cls, features, 0, cfg)
+    let rows = set.n_train * features.n_patches();
+    let dense_train = set.label_maps.as_ref().map(|_| {
+        sample_rows(
+            &features.patches[..rows * features.dim],
+            features.dim,
+            train_stride(rows, cfg.dense_max_train_patches),
+        )
+    });
+    probe_parts(set, &features.cls, features, 0, dense_train.as_deref(), cfg)
 }
 
 /// [`probe_features`] on the CLS tokens `cls [n, D]` of every image and the full features
 /// `part` of images `from..from + part.n` only, which must cover every image whose patch
-/// tokens a probe reads (all of them for the dense probe, the locality images otherwise).
-/// Nothing here copies more than those locality images' features.
+/// tokens a probe reads (the test part for the dense probe, the locality images
+/// otherwise); `dense_train` are the training rows the dense probe fits on (see
+/// [`crate::dense::dense_probe_sampled`]), given when the set has label maps. Nothing here
+/// copies more than those locality images' features.
 fn probe_parts(
     set: &ProbeSet,
     cls: &[f32],
     part: &FeatureSet,
     from: usize,
+    dense_train: Option<&[f32]>,
     cfg: &ProbeConfig,
 ) -> Result<SetReport> {
     set.validate()?;
@@ -391,8 +412,12 @@ fn probe_parts(
     let n = set.len();
     let covers = |r: &std::ops::Range<usize>| from <= r.start && r.end <= from + part.n;
     let local = locality_images(set, cfg);
-    let dense_needs = set.label_maps.is_some().then_some(0..n);
-    if cls.len() != n * d || !covers(&local) || dense_needs.as_ref().is_some_and(|r| !covers(r)) {
+    let dense_needs = set.label_maps.is_some().then_some(set.n_train..n);
+    if cls.len() != n * d
+        || !covers(&local)
+        || dense_needs.as_ref().is_some_and(|r| !covers(r))
+        || dense_needs.is_some() != dense_train.is_some()
+    {
         return Err(ProbeError::shape(
             "features",
             format!(
@@ -455,7 +480,7 @@ fn probe_parts(
         });
         timing.linear_ms = ms(t);
     }
-    if let Some(maps) = &set.label_maps {
+    if let (Some(maps), Some(train_rows)) = (&set.label_maps, dense_train) {
         let t = Instant::now();
         let hw = set.size.0 * set.size.1;
         let geo = DenseGeometry {
@@ -471,8 +496,8 @@ fn probe_parts(
             },
             max_train_patches: cfg.dense_max_train_patches,
         };
-        dense_res = Some(dense_probe(
-            patches(0..n_tr),
+        dense_res = Some(dense_probe_sampled(
+            train_rows,
             &maps[..n_tr * hw],
             patches(n_tr..n),
             &maps[n_tr * hw..],

@@ -4,8 +4,8 @@
 
 use super::util::{centres, Normal};
 use crate::{
-    dense_probe, patch_histograms, upsample_bilinear, Confusion, DenseGeometry, DenseSettings,
-    FitConfig, PatchTargets,
+    dense_probe, dense_probe_sampled, patch_histograms, sample_rows, train_stride,
+    upsample_bilinear, Confusion, DenseGeometry, DenseSettings, FitConfig, PatchTargets,
 };
 
 #[test]
@@ -160,6 +160,12 @@ fn features_that_encode_the_label_map_give_miou_near_one() {
         let rc = dense_probe(&ftr, &mtr, &fte, &mte, 24, &geo, &capped).unwrap();
         assert_eq!(rc.n_train_patches, 640);
         assert!(rc.miou > 0.93, "capped: mIoU {}", rc.miou);
+        // given only the rows it fits on, the same result; every training row is refused
+        let rows = sample_rows(&ftr, 24, train_stride(30 * 64, 640));
+        assert_eq!(rows.len(), 640 * 24);
+        let rs = dense_probe_sampled(&rows, &mtr, &fte, &mte, 24, &geo, &capped).unwrap();
+        assert_eq!(rs, rc);
+        assert!(dense_probe_sampled(&ftr, &mtr, &fte, &mte, 24, &geo, &capped).is_err());
     }
 }
 

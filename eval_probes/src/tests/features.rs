@@ -103,18 +103,44 @@ fn extraction_does_not_depend_on_the_batch_size() {
     let diff = max_diff(&a.patches, &b.patches).max(max_diff(&a.cls, &b.cls));
     assert!(diff < 1e-5, "batch 5 vs 2 differ by {diff}");
     assert!(extract(&vit, &images[1..], 5, (32, 32), 2).is_err());
-    // A set's features with patch tokens for some images only: the tokens of a full
-    // extraction (to rounding between batch sizes), whatever the batches and wherever the
-    // kept images fall in them.
-    for (batch, keep) in [(2, 1..4), (5, 3..5), (3, 0..5), (1, 2..2)] {
-        let (cls, part) = extract_set(&vit, &set, batch, keep.clone()).unwrap();
-        assert!(max_diff(&cls, &a.cls) < 1e-5, "batch {batch}");
+    // A set's features with patch tokens for some images only, and a strided sample of
+    // rows: the tokens of a full extraction (to rounding between batch sizes), whatever the
+    // batches and wherever the kept images and the sampled rows fall in them (a batch of
+    // 2 images is 32 rows, which a stride of 5 or 7 does not divide).
+    let cases = [
+        (2, 1..4, Some((3, 5))),
+        (5, 3..5, Some((5, 1))),
+        (3, 0..5, None),
+        (1, 2..2, Some((2, 7))),
+        (2, 3..5, Some((3, 100))),
+        (2, 0..0, Some((0, 3))),
+    ];
+    for (batch, keep, sample) in cases {
+        let sample = sample.map(|(images, stride)| crate::RowSample { images, stride });
+        let got = extract_set(&vit, &set, batch, keep.clone(), sample).unwrap();
+        assert!(max_diff(&got.cls, &a.cls) < 1e-5, "batch {batch}");
         let want = a.slice(keep.clone());
+        let part = &got.part;
         assert_eq!((part.n, part.grid), (keep.len(), (4, 4)));
         let diff = max_diff(&part.patches, &want.patches).max(max_diff(&part.cls, &want.cls));
         assert!(diff < 1e-5, "batch {batch}, kept {keep:?}: {diff}");
+        let want = sample.map_or(vec![], |s| {
+            crate::sample_rows(&a.patches[..s.images * 16 * 32], 32, s.stride)
+        });
+        let rows = sample.map_or(0, |s| (s.images * 16).div_ceil(s.stride));
+        assert_eq!(got.sampled.len(), rows * 32, "{sample:?}");
+        let diff = max_diff(&got.sampled, &want);
+        assert!(diff < 1e-5, "batch {batch}, sample {sample:?}: {diff}");
     }
-    assert!(extract_set(&vit, &set, 2, 4..6).is_err(), "past the set");
+    assert!(
+        extract_set(&vit, &set, 2, 4..6, None).is_err(),
+        "past the set"
+    );
+    let past = crate::RowSample {
+        images: 6,
+        stride: 2,
+    };
+    assert!(extract_set(&vit, &set, 2, 0..1, Some(past)).is_err());
     assert!(
         extract(&vit, &vec![0.0; 3 * 30 * 30], 1, (30, 30), 1).is_err(),
         "not a multiple of the patch"

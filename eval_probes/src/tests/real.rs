@@ -5,7 +5,7 @@ use candle_core::DType;
 use model::vit::Vit;
 use model::VitConfig;
 
-use crate::{run_probes, ProbeConfig, ProbeSet, ProbeSetConfig};
+use crate::{run_probes, train_stride, ProbeConfig, ProbeSet, ProbeSetConfig};
 
 /// A 2-block, 32-wide ViT with 8-pixel patches (cheap enough for unit tests).
 pub(crate) fn tiny_vit_config() -> VitConfig {
@@ -169,7 +169,11 @@ fn probing_with_the_needed_patch_tokens_only_gives_the_full_features_report() {
         ..ProbeConfig::default()
     };
     cfg.correspondence.images = 0;
-    for set in [&with_maps, &without] {
+    // 24 training images of 16 patches: every row, and every 11th (37 at most), which
+    // does not fall on image or batch boundaries
+    let mut sampled = cfg.clone();
+    sampled.dense_max_train_patches = 37;
+    for (set, cfg) in [(&with_maps, &cfg), (&with_maps, &sampled), (&without, &cfg)] {
         let full = crate::extract(
             &vit,
             &set.pixels(0..set.len()),
@@ -178,8 +182,8 @@ fn probing_with_the_needed_patch_tokens_only_gives_the_full_features_report() {
             cfg.batch,
         )
         .unwrap();
-        let mut want = crate::probe_features(set, &full, &cfg).unwrap();
-        let mut got = run_probes(&vit, std::slice::from_ref(set), &cfg)
+        let mut want = crate::probe_features(set, &full, cfg).unwrap();
+        let mut got = run_probes(&vit, std::slice::from_ref(set), cfg)
             .unwrap()
             .sets
             .remove(0);
@@ -187,6 +191,13 @@ fn probing_with_the_needed_patch_tokens_only_gives_the_full_features_report() {
         got.timing = Default::default();
         assert_eq!(got, want, "{}", set.name);
         assert_eq!(got.dense.is_some(), set.label_maps.is_some());
+        if let Some(d) = &got.dense {
+            let rows: usize = 24 * 16;
+            assert_eq!(
+                d.n_train_patches,
+                rows.div_ceil(train_stride(rows, cfg.dense_max_train_patches))
+            );
+        }
     }
     // features that miss the patch tokens a probe reads are refused
     let full = crate::extract(&vit, &without.pixels(0..36), 36, (32, 32), 7).unwrap();

@@ -323,12 +323,7 @@ pub fn dense_probe_sampled(
             format!("{} sampled training (stride {stride}) / {} test patch values and {} / {} label values for grid {:?}, width {dim}, maps {h}x{w}", train_rows.len(), test_patches.len(), train_maps.len(), test_maps.len(), geo.grid),
         ));
     }
-    let hist: Vec<f32> = patch_histograms(train_maps, geo)?
-        .chunks_exact(c)
-        .step_by(stride)
-        .flatten()
-        .copied()
-        .collect();
+    let hist = sample_rows(&patch_histograms(train_maps, geo)?, c, stride);
     let n_fit = hist.len() / c;
     let majority: Vec<u32> = hist.chunks_exact(c).map(argmax).collect();
     let targets = match settings.targets {

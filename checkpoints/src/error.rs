@@ -14,15 +14,15 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file-system operation failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {cause}")]
     Io {
         /// What the store was doing, e.g. "create directory".
         op: &'static str,
         /// The file or directory concerned.
         path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
+        /// The OS error (in the message, so not also a `source()`: an error chain would
+        /// print it twice).
+        cause: io::Error,
     },
     /// Another process (or another `Store` in this process) holds the state directory.
     #[error("state directory {dir} is in use by {}", match pid { Some(p) => format!("pid {p}"), None => "another process (pid unknown)".to_owned() })]
@@ -33,15 +33,14 @@ pub enum Error {
         pid: Option<u32>,
     },
     /// The catalog (the sled database) failed or is unusable.
-    #[error("catalog {path}: {op}: {source}")]
+    #[error("catalog {path}: {op}: {cause}")]
     Catalog {
         /// The catalog directory.
         path: PathBuf,
         /// What the store was doing.
         op: &'static str,
         /// The underlying error (sled's error or a captured panic message).
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The catalog was written by a newer version of this crate.
     #[error(
@@ -56,15 +55,14 @@ pub enum Error {
         supported: u32,
     },
     /// A save failed; nothing was committed and the previous `latest` is unchanged.
-    #[error("saving checkpoint step {step} failed while {stage}: {source}")]
+    #[error("saving checkpoint step {step} failed while {stage}: {cause}")]
     Save {
         /// The step being saved.
         step: u64,
         /// The phase that failed.
         stage: SaveStage,
         /// The cause.
-        #[source]
-        source: Box<Error>,
+        cause: Box<Error>,
     },
     /// The checkpoint would not fit: the file system has less room than its bytes plus the
     /// space the store must leave free. Nothing was written.
@@ -138,7 +136,7 @@ impl Error {
         Error::Io {
             op,
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 
@@ -150,15 +148,15 @@ impl Error {
         Error::Catalog {
             path: path.into(),
             op,
-            source: source.into(),
+            cause: source.into(),
         }
     }
 
     /// The innermost IO error, looking through [`Error::Save`].
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {
-            Error::Io { source, .. } => Some(source),
-            Error::Save { source, .. } => source.io_error(),
+            Error::Io { cause, .. } => Some(cause),
+            Error::Save { cause, .. } => cause.io_error(),
             _ => None,
         }
     }
@@ -167,7 +165,7 @@ impl Error {
     /// or a save refused up front because it would not fit ([`Error::NoSpace`]).
     pub fn is_disk_full(&self) -> bool {
         let cause = match self {
-            Error::Save { source, .. } => source,
+            Error::Save { cause, .. } => cause,
             e => e,
         };
         matches!(cause, Error::NoSpace { .. })

@@ -486,7 +486,7 @@ impl Store {
         validate_payload(payload).map_err(|e| Error::Save {
             step,
             stage: SaveStage::Validate,
-            source: Box::new(e),
+            cause: Box::new(e),
         })?;
 
         let previous = self.catalog.latest()?;
@@ -792,7 +792,7 @@ impl Store {
         let error = Error::Save {
             step,
             stage: failed.stage,
-            source: Box::new(failed.error),
+            cause: Box::new(failed.error),
         };
         let cleanup_note = match &cleanup {
             Ok(()) => String::new(),

@@ -1348,8 +1348,8 @@ fn a_save_that_would_eat_into_the_free_reserve_is_refused_and_a_tight_one_warned
         Error::Save {
             step: 2,
             stage: SaveStage::Space,
-            source,
-        } => assert!(matches!(**source, Error::NoSpace { .. }), "{err}"),
+            cause,
+        } => assert!(matches!(**cause, Error::NoSpace { .. }), "{err}"),
         other => panic!("not a refusal for space: {other}"),
     }
     let msg = err.to_string();
@@ -1357,6 +1357,10 @@ fn a_save_that_would_eat_into_the_free_reserve_is_refused_and_a_tight_one_warned
         msg.contains("checking the free space") && msg.contains("must stay free"),
         "{msg}"
     );
+    // the message carries its cause; a `source()` as well would print it twice in an
+    // error chain (`{:#}` of anyhow, as the daemon logs it)
+    assert!(std::error::Error::source(&err).is_none());
+    assert_eq!(msg.matches("must stay free").count(), 1, "{msg}");
     assert_eq!(store.latest_step().unwrap(), Some(1));
     assert_eq!(
         step_dirs(dir.path()),

@@ -69,13 +69,12 @@ impl fmt::Display for BadInput {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file or folder could not be read or written.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         /// The path involved.
         path: PathBuf,
-        /// The IO error.
-        #[source]
-        source: std::io::Error,
+        /// The IO error (in the message, so not also a `source()`).
+        cause: std::io::Error,
     },
     /// One sample is unreadable; the loader skips it (see [`BadInput`]).
     #[error("bad input {0}")]
@@ -135,7 +134,7 @@ impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         DataError::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

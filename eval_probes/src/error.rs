@@ -9,10 +9,10 @@ use std::path::PathBuf;
 pub enum ProbeError {
     /// A tensor kernel or the model forward failed.
     #[error("tensor operation failed: {0}")]
-    Tensor(#[from] candle_core::Error),
+    Tensor(candle_core::Error),
     /// Loading probe images failed.
     #[error("loading probe images: {0}")]
-    Data(#[from] data::DataError),
+    Data(data::DataError),
     /// A config value is out of range; every problem is listed.
     #[error("invalid config: {}", .0.join("; "))]
     Config(Vec<String>),
@@ -43,6 +43,20 @@ pub enum ProbeError {
     /// The plot renderer failed.
     #[error("plotting: {0}")]
     Plot(String),
+}
+
+// The wrapped errors are in the messages, so they are not also a `source()`: an error
+// chain (`{:#}`) would print them twice.
+impl From<candle_core::Error> for ProbeError {
+    fn from(e: candle_core::Error) -> Self {
+        ProbeError::Tensor(e)
+    }
+}
+
+impl From<data::DataError> for ProbeError {
+    fn from(e: data::DataError) -> Self {
+        ProbeError::Data(e)
+    }
 }
 
 impl ProbeError {

@@ -26,12 +26,12 @@ pub enum FixtureError {
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
     /// The fixture file cannot be read.
-    #[error("cannot read fixture {path}: {source}")]
+    #[error("cannot read fixture {path}: {cause}")]
     Io {
         /// The file.
         path: std::path::PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, so not also a `source()`).
+        cause: std::io::Error,
     },
 }
 
@@ -56,7 +56,7 @@ impl Fixture {
     /// Reads and parses the fixture file `name` in [`golden_dir`].
     pub fn golden(name: &str) -> Result<Self, FixtureError> {
         let path = golden_dir().join(name);
-        let bytes = std::fs::read(&path).map_err(|source| FixtureError::Io { path, source })?;
+        let bytes = std::fs::read(&path).map_err(|cause| FixtureError::Io { path, cause })?;
         Self::parse(&bytes)
     }
 

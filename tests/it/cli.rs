@@ -142,6 +142,29 @@ fn data_scan_reports_every_bad_file() {
     assert!(out.contains("2 readable"), "{out}");
 }
 
+/// An error says its cause once: the crates' errors carry their causes in their messages,
+/// so they do not also chain them (which `dinod: error: {:#}` would print again).
+#[test]
+fn an_error_names_its_cause_once() {
+    let dir = TempDir::new("cause-once");
+    let missing = dir.path().join("missing");
+    let fixture = dir.path().join("missing.safetensors");
+    let folder = format!("folder:{}", missing.display());
+    for args in [
+        vec!["data", "scan", folder.as_str()],
+        vec!["parity", fixture.to_str().unwrap()],
+    ] {
+        let o = dinod(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_ne!(o.status.code(), Some(0), "{args:?}");
+        assert_eq!(
+            err.matches("No such file or directory").count(),
+            1,
+            "{args:?}: {err}"
+        );
+    }
+}
+
 #[test]
 fn bench_step_reports_the_fields_benchmarks_need() {
     let dir = TempDir::new("bench");

@@ -129,6 +129,9 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
         r["last_checkpoint_blocking_ms"].as_f64().unwrap_or(0.0),
         r["last_checkpoint_durable_ms"].as_f64().unwrap_or(0.0)
     );
+    if let Some(f) = failing_saves(&r["failed_saves"]) {
+        println!("             {f}");
+    }
     println!(
         "bad          {} inputs skipped, {} steps discarded, {} rollbacks",
         r["bad_inputs"], r["bad_steps"], r["rollbacks"]
@@ -152,6 +155,9 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
                 l["images_per_s"].as_f64().unwrap_or(0.0),
                 l["queue"]
             );
+            if let Some(f) = failing_saves(&l["failed_saves"]) {
+                println!("             {:<10} {f}", "");
+            }
             if let Some(m) = l["probes"]["metrics"].as_object() {
                 let shown: Vec<String> = m
                     .iter()
@@ -167,6 +173,17 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The status line of a streak of failed saves (`board::FailedSaves`), if there is one.
+fn failing_saves(f: &Value) -> Option<String> {
+    let count = f["count"].as_u64()?;
+    Some(format!(
+        "SAVES FAILING: {count} in a row since step {}, the steps since the last checkpoint are at risk; at step {}: {}",
+        f["since_step"],
+        f["last_step"],
+        f["last_error"].as_str().unwrap_or("")
+    ))
 }
 
 /// `dinod actors`.

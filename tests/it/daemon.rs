@@ -420,10 +420,29 @@ fn saves_that_would_fill_the_disk_are_refused_and_training_goes_on() {
         .collect();
     assert!(!refused.is_empty(), "no refusal in the events: {ev:?}");
     assert!(checkpoint_rows(&st).is_empty(), "nothing was written");
+    // `dinod status` says the saves are failing, from the first failed one to the final
+    let status_text = || {
+        let o = dinod(&["status", "--state-dir", st.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let v = status(&st);
+    let f = &v["run"]["failed_saves"];
+    assert_eq!(f["since_step"], 3, "{f}");
+    assert_eq!(f["last_step"], STEPS, "{f}");
+    assert!(f["count"].as_u64().unwrap() >= 2, "{f}");
+    assert!(
+        f["last_error"].as_str().unwrap().contains("must stay free"),
+        "{f}"
+    );
+    assert!(status_text().contains("SAVES FAILING"));
     // with the default reserve the same state directory trains from scratch and saves
     let cfg = write_config(dir.path(), &tiny_config(""));
     assert_eq!(run_to(&cfg, &st, 3, &[]).status.code(), Some(0));
     assert_eq!(checkpoint_rows(&st).len(), 1);
+    let v = status(&st);
+    assert!(v["run"]["failed_saves"].is_null(), "{v}");
+    assert!(!status_text().contains("SAVES FAILING"));
 }
 
 /// `checkpoint.max_disk_gb`: over the budget the oldest checkpoints kept only by

@@ -310,6 +310,13 @@ fn students_whose_final_saves_are_refused_exit_74() {
             "no refused final save of {name}:\n{ev}"
         );
     }
+    // `dinod status` shows each student's streak, up to its final save
+    let s = students(&st);
+    for name in ["small", "base"] {
+        let f = &s[name]["failed_saves"];
+        assert_eq!(f["last_step"], STEPS, "{name}: {f}");
+        assert!(f["count"].as_u64().unwrap() >= 2, "{name}: {f}");
+    }
 }
 
 /// A corrupt student checkpoint (one flipped byte in its newest tensors): the restart

@@ -107,6 +107,38 @@ pub struct RunStatus {
     /// Per-student lines of a distillation run.
     #[serde(default)]
     pub students: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Saves that failed since the last one that succeeded (none: the last save succeeded).
+    #[serde(default)]
+    pub failed_saves: Option<FailedSaves>,
+}
+
+/// Checkpoint saves that failed in a row: training goes on, but what it trains since the
+/// last checkpoint is at risk until a save succeeds (`dinod status` shows it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailedSaves {
+    /// How many in a row.
+    pub count: u64,
+    /// The step of the first of them.
+    pub since_step: u64,
+    /// The step of the latest.
+    pub last_step: u64,
+    /// The latest error.
+    pub last_error: String,
+}
+
+impl FailedSaves {
+    /// Adds a failed save of `step` to the streak in `slot` (starting one if none).
+    pub fn note(slot: &mut Option<FailedSaves>, step: u64, error: &str) {
+        let f = slot.get_or_insert(FailedSaves {
+            count: 0,
+            since_step: step,
+            last_step: step,
+            last_error: String::new(),
+        });
+        f.count += 1;
+        f.last_step = step;
+        f.last_error = error.to_string();
+    }
 }
 
 /// The shared board.

@@ -120,10 +120,25 @@ pub fn note_saved(ctx: &Ctx, step: u64, blocking_ms: f64, rep: &SaveReport) -> f
         s.last_checkpoint = Some(step);
         s.last_checkpoint_blocking_ms = blocking_ms;
         s.last_checkpoint_durable_ms = durable;
+        s.failed_saves = None;
     });
     metrics::histogram!("dinod_checkpoint_durable_seconds").record(durable / 1e3);
     metrics::gauge!("dinod_last_checkpoint_step").set(step as f64);
     durable
+}
+
+/// Puts a failed save of the run on the status board and the metrics (every save: the
+/// checkpointer's, and the coordinator's final or consistent one).
+pub fn note_failed(ctx: &Ctx, step: u64, error: &str) {
+    ctx.board
+        .run(|s| count_failed(&mut s.failed_saves, step, error));
+}
+
+/// Counts a failed save in the metrics and adds it to the streak in `slot` (the run's on
+/// the board, or a student's).
+pub fn count_failed(slot: &mut Option<super::board::FailedSaves>, step: u64, error: &str) {
+    metrics::counter!("dinod_checkpoint_failures_total").increment(1);
+    super::board::FailedSaves::note(slot, step, error);
 }
 
 /// A failed save as the operator reads it, for every save of the run and of its
@@ -174,7 +189,7 @@ pub fn record(ctx: &Ctx, step: u64, blocking_ms: f64, r: &SaveOutcome) {
             warn_if_disk_low(ctx, NAME, step, rep);
         }
         Err(e) => {
-            metrics::counter!("dinod_checkpoint_failures_total").increment(1);
+            note_failed(ctx, step, e);
             ctx.event(Level::Error, "checkpoint.failed", Some(NAME), Some(step), format!("checkpoint at step {step} failed; training continues and the save will be retried: {e}"), serde_json::json!({"error": e}));
         }
     }

@@ -976,7 +976,7 @@ impl CoordState {
             let e = ctx.engine.lock();
             engine::snapshot(&e, ctx.plan())
         };
-        match snap {
+        let error = match snap {
             Ok(p) => {
                 let store = ctx.store.clone();
                 let t0 = std::time::Instant::now();
@@ -1000,36 +1000,24 @@ impl CoordState {
                         super::checkpointer::warn_if_disk_low(&ctx, NAME, step, &rep);
                         return true;
                     }
-                    Ok(Err(e)) => ctx.event(
-                        Level::Error,
-                        "checkpoint.failed",
-                        Some(NAME),
-                        Some(step),
-                        format!(
-                            "checkpoint failed: {}",
-                            super::checkpointer::save_error_text(&e.into())
-                        ),
-                        json!({}),
-                    ),
-                    Err(e) => ctx.event(
-                        Level::Error,
-                        "checkpoint.failed",
-                        Some(NAME),
-                        Some(step),
-                        format!("checkpoint task failed: {e}"),
-                        json!({}),
-                    ),
+                    Ok(Err(e)) => super::checkpointer::save_error_text(&e.into()),
+                    Err(e) => format!("the save task failed: {e}"),
                 }
             }
-            Err(e) => ctx.event(
-                Level::Error,
-                "checkpoint.snapshot_failed",
-                Some(NAME),
-                Some(step),
-                format!("{e:#}"),
-                json!({}),
+            Err(e) => format!("taking the snapshot failed: {e:#}"),
+        };
+        super::checkpointer::note_failed(&ctx, step, &error);
+        ctx.event(
+            Level::Error,
+            "checkpoint.failed",
+            Some(NAME),
+            Some(step),
+            format!(
+                "{} checkpoint at step {step} failed: {error}",
+                if final_ { "final" } else { "consistent" }
             ),
-        }
+            json!({"final": final_}),
+        );
         false
     }
 

@@ -565,6 +565,8 @@ pub struct StudentState {
     probes: Option<serde_json::Value>,
     /// When this student last saved (or started): `checkpoint.every_seconds`.
     last_save: Instant,
+    /// Saves that failed since this student's last one that succeeded.
+    failed_saves: Option<super::board::FailedSaves>,
 }
 
 /// Probes the frozen teacher (an f32 copy of its backbone on the probe device): the
@@ -632,6 +634,7 @@ impl StudentState {
             return;
         }
         let step = run.engine.lock().ts.step;
+        let mut failed = self.failed_saves.clone();
         if run.store.latest_step().ok().flatten() != Some(step) {
             match save_student(run) {
                 Ok(r) => {
@@ -648,18 +651,17 @@ impl StudentState {
                         json!({}),
                     );
                     super::checkpointer::warn_if_disk_low(&self.ctx, &run.actor(), step, &r);
+                    failed = None;
                 }
                 Err(e) => {
+                    let error = super::checkpointer::save_error_text(&e);
+                    super::checkpointer::count_failed(&mut failed, step, &error);
                     self.ctx.event(
                         Level::Error,
                         "checkpoint.failed",
                         Some(&run.actor()),
                         Some(step),
-                        format!(
-                            "final checkpoint of student {}: {}",
-                            run.name,
-                            super::checkpointer::save_error_text(&e)
-                        ),
+                        format!("final checkpoint of student {}: {error}", run.name),
                         json!({}),
                     );
                     // the run's status says so, unless a device loss already set its own
@@ -669,9 +671,12 @@ impl StudentState {
         }
         let fp = engine::fingerprint(&run.engine.lock().ts).ok();
         self.ctx.board.run(|r| {
-            r.students
+            let entry = r
+                .students
                 .entry(run.name.clone())
-                .or_insert_with(|| json!({}))["fingerprint"] = json!(fp);
+                .or_insert_with(|| json!({}));
+            entry["fingerprint"] = json!(fp);
+            entry["failed_saves"] = json!(failed);
         });
         self.ctx.event(
             Level::Info,
@@ -905,8 +910,9 @@ impl StudentState {
         };
         let produced = ctx.board.run_status().step;
         let probes = self.probes.clone();
+        let failed = self.failed_saves.clone();
         ctx.board.run(|r| {
-            r.students.insert(run.name.clone(), json!({"step": step + 1, "batch": k + 1, "losses": losses, "grad_norms": norms, "images_per_s": ips, "step_ms": self.step_ms, "queue": produced.saturating_sub(k + 1), "probes": probes}));
+            r.students.insert(run.name.clone(), json!({"step": step + 1, "batch": k + 1, "losses": losses, "grad_norms": norms, "images_per_s": ips, "step_ms": self.step_ms, "queue": produced.saturating_sub(k + 1), "probes": probes, "failed_saves": failed}));
             r.last_step_ms = now_ms();
         });
         metrics::gauge!("dinod_student_step", "student" => run.name.clone()).set((step + 1) as f64);
@@ -983,20 +989,24 @@ impl StudentState {
                         json!({"bytes": rep.bytes}),
                     );
                     super::checkpointer::warn_if_disk_low(&ctx, &name, step + 1, &rep);
+                    self.failed_saves = None;
                 }
-                Err(e) => ctx.event(
-                    Level::Error,
-                    "checkpoint.failed",
-                    Some(&name),
-                    Some(step + 1),
-                    format!(
-                        "student {} checkpoint at step {} failed (training continues): {}",
-                        run.name,
-                        step + 1,
-                        super::checkpointer::save_error_text(&e)
-                    ),
-                    json!({}),
-                ),
+                Err(e) => {
+                    let error = super::checkpointer::save_error_text(&e);
+                    super::checkpointer::count_failed(&mut self.failed_saves, step + 1, &error);
+                    ctx.event(
+                        Level::Error,
+                        "checkpoint.failed",
+                        Some(&name),
+                        Some(step + 1),
+                        format!(
+                            "student {} checkpoint at step {} failed (training continues): {error}",
+                            run.name,
+                            step + 1,
+                        ),
+                        json!({}),
+                    );
+                }
             }
         }
         if (step + 1) % ctx.plan.config.runtime.log_every_steps.max(1) == 0 {
@@ -1036,6 +1046,7 @@ impl Actor for StudentActor {
             step_ms: 0.0,
             last: None,
             last_save: Instant::now(),
+            failed_saves: None,
             // the latest evaluation, possibly from an earlier process
             probes: run
                 .store

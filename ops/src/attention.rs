@@ -740,6 +740,16 @@ fn check(rows: usize, d3: usize, g: &AttnGroup<'_>) -> Result<usize> {
 /// Checks that the groups tile the rows of the packed matrix in order.
 fn check_groups(qkv: &Tensor, groups: &[AttnGroup<'_>]) -> Result<usize> {
     let (rows, d3) = rows_dim(qkv)?;
+    check_tiling(rows, d3, groups)
+}
+
+/// Checks each group against a `[rows, d3]` packed projection and that the groups tile
+/// its rows in order; returns the model width `D` (the fused kernel's and
+/// `ops::portable`'s one check).
+pub(crate) fn check_tiling(rows: usize, d3: usize, groups: &[AttnGroup<'_>]) -> Result<usize> {
+    if groups.is_empty() {
+        bail!("attention: no groups")
+    }
     let mut next = 0;
     for g in groups {
         check(rows, d3, g)?;

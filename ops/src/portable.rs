@@ -996,65 +996,11 @@ impl AttnCache {
     }
 }
 
-/// Checks one group against the packed matrix; returns the model width `D`.
-fn check_group(rows: usize, d3: usize, g: &AttnGroup<'_>) -> Result<usize> {
-    let s = &g.shape;
-    if !d3.is_multiple_of(3) || g.row0 + s.batch * s.tokens > rows {
-        bail!(
-            "attention: group {s:?} at row {} does not fit a [{rows}, {d3}] projection",
-            g.row0
-        )
-    }
-    let d = d3 / 3;
-    if s.heads == 0 || !d.is_multiple_of(s.heads) {
-        bail!("attention: dim {d} not divisible by {} heads", s.heads)
-    }
-    let dh = d / s.heads;
-    if !dh.is_multiple_of(2) {
-        bail!("attention: head dim {dh} must be even")
-    }
-    if s.prefix > s.tokens {
-        bail!(
-            "attention: prefix {} longer than the sequence {}",
-            s.prefix,
-            s.tokens
-        )
-    }
-    if let Some(r) = g.rope {
-        let (n, w) = r.sin.dims2()?;
-        if n != s.tokens - s.prefix || w != dh || r.cos.dims() != r.sin.dims() {
-            bail!(
-                "attention: rope table {:?} for {} patch tokens of head dim {dh}",
-                r.sin.dims(),
-                s.tokens - s.prefix
-            )
-        }
-    }
-    Ok(d)
-}
-
 /// Checks that the groups tile the rows of the packed matrix in order; returns `D`.
 fn check_groups(qkv: &Tensor, groups: &[AttnGroup<'_>]) -> Result<usize> {
     check_float(qkv, "attention")?;
     let (rows, d3) = qkv.dims2()?;
-    if groups.is_empty() {
-        bail!("attention: no groups")
-    }
-    let mut next = 0;
-    for g in groups {
-        check_group(rows, d3, g)?;
-        if g.row0 != next {
-            bail!(
-                "attention: groups must tile the rows in order (group at row {} after row {next})",
-                g.row0
-            )
-        }
-        next = g.row0 + g.shape.batch * g.shape.tokens;
-    }
-    if next != rows {
-        bail!("attention: groups cover {next} of {rows} rows")
-    }
-    Ok(d3 / 3)
+    crate::attention::check_tiling(rows, d3, groups)
 }
 
 /// `(sin, cos)` over all `tokens` rows in the compute type on `dev`: the prefix rows are

@@ -220,3 +220,78 @@ fn image_folder_layout_gives_sorted_class_labels() {
         None
     );
 }
+
+/// The listing's order is a depth-first walk whose entries are sorted as whole paths (the
+/// order every run's data cursor counts in), also for names where sorting names and
+/// sorting path strings disagree (`a` < `a.b` < `a0` as paths; `a.b/` < `a/` as strings),
+/// a name that is not UTF-8, and links: a second link to a folder and a loop are walked
+/// once, a dangling link is reported.
+#[test]
+fn folder_listing_order_is_the_depth_first_order_of_sorted_paths() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::{Path, PathBuf};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let names = ["a", "a.b", "a0", "A", "a b", "a-b", "ü"];
+    for d in names.iter().chain(&["a/sub", "a/sub.x", "a.b/a"]) {
+        for f in [
+            "x.jpg", "X.JPEG", "a.png", "a.b.jpg", "a-b.webp", "ab.jpg", ".h.jpg", "n.txt",
+        ] {
+            let p = root.join(d).join(f);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, b"").expect("write");
+        }
+    }
+    std::fs::write(
+        root.join("a")
+            .join(std::ffi::OsStr::from_bytes(b"\xff.jpg")),
+        b"",
+    )
+    .expect("write");
+    std::os::unix::fs::symlink("../a.b", root.join("a0/link")).expect("link");
+    std::os::unix::fs::symlink("..", root.join("a/sub/loop")).expect("link");
+    std::os::unix::fs::symlink("nowhere.jpg", root.join("A/gone.jpg")).expect("link");
+
+    // the definition, written plainly: whole paths sorted, folders walked once
+    fn walk(dir: &Path, seen: &mut Vec<PathBuf>, out: &mut Vec<PathBuf>) {
+        if !seen.contains(&std::fs::canonicalize(dir).expect("canonical")) {
+            seen.push(std::fs::canonicalize(dir).expect("canonical"));
+        } else {
+            return;
+        }
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.file_name().expect("name").as_bytes().starts_with(b".") {
+                continue;
+            }
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => walk(&p, seen, out),
+                Ok(m) if m.is_file() => {
+                    let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase());
+                    if matches!(ext.as_deref(), Some("jpg" | "jpeg" | "png" | "webp")) {
+                        out.push(p)
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut want = vec![];
+    walk(root, &mut vec![], &mut want);
+    let src = FolderSource::open(root).expect("open");
+    let got: Vec<PathBuf> = (0..src.len().expect("finite"))
+        .map(|i| src.path(i).expect("path"))
+        .collect();
+    assert_eq!(got, want);
+    assert!(got.len() > 50, "{}", got.len());
+    assert_eq!(src.rejected().len(), 1, "{:?}", src.rejected());
+    // every file sits in one of the named folders: ImageFolder classes, sorted as text
+    assert_eq!(
+        src.class_names(),
+        ["A", "a", "a b", "a-b", "a.b", "a0", "ü"]
+    );
+}

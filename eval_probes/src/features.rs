@@ -317,8 +317,10 @@ pub struct ProbeSetConfig {
     /// Held-out images the probes are scored on.
     #[serde(default = "d_n_test")]
     pub n_test: usize,
-    /// Decode threads while building (the result does not depend on it).
-    #[serde(default = "d_workers")]
+    /// Decode threads while building; 0 (the default): one per available core. The result
+    /// does not depend on it. A set is built when it is first probed, while training waits
+    /// for the evaluation, so the cores are free.
+    #[serde(default)]
     pub workers: usize,
 }
 
@@ -331,9 +333,6 @@ fn d_n_train() -> usize {
 fn d_n_test() -> usize {
     256
 }
-fn d_workers() -> usize {
-    2
-}
 
 /// Upper bound on the images of one probe set (cost guard against a config typo).
 pub const MAX_PROBE_IMAGES: usize = 50_000;
@@ -345,7 +344,7 @@ impl Default for ProbeSetConfig {
             resize_size: None,
             n_train: d_n_train(),
             n_test: d_n_test(),
-            workers: d_workers(),
+            workers: 0,
         }
     }
 }
@@ -518,8 +517,12 @@ impl ProbeSet {
             resize_size: cfg.resize_size,
             ..Default::default()
         };
-        let a = data::load_eval(train, &train_idx, &eval, cfg.workers)?;
-        let b = data::load_eval(test.unwrap_or(train), &test_idx, &eval, cfg.workers)?;
+        let workers = match cfg.workers {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let a = data::load_eval(train, &train_idx, &eval, workers)?;
+        let b = data::load_eval(test.unwrap_or(train), &test_idx, &eval, workers)?;
         if a.labels.is_empty() || b.labels.is_empty() {
             return Err(fail(format!(
                 "{} train and {} test images could be read",

@@ -19,6 +19,7 @@ use crate::config::Plan;
 use model::optim::Moments;
 use model::params::ParamSet;
 use model::ssl::SslModel;
+use model::vit::Vit;
 use model::TrainState;
 
 /// The code version written into every checkpoint.
@@ -188,11 +189,6 @@ pub fn snapshot(st: &EngineState, plan: &Plan) -> Result<CheckpointPayload> {
         .with_meta(meta))
 }
 
-/// A checkpoint blob as a CPU tensor of `dtype`.
-pub fn blob_tensor(b: &TensorBlob, dtype: DType) -> Result<Tensor> {
-    to_tensor(b, dtype)
-}
-
 fn to_tensor(b: &TensorBlob, dtype: DType) -> Result<Tensor> {
     let dev = candle_core::Device::Cpu;
     let t = match b.dtype {
@@ -203,23 +199,39 @@ fn to_tensor(b: &TensorBlob, dtype: DType) -> Result<Tensor> {
     Ok(t.to_dtype(dtype)?)
 }
 
-fn load_params(ps: &mut ParamSet, group: &TensorGroup, prefix: &str, dtype: DType) -> Result<()> {
-    let mut err = None;
-    ps.load_from(|n| match group.get(&format!("{prefix}{n}")) {
-        Some(b) => match to_tensor(b, dtype) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                err = Some(e);
-                None
-            }
-        },
-        None => None,
-    })
-    .with_context(|| format!("group `{}`", group.name))?;
-    if let Some(e) = err {
-        return Err(e);
-    }
-    Ok(())
+/// A model whose tensors are the blobs `find("<role>.<key>")`, as fresh host tensors in
+/// `dtype` (the builders check each shape). Nothing is drawn or copied that the blobs then
+/// overwrite: at vit_base, initialising first and loading after was most of a resume.
+pub fn model_from_blobs<'a>(
+    cfg: &model::SslConfig,
+    dtype: DType,
+    find: impl Fn(&str) -> Option<&'a TensorBlob>,
+) -> Result<SslModel> {
+    Ok(SslModel::build(cfg, |n, _, _| {
+        found_tensor(&find, n, dtype)
+    })?)
+}
+
+/// [`model_from_blobs`] for a backbone: its tensors are `find("backbone.<key>")`.
+pub fn vit_from_blobs<'a>(
+    cfg: &model::VitConfig,
+    dtype: DType,
+    find: impl Fn(&str) -> Option<&'a TensorBlob>,
+) -> Result<Vit> {
+    Ok(Vit::build(cfg, |n, _, _| {
+        found_tensor(&find, &format!("backbone.{n}"), dtype)
+    })?)
+}
+
+fn found_tensor<'a>(
+    find: &impl Fn(&str) -> Option<&'a TensorBlob>,
+    name: &str,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    let Some(b) = find(name) else {
+        candle_core::bail!("missing parameter `{name}`")
+    };
+    to_tensor(b, dtype).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
 }
 
 /// The run metadata of a loaded checkpoint.
@@ -277,22 +289,19 @@ pub fn restore(ck: &LoadedCheckpoint, plan: &Plan) -> Result<EngineState> {
     let meta = run_meta(ck)?;
     check_architecture(&meta, plan)?;
     let dtype = plan.config.precision.dtype();
-    let mut ts = TrainState::new(&plan.ssl, meta.seed, dtype)?;
-    let student = ck
-        .group("student")
-        .context("checkpoint has no student group")?;
-    let teacher = ck
-        .group("teacher")
-        .context("checkpoint has no teacher group")?;
-    for (role, ps) in ts.student.modules_mut() {
-        load_params(ps, student, &format!("{role}."), dtype)?;
-    }
-    for (role, ps) in ts.teacher.modules_mut() {
-        load_params(ps, teacher, &format!("{role}."), dtype)?;
-    }
+    // the models are built from the checkpoint's tensors directly: nothing is drawn or
+    // copied that the checkpoint then overwrites (at vit_base that was most of a resume)
+    let model = |name: &str| -> Result<SslModel> {
+        let g = ck
+            .group(name)
+            .with_context(|| format!("checkpoint has no {name} group"))?;
+        model_from_blobs(&plan.ssl, dtype, |n| g.get(n)).with_context(|| format!("group `{name}`"))
+    };
+    let (student, teacher) = (model("student")?, model("teacher")?);
+    let mut ts = TrainState::from_models(&plan.ssl, meta.seed, student, teacher)?;
     if let Some(g) = ck.group("gram_teacher") {
-        let mut vit = ts.teacher.backbone.deep_clone()?;
-        load_params(&mut vit.params, g, "backbone.", dtype)?;
+        let vit = vit_from_blobs(&plan.ssl.backbone, dtype, |n| g.get(n))
+            .context("group `gram_teacher`")?;
         ts.gram_teacher = Some(vit);
     }
     let opt = ck

@@ -17,23 +17,8 @@ use model::vit::{CropGroup, Vit};
 pub fn load_teacher(state_dir: &Path, step: Option<u64>) -> Result<(u64, Vit)> {
     let (s, blobs) = read_group(state_dir, step, "teacher")?;
     let cfg = checkpoint_vit_config(state_dir, s)?;
-    let mut vit = Vit::init(&cfg, 0, DType::F32)?;
-    let mut err = None;
-    vit.params.load_from(
-        |n| match blobs.iter().find(|b| b.name == format!("backbone.{n}")) {
-            Some(b) => match crate::engine::blob_tensor(b, DType::F32) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    err = Some(e);
-                    None
-                }
-            },
-            None => None,
-        },
-    )?;
-    if let Some(e) = err {
-        return Err(e);
-    }
+    let vit =
+        crate::engine::vit_from_blobs(&cfg, DType::F32, |n| blobs.iter().find(|b| b.name == n))?;
     Ok((s, vit))
 }
 

@@ -8,7 +8,7 @@ use candle_core::{bail, DType, Result, Tensor};
 
 use crate::config::{HeadConfig, SslConfig, VitConfig};
 use crate::head::{Head, HeadCache};
-use crate::params::{Grads, ParamSet};
+use crate::params::{init_tensor, Grads, Init, ParamSet};
 use crate::vit::Vit;
 use ops::{loss, nn};
 
@@ -29,25 +29,43 @@ pub const ROLES: [&str; 3] = ["backbone", "dino_head", "ibot_head"];
 impl SslModel {
     /// A freshly initialised model (official init, our seeded streams).
     pub fn init(cfg: &SslConfig, seed: u64, dtype: DType) -> Result<Self> {
-        let d = cfg.backbone.embed_dim;
-        Ok(Self {
-            backbone: Vit::init(&cfg.backbone, seed, dtype)?,
-            dino_head: Head::init(&cfg.dino_head, d, "dino_head", seed, dtype)?,
-            ibot_head: Head::init(&cfg.ibot_head, d, "ibot_head", seed, dtype)?,
+        Self::build(cfg, |name, shape, init| {
+            init_tensor(seed, name, shape, init, dtype)
         })
     }
 
-    /// A model whose tensors come from `lookup("<role>.<key>")`.
+    /// Builds a model whose tensors come from `make("<role>.<key>", shape, init)` (the
+    /// builders check each shape): nothing is drawn that a checkpoint then overwrites.
+    pub fn build(
+        cfg: &SslConfig,
+        mut make: impl FnMut(&str, &[usize], Init) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let d = cfg.backbone.embed_dim;
+        Ok(Self {
+            backbone: Vit::build(&cfg.backbone, |n, s, i| {
+                make(&format!("backbone.{n}"), s, i)
+            })?,
+            dino_head: Head::build(&cfg.dino_head, d, |n, s, i| {
+                make(&format!("dino_head.{n}"), s, i)
+            })?,
+            ibot_head: Head::build(&cfg.ibot_head, d, |n, s, i| {
+                make(&format!("ibot_head.{n}"), s, i)
+            })?,
+        })
+    }
+
+    /// A model whose tensors are copies of `lookup("<role>.<key>")`, in `dtype`.
     pub fn from_lookup(
         cfg: &SslConfig,
         dtype: DType,
         mut lookup: impl FnMut(&str) -> Option<Tensor>,
     ) -> Result<Self> {
-        let mut m = Self::init(cfg, 0, dtype)?;
-        for (role, ps) in m.modules_mut() {
-            ps.load_from(|n| lookup(&format!("{role}.{n}")))?;
-        }
-        Ok(m)
+        Self::build(cfg, |name, _, _| {
+            let Some(src) = lookup(name) else {
+                candle_core::bail!("missing parameter `{name}`")
+            };
+            src.to_dtype(dtype)?.contiguous()?.copy()
+        })
     }
 
     /// A copy sharing no storage.

@@ -178,6 +178,17 @@ impl TrainState {
     pub fn new(cfg: &SslConfig, seed: u64, dtype: DType) -> Result<Self> {
         let student = SslModel::init(cfg, seed, dtype)?;
         let teacher = student.deep_clone()?;
+        Self::from_models(cfg, seed, student, teacher)
+    }
+
+    /// A state at step 0 around a given student and teacher, with zero AdamW moments (a
+    /// resume builds its models from the checkpoint and then loads the rest).
+    pub fn from_models(
+        cfg: &SslConfig,
+        seed: u64,
+        student: SslModel,
+        teacher: SslModel,
+    ) -> Result<Self> {
         let optim = new_optimizer(cfg, &student)?;
         Ok(Self {
             cfg: cfg.clone(),

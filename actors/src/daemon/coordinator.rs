@@ -34,22 +34,8 @@ use crate::{engine, stages};
 pub fn load_teacher_backbone(ctx: &Ctx, step: u64) -> anyhow::Result<model::vit::Vit> {
     let group = ctx.store.load_group(step, "teacher")?;
     let dtype = ctx.plan().config.precision.dtype();
-    let mut vit = model::vit::Vit::init(&ctx.plan().ssl.backbone, 0, dtype)?;
-    let mut err = None;
-    vit.params
-        .load_from(|n| match group.get(&format!("backbone.{n}")) {
-            Some(b) => match engine::blob_tensor(b, dtype) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    err = Some(e);
-                    None
-                }
-            },
-            None => None,
-        })?;
-    if let Some(e) = err {
-        return Err(e);
-    }
+    let vit = engine::vit_from_blobs(&ctx.plan().ssl.backbone, dtype, |n| group.get(n))
+        .map_err(|e| e.context(format!("the teacher backbone of checkpoint {step}")))?;
     let dev = crate::runtime::device(&ctx.plan().config.runtime.device)?;
     Ok(if dev.is_cpu() {
         vit

@@ -157,7 +157,6 @@ pub fn open_students(
 /// Loads the frozen teacher named by `[distill] teacher`.
 pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
     let dtype = plan.config.precision.dtype();
-    let mut m = SslModel::init(&plan.ssl, 0, dtype)?;
     let blobs: Vec<checkpoints::TensorBlob> = if let Some(dir) = spec.strip_prefix("state:") {
         let (step, blobs) = crate::commands::read_group(Path::new(dir), None, "teacher")?;
         let cfg = crate::commands::checkpoint_vit_config(Path::new(dir), step)?;
@@ -202,23 +201,10 @@ pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
     } else {
         bail!("distill.teacher `{spec}`: use state:DIR or safetensors:FILE");
     };
-    for (role, ps) in m.modules_mut() {
-        let mut err = None;
-        ps.load_from(|n| match blobs.iter().find(|b| b.name == format!("{role}.{n}")) {
-            Some(b) => match engine::blob_tensor(b, dtype) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    err = Some(e);
-                    None
-                }
-            },
-            None => None,
-        })
-        .with_context(|| format!("the teacher's {role} (a safetensors teacher needs its heads: dinod export --with-heads)"))?;
-        if let Some(e) = err {
-            return Err(e);
-        }
-    }
+    let m = engine::model_from_blobs(&plan.ssl, dtype, |n| blobs.iter().find(|b| b.name == n))
+        .context(
+        "building the teacher (a safetensors teacher needs its heads: dinod export --with-heads)",
+    )?;
     // frozen: it computes in the compute type (bf16 under mixed precision), on the device
     let dev = crate::runtime::device(&plan.config.runtime.device)?;
     Ok(m.cast(plan.config.precision.compute_dtype())?

@@ -285,7 +285,8 @@ fn a_full_disk_during_a_student_save_loses_nothing() {
 }
 
 /// Every student save refused for space (`checkpoint.min_free_gb`): the students train as
-/// without them, and the run's exit status says that their final checkpoints are missing.
+/// without them (one restarting in between), `dinod status` shows each one's streak of
+/// failed saves, and the run's exit status says that their final checkpoints are missing.
 #[test]
 fn students_whose_final_saves_are_refused_exit_74() {
     let dir = TempDir::new("distill-nospace");
@@ -294,7 +295,8 @@ fn students_whose_final_saves_are_refused_exit_74() {
     assert!(recipe.contains("min_free_gb"));
     let cfg = write_config(dir.path(), &recipe);
     let st = dir.path().join("state");
-    let o = run(&cfg, &st, STEPS, &[]);
+    // and `small` restarts at step 5, between refused saves
+    let o = run(&cfg, &st, STEPS, &["--inject", "panic:student:small@5"]);
     assert_eq!(o.status.code(), Some(74), "{}", text(&o));
     assert_eq!(
         &fps(&st),
@@ -310,13 +312,16 @@ fn students_whose_final_saves_are_refused_exit_74() {
             "no refused final save of {name}:\n{ev}"
         );
     }
-    // `dinod status` shows each student's streak, up to its final save
+    // `dinod status` shows each student's streak, from its first refused save (step 3,
+    // before `small` restarted) to its final one
     let s = students(&st);
     for name in ["small", "base"] {
         let f = &s[name]["failed_saves"];
+        assert_eq!(f["since_step"], 3, "{name}: {f}");
         assert_eq!(f["last_step"], STEPS, "{name}: {f}");
-        assert!(f["count"].as_u64().unwrap() >= 2, "{name}: {f}");
+        assert!(f["count"].as_u64().unwrap() >= 3, "{name}: {f}");
     }
+    assert!(events_text(&st).contains("actor.restarting"));
 }
 
 /// A corrupt student checkpoint (one flipped byte in its newest tensors): the restart

@@ -1023,6 +1023,14 @@ impl Actor for StudentActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let run = ctx.students[i].clone();
         ctx.board.register(&run.actor(), "trainer");
+        // a restarted student keeps its streak of failed saves (the board outlives actors)
+        let failed_saves = ctx
+            .board
+            .run_status()
+            .students
+            .get(&run.name)
+            .and_then(|s| serde_json::from_value(s["failed_saves"].clone()).ok())
+            .flatten();
         let _ = me.cast(StudentMsg::Tick);
         Ok(StudentState {
             worker: Worker::spawn(&format!("dinod-{}", run.name))?,
@@ -1032,7 +1040,7 @@ impl Actor for StudentActor {
             step_ms: 0.0,
             last: None,
             last_save: Instant::now(),
-            failed_saves: None,
+            failed_saves,
             // the latest evaluation, possibly from an earlier process
             probes: run
                 .store

@@ -50,19 +50,11 @@ impl FolderSource {
                 std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a folder"),
             ));
         }
-        let mut listing = Listing {
-            visited: HashSet::new(),
-            files: Vec::new(),
-            rejected: Vec::new(),
-            n_other: 0,
-        };
-        listing.walk(root, Path::new(""))?;
         let Listing {
             files: rel,
             rejected,
             n_other,
-            ..
-        } = listing;
+        } = Listing::of(root)?;
         if rel.is_empty() {
             return Err(DataError::NoReadableImages {
                 path: root.to_path_buf(),
@@ -129,75 +121,223 @@ fn image_folder_labels(rel: &[PathBuf]) -> (Option<Vec<u32>>, Vec<String>) {
 }
 
 /// What a listing finds: image files relative to the root, in order, and the rest.
+#[derive(Default)]
 struct Listing {
-    visited: HashSet<PathBuf>,
     files: Vec<PathBuf>,
     rejected: Vec<BadInput>,
     n_other: usize,
 }
 
+/// One step of a depth-first listing, as a walker records it.
+enum Ev {
+    /// A folder is walked (its canonical path); its entries follow, then `Leave`.
+    Enter(PathBuf),
+    Leave,
+    /// An image, relative to the root.
+    File(PathBuf),
+    Rejected(BadInput),
+    Other,
+    /// The sub-folder listed by job `i` (only in the root's record).
+    Job(usize),
+    /// The walk stopped on an error here.
+    Failed,
+}
+
+/// Most threads listing sub-folders at once: a listing waits on the file system (a
+/// network one above all), so more threads than cores still help.
+const MAX_LIST_THREADS: usize = 16;
+
 impl Listing {
-    /// Lists `dir` (`rel` below the root) depth first, entries sorted by name: the order
-    /// of sorting whole paths, without comparing their shared prefix over and over.
-    fn walk(&mut self, dir: &Path, rel: &Path) -> Result<(), DataError> {
-        let canonical = std::fs::canonicalize(dir).map_err(|e| DataError::io(dir, e))?;
-        if !self.visited.insert(canonical) {
-            return Ok(()); // a symlink loop or a second link to the same folder
-        }
-        // the entry's own type comes with the listing on most file systems: no stat per
-        // file, which at ImageNet's 1.28 M files was most of a cold listing; a symlink is
-        // followed with a stat
-        let mut entries: Vec<(std::ffi::OsString, std::fs::FileType)> = std::fs::read_dir(dir)
-            .map_err(|e| DataError::io(dir, e))?
-            .map(|e| e.and_then(|e| Ok((e.file_name(), e.file_type()?))))
-            .collect::<Result<_, _>>()
-            .map_err(|e| DataError::io(dir, e))?;
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (name, kind) in entries {
-            if name.as_encoded_bytes().starts_with(b".") {
-                continue; // hidden
+    /// Lists `root` depth first, entries sorted by name (the order of sorting whole paths,
+    /// without comparing their shared prefix over and over), each folder once (symlink loops
+    /// and second links cut). The root's sub-folders are listed on several threads, each
+    /// recording what it finds; the records are then replayed in order against one set of
+    /// walked folders, which gives exactly the one-thread order. A walk that fails is
+    /// listed again on one thread, which stops at the first error in order.
+    fn of(root: &Path) -> Result<Self, DataError> {
+        let mut jobs = Vec::new();
+        let mut top = Vec::new();
+        if record(
+            root,
+            Path::new(""),
+            &mut HashSet::new(),
+            &mut top,
+            Some(&mut jobs),
+        )
+        .is_ok()
+        {
+            // the root is walked before any job: a link back to it is cut in each job
+            let root_canonical = match top.first() {
+                Some(Ev::Enter(c)) => Some(c.clone()),
+                _ => None,
+            };
+            let records = list_jobs(&jobs, root_canonical.as_ref());
+            let mut listing = Listing::default();
+            if listing.replay(&top, &records, &mut HashSet::new()) {
+                return Ok(listing);
             }
-            let path = Path::new(&name);
-            let kind = if kind.is_symlink() {
-                match std::fs::metadata(dir.join(&name)) {
-                    Ok(meta) => meta.file_type(),
-                    Err(_) => {
-                        // A dangling symlink: report it if it looks like an image, otherwise ignore it.
-                        if extension_of(path)
-                            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
-                        {
-                            self.rejected.push(BadInput {
-                                path: dir.join(&name),
-                                index: None,
-                                reason: BadReason::Io("dangling link".into()),
-                            });
-                        }
-                        continue;
+        }
+        let mut one = Vec::new();
+        let walked = record(root, Path::new(""), &mut HashSet::new(), &mut one, None);
+        let mut listing = Listing::default();
+        listing.replay(&one, &[], &mut HashSet::new());
+        walked.map(|()| listing)
+    }
+
+    /// Applies a record; false where it reaches a failure (the walk is then done again on
+    /// one thread, which stops there with the error).
+    fn replay(&mut self, events: &[Ev], jobs: &[Vec<Ev>], walked: &mut HashSet<PathBuf>) -> bool {
+        // depth inside a folder walked before (its record is skipped)
+        let mut skip = 0usize;
+        for ev in events {
+            match ev {
+                Ev::Enter(c) => {
+                    if skip > 0 || !walked.insert(c.clone()) {
+                        skip += 1;
                     }
                 }
-            } else {
-                kind
-            };
-            if kind.is_dir() {
-                self.walk(&dir.join(&name), &rel.join(&name))?;
-            } else if kind.is_file() {
-                match extension_of(path) {
-                    Some(e) if IMAGE_EXTENSIONS.contains(&e.as_str()) => {
-                        self.files.push(rel.join(&name))
+                Ev::Leave => skip = skip.saturating_sub(1),
+                // a record stops at its failure: what followed it is missing
+                Ev::Failed => return false,
+                _ if skip > 0 => {}
+                Ev::File(p) => self.files.push(p.clone()),
+                Ev::Rejected(b) => self.rejected.push(b.clone()),
+                Ev::Other => self.n_other += 1,
+                Ev::Job(i) => {
+                    if !self.replay(&jobs[*i], jobs, walked) {
+                        return false;
                     }
-                    Some(e) if UNSUPPORTED_EXTENSIONS.contains(&e.as_str()) => {
-                        self.rejected.push(BadInput {
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Records `(dir, rel)` for every job on up to [`MAX_LIST_THREADS`] threads.
+fn list_jobs(jobs: &[(PathBuf, PathBuf)], walked_before: Option<&PathBuf>) -> Vec<Vec<Ev>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(4, MAX_LIST_THREADS)
+        .min(jobs.len());
+    if threads <= 1 {
+        return jobs
+            .iter()
+            .map(|(dir, rel)| record_job(dir, rel, walked_before))
+            .collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<Option<Vec<Ev>>> = (0..jobs.len()).map(|_| None).collect();
+    let done: Vec<Vec<(usize, Vec<Ev>)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some((dir, rel)) = jobs.get(i) else { break };
+                        mine.push((i, record_job(dir, rel, walked_before)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            // a panicked worker leaves its jobs unrecorded: they read as failures
+            .map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    for (i, ev) in done.into_iter().flatten() {
+        out[i] = Some(ev);
+    }
+    out.into_iter()
+        .map(|e| e.unwrap_or_else(|| vec![Ev::Failed]))
+        .collect()
+}
+
+fn record_job(dir: &Path, rel: &Path, walked_before: Option<&PathBuf>) -> Vec<Ev> {
+    let mut events = Vec::new();
+    let mut visited: HashSet<PathBuf> = walked_before.into_iter().cloned().collect();
+    if record(dir, rel, &mut visited, &mut events, None).is_err() {
+        events.push(Ev::Failed);
+    }
+    events
+}
+
+/// Records the depth-first listing of `dir` (`rel` below the root) into `out`, each folder
+/// once per `visited`. With `jobs`, the sub-folders of `dir` are not walked but recorded
+/// as jobs to list apart. On an error the record stops (its caller marks it failed).
+fn record(
+    dir: &Path,
+    rel: &Path,
+    visited: &mut HashSet<PathBuf>,
+    out: &mut Vec<Ev>,
+    mut jobs: Option<&mut Vec<(PathBuf, PathBuf)>>,
+) -> Result<(), DataError> {
+    let canonical = std::fs::canonicalize(dir).map_err(|e| DataError::io(dir, e))?;
+    if !visited.insert(canonical.clone()) {
+        return Ok(()); // a symlink loop or a second link to the same folder
+    }
+    out.push(Ev::Enter(canonical));
+    // the entry's own type comes with the listing on most file systems: no stat per file,
+    // which at ImageNet's 1.28 M files was most of a cold listing; a symlink is followed
+    // with a stat
+    let mut entries: Vec<(std::ffi::OsString, std::fs::FileType)> = std::fs::read_dir(dir)
+        .map_err(|e| DataError::io(dir, e))?
+        .map(|e| e.and_then(|e| Ok((e.file_name(), e.file_type()?))))
+        .collect::<Result<_, _>>()
+        .map_err(|e| DataError::io(dir, e))?;
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    for (name, kind) in entries {
+        if name.as_encoded_bytes().starts_with(b".") {
+            continue; // hidden
+        }
+        let path = Path::new(&name);
+        let kind = if kind.is_symlink() {
+            match std::fs::metadata(dir.join(&name)) {
+                Ok(meta) => meta.file_type(),
+                Err(_) => {
+                    // A dangling symlink: report it if it looks like an image, otherwise ignore it.
+                    if extension_of(path).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str())) {
+                        out.push(Ev::Rejected(BadInput {
                             path: dir.join(&name),
                             index: None,
-                            reason: BadReason::Unsupported(format!(".{e} file")),
-                        })
+                            reason: BadReason::Io("dangling link".into()),
+                        }));
                     }
-                    _ => self.n_other += 1,
+                    continue;
                 }
             }
+        } else {
+            kind
+        };
+        if kind.is_dir() {
+            match jobs.as_deref_mut() {
+                Some(jobs) => {
+                    out.push(Ev::Job(jobs.len()));
+                    jobs.push((dir.join(&name), rel.join(&name)));
+                }
+                None => record(&dir.join(&name), &rel.join(&name), visited, out, None)?,
+            }
+        } else if kind.is_file() {
+            match extension_of(path) {
+                Some(e) if IMAGE_EXTENSIONS.contains(&e.as_str()) => {
+                    out.push(Ev::File(rel.join(&name)))
+                }
+                Some(e) if UNSUPPORTED_EXTENSIONS.contains(&e.as_str()) => {
+                    out.push(Ev::Rejected(BadInput {
+                        path: dir.join(&name),
+                        index: None,
+                        reason: BadReason::Unsupported(format!(".{e} file")),
+                    }))
+                }
+                _ => out.push(Ev::Other),
+            }
         }
-        Ok(())
     }
+    out.push(Ev::Leave);
+    Ok(())
 }
 
 impl Source for FolderSource {
@@ -257,5 +397,72 @@ impl Source for FolderSource {
 
     fn location(&self) -> PathBuf {
         self.root.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(p: &str) -> Ev {
+        Ev::File(PathBuf::from(p))
+    }
+
+    /// Replaying records: a folder walked before is skipped with everything under it, jobs
+    /// are replayed where they stand, and a failure anywhere not skipped asks for the walk
+    /// again on one thread.
+    #[test]
+    fn replay_skips_folders_walked_before_and_reports_failures() {
+        let enter = |c: &str| Ev::Enter(PathBuf::from(c));
+        let jobs = vec![
+            vec![
+                enter("/r/a"),
+                file("a/1.jpg"),
+                enter("/r/b"),
+                file("a/l/1.jpg"),
+                Ev::Leave,
+                Ev::Leave,
+            ],
+            vec![
+                enter("/r/b"),
+                file("b/1.jpg"),
+                enter("/r/c"),
+                file("b/c/1.jpg"),
+                Ev::Leave,
+                Ev::Leave,
+            ],
+            vec![enter("/r/c"), file("c/1.jpg"), Ev::Other, Ev::Leave],
+        ];
+        let top = vec![
+            enter("/r"),
+            file("0.jpg"),
+            Ev::Job(0),
+            Ev::Job(1),
+            Ev::Job(2),
+            file("z.jpg"),
+            Ev::Leave,
+        ];
+        let mut l = Listing::default();
+        assert!(l.replay(&top, &jobs, &mut HashSet::new()));
+        let got: Vec<_> = l
+            .files
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        // `b` was walked through `a/l`, and `c` through `b` ... which was skipped: `c` is
+        // walked in its own job
+        assert_eq!(got, ["0.jpg", "a/1.jpg", "a/l/1.jpg", "c/1.jpg", "z.jpg"]);
+        assert_eq!(l.n_other, 1);
+        // a failure asks for the walk again, also inside a skipped folder: the record
+        // stops there, so what followed it is missing
+        let skipped = vec![
+            vec![enter("/r/a"), Ev::Leave],
+            vec![enter("/r/a"), Ev::Failed],
+        ];
+        let top = vec![enter("/r"), Ev::Job(0), Ev::Job(1), Ev::Leave];
+        assert!(!Listing::default().replay(&top, &skipped, &mut HashSet::new()));
+        let failed = vec![vec![enter("/r/a"), file("a/1.jpg"), Ev::Failed]];
+        let top = vec![enter("/r"), Ev::Job(0), Ev::Leave];
+        assert!(!Listing::default().replay(&top, &failed, &mut HashSet::new()));
     }
 }

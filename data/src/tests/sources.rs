@@ -225,7 +225,8 @@ fn image_folder_layout_gives_sorted_class_labels() {
 /// order every run's data cursor counts in), also for names where sorting names and
 /// sorting path strings disagree (`a` < `a.b` < `a0` as paths; `a.b/` < `a/` as strings),
 /// a name that is not UTF-8, and links: a second link to a folder and a loop are walked
-/// once, a dangling link is reported.
+/// once, a dangling link is reported, also when the link and its folder are listed on
+/// different threads.
 #[test]
 fn folder_listing_order_is_the_depth_first_order_of_sorted_paths() {
     use std::os::unix::ffi::OsStrExt;
@@ -251,6 +252,11 @@ fn folder_listing_order_is_the_depth_first_order_of_sorted_paths() {
     std::os::unix::fs::symlink("../a.b", root.join("a0/link")).expect("link");
     std::os::unix::fs::symlink("..", root.join("a/sub/loop")).expect("link");
     std::os::unix::fs::symlink("nowhere.jpg", root.join("A/gone.jpg")).expect("link");
+    // links across the root's folders, which are listed on different threads: `A` comes
+    // first and walks `a0` through its link, so `a0` itself is not walked again; a link
+    // back to the root is cut
+    std::os::unix::fs::symlink("../a0", root.join("A/fwd")).expect("link");
+    std::os::unix::fs::symlink("..", root.join("a.b/up")).expect("link");
 
     // the definition, written plainly: whole paths sorted, folders walked once
     fn walk(dir: &Path, seen: &mut Vec<PathBuf>, out: &mut Vec<PathBuf>) {
@@ -289,9 +295,39 @@ fn folder_listing_order_is_the_depth_first_order_of_sorted_paths() {
     assert_eq!(got, want);
     assert!(got.len() > 50, "{}", got.len());
     assert_eq!(src.rejected().len(), 1, "{:?}", src.rejected());
-    // every file sits in one of the named folders: ImageFolder classes, sorted as text
-    assert_eq!(
-        src.class_names(),
-        ["A", "a", "a b", "a-b", "a.b", "a0", "ü"]
+    assert!(got.iter().any(|p| p.ends_with("A/fwd/x.jpg")));
+    assert!(!got.iter().any(|p| p.starts_with(root.join("a0"))));
+    // every file sits in a folder: ImageFolder classes, sorted as text (`a.b` and `a0`
+    // are walked through `A/fwd` only, so their files are in class `A`)
+    assert_eq!(src.class_names(), ["A", "a", "a b", "a-b", "ü"]);
+}
+
+/// A sub-folder that cannot be listed (here: deeper than the longest path the system
+/// takes) fails the listing with its path, as a one-thread walk does: the threads that
+/// list sub-folders hand a failure back to it.
+#[test]
+fn a_folder_that_cannot_be_listed_fails_the_listing_with_its_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    for d in ["a", "b", "c"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+        std::fs::write(root.join(d).join("x.jpg"), b"").expect("write");
+    }
+    // 25 levels of 200-character names below `b`, made one `cd` at a time
+    let name = "d".repeat(200);
+    let made = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && for i in $(seq 1 25); do mkdir {name} && cd {name} || exit 0; done",
+            root.join("b").display()
+        ))
+        .status()
+        .expect("sh");
+    assert!(made.success());
+    let err = FolderSource::open(root).expect_err("a folder past the longest path");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("{}/b/{name}", root.display())),
+        "{text}"
     );
 }

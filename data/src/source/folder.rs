@@ -171,28 +171,34 @@ impl Listing {
                 Some(Ev::Enter(c)) => Some(c.clone()),
                 _ => None,
             };
-            let records = list_jobs(&jobs, root_canonical.as_ref());
+            let mut records = list_jobs(&jobs, root_canonical.as_ref());
             let mut listing = Listing::default();
-            if listing.replay(&top, &records, &mut HashSet::new()) {
+            if listing.replay(top, &mut records, &mut HashSet::new()) {
                 return Ok(listing);
             }
         }
         let mut one = Vec::new();
         let walked = record(root, Path::new(""), &mut HashSet::new(), &mut one, None);
         let mut listing = Listing::default();
-        listing.replay(&one, &[], &mut HashSet::new());
+        listing.replay(one, &mut [], &mut HashSet::new());
         walked.map(|()| listing)
     }
 
-    /// Applies a record; false where it reaches a failure (the walk is then done again on
-    /// one thread, which stops there with the error).
-    fn replay(&mut self, events: &[Ev], jobs: &[Vec<Ev>], walked: &mut HashSet<PathBuf>) -> bool {
+    /// Applies a record, moving its paths (a job's record is taken when its place comes);
+    /// false where it reaches a failure (the walk is then done again on one thread, which
+    /// stops there with the error).
+    fn replay(
+        &mut self,
+        events: Vec<Ev>,
+        jobs: &mut [Vec<Ev>],
+        walked: &mut HashSet<PathBuf>,
+    ) -> bool {
         // depth inside a folder walked before (its record is skipped)
         let mut skip = 0usize;
         for ev in events {
             match ev {
                 Ev::Enter(c) => {
-                    if skip > 0 || !walked.insert(c.clone()) {
+                    if skip > 0 || !walked.insert(c) {
                         skip += 1;
                     }
                 }
@@ -200,11 +206,12 @@ impl Listing {
                 // a record stops at its failure: what followed it is missing
                 Ev::Failed => return false,
                 _ if skip > 0 => {}
-                Ev::File(p) => self.files.push(p.clone()),
-                Ev::Rejected(b) => self.rejected.push(b.clone()),
+                Ev::File(p) => self.files.push(p),
+                Ev::Rejected(b) => self.rejected.push(b),
                 Ev::Other => self.n_other += 1,
                 Ev::Job(i) => {
-                    if !self.replay(&jobs[*i], jobs, walked) {
+                    let record = std::mem::take(&mut jobs[i]);
+                    if !self.replay(record, jobs, walked) {
                         return false;
                     }
                 }
@@ -414,7 +421,7 @@ mod tests {
     #[test]
     fn replay_skips_folders_walked_before_and_reports_failures() {
         let enter = |c: &str| Ev::Enter(PathBuf::from(c));
-        let jobs = vec![
+        let mut jobs = vec![
             vec![
                 enter("/r/a"),
                 file("a/1.jpg"),
@@ -443,7 +450,7 @@ mod tests {
             Ev::Leave,
         ];
         let mut l = Listing::default();
-        assert!(l.replay(&top, &jobs, &mut HashSet::new()));
+        assert!(l.replay(top, &mut jobs, &mut HashSet::new()));
         let got: Vec<_> = l
             .files
             .iter()
@@ -455,14 +462,14 @@ mod tests {
         assert_eq!(l.n_other, 1);
         // a failure asks for the walk again, also inside a skipped folder: the record
         // stops there, so what followed it is missing
-        let skipped = vec![
+        let mut skipped = vec![
             vec![enter("/r/a"), Ev::Leave],
             vec![enter("/r/a"), Ev::Failed],
         ];
         let top = vec![enter("/r"), Ev::Job(0), Ev::Job(1), Ev::Leave];
-        assert!(!Listing::default().replay(&top, &skipped, &mut HashSet::new()));
-        let failed = vec![vec![enter("/r/a"), file("a/1.jpg"), Ev::Failed]];
+        assert!(!Listing::default().replay(top, &mut skipped, &mut HashSet::new()));
+        let mut failed = vec![vec![enter("/r/a"), file("a/1.jpg"), Ev::Failed]];
         let top = vec![enter("/r"), Ev::Job(0), Ev::Leave];
-        assert!(!Listing::default().replay(&top, &failed, &mut HashSet::new()));
+        assert!(!Listing::default().replay(top, &mut failed, &mut HashSet::new()));
     }
 }

@@ -307,7 +307,9 @@ fn students_whose_final_saves_are_refused_exit_74() {
     for name in ["small", "base"] {
         assert!(
             ev.lines().any(|l| l.contains("checkpoint.failed")
-                && l.contains(&format!("final checkpoint of student {name}"))
+                && l.contains(&format!(
+                    "student {name} final checkpoint at step {STEPS} failed"
+                ))
                 && l.contains("must stay free")),
             "no refused final save of {name}:\n{ev}"
         );

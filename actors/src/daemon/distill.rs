@@ -595,6 +595,61 @@ fn save_student(run: &StudentRun) -> Result<checkpoints::SaveReport> {
     Ok(run.store.save(&payload)?)
 }
 
+/// Records the outcome of a save of student `run` at `step` (a periodic one or its final
+/// one): the event, the disk warning, and the streak of failed saves in `failed` that
+/// `dinod status` shows. Returns whether it saved.
+fn note_student_save(
+    ctx: &Ctx,
+    run: &StudentRun,
+    step: u64,
+    saved: Result<checkpoints::SaveReport>,
+    final_: bool,
+    failed: &mut Option<super::board::FailedSaves>,
+) -> bool {
+    let what = if final_ {
+        "final checkpoint"
+    } else {
+        "checkpoint"
+    };
+    match saved {
+        Ok(rep) => {
+            ctx.event(
+                Level::Info,
+                "checkpoint.saved",
+                Some(&run.actor()),
+                Some(step),
+                format!(
+                    "student {} {what} at step {step}: {:.1} MB, {:.0} ms",
+                    run.name,
+                    rep.bytes as f64 / 1e6,
+                    rep.durable().as_secs_f64() * 1e3
+                ),
+                json!({"bytes": rep.bytes, "final": final_}),
+            );
+            super::checkpointer::warn_if_disk_low(ctx, &run.actor(), step, &rep);
+            *failed = None;
+            true
+        }
+        Err(e) => {
+            let error = super::checkpointer::save_error_text(&e);
+            super::checkpointer::count_failed(failed, step, &error);
+            let goes_on = if final_ { "" } else { " (training continues)" };
+            ctx.event(
+                Level::Error,
+                "checkpoint.failed",
+                Some(&run.actor()),
+                Some(step),
+                format!(
+                    "student {} {what} at step {step} failed{goes_on}: {error}",
+                    run.name
+                ),
+                json!({"final": final_}),
+            );
+            false
+        }
+    }
+}
+
 impl StudentState {
     fn hparams(&self, step: u64) -> StepHparams {
         let p = &self.run.plan;
@@ -621,39 +676,11 @@ impl StudentState {
         }
         let step = run.engine.lock().ts.step;
         let mut failed = self.failed_saves.clone();
-        if run.store.latest_step().ok().flatten() != Some(step) {
-            match save_student(run) {
-                Ok(r) => {
-                    self.ctx.event(
-                        Level::Info,
-                        "checkpoint.saved",
-                        Some(&run.actor()),
-                        Some(step),
-                        format!(
-                            "final checkpoint of student {} at step {step} ({:.1} MB)",
-                            run.name,
-                            r.bytes as f64 / 1e6
-                        ),
-                        json!({}),
-                    );
-                    super::checkpointer::warn_if_disk_low(&self.ctx, &run.actor(), step, &r);
-                    failed = None;
-                }
-                Err(e) => {
-                    let error = super::checkpointer::save_error_text(&e);
-                    super::checkpointer::count_failed(&mut failed, step, &error);
-                    self.ctx.event(
-                        Level::Error,
-                        "checkpoint.failed",
-                        Some(&run.actor()),
-                        Some(step),
-                        format!("final checkpoint of student {}: {error}", run.name),
-                        json!({}),
-                    );
-                    // the run's status says so, unless a device loss already set its own
-                    self.ctx.set_exit(EXIT_UNSAVED);
-                }
-            }
+        if run.store.latest_step().ok().flatten() != Some(step)
+            && !note_student_save(&self.ctx, run, step, save_student(run), true, &mut failed)
+        {
+            // the run's status says so, unless a device loss already set its own
+            self.ctx.set_exit(EXIT_UNSAVED);
         }
         let fp = engine::fingerprint(&run.engine.lock().ts).ok();
         self.ctx.board.run(|r| {
@@ -958,42 +985,8 @@ impl StudentState {
             self.last_save = Instant::now();
             let r4 = run.clone();
             ctx.board.phase(&name, ActorPhase::Checkpoint);
-            match self.worker.run(move || save_student(&r4)).await? {
-                Ok(rep) => {
-                    ctx.event(
-                        Level::Info,
-                        "checkpoint.saved",
-                        Some(&name),
-                        Some(step + 1),
-                        format!(
-                            "student {} checkpoint at step {}: {:.1} MB, {:.0} ms",
-                            run.name,
-                            step + 1,
-                            rep.bytes as f64 / 1e6,
-                            rep.durable().as_secs_f64() * 1e3
-                        ),
-                        json!({"bytes": rep.bytes}),
-                    );
-                    super::checkpointer::warn_if_disk_low(&ctx, &name, step + 1, &rep);
-                    self.failed_saves = None;
-                }
-                Err(e) => {
-                    let error = super::checkpointer::save_error_text(&e);
-                    super::checkpointer::count_failed(&mut self.failed_saves, step + 1, &error);
-                    ctx.event(
-                        Level::Error,
-                        "checkpoint.failed",
-                        Some(&name),
-                        Some(step + 1),
-                        format!(
-                            "student {} checkpoint at step {} failed (training continues): {error}",
-                            run.name,
-                            step + 1,
-                        ),
-                        json!({}),
-                    );
-                }
-            }
+            let saved = self.worker.run(move || save_student(&r4)).await?;
+            note_student_save(&ctx, &run, step + 1, saved, false, &mut self.failed_saves);
         }
         if (step + 1) % ctx.plan.config.runtime.log_every_steps.max(1) == 0 {
             let _ = run.store.record_probe(

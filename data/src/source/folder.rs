@@ -227,15 +227,10 @@ fn list_jobs(jobs: &[(PathBuf, PathBuf)], walked_before: Option<&PathBuf>) -> Ve
         .map_or(1, usize::from)
         .clamp(4, MAX_LIST_THREADS)
         .min(jobs.len());
-    if threads <= 1 {
-        return jobs
-            .iter()
-            .map(|(dir, rel)| record_job(dir, rel, walked_before))
-            .collect();
-    }
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut out: Vec<Option<Vec<Ev>>> = (0..jobs.len()).map(|_| None).collect();
-    let done: Vec<Vec<(usize, Vec<Ev>)>> = std::thread::scope(|scope| {
+    // a job a panicked worker did not hand back reads as a failure
+    let mut out: Vec<Vec<Ev>> = jobs.iter().map(|_| vec![Ev::Failed]).collect();
+    std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
@@ -249,18 +244,14 @@ fn list_jobs(jobs: &[(PathBuf, PathBuf)], walked_before: Option<&PathBuf>) -> Ve
                 })
             })
             .collect();
-        workers
+        for (i, events) in workers
             .into_iter()
-            // a panicked worker leaves its jobs unrecorded: they read as failures
-            .map(|w| w.join().unwrap_or_default())
-            .collect()
+            .flat_map(|w| w.join().unwrap_or_default())
+        {
+            out[i] = events;
+        }
     });
-    for (i, ev) in done.into_iter().flatten() {
-        out[i] = Some(ev);
-    }
-    out.into_iter()
-        .map(|e| e.unwrap_or_else(|| vec![Ev::Failed]))
-        .collect()
+    out
 }
 
 fn record_job(dir: &Path, rel: &Path, walked_before: Option<&PathBuf>) -> Vec<Ev> {

@@ -94,34 +94,39 @@ fn blobs_of(prefix: &str, ps: &ParamSet, out: &mut Vec<TensorBlob>) -> Result<()
     Ok(())
 }
 
+/// A tensor's elements on the host, as f64 (an f64 tensor) or f32 (any other type).
+enum HostElems<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+/// Calls `f` with the elements of `t`: a host tensor of f32 or f64 is read in place,
+/// anything else is copied to the host first (f32 unless it is f64).
+fn with_host_elems<R>(t: &Tensor, f: impl FnOnce(HostElems<'_>) -> R) -> Result<R> {
+    if t.device().is_cpu() {
+        match t.dtype() {
+            DType::F32 => return Ok(ops::host::with_slice(t, |s: &[f32]| f(HostElems::F32(s)))?),
+            DType::F64 => return Ok(ops::host::with_slice(t, |s: &[f64]| f(HostElems::F64(s)))?),
+            _ => {}
+        }
+    }
+    Ok(match t.dtype() {
+        DType::F64 => f(HostElems::F64(&t.flatten_all()?.to_vec1::<f64>()?)),
+        _ => f(HostElems::F32(
+            &t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        )),
+    })
+}
+
 /// A host copy of a tensor as a checkpoint blob (f32 or f64). A host tensor of f32 or f64
 /// is read in place, so its elements are copied once, into the blob (a vit_base
 /// checkpoint is 2.1 GB, and the copy is the part of a save that blocks training).
 pub fn tensor_blob(name: &str, t: &Tensor) -> Result<TensorBlob> {
     let shape = t.dims().to_vec();
-    if t.device().is_cpu() {
-        match t.dtype() {
-            DType::F32 => {
-                return Ok(ops::host::with_slice(t, |s: &[f32]| {
-                    TensorBlob::from_f32(name, &shape, s)
-                })??)
-            }
-            DType::F64 => {
-                return Ok(ops::host::with_slice(t, |s: &[f64]| {
-                    TensorBlob::from_f64(name, &shape, s)
-                })??)
-            }
-            _ => {}
-        }
-    }
-    Ok(match t.dtype() {
-        DType::F64 => TensorBlob::from_f64(name, &shape, &t.flatten_all()?.to_vec1::<f64>()?)?,
-        _ => TensorBlob::from_f32(
-            name,
-            &shape,
-            &t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-        )?,
-    })
+    Ok(with_host_elems(t, |e| match e {
+        HostElems::F32(s) => TensorBlob::from_f32(name, &shape, s),
+        HostElems::F64(s) => TensorBlob::from_f64(name, &shape, s),
+    })??)
 }
 
 fn model_group(name: &str, m: &SslModel) -> Result<TensorGroup> {
@@ -412,30 +417,10 @@ pub fn fingerprint(ts: &TrainState) -> Result<String> {
 }
 
 fn hash_tensor(h: &mut blake3::Hasher, t: &Tensor) -> Result<()> {
-    if t.device().is_cpu() {
-        match t.dtype() {
-            DType::F64 => {
-                return Ok(ops::host::with_slice(t, |s: &[f64]| {
-                    hash_le(h, s, f64::to_le_bytes)
-                })?)
-            }
-            DType::F32 => {
-                return Ok(ops::host::with_slice(t, |s: &[f32]| {
-                    hash_le(h, s, f32::to_le_bytes)
-                })?)
-            }
-            _ => {}
-        }
-    }
-    match t.dtype() {
-        DType::F64 => hash_le(h, &t.flatten_all()?.to_vec1::<f64>()?, f64::to_le_bytes),
-        _ => hash_le(
-            h,
-            &t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-            f32::to_le_bytes,
-        ),
-    }
-    Ok(())
+    with_host_elems(t, |e| match e {
+        HostElems::F32(s) => hash_le(h, s, f32::to_le_bytes),
+        HostElems::F64(s) => hash_le(h, s, f64::to_le_bytes),
+    })
 }
 
 /// Feeds `xs` to the hasher as their little-endian bytes, one block at a time: the same

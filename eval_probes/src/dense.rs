@@ -247,6 +247,17 @@ pub fn sample_rows(rows: &[f32], dim: usize, stride: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The rows of `train_patches [rows, dim]` the dense probe fits on with at most `max`
+/// rows: all of them in place, or every [`train_stride`]-th one.
+pub fn train_rows(train_patches: &[f32], dim: usize, max: usize) -> std::borrow::Cow<'_, [f32]> {
+    let stride = train_stride(train_patches.len() / dim.max(1), max);
+    if stride == 1 {
+        train_patches.into()
+    } else {
+        sample_rows(train_patches, dim, stride).into()
+    }
+}
+
 /// Trains on `train_patches [n_tr * P, D]` with `train_maps [n_tr, H, W]` and scores on the
 /// test images.
 pub fn dense_probe(
@@ -271,14 +282,8 @@ pub fn dense_probe(
             ),
         ));
     }
-    let stride = train_stride(n_tr * p, settings.max_train_patches);
-    let rows: std::borrow::Cow<'_, [f32]> = if stride == 1 {
-        train_patches.into()
-    } else {
-        sample_rows(train_patches, dim, stride).into()
-    };
     dense_probe_sampled(
-        &rows,
+        &train_rows(train_patches, dim, settings.max_train_patches),
         train_maps,
         test_patches,
         test_maps,

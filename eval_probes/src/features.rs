@@ -256,7 +256,7 @@ fn extract_batches(
     let mut cls = Vec::with_capacity(n * dim);
     let mut patches = Vec::with_capacity(keep.len() * p * dim);
     let mut sampled =
-        Vec::with_capacity(sample.map_or(0, |s| (s.images * p).div_ceil(s.stride.max(1))) * dim);
+        Vec::with_capacity(sample.map_or(0, |s| (s.images * p).div_ceil(s.stride)) * dim);
     let dtype = vit.dtype();
     let mut start = 0;
     while start < n {
@@ -278,7 +278,8 @@ fn extract_batches(
             patches.extend(ops::host::to_vec::<f32>(&kept)?);
         }
         if let Some(s) = sample {
-            let stride = s.stride.max(1);
+            // (extract_set checked that the stride is positive)
+            let stride = s.stride;
             // rows start * P .. min(end, images) * P of the sample's row numbering
             let (first, last) = (start * p, end.min(s.images) * p);
             let rows: Vec<u32> = (first.next_multiple_of(stride)..last)

@@ -40,7 +40,7 @@ mod viz;
 mod tests;
 
 pub use dense::{
-    dense_probe, dense_probe_sampled, patch_histograms, sample_rows, train_stride,
+    dense_probe, dense_probe_sampled, patch_histograms, sample_rows, train_rows, train_stride,
     upsample_bilinear, Confusion, DenseGeometry, DenseResult, DenseSettings, PatchTargets,
 };
 pub use error::{ProbeError, Result};

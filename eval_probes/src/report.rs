@@ -9,7 +9,7 @@ use model::vit::Vit;
 use serde::{Deserialize, Serialize};
 
 use crate::dense::{
-    dense_probe_sampled, sample_rows, train_stride, DenseGeometry, DenseResult, DenseSettings,
+    dense_probe_sampled, train_rows, train_stride, DenseGeometry, DenseResult, DenseSettings,
     PatchTargets,
 };
 use crate::error::{ProbeError, Result};
@@ -384,10 +384,10 @@ pub fn probe_features(
     }
     let rows = set.n_train * features.n_patches();
     let dense_train = set.label_maps.as_ref().map(|_| {
-        sample_rows(
+        train_rows(
             &features.patches[..rows * features.dim],
             features.dim,
-            train_stride(rows, cfg.dense_max_train_patches),
+            cfg.dense_max_train_patches,
         )
     });
     probe_parts(set, &features.cls, features, 0, dense_train.as_deref(), cfg)

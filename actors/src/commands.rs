@@ -777,7 +777,7 @@ pub(crate) fn read_group(
     state_dir: &Path,
     step: Option<u64>,
     group: &str,
-) -> Result<(u64, Vec<checkpoints::TensorBlob>)> {
+) -> Result<(u64, checkpoints::TensorGroup)> {
     let dir = state_dir.join("checkpoints");
     let mut steps: Vec<(u64, PathBuf)> = vec![];
     for e in std::fs::read_dir(&dir)
@@ -808,33 +808,13 @@ pub(crate) fn read_group(
     };
     let mut problems = vec![];
     for (s, p) in candidates {
-        let attempt = || -> Result<Vec<checkpoints::TensorBlob>> {
+        let attempt = || -> Result<checkpoints::TensorGroup> {
             let manifest: checkpoints::Manifest =
                 serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
             let f = manifest
                 .file(group)
                 .ok_or_else(|| anyhow!("no `{group}` group"))?;
-            let bytes = std::fs::read(p.join(&f.file))?;
-            if bytes.len() as u64 != f.size || blake3::hash(&bytes).to_hex().to_string() != f.blake3
-            {
-                bail!("{} does not match its manifest (size or BLAKE3)", f.file);
-            }
-            let st = safetensors::SafeTensors::deserialize(&bytes)?;
-            let mut out = vec![];
-            for (name, view) in st.tensors() {
-                let dtype = match view.dtype() {
-                    safetensors::Dtype::F32 => checkpoints::Dtype::F32,
-                    safetensors::Dtype::F64 => checkpoints::Dtype::F64,
-                    d => bail!("tensor {name}: unexpected dtype {d:?}"),
-                };
-                out.push(checkpoints::TensorBlob::new(
-                    name,
-                    dtype,
-                    view.shape().to_vec(),
-                    view.data().to_vec(),
-                )?);
-            }
-            Ok(out)
+            Ok(checkpoints::read_group_file(&p.join(&f.file), f)?)
         };
         match attempt() {
             Ok(v) => return Ok((*s, v)),
@@ -888,10 +868,11 @@ pub fn export(
     let (s, blobs) = read_group(dir, step, group)?;
     let vit = checkpoint_vit_config(dir, s)?;
     let f64_out = blobs
+        .tensors
         .first()
         .is_some_and(|b| b.dtype == checkpoints::Dtype::F64);
     let mut tensors: Vec<(String, checkpoints::TensorBlob)> = vec![];
-    for b in blobs {
+    for b in blobs.tensors {
         match b.name.split_once('.') {
             Some(("backbone", key)) => tensors.push((key.to_string(), b)),
             Some(_) if with_heads => tensors.push((b.name.clone(), b)),
@@ -924,7 +905,7 @@ pub fn export(
             };
             Ok((
                 n.clone(),
-                safetensors::tensor::TensorView::new(dt, b.shape.clone(), &b.data)?,
+                safetensors::tensor::TensorView::new(dt, b.shape.clone(), b.bytes())?,
             ))
         })
         .collect::<Result<_>>()?;

@@ -194,46 +194,74 @@ pub fn snapshot(st: &EngineState, plan: &Plan) -> Result<CheckpointPayload> {
         .with_meta(meta))
 }
 
-fn to_tensor(b: &TensorBlob, dtype: DType) -> Result<Tensor> {
+/// A host tensor of `dtype` that takes over the blob's elements (a blob read from a file, or
+/// made from a vector, hands its `Vec` over without a copy; a cast to another float type
+/// copies).
+fn to_tensor(b: TensorBlob, dtype: DType) -> Result<Tensor> {
     let dev = candle_core::Device::Cpu;
+    let shape = b.shape.clone();
     let t = match b.dtype {
-        checkpoints::Dtype::F64 => Tensor::from_vec(b.to_f64_vec()?, b.shape.as_slice(), &dev)?,
-        checkpoints::Dtype::F32 => Tensor::from_vec(b.to_f32_vec()?, b.shape.as_slice(), &dev)?,
+        checkpoints::Dtype::F64 => Tensor::from_vec(b.into_f64_vec()?, shape, &dev)?,
+        checkpoints::Dtype::F32 => Tensor::from_vec(b.into_f32_vec()?, shape, &dev)?,
         d => bail!("tensor {} has unsupported dtype {d:?}", b.name),
     };
     Ok(t.to_dtype(dtype)?)
 }
 
-/// A model whose tensors are the blobs `find("<role>.<key>")`, as fresh host tensors in
-/// `dtype` (the builders check each shape). Nothing is drawn or copied that the blobs then
-/// overwrite: at vit_base, initialising first and loading after was most of a resume.
-pub fn model_from_blobs<'a>(
+/// The AdamW moments of a parameter of `len` elements, as host vectors of the master type
+/// that take over the blobs' elements.
+fn moments_from_blobs(m: TensorBlob, v: TensorBlob, len: usize, dtype: DType) -> Result<Moments> {
+    for b in [&m, &v] {
+        if b.n_elements() != len {
+            bail!(
+                "{} has shape {:?}, but its parameter has {len} elements",
+                b.name,
+                b.shape
+            );
+        }
+    }
+    // stored in the master type, which a resume cannot change (`check_architecture`)
+    Ok(match dtype {
+        DType::F32 => Moments::F32 {
+            m: m.into_f32_vec()?,
+            v: v.into_f32_vec()?,
+        },
+        DType::F64 => Moments::F64 {
+            m: m.into_f64_vec()?,
+            v: v.into_f64_vec()?,
+        },
+        d => bail!("optimizer state in {d:?} is not supported"),
+    })
+}
+
+/// A model whose tensors are the blobs `take("<role>.<key>")`, as host tensors in `dtype`
+/// (the builders check each shape) that take over the blobs' elements. Nothing is drawn or
+/// copied that the blobs then overwrite: at vit_base, initialising first and loading after
+/// was most of a resume, and converting out of byte buffers most of what was left.
+pub fn model_from_blobs(
     cfg: &model::SslConfig,
     dtype: DType,
-    find: impl Fn(&str) -> Option<&'a TensorBlob>,
+    mut take: impl FnMut(&str) -> Option<TensorBlob>,
 ) -> Result<SslModel> {
     Ok(SslModel::build(cfg, |n, _, _| {
-        found_tensor(&find, n, dtype)
+        found_tensor(take(n), n, dtype)
     })?)
 }
 
-/// [`model_from_blobs`] for a backbone: its tensors are `find("backbone.<key>")`.
-pub fn vit_from_blobs<'a>(
+/// [`model_from_blobs`] for a backbone: its tensors are `take("backbone.<key>")`.
+pub fn vit_from_blobs(
     cfg: &model::VitConfig,
     dtype: DType,
-    find: impl Fn(&str) -> Option<&'a TensorBlob>,
+    mut take: impl FnMut(&str) -> Option<TensorBlob>,
 ) -> Result<Vit> {
     Ok(Vit::build(cfg, |n, _, _| {
-        found_tensor(&find, &format!("backbone.{n}"), dtype)
+        let name = format!("backbone.{n}");
+        found_tensor(take(&name), &name, dtype)
     })?)
 }
 
-fn found_tensor<'a>(
-    find: &impl Fn(&str) -> Option<&'a TensorBlob>,
-    name: &str,
-    dtype: DType,
-) -> candle_core::Result<Tensor> {
-    let Some(b) = find(name) else {
+fn found_tensor(b: Option<TensorBlob>, name: &str, dtype: DType) -> candle_core::Result<Tensor> {
+    let Some(b) = b else {
         candle_core::bail!("missing parameter `{name}`")
     };
     to_tensor(b, dtype).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
@@ -289,51 +317,38 @@ pub fn check_architecture(meta: &RunMeta, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Rebuilds the engine state from a loaded checkpoint.
-pub fn restore(ck: &LoadedCheckpoint, plan: &Plan) -> Result<EngineState> {
-    let meta = run_meta(ck)?;
+/// Rebuilds the engine state from a loaded checkpoint, whose tensors it takes over.
+pub fn restore(mut ck: LoadedCheckpoint, plan: &Plan) -> Result<EngineState> {
+    let meta = run_meta(&ck)?;
     check_architecture(&meta, plan)?;
     let dtype = plan.config.precision.dtype();
     // the models are built from the checkpoint's tensors directly: nothing is drawn or
     // copied that the checkpoint then overwrites (at vit_base that was most of a resume)
-    let model = |name: &str| -> Result<SslModel> {
-        let g = ck
-            .group(name)
+    let mut model = |name: &str| -> Result<SslModel> {
+        let mut g = ck
+            .take_group(name)
             .with_context(|| format!("checkpoint has no {name} group"))?;
-        model_from_blobs(&plan.ssl, dtype, |n| g.get(n)).with_context(|| format!("group `{name}`"))
+        model_from_blobs(&plan.ssl, dtype, |n| g.take(n)).with_context(|| format!("group `{name}`"))
     };
     let (student, teacher) = (model("student")?, model("teacher")?);
     let mut ts = TrainState::from_models(&plan.ssl, meta.seed, student, teacher)?;
-    if let Some(g) = ck.group("gram_teacher") {
-        let vit = vit_from_blobs(&plan.ssl.backbone, dtype, |n| g.get(n))
+    if let Some(mut g) = ck.take_group("gram_teacher") {
+        let vit = vit_from_blobs(&plan.ssl.backbone, dtype, |n| g.take(n))
             .context("group `gram_teacher`")?;
         ts.gram_teacher = Some(vit);
     }
-    let opt = ck
-        .group("optimizer")
+    let mut opt = ck
+        .take_group("optimizer")
         .context("checkpoint has no optimizer group")?;
-    let shapes: Vec<Vec<(String, Vec<usize>)>> = ts
-        .student
-        .modules()
-        .iter()
-        .map(|(_, ps)| {
-            ps.names()
-                .iter()
-                .cloned()
-                .zip(ps.tensors().iter().map(|t| t.dims().to_vec()))
-                .collect()
-        })
-        .collect();
-    for (mi, (role, _)) in ts.student.modules().iter().enumerate() {
-        for (pi, (n, _shape)) in shapes[mi].iter().enumerate() {
-            let a = opt
-                .get(&format!("exp_avg.{role}.{n}"))
+    for (mi, (role, ps)) in ts.student.modules().into_iter().enumerate() {
+        for (pi, (n, t)) in ps.names().iter().zip(ps.tensors()).enumerate() {
+            let mut take = |which: &str| {
+                opt.take(&format!("{which}.{role}.{n}"))
+                    .with_context(|| format!("optimizer state for {role}.{n}"))
+            };
+            let (m, v) = (take("exp_avg")?, take("exp_avg_sq")?);
+            ts.optim.modules[mi].moments[pi] = moments_from_blobs(m, v, t.elem_count(), dtype)
                 .with_context(|| format!("optimizer state for {role}.{n}"))?;
-            let b = opt
-                .get(&format!("exp_avg_sq.{role}.{n}"))
-                .with_context(|| format!("optimizer state for {role}.{n}"))?;
-            ts.optim.modules[mi].moments[pi] =
-                Moments::from_tensors(&to_tensor(a, dtype)?, &to_tensor(b, dtype)?, dtype)?;
         }
     }
     ts.optim.t = meta.optim_t;
@@ -466,5 +481,58 @@ mod tests {
         let mut d = blake3::Hasher::new();
         hash_le(&mut d, &xs, f32::to_le_bytes);
         assert_eq!(c.finalize(), d.finalize());
+    }
+
+    /// A state saved by the real store and restored from it is the same state, moments
+    /// included; a moment of the wrong size is refused with its name.
+    #[test]
+    fn a_restored_state_is_the_saved_one_and_a_misshapen_moment_is_named() {
+        let plan = crate::cli::load_plan(None).unwrap();
+        let mut st = fresh(&plan).unwrap();
+        st.ts.step = 5;
+        st.ts.optim.t = 5;
+        for (k, mo) in st.ts.optim.modules.iter_mut().enumerate() {
+            for (j, m) in mo.moments.iter_mut().enumerate() {
+                if let Moments::F32 { m, v } = m {
+                    for (i, (a, b)) in m.iter_mut().zip(v.iter_mut()).enumerate() {
+                        *a = ((i + 7 * j + 13 * k) as f32).sin();
+                        *b = ((i + j + k) as f32).cos().abs();
+                    }
+                }
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = checkpoints::Store::open(
+            dir.path(),
+            checkpoints::StoreOptions::new(checkpoints::Retention::keep_last(4)),
+        )
+        .unwrap();
+        let mut payload = snapshot(&st, &plan).unwrap();
+        store.save(&payload).unwrap();
+        let back = restore(store.load(5).unwrap(), &plan).unwrap();
+        assert_eq!(back.ts.step, 5);
+        assert_eq!(fingerprint(&back.ts).unwrap(), fingerprint(&st.ts).unwrap());
+
+        // one element short: the optimizer cannot pair it with its parameter
+        let opt = payload
+            .groups
+            .iter_mut()
+            .find(|g| g.name == "optimizer")
+            .unwrap();
+        let name = "exp_avg_sq.backbone.cls_token";
+        let b = opt.take(name).expect("the class token has moments");
+        let short = b.to_f32_vec().unwrap()[1..].to_vec();
+        opt.tensors
+            .push(TensorBlob::from_f32_vec(name, &[short.len()], short).unwrap());
+        payload.step = 6;
+        store.save(&payload).unwrap();
+        let err = match restore(store.load(6).unwrap(), &plan) {
+            Ok(_) => panic!("a moment one element short was restored"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains(name) && err.contains("its parameter has"),
+            "{err}"
+        );
     }
 }

@@ -15,10 +15,9 @@ use model::vit::{CropGroup, Vit};
 
 /// The EMA-teacher backbone of a checkpoint (latest valid one when `step` is none).
 pub fn load_teacher(state_dir: &Path, step: Option<u64>) -> Result<(u64, Vit)> {
-    let (s, blobs) = read_group(state_dir, step, "teacher")?;
+    let (s, mut blobs) = read_group(state_dir, step, "teacher")?;
     let cfg = checkpoint_vit_config(state_dir, s)?;
-    let vit =
-        crate::engine::vit_from_blobs(&cfg, DType::F32, |n| blobs.iter().find(|b| b.name == n))?;
+    let vit = crate::engine::vit_from_blobs(&cfg, DType::F32, |n| blobs.take(n))?;
     Ok((s, vit))
 }
 

@@ -320,6 +320,9 @@ impl Problem {
     }
 }
 
+/// A problem is the whole error where no store is involved ([`crate::read_group_file`]).
+impl std::error::Error for Problem {}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

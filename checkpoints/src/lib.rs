@@ -73,6 +73,7 @@ pub use retention::{
     keep_reasons, plan_retention, CheckpointInfo, KeepBest, KeepReason, Retention, MIN_KEEP_LAST,
 };
 pub use store::{
-    CheckpointEntry, LoadedCheckpoint, SaveReport, Store, StoreOptions, VerifyReport, MANIFEST_FILE,
+    read_group_file, CheckpointEntry, LoadedCheckpoint, SaveReport, Store, StoreOptions,
+    VerifyReport, MANIFEST_FILE,
 };
 pub use tensor::{Dtype, TensorBlob, TensorGroup};

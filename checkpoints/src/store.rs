@@ -977,16 +977,7 @@ impl Store {
             ))
         })?;
         let path = self.ckpt_dir.join(&manifest.dir).join(&entry.file);
-        let expect = Expect {
-            group: &entry.group,
-            size: entry.size,
-            blake3: &entry.blake3,
-        };
-        match tensorfile::read_group(&path, &expect, true) {
-            Ok(Some(g)) => Ok(g),
-            Ok(None) => unreachable_group(&path),
-            Err(problem) => Err(self.invalid(step, problem)),
-        }
+        read_group_file(&path, entry).map_err(|problem| self.invalid(step, problem))
     }
 
     /// Loads what `latest` points to, verified; `Ok(None)` for a fresh directory. No fallback:
@@ -1071,16 +1062,7 @@ impl Store {
         let mut bytes = 0;
         for entry in &manifest.files {
             let path = dir.join(&entry.file);
-            let expect = Expect {
-                group: &entry.group,
-                size: entry.size,
-                blake3: &entry.blake3,
-            };
-            match tensorfile::read_group(&path, &expect, true) {
-                Ok(Some(g)) => groups.push(g),
-                Ok(None) => return unreachable_group(&path),
-                Err(problem) => return Err(self.invalid(step, problem)),
-            }
+            groups.push(read_group_file(&path, entry).map_err(|p| self.invalid(step, p))?);
             bytes += entry.size;
         }
         Ok(LoadedCheckpoint {
@@ -1315,12 +1297,23 @@ fn problem_file(p: &Problem) -> Option<&Path> {
 
 /// `read_group(.., load = true)` always returns the group; this guards the invariant without
 /// a panic.
-fn unreachable_group<T>(path: &Path) -> Result<T> {
-    Err(Error::io(
-        "load",
-        path,
-        io::Error::other("internal error: group read in load mode returned no data"),
-    ))
+/// Reads the group file at `path` and checks it against its manifest entry (size, BLAKE3,
+/// safetensors structure), without a store: also for readers beside a running daemon, which
+/// holds the catalog (`dinod export`, `viz`, a distillation teacher from `state:DIR`). Float
+/// tensors are read straight into vectors of their elements.
+pub fn read_group_file(
+    path: &Path,
+    entry: &FileEntry,
+) -> std::result::Result<TensorGroup, Problem> {
+    let expect = Expect {
+        group: &entry.group,
+        size: entry.size,
+        blake3: &entry.blake3,
+    };
+    tensorfile::read_group(path, &expect, true)?.ok_or_else(|| Problem::Unreadable {
+        file: path.to_owned(),
+        error: "internal error: a group read to load returned no data".into(),
+    })
 }
 
 fn validate_payload(payload: &CheckpointPayload) -> Result<()> {

@@ -1,6 +1,8 @@
 //! Named tensor blobs: the only tensor representation this crate knows. A blob is a dtype, a
 //! shape and little-endian bytes, exactly what a safetensors file stores; converting to and from
-//! model tensors is the caller's job.
+//! model tensors is the caller's job. f32 and f64 blobs keep their bytes in a vector of their
+//! elements (on a little-endian host, where the two are the same bytes), so a tensor read from
+//! a file is handed over as a `Vec<f32>` without being copied again ([`TensorBlob::into_f32_vec`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -131,8 +133,49 @@ pub(crate) fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
     (bits % 8 == 0).then_some(bits / 8)
 }
 
+/// Whether a vector of f32 or f64 holds the little-endian bytes of its elements.
+const TYPED: bool = cfg!(target_endian = "little");
+
+/// A blob's little-endian bytes, kept in an allocation of its element type where that is
+/// the same bytes: a checkpoint is read straight into the vectors that become the model's
+/// tensors (at vit_base, converting 2.1 GB out of byte buffers was most of a resume).
+#[derive(Clone)]
+pub(crate) enum Data {
+    Bytes(Vec<u8>),
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+impl Data {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Data::Bytes(b) => b,
+            Data::F32(v) => bytemuck::cast_slice(v),
+            Data::F64(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    /// `len` zeroed bytes for a tensor of `dtype`, to be filled through
+    /// [`Data::bytes_mut`] (a file read straight into a float tensor's memory).
+    pub(crate) fn zeroed(dtype: Option<Dtype>, len: usize) -> Data {
+        match dtype {
+            Some(Dtype::F32) if TYPED && len.is_multiple_of(4) => Data::F32(vec![0.0; len / 4]),
+            Some(Dtype::F64) if TYPED && len.is_multiple_of(8) => Data::F64(vec![0.0; len / 8]),
+            _ => Data::Bytes(vec![0; len]),
+        }
+    }
+
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Data::Bytes(b) => b,
+            Data::F32(v) => bytemuck::cast_slice_mut(v),
+            Data::F64(v) => bytemuck::cast_slice_mut(v),
+        }
+    }
+}
+
 /// One named tensor: dtype, shape and its bytes in little-endian order.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct TensorBlob {
     /// Name inside its group, e.g. `blocks.0.attn.qkv.weight`.
     pub name: String,
@@ -140,9 +183,21 @@ pub struct TensorBlob {
     pub dtype: Dtype,
     /// Dimensions, outermost first.
     pub shape: Vec<usize>,
-    /// Raw little-endian bytes; length is checked against dtype and shape.
-    pub data: Vec<u8>,
+    /// The bytes; their length is checked against dtype and shape.
+    pub(crate) data: Data,
 }
+
+/// Blobs are equal when their names, dtypes, shapes and bytes are (NaNs included, bit for bit).
+impl PartialEq for TensorBlob {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.dtype == other.dtype
+            && self.shape == other.shape
+            && self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for TensorBlob {}
 
 impl std::fmt::Debug for TensorBlob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,9 +205,58 @@ impl std::fmt::Debug for TensorBlob {
             .field("name", &self.name)
             .field("dtype", &self.dtype)
             .field("shape", &self.shape)
-            .field("bytes", &self.data.len())
+            .field("bytes", &self.bytes().len())
             .finish()
     }
+}
+
+/// Floats: kept as a vector of elements (one copy in, none out of an owned blob).
+macro_rules! float_conversions {
+    ($( $from:ident, $from_vec:ident, $to:ident, $into:ident, $t:ty, $dtype:expr, $variant:ident; )*) => {
+        $(
+            #[doc = concat!("A blob from a `", stringify!($t), "` slice (copied once); fails if the shape does not hold `data.len()` elements.")]
+            pub fn $from(name: impl Into<String>, shape: &[usize], data: &[$t]) -> Result<Self> {
+                Self::$from_vec(name, shape, data.to_vec())
+            }
+
+            #[doc = concat!("A blob that takes over a `Vec<", stringify!($t), ">`; fails if the shape does not hold `data.len()` elements.")]
+            pub fn $from_vec(name: impl Into<String>, shape: &[usize], data: Vec<$t>) -> Result<Self> {
+                let data = if TYPED {
+                    Data::$variant(data)
+                } else {
+                    Data::Bytes(data.iter().flat_map(|x| x.to_le_bytes()).collect())
+                };
+                let blob = TensorBlob { name: name.into(), dtype: $dtype, shape: shape.to_vec(), data };
+                blob.validate()?;
+                Ok(blob)
+            }
+
+            #[doc = concat!("The elements as `", stringify!($t), "` (a copy); fails unless the dtype is ", stringify!($dtype), ".")]
+            pub fn $to(&self) -> Result<Vec<$t>> {
+                self.expect_dtype($dtype)?;
+                Ok(match &self.data {
+                    Data::$variant(v) => v.clone(),
+                    d => decode_le(d.bytes(), <$t>::from_le_bytes),
+                })
+            }
+
+            #[doc = concat!("The elements as `", stringify!($t), "`, without a copy for a blob read from a file or made from a vector; fails unless the dtype is ", stringify!($dtype), ".")]
+            pub fn $into(self) -> Result<Vec<$t>> {
+                self.expect_dtype($dtype)?;
+                Ok(match self.data {
+                    Data::$variant(v) => v,
+                    d => decode_le(d.bytes(), <$t>::from_le_bytes),
+                })
+            }
+        )*
+    };
+}
+
+fn decode_le<T, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| from_le(c.try_into().expect("chunks of N bytes")))
+        .collect()
 }
 
 macro_rules! typed_conversions {
@@ -167,16 +271,7 @@ macro_rules! typed_conversions {
             #[doc = concat!("The elements as `", stringify!($t), "`; fails unless the dtype is ", stringify!($dtype), ".")]
             pub fn $to(&self) -> Result<Vec<$t>> {
                 self.expect_dtype($dtype)?;
-                const N: usize = std::mem::size_of::<$t>();
-                Ok(self
-                    .data
-                    .chunks_exact(N)
-                    .map(|c| {
-                        let mut b = [0u8; N];
-                        b.copy_from_slice(c);
-                        <$t>::from_le_bytes(b)
-                    })
-                    .collect())
+                Ok(decode_le(self.bytes(), <$t>::from_le_bytes))
             }
         )*
     };
@@ -194,23 +289,28 @@ impl TensorBlob {
             name: name.into(),
             dtype,
             shape,
-            data,
+            data: Data::Bytes(data),
         };
         blob.validate()?;
         Ok(blob)
     }
 
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.data.bytes()
+    }
+
     /// Checks that the byte length matches dtype and shape.
     pub fn validate(&self) -> Result<()> {
         match byte_len(self.dtype, &self.shape) {
-            Some(n) if n == self.data.len() => Ok(()),
+            Some(n) if n == self.bytes().len() => Ok(()),
             Some(n) => Err(Error::Tensor {
                 name: self.name.clone(),
                 reason: format!(
                     "{:?} {:?} needs {n} bytes, got {}",
                     self.dtype,
                     self.shape,
-                    self.data.len()
+                    self.bytes().len()
                 ),
             }),
             None => Err(Error::Tensor {
@@ -236,9 +336,12 @@ impl TensorBlob {
         }
     }
 
+    float_conversions! {
+        from_f32, from_f32_vec, to_f32_vec, into_f32_vec, f32, Dtype::F32, F32;
+        from_f64, from_f64_vec, to_f64_vec, into_f64_vec, f64, Dtype::F64, F64;
+    }
+
     typed_conversions! {
-        from_f32, to_f32_vec, f32, Dtype::F32;
-        from_f64, to_f64_vec, f64, Dtype::F64;
         from_u8, to_u8_vec, u8, Dtype::U8;
         from_i64, to_i64_vec, i64, Dtype::I64;
         from_u64, to_u64_vec, u64, Dtype::U64;
@@ -272,9 +375,16 @@ impl TensorGroup {
         self.tensors.iter().find(|t| t.name == name)
     }
 
+    /// Removes the tensor with this name and hands it over (to become a model's tensor
+    /// without a copy).
+    pub fn take(&mut self, name: &str) -> Option<TensorBlob> {
+        let i = self.tensors.iter().position(|t| t.name == name)?;
+        Some(self.tensors.swap_remove(i))
+    }
+
     /// Total bytes of tensor data (excluding the safetensors header).
     pub fn data_bytes(&self) -> u64 {
-        self.tensors.iter().map(|t| t.data.len() as u64).sum()
+        self.tensors.iter().map(|t| t.bytes().len() as u64).sum()
     }
 
     /// File name of this group inside a checkpoint directory.

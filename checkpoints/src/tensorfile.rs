@@ -3,7 +3,8 @@
 //! Writing produces the same bytes as `safetensors::serialize` (same tensor order, same header),
 //! without building the whole file in memory, in chunks so a fault can be injected mid-file.
 //! Reading hashes every byte, parses the header with safetensors' own `Metadata` (which validates
-//! offsets), and reads each tensor straight into its own buffer: one pass, no second copy.
+//! offsets), and reads each tensor straight into its own buffer (a vector of its elements for
+//! floats): one pass, no second copy.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,7 +15,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 
 use crate::error::{Error, Problem, Result};
 use crate::fault::{FaultInjector, FaultPoint, FaultStage};
-use crate::tensor::{Dtype, TensorBlob, TensorGroup};
+use crate::tensor::{Data, Dtype, TensorBlob, TensorGroup};
 
 /// Chunk size for writes (and fault checks) and for streamed reads.
 pub(crate) const CHUNK: usize = 4 << 20;
@@ -98,7 +99,7 @@ pub(crate) fn header_bytes(step: u64, group: &TensorGroup) -> Result<Vec<u8>> {
     let mut offset = 0usize;
     for t in canonical_order(group) {
         t.validate()?;
-        let end = offset + t.data.len();
+        let end = offset + t.bytes().len();
         infos.push((
             t.name.clone(),
             TensorInfo {
@@ -133,8 +134,8 @@ pub(crate) fn write_group(
     io.write_all(file, path, &header, Some(&mut hasher))?;
     size += header.len() as u64;
     for t in canonical_order(group) {
-        io.write_all(file, path, &t.data, Some(&mut hasher))?;
-        size += t.data.len() as u64;
+        io.write_all(file, path, t.bytes(), Some(&mut hasher))?;
+        size += t.bytes().len() as u64;
     }
     Ok(Written {
         size,
@@ -191,11 +192,13 @@ pub(crate) fn read_group(
                     continue;
                 };
                 let len = info.data_offsets.1 - info.data_offsets.0;
-                let mut data = vec![0u8; len];
-                file.read_exact(&mut data).map_err(unreadable)?;
-                hasher.update(&data);
+                let dtype = Dtype::from_safetensors(info.dtype);
+                // straight into the memory of the tensor's elements: no second buffer
+                let mut data = Data::zeroed(dtype, len);
+                file.read_exact(data.bytes_mut()).map_err(unreadable)?;
+                hasher.update(data.bytes());
                 consumed += len as u64;
-                match Dtype::from_safetensors(info.dtype) {
+                match dtype {
                     Some(dtype) => tensors.push(TensorBlob {
                         name,
                         dtype,

@@ -119,7 +119,21 @@ fn blob_conversions_round_trip_bit_exactly() {
         3.0e-42,
     ];
     let b = TensorBlob::from_f32("f", &[2, 3], &f).unwrap();
-    assert_eq!((b.dtype, b.data.len(), b.n_elements()), (Dtype::F32, 24, 6));
+    assert_eq!(
+        (b.dtype, b.bytes().len(), b.n_elements()),
+        (Dtype::F32, 24, 6)
+    );
+    // the same bytes held as bytes: an equal blob, the same elements
+    let raw = TensorBlob::new("f", Dtype::F32, vec![2, 3], b.bytes().to_vec()).unwrap();
+    assert_eq!(raw, b);
+    assert_eq!(
+        raw.into_f32_vec()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>(),
+        f.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
     let back = b.to_f32_vec().unwrap();
     assert_eq!(
         back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
@@ -159,7 +173,7 @@ fn blob_conversions_round_trip_bit_exactly() {
     );
     // Little-endian layout, as safetensors requires.
     assert_eq!(
-        TensorBlob::from_i64("le", &[], &[1]).unwrap().data,
+        TensorBlob::from_i64("le", &[], &[1]).unwrap().bytes(),
         [1, 0, 0, 0, 0, 0, 0, 0]
     );
 }
@@ -217,7 +231,7 @@ fn written_files_are_byte_identical_to_safetensors_serialize() {
             let v = safetensors::tensor::TensorView::new(
                 t.dtype.to_safetensors(),
                 t.shape.clone(),
-                &t.data,
+                t.bytes(),
             )
             .unwrap();
             (t.name.clone(), v)
@@ -238,7 +252,7 @@ fn written_files_are_byte_identical_to_safetensors_serialize() {
     let w = parsed.tensor("a_weight").unwrap();
     assert_eq!(
         (w.shape(), w.data()),
-        (&[2usize, 3][..], &group.get("a_weight").unwrap().data[..])
+        (&[2usize, 3][..], group.get("a_weight").unwrap().bytes())
     );
 }
 
@@ -531,6 +545,74 @@ fn save_then_load_round_trips_and_reports_phases() {
     assert!(store.verify_all().unwrap().iter().all(VerifyReport::ok));
 }
 
+/// Floats are read straight into vectors of their elements, which the caller takes over
+/// without a copy; a group file also reads without the store (beside a running daemon),
+/// verified against its manifest entry.
+#[test]
+fn loaded_floats_are_handed_over_without_a_copy_and_a_group_reads_without_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 2);
+    let (w, d) = (f32s(1, 1000), [0.25f64, -1e300, f64::NAN]);
+    let group = TensorGroup::new(
+        "g",
+        vec![
+            TensorBlob::from_f32("w", &[10, 100], &w).unwrap(),
+            TensorBlob::from_f64("d", &[3], &d).unwrap(),
+            TensorBlob::from_i64("c", &[], &[-5]).unwrap(),
+        ],
+    );
+    store
+        .save(&CheckpointPayload::new(3).with_group(group.clone()))
+        .unwrap();
+    let by_name = |g: &TensorGroup| {
+        let mut t = g.tensors.clone();
+        t.sort_by(|a, b| a.name.cmp(&b.name));
+        t
+    };
+    let mut loaded = store.load_group(3, "g").unwrap();
+    assert_eq!(by_name(&loaded), by_name(&group));
+
+    let b = loaded.take("w").unwrap();
+    let at = b.bytes().as_ptr();
+    let v = b.into_f32_vec().unwrap();
+    assert_eq!(v, w);
+    let b = loaded.take("d").unwrap();
+    let at64 = b.bytes().as_ptr();
+    let v64 = b.into_f64_vec().unwrap();
+    assert_eq!(
+        v64.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        d.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    if cfg!(target_endian = "little") {
+        assert_eq!(
+            v.as_ptr().cast::<u8>(),
+            at,
+            "the f32 vector is the one read"
+        );
+        assert_eq!(
+            v64.as_ptr().cast::<u8>(),
+            at64,
+            "the f64 vector is the one read"
+        );
+    }
+    assert_eq!(loaded.take("c").unwrap().to_i64_vec().unwrap(), [-5]);
+    assert!(loaded.take("c").is_none() && loaded.tensors.is_empty());
+
+    // without the store (which stays open: it holds the directory's lock)
+    let path = file_of(&store, 3, "g");
+    let manifest = store.manifest(3).unwrap();
+    let entry = manifest.file("g").unwrap();
+    assert_eq!(
+        by_name(&read_group_file(&path, entry).unwrap()),
+        by_name(&group)
+    );
+    flip_byte(&path, 3);
+    assert!(matches!(
+        read_group_file(&path, entry),
+        Err(Problem::HashMismatch { .. })
+    ));
+}
+
 #[test]
 fn invalid_payloads_are_rejected_before_any_io() {
     let dir = tempfile::tempdir().unwrap();
@@ -549,7 +631,7 @@ fn invalid_payloads_are_rejected_before_any_io() {
                 name: "w".into(),
                 dtype: Dtype::F32,
                 shape: vec![3],
-                data: vec![0; 4],
+                data: crate::tensor::Data::Bytes(vec![0; 4]),
             }],
         )),
     ];

@@ -32,9 +32,9 @@ use crate::{engine, stages};
 /// The EMA-teacher backbone stored in the checkpoint of `step` (the Gram teacher of the
 /// best-dense evaluation).
 pub fn load_teacher_backbone(ctx: &Ctx, step: u64) -> anyhow::Result<model::vit::Vit> {
-    let group = ctx.store.load_group(step, "teacher")?;
+    let mut group = ctx.store.load_group(step, "teacher")?;
     let dtype = ctx.plan().config.precision.dtype();
-    let vit = engine::vit_from_blobs(&ctx.plan().ssl.backbone, dtype, |n| group.get(n))
+    let vit = engine::vit_from_blobs(&ctx.plan().ssl.backbone, dtype, |n| group.take(n))
         .map_err(|e| e.context(format!("the teacher backbone of checkpoint {step}")))?;
     let dev = crate::runtime::device(&ctx.plan().config.runtime.device)?;
     Ok(if dev.is_cpu() {

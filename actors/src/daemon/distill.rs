@@ -123,7 +123,7 @@ pub fn open_students(
         let st = match store.load_latest_valid()? {
             Some(ck) => {
                 report_fallbacks(log, &sp.name, &ck.skipped, ck.manifest.step);
-                engine::restore(&ck, &p).with_context(|| format!("student {}", sp.name))?
+                engine::restore(ck, &p).with_context(|| format!("student {}", sp.name))?
             }
             None => {
                 let ts = engine::place(
@@ -157,7 +157,7 @@ pub fn open_students(
 /// Loads the frozen teacher named by `[distill] teacher`.
 pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
     let dtype = plan.config.precision.dtype();
-    let blobs: Vec<checkpoints::TensorBlob> = if let Some(dir) = spec.strip_prefix("state:") {
+    let mut blobs = if let Some(dir) = spec.strip_prefix("state:") {
         let (step, blobs) = crate::commands::read_group(Path::new(dir), None, "teacher")?;
         let cfg = crate::commands::checkpoint_vit_config(Path::new(dir), step)?;
         if !cfg.same_architecture(&plan.ssl.backbone) {
@@ -197,12 +197,11 @@ pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
                 view.data().to_vec(),
             )?);
         }
-        v
+        checkpoints::TensorGroup::new("teacher", v)
     } else {
         bail!("distill.teacher `{spec}`: use state:DIR or safetensors:FILE");
     };
-    let m = engine::model_from_blobs(&plan.ssl, dtype, |n| blobs.iter().find(|b| b.name == n))
-        .context(
+    let m = engine::model_from_blobs(&plan.ssl, dtype, |n| blobs.take(n)).context(
         "building the teacher (a safetensors teacher needs its heads: dinod export --with-heads)",
     )?;
     // frozen: it computes in the compute type (bf16 under mixed precision), on the device
@@ -725,7 +724,7 @@ impl StudentState {
             let st = match ck {
                 Some(c) => {
                     report_fallbacks(&ctx.store, &run.name, &c.skipped, c.manifest.step);
-                    engine::restore(&c, &run.plan)?
+                    engine::restore(c, &run.plan)?
                 }
                 None => bail!("student {} is torn and has no checkpoint", run.name),
             };

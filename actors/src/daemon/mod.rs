@@ -202,7 +202,7 @@ impl Ctx {
     /// exists); returns the step it resumed at.
     pub fn reload(&self, why: &str) -> Result<u64> {
         let st = match self.store.load_latest_valid()? {
-            Some(ck) => engine::restore(&ck, self.plan())?,
+            Some(ck) => engine::restore(ck, self.plan())?,
             None => engine::fresh(self.plan())?,
         };
         let step = st.ts.step;
@@ -348,7 +348,7 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
     // resume or start
     let state = match latest {
         Some(ck) => {
-            let st = engine::restore(&ck, &plan)?;
+            let st = engine::restore(ck, &plan)?;
             tracing::info!(
                 step = st.ts.step,
                 "resuming from checkpoint at step {}",

@@ -613,6 +613,49 @@ fn loaded_floats_are_handed_over_without_a_copy_and_a_group_reads_without_the_st
     ));
 }
 
+/// A file no manifest describes, written by safetensors itself, reads as a group.
+#[test]
+fn a_foreign_safetensors_file_reads_without_a_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = f32s(9, 12);
+    let group = TensorGroup::new(
+        "teacher",
+        vec![
+            TensorBlob::from_f32("blocks.0.w", &[3, 4], &w).unwrap(),
+            TensorBlob::from_f64("d", &[2], &[1.0, -2.5]).unwrap(),
+            TensorBlob::from_u8("m", &[3], &[1, 0, 1]).unwrap(),
+        ],
+    );
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = group
+        .tensors
+        .iter()
+        .map(|t| {
+            let v = safetensors::tensor::TensorView::new(
+                t.dtype.to_safetensors(),
+                t.shape.clone(),
+                t.bytes(),
+            )
+            .unwrap();
+            (t.name.clone(), v)
+        })
+        .collect();
+    let path = dir.path().join("t.safetensors");
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let mut read = read_safetensors(&path, "teacher").unwrap();
+    assert_eq!(read.name, "teacher");
+    read.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(read.tensors, group.tensors);
+    assert!(matches!(
+        read_safetensors(&dir.path().join("none"), "teacher"),
+        Err(Problem::MissingFile { .. })
+    ));
+    fs::write(&path, b"not a safetensors file").unwrap();
+    assert!(matches!(
+        read_safetensors(&path, "teacher"),
+        Err(Problem::Unparsable { .. })
+    ));
+}
+
 #[test]
 fn invalid_payloads_are_rejected_before_any_io() {
     let dir = tempfile::tempdir().unwrap();

@@ -209,6 +209,46 @@ fn two_students_train_from_one_teacher_and_resume_exactly_after_sigkill() {
     assert_eq!(t.tensor("norm.weight").unwrap().shape(), &[16]);
 }
 
+/// The teacher exported with its heads (`dinod export --with-heads`, official names)
+/// distils exactly as its state directory does; a damaged file is refused with its name.
+#[test]
+fn a_teacher_exported_with_its_heads_distils_as_its_state_does() {
+    let dir = TempDir::new("distill-st");
+    let file = dir.path().join("teacher.safetensors");
+    let o = dinod(&[
+        "export",
+        "--state-dir",
+        teacher_dir().to_str().unwrap(),
+        "--with-heads",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let state_spec = format!("state:{}", teacher_dir().display());
+    let config = distill_config(teacher_dir());
+    assert!(config.contains(&state_spec));
+    let cfg = write_config(
+        dir.path(),
+        &config.replace(&state_spec, &format!("safetensors:{}", file.display())),
+    );
+    let st = dir.path().join("state");
+    let o = run(&cfg, &st, STEPS, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(&fps(&st), reference());
+
+    // cut short: the header no longer matches the file
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+    let o = run(&cfg, &dir.path().join("state2"), STEPS, &[]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("loading the teacher")
+            && t.contains("teacher.safetensors: not a readable safetensors file"),
+        "{t}"
+    );
+}
+
 #[test]
 fn a_fault_in_one_student_leaves_the_other_identical() {
     let r = reference();

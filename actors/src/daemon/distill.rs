@@ -173,31 +173,18 @@ pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
         }
         blobs
     } else if let Some(file) = spec.strip_prefix("safetensors:") {
-        let bytes =
-            std::fs::read(file).with_context(|| format!("cannot read the teacher {file}"))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .with_context(|| format!("{file} is not a safetensors file"))?;
-        let mut v = vec![];
-        for (name, view) in st.tensors() {
-            let dt = match view.dtype() {
-                safetensors::Dtype::F32 => checkpoints::Dtype::F32,
-                safetensors::Dtype::F64 => checkpoints::Dtype::F64,
-                d => bail!("{file}: tensor {name} has dtype {d:?}"),
-            };
+        // read straight into the tensors' vectors: a large teacher is held once
+        let mut g = checkpoints::read_safetensors(Path::new(file), "teacher")?;
+        for t in &mut g.tensors {
+            if !matches!(t.dtype, checkpoints::Dtype::F32 | checkpoints::Dtype::F64) {
+                bail!("{file}: tensor {} has dtype {:?}", t.name, t.dtype);
+            }
             // official backbone names carry no prefix; heads are `dino_head.*` / `ibot_head.*`
-            let name = if name.starts_with("dino_head.") || name.starts_with("ibot_head.") {
-                name
-            } else {
-                format!("backbone.{name}")
-            };
-            v.push(checkpoints::TensorBlob::new(
-                name,
-                dt,
-                view.shape().to_vec(),
-                view.data().to_vec(),
-            )?);
+            if !(t.name.starts_with("dino_head.") || t.name.starts_with("ibot_head.")) {
+                t.name = format!("backbone.{}", t.name);
+            }
         }
-        checkpoints::TensorGroup::new("teacher", v)
+        g
     } else {
         bail!("distill.teacher `{spec}`: use state:DIR or safetensors:FILE");
     };

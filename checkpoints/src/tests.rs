@@ -97,6 +97,23 @@ fn assert_same_groups(loaded: &LoadedCheckpoint, payload: &CheckpointPayload) {
     }
 }
 
+/// The group as safetensors' own views, for its reference writer.
+fn views_of(group: &TensorGroup) -> Vec<(String, safetensors::tensor::TensorView<'_>)> {
+    group
+        .tensors
+        .iter()
+        .map(|t| {
+            let v = safetensors::tensor::TensorView::new(
+                t.dtype.to_safetensors(),
+                t.shape.clone(),
+                t.bytes(),
+            )
+            .unwrap();
+            (t.name.clone(), v)
+        })
+        .collect()
+}
+
 fn events_of(store: &Store, kind: &str) -> Vec<StoredEvent> {
     store
         .recent_events(10_000)
@@ -224,19 +241,7 @@ fn written_files_are_byte_identical_to_safetensors_serialize() {
     assert_eq!(written.size, ours.len() as u64);
     assert_eq!(written.blake3, blake3::hash(&ours).to_hex().to_string());
 
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = group
-        .tensors
-        .iter()
-        .map(|t| {
-            let v = safetensors::tensor::TensorView::new(
-                t.dtype.to_safetensors(),
-                t.shape.clone(),
-                t.bytes(),
-            )
-            .unwrap();
-            (t.name.clone(), v)
-        })
-        .collect();
+    let views = views_of(&group);
     let meta = std::collections::HashMap::from([(
         "dinod".to_owned(),
         "checkpoint step=12 group=mixed".to_owned(),
@@ -626,19 +631,7 @@ fn a_foreign_safetensors_file_reads_without_a_manifest() {
             TensorBlob::from_u8("m", &[3], &[1, 0, 1]).unwrap(),
         ],
     );
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = group
-        .tensors
-        .iter()
-        .map(|t| {
-            let v = safetensors::tensor::TensorView::new(
-                t.dtype.to_safetensors(),
-                t.shape.clone(),
-                t.bytes(),
-            )
-            .unwrap();
-            (t.name.clone(), v)
-        })
-        .collect();
+    let views = views_of(&group);
     let path = dir.path().join("t.safetensors");
     safetensors::serialize_to_file(views, None, &path).unwrap();
     let mut read = read_safetensors(&path, "teacher").unwrap();

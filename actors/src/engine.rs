@@ -8,6 +8,7 @@
 //! and is reloaded from the last checkpoint, otherwise the uncommitted step is simply
 //! redone (compute reads the state without changing it).
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{bail, Context, Result};
@@ -94,10 +95,11 @@ fn blobs_of(prefix: &str, ps: &ParamSet, out: &mut Vec<TensorBlob>) -> Result<()
     Ok(())
 }
 
-/// A tensor's elements on the host, as f64 (an f64 tensor) or f32 (any other type).
+/// A tensor's elements on the host, as f64 (an f64 tensor) or f32 (any other type):
+/// borrowed from a host tensor, or the host copy of any other.
 enum HostElems<'a> {
-    F32(&'a [f32]),
-    F64(&'a [f64]),
+    F32(Cow<'a, [f32]>),
+    F64(Cow<'a, [f64]>),
 }
 
 /// Calls `f` with the elements of `t`: a host tensor of f32 or f64 is read in place,
@@ -105,27 +107,36 @@ enum HostElems<'a> {
 fn with_host_elems<R>(t: &Tensor, f: impl FnOnce(HostElems<'_>) -> R) -> Result<R> {
     if t.device().is_cpu() {
         match t.dtype() {
-            DType::F32 => return Ok(ops::host::with_slice(t, |s: &[f32]| f(HostElems::F32(s)))?),
-            DType::F64 => return Ok(ops::host::with_slice(t, |s: &[f64]| f(HostElems::F64(s)))?),
+            DType::F32 => {
+                return Ok(ops::host::with_slice(t, |s: &[f32]| {
+                    f(HostElems::F32(Cow::Borrowed(s)))
+                })?)
+            }
+            DType::F64 => {
+                return Ok(ops::host::with_slice(t, |s: &[f64]| {
+                    f(HostElems::F64(Cow::Borrowed(s)))
+                })?)
+            }
             _ => {}
         }
     }
     Ok(match t.dtype() {
-        DType::F64 => f(HostElems::F64(&t.flatten_all()?.to_vec1::<f64>()?)),
-        _ => f(HostElems::F32(
-            &t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-        )),
+        DType::F64 => f(HostElems::F64(Cow::Owned(t.flatten_all()?.to_vec1()?))),
+        _ => f(HostElems::F32(Cow::Owned(
+            t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
+        ))),
     })
 }
 
-/// A host copy of a tensor as a checkpoint blob (f32 or f64). A host tensor of f32 or f64
-/// is read in place, so its elements are copied once, into the blob (a vit_base
-/// checkpoint is 2.1 GB, and the copy is the part of a save that blocks training).
+/// A host copy of a tensor as a checkpoint blob (f32 or f64), made with one copy: a host
+/// tensor of f32 or f64 is copied into the blob, the host copy of any other (a GPU
+/// tensor's) becomes the blob (a vit_base checkpoint is 2.1 GB, and the copy is the part
+/// of a save that blocks training).
 pub fn tensor_blob(name: &str, t: &Tensor) -> Result<TensorBlob> {
     let shape = t.dims().to_vec();
     Ok(with_host_elems(t, |e| match e {
-        HostElems::F32(s) => TensorBlob::from_f32(name, &shape, s),
-        HostElems::F64(s) => TensorBlob::from_f64(name, &shape, s),
+        HostElems::F32(s) => TensorBlob::from_f32_vec(name, &shape, s.into_owned()),
+        HostElems::F64(s) => TensorBlob::from_f64_vec(name, &shape, s.into_owned()),
     })??)
 }
 
@@ -433,8 +444,8 @@ pub fn fingerprint(ts: &TrainState) -> Result<String> {
 
 fn hash_tensor(h: &mut blake3::Hasher, t: &Tensor) -> Result<()> {
     with_host_elems(t, |e| match e {
-        HostElems::F32(s) => hash_le(h, s, f32::to_le_bytes),
-        HostElems::F64(s) => hash_le(h, s, f64::to_le_bytes),
+        HostElems::F32(s) => hash_le(h, &s, f32::to_le_bytes),
+        HostElems::F64(s) => hash_le(h, &s, f64::to_le_bytes),
     })
 }
 
@@ -481,6 +492,37 @@ mod tests {
         let mut d = blake3::Hasher::new();
         hash_le(&mut d, &xs, f32::to_le_bytes);
         assert_eq!(c.finalize(), d.finalize());
+    }
+
+    /// A tensor becomes a blob of its elements: read in place on the host, or through
+    /// its f32 host copy (a GPU tensor's, or one of another type).
+    #[test]
+    fn a_tensor_blob_holds_the_elements_of_any_tensor() {
+        let xs: Vec<f32> = (0..24).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let t = Tensor::from_vec(xs.clone(), (2, 3, 4), &candle_core::Device::Cpu).unwrap();
+        let b = tensor_blob("t", &t).unwrap();
+        assert_eq!(
+            (b.dtype, b.shape.clone()),
+            (checkpoints::Dtype::F32, vec![2, 3, 4])
+        );
+        assert_eq!(b.to_f32_vec().unwrap(), xs);
+        // bf16 holds these halves exactly; the blob is its f32 copy
+        let b = tensor_blob("h", &t.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(
+            (b.dtype, b.shape.clone()),
+            (checkpoints::Dtype::F32, vec![2, 3, 4])
+        );
+        assert_eq!(b.into_f32_vec().unwrap(), xs);
+        let d = t.to_dtype(DType::F64).unwrap().t().unwrap();
+        let b = tensor_blob("d", &d).unwrap();
+        assert_eq!(
+            (b.dtype, b.shape.clone()),
+            (checkpoints::Dtype::F64, vec![2, 4, 3])
+        );
+        assert_eq!(
+            b.to_f64_vec().unwrap(),
+            d.flatten_all().unwrap().to_vec1::<f64>().unwrap()
+        );
     }
 
     /// A state saved by the real store and restored from it is the same state, moments

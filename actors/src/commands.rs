@@ -914,14 +914,48 @@ pub fn export(
         "dinod".to_string(),
         format!("dinov3 DinoVisionTransformer state_dict; {what} of step {s}"),
     )]);
-    safetensors::serialize_to_file(views, Some(meta), out)
-        .with_context(|| format!("writing {}", out.display()))?;
+    write_atomically(out, |tmp| {
+        Ok(safetensors::serialize_to_file(views, Some(meta), tmp)?)
+    })?;
     println!(
         "wrote {} ({} tensors) from the {what} of step {s}",
         out.display(),
         tensors.len()
     );
     Ok(0)
+}
+
+/// Writes the file `out` through `write`, which writes the path it is given: a temporary
+/// sibling (same extension, for writers that pick the format by it), synced and renamed over
+/// `out` once complete. A failure (a full disk, a kill) leaves an earlier `out` as it was,
+/// and no partial file where a reader would take it for the real one.
+pub(crate) fn write_atomically(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} does not name a file", out.display()))?;
+    let ext = out
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    let tmp = out.with_file_name(format!(
+        ".{}.partial-{}{ext}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let done = write(&tmp).and_then(|()| {
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, out)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done.with_context(|| format!("writing {}", out.display()))
 }
 
 /// The backbone config recorded in a checkpoint's manifest.

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::cli::load_plan;
 use crate::client;
-use crate::commands::{checkpoint_vit_config, read_group};
+use crate::commands::{checkpoint_vit_config, read_group, write_atomically};
 use model::vit::{CropGroup, Vit};
 
 /// The EMA-teacher backbone of a checkpoint (latest valid one when `step` is none).
@@ -170,7 +170,12 @@ pub fn pca(
         image::imageops::replace(&mut col, &bottom, 0, i64::from(display) + 8);
         tiles.push(col);
     }
-    eval_probes::write_png(&eval_probes::side_by_side(&tiles), out)?;
+    write_atomically(out, |tmp| {
+        Ok(eval_probes::write_png(
+            &eval_probes::side_by_side(&tiles),
+            tmp,
+        )?)
+    })?;
     println!(
         "wrote {} (PCA of the step-{s} EMA teacher at {:?} px)",
         out.display(),
@@ -204,7 +209,7 @@ pub fn similarity(
     let (t, img) = image_at(image, size)?;
     let (patches, grid) = patches_of(&vit, &t)?;
     let map = eval_probes::similarity_map(&patches, grid, (x, y), &img)?;
-    eval_probes::write_png(&map, out)?;
+    write_atomically(out, |tmp| Ok(eval_probes::write_png(&map, tmp)?))?;
     println!(
         "wrote {} (similarity to the patch at {x},{y}, step-{s} EMA teacher)",
         out.display()
@@ -341,7 +346,7 @@ pub fn curves(
         let run = run_curves(&dir, label).with_context(|| format!("--compare {c}"))?;
         runs.push(run);
     }
-    eval_probes::runs_png(&runs, out)?;
+    write_atomically(out, |tmp| Ok(eval_probes::runs_png(&runs, tmp)?))?;
     let transitions: usize = runs.iter().map(|r| r.transitions.len()).sum();
     let refreshes: usize = runs.iter().map(|r| r.refreshes.len()).sum();
     println!(

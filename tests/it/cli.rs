@@ -66,6 +66,64 @@ fn parity_fails_on_a_tampered_fixture() {
     );
 }
 
+/// An export that cannot be written completely (here the file-size limit: EFBIG, as a
+/// full disk gives ENOSPC) fails with the path, leaves the previous export as it was and
+/// no partial file; the next export replaces it.
+#[test]
+fn a_failed_export_leaves_the_previous_file_whole() {
+    let dir = TempDir::new("export-full");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let o = dinod(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--max-steps",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = dir.path().join("out").join("w.safetensors");
+    std::fs::create_dir(out.parent().unwrap()).unwrap();
+    std::fs::write(&out, b"the previous export").unwrap();
+    let args = [
+        "export",
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    // SIGXFSZ ignored, so the write fails with EFBIG instead of killing the process
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 16; exec \"$0\" \"$@\"")
+        .arg(bin())
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains(&format!("writing {}", out.display())) && t.contains("too large"),
+        "{t}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"the previous export");
+    let names = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(names(out.parent().unwrap()), ["w.safetensors"]);
+    let o = dinod(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(safetensors::SafeTensors::deserialize(&bytes).is_ok());
+    assert_eq!(names(out.parent().unwrap()), ["w.safetensors"]);
+}
+
 #[test]
 fn config_errors_are_all_reported_with_their_keys() {
     let dir = TempDir::new("cfg");

@@ -771,67 +771,6 @@ fn stage_text(doc: &Value) -> String {
     o
 }
 
-/// Reads a checkpoint's group straight from its directory (no catalog lock, so it works
-/// while the daemon runs), verifying sizes and BLAKE3 hashes against `manifest.json`.
-pub(crate) fn read_group(
-    state_dir: &Path,
-    step: Option<u64>,
-    group: &str,
-) -> Result<(u64, checkpoints::TensorGroup)> {
-    let dir = state_dir.join("checkpoints");
-    let mut steps: Vec<(u64, PathBuf)> = vec![];
-    for e in std::fs::read_dir(&dir)
-        .with_context(|| format!("{} holds no checkpoints", dir.display()))?
-    {
-        let p = e?.path();
-        let name = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("")
-            .to_string();
-        if name.ends_with(".tmp") || !name.starts_with("step-") {
-            continue;
-        }
-        if let Ok(s) = name["step-".len()..]
-            .split('-')
-            .next()
-            .unwrap_or("")
-            .parse::<u64>()
-        {
-            steps.push((s, p));
-        }
-    }
-    steps.sort();
-    let candidates: Vec<&(u64, PathBuf)> = match step {
-        Some(s) => steps.iter().filter(|(t, _)| *t == s).collect(),
-        None => steps.iter().rev().collect(),
-    };
-    let mut problems = vec![];
-    for (s, p) in candidates {
-        let attempt = || -> Result<checkpoints::TensorGroup> {
-            let manifest: checkpoints::Manifest =
-                serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
-            let f = manifest
-                .file(group)
-                .ok_or_else(|| anyhow!("no `{group}` group"))?;
-            Ok(checkpoints::read_group_file(&p.join(&f.file), f)?)
-        };
-        match attempt() {
-            Ok(v) => return Ok((*s, v)),
-            Err(e) => problems.push(format!("step {s}: {e:#}")),
-        }
-    }
-    bail!(
-        "no valid checkpoint with a `{group}` group in {}: {}",
-        dir.display(),
-        if problems.is_empty() {
-            "none found".to_string()
-        } else {
-            problems.join("; ")
-        }
-    )
-}
-
 /// `dinod export`.
 pub fn export(
     state_dir: &Path,
@@ -865,8 +804,8 @@ pub fn export(
             "unknown --which `{w}` (teacher, student, or student:NAME for a distillation run)"
         ),
     };
-    let (s, blobs) = read_group(dir, step, group)?;
-    let vit = checkpoint_vit_config(dir, s)?;
+    let (s, blobs) = crate::weights::read_group(dir, step, group)?;
+    let vit = crate::weights::checkpoint_vit_config(dir, s)?;
     let f64_out = blobs
         .tensors
         .first()
@@ -956,27 +895,6 @@ pub(crate) fn write_atomically(out: &Path, write: impl FnOnce(&Path) -> Result<(
         let _ = std::fs::remove_file(&tmp);
     }
     done.with_context(|| format!("writing {}", out.display()))
-}
-
-/// The backbone config recorded in a checkpoint's manifest.
-pub(crate) fn checkpoint_vit_config(state_dir: &Path, step: u64) -> Result<model::VitConfig> {
-    let dir = state_dir.join("checkpoints");
-    for e in std::fs::read_dir(&dir)? {
-        let p = e?.path();
-        let name = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("")
-            .to_string();
-        if name.ends_with(".tmp") || !name.starts_with(&format!("step-{step:012}")) {
-            continue;
-        }
-        let manifest: checkpoints::Manifest =
-            serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
-        let v = manifest.meta["run"]["model"]["backbone"].clone();
-        return serde_json::from_value(v).context("the checkpoint's backbone config");
-    }
-    bail!("no checkpoint of step {step} in {}", dir.display())
 }
 
 fn blob_f(

@@ -24,3 +24,4 @@ pub mod runtime;
 pub mod stages;
 pub mod tools;
 pub mod viz;
+pub mod weights;

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 
 use crate::cli::load_plan;
 use crate::client;
-use crate::commands::{checkpoint_vit_config, read_group, write_atomically};
+use crate::commands::write_atomically;
+use crate::weights::{checkpoint_vit_config, read_group};
 use model::vit::{CropGroup, Vit};
 
 /// The EMA-teacher backbone of a checkpoint (latest valid one when `step` is none).

@@ -157,37 +157,7 @@ pub fn open_students(
 /// Loads the frozen teacher named by `[distill] teacher`.
 pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
     let dtype = plan.config.precision.dtype();
-    let mut blobs = if let Some(dir) = spec.strip_prefix("state:") {
-        let (step, blobs) = crate::commands::read_group(Path::new(dir), None, "teacher")?;
-        let cfg = crate::commands::checkpoint_vit_config(Path::new(dir), step)?;
-        if !cfg.same_architecture(&plan.ssl.backbone) {
-            bail!(
-                "the teacher in {dir} is a {}x{}x{} ViT, but [model] describes {}x{}x{}",
-                cfg.embed_dim,
-                cfg.depth,
-                cfg.num_heads,
-                plan.ssl.backbone.embed_dim,
-                plan.ssl.backbone.depth,
-                plan.ssl.backbone.num_heads
-            );
-        }
-        blobs
-    } else if let Some(file) = spec.strip_prefix("safetensors:") {
-        // read straight into the tensors' vectors: a large teacher is held once
-        let mut g = checkpoints::read_safetensors(Path::new(file), "teacher")?;
-        for t in &mut g.tensors {
-            if !matches!(t.dtype, checkpoints::Dtype::F32 | checkpoints::Dtype::F64) {
-                bail!("{file}: tensor {} has dtype {:?}", t.name, t.dtype);
-            }
-            // official backbone names carry no prefix; heads are `dino_head.*` / `ibot_head.*`
-            if !(t.name.starts_with("dino_head.") || t.name.starts_with("ibot_head.")) {
-                t.name = format!("backbone.{}", t.name);
-            }
-        }
-        g
-    } else {
-        bail!("distill.teacher `{spec}`: use state:DIR or safetensors:FILE");
-    };
+    let mut blobs = crate::weights::read_weights(spec, &plan.ssl.backbone)?;
     let m = engine::model_from_blobs(&plan.ssl, dtype, |n| blobs.take(n)).context(
         "building the teacher (a safetensors teacher needs its heads: dinod export --with-heads)",
     )?;

@@ -1,0 +1,131 @@
+//! Model weights read from outside the running state: a checkpoint group straight from a
+//! state directory (no catalog lock, so beside a running daemon), and the weights a
+//! distillation teacher or a new run's `[model] init` names (`state:DIR`,
+//! `safetensors:FILE`), under the model's parameter names.
+//!
+//! Owns the mapping from those sources to `<role>.<key>` names; must not know the
+//! engine's state or the actors.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Reads a checkpoint's group straight from its directory (no catalog lock, so it works
+/// while the daemon runs), verifying sizes and BLAKE3 hashes against `manifest.json`.
+pub fn read_group(
+    state_dir: &Path,
+    step: Option<u64>,
+    group: &str,
+) -> Result<(u64, checkpoints::TensorGroup)> {
+    let dir = state_dir.join("checkpoints");
+    let mut steps: Vec<(u64, PathBuf)> = vec![];
+    for e in std::fs::read_dir(&dir)
+        .with_context(|| format!("{} holds no checkpoints", dir.display()))?
+    {
+        let p = e?.path();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
+        if name.ends_with(".tmp") || !name.starts_with("step-") {
+            continue;
+        }
+        if let Ok(s) = name["step-".len()..]
+            .split('-')
+            .next()
+            .unwrap_or("")
+            .parse::<u64>()
+        {
+            steps.push((s, p));
+        }
+    }
+    steps.sort();
+    let candidates: Vec<&(u64, PathBuf)> = match step {
+        Some(s) => steps.iter().filter(|(t, _)| *t == s).collect(),
+        None => steps.iter().rev().collect(),
+    };
+    let mut problems = vec![];
+    for (s, p) in candidates {
+        let attempt = || -> Result<checkpoints::TensorGroup> {
+            let manifest: checkpoints::Manifest =
+                serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
+            let f = manifest
+                .file(group)
+                .ok_or_else(|| anyhow!("no `{group}` group"))?;
+            Ok(checkpoints::read_group_file(&p.join(&f.file), f)?)
+        };
+        match attempt() {
+            Ok(v) => return Ok((*s, v)),
+            Err(e) => problems.push(format!("step {s}: {e:#}")),
+        }
+    }
+    bail!(
+        "no valid checkpoint with a `{group}` group in {}: {}",
+        dir.display(),
+        if problems.is_empty() {
+            "none found".to_string()
+        } else {
+            problems.join("; ")
+        }
+    )
+}
+
+/// The backbone config recorded in a checkpoint's manifest.
+pub fn checkpoint_vit_config(state_dir: &Path, step: u64) -> Result<model::VitConfig> {
+    let dir = state_dir.join("checkpoints");
+    for e in std::fs::read_dir(&dir)? {
+        let p = e?.path();
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
+        if name.ends_with(".tmp") || !name.starts_with(&format!("step-{step:012}")) {
+            continue;
+        }
+        let manifest: checkpoints::Manifest =
+            serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
+        let v = manifest.meta["run"]["model"]["backbone"].clone();
+        return serde_json::from_value(v).context("the checkpoint's backbone config");
+    }
+    bail!("no checkpoint of step {step} in {}", dir.display())
+}
+
+/// The weights `spec` names, under the model's names (`backbone.<key>`, `dino_head.*`,
+/// `ibot_head.*`): `state:DIR` is the EMA teacher of DIR's newest valid checkpoint (its
+/// backbone must have the architecture of `backbone`), `safetensors:FILE` a file with the
+/// official `state_dict` names, as `dinod export` writes it (heads with `--with-heads`).
+pub fn read_weights(spec: &str, backbone: &model::VitConfig) -> Result<checkpoints::TensorGroup> {
+    if let Some(dir) = spec.strip_prefix("state:") {
+        let (step, blobs) = read_group(Path::new(dir), None, "teacher")?;
+        let cfg = checkpoint_vit_config(Path::new(dir), step)?;
+        if !cfg.same_architecture(backbone) {
+            bail!(
+                "the teacher in {dir} is a {}x{}x{} ViT, but [model] describes {}x{}x{}",
+                cfg.embed_dim,
+                cfg.depth,
+                cfg.num_heads,
+                backbone.embed_dim,
+                backbone.depth,
+                backbone.num_heads
+            );
+        }
+        Ok(blobs)
+    } else if let Some(file) = spec.strip_prefix("safetensors:") {
+        // read straight into the tensors' vectors: a large model is held once
+        let mut g = checkpoints::read_safetensors(Path::new(file), "teacher")?;
+        for t in &mut g.tensors {
+            if !matches!(t.dtype, checkpoints::Dtype::F32 | checkpoints::Dtype::F64) {
+                bail!("{file}: tensor {} has dtype {:?}", t.name, t.dtype);
+            }
+            // official backbone names carry no prefix; heads are `dino_head.*` / `ibot_head.*`
+            if !(t.name.starts_with("dino_head.") || t.name.starts_with("ibot_head.")) {
+                t.name = format!("backbone.{}", t.name);
+            }
+        }
+        Ok(g)
+    } else {
+        bail!("`{spec}`: use state:DIR or safetensors:FILE")
+    }
+}

@@ -67,6 +67,14 @@ pub struct ModelSection {
     /// Optimizer.
     #[serde(default)]
     pub optim: OptimConfig,
+    /// Weights a new run starts from instead of drawing them: `safetensors:FILE` (the
+    /// official `state_dict` names, as `dinod export` writes them; the heads too when the
+    /// file has them, `--with-heads`) or `state:DIR` (the EMA teacher of another run, heads
+    /// included). The backbone must match this section; a head the file lacks is drawn
+    /// from the seed. Student and teacher start equal. Read once, when the state directory
+    /// holds no checkpoint: a resume continues from its checkpoint.
+    #[serde(default)]
+    pub init: Option<String>,
 }
 
 /// How the base LR scales with the batch size.
@@ -1199,6 +1207,24 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             }
         }
     }
+    if let Some(init) = &cfg.model.init {
+        if !(init.starts_with("state:") || init.starts_with("safetensors:")) {
+            problems.push(problem(
+                "model.init",
+                format!("`{init}`: use state:DIR or safetensors:FILE"),
+            ));
+        }
+        if cfg
+            .distill
+            .as_ref()
+            .is_some_and(|d| d.teacher != SELF_TEACHER)
+        {
+            problems.push(problem(
+                "model.init",
+                "a distillation from a given teacher trains only its students, which are drawn from their seeds; init is for a self-supervised run",
+            ));
+        }
+    }
     if let (Some(d), Some(teacher)) = (&cfg.distill, &ssl) {
         if d.students.is_empty() {
             problems.push(problem(
@@ -1333,6 +1359,7 @@ fn student_ssl(s: &StudentSection, teacher: &SslConfig) -> Result<SslConfig, Vec
         ibot_head: s.ibot_head.clone(),
         loss: teacher.loss.clone(),
         optim: teacher.optim.clone(),
+        init: None,
     };
     let backbone = build_backbone(&m).map_err(|p| {
         p.into_iter()
@@ -1486,6 +1513,47 @@ mod tests {
         let plan = super::parse(super::DEFAULT_RECIPE, "built-in").unwrap();
         assert_eq!(plan.config.train.lr_scaling, super::LrScaling::SqrtWrt1024);
         assert_eq!(plan.config.runtime.device, "cpu");
+    }
+
+    /// `model.init` names a source dinod reads, and only for a self-supervised run; the
+    /// source itself is read when a new run starts (a stored config must still parse once
+    /// the file is gone).
+    #[test]
+    fn the_init_source_is_validated() {
+        assert!(super::DEFAULT_RECIPE.contains("\n[model]\n"));
+        let with = |spec: &str, extra: &str| {
+            let text = super::DEFAULT_RECIPE
+                .replace("\n[model]\n", &format!("\n[model]\ninit = \"{spec}\"\n"));
+            super::parse(&format!("{text}{extra}"), "t")
+        };
+        for ok in ["safetensors:/nowhere/w.safetensors", "state:/nowhere"] {
+            let plan = with(ok, "").unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(plan.config.model.init.as_deref(), Some(ok));
+        }
+        assert_eq!(
+            super::parse(super::DEFAULT_RECIPE, "t")
+                .unwrap()
+                .config
+                .model
+                .init,
+            None
+        );
+        let e = with("w.safetensors", "").unwrap_err().to_string();
+        assert!(
+            e.contains("model.init") && e.contains("safetensors:FILE"),
+            "{e}"
+        );
+        let distill = concat!(
+            "\n[distill]\nteacher = \"state:/t\"\n[[distill.students]]\nname = \"s\"\n",
+            "preset = \"vit_pico\"\n",
+            "dino_head = { hidden_dim = 16, bottleneck_dim = 8, n_prototypes = 4096 }\n",
+            "ibot_head = { hidden_dim = 16, bottleneck_dim = 8, n_prototypes = 4096 }\n"
+        );
+        let e = with("state:/nowhere", distill).unwrap_err().to_string();
+        assert!(
+            e.contains("model.init") && e.contains("only its students"),
+            "{e}"
+        );
     }
 
     /// `runtime.device` is checked when the config is read, before any device is opened.

@@ -387,17 +387,88 @@ pub fn place(ts: TrainState, plan: &Plan) -> Result<TrainState> {
         .with_context(|| format!("moving the state to {}", plan.config.runtime.device))
 }
 
-/// A fresh state for a new run.
-pub fn fresh(plan: &Plan) -> Result<EngineState> {
-    let ts = place(
-        TrainState::new(&plan.ssl, plan.config.seed, plan.config.precision.dtype())?,
-        plan,
-    )?;
-    Ok(EngineState {
-        ts,
-        dirty: false,
-        stage: serde_json::Value::Null,
-        counters: serde_json::json!({}),
+/// A fresh state for a new run: drawn from the seed, or started from the weights of
+/// `[model] init` (then with what was loaded).
+pub fn fresh(plan: &Plan) -> Result<(EngineState, Option<InitReport>)> {
+    let dtype = plan.config.precision.dtype();
+    let mut ts = TrainState::new(&plan.ssl, plan.config.seed, dtype)?;
+    let report = match &plan.config.model.init {
+        Some(spec) => {
+            let weights = crate::weights::read_weights(spec, &plan.ssl.backbone)
+                .with_context(|| format!("model.init `{spec}`"))?;
+            let r = init_from(&mut ts, weights, dtype)
+                .with_context(|| format!("model.init `{spec}`"))?;
+            Some(InitReport {
+                spec: spec.clone(),
+                ..r
+            })
+        }
+        None => None,
+    };
+    let ts = place(ts, plan)?;
+    Ok((
+        EngineState {
+            ts,
+            dirty: false,
+            stage: serde_json::Value::Null,
+            counters: serde_json::json!({}),
+        },
+        report,
+    ))
+}
+
+/// What a new run took from `[model] init`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InitReport {
+    /// The source, as configured.
+    pub spec: String,
+    /// Parameter tensors loaded, per module (`backbone`, `dino_head`, `ibot_head`); a
+    /// head with none was drawn from the seed.
+    pub loaded: Vec<(String, usize)>,
+    /// Tensors of the source that are not parameters of the model (buffers such as
+    /// `rope_embed.periods`), not used.
+    pub unused: Vec<String>,
+}
+
+/// Loads the student's backbone from `weights`, and each head the weights have, then
+/// makes the teacher a copy of the student: a new run that starts from them.
+fn init_from(ts: &mut TrainState, mut weights: TensorGroup, dtype: DType) -> Result<InitReport> {
+    let mut loaded = vec![];
+    for (role, ps) in ts.student.modules_mut() {
+        let name = |n: &str| format!("{role}.{n}");
+        let present = ps
+            .names()
+            .iter()
+            .filter(|n| weights.get(&name(n)).is_some())
+            .count();
+        if role != "backbone" && present == 0 {
+            loaded.push((role.to_string(), 0));
+            continue;
+        }
+        let mut bad = None;
+        ps.load_from(|n| {
+            let b = weights.take(&name(n))?;
+            to_tensor(b, dtype).map_err(|e| bad = Some(e)).ok()
+        })
+        .map_err(|e| bad.take().unwrap_or_else(|| e.into()))
+        .with_context(|| format!("loading the {role}"))?;
+        loaded.push((role.to_string(), ps.len()));
+    }
+    ts.teacher = ts.student.deep_clone()?;
+    // named as in the source: a backbone's keys carry no prefix there
+    let mut unused: Vec<String> = weights
+        .tensors
+        .into_iter()
+        .map(|t| match t.name.strip_prefix("backbone.") {
+            Some(key) => key.to_string(),
+            None => t.name,
+        })
+        .collect();
+    unused.sort();
+    Ok(InitReport {
+        spec: String::new(),
+        loaded,
+        unused,
     })
 }
 
@@ -530,7 +601,8 @@ mod tests {
     #[test]
     fn a_restored_state_is_the_saved_one_and_a_misshapen_moment_is_named() {
         let plan = crate::cli::load_plan(None).unwrap();
-        let mut st = fresh(&plan).unwrap();
+        let (mut st, init) = fresh(&plan).unwrap();
+        assert!(init.is_none());
         st.ts.step = 5;
         st.ts.optim.t = 5;
         for (k, mo) in st.ts.optim.modules.iter_mut().enumerate() {

@@ -1154,3 +1154,142 @@ fn a_time_based_checkpoint_follows_a_slow_step() {
         "a save after the slow step 5, then the final one: {got:?}"
     );
 }
+
+/// The tensors of `dinod export --which WHICH [--with-heads]` of a state directory.
+fn export_which(
+    state: &Path,
+    which: &str,
+    heads: bool,
+    out: &Path,
+) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let mut args = vec![
+        "export",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--which",
+        which,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    if heads {
+        args.push("--with-heads");
+    }
+    let o = dinod(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    f32_tensors(&std::fs::read(out).unwrap())
+}
+
+/// `[model] init`: a new run starts from exported weights (student and teacher equal to
+/// them; the heads drawn from the seed unless the file has them) and says so; its resume
+/// continues from its checkpoint, with the file gone; weights of another architecture are
+/// refused, naming the parameter that does not fit.
+#[test]
+fn a_new_run_starts_from_exported_weights_and_resumes_without_them() {
+    let dir = TempDir::new("init");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let src = dir.path().join("src");
+    let o = run_to(&cfg, &src, 4, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let bare = dir.path().join("bare.safetensors");
+    let with_heads = dir.path().join("heads.safetensors");
+    let w = export_which(&src, "teacher", false, &bare);
+    let wh = export_which(&src, "teacher", true, &with_heads);
+    let init_config = |spec: String, name: &str, recipe: String| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let text = recipe.replace("[model]\n", &format!("[model]\ninit = \"{spec}\"\n"));
+        assert!(text.contains("init = "));
+        (write_config(&d, &text), d.join("state"))
+    };
+    let heads = |m: &std::collections::BTreeMap<String, Vec<f64>>| {
+        m.iter()
+            .filter(|(k, _)| k.starts_with("dino_head.") || k.starts_with("ibot_head."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<Vec<_>>()
+    };
+
+    // the backbone from the file, the heads drawn as a run without init draws them
+    let (c1, st) = init_config(
+        format!("safetensors:{}", bare.display()),
+        "backbone",
+        tiny_config(""),
+    );
+    let o = run_to(&c1, &st, 0, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for which in ["student", "teacher"] {
+        let out = dir.path().join(format!("b-{which}.safetensors"));
+        assert_eq!(export_which(&st, which, false, &out), w, "{which}");
+    }
+    let plain = dir.path().join("plain");
+    assert_eq!(run_to(&cfg, &plain, 0, &[]).status.code(), Some(0));
+    let drawn = heads(&export_which(
+        &plain,
+        "student",
+        true,
+        &dir.path().join("p.safetensors"),
+    ));
+    let ours = heads(&export_which(
+        &st,
+        "student",
+        true,
+        &dir.path().join("b.safetensors"),
+    ));
+    assert!(!drawn.is_empty());
+    assert_eq!(ours, drawn);
+    assert_ne!(heads(&wh), drawn);
+    let ev = events(&st);
+    let init: Vec<&Value> = ev
+        .iter()
+        .filter(|e| e["kind"] == "run.initialised")
+        .collect();
+    assert_eq!(init.len(), 1, "{:?}", kinds(&ev));
+    let msg = init[0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("initialised from safetensors:{}", bare.display()))
+            && msg.contains("dino_head drawn from the seed"),
+        "{msg}"
+    );
+
+    // a resume continues from the checkpoint: the file is not read again
+    std::fs::remove_file(&bare).unwrap();
+    let o = run_to(&c1, &st, 3, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(fingerprint(&st).0, 3);
+    let n = kinds(&events(&st))
+        .iter()
+        .filter(|k| *k == "run.initialised")
+        .count();
+    assert_eq!(n, 1);
+
+    // a file with the heads: the whole model
+    let (c2, st) = init_config(
+        format!("safetensors:{}", with_heads.display()),
+        "heads",
+        tiny_config(""),
+    );
+    let o = run_to(&c2, &st, 0, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = dir.path().join("h.safetensors");
+    assert_eq!(export_which(&st, "student", true, &out), wh);
+
+    // another run's EMA teacher, heads included
+    let (c4, st) = init_config(format!("state:{}", src.display()), "state", tiny_config(""));
+    let o = run_to(&c4, &st, 0, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = dir.path().join("s.safetensors");
+    assert_eq!(export_which(&st, "teacher", true, &out), wh);
+
+    // another width: refused before anything is trained
+    let (c3, st) = init_config(
+        format!("safetensors:{}", with_heads.display()),
+        "wider",
+        tiny_config("").replace("embed_dim = 32", "embed_dim = 48"),
+    );
+    let o = run_to(&c3, &st, 2, &[]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("model.init") && t.contains("cls_token") && t.contains("expected [1, 1, 48]"),
+        "{t}"
+    );
+}

@@ -203,7 +203,21 @@ impl Ctx {
     pub fn reload(&self, why: &str) -> Result<u64> {
         let st = match self.store.load_latest_valid()? {
             Some(ck) => engine::restore(ck, self.plan())?,
-            None => engine::fresh(self.plan())?,
+            None => {
+                let (st, init) = engine::fresh(self.plan())?;
+                if let Some(r) = init {
+                    let (message, fields) = init_message(&r);
+                    self.event(
+                        Level::Info,
+                        "run.initialised",
+                        None,
+                        Some(0),
+                        message,
+                        fields,
+                    );
+                }
+                st
+            }
         };
         let step = st.ts.step;
         self.engine.replace(st);
@@ -250,6 +264,37 @@ pub fn open_store(dir: &Path, plan: &Plan, faults: Option<Arc<Faults>>) -> Resul
     let store = Store::open(dir, opts)
         .with_context(|| format!("cannot open the state directory {}", dir.display()))?;
     Ok(store)
+}
+
+/// The `run.initialised` event of a new run started from `[model] init`.
+fn init_message(r: &engine::InitReport) -> (String, serde_json::Value) {
+    let modules: Vec<String> = r
+        .loaded
+        .iter()
+        .map(|(m, n)| match n {
+            0 => format!("{m} drawn from the seed"),
+            n => format!("{m} {n} tensors"),
+        })
+        .collect();
+    let mut message = format!(
+        "a new run initialised from {}: {}",
+        r.spec,
+        modules.join(", ")
+    );
+    if !r.unused.is_empty() {
+        let shown: Vec<&str> = r.unused.iter().take(4).map(String::as_str).collect();
+        message += &format!(
+            "; {} tensors of the source are not parameters and were not used ({}{})",
+            r.unused.len(),
+            shown.join(", "),
+            if r.unused.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    }
+    (message, serde_json::to_value(r).unwrap_or_default())
 }
 
 /// Events after which a process ended on purpose (anything else last in the log means
@@ -356,7 +401,19 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
             );
             st
         }
-        None => engine::fresh(&plan)?,
+        None => {
+            let (st, init) = engine::fresh(&plan)?;
+            if let Some(r) = init {
+                let (message, fields) = init_message(&r);
+                tracing::info!(kind = "run.initialised", "{message}");
+                let _ = store.append_event(
+                    &Event::new(Level::Info, "run.initialised", message)
+                        .step(0)
+                        .fields(fields),
+                );
+            }
+            st
+        }
     };
     let source = plan
         .config

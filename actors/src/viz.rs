@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::cli::load_plan;
 use crate::client;
 use crate::commands::write_atomically;
-use crate::weights::{checkpoint_vit_config, read_group};
+use crate::weights::{checkpoint_manifest, checkpoint_vit_config, read_group};
 use model::vit::{CropGroup, Vit};
 
 /// The EMA-teacher backbone of a checkpoint (latest valid one when `step` is none).
@@ -24,28 +24,14 @@ pub fn load_teacher(state_dir: &Path, step: Option<u64>) -> Result<(u64, Vit)> {
 
 /// The run config stored with a checkpoint.
 fn checkpoint_plan(state_dir: &Path, step: u64) -> Result<crate::config::Plan> {
-    let dir = state_dir.join("checkpoints");
-    for e in std::fs::read_dir(&dir)? {
-        let p = e?.path();
-        let name = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("")
-            .to_string();
-        if name.ends_with(".tmp") || !name.starts_with(&format!("step-{step:012}")) {
-            continue;
-        }
-        let m: checkpoints::Manifest =
-            serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
-        let text = m.meta["config_toml"]
-            .as_str()
-            .ok_or_else(|| anyhow!("checkpoint {step} has no config"))?;
-        return Ok(crate::config::parse(
-            text,
-            &format!("the config stored with checkpoint {step}"),
-        )?);
-    }
-    bail!("no checkpoint of step {step} in {}", dir.display())
+    let m = checkpoint_manifest(state_dir, step)?;
+    let text = m.meta["config_toml"]
+        .as_str()
+        .ok_or_else(|| anyhow!("checkpoint {step} has no config"))?;
+    Ok(crate::config::parse(
+        text,
+        &format!("the config stored with checkpoint {step}"),
+    )?)
 }
 
 /// `dinod probe`.

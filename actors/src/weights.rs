@@ -18,29 +18,7 @@ pub fn read_group(
     group: &str,
 ) -> Result<(u64, checkpoints::TensorGroup)> {
     let dir = state_dir.join("checkpoints");
-    let mut steps: Vec<(u64, PathBuf)> = vec![];
-    for e in std::fs::read_dir(&dir)
-        .with_context(|| format!("{} holds no checkpoints", dir.display()))?
-    {
-        let p = e?.path();
-        let name = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("")
-            .to_string();
-        if name.ends_with(".tmp") || !name.starts_with("step-") {
-            continue;
-        }
-        if let Ok(s) = name["step-".len()..]
-            .split('-')
-            .next()
-            .unwrap_or("")
-            .parse::<u64>()
-        {
-            steps.push((s, p));
-        }
-    }
-    steps.sort();
+    let steps = checkpoint_dirs(state_dir)?;
     let candidates: Vec<&(u64, PathBuf)> = match step {
         Some(s) => steps.iter().filter(|(t, _)| *t == s).collect(),
         None => steps.iter().rev().collect(),
@@ -71,25 +49,56 @@ pub fn read_group(
     )
 }
 
-/// The backbone config recorded in a checkpoint's manifest.
-pub fn checkpoint_vit_config(state_dir: &Path, step: u64) -> Result<model::VitConfig> {
+/// The checkpoint directories of a state directory by step, oldest first (their
+/// manifests unread).
+fn checkpoint_dirs(state_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let dir = state_dir.join("checkpoints");
-    for e in std::fs::read_dir(&dir)? {
+    let mut steps: Vec<(u64, PathBuf)> = vec![];
+    for e in std::fs::read_dir(&dir)
+        .with_context(|| format!("{} holds no checkpoints", dir.display()))?
+    {
         let p = e?.path();
         let name = p
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("")
             .to_string();
-        if name.ends_with(".tmp") || !name.starts_with(&format!("step-{step:012}")) {
+        if name.ends_with(".tmp") || !name.starts_with("step-") {
             continue;
         }
-        let manifest: checkpoints::Manifest =
-            serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
-        let v = manifest.meta["run"]["model"]["backbone"].clone();
-        return serde_json::from_value(v).context("the checkpoint's backbone config");
+        if let Ok(s) = name["step-".len()..]
+            .split('-')
+            .next()
+            .unwrap_or("")
+            .parse::<u64>()
+        {
+            steps.push((s, p));
+        }
     }
-    bail!("no checkpoint of step {step} in {}", dir.display())
+    steps.sort();
+    Ok(steps)
+}
+
+/// The manifest of the checkpoint of `step`, read from its directory.
+pub fn checkpoint_manifest(state_dir: &Path, step: u64) -> Result<checkpoints::Manifest> {
+    let Some((_, p)) = checkpoint_dirs(state_dir)?
+        .into_iter()
+        .find(|(s, _)| *s == step)
+    else {
+        bail!(
+            "no checkpoint of step {step} in {}",
+            state_dir.join("checkpoints").display()
+        )
+    };
+    let path = p.join(checkpoints::MANIFEST_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} does not parse", path.display()))
+}
+
+/// The backbone config recorded in a checkpoint's manifest.
+pub fn checkpoint_vit_config(state_dir: &Path, step: u64) -> Result<model::VitConfig> {
+    let v = checkpoint_manifest(state_dir, step)?.meta["run"]["model"]["backbone"].clone();
+    serde_json::from_value(v).context("the checkpoint's backbone config")
 }
 
 /// The weights `spec` names, under the model's names (`backbone.<key>`, `dino_head.*`,

@@ -74,15 +74,7 @@ fn a_failed_export_leaves_the_previous_file_whole() {
     let dir = TempDir::new("export-full");
     let cfg = write_config(dir.path(), &tiny_config(""));
     let st = dir.path().join("state");
-    let o = dinod(&[
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--state-dir",
-        st.to_str().unwrap(),
-        "--max-steps",
-        "2",
-    ]);
+    let o = run_to(&cfg, &st, 2, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let out = dir.path().join("out").join("w.safetensors");
     std::fs::create_dir(out.parent().unwrap()).unwrap();

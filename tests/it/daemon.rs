@@ -48,20 +48,6 @@ fn kinds(evs: &[Value]) -> Vec<String> {
         .collect()
 }
 
-fn run_to(cfg: &Path, state: &Path, steps: u64, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "run",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-    ];
-    let s = steps.to_string();
-    args.extend(["--max-steps", s.as_str()]);
-    args.extend(extra);
-    dinod(&args)
-}
-
 /// The fingerprint of a fault-free run of the tiny recipe to `STEPS`.
 fn reference() -> &'static (u64, String) {
     static R: OnceLock<(u64, String)> = OnceLock::new();
@@ -1153,30 +1139,6 @@ fn a_time_based_checkpoint_follows_a_slow_step() {
         got.contains(&10) && got.iter().any(|&s| (5..10).contains(&s)),
         "a save after the slow step 5, then the final one: {got:?}"
     );
-}
-
-/// The tensors of `dinod export --which WHICH [--with-heads]` of a state directory.
-fn export_which(
-    state: &Path,
-    which: &str,
-    heads: bool,
-    out: &Path,
-) -> std::collections::BTreeMap<String, Vec<f64>> {
-    let mut args = vec![
-        "export",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--which",
-        which,
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    if heads {
-        args.push("--with-heads");
-    }
-    let o = dinod(&args);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    f32_tensors(&std::fs::read(out).unwrap())
 }
 
 /// `[model] init`: a new run starts from exported weights (student and teacher equal to

@@ -278,3 +278,42 @@ pub fn checkpoint_rows(state: &Path) -> Vec<serde_json::Value> {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+/// `dinod run --config CFG --state-dir STATE --max-steps STEPS EXTRA...` to completion.
+pub fn run_to(cfg: &Path, state: &Path, steps: u64, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let s = steps.to_string();
+    args.extend(["--max-steps", s.as_str()]);
+    args.extend(extra);
+    dinod(&args)
+}
+
+/// The tensors of `dinod export --which WHICH [--with-heads]` of a state directory.
+pub fn export_which(
+    state: &Path,
+    which: &str,
+    heads: bool,
+    out: &Path,
+) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let mut args = vec![
+        "export",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--which",
+        which,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    if heads {
+        args.push("--with-heads");
+    }
+    let o = dinod(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    f32_tensors(&std::fs::read(out).unwrap())
+}

@@ -390,20 +390,22 @@ pub fn place(ts: TrainState, plan: &Plan) -> Result<TrainState> {
 /// A fresh state for a new run: drawn from the seed, or started from the weights of
 /// `[model] init` (then with what was loaded).
 pub fn fresh(plan: &Plan) -> Result<(EngineState, Option<InitReport>)> {
-    let dtype = plan.config.precision.dtype();
-    let mut ts = TrainState::new(&plan.ssl, plan.config.seed, dtype)?;
-    let report = match &plan.config.model.init {
+    let (seed, dtype) = (plan.config.seed, plan.config.precision.dtype());
+    let (ts, report) = match &plan.config.model.init {
         Some(spec) => {
             let weights = crate::weights::read_weights(spec, &plan.ssl.backbone)
                 .with_context(|| format!("model.init `{spec}`"))?;
-            let r = init_from(&mut ts, weights, dtype)
+            let (student, r) = model_from_init(&plan.ssl, seed, dtype, weights)
                 .with_context(|| format!("model.init `{spec}`"))?;
-            Some(InitReport {
+            let teacher = student.deep_clone()?;
+            let ts = TrainState::from_models(&plan.ssl, seed, student, teacher)?;
+            let r = InitReport {
                 spec: spec.clone(),
                 ..r
-            })
+            };
+            (ts, Some(r))
         }
-        None => None,
+        None => (TrainState::new(&plan.ssl, seed, dtype)?, None),
     };
     let ts = place(ts, plan)?;
     Ok((
@@ -430,31 +432,32 @@ pub struct InitReport {
     pub unused: Vec<String>,
 }
 
-/// Loads the student's backbone from `weights`, and each head the weights have, then
-/// makes the teacher a copy of the student: a new run that starts from them.
-fn init_from(ts: &mut TrainState, mut weights: TensorGroup, dtype: DType) -> Result<InitReport> {
-    let mut loaded = vec![];
-    for (role, ps) in ts.student.modules_mut() {
-        let name = |n: &str| format!("{role}.{n}");
-        let present = ps
-            .names()
-            .iter()
-            .filter(|n| weights.get(&name(n)).is_some())
-            .count();
-        if role != "backbone" && present == 0 {
-            loaded.push((role.to_string(), 0));
-            continue;
+/// A model whose backbone, and each head the weights have, take over the weights'
+/// tensors; a head they lack is drawn from the seed as a new run draws it (each tensor's
+/// draw depends only on the seed and its name), and nothing else is drawn.
+fn model_from_init(
+    cfg: &model::SslConfig,
+    seed: u64,
+    dtype: DType,
+    mut weights: TensorGroup,
+) -> Result<(SslModel, InitReport)> {
+    let module = |n: &str| n.split_once('.').map_or(n, |(m, _)| m).to_string();
+    let given: std::collections::BTreeSet<String> =
+        weights.tensors.iter().map(|t| module(&t.name)).collect();
+    let mut loaded: Vec<(String, usize)> = ["backbone", "dino_head", "ibot_head"]
+        .iter()
+        .map(|m| (m.to_string(), 0))
+        .collect();
+    let m = SslModel::build(cfg, |name, shape, init| {
+        let role = module(name);
+        if role != "backbone" && !given.contains(&role) {
+            return model::params::init_tensor(seed, name, shape, init, dtype);
         }
-        let mut bad = None;
-        ps.load_from(|n| {
-            let b = weights.take(&name(n))?;
-            to_tensor(b, dtype).map_err(|e| bad = Some(e)).ok()
-        })
-        .map_err(|e| bad.take().unwrap_or_else(|| e.into()))
-        .with_context(|| format!("loading the {role}"))?;
-        loaded.push((role.to_string(), ps.len()));
-    }
-    ts.teacher = ts.student.deep_clone()?;
+        if let Some(c) = loaded.iter_mut().find(|(m, _)| *m == role) {
+            c.1 += 1;
+        }
+        found_tensor(weights.take(name), name, dtype)
+    })?;
     // named as in the source: a backbone's keys carry no prefix there
     let mut unused: Vec<String> = weights
         .tensors
@@ -465,11 +468,14 @@ fn init_from(ts: &mut TrainState, mut weights: TensorGroup, dtype: DType) -> Res
         })
         .collect();
     unused.sort();
-    Ok(InitReport {
-        spec: String::new(),
-        loaded,
-        unused,
-    })
+    Ok((
+        m,
+        InitReport {
+            spec: String::new(),
+            loaded,
+            unused,
+        },
+    ))
 }
 
 /// Byte-level fingerprint of the trainable state (weights, teacher, moments, step, cursor),

@@ -393,7 +393,7 @@ pub fn fresh(plan: &Plan) -> Result<(EngineState, Option<InitReport>)> {
     let (seed, dtype) = (plan.config.seed, plan.config.precision.dtype());
     let (ts, report) = match &plan.config.model.init {
         Some(spec) => {
-            let weights = crate::weights::read_weights(spec, &plan.ssl.backbone)
+            let (weights, source) = crate::weights::read_weights(spec, &plan.ssl.backbone)
                 .with_context(|| format!("model.init `{spec}`"))?;
             let (student, r) = model_from_init(&plan.ssl, seed, dtype, weights)
                 .with_context(|| format!("model.init `{spec}`"))?;
@@ -401,6 +401,7 @@ pub fn fresh(plan: &Plan) -> Result<(EngineState, Option<InitReport>)> {
             let ts = TrainState::from_models(&plan.ssl, seed, student, teacher)?;
             let r = InitReport {
                 spec: spec.clone(),
+                source,
                 ..r
             };
             (ts, Some(r))
@@ -424,6 +425,8 @@ pub fn fresh(plan: &Plan) -> Result<(EngineState, Option<InitReport>)> {
 pub struct InitReport {
     /// The source, as configured.
     pub spec: String,
+    /// Which weights they were: the checkpoint's step, the BLAKE3 of what was read.
+    pub source: String,
     /// Parameter tensors loaded, per module (`backbone`, `dino_head`, `ibot_head`); a
     /// head with none was drawn from the seed.
     pub loaded: Vec<(String, usize)>,
@@ -472,6 +475,7 @@ fn model_from_init(
         m,
         InitReport {
             spec: String::new(),
+            source: String::new(),
             loaded,
             unused,
         },

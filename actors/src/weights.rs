@@ -102,10 +102,14 @@ pub fn checkpoint_vit_config(state_dir: &Path, step: u64) -> Result<model::VitCo
 }
 
 /// The weights `spec` names, under the model's names (`backbone.<key>`, `dino_head.*`,
-/// `ibot_head.*`): `state:DIR` is the EMA teacher of DIR's newest valid checkpoint (its
-/// backbone must have the architecture of `backbone`), `safetensors:FILE` a file with the
-/// official `state_dict` names, as `dinod export` writes it (heads with `--with-heads`).
-pub fn read_weights(spec: &str, backbone: &model::VitConfig) -> Result<checkpoints::TensorGroup> {
+/// `ibot_head.*`), and which they are (the checkpoint's step, the file's BLAKE3):
+/// `state:DIR` is the EMA teacher of DIR's newest valid checkpoint (its backbone must have
+/// the architecture of `backbone`), `safetensors:FILE` a file with the official
+/// `state_dict` names, as `dinod export` writes it (heads with `--with-heads`).
+pub fn read_weights(
+    spec: &str,
+    backbone: &model::VitConfig,
+) -> Result<(checkpoints::TensorGroup, String)> {
     if let Some(dir) = spec.strip_prefix("state:") {
         let (step, blobs) = read_group(Path::new(dir), None, "teacher")?;
         let cfg = checkpoint_vit_config(Path::new(dir), step)?;
@@ -120,10 +124,15 @@ pub fn read_weights(spec: &str, backbone: &model::VitConfig) -> Result<checkpoin
                 backbone.num_heads
             );
         }
-        Ok(blobs)
+        let manifest = checkpoint_manifest(Path::new(dir), step)?;
+        let hash = manifest.file("teacher").map_or("?", |f| f.blake3.as_str());
+        Ok((
+            blobs,
+            format!("the EMA teacher of step {step}, blake3 {hash}"),
+        ))
     } else if let Some(file) = spec.strip_prefix("safetensors:") {
         // read straight into the tensors' vectors: a large model is held once
-        let mut g = checkpoints::read_safetensors(Path::new(file), "teacher")?;
+        let (mut g, hash) = checkpoints::read_safetensors(Path::new(file), "teacher")?;
         for t in &mut g.tensors {
             if !matches!(t.dtype, checkpoints::Dtype::F32 | checkpoints::Dtype::F64) {
                 bail!("{file}: tensor {} has dtype {:?}", t.name, t.dtype);
@@ -133,7 +142,7 @@ pub fn read_weights(spec: &str, backbone: &model::VitConfig) -> Result<checkpoin
                 t.name = format!("backbone.{}", t.name);
             }
         }
-        Ok(g)
+        Ok((g, format!("blake3 {hash}")))
     } else {
         bail!("`{spec}`: use state:DIR or safetensors:FILE")
     }

@@ -157,18 +157,25 @@ pub(crate) fn read_group(
     expect: &Expect<'_>,
     load: bool,
 ) -> std::result::Result<Option<TensorGroup>, Problem> {
-    read_file(path, expect.group, Some(expect), load)
+    Ok(read_file(path, expect.group, Some(expect), load)?.0)
 }
 
 /// Reads a safetensors file that no manifest describes (a model exported by `dinod export`
-/// or by other tools) as the group `group`: the header is checked as a checkpoint's is and
-/// floats are read straight into vectors of their elements, but there is no size or hash
-/// to check it against.
-pub fn read_safetensors(path: &Path, group: &str) -> std::result::Result<TensorGroup, Problem> {
-    read_file(path, group, None, true)?.ok_or_else(|| Problem::Unreadable {
-        file: path.to_owned(),
-        error: "internal error: a file read to load returned no data".into(),
-    })
+/// or by other tools) as the group `group`, with the BLAKE3 hash of the file (what was
+/// read, for a record of it): the header is checked as a checkpoint's is and floats are
+/// read straight into vectors of their elements, but there is no size or hash to check
+/// it against.
+pub fn read_safetensors(
+    path: &Path,
+    group: &str,
+) -> std::result::Result<(TensorGroup, String), Problem> {
+    match read_file(path, group, None, true)? {
+        (Some(g), hash) => Ok((g, hash)),
+        (None, _) => Err(Problem::Unreadable {
+            file: path.to_owned(),
+            error: "internal error: a file read to load returned no data".into(),
+        }),
+    }
 }
 
 fn read_file(
@@ -176,7 +183,7 @@ fn read_file(
     group: &str,
     expect: Option<&Expect<'_>>,
     load: bool,
-) -> std::result::Result<Option<TensorGroup>, Problem> {
+) -> std::result::Result<(Option<TensorGroup>, String), Problem> {
     let unreadable = |e: io::Error| Problem::Unreadable {
         file: path.to_owned(),
         error: e.to_string(),
@@ -199,8 +206,7 @@ fn read_file(
         });
     }
 
-    // hashed when there is a hash to check
-    let mut hasher = expect.map(|_| blake3::Hasher::new());
+    let mut hasher = blake3::Hasher::new();
     let mut consumed = 0u64;
     let parsed = parse_header(&mut file, &mut hasher, &mut consumed, actual).map_err(unreadable)?;
 
@@ -217,9 +223,7 @@ fn read_file(
                 // straight into the memory of the tensor's elements: no second buffer
                 let mut data = Data::zeroed(dtype, len);
                 file.read_exact(data.bytes_mut()).map_err(unreadable)?;
-                if let Some(h) = &mut hasher {
-                    h.update(data.bytes());
-                }
+                hasher.update(data.bytes());
                 consumed += len as u64;
                 match dtype {
                     Some(dtype) => tensors.push(TensorBlob {
@@ -239,18 +243,16 @@ fn read_file(
         Ok(_) => {}
         Err(e) => parse_error = Some(e),
     }
-    if let (Some(mut hasher), Some(expect)) = (hasher, expect) {
-        // Hash whatever is left (everything after the header in verify mode, nothing in
-        // load mode).
-        stream_hash(&mut file, &mut hasher, actual - consumed).map_err(unreadable)?;
-        let hash = hasher.finalize().to_hex().to_string();
-        if hash != expect.blake3 {
-            return Err(Problem::HashMismatch {
-                file: path.to_owned(),
-                expected: expect.blake3.to_owned(),
-                actual: hash,
-            });
-        }
+    // Hash whatever is left (everything after the header in verify mode, nothing in load
+    // mode).
+    stream_hash(&mut file, &mut hasher, actual - consumed).map_err(unreadable)?;
+    let hash = hasher.finalize().to_hex().to_string();
+    if let Some(expect) = expect.filter(|e| e.blake3 != hash) {
+        return Err(Problem::HashMismatch {
+            file: path.to_owned(),
+            expected: expect.blake3.to_owned(),
+            actual: hash,
+        });
     }
     if let Some(error) = parse_error {
         return Err(Problem::Unparsable {
@@ -258,7 +260,7 @@ fn read_file(
             error,
         });
     }
-    Ok(load.then(|| TensorGroup::new(group, tensors)))
+    Ok((load.then(|| TensorGroup::new(group, tensors)), hash))
 }
 
 /// Reads and hashes the length prefix and header. The outer `io::Result` is a read failure, the
@@ -266,7 +268,7 @@ fn read_file(
 /// that corruption is reported as a hash mismatch rather than as a parse error).
 fn parse_header(
     file: &mut File,
-    hasher: &mut Option<blake3::Hasher>,
+    hasher: &mut blake3::Hasher,
     consumed: &mut u64,
     size: u64,
 ) -> io::Result<std::result::Result<Metadata, String>> {
@@ -277,9 +279,7 @@ fn parse_header(
     }
     let mut len = [0u8; 8];
     file.read_exact(&mut len)?;
-    if let Some(h) = hasher {
-        h.update(&len);
-    }
+    hasher.update(&len);
     *consumed += 8;
     let n = u64::from_le_bytes(len);
     if n > MAX_HEADER || 8 + n > size {
@@ -289,9 +289,7 @@ fn parse_header(
     }
     let mut header = vec![0u8; n as usize];
     file.read_exact(&mut header)?;
-    if let Some(h) = hasher {
-        h.update(&header);
-    }
+    hasher.update(&header);
     *consumed += n;
     let metadata: Metadata = match serde_json::from_slice(&header) {
         Ok(m) => m,

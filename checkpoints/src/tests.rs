@@ -634,7 +634,11 @@ fn a_foreign_safetensors_file_reads_without_a_manifest() {
     let views = views_of(&group);
     let path = dir.path().join("t.safetensors");
     safetensors::serialize_to_file(views, None, &path).unwrap();
-    let mut read = read_safetensors(&path, "teacher").unwrap();
+    let (mut read, hash) = read_safetensors(&path, "teacher").unwrap();
+    assert_eq!(
+        hash,
+        blake3::hash(&fs::read(&path).unwrap()).to_hex().to_string()
+    );
     assert_eq!(read.name, "teacher");
     read.tensors.sort_by(|a, b| a.name.cmp(&b.name));
     assert_eq!(read.tensors, group.tensors);

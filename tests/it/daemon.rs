@@ -1206,9 +1206,14 @@ fn a_new_run_starts_from_exported_weights_and_resumes_without_them() {
         .collect();
     assert_eq!(init.len(), 1, "{:?}", kinds(&ev));
     let msg = init[0]["message"].as_str().unwrap();
+    let hash = blake3::hash(&std::fs::read(&bare).unwrap())
+        .to_hex()
+        .to_string();
     assert!(
-        msg.contains(&format!("initialised from safetensors:{}", bare.display()))
-            && msg.contains("dino_head drawn from the seed"),
+        msg.contains(&format!(
+            "initialised from safetensors:{} (blake3 {hash})",
+            bare.display()
+        )) && msg.contains("dino_head drawn from the seed"),
         "{msg}"
     );
 

@@ -157,7 +157,7 @@ pub fn open_students(
 /// Loads the frozen teacher named by `[distill] teacher`.
 pub fn load_teacher(plan: &Plan, spec: &str) -> Result<SslModel> {
     let dtype = plan.config.precision.dtype();
-    let mut blobs = crate::weights::read_weights(spec, &plan.ssl.backbone)?;
+    let (mut blobs, _) = crate::weights::read_weights(spec, &plan.ssl.backbone)?;
     let m = engine::model_from_blobs(&plan.ssl, dtype, |n| blobs.take(n)).context(
         "building the teacher (a safetensors teacher needs its heads: dinod export --with-heads)",
     )?;

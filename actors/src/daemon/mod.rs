@@ -277,8 +277,9 @@ fn init_message(r: &engine::InitReport) -> (String, serde_json::Value) {
         })
         .collect();
     let mut message = format!(
-        "a new run initialised from {}: {}",
+        "a new run initialised from {} ({}): {}",
         r.spec,
+        r.source,
         modules.join(", ")
     );
     if !r.unused.is_empty() {

@@ -207,13 +207,20 @@ pub fn snapshot(st: &EngineState, plan: &Plan) -> Result<CheckpointPayload> {
 
 /// A host tensor of `dtype` that takes over the blob's elements (a blob read from a file, or
 /// made from a vector, hands its `Vec` over without a copy; a cast to another float type
-/// copies).
+/// copies). Half-precision blobs (bf16, f16: weights stored to save space) are widened.
 fn to_tensor(b: TensorBlob, dtype: DType) -> Result<Tensor> {
     let dev = candle_core::Device::Cpu;
     let shape = b.shape.clone();
     let t = match b.dtype {
         checkpoints::Dtype::F64 => Tensor::from_vec(b.into_f64_vec()?, shape, &dev)?,
         checkpoints::Dtype::F32 => Tensor::from_vec(b.into_f32_vec()?, shape, &dev)?,
+        // little-endian bytes, as safetensors stores them, read as the host's halves
+        checkpoints::Dtype::BF16 if cfg!(target_endian = "little") => {
+            Tensor::from_raw_buffer(b.bytes(), DType::BF16, &shape, &dev)?
+        }
+        checkpoints::Dtype::F16 if cfg!(target_endian = "little") => {
+            Tensor::from_raw_buffer(b.bytes(), DType::F16, &shape, &dev)?
+        }
         d => bail!("tensor {} has unsupported dtype {d:?}", b.name),
     };
     Ok(t.to_dtype(dtype)?)

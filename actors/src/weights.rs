@@ -105,7 +105,8 @@ pub fn checkpoint_vit_config(state_dir: &Path, step: u64) -> Result<model::VitCo
 /// `ibot_head.*`), and which they are (the checkpoint's step, the file's BLAKE3):
 /// `state:DIR` is the EMA teacher of DIR's newest valid checkpoint (its backbone must have
 /// the architecture of `backbone`), `safetensors:FILE` a file with the official
-/// `state_dict` names, as `dinod export` writes it (heads with `--with-heads`).
+/// `state_dict` names, as `dinod export` writes it (heads with `--with-heads`), in f32,
+/// f64, bf16 or f16 (widened to the run's master type).
 pub fn read_weights(
     spec: &str,
     backbone: &model::VitConfig,
@@ -134,7 +135,8 @@ pub fn read_weights(
         // read straight into the tensors' vectors: a large model is held once
         let (mut g, hash) = checkpoints::read_safetensors(Path::new(file), "teacher")?;
         for t in &mut g.tensors {
-            if !matches!(t.dtype, checkpoints::Dtype::F32 | checkpoints::Dtype::F64) {
+            use checkpoints::Dtype as D;
+            if !matches!(t.dtype, D::F32 | D::F64 | D::BF16 | D::F16) {
                 bail!("{file}: tensor {} has dtype {:?}", t.name, t.dtype);
             }
             // official backbone names carry no prefix; heads are `dino_head.*` / `ibot_head.*`

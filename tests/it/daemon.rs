@@ -1239,6 +1239,52 @@ fn a_new_run_starts_from_exported_weights_and_resumes_without_them() {
     let out = dir.path().join("h.safetensors");
     assert_eq!(export_which(&st, "student", true, &out), wh);
 
+    // the same weights stored in bf16 (as large models are shipped): widened on load
+    let half = dir.path().join("bf16.safetensors");
+    let bf16 = |x: f32| -> u16 {
+        let b = x.to_bits();
+        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    };
+    let bytes = std::fs::read(&with_heads).unwrap();
+    let full = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = full
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let data = t
+                .data()
+                .chunks_exact(4)
+                .flat_map(|c| bf16(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
+                .collect();
+            (n, t.shape().to_vec(), data)
+        })
+        .collect();
+    let views = halves.iter().map(|(n, shape, d)| {
+        let v = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), d);
+        (n.clone(), v.unwrap())
+    });
+    safetensors::serialize_to_file(views, None, &half).unwrap();
+    let (c5, st) = init_config(
+        format!("safetensors:{}", half.display()),
+        "bf16",
+        tiny_config(""),
+    );
+    let o = run_to(&c5, &st, 0, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let got = export_which(&st, "student", true, &dir.path().join("f.safetensors"));
+    for (k, v) in &wh {
+        // the rope periods are a buffer: computed from the config, not read
+        let want: Vec<f64> = if k == "rope_embed.periods" {
+            v.clone()
+        } else {
+            v.iter()
+                .map(|&x| f64::from(f32::from_bits(u32::from(bf16(x as f32)) << 16)))
+                .collect()
+        };
+        assert_eq!(got[k], want, "{k}");
+    }
+    assert_eq!(got.len(), wh.len());
+
     // another run's EMA teacher, heads included
     let (c4, st) = init_config(format!("state:{}", src.display()), "state", tiny_config(""));
     let o = run_to(&c4, &st, 0, &[]);

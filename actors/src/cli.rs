@@ -153,6 +153,10 @@ pub enum Command {
         /// Also write the DINO and iBOT heads (prefixed `dino_head.`, `ibot_head.`).
         #[arg(long)]
         with_heads: bool,
+        /// Element type of the file: f32, f64, bf16 or f16 (rounded to nearest even);
+        /// default: the checkpoint's.
+        #[arg(long)]
+        dtype: Option<String>,
     },
     /// Run the probes on a checkpoint's EMA teacher.
     Probe {
@@ -546,7 +550,15 @@ fn dispatch(cli: Cli) -> Result<i32> {
             which,
             step,
             with_heads,
-        } => crate::commands::export(&dir.state_dir, &out, &which, step, with_heads),
+            dtype,
+        } => crate::commands::export(
+            &dir.state_dir,
+            &out,
+            &which,
+            step,
+            with_heads,
+            dtype.as_deref(),
+        ),
         Command::Bench {
             what:
                 BenchCommand::Chaos {

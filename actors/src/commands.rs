@@ -778,7 +778,16 @@ pub fn export(
     which: &str,
     step: Option<u64>,
     with_heads: bool,
+    dtype: Option<&str>,
 ) -> Result<i32> {
+    let dtype = match dtype {
+        None => None,
+        Some("f32") => Some(checkpoints::Dtype::F32),
+        Some("f64") => Some(checkpoints::Dtype::F64),
+        Some("bf16") => Some(checkpoints::Dtype::BF16),
+        Some("f16") => Some(checkpoints::Dtype::F16),
+        Some(d) => bail!("unknown --dtype `{d}` (f32, f64, bf16 or f16)"),
+    };
     // a distillation student's checkpoints live in STATE/students/NAME; its EMA (the
     // model that is evaluated and exported) is stored as the `teacher` group there
     let student_dir;
@@ -834,13 +843,19 @@ pub fn export(
             tensors.push((n.clone(), blob_f(&n, &[3 * d], &mask, f64_out)?));
         }
     }
+    if let Some(d) = dtype {
+        for (_, b) in &mut tensors {
+            *b = cast_blob(b, d)?;
+        }
+    }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(n, b)| {
-            let dt = if b.dtype == checkpoints::Dtype::F64 {
-                safetensors::Dtype::F64
-            } else {
-                safetensors::Dtype::F32
+            let dt = match b.dtype {
+                checkpoints::Dtype::F64 => safetensors::Dtype::F64,
+                checkpoints::Dtype::BF16 => safetensors::Dtype::BF16,
+                checkpoints::Dtype::F16 => safetensors::Dtype::F16,
+                _ => safetensors::Dtype::F32,
             };
             Ok((
                 n.clone(),
@@ -895,6 +910,40 @@ pub(crate) fn write_atomically(out: &Path, write: impl FnOnce(&Path) -> Result<(
         let _ = std::fs::remove_file(&tmp);
     }
     done.with_context(|| format!("writing {}", out.display()))
+}
+
+/// The blob's values in `to` (f32 or f64 in; halves rounded to nearest even).
+fn cast_blob(
+    b: &checkpoints::TensorBlob,
+    to: checkpoints::Dtype,
+) -> Result<checkpoints::TensorBlob> {
+    use checkpoints::{Dtype as D, TensorBlob};
+    if b.dtype == to {
+        return Ok(b.clone());
+    }
+    let xs: Vec<f64> = match b.dtype {
+        D::F64 => b.to_f64_vec()?,
+        _ => b.to_f32_vec()?.into_iter().map(f64::from).collect(),
+    };
+    let bytes: Vec<u8> = match to {
+        D::F64 => return Ok(TensorBlob::from_f64(&b.name, &b.shape, &xs)?),
+        D::F32 => {
+            let v: Vec<f32> = xs.iter().map(|&x| x as f32).collect();
+            return Ok(TensorBlob::from_f32(&b.name, &b.shape, &v)?);
+        }
+        // through f32 (exact for an f32 checkpoint): `half`'s f64 conversions drop the low
+        // mantissa bits before rounding, its f32 ones round to nearest even
+        D::BF16 => xs
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x as f32).to_le_bytes())
+            .collect(),
+        D::F16 => xs
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x as f32).to_le_bytes())
+            .collect(),
+        d => bail!("cannot write {d:?}"),
+    };
+    Ok(TensorBlob::new(&b.name, to, b.shape.clone(), bytes)?)
 }
 
 fn blob_f(
@@ -965,4 +1014,31 @@ pub fn bench_data(
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cast_blob;
+    use checkpoints::{Dtype, TensorBlob};
+
+    /// Halves are rounded to nearest even, to the bit patterns IEEE and bfloat16 give.
+    #[test]
+    fn an_export_in_half_precision_rounds_to_nearest_even() {
+        let xs = [1.0f32, 0.1, 65504.0, 2f32.powi(-24), -2.5];
+        let b = TensorBlob::from_f32("w", &[5], &xs).unwrap();
+        let bits = |b: &TensorBlob| -> Vec<u16> {
+            b.bytes()
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        };
+        let h = cast_blob(&b, Dtype::F16).unwrap();
+        assert_eq!((h.dtype, h.shape.clone()), (Dtype::F16, vec![5]));
+        assert_eq!(bits(&h), [0x3C00, 0x2E66, 0x7BFF, 0x0001, 0xC100]);
+        let h = cast_blob(&b, Dtype::BF16).unwrap();
+        assert_eq!(bits(&h), [0x3F80, 0x3DCD, 0x4780, 0x3380, 0xC020]);
+        // f64 from f32 and back: exact
+        let d = cast_blob(&b, Dtype::F64).unwrap();
+        assert_eq!(cast_blob(&d, Dtype::F32).unwrap(), b);
+    }
 }

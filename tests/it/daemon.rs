@@ -1239,31 +1239,45 @@ fn a_new_run_starts_from_exported_weights_and_resumes_without_them() {
     let out = dir.path().join("h.safetensors");
     assert_eq!(export_which(&st, "student", true, &out), wh);
 
-    // the same weights stored in bf16 (as large models are shipped): widened on load
+    // the same weights exported in bf16 (as large models are shipped): rounded to nearest
+    // even on export, widened on load
     let half = dir.path().join("bf16.safetensors");
     let bf16 = |x: f32| -> u16 {
         let b = x.to_bits();
         ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
     };
-    let bytes = std::fs::read(&with_heads).unwrap();
-    let full = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let halves: Vec<(String, Vec<usize>, Vec<u8>)> = full
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| {
-            let data = t
-                .data()
-                .chunks_exact(4)
-                .flat_map(|c| bf16(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes())
-                .collect();
-            (n, t.shape().to_vec(), data)
-        })
-        .collect();
-    let views = halves.iter().map(|(n, shape, d)| {
-        let v = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), d);
-        (n.clone(), v.unwrap())
-    });
-    safetensors::serialize_to_file(views, None, &half).unwrap();
+    let rounded = |v: &Vec<f64>| -> Vec<f64> {
+        v.iter()
+            .map(|&x| f64::from(f32::from_bits(u32::from(bf16(x as f32)) << 16)))
+            .collect()
+    };
+    let o = dinod(&[
+        "export",
+        "--state-dir",
+        src.to_str().unwrap(),
+        "--with-heads",
+        "--dtype",
+        "bf16",
+        "--out",
+        half.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let bytes = std::fs::read(&half).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(file.len(), wh.len());
+    for (k, t) in file.tensors() {
+        assert_eq!(t.dtype(), safetensors::Dtype::BF16, "{k}");
+        let got: Vec<f64> = t
+            .data()
+            .chunks_exact(2)
+            .map(|c| {
+                f64::from(f32::from_bits(
+                    u32::from(u16::from_le_bytes([c[0], c[1]])) << 16,
+                ))
+            })
+            .collect();
+        assert_eq!(got, rounded(&wh[&k]), "{k}");
+    }
     let (c5, st) = init_config(
         format!("safetensors:{}", half.display()),
         "bf16",
@@ -1274,12 +1288,10 @@ fn a_new_run_starts_from_exported_weights_and_resumes_without_them() {
     let got = export_which(&st, "student", true, &dir.path().join("f.safetensors"));
     for (k, v) in &wh {
         // the rope periods are a buffer: computed from the config, not read
-        let want: Vec<f64> = if k == "rope_embed.periods" {
+        let want = if k == "rope_embed.periods" {
             v.clone()
         } else {
-            v.iter()
-                .map(|&x| f64::from(f32::from_bits(u32::from(bf16(x as f32)) << 16)))
-                .collect()
+            rounded(v)
         };
         assert_eq!(got[k], want, "{k}");
     }

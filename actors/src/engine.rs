@@ -458,8 +458,11 @@ fn model_from_init(
         .iter()
         .map(|m| (m.to_string(), 0))
         .collect();
-    let m = SslModel::build(cfg, |name, shape, init| {
+    // the module of the tensor made last: the one a shape check fails on
+    let mut last = String::new();
+    let built = SslModel::build(cfg, |name, shape, init| {
         let role = module(name);
+        last.clone_from(&role);
         if role != "backbone" && !given.contains(&role) {
             return model::params::init_tensor(seed, name, shape, init, dtype);
         }
@@ -467,7 +470,16 @@ fn model_from_init(
             c.1 += 1;
         }
         found_tensor(weights.take(name), name, dtype)
-    })?;
+    });
+    let m = match built {
+        Ok(m) => m,
+        Err(e) if last != "backbone" => {
+            return Err(anyhow::Error::from(e).context(format!(
+                "the source's {last} does not fit [model]'s (a source without heads, such as an export without --with-heads, starts them from the seed)"
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
     // named as in the source: a backbone's keys carry no prefix there
     let mut unused: Vec<String> = weights
         .tensors

@@ -78,6 +78,13 @@ impl Head {
             &[cfg.n_prototypes, cfg.bottleneck_dim],
             Init::TruncNormal,
         )?;
+        if lw.dims() != [cfg.n_prototypes, cfg.bottleneck_dim] {
+            bail!(
+                "head last layer: shape {:?}, expected {:?}",
+                lw.dims(),
+                [cfg.n_prototypes, cfg.bottleneck_dim]
+            )
+        }
         let last = ps.push("last_layer.weight", lw);
         Ok(Self {
             cfg: cfg.clone(),

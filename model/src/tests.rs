@@ -664,3 +664,30 @@ fn the_bf16_bar_is_2e_2_or_a_multiple_of_pytorchs_own_error() {
         None
     );
 }
+
+/// A head built from given tensors refuses any of the wrong shape, the last layer's too
+/// (a file whose heads have another number of prototypes).
+#[test]
+fn a_head_refuses_tensors_of_the_wrong_shape() {
+    let cfg = HeadConfig {
+        hidden_dim: 8,
+        bottleneck_dim: 4,
+        n_prototypes: 16,
+        nlayers: 3,
+    };
+    let make = |k: usize| {
+        move |name: &str, shape: &[usize], _| {
+            let mut s = shape.to_vec();
+            if name == "last_layer.weight" {
+                s[0] = k;
+            }
+            Tensor::zeros(s, DType::F32, &Device::Cpu)
+        }
+    };
+    assert!(crate::head::Head::build(&cfg, 6, make(16)).is_ok());
+    let e = crate::head::Head::build(&cfg, 6, make(32))
+        .err()
+        .expect("a last layer of 32 prototypes for 16")
+        .to_string();
+    assert!(e.contains("last layer") && e.contains("[32, 4]"), "{e}");
+}

@@ -1304,6 +1304,20 @@ fn a_new_run_starts_from_exported_weights_and_resumes_without_them() {
     let out = dir.path().join("s.safetensors");
     assert_eq!(export_which(&st, "teacher", true, &out), wh);
 
+    // heads of another size: refused, saying how to start them afresh
+    let (c6, st) = init_config(
+        format!("safetensors:{}", with_heads.display()),
+        "more-prototypes",
+        tiny_config("").replace("n_prototypes = 64", "n_prototypes = 128"),
+    );
+    let o = run_to(&c6, &st, 2, &[]);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("the source's dino_head does not fit") && t.contains("without --with-heads"),
+        "{t}"
+    );
+
     // another width: refused before anything is trained
     let (c3, st) = init_config(
         format!("safetensors:{}", with_heads.display()),

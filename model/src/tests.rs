@@ -685,9 +685,9 @@ fn a_head_refuses_tensors_of_the_wrong_shape() {
         }
     };
     assert!(crate::head::Head::build(&cfg, 6, make(16)).is_ok());
-    let e = crate::head::Head::build(&cfg, 6, make(32))
-        .err()
-        .expect("a last layer of 32 prototypes for 16")
-        .to_string();
+    let e = match crate::head::Head::build(&cfg, 6, make(32)) {
+        Ok(_) => panic!("a last layer of 32 prototypes was taken for 16"),
+        Err(e) => e.to_string(),
+    };
     assert!(e.contains("last layer") && e.contains("[32, 4]"), "{e}");
 }

@@ -81,6 +81,13 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
         }
     );
     println!("stage        {}", r["stage"].as_str().unwrap_or("?"));
+    if let Some(i) = r.get("init").filter(|i| !i.is_null()) {
+        println!(
+            "started from {} ({})",
+            i["spec"].as_str().unwrap_or("?"),
+            i["source"].as_str().unwrap_or("?")
+        );
+    }
     println!(
         "step         {}{}",
         r["step"],

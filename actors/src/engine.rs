@@ -416,12 +416,17 @@ pub fn fresh(plan: &Plan) -> Result<(EngineState, Option<InitReport>)> {
         None => (TrainState::new(&plan.ssl, seed, dtype)?, None),
     };
     let ts = place(ts, plan)?;
+    // what the run started from, in every checkpoint it writes (events are trimmed)
+    let counters = match &report {
+        Some(r) => serde_json::json!({"init": {"spec": r.spec, "source": r.source}}),
+        None => serde_json::json!({}),
+    };
     Ok((
         EngineState {
             ts,
             dirty: false,
             stage: serde_json::Value::Null,
-            counters: serde_json::json!({}),
+            counters,
         },
         report,
     ))

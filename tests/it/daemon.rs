@@ -1222,6 +1222,20 @@ fn a_new_run_starts_from_exported_weights_and_resumes_without_them() {
     let o = run_to(&c1, &st, 3, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(fingerprint(&st).0, 3);
+    // where it started, kept in its checkpoints (the events are trimmed in a long run)
+    let init = &status(&st)["run"]["init"];
+    assert_eq!(
+        init["spec"],
+        format!("safetensors:{}", bare.display()),
+        "{init}"
+    );
+    assert_eq!(init["source"], format!("blake3 {hash}"));
+    let o = dinod(&["status", "--state-dir", st.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("started from safetensors:"),
+        "{}",
+        text(&o)
+    );
     let n = kinds(&events(&st))
         .iter()
         .filter(|k| *k == "run.initialised")

@@ -107,6 +107,10 @@ pub struct RunStatus {
     /// Per-student lines of a distillation run.
     #[serde(default)]
     pub students: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The weights a run initialised from `[model] init` started from (spec and source),
+    /// kept in its checkpoints.
+    #[serde(default)]
+    pub init: Option<serde_json::Value>,
     /// Saves that failed since the last one that succeeded (none: the last save succeeded).
     #[serde(default)]
     pub failed_saves: Option<FailedSaves>,

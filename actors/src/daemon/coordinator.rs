@@ -1105,8 +1105,10 @@ impl Actor for CoordinatorActor {
         };
         let latest = ctx.store.latest_step().ok().flatten();
         let (device, batch_size) = device_line(&ctx);
+        let init = ctx.engine.lock().counters.get("init").cloned();
         ctx.board.run(|r| {
             r.pid = std::process::id();
+            r.init = init;
             r.step = step;
             r.max_steps = ctx.max_steps;
             r.last_checkpoint = latest;

@@ -820,8 +820,8 @@ pub fn export(
             "unknown --which `{w}` (teacher, student, or student:NAME for a distillation run)"
         ),
     };
-    let (s, blobs) = crate::weights::read_group(dir, step, group)?;
-    let vit = crate::weights::checkpoint_vit_config(dir, s)?;
+    let (manifest, blobs) = crate::weights::read_group(dir, step, group)?;
+    let (s, vit) = (manifest.step, crate::weights::vit_config(&manifest)?);
     let f64_out = blobs
         .tensors
         .first()

@@ -11,15 +11,15 @@ use serde_json::{json, Value};
 use crate::cli::load_plan;
 use crate::client;
 use crate::commands::write_atomically;
-use crate::weights::{checkpoint_manifest, checkpoint_vit_config, read_group};
+use crate::weights::{checkpoint_manifest, read_group, vit_config};
 use model::vit::{CropGroup, Vit};
 
 /// The EMA-teacher backbone of a checkpoint (latest valid one when `step` is none).
 pub fn load_teacher(state_dir: &Path, step: Option<u64>) -> Result<(u64, Vit)> {
-    let (s, mut blobs) = read_group(state_dir, step, "teacher")?;
-    let cfg = checkpoint_vit_config(state_dir, s)?;
+    let (manifest, mut blobs) = read_group(state_dir, step, "teacher")?;
+    let cfg = vit_config(&manifest)?;
     let vit = crate::engine::vit_from_blobs(&cfg, DType::F32, |n| blobs.take(n))?;
-    Ok((s, vit))
+    Ok((manifest.step, vit))
 }
 
 /// The run config stored with a checkpoint.

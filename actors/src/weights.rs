@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 
 /// Reads a checkpoint's group straight from its directory (no catalog lock, so it works
-/// while the daemon runs), verifying sizes and BLAKE3 hashes against `manifest.json`.
+/// while the daemon runs), verifying sizes and BLAKE3 hashes against `manifest.json`; with
+/// that manifest (read once: retention may delete the checkpoint right after).
 pub fn read_group(
     state_dir: &Path,
     step: Option<u64>,
     group: &str,
-) -> Result<(u64, checkpoints::TensorGroup)> {
+) -> Result<(checkpoints::Manifest, checkpoints::TensorGroup)> {
     let dir = state_dir.join("checkpoints");
     let steps = checkpoint_dirs(state_dir)?;
     let candidates: Vec<&(u64, PathBuf)> = match step {
@@ -25,16 +26,17 @@ pub fn read_group(
     };
     let mut problems = vec![];
     for (s, p) in candidates {
-        let attempt = || -> Result<checkpoints::TensorGroup> {
+        let attempt = || -> Result<(checkpoints::Manifest, checkpoints::TensorGroup)> {
             let manifest: checkpoints::Manifest =
                 serde_json::from_slice(&std::fs::read(p.join(checkpoints::MANIFEST_FILE))?)?;
             let f = manifest
                 .file(group)
                 .ok_or_else(|| anyhow!("no `{group}` group"))?;
-            Ok(checkpoints::read_group_file(&p.join(&f.file), f)?)
+            let g = checkpoints::read_group_file(&p.join(&f.file), f)?;
+            Ok((manifest, g))
         };
         match attempt() {
-            Ok(v) => return Ok((*s, v)),
+            Ok(v) => return Ok(v),
             Err(e) => problems.push(format!("step {s}: {e:#}")),
         }
     }
@@ -96,8 +98,8 @@ pub fn checkpoint_manifest(state_dir: &Path, step: u64) -> Result<checkpoints::M
 }
 
 /// The backbone config recorded in a checkpoint's manifest.
-pub fn checkpoint_vit_config(state_dir: &Path, step: u64) -> Result<model::VitConfig> {
-    let v = checkpoint_manifest(state_dir, step)?.meta["run"]["model"]["backbone"].clone();
+pub fn vit_config(manifest: &checkpoints::Manifest) -> Result<model::VitConfig> {
+    let v = manifest.meta["run"]["model"]["backbone"].clone();
     serde_json::from_value(v).context("the checkpoint's backbone config")
 }
 
@@ -112,8 +114,8 @@ pub fn read_weights(
     backbone: &model::VitConfig,
 ) -> Result<(checkpoints::TensorGroup, String)> {
     if let Some(dir) = spec.strip_prefix("state:") {
-        let (step, blobs) = read_group(Path::new(dir), None, "teacher")?;
-        let cfg = checkpoint_vit_config(Path::new(dir), step)?;
+        let (manifest, blobs) = read_group(Path::new(dir), None, "teacher")?;
+        let cfg = vit_config(&manifest)?;
         if !cfg.same_architecture(backbone) {
             bail!(
                 "the teacher in {dir} is a {}x{}x{} ViT, but [model] describes {}x{}x{}",
@@ -125,11 +127,10 @@ pub fn read_weights(
                 backbone.num_heads
             );
         }
-        let manifest = checkpoint_manifest(Path::new(dir), step)?;
         let hash = manifest.file("teacher").map_or("?", |f| f.blake3.as_str());
         Ok((
             blobs,
-            format!("the EMA teacher of step {step}, blake3 {hash}"),
+            format!("the EMA teacher of step {}, blake3 {hash}", manifest.step),
         ))
     } else if let Some(file) = spec.strip_prefix("safetensors:") {
         // read straight into the tensors' vectors: a large model is held once

@@ -203,21 +203,7 @@ impl Ctx {
     pub fn reload(&self, why: &str) -> Result<u64> {
         let st = match self.store.load_latest_valid()? {
             Some(ck) => engine::restore(ck, self.plan())?,
-            None => {
-                let (st, init) = engine::fresh(self.plan())?;
-                if let Some(r) = init {
-                    let (message, fields) = init_message(&r);
-                    self.event(
-                        Level::Info,
-                        "run.initialised",
-                        None,
-                        Some(0),
-                        message,
-                        fields,
-                    );
-                }
-                st
-            }
+            None => fresh(self.plan(), &self.store)?,
         };
         let step = st.ts.step;
         self.engine.replace(st);
@@ -264,6 +250,22 @@ pub fn open_store(dir: &Path, plan: &Plan, faults: Option<Arc<Faults>>) -> Resul
     let store = Store::open(dir, opts)
         .with_context(|| format!("cannot open the state directory {}", dir.display()))?;
     Ok(store)
+}
+
+/// A fresh state for a new run; one started from `[model] init` records what it read
+/// (`run.initialised`).
+fn fresh(plan: &Plan, store: &Store) -> Result<engine::EngineState> {
+    let (st, init) = engine::fresh(plan)?;
+    if let Some(r) = init {
+        let (message, fields) = init_message(&r);
+        tracing::info!(kind = "run.initialised", "{message}");
+        let _ = store.append_event(
+            &Event::new(Level::Info, "run.initialised", message)
+                .step(0)
+                .fields(fields),
+        );
+    }
+    Ok(st)
 }
 
 /// The `run.initialised` event of a new run started from `[model] init`.
@@ -402,19 +404,7 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
             );
             st
         }
-        None => {
-            let (st, init) = engine::fresh(&plan)?;
-            if let Some(r) = init {
-                let (message, fields) = init_message(&r);
-                tracing::info!(kind = "run.initialised", "{message}");
-                let _ = store.append_event(
-                    &Event::new(Level::Info, "run.initialised", message)
-                        .step(0)
-                        .fields(fields),
-                );
-            }
-            st
-        }
+        None => fresh(&plan, &store)?,
     };
     let source = plan
         .config

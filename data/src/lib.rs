@@ -3,7 +3,7 @@
 //!
 //! This crate owns:
 //! - **image sources** behind one trait ([`Source`]): a folder of JPEG/PNG/WebP files (ImageFolder
-//!   labels), IDX files (Fashion-MNIST), procedural scenes with exact label maps (the default), and a
+//!   labels), tar shards in the WebDataset layout, IDX files (Fashion-MNIST), procedural scenes with exact label maps (the default), and a
 //!   copy-paste segmentation set built from real photo cut-outs, all named by a [`SourceSpec`] string;
 //! - the **DINOv3 multi-crop augmentation** ([`Augmenter`]: 2 global + N local crops, Gram-teacher
 //!   views, high-resolution size mixes) and the evaluation transform;
@@ -61,4 +61,5 @@ pub use source::copypaste::{
 pub use source::folder::FolderSource;
 pub use source::idx::{IdxSource, FASHION_MNIST_CLASSES};
 pub use source::synthetic::{SyntheticConfig, SyntheticScenes, SHAPE_CLASSES};
-pub use source::{LabelMap, OpenOptions, Sample, Source, SourceSpec, Split};
+pub use source::tar::TarSource;
+pub use source::{default_index_cache, LabelMap, OpenOptions, Sample, Source, SourceSpec, Split};

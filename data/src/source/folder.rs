@@ -12,9 +12,9 @@ use crate::error::{BadInput, BadReason, DataError};
 use crate::source::{rel_id, Sample, Source};
 
 /// Extensions listed as candidates (case-insensitive); the format itself is taken from the content.
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "jpe", "jfif", "png", "webp"];
+pub(crate) const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "jpe", "jfif", "png", "webp"];
 /// Image extensions that this build does not decode: listed as rejected so `scan` can report them.
-const UNSUPPORTED_EXTENSIONS: &[&str] = &[
+pub(crate) const UNSUPPORTED_EXTENSIONS: &[&str] = &[
     "gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "jxl", "jp2", "ico", "svg", "ppm", "pgm",
     "pbm", "pnm", "tga", "psd", "exr", "hdr", "dng", "cr2", "nef",
 ];
@@ -85,7 +85,7 @@ impl FolderSource {
 /// Labels from first-level folder names when every file sits in one and there are at least two.
 /// Classes are the names as text, sorted; each distinct name is converted once, not once per
 /// file (1.28 M of them in ImageNet).
-fn image_folder_labels(rel: &[PathBuf]) -> (Option<Vec<u32>>, Vec<String>) {
+pub(crate) fn image_folder_labels(rel: &[PathBuf]) -> (Option<Vec<u32>>, Vec<String>) {
     fn first(p: &Path) -> Option<&OsStr> {
         let mut comps = p.components();
         let c = comps.next()?;

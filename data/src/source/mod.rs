@@ -18,6 +18,7 @@ pub(crate) mod copypaste;
 pub(crate) mod folder;
 pub(crate) mod idx;
 pub(crate) mod synthetic;
+pub(crate) mod tar;
 
 /// Per-pixel classes of a sample, the same size as its image, row-major.
 /// Value 0 is background; value `k + 1` is image-level class `k` of the source.
@@ -113,7 +114,7 @@ impl FromStr for Split {
     }
 }
 
-/// A data source named by a string: `folder:PATH`, `idx:PATH[:train|test]`,
+/// A data source named by a string: `folder:PATH`, `tar:PATH`, `idx:PATH[:train|test]`,
 /// `synthetic[:SEED[:SIZE]]` or `copypaste:PATH[:train|test]`.
 /// Deserialises from the same string (e.g. `source = "folder:/data/photos"` in TOML).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -121,6 +122,9 @@ impl FromStr for Split {
 pub enum SourceSpec {
     /// A folder of JPEG/PNG/WebP files, searched recursively (ImageFolder layout gives labels).
     Folder(PathBuf),
+    /// Tar shards in the WebDataset layout: one `.tar` file, a folder of them, or a brace
+    /// range such as `shards-{000000..000146}.tar`.
+    Tar(PathBuf),
     /// IDX files (MNIST / Fashion-MNIST), gzipped or not: a folder holding the standard file names,
     /// or one images file.
     Idx {
@@ -154,7 +158,7 @@ impl Default for SourceSpec {
     }
 }
 
-const SPEC_FORMS: &str = "expected folder:PATH, idx:PATH[:train|test], synthetic[:SEED[:SIZE]] or copypaste:PATH[:train|test]";
+const SPEC_FORMS: &str = "expected folder:PATH, tar:PATH, idx:PATH[:train|test], synthetic[:SEED[:SIZE]] or copypaste:PATH[:train|test]";
 
 fn split_suffix(rest: &str) -> (&str, Option<Split>) {
     for split in [Split::Train, Split::Test] {
@@ -185,6 +189,7 @@ impl FromStr for SourceSpec {
         };
         match kind {
             "folder" => Ok(SourceSpec::Folder(PathBuf::from(need_path(rest)?))),
+            "tar" => Ok(SourceSpec::Tar(PathBuf::from(need_path(rest)?))),
             "idx" | "copypaste" => {
                 let full = need_path(rest)?;
                 let (path, split) = split_suffix(&full);
@@ -238,6 +243,7 @@ impl fmt::Display for SourceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SourceSpec::Folder(p) => write!(f, "folder:{}", p.display()),
+            SourceSpec::Tar(p) => write!(f, "tar:{}", p.display()),
             SourceSpec::Idx { path, split } => {
                 write!(f, "idx:{}:{}", path.display(), split.as_str())
             }
@@ -273,6 +279,9 @@ pub struct OpenOptions {
     pub pixel_limit: u64,
     /// Number of samples of a synthetic source (its index space is unbounded; this sets the epoch).
     pub synthetic_len: u64,
+    /// Where `tar:` sources keep their shards' indexes between opens (`None`: walk every
+    /// shard's headers at every open).
+    pub index_cache: Option<PathBuf>,
 }
 
 impl Default for OpenOptions {
@@ -280,8 +289,28 @@ impl Default for OpenOptions {
         OpenOptions {
             pixel_limit: DEFAULT_PIXEL_LIMIT,
             synthetic_len: synthetic::DEFAULT_LEN,
+            index_cache: default_index_cache(),
         }
     }
+}
+
+/// Where shard indexes are cached by default: `$DINOD_CACHE_DIR/tar-index`, else
+/// `$XDG_CACHE_HOME/dinod/tar-index`, else `$HOME/.cache/dinod/tar-index`; none when
+/// `DINOD_CACHE_DIR` is `off` or no home is known.
+pub fn default_index_cache() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let base = match var("DINOD_CACHE_DIR") {
+        Some(d) if d.as_os_str() == "off" => return None,
+        Some(d) => d,
+        None => var("XDG_CACHE_HOME")
+            .or_else(|| var("HOME").map(|h| h.join(".cache")))?
+            .join("dinod"),
+    };
+    Some(base.join("tar-index"))
 }
 
 impl SourceSpec {
@@ -296,6 +325,11 @@ impl SourceSpec {
             SourceSpec::Folder(path) => {
                 Arc::new(folder::FolderSource::open_with(path, opts.pixel_limit)?)
             }
+            SourceSpec::Tar(path) => Arc::new(tar::TarSource::open_with(
+                path,
+                opts.pixel_limit,
+                opts.index_cache.as_deref(),
+            )?),
             SourceSpec::Idx { path, split } => Arc::new(idx::IdxSource::open(path, *split)?),
             SourceSpec::Synthetic { seed, size } => {
                 let mut cfg = synthetic::SyntheticConfig {

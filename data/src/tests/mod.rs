@@ -9,4 +9,5 @@ mod loader;
 mod masks;
 mod sources;
 mod spec;
+mod tar;
 mod util;

@@ -943,6 +943,38 @@ fn a_run_on_tar_shards_is_the_run_on_the_folder_they_hold() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("10 readable"), "{out}");
+    // with an index cache: a run writes one entry per shard, and a scan through them
+    // reports what the walk does
+    let cache = dir.path().join("cache");
+    let with_cache = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .env("DINOD_CACHE_DIR", &cache)
+            .output()
+            .unwrap()
+    };
+    let st = dir.path().join("tar-cached");
+    let (c, s) = (cfg.to_str().unwrap(), st.to_str().unwrap());
+    let o = with_cache(&[
+        "run",
+        "--config",
+        c,
+        "--state-dir",
+        s,
+        "--max-steps",
+        "6",
+        "--data",
+        &spec,
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(fingerprint(&st), fingerprint(&from_folder));
+    assert_eq!(
+        std::fs::read_dir(cache.join("tar-index")).unwrap().count(),
+        2
+    );
+    let cached = with_cache(&["data", "scan", &spec]);
+    assert_eq!(cached.stdout, dinod(&["data", "scan", &spec]).stdout);
     // a shard cut short: reported with where, the members before the cut still read
     let whole = std::fs::read(shards.join("part-1.tar")).unwrap();
     std::fs::write(shards.join("part-1.tar"), &whole[..whole.len() / 2]).unwrap();

@@ -106,6 +106,8 @@ pub fn dinod(args: &[&str]) -> Output {
         .args(args)
         .env("RUST_LOG", "warn")
         .env("RUST_BACKTRACE", "0")
+        // no tar-shard index cache in the user's home; the tests that want one set it
+        .env("DINOD_CACHE_DIR", "off")
         .output()
         .unwrap()
 }
@@ -116,6 +118,7 @@ pub fn spawn(args: &[&str]) -> Child {
         .args(args)
         .env("RUST_LOG", "info")
         .env("RUST_BACKTRACE", "0")
+        .env("DINOD_CACHE_DIR", "off")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

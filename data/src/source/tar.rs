@@ -24,6 +24,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use crate::decode::decode_rgb;
 use crate::error::{BadInput, BadReason, DataError};
@@ -31,8 +32,10 @@ use crate::source::folder::{image_folder_labels, IMAGE_EXTENSIONS, UNSUPPORTED_E
 use crate::source::{Sample, Source};
 
 const BLOCK: u64 = 512;
-/// Most threads indexing shards at once (a shard's index waits on small reads).
-const MAX_INDEX_THREADS: usize = 16;
+/// Threads walking shards at once. A walk waits on one small read after another, so it
+/// is bound by the disk's (or the network's) latency, not by the cores: a cold walk of
+/// ImageNet-sized shards took 46 s on 4 threads, 25 s on 16 and 20 s on 64 here.
+const INDEX_THREADS: usize = 32;
 
 /// Tar shards read as one source.
 #[derive(Debug)]
@@ -339,10 +342,7 @@ fn index_all(
     shards: &[PathBuf],
     cache: Option<&Path>,
 ) -> Result<(Vec<ShardIndex>, usize), DataError> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .clamp(4, MAX_INDEX_THREADS)
-        .min(shards.len());
+    let threads = INDEX_THREADS.min(shards.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut out: Vec<Option<Result<(ShardIndex, bool), DataError>>> =
         shards.iter().map(|_| None).collect();
@@ -382,6 +382,9 @@ fn index_all(
             Ok(index)
         })
         .collect::<Result<_, DataError>>()?;
+    if let Some(cache) = cache.filter(|_| hits < shards.len()) {
+        prune_cache(cache);
+    }
     Ok((indexes, hits))
 }
 
@@ -399,6 +402,7 @@ fn cached_index(path: &Path, cache: Option<&Path>) -> Result<(ShardIndex, bool),
         .ok()
         .and_then(|bytes| decode_index(&bytes, &identity))
     {
+        touch(&file);
         return Ok((index, true));
     }
     let index = index_shard(path)?;
@@ -413,6 +417,49 @@ fn cached_index(path: &Path, cache: Option<&Path>) -> Result<(ShardIndex, bool),
         }
     }
     Ok((index, false))
+}
+
+/// Cache entries not used for this long are deleted (their shards are gone or unused).
+const CACHE_KEEP: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Marks a cache entry as used (at most once a day, so a hit rarely writes).
+fn touch(file: &Path) {
+    let now = SystemTime::now();
+    let stale = std::fs::metadata(file)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > Duration::from_secs(24 * 3600));
+    if stale {
+        if let Ok(f) = File::options().write(true).open(file) {
+            let _ = f.set_modified(now);
+        }
+    }
+}
+
+/// Deletes the cache's entries unused for [`CACHE_KEEP`], and temporary files a killed
+/// writer left, a day old.
+fn prune_cache(cache: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let keep = if name.ends_with(".idx") {
+            CACHE_KEEP
+        } else if name.contains(".tmp.") {
+            Duration::from_secs(24 * 3600)
+        } else {
+            continue;
+        };
+        let age = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| now.duration_since(t).unwrap_or_default());
+        if age.is_ok_and(|a| a > keep) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// What identifies a shard's content without reading it: its absolute path, size,

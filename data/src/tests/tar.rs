@@ -374,6 +374,38 @@ fn shard_indexes_are_cached_until_the_shard_changes() {
     let src = open(&not_a_dir.join("cache"));
     assert_eq!((src.indexes_from_cache(), src.len()), (0, changed.len()));
 
+    // entries unused for 30 days are deleted when an open writes a new one; a used one is
+    // kept (it was touched when read)
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(31 * 24 * 3600);
+    let orphan = cache.join("0123456789abcdef0123456789abcdef.idx");
+    std::fs::write(&orphan, b"an index of a shard deleted long ago").unwrap();
+    for e in std::fs::read_dir(&cache).unwrap() {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(e.unwrap().path())
+            .unwrap();
+        f.set_modified(old).unwrap();
+    }
+    assert_eq!(open(&cache).indexes_from_cache(), 3);
+    assert!(orphan.exists(), "nothing was written, so nothing is swept");
+    std::fs::write(root.join("cat/9.jpg"), b"changed").unwrap();
+    tar(
+        &root,
+        &[
+            "--sort=name",
+            "-cf",
+            shards.join("cat.tar").to_str().unwrap(),
+            "cat",
+        ],
+    );
+    assert_eq!(open(&cache).indexes_from_cache(), 2);
+    assert!(!orphan.exists());
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        3 + 1,
+        "the used, and the new"
+    );
+
     // `tar:` specs use the cache of their open options
     let opts = OpenOptions {
         index_cache: Some(cache.clone()),

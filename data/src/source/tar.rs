@@ -268,11 +268,24 @@ fn shard_paths(spec: &Path) -> Result<Vec<PathBuf>, DataError> {
     if !meta.is_dir() {
         return Ok(vec![spec.to_path_buf()]);
     }
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(spec)
+    let files: Vec<PathBuf> = std::fs::read_dir(spec)
         .map_err(|e| DataError::io(spec, e))?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| DataError::io(spec, e))?
+        .map_err(|e| DataError::io(spec, e))?;
+    let n_compressed = files
+        .iter()
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            [".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"]
+                .iter()
+                .any(|x| name.to_ascii_lowercase().ends_with(x))
+        })
+        .count();
+    let mut shards: Vec<PathBuf> = files
         .into_iter()
         .filter(|p| {
             let name = p
@@ -286,7 +299,14 @@ fn shard_paths(spec: &Path) -> Result<Vec<PathBuf>, DataError> {
     if shards.is_empty() {
         return Err(DataError::NoReadableImages {
             path: spec.to_path_buf(),
-            detail: "no .tar file in the folder".into(),
+            detail: if n_compressed > 0 {
+                format!(
+                    "no .tar file in the folder, but {n_compressed} compressed archive(s): \
+                     tar sources read uncompressed shards only (decompress them first)"
+                )
+            } else {
+                "no .tar file in the folder".into()
+            },
         });
     }
     Ok(shards)
@@ -608,6 +628,18 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     Ok(done)
 }
 
+/// The compression a file starts with, by its magic bytes.
+fn compressed(start: &[u8]) -> Option<&'static str> {
+    [
+        (&b"\x1f\x8b"[..], "gzip"),
+        (b"BZh", "bzip2"),
+        (b"\xfd7zXZ\0", "xz"),
+        (b"\x28\xb5\x2f\xfd", "zstd"),
+    ]
+    .into_iter()
+    .find_map(|(magic, kind)| start.starts_with(magic).then_some(kind))
+}
+
 /// A NUL- (or space-) terminated header field as text.
 fn field(b: &[u8]) -> &[u8] {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
@@ -726,6 +758,15 @@ fn index_shard(path: &Path) -> Result<ShardIndex, DataError> {
                 "truncated: {n} bytes of a header at byte {off} (the file ends there)"
             ));
             break;
+        }
+        if off == 0 {
+            if let Some(kind) = compressed(&buf[..n]) {
+                index.damage = Some(format!(
+                    "a {kind}-compressed archive: tar sources read uncompressed shards only, \
+                     each sample at its offset (decompress it first)"
+                ));
+                break;
+            }
         }
         let h: &[u8; 512] = buf[..512].try_into().expect("512 bytes");
         if h.iter().all(|&c| c == 0) {

@@ -293,6 +293,33 @@ fn a_damaged_shard_keeps_what_precedes_the_damage() {
         TarSource::open_with(&dir.path().join("junk.tar"), DEFAULT_PIXEL_LIMIT, None).unwrap_err();
     assert!(matches!(err, DataError::NoReadableImages { .. }), "{err}");
     assert!(err.to_string().contains("1 damaged"), "{err}");
+
+    // a compressed shard says what it is and what to do
+    let gz = dir.path().join("whole.tar.gz");
+    let o = Command::new("gzip")
+        .args(["-k", dir.path().join("whole.tar").to_str().unwrap()])
+        .status()
+        .expect("gzip runs");
+    assert!(o.success());
+    let err = TarSource::open_with(&gz, DEFAULT_PIXEL_LIMIT, None).unwrap_err();
+    assert!(matches!(err, DataError::NoReadableImages { .. }), "{err}");
+    let src = TarSource::open_with(&shards, DEFAULT_PIXEL_LIMIT, None).unwrap();
+    std::fs::copy(&gz, shards.join("d.tar")).unwrap();
+    let src2 = TarSource::open_with(&shards, DEFAULT_PIXEL_LIMIT, None).unwrap();
+    assert_eq!(src2.len(), src.len());
+    let why = src2.rejected().last().unwrap().to_string();
+    assert!(
+        why.contains("d.tar")
+            && why.contains("gzip-compressed archive")
+            && why.contains("decompress it first"),
+        "{why}"
+    );
+
+    let packed = dir.path().join("packed");
+    std::fs::create_dir(&packed).unwrap();
+    std::fs::copy(&gz, packed.join("a.tar.gz")).unwrap();
+    let err = TarSource::open_with(&packed, DEFAULT_PIXEL_LIMIT, None).unwrap_err();
+    assert!(err.to_string().contains("1 compressed archive(s)"), "{err}");
 }
 
 /// A shard's index is kept in the cache and read back while the shard is unchanged: the

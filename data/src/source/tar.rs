@@ -153,9 +153,13 @@ impl TarSource {
             return Err(DataError::NoReadableImages {
                 path: spec.to_path_buf(),
                 detail: format!(
-                    "{} shard(s) hold no .jpg/.jpeg/.png/.webp member; {} damaged or unsupported, {} other member(s)",
+                    "{} shard(s) hold no .jpg/.jpeg/.png/.webp member; {} damaged or unsupported{}, {} other member(s)",
                     shards.len(),
                     rejected.len(),
+                    rejected
+                        .first()
+                        .map(|b| format!(" (the first: {b})"))
+                        .unwrap_or_default(),
                     n_other
                 ),
             });

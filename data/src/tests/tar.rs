@@ -303,6 +303,7 @@ fn a_damaged_shard_keeps_what_precedes_the_damage() {
     assert!(o.success());
     let err = TarSource::open_with(&gz, DEFAULT_PIXEL_LIMIT, None).unwrap_err();
     assert!(matches!(err, DataError::NoReadableImages { .. }), "{err}");
+    assert!(err.to_string().contains("gzip-compressed"), "{err}");
     let src = TarSource::open_with(&shards, DEFAULT_PIXEL_LIMIT, None).unwrap();
     std::fs::copy(&gz, shards.join("d.tar")).unwrap();
     let src2 = TarSource::open_with(&shards, DEFAULT_PIXEL_LIMIT, None).unwrap();

@@ -987,6 +987,95 @@ fn a_run_on_tar_shards_is_the_run_on_the_folder_they_hold() {
     );
 }
 
+/// `GET /metrics` on a port, as Prometheus scrapes it.
+fn scrape(port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut body = String::new();
+    c.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// The Prometheus endpoint serves the run's metrics; a second daemon configured with the
+/// same port (a second run on one machine) trains anyway, with a warning that says why
+/// there is no endpoint and what to change; port 0 takes a free port and names it.
+#[test]
+fn the_metrics_endpoint_serves_the_run_and_a_taken_port_stops_nothing() {
+    let dir = TempDir::new("metrics");
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = write_config(
+        dir.path(),
+        &tiny_config(&format!("[runtime]\nmetrics_port = {port}\n")),
+    );
+    let first = dir.path().join("first");
+    let sd = first.to_str().unwrap().to_string();
+    let mut child = spawn(&["run", "--config", cfg.to_str().unwrap(), "--state-dir", &sd]);
+    let mut body = String::new();
+    let served = wait_for(
+        || {
+            body = scrape(port).unwrap_or_default();
+            body.contains("dinod_step_seconds")
+        },
+        Duration::from_secs(60),
+    );
+    assert!(served, "no step metrics on port {port}:\n{body}");
+    for name in [
+        "dinod_step ",
+        "dinod_loss",
+        "dinod_lr",
+        "dinod_images_per_second",
+    ] {
+        assert!(body.contains(name), "{name} missing:\n{body}");
+    }
+
+    // a second run with the same port, while the first holds it
+    let second = dir.path().join("second");
+    let o = run_to(&cfg, &second, 4, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(fingerprint(&second).0, 4);
+    let ev = events(&second);
+    let warned = ev
+        .iter()
+        .find(|e| e["kind"] == "metrics.unavailable")
+        .unwrap_or_else(|| panic!("no metrics.unavailable event: {:?}", kinds(&ev)));
+    let msg = warned["message"].as_str().unwrap_or("");
+    assert_eq!(warned["level"], "warn", "{warned}");
+    assert!(
+        msg.contains(&format!("127.0.0.1:{port}")) && msg.contains("runtime.metrics_port"),
+        "{msg}"
+    );
+    // the first still serves
+    assert!(scrape(port).unwrap().contains("dinod_step"));
+    let o = dinod(&["stop", "--state-dir", &sd]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let status = wait_timeout(&mut child, Duration::from_secs(60));
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert!(events(&first).iter().any(|e| e["kind"] == "metrics.started"
+        && e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&port.to_string())));
+
+    // port 0: a free one, named
+    let cfg0 = write_config(dir.path(), &tiny_config("[runtime]\nmetrics_port = 0\n"));
+    let third = dir.path().join("third");
+    let o = run_to(&cfg0, &third, 1, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let ev = events(&third);
+    let started = ev
+        .iter()
+        .find(|e| e["kind"] == "metrics.started")
+        .unwrap_or_else(|| panic!("no metrics.started event: {:?}", kinds(&ev)));
+    let p = started["fields"]["port"].as_u64().unwrap_or(0);
+    assert!(p > 0, "{started}");
+}
+
 #[test]
 fn a_hung_actor_is_detected_and_restarted() {
     let dir = TempDir::new("hang");

@@ -24,28 +24,56 @@ pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
-/// Installs the Prometheus exporter on 127.0.0.1:`port`.
-pub fn start_metrics(ctx: &Ctx, port: u16) -> Result<()> {
+/// Installs the Prometheus exporter on 127.0.0.1:`port` (0: a free port, which the
+/// `metrics.started` event names). A port it cannot listen on (another process holds
+/// it) costs the endpoint, not the run: a `metrics.unavailable` warning says why and what
+/// to change, and training goes on.
+pub fn start_metrics(ctx: &Ctx, port: u16) {
     // once per process: a run that hands over to its students keeps the same endpoint
     static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if STARTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        return Ok(());
+    if STARTED.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
     }
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(([127, 0, 0, 1], port))
-        .install()
-        .map_err(|e| {
-            anyhow::anyhow!("cannot start the metrics endpoint on 127.0.0.1:{port}: {e}")
-        })?;
-    ctx.event(
-        checkpoints::Level::Info,
-        "metrics.started",
-        Some(NAME),
-        None,
-        format!("Prometheus metrics on http://127.0.0.1:{port}/metrics"),
-        json!({"port": port}),
-    );
-    Ok(())
+    let chosen = if port == 0 {
+        std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("no free port: {e}"))
+    } else {
+        Ok(port)
+    };
+    let installed = chosen.and_then(|p| {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(([127, 0, 0, 1], p))
+            .install()
+            .map(|()| p)
+            .map_err(|e| format!("cannot listen on 127.0.0.1:{p}: {e}"))
+    });
+    match installed {
+        Ok(p) => {
+            STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
+            ctx.event(
+                checkpoints::Level::Info,
+                "metrics.started",
+                Some(NAME),
+                None,
+                format!("Prometheus metrics on http://127.0.0.1:{p}/metrics"),
+                json!({"port": p}),
+            );
+        }
+        Err(why) => ctx.event(
+            checkpoints::Level::Warn,
+            "metrics.unavailable",
+            Some(NAME),
+            None,
+            format!(
+                "no Prometheus endpoint ({why}); training goes on without it. Another \
+                 process may hold the port: set runtime.metrics_port to a free one, or 0 \
+                 for any"
+            ),
+            json!({"port": port, "error": why}),
+        ),
+    }
 }
 
 /// Messages (the listener runs as a task owned by the actor).

@@ -452,7 +452,7 @@ impl Actor for SupervisorActor {
 /// Spawns the tree, wires signals, and waits for the end; returns the exit status.
 pub async fn run_tree(ctx: Arc<Ctx>) -> anyhow::Result<i32> {
     if let Some(port) = ctx.plan.config.runtime.metrics_port {
-        super::control::start_metrics(&ctx, port)?;
+        super::control::start_metrics(&ctx, port);
     }
     let (sup, handle) = Actor::spawn(Some(NAME.to_string()), SupervisorActor, ctx.clone())
         .await

@@ -19,7 +19,8 @@
 //! members before it are used, the shard is listed in [`Source::rejected`] with the byte
 //! offset, and `dinod data scan` exits 1. A member that does not decode is a [`BadInput`]
 //! at `get`, as a bad file in a folder is. Formats read: POSIX ustar (name prefix), GNU
-//! (long names), pax (`path` and `size` records); links, folders and other entry types are
+//! (long names), pax (`path` and `size` records). A hard link reads as the member it names
+//! (tar stores a file's second name so); symbolic links, folders and other entry types are
 //! skipped.
 
 use std::fs::File;
@@ -749,6 +750,8 @@ fn index_shard(path: &Path) -> Result<ShardIndex, DataError> {
     // a GNU long name or pax record for the next member
     let mut long_name: Option<String> = None;
     let mut pax_size: Option<u64> = None;
+    // regular members by name, for hard links to them
+    let mut regular: std::collections::HashMap<String, usize> = Default::default();
     // header plus the first data block, so a small member (a label) comes with its header
     let mut buf = [0u8; 1024];
     loop {
@@ -839,19 +842,42 @@ fn index_shard(path: &Path) -> Result<ShardIndex, DataError> {
                         }
                     }
                 };
-                let small = if size <= BLOCK && n >= 512 + size as usize {
-                    Some(buf[512..512 + size as usize].to_vec())
-                } else if extension(&name).starts_with("cls") {
-                    Some(read_data(size.min(4096))?)
-                } else {
+                // only labels are kept in the index; they come with their header
+                let small = if !extension(&name).starts_with("cls") {
                     None
+                } else if size <= BLOCK && n >= 512 + size as usize {
+                    Some(buf[512..512 + size as usize].to_vec())
+                } else {
+                    Some(read_data(size.min(4096))?)
                 };
+                let name = clean_name(&name);
+                regular.insert(name.clone(), index.entries.len());
                 index.entries.push(Entry {
-                    name: clean_name(&name),
+                    name,
                     offset: data,
                     len: size,
                     small,
                 });
+            }
+            b'1' => {
+                // a hard link (tar stores a file's second name so): the data of the
+                // member it names, earlier in this shard, as a folder would read it
+                let name = long_name
+                    .take()
+                    .unwrap_or_else(|| String::from_utf8_lossy(field(&h[0..100])).into_owned());
+                let target = clean_name(&String::from_utf8_lossy(field(&h[157..257])));
+                if let Some(&k) = regular.get(&target) {
+                    let (offset, len, small) = {
+                        let t = &index.entries[k];
+                        (t.offset, t.len, t.small.clone())
+                    };
+                    index.entries.push(Entry {
+                        name: clean_name(&name),
+                        offset,
+                        len,
+                        small,
+                    });
+                }
             }
             _ => {
                 // folders, links, global pax headers, devices: nothing to read

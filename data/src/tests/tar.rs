@@ -79,6 +79,9 @@ fn a_folder_packed_by_tar_reads_as_the_folder_in_every_format() {
     image_folder(&root);
     let folder = FolderSource::open(&root).unwrap();
     assert_eq!(folder.class_names(), ["cat", "dog"]);
+    // a second name of one file: tar stores it as a hard link
+    std::fs::hard_link(root.join("cat/0.jpg"), root.join("dog/0-again.jpg")).unwrap();
+    let folder = FolderSource::open(&root).unwrap();
     for format in ["gnu", "pax", "ustar"] {
         let name = format!("{format}.tar");
         let archive = dir.path().join(&name);

@@ -51,6 +51,7 @@ pub struct TarSource {
     rejected: Vec<BadInput>,
     pixel_limit: u64,
     from_cache: usize,
+    n_unread_images: usize,
 }
 
 /// An image member: where its bytes are.
@@ -103,6 +104,9 @@ impl TarSource {
         let mut cls: Vec<Option<Result<u32, String>>> = Vec::new();
         let mut rejected = Vec::new();
         let mut n_other = 0usize;
+        // image members that are not their sample's image (a `seg.png` field, or a file
+        // `a.v2.jpg` beside `a.jpg`: the same key)
+        let mut n_unread_images = 0usize;
         for (s, (shard, index)) in shards.iter().zip(indexes).enumerate() {
             for group in group_by_key(&index.entries) {
                 let mut image: Option<&Entry> = None;
@@ -120,6 +124,7 @@ impl TarSource {
                         if image.is_none() || (exact && !have_exact) {
                             image = Some(e);
                         }
+                        n_unread_images += 1;
                     } else if UNSUPPORTED_EXTENSIONS.contains(&last) {
                         rejected.push(BadInput {
                             path: shard.join(&e.name),
@@ -133,6 +138,7 @@ impl TarSource {
                     }
                 }
                 if let Some(img) = image {
+                    n_unread_images -= 1;
                     samples.push(Member {
                         shard: s as u32,
                         offset: img.offset,
@@ -176,6 +182,7 @@ impl TarSource {
             rejected,
             pixel_limit,
             from_cache,
+            n_unread_images,
         })
     }
 
@@ -954,8 +961,15 @@ impl Source for TarSource {
             ),
             None => ", unlabelled".to_string(),
         };
+        let unread = match self.n_unread_images {
+            0 => String::new(),
+            n => format!(
+                "; {n} more image member(s) share a sample's key and are not read (WebDataset \
+                 keys end at a file name's first '.')"
+            ),
+        };
         format!(
-            "tar {} ({} shard(s), {} images{classes})",
+            "tar {} ({} shard(s), {} images{classes}{unread})",
             self.given.display(),
             self.shards.len(),
             self.samples.len()

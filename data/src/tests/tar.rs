@@ -194,6 +194,13 @@ fn webdataset_samples_take_their_labels_from_cls_members() {
         "{}",
         src.describe()
     );
+    // the `seg.png` beside sample 1's `jpg` is not read, and says so
+    assert!(
+        src.describe()
+            .contains("; 1 more image member(s) share a sample's key"),
+        "{}",
+        src.describe()
+    );
 
     // a class member that is not a number: reported, and the source is unlabelled rather
     // than mislabelled

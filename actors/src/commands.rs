@@ -81,6 +81,13 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
         }
     );
     println!("stage        {}", r["stage"].as_str().unwrap_or("?"));
+    if live {
+        if let Some(url) = doc["metrics"]["url"].as_str() {
+            println!("metrics      {url}");
+        } else if let Some(why) = doc["metrics"]["unavailable"].as_str() {
+            println!("metrics      UNAVAILABLE ({why})");
+        }
+    }
     if let Some(i) = r.get("init").filter(|i| !i.is_null()) {
         println!(
             "started from {} ({})",

@@ -1052,6 +1052,12 @@ fn the_metrics_endpoint_serves_the_run_and_a_taken_port_stops_nothing() {
     );
     // the first still serves
     assert!(scrape(port).unwrap().contains("dinod_step"));
+    let o = dinod(&["status", "--state-dir", &sd]);
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        shown.contains(&format!("metrics      http://127.0.0.1:{port}/metrics")),
+        "{shown}"
+    );
     let o = dinod(&["stop", "--state-dir", &sd]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let status = wait_timeout(&mut child, Duration::from_secs(60));

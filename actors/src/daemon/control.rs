@@ -24,6 +24,10 @@ pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
+/// Where this process serves its metrics (`{"url"}`), or why it does not
+/// (`{"unavailable"}`); `None` with no `runtime.metrics_port`.
+static ENDPOINT: std::sync::Mutex<Option<Value>> = std::sync::Mutex::new(None);
+
 /// Installs the Prometheus exporter on 127.0.0.1:`port` (0: a free port, which the
 /// `metrics.started` event names). A port it cannot listen on (another process holds
 /// it) costs the endpoint, not the run: a `metrics.unavailable` warning says why and what
@@ -48,6 +52,10 @@ pub fn start_metrics(ctx: &Ctx, port: u16) {
             .install()
             .map(|()| p)
             .map_err(|e| format!("cannot listen on 127.0.0.1:{p}: {e}"))
+    });
+    *ENDPOINT.lock().unwrap_or_else(|e| e.into_inner()) = Some(match &installed {
+        Ok(p) => json!({"url": format!("http://127.0.0.1:{p}/metrics")}),
+        Err(why) => json!({"unavailable": why}),
     });
     match installed {
         Ok(p) => {
@@ -100,6 +108,7 @@ pub fn status_doc(ctx: &Ctx) -> Value {
         "state_dir": ctx.state_dir,
         "config_hash": ctx.plan.config_hash,
         "stage": ctx.engine.lock().stage,
+        "metrics": ENDPOINT.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         "daemon": true,
     })
 }

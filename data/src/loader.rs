@@ -41,6 +41,10 @@ pub struct Cursor {
     pub index_in_epoch: u64,
     /// Batches produced before this point (keys the masks and crop sizes of the next batch).
     pub batches_done: u64,
+    /// Samples in the source the position counts in (`None` in cursors saved before it was
+    /// recorded): a source that changed since makes the position meaningless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_len: Option<u64>,
 }
 
 impl Cursor {
@@ -53,7 +57,78 @@ impl Cursor {
             c.index_in_epoch %= n;
         }
         c.batches_done += 1;
+        c.source_len = len;
         c
+    }
+
+    /// This cursor for a source of `len` samples. Unchanged when the source is the one it
+    /// counts in. When the source has changed size since (files added or deleted, shards
+    /// added), the position in the epoch's order means nothing any more (and may lie past
+    /// the end): the current epoch ends there and the next begins, at its first sample.
+    pub fn for_source(self, len: Option<u64>) -> (Cursor, Option<SourceChange>) {
+        let resized = matches!((self.source_len, len), (Some(a), Some(b)) if a != b);
+        let past_end = len.is_some_and(|n| self.index_in_epoch >= n);
+        if !resized && !past_end {
+            return (
+                Cursor {
+                    source_len: len.or(self.source_len),
+                    ..self
+                },
+                None,
+            );
+        }
+        let next = Cursor {
+            epoch: self.epoch + u64::from(self.index_in_epoch > 0),
+            index_in_epoch: 0,
+            batches_done: self.batches_done,
+            source_len: len,
+        };
+        let change = SourceChange {
+            before: self.source_len,
+            now: len,
+            epoch: self.epoch,
+            position: self.index_in_epoch,
+            next_epoch: next.epoch,
+        };
+        (next, Some(change))
+    }
+}
+
+/// A source whose size differs from the one a saved cursor counts in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SourceChange {
+    /// Samples when the cursor was saved (`None`: not recorded).
+    pub before: Option<u64>,
+    /// Samples now.
+    pub now: Option<u64>,
+    /// The epoch the cursor was in.
+    pub epoch: u64,
+    /// Its position in that epoch.
+    pub position: u64,
+    /// The epoch the loader starts, at its first sample.
+    pub next_epoch: u64,
+}
+
+impl std::fmt::Display for SourceChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |v: Option<u64>| v.map_or("an unknown number of".to_string(), |v| v.to_string());
+        write!(
+            f,
+            "the data source has {} samples, {} when position {} of epoch {} was saved; ",
+            n(self.now),
+            n(self.before),
+            self.position,
+            self.epoch
+        )?;
+        if self.next_epoch == self.epoch {
+            write!(f, "epoch {} starts again from its first sample", self.epoch)
+        } else {
+            write!(
+                f,
+                "epoch {} ends there and epoch {} begins",
+                self.epoch, self.next_epoch
+            )
+        }
     }
 }
 
@@ -289,6 +364,7 @@ pub struct Loader {
     bad_log: Vec<BadInput>,
     n_substituted: u64,
     threads: Vec<JoinHandle<()>>,
+    source_change: Option<SourceChange>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -315,6 +391,7 @@ impl Loader {
                 detail: "the source is empty".into(),
             });
         }
+        let (start, source_change) = start.for_source(source.len());
         let shared = Arc::new(Shared {
             source,
             opts,
@@ -364,7 +441,13 @@ impl Loader {
             bad_log: Vec::new(),
             n_substituted: 0,
             threads,
+            source_change,
         })
+    }
+
+    /// How the start cursor was moved because the source changed size since it was saved.
+    pub fn source_change(&self) -> Option<&SourceChange> {
+        self.source_change.as_ref()
     }
 
     /// The next batch, in order. An error (a source with no readable image, a panic) is returned

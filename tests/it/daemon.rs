@@ -987,6 +987,50 @@ fn a_run_on_tar_shards_is_the_run_on_the_folder_they_hold() {
     );
 }
 
+/// A run resumed on a folder that lost most of its files since the checkpoint: the epoch
+/// ends at the saved position, the next begins, a `data.changed` warning says so, and the
+/// run trains on. Before, the saved position lay past the new end, the loader hung, and
+/// the watchdog ended the process (exit 76) at every restart.
+#[test]
+fn a_run_resumes_on_a_data_source_that_shrank() {
+    let dir = TempDir::new("shrunk");
+    let (spec, _) = image_folder_with_bad_files(dir.path(), 10);
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, 2, &["--data", &spec]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // 12 files, batches of 4: the cursor is at position 8; keep 3 files
+    let root = dir.path().join("imgs");
+    for class in ["cats", "dogs"] {
+        for e in std::fs::read_dir(root.join(class)).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            if !["img00.jpg", "img01.png", "img03.jpg"].contains(&name.as_str()) {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
+    let o = run_to(&cfg, &st, 4, &["--data", &spec]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(fingerprint(&st).0, 4);
+    let ev = events(&st);
+    let changed = ev
+        .iter()
+        .find(|e| e["kind"] == "data.changed")
+        .unwrap_or_else(|| panic!("no data.changed event: {:?}", kinds(&ev)));
+    let msg = changed["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("the data source has 3 samples, 12 when position 8 of epoch 0 was saved"),
+        "{msg}"
+    );
+    assert_eq!(changed["level"], "warn");
+    assert!(
+        !ev.iter().any(|e| e["kind"] == "actor.hung"),
+        "{:?}",
+        kinds(&ev)
+    );
+}
+
 /// `GET /metrics` on a port, as Prometheus scrapes it.
 fn scrape(port: u16) -> std::io::Result<String> {
     use std::io::{Read, Write};

@@ -109,7 +109,19 @@ fn open_loader(ctx: &Ctx, cursor: data::Cursor, crops: data::CropConfig) -> Resu
     let mut dcfg = cfg.data.clone();
     dcfg.crops = crops;
     let opts = data::LoaderOptions::from_config(&dcfg, cfg.train.batch_size, cfg.seed);
-    Ok(data::Loader::new(ctx.source.clone(), opts, cursor)?)
+    let loader = data::Loader::new(ctx.source.clone(), opts, cursor)?;
+    if let Some(change) = loader.source_change() {
+        let step = ctx.engine.lock().ts.step;
+        ctx.event(
+            checkpoints::Level::Warn,
+            "data.changed",
+            Some(NAME),
+            Some(step),
+            change.to_string(),
+            serde_json::to_value(change).unwrap_or_default(),
+        );
+    }
+    Ok(loader)
 }
 
 /// The crops of the stage the engine is in.

@@ -78,7 +78,8 @@ fn resuming_from_a_cursor_equals_the_uninterrupted_stream() {
         Cursor {
             epoch: 1,
             index_in_epoch: 2,
-            batches_done: 3
+            batches_done: 3,
+            source_len: Some(10),
         }
     );
     let resumed = run(&source, small_opts(4, 3), cursor, 4);
@@ -113,7 +114,8 @@ fn each_epoch_is_a_keyed_permutation_of_the_source() {
         Cursor {
             epoch: 2,
             index_in_epoch: 0,
-            batches_done: 4
+            batches_done: 4,
+            source_len: Some(12),
         }
     );
     let mut sequential = small_opts(6, 1);
@@ -346,4 +348,62 @@ fn eval_loading_is_independent_of_threads() {
         "a generated source is sampled, not read whole"
     );
     assert!(report.is_clean() && report.classes.iter().all(|c| c.count > 50));
+}
+
+/// A source that changed size since a cursor was saved (files deleted, shards added):
+/// the epoch ends at the saved position and the next begins at its first sample, and the
+/// loader says so. Before, a position past the new end made the shuffled order walk
+/// forever (the loader hung until the watchdog killed the process, at every restart).
+#[test]
+fn a_cursor_into_a_source_that_changed_size_starts_the_next_epoch() {
+    let (big, small, bigger) = (synthetic(12), synthetic(6), synthetic(20));
+    let saved = run(&big, small_opts(4, 2), Cursor::default(), 2)[1].cursor_after;
+    assert_eq!(
+        (saved.epoch, saved.index_in_epoch, saved.source_len),
+        (0, 8, Some(12))
+    );
+    for (source, now) in [(&small, 6), (&bigger, 20)] {
+        let loader = Loader::new(Arc::clone(source), small_opts(4, 2), saved).unwrap();
+        let change = loader
+            .source_change()
+            .expect("the change is reported")
+            .clone();
+        assert_eq!(
+            (
+                change.before,
+                change.now,
+                change.epoch,
+                change.position,
+                change.next_epoch
+            ),
+            (Some(12), Some(now), 0, 8, 1)
+        );
+        assert!(change.to_string().contains(&format!(
+            "the data source has {now} samples, 12 when position 8 of epoch 0 was saved; \
+             epoch 0 ends there and epoch 1 begins"
+        )));
+        drop(loader);
+        // the batches are those of a cursor at the start of epoch 1
+        let moved = run(source, small_opts(4, 2), saved, 2);
+        let fresh = Cursor {
+            epoch: 1,
+            index_in_epoch: 0,
+            batches_done: saved.batches_done,
+            source_len: Some(now),
+        };
+        assert!(moved == run(source, small_opts(4, 2), fresh, 2));
+        assert_eq!(moved[1].cursor_after.source_len, Some(now));
+    }
+    // a cursor saved before sizes were recorded: moved only when it lies past the end
+    let old = Cursor {
+        source_len: None,
+        ..saved
+    };
+    let loader = Loader::new(Arc::clone(&small), small_opts(4, 1), old).unwrap();
+    assert_eq!(loader.source_change().map(|c| c.next_epoch), Some(1));
+    let loader = Loader::new(Arc::clone(&bigger), small_opts(4, 1), old).unwrap();
+    assert!(loader.source_change().is_none());
+    // an unchanged source: nothing moves
+    let loader = Loader::new(Arc::clone(&big), small_opts(4, 1), saved).unwrap();
+    assert!(loader.source_change().is_none());
 }

@@ -144,7 +144,12 @@ impl Permutation {
 
     /// The element at position `i` (< n).
     pub(crate) fn apply(&self, i: u64) -> u64 {
-        debug_assert!(i < self.n);
+        // outside the domain the cycle walk below may never return
+        assert!(
+            i < self.n,
+            "position {i} outside a permutation of {}",
+            self.n
+        );
         if self.n <= 1 {
             return i;
         }

@@ -234,14 +234,23 @@ fn labels_of(
 fn parse_cls(e: &Entry) -> Result<u32, String> {
     let bytes = e.small.as_deref().unwrap_or_default();
     let text = std::str::from_utf8(bytes).unwrap_or("").trim();
-    text.parse::<u32>().map_err(|_| {
-        format!(
+    match text.parse::<u32>() {
+        Ok(k) if k < MAX_CLASSES => Ok(k),
+        Ok(k) => Err(format!(
+            "class member {} holds class {k}, more than the {MAX_CLASSES} classes a source may have",
+            e.name
+        )),
+        Err(_) => Err(format!(
             "class member {} holds {:?}, not a class index",
             e.name,
             text.chars().take(40).collect::<String>()
-        )
-    })
+        )),
+    }
 }
+
+/// Class indexes at or above this are refused: a class list is allocated up to the
+/// largest index, and no labelled image set has nearly so many (ImageNet-21k: 21 841).
+const MAX_CLASSES: u32 = 1 << 20;
 
 /// The extension WebDataset gives a member: everything after the first `.` of its file name.
 fn extension(name: &str) -> &str {

@@ -221,6 +221,21 @@ fn webdataset_samples_take_their_labels_from_cls_members() {
         why.contains("000001.cls holds \"tabby\", not a class index"),
         "{why}"
     );
+    // nor does an index past any real label set (it would size the class list)
+    std::fs::write(w.join("000001.cls"), "4000000000").unwrap();
+    tar(&w, &args);
+    let src = open(&dir.path().join("bad-cls.tar"));
+    assert_eq!(src.n_classes(), None);
+    let why = src
+        .rejected()
+        .iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        why.contains("000001.cls holds class 4000000000, more than the 1048576"),
+        "{why}"
+    );
 }
 
 /// Offsets in `archive` where GNU tar put each member's header (found by name).

@@ -1,13 +1,14 @@
 //! How long opening a `tar:` source takes: the header walk of every shard that every process
 //! start (and every restart after a crash) pays before its first step.
 //!
-//! `cargo run -p data --release --example index_tar -- DIR [--make SHARDS PER_SHARD [BYTES]]`
+//! `cargo run -p data --release --example index_tar -- DIR [--make SHARDS PER_SHARD [BYTES] [--dense]]`
 //!
 //! `--make` first writes DIR/shard-NNNNNN.tar, WebDataset shards of PER_SHARD samples, each a
 //! `KEY.cls` member (its class, 1000 classes) and a `KEY.jpg` member of BYTES bytes (default
 //! 110 000, ImageNet's mean JPEG) whose data is a hole in a sparse file: the headers sit
 //! where they would in real shards, but the disk holds only them. ImageNet's train split
-//! as 147 shards of about 1 GB is `--make 147 8715`. Prints the sample count, the seconds
+//! as 147 shards of about 1 GB is `--make 147 8715`. `--dense` writes the data (a byte
+//! pattern) instead, as real shards hold it, so a cold walk also pays the kernel's read-ahead. Prints the sample count, the seconds
 //! and the problems found. For a cold index drop the
 //! page cache first (`sync; echo 3 > /proc/sys/vm/drop_caches`).
 
@@ -33,9 +34,21 @@ fn header(name: &str, size: u64) -> [u8; 512] {
     h
 }
 
-fn make(dir: &std::path::Path, shards: usize, per: usize, bytes: u64) -> std::io::Result<()> {
+fn make(
+    dir: &std::path::Path,
+    shards: usize,
+    per: usize,
+    bytes: u64,
+    dense: bool,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let padded = bytes.div_ceil(512) * 512;
+    // --dense: the data is written (a byte pattern), as in real shards, instead of a hole
+    let pattern: Vec<u8> = if dense {
+        (0..padded).map(|i| (i * 131 % 251) as u8 + 1).collect()
+    } else {
+        Vec::new()
+    };
     for s in 0..shards {
         let mut f = std::io::BufWriter::new(std::fs::File::create(
             dir.join(format!("shard-{s:06}.tar")),
@@ -48,7 +61,11 @@ fn make(dir: &std::path::Path, shards: usize, per: usize, bytes: u64) -> std::io
             block[..cls.len()].copy_from_slice(cls.as_bytes());
             f.write_all(&block)?;
             f.write_all(&header(&format!("{key}.jpg"), bytes))?;
-            f.seek(SeekFrom::Current(padded as i64))?;
+            if dense {
+                f.write_all(&pattern)?;
+            } else {
+                f.seek(SeekFrom::Current(padded as i64))?;
+            }
         }
         f.write_all(&[0u8; 1024])?;
         f.flush()?;
@@ -59,13 +76,17 @@ fn make(dir: &std::path::Path, shards: usize, per: usize, bytes: u64) -> std::io
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(dir) = args.first() else {
-        return Err("usage: index_tar DIR [--make SHARDS PER_SHARD [BYTES]]".into());
+        return Err("usage: index_tar DIR [--make SHARDS PER_SHARD [BYTES] [--dense]]".into());
     };
     if args.get(1).map(String::as_str) == Some("--make") {
         let shards: usize = args.get(2).ok_or("--make SHARDS PER_SHARD")?.parse()?;
         let per: usize = args.get(3).ok_or("--make SHARDS PER_SHARD")?.parse()?;
-        let bytes: u64 = args.get(4).map_or(Ok(110_000), |b| b.parse())?;
-        make(std::path::Path::new(dir), shards, per, bytes)?;
+        let dense = args.iter().any(|a| a == "--dense");
+        let bytes: u64 = args
+            .get(4)
+            .filter(|b| *b != "--dense")
+            .map_or(Ok(110_000), |b| b.parse())?;
+        make(std::path::Path::new(dir), shards, per, bytes, dense)?;
     }
     let t = std::time::Instant::now();
     let src = data::TarSource::open_with(

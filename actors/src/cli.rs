@@ -277,11 +277,19 @@ pub enum VizCommand {
 pub enum DataCommand {
     /// Print what a source holds (images, classes, sizes) and every bad file; exit 1 if any.
     Scan {
-        /// The source: folder:PATH, idx:PATH[:split], synthetic, copypaste:PATH[:split].
+        /// The source: folder:PATH, tar:PATH, idx:PATH[:split], synthetic,
+        /// copypaste:PATH[:split].
         spec: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Read only N samples, spread evenly over the source (a quick check of a large
+        /// one that still reaches every shard and class).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Decoding threads (default: one per core).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        workers: Option<u16>,
     },
     /// Build the real copy-paste segmentation set from extracted Debian packages.
     BuildCopypaste {
@@ -754,8 +762,14 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 },
         } => crate::viz::curves(&dir.state_dir, label.as_deref(), &compare, &out),
         Command::Data {
-            what: DataCommand::Scan { spec, json },
-        } => crate::commands::data_scan(&spec, json),
+            what:
+                DataCommand::Scan {
+                    spec,
+                    json,
+                    limit,
+                    workers,
+                },
+        } => crate::commands::data_scan(&spec, json, limit, workers.map(usize::from)),
         Command::Data {
             what: DataCommand::BuildCopypaste { from, out, seed },
         } => crate::commands::build_copypaste(&from, &out, seed),

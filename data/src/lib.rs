@@ -53,7 +53,10 @@ pub use mask::{
     generate_masks, mask_indices, masked_counts, masks_weight, n_masked, MaskGenerator,
 };
 pub use rng::KeyedRng;
-pub use scan::{scan, scan_source, ClassCount, ScanOptions, ScanReport, SizeBucket};
+pub use scan::{
+    scan, scan_source, scan_source_with_progress, scan_with_progress, ClassCount, ScanOptions,
+    ScanProgress, ScanReport, SizeBucket,
+};
 pub use source::copypaste::{
     build_copy_paste, CopyPasteConfig, CopyPasteEntry, CopyPasteManifest, CopyPasteSource,
     PastedObject,

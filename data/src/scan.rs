@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -12,8 +13,9 @@ use crate::source::{OpenOptions, Source, SourceSpec};
 /// Options of a scan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScanOptions {
-    /// Read at most this many samples (from index 0); `None` reads all (an unbounded source then
-    /// reads 1000).
+    /// Read at most this many samples, spread evenly over the source from its first sample
+    /// to its last (so a quick check reaches every shard and class of a sorted source);
+    /// `None` reads all. An unbounded source reads from index 0 (1000 without a limit).
     pub max_images: Option<u64>,
     /// Decoding threads (the report does not depend on it).
     pub n_workers: usize,
@@ -71,6 +73,9 @@ pub struct ScanReport {
     pub listed: Option<u64>,
     /// Samples read.
     pub scanned: u64,
+    /// Whether the samples read were spread over a larger source (a `max_images` below its
+    /// length) rather than all of it.
+    pub spread: bool,
     /// Samples that decoded.
     pub readable: u64,
     /// Images per class (empty when unlabelled).
@@ -100,9 +105,14 @@ impl fmt::Display for ScanReport {
         let listed = self
             .listed
             .map_or("unbounded".to_string(), |n| n.to_string());
+        let spread = if self.spread {
+            ", spread evenly over the source"
+        } else {
+            ""
+        };
         writeln!(
             f,
-            "images: {} readable of {} scanned ({} listed)",
+            "images: {} readable of {} scanned ({} listed{spread})",
             self.readable, self.scanned, listed
         )?;
         if self.readable == 0 {
@@ -146,24 +156,68 @@ impl fmt::Display for ScanReport {
 /// Samples a scan reads from a generated source when no limit is given.
 const GENERATED_SCAN_DEFAULT: u64 = 1000;
 
+/// How far a running scan is, for a caller that reports progress from another thread.
+#[derive(Debug, Default)]
+pub struct ScanProgress {
+    /// Samples the scan will read (set once the source is open).
+    pub total: AtomicU64,
+    /// Samples read so far.
+    pub done: AtomicU64,
+    /// Of those, unreadable.
+    pub bad: AtomicU64,
+}
+
 /// Opens and scans a source. A synthetic source is generated, not read, so without `max_images`
 /// only its first 1000 scenes are checked.
 pub fn scan(spec: &SourceSpec, opts: &ScanOptions) -> Result<ScanReport, DataError> {
+    scan_with_progress(spec, opts, &ScanProgress::default())
+}
+
+/// [`scan`], counting into `progress` as it goes.
+pub fn scan_with_progress(
+    spec: &SourceSpec,
+    opts: &ScanOptions,
+    progress: &ScanProgress,
+) -> Result<ScanReport, DataError> {
     let source = spec.open_with(&opts.open)?;
     let mut opts = opts.clone();
     if matches!(spec, SourceSpec::Synthetic { .. }) && opts.max_images.is_none() {
         opts.max_images = Some(GENERATED_SCAN_DEFAULT);
     }
-    scan_source(&*source, &opts)
+    scan_source_with_progress(&*source, &opts, progress)
 }
 
 /// Scans an open source.
 pub fn scan_source(source: &dyn Source, opts: &ScanOptions) -> Result<ScanReport, DataError> {
-    let n = match (source.len(), opts.max_images) {
+    scan_source_with_progress(source, opts, &ScanProgress::default())
+}
+
+/// The `k`-th of `n` samples a scan reads from a source of `len` (`None`: unbounded):
+/// spread evenly when `n < len`, from the first sample to the last (distinct, since the
+/// step is at least 1).
+fn scan_index(k: u64, n: u64, len: Option<u64>) -> u64 {
+    match len {
+        Some(len) if n < len && n > 1 => {
+            (u128::from(k) * u128::from(len - 1) / u128::from(n - 1)) as u64
+        }
+        Some(len) if n < len => 0,
+        _ => k,
+    }
+}
+
+/// [`scan_source`], counting into `progress` as it goes.
+pub fn scan_source_with_progress(
+    source: &dyn Source,
+    opts: &ScanOptions,
+    progress: &ScanProgress,
+) -> Result<ScanReport, DataError> {
+    let len = source.len();
+    let n = match (len, opts.max_images) {
         (Some(len), Some(max)) => len.min(max),
         (Some(len), None) => len,
         (None, max) => max.unwrap_or(GENERATED_SCAN_DEFAULT),
     };
+    progress.total.store(n, Ordering::Relaxed);
     let n_workers = opts.n_workers.max(1) as u64;
     type Item = (u64, Result<(u32, u32, Option<u32>), BadInput>);
     let parts: Vec<Result<Vec<Item>, DataError>> = std::thread::scope(|scope| {
@@ -171,16 +225,21 @@ pub fn scan_source(source: &dyn Source, opts: &ScanOptions) -> Result<ScanReport
             .map(|w| {
                 scope.spawn(move || {
                     let mut out = Vec::new();
-                    let mut i = w;
-                    while i < n {
+                    let mut k = w;
+                    while k < n {
+                        let i = scan_index(k, n, len);
                         match source.get(i) {
                             Ok(s) => {
                                 out.push((i, Ok((s.image.width(), s.image.height(), s.label))))
                             }
-                            Err(DataError::BadInput(b)) => out.push((i, Err(b))),
+                            Err(DataError::BadInput(b)) => {
+                                progress.bad.fetch_add(1, Ordering::Relaxed);
+                                out.push((i, Err(b)))
+                            }
                             Err(e) => return Err(e),
                         }
-                        i += n_workers;
+                        progress.done.fetch_add(1, Ordering::Relaxed);
+                        k += n_workers;
                     }
                     Ok(out)
                 })
@@ -231,6 +290,7 @@ pub fn scan_source(source: &dyn Source, opts: &ScanOptions) -> Result<ScanReport
         location: source.location(),
         listed: source.len(),
         scanned: n,
+        spread: len.is_some_and(|len| n < len),
         readable,
         classes: names
             .iter()
@@ -253,4 +313,22 @@ pub fn scan_source(source: &dyn Source, opts: &ScanOptions) -> Result<ScanReport
         has_label_maps: source.has_label_maps(),
         bad,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scan_index;
+
+    #[test]
+    fn a_spread_scan_reads_distinct_samples_from_the_first_to_the_last() {
+        for (n, len) in [(2, 3), (3, 11), (7, 8), (10, 1_281_167), (999, 1000)] {
+            let idx: Vec<u64> = (0..n).map(|k| scan_index(k, n, Some(len))).collect();
+            assert_eq!((idx[0], idx[n as usize - 1]), (0, len - 1), "{n} of {len}");
+            assert!(idx.windows(2).all(|w| w[0] < w[1]), "{n} of {len}: {idx:?}");
+        }
+        assert_eq!(scan_index(0, 1, Some(5)), 0);
+        // all of a source, and an unbounded one, read in order
+        assert_eq!(scan_index(4, 5, Some(5)), 4);
+        assert_eq!(scan_index(4, 10, None), 4);
+    }
 }

@@ -190,6 +190,27 @@ fn data_scan_reports_every_bad_file() {
         assert!(out.contains(f), "scan does not name {f}:\n{out}");
     }
     assert!(out.contains("2 readable"), "{out}");
+    // a quick check: 2 samples spread over the 5, so the last file is read too
+    let o = dinod(&[
+        "data",
+        "scan",
+        &spec,
+        "--limit",
+        "2",
+        "--workers",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        (r["scanned"].as_u64(), r["spread"].as_bool()),
+        (Some(2), Some(true)),
+        "{r}"
+    );
+    assert_eq!(r["listed"].as_u64(), Some(5), "{r}");
+    let o = dinod(&["data", "scan", &spec, "--limit", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 }
 
 /// An error says its cause once: the crates' errors carry their causes in their messages,

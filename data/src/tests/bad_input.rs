@@ -344,3 +344,50 @@ fn a_source_without_readable_images_stops_with_its_path() {
         "{err}"
     );
 }
+
+#[test]
+fn a_limited_scan_is_spread_over_the_source_and_reaches_its_last_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for i in 0..10 {
+        write_png(
+            &dir.path().join(format!("{i:02}.png")),
+            &pattern_image(20, 16, i),
+        );
+    }
+    // sorts last: a scan of the first samples would never read it
+    std::fs::write(dir.path().join("99_broken.jpg"), b"not a jpeg").expect("write");
+    let spec = SourceSpec::Folder(dir.path().to_path_buf());
+    let report = |max| {
+        scan(
+            &spec,
+            &ScanOptions {
+                max_images: max,
+                n_workers: 2,
+                ..ScanOptions::default()
+            },
+        )
+        .expect("scan")
+    };
+    let some = report(Some(3));
+    assert_eq!(
+        (some.scanned, some.readable, some.spread),
+        (3, 2, true),
+        "{some}"
+    );
+    assert_eq!(some.bad.len(), 1, "{some}");
+    assert!(some.bad[0].path.ends_with("99_broken.jpg"), "{some}");
+    assert!(
+        some.to_string().contains("spread evenly over the source"),
+        "{some}"
+    );
+    let all = report(None);
+    assert_eq!(
+        (all.scanned, all.readable, all.spread),
+        (11, 10, false),
+        "{all}"
+    );
+    let more = report(Some(50));
+    assert_eq!((more.scanned, more.spread), (11, false), "{more}");
+    let one = report(Some(1));
+    assert_eq!((one.scanned, one.readable), (1, 1), "{one}");
+}

@@ -52,6 +52,53 @@ pub struct TarSource {
     pixel_limit: u64,
     from_cache: usize,
     n_unread_images: usize,
+    open: OpenShards,
+}
+
+/// Shards most read from keep their file open: a sample is then one `pread`, with no
+/// `open` (a metadata round trip on a network file system, which is what shards are
+/// for). Also, a shard replaced while the run reads it is read as it was indexed, from the
+/// file still open, rather than at the old offsets of the new file.
+#[derive(Debug, Default)]
+struct OpenShards {
+    /// Open files by shard, and the order they were opened in (the oldest is closed first).
+    files: std::sync::Mutex<(
+        std::collections::HashMap<u32, std::sync::Arc<File>>,
+        std::collections::VecDeque<u32>,
+    )>,
+}
+
+impl OpenShards {
+    /// At most this many shard files open at once, well below the usual limit of 1024
+    /// descriptors a process may hold. With more shards than this, a sample from a closed
+    /// one opens it (and closes the oldest).
+    const MAX: usize = 256;
+
+    fn get(&self, shard: u32, path: &Path) -> std::io::Result<std::sync::Arc<File>> {
+        let lock = || self.files.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = lock().0.get(&shard) {
+            return Ok(f.clone());
+        }
+        // opened without the lock: another worker may read a cached shard meanwhile
+        let f = std::sync::Arc::new(File::open(path)?);
+        let mut g = lock();
+        let (files, order) = &mut *g;
+        if let Some(raced) = files.get(&shard) {
+            return Ok(raced.clone());
+        }
+        if files.len() >= Self::MAX {
+            if let Some(oldest) = order.pop_front() {
+                files.remove(&oldest);
+            }
+        }
+        files.insert(shard, f.clone());
+        order.push_back(shard);
+        Ok(f)
+    }
+
+    fn count(&self) -> usize {
+        self.files.lock().unwrap_or_else(|e| e.into_inner()).0.len()
+    }
 }
 
 /// An image member: where its bytes are.
@@ -183,7 +230,13 @@ impl TarSource {
             pixel_limit,
             from_cache,
             n_unread_images,
+            open: OpenShards::default(),
         })
+    }
+
+    /// How many shard files are open now (read from since the open, up to a bound).
+    pub fn open_files(&self) -> usize {
+        self.open.count()
     }
 
     /// How many shards' indexes were read from the index cache at open.
@@ -965,7 +1018,10 @@ impl Source for TarSource {
                 reason,
             })
         };
-        let file = File::open(shard).map_err(|e| bad(BadReason::Io(e.to_string())))?;
+        let file = self
+            .open
+            .get(m.shard, shard)
+            .map_err(|e| bad(BadReason::Io(e.to_string())))?;
         let mut bytes = vec![0u8; m.len as usize];
         let got =
             read_at(&file, &mut bytes, m.offset).map_err(|e| bad(BadReason::Io(e.to_string())))?;

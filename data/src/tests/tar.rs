@@ -468,3 +468,67 @@ fn shard_indexes_are_cached_until_the_shard_changes() {
     let src = spec.open_with(&opts).unwrap();
     assert_eq!(src.len(), changed.len());
 }
+
+/// A sample is a read from a shard file kept open: no `open` per sample, at most
+/// `OpenShards::MAX` (256) files open however many shards there are, and a shard replaced
+/// on disk during the run is read as it was indexed (from the file still open) instead of
+/// at the old offsets of the new file.
+#[test]
+fn shards_stay_open_up_to_a_bound_and_a_replaced_shard_reads_as_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("in");
+    image_folder(&root);
+    let shards = dir.path().join("shards");
+    std::fs::create_dir(&shards).unwrap();
+    tar(
+        &root,
+        &[
+            "--sort=name",
+            "-cf",
+            shards.join("a.tar").to_str().unwrap(),
+            "cat",
+        ],
+    );
+    for i in 1..300 {
+        std::fs::copy(shards.join("a.tar"), shards.join(format!("b{i:03}.tar"))).unwrap();
+    }
+    let src = open(&shards);
+    assert_eq!(src.len(), Some(300 * 3));
+    assert_eq!(src.open_files(), 0);
+    let first: Vec<_> = (0..3).map(|i| src.get(i).unwrap().image).collect();
+    assert_eq!(
+        src.open_files(),
+        1,
+        "three samples of one shard: one open file"
+    );
+    for i in 0..src.len().unwrap() {
+        assert_eq!(
+            src.get(i).unwrap().image,
+            first[i as usize % 3],
+            "sample {i}"
+        );
+    }
+    assert_eq!(src.open_files(), 256);
+    // the first shard was closed for a later one: reading it again opens it again
+    assert_eq!(src.get(1).unwrap().image, first[1]);
+
+    // b299.tar is open (read last); replace it with another archive of other images
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(other.join("cat")).unwrap();
+    for i in 0..6 {
+        write_jpeg(
+            &other.join(format!("cat/{i}.jpg")),
+            &pattern_image(90, 70, 50 + i),
+        );
+    }
+    let tmp = dir.path().join("new.tar");
+    tar(
+        &other,
+        &["--sort=name", "-cf", tmp.to_str().unwrap(), "cat"],
+    );
+    std::fs::rename(&tmp, shards.join("b299.tar")).unwrap();
+    for k in 0..3 {
+        let s = src.get(299 * 3 + k).unwrap();
+        assert_eq!(s.image, first[k as usize], "{}", s.id);
+    }
+}

@@ -1005,7 +1005,7 @@ pub fn data_scan(
                 eprintln!("{}", scan_progress_line(progress, start.elapsed()));
             }
         });
-        let report = data::scan_with_progress(&spec, &opts, &progress);
+        let report = data::scan_with_progress(&spec, &opts, progress);
         drop(stop);
         report
     })?;

@@ -61,12 +61,14 @@ pub struct TarSource {
 /// file still open, rather than at the old offsets of the new file.
 #[derive(Debug, Default)]
 struct OpenShards {
-    /// Open files by shard, and the order they were opened in (the oldest is closed first).
-    files: std::sync::Mutex<(
-        std::collections::HashMap<u32, std::sync::Arc<File>>,
-        std::collections::VecDeque<u32>,
-    )>,
+    files: std::sync::Mutex<OpenFiles>,
 }
+
+/// Open files by shard, and the order they were opened in (the oldest is closed first).
+type OpenFiles = (
+    std::collections::HashMap<u32, std::sync::Arc<File>>,
+    std::collections::VecDeque<u32>,
+);
 
 impl OpenShards {
     /// At most this many shard files open at once, well below the usual limit of 1024

@@ -927,6 +927,21 @@ fn a_run_on_tar_shards_is_the_run_on_the_folder_they_hold() {
     }
     assert_eq!(fingerprint(&from_tar), fingerprint(&from_folder));
     let ev = events(&from_tar);
+    // the open is recorded: what the source holds and how long opening took
+    let opened = ev
+        .iter()
+        .find(|e| e["kind"] == "data.opened")
+        .unwrap_or_else(|| panic!("no data.opened event: {:?}", kinds(&ev)));
+    assert_eq!(opened["fields"]["source"], spec.as_str(), "{opened}");
+    assert_eq!(opened["fields"]["classes"], 2, "{opened}");
+    assert!(opened["fields"]["seconds"].as_f64().is_some(), "{opened}");
+    assert!(
+        opened["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("2 shard(s)"),
+        "{opened}"
+    );
     for (name, shard) in bad.iter().zip(["part-0.tar", "part-1.tar"]) {
         assert!(
             ev.iter().any(|e| e["kind"] == "data.bad_input"

@@ -1091,6 +1091,9 @@ pub fn bench_data(
 
 #[cfg(test)]
 mod tests {
+    use super::{cast_blob, scan_progress_line};
+    use checkpoints::{Dtype, TensorBlob};
+
     #[test]
     fn scan_progress_says_how_far_how_fast_and_how_long() {
         use std::sync::atomic::Ordering::Relaxed;
@@ -1112,8 +1115,6 @@ mod tests {
             scan_progress_line(&p, std::time::Duration::from_secs(1000))
         );
     }
-    use super::{cast_blob, scan_progress_line};
-    use checkpoints::{Dtype, TensorBlob};
 
     /// Halves are rounded to nearest even, to the bit patterns IEEE and bfloat16 give.
     #[test]

@@ -55,7 +55,8 @@ pub struct TarSource {
     open: OpenShards,
 }
 
-/// Shards most read from keep their file open: a sample is then one `pread`, with no
+/// Shard files stay open once read from (up to [`OpenShards::MAX`], the oldest opened closed
+/// first): a sample is then one `pread`, with no
 /// `open` (a metadata round trip on a network file system, which is what shards are
 /// for). Also, a shard replaced while the run reads it is read as it was indexed, from the
 /// file still open, rather than at the old offsets of the new file.

@@ -72,6 +72,21 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
         return Ok(0);
     }
     let r = &doc["run"];
+    if let Some(st) = doc.get("starting").filter(|s| !s.is_null()) {
+        // before its actor tree runs: what it is doing, and what it resumes from
+        println!(
+            "daemon       starting (pid {}): {}, {:.0} s so far",
+            r["pid"],
+            st["phase"].as_str().unwrap_or("?"),
+            st["seconds"].as_f64().unwrap_or(0.0)
+        );
+        match r["resumes_from"].as_u64() {
+            Some(s) => println!("resumes from the checkpoint at step {s}"),
+            None if st["phase"] == "reading the checkpoints" => {}
+            None => println!("resumes from nothing: a new run"),
+        }
+        return Ok(0);
+    }
     println!(
         "daemon       {}",
         if live {

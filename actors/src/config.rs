@@ -371,6 +371,8 @@ pub struct FaultSpec {
     /// also `member:R`, member R > 0 of a data-parallel group (in the student's step).
     /// `device_error` fires in the trainer, a student, a member, or the evaluator (its
     /// probes then run again on the host).
+    /// `slow:startup@0+MS` holds the daemon's start (while it opens the data source) for
+    /// MS milliseconds, to drill what it does before its actor tree runs.
     #[serde(default)]
     pub actor: Option<String>,
     /// At which step.
@@ -441,7 +443,8 @@ impl FaultSpec {
             "device_lost",
             "error",
         ];
-        const ACTORS: [&str; 8] = [
+        const ACTORS: [&str; 9] = [
+            "startup",
             "data_loader",
             "teacher",
             "trainer",
@@ -482,6 +485,12 @@ impl FaultSpec {
         }
         if matches!(self.kind.as_str(), "panic" | "slow") && self.actor.is_none() {
             return Err(format!("fault `{}` needs an actor", self.kind));
+        }
+        if self.actor.as_deref() == Some("startup") && (self.kind != "slow" || self.step != 0) {
+            return Err(format!(
+                "fault `{}:startup@{}`: the start takes a slow fault at step 0 only (`slow:startup@0+MS`)",
+                self.kind, self.step
+            ));
         }
         // the other kinds fire in one place: aimed at another actor they would never fire
         if let Some(a) = &self.actor {

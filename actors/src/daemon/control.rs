@@ -24,6 +24,18 @@ pub fn socket_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("control.sock")
 }
 
+/// Binds the control socket at `path`, readable and writable by its owner only from the
+/// moment it appears (bound under a temporary name, restricted, then renamed into place).
+/// The caller holds the state directory's lock, so a socket already there is stale.
+pub fn bind_socket(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    let tmp = path.with_extension("sock.new");
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(listener)
+}
+
 /// Where this process serves its metrics (`{"url"}`), or why it does not
 /// (`{"unavailable"}`); `None` with no `runtime.metrics_port`.
 static ENDPOINT: std::sync::Mutex<Option<Value>> = std::sync::Mutex::new(None);
@@ -132,6 +144,47 @@ async fn coordinator_cast(msg: CoordMsg) -> Result<(), String> {
     }
 }
 
+/// The `events` request, on the live socket and on the one a starting daemon answers:
+/// the recent events, or those after `since`; with `follow`, streams new ones until the
+/// client leaves (an `Err`: the connection is gone).
+pub async fn answer_events(
+    store: &checkpoints::Store,
+    req: &Value,
+    w: &mut tokio::net::unix::OwnedWriteHalf,
+) -> Result<Result<Value, String>> {
+    let since = req.get("since").and_then(|v| v.as_u64());
+    let limit = req.get("limit").and_then(|v| v.as_u64()).unwrap_or(50) as usize;
+    let follow = req.get("follow").and_then(|v| v.as_bool()).unwrap_or(false);
+    let evs = match since {
+        Some(s) => store.events_since(s, limit),
+        None => store.recent_events(limit),
+    };
+    let evs = match evs {
+        Ok(evs) => evs,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if follow {
+        let mut last = evs
+            .last()
+            .map(|e| e.seq)
+            .unwrap_or_else(|| since.unwrap_or(0));
+        for e in &evs {
+            w.write_all(format!("{}\n", json!({"ok": true, "data": e})).as_bytes())
+                .await?;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let more = store.events_since(last, 100).unwrap_or_default();
+            for e in &more {
+                last = e.seq;
+                w.write_all(format!("{}\n", json!({"ok": true, "data": e})).as_bytes())
+                    .await?;
+            }
+        }
+    }
+    Ok(Ok(json!(evs)))
+}
+
 async fn answer(
     ctx: &Arc<Ctx>,
     req: &Value,
@@ -141,42 +194,7 @@ async fn answer(
     let reply: Result<Value, String> = match cmd {
         "status" => Ok(status_doc(ctx)),
         "actors" => Ok(json!(ctx.board.actors())),
-        "events" => {
-            let since = req.get("since").and_then(|v| v.as_u64());
-            let limit = req.get("limit").and_then(|v| v.as_u64()).unwrap_or(50) as usize;
-            let follow = req.get("follow").and_then(|v| v.as_bool()).unwrap_or(false);
-            let evs = match since {
-                Some(s) => ctx.store.events_since(s, limit),
-                None => ctx.store.recent_events(limit),
-            };
-            match evs {
-                Ok(evs) => {
-                    if follow {
-                        let mut last = evs
-                            .last()
-                            .map(|e| e.seq)
-                            .unwrap_or_else(|| since.unwrap_or(0));
-                        for e in &evs {
-                            w.write_all(format!("{}\n", json!({"ok": true, "data": e})).as_bytes())
-                                .await?;
-                        }
-                        loop {
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                            let more = ctx.store.events_since(last, 100).unwrap_or_default();
-                            for e in &more {
-                                last = e.seq;
-                                w.write_all(
-                                    format!("{}\n", json!({"ok": true, "data": e})).as_bytes(),
-                                )
-                                .await?;
-                            }
-                        }
-                    }
-                    Ok(json!(evs))
-                }
-                Err(e) => Err(e.to_string()),
-            }
-        }
+        "events" => answer_events(&ctx.store, req, w).await?,
         "checkpoints" => {
             let verify = req.get("verify").and_then(|v| v.as_bool()).unwrap_or(false);
             let c = ctx.clone();
@@ -284,11 +302,8 @@ impl Actor for ControlActor {
     ) -> Result<Self::State, ActorProcessingErr> {
         ctx.board.register(NAME, "control");
         let path = socket_path(&ctx.state_dir);
-        // we hold the state directory's lock, so an existing socket is stale
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path)
+        let listener = bind_socket(&path)
             .map_err(|e| format!("cannot bind the control socket {}: {e}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let c2 = ctx.clone();
         let task = tokio::spawn(async move {
             loop {

@@ -24,6 +24,7 @@ pub mod distill;
 pub mod evaluator;
 pub mod faults;
 pub mod loader;
+pub mod startup;
 pub mod supervisor;
 pub mod worker;
 
@@ -247,10 +248,39 @@ pub fn open_store(dir: &Path, plan: &Plan, faults: Option<Arc<Faults>>) -> Resul
     if let Some(f) = faults {
         opts = opts.with_fault_injector(Arc::new(checkpointer::ConfigFaults(f)));
     }
-    let store = Store::open(dir, opts)
-        .with_context(|| format!("cannot open the state directory {}", dir.display()))?;
+    // a `dinod status` (or `events`, `checkpoints`) that found no daemon reads the catalog
+    // under the directory's lock for a moment: wait that out rather than fail the start
+    // (under systemd, a failed start is a restart loop while someone watches the status)
+    let give_up = std::time::Instant::now() + LOCK_WAIT;
+    let mut said = false;
+    let store = loop {
+        match Store::open(dir, opts.clone()) {
+            Err(checkpoints::Error::InUse { pid, .. }) if std::time::Instant::now() < give_up => {
+                if !said {
+                    said = true;
+                    tracing::info!(
+                        "the state directory {} is held by {}; waiting up to {} s for it",
+                        dir.display(),
+                        pid.map(|p| format!("pid {p}"))
+                            .unwrap_or_else(|| "another process".into()),
+                        LOCK_WAIT.as_secs()
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            r => {
+                break r.with_context(|| {
+                    format!("cannot open the state directory {}", dir.display())
+                })?
+            }
+        }
+    };
     Ok(store)
 }
+
+/// How long a starting daemon waits for another process to release its state directory
+/// (the CLI's offline reads hold it for milliseconds; a second daemon holds it for good).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A fresh state for a new run; one started from `[model] init` records what it read
 /// (`run.initialised`).
@@ -349,10 +379,20 @@ fn record_start(
 /// Opens the run's data source, saying so first (a `tar:` source walks its shards' headers
 /// on a first open: seconds to minutes at ImageNet's size) and recording what it holds and
 /// how long it took (`data.opened`).
-fn open_source(plan: &Plan, store: &Store) -> Result<Arc<dyn data::Source>> {
+fn open_source(
+    plan: &Plan,
+    store: &Store,
+    faults: &Faults,
+    life: &Arc<startup::Lifecycle>,
+) -> Result<Arc<dyn data::Source>> {
     let spec = &plan.config.data.source;
     tracing::info!(kind = "data.opening", "opening the data source {spec}");
+    life.enter(&format!("opening the data source {spec}"));
     let t = std::time::Instant::now();
+    if let Some(f) = faults.take("slow", Some("startup"), 0) {
+        tracing::warn!("injected fault: the start is held {} ms", f.duration_ms);
+        std::thread::sleep(std::time::Duration::from_millis(f.duration_ms));
+    }
     let source = spec
         .open()
         .with_context(|| format!("opening the data source {spec}"))?;
@@ -378,6 +418,14 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         .enable_all()
         .thread_name("dinod-rt")
         .build()?;
+    // from here a signal or `dinod stop` ends the start cleanly, and the control socket
+    // says what the daemon is doing
+    let life = startup::Lifecycle::begin(
+        &rt,
+        store.clone(),
+        &opts.state_dir,
+        "reading the checkpoints",
+    );
     if plan.config.precision == crate::config::Precision::Bf16
         && plan.config.runtime.device == "cpu"
     {
@@ -392,6 +440,7 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
     // read once: it decides between the students and the self-supervised run, and is
     // what the latter resumes from
     let latest = store.load_latest_valid()?;
+    life.resumes_from(latest.as_ref().map(|ck| ck.manifest.step));
     record_start(
         &store,
         previous.as_ref(),
@@ -406,19 +455,23 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
                 .as_ref()
                 .map(|d| d.teacher.clone())
                 .unwrap_or_default();
-            return run_distill(&rt, plan, opts, store, faults, &spec);
+            return run_distill(&rt, &life, plan, opts, store, faults, &spec);
         }
         if latest
             .as_ref()
             .is_some_and(|ck| in_distill_stage(ck.meta(), &plan))
         {
             drop(latest);
-            return run_distill(&rt, plan, opts, store, faults, &self_teacher);
+            return run_distill(&rt, &life, plan, opts, store, faults, &self_teacher);
         }
     }
     // resume or start
     let state = match latest {
         Some(ck) => {
+            life.enter(&format!(
+                "restoring the checkpoint at step {}",
+                ck.manifest.step
+            ));
             let st = engine::restore(ck, &plan)?;
             tracing::info!(
                 step = st.ts.step,
@@ -427,9 +480,12 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
             );
             st
         }
-        None => fresh(&plan, &store)?,
+        None => {
+            life.enter("initialising a new run");
+            fresh(&plan, &store)?
+        }
     };
-    let source = open_source(&plan, &store)?;
+    let source = open_source(&plan, &store, &faults, &life)?;
     let ctx = Arc::new(Ctx::new(
         plan,
         &opts,
@@ -438,7 +494,10 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         store,
         source,
     ));
-    let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
+    life.training();
+    let code = rt.block_on(supervisor::run_tree(ctx.clone()));
+    life.tree_ended();
+    let code = code?;
     let _ = ctx.store.flush();
     if code == EXIT_OK && ctx.handoff.load(Ordering::SeqCst) {
         // the final checkpoint carries stage `distill`: a restart resumes the students
@@ -460,6 +519,7 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         );
         return run_distill(
             &rt,
+            &life,
             ctx.plan.clone(),
             opts,
             ctx.store.clone(),
@@ -479,16 +539,19 @@ fn in_distill_stage(meta: &serde_json::Value, plan: &Plan) -> bool {
 /// A distillation run: the frozen teacher, the students with their own stores.
 fn run_distill(
     rt: &tokio::runtime::Runtime,
+    life: &Arc<startup::Lifecycle>,
     plan: Plan,
     opts: RunOptions,
     store: Arc<Store>,
     faults: Arc<Faults>,
     spec: &str,
 ) -> Result<i32> {
+    life.enter(&format!("loading the teacher {spec}"));
     let teacher = distill::load_teacher(&plan, spec)
         .with_context(|| format!("loading the teacher {spec}"))?;
+    life.enter("opening the students' checkpoints");
     let students = distill::open_students(&plan, &opts.state_dir, faults.clone(), &store)?;
-    let source = open_source(&plan, &store)?;
+    let source = open_source(&plan, &store, &faults, life)?;
     let engine = students[0].engine.clone();
     let ctx = Arc::new(Ctx {
         progress: false,
@@ -496,7 +559,10 @@ fn run_distill(
         frozen_teacher: Some(Arc::new(teacher)),
         ..Ctx::new(plan, &opts, faults, engine, store, source)
     });
-    let code = rt.block_on(supervisor::run_tree(ctx.clone()))?;
+    life.training();
+    let code = rt.block_on(supervisor::run_tree(ctx.clone()));
+    life.tree_ended();
+    let code = code?;
     let _ = ctx.store.flush();
     for s in &ctx.students {
         let _ = s.store.flush();

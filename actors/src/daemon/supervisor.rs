@@ -449,7 +449,7 @@ impl Actor for SupervisorActor {
     }
 }
 
-/// Spawns the tree, wires signals, and waits for the end; returns the exit status.
+/// Spawns the tree and waits for the end; returns the exit status.
 pub async fn run_tree(ctx: Arc<Ctx>) -> anyhow::Result<i32> {
     if let Some(port) = ctx.plan.config.runtime.metrics_port {
         super::control::start_metrics(&ctx, port);
@@ -457,22 +457,8 @@ pub async fn run_tree(ctx: Arc<Ctx>) -> anyhow::Result<i32> {
     let (sup, handle) = Actor::spawn(Some(NAME.to_string()), SupervisorActor, ctx.clone())
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the supervision tree: {e}"))?;
-    // Ctrl-C / SIGTERM: drain, checkpoint, exit 0
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = term.recv() => {},
-        }
-        tracing::info!("signal received: draining, checkpointing and stopping");
-        if let Some(c) = ractor::registry::where_is(super::coordinator::NAME) {
-            let _ = ActorRef::<CoordMsg>::from(c).cast(CoordMsg::Stop { reply: None });
-        }
-    });
+    // SIGTERM / SIGINT reach the coordinator through the process's lifecycle
+    // (`startup::Lifecycle`): drain, checkpoint, exit 0
     handle
         .await
         .map_err(|e| anyhow::anyhow!("supervisor task failed: {e}"))?;

@@ -1,0 +1,339 @@
+//! The daemon's life around its actor tree: signals for the whole process, and the start
+//! before the tree runs (verifying and restoring the checkpoint, opening the data source,
+//! loading a distillation teacher). On real runs that start takes seconds to minutes (a
+//! first walk of ImageNet-sized tar shards, a large checkpoint read from a network disk),
+//! and a daemon that neither answered nor stopped during it looked hung.
+//!
+//! While starting, the daemon answers its control socket (`status` says what it is doing
+//! and for how long; `events` and `checkpoints` read the catalog it holds), and SIGTERM,
+//! SIGINT or `dinod stop` end the process at once and cleanly: nothing has been trained, so
+//! nothing is saved, and a `run.stopped` event tells the next start that this process
+//! stopped and was not killed. While the tree runs, a signal asks the coordinator to drain,
+//! checkpoint and stop, as before.
+//!
+//! Owns: the signal handlers, the start-time control listener, the lifecycle mode. Knows
+//! nothing of training: it reads the catalog and sends `Stop` to the coordinator by name.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use checkpoints::{Event, Level, Store};
+use ractor::ActorRef;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::coordinator::{self, CoordMsg};
+
+/// Before the tree: a signal ends the process.
+const STARTING: u8 = 0;
+/// The tree runs: a signal asks the coordinator to stop.
+const TRAINING: u8 = 1;
+/// A signal during the start is ending the process.
+const EXITING: u8 = 2;
+/// The tree has stopped; the process is finishing (a signal changes nothing).
+const FINISHING: u8 = 3;
+
+/// What the daemon is doing before its tree runs.
+struct Phase {
+    what: String,
+    since: Instant,
+    /// The checkpoint the run resumes from, once known.
+    resume_step: Option<u64>,
+}
+
+/// The process's lifecycle: one per `dinod run`.
+pub struct Lifecycle {
+    store: Arc<Store>,
+    socket: PathBuf,
+    rt: tokio::runtime::Handle,
+    started: Instant,
+    mode: AtomicU8,
+    phase: Mutex<Phase>,
+    listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Lifecycle {
+    /// Takes over SIGTERM and SIGINT for the process and starts answering the control
+    /// socket of `state_dir` (whose catalog `store` holds, and with it the directory's
+    /// lock). The daemon is starting: `what` says with what.
+    pub fn begin(
+        rt: &tokio::runtime::Runtime,
+        store: Arc<Store>,
+        state_dir: &std::path::Path,
+        what: &str,
+    ) -> Arc<Self> {
+        let me = Arc::new(Self {
+            store,
+            socket: super::control::socket_path(state_dir),
+            rt: rt.handle().clone(),
+            started: Instant::now(),
+            mode: AtomicU8::new(STARTING),
+            phase: Mutex::new(Phase {
+                what: what.to_string(),
+                since: Instant::now(),
+                resume_step: None,
+            }),
+            listener: Mutex::new(None),
+        });
+        let (term, int) = {
+            let _g = rt.enter();
+            use tokio::signal::unix::{signal, SignalKind};
+            (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            )
+        };
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                let m = me.clone();
+                rt.spawn(async move {
+                    loop {
+                        let name = tokio::select! {
+                            _ = term.recv() => "SIGTERM",
+                            _ = int.recv() => "SIGINT",
+                        };
+                        m.on_stop_request(name);
+                    }
+                });
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("cannot handle SIGTERM/SIGINT ({e}): a signal kills the daemon without a final checkpoint")
+            }
+        }
+        me.listen();
+        me
+    }
+
+    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The daemon starts (again) on `what`: it answers as starting, and a signal ends it.
+    pub fn enter(self: &Arc<Self>, what: &str) {
+        {
+            let mut p = self.phase();
+            p.what = what.to_string();
+            p.since = Instant::now();
+        }
+        let _ = self
+            .mode
+            .compare_exchange(FINISHING, STARTING, Ordering::SeqCst, Ordering::SeqCst);
+        self.listen();
+    }
+
+    /// Records the checkpoint step the run resumes from (shown by `status` while starting).
+    pub fn resumes_from(&self, step: Option<u64>) {
+        self.phase().resume_step = step;
+    }
+
+    /// The tree is about to start: the control actor takes the socket over and signals go
+    /// to the coordinator. Never returns if a signal is ending the process.
+    pub fn training(&self) {
+        if self
+            .mode
+            .compare_exchange(STARTING, TRAINING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+            && self.mode.load(Ordering::SeqCst) == EXITING
+        {
+            // the signal handler is recording the stop and exits the process
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        self.mode.store(TRAINING, Ordering::SeqCst);
+        if let Some(t) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            t.abort();
+        }
+    }
+
+    /// The tree has stopped.
+    pub fn tree_ended(&self) {
+        self.mode.store(FINISHING, Ordering::SeqCst);
+    }
+
+    /// A signal or `dinod stop`: while starting, the process ends now; while training, the
+    /// coordinator drains, checkpoints and stops.
+    fn on_stop_request(self: &Arc<Self>, by: &str) {
+        match self.mode.load(Ordering::SeqCst) {
+            STARTING => self.exit_now(by),
+            TRAINING => {
+                tracing::info!("{by} received: draining, checkpointing and stopping");
+                // the coordinator may not be registered yet (the tree is starting): retry
+                // while the tree runs
+                let m = self.clone();
+                self.rt.spawn(async move {
+                    while m.mode.load(Ordering::SeqCst) == TRAINING {
+                        if let Some(c) = ractor::registry::where_is(coordinator::NAME) {
+                            let _ =
+                                ActorRef::<CoordMsg>::from(c).cast(CoordMsg::Stop { reply: None });
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    // the tree ended before it stopped: the start of a hand-over ends here
+                    if m.mode.load(Ordering::SeqCst) == STARTING {
+                        m.exit_now("a stop request during the hand-over");
+                    }
+                });
+            }
+            _ => tracing::info!("{by} received: the daemon is already stopping"),
+        }
+    }
+
+    /// Ends the process during the start: records `run.stopped` (exit 0; nothing was
+    /// trained, so nothing is saved), flushes the catalog, removes the socket and exits.
+    fn exit_now(&self, by: &str) {
+        if self
+            .mode
+            .compare_exchange(STARTING, EXITING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return;
+        }
+        let (what, secs, step) = {
+            let p = self.phase();
+            (
+                p.what.clone(),
+                p.since.elapsed().as_secs_f64(),
+                p.resume_step,
+            )
+        };
+        let message =
+            format!("stopped by {by} while {what} ({secs:.1} s), before training: nothing to save");
+        tracing::info!(kind = "run.stopped", "{message}");
+        let mut e = Event::new(Level::Info, "run.stopped", message).fields(json!({
+            "exit_code": super::EXIT_OK,
+            "during_start": what,
+            "seconds_into_start": self.started.elapsed().as_secs_f64(),
+        }));
+        if let Some(s) = step {
+            e = e.step(s);
+        }
+        let _ = self.store.append_event(&e);
+        let _ = self.store.flush();
+        let _ = std::fs::remove_file(&self.socket);
+        std::process::exit(super::EXIT_OK);
+    }
+
+    /// `dinod status` while starting.
+    fn status_doc(&self) -> Value {
+        let p = self.phase();
+        json!({
+            "daemon": true,
+            "starting": {
+                "phase": p.what,
+                "seconds": p.since.elapsed().as_secs_f64(),
+                "since_start_s": self.started.elapsed().as_secs_f64(),
+            },
+            "run": {
+                "pid": std::process::id(),
+                "step": p.resume_step.unwrap_or(0),
+                "resumes_from": p.resume_step,
+            },
+        })
+    }
+
+    /// Binds the socket (if not bound) and answers on it while starting.
+    fn listen(self: &Arc<Self>) {
+        let mut slot = self.listener.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return;
+        }
+        let listener = {
+            let _g = self.rt.enter();
+            super::control::bind_socket(&self.socket)
+        };
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot bind the control socket {} while starting: {e}",
+                    self.socket.display()
+                );
+                return;
+            }
+        };
+        let m = self.clone();
+        *slot = Some(self.rt.spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((s, _)) => {
+                        tokio::spawn(serve(m.clone(), s));
+                    }
+                    Err(e) => {
+                        tracing::warn!("control socket accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }));
+    }
+}
+
+/// One client while starting. A connection outlives the start (an `events --follow` goes
+/// on streaming from the catalog once the tree runs).
+async fn serve(lc: Arc<Lifecycle>, stream: UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let req: Value = serde_json::from_str(&line).unwrap_or_else(|_| json!({"cmd": ""}));
+        let cmd = req.get("cmd").and_then(|v| v.as_str()).unwrap_or("");
+        let reply: Result<Value, String> = match cmd {
+            "status" => Ok(lc.status_doc()),
+            "events" => match super::control::answer_events(&lc.store, &req, &mut w).await {
+                Ok(v) => v,
+                Err(_) => break,
+            },
+            "checkpoints" => {
+                let verify = req.get("verify").and_then(|v| v.as_bool()).unwrap_or(false);
+                let store = lc.store.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::commands::checkpoint_rows(&[(None, store.as_ref())], verify)
+                        .map(|v| json!(v))
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()))
+            }
+            "stop" => {
+                let what = lc.phase().what.clone();
+                let line = json!({"ok": true, "data": format!(
+                    "stopping: the daemon was starting ({what}); it exits without training, nothing to save"
+                )});
+                let _ = w.write_all(format!("{line}\n").as_bytes()).await;
+                let _ = w.flush().await;
+                lc.on_stop_request("`dinod stop`");
+                // the tree took over meanwhile: the coordinator drains and stops
+                Ok(json!("stopping"))
+            }
+            "" => Err("request without `cmd`".into()),
+            other => {
+                let p = lc.phase();
+                Err(format!(
+                    "the daemon is starting ({}, {:.0} s so far); `{other}` is answered once it trains",
+                    p.what,
+                    p.since.elapsed().as_secs_f64()
+                ))
+            }
+        };
+        let line = match reply {
+            Ok(v) => json!({"ok": true, "data": v}),
+            Err(e) => json!({"ok": false, "error": e}),
+        };
+        if cmd == "stop" {
+            // answered above
+            continue;
+        }
+        if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+            break;
+        }
+    }
+}

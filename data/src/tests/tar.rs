@@ -469,8 +469,8 @@ fn shard_indexes_are_cached_until_the_shard_changes() {
     assert_eq!(src.len(), changed.len());
 }
 
-/// A sample is a read from a shard file kept open: no `open` per sample, at most
-/// `OpenShards::MAX` (256) files open however many shards there are, and a shard replaced
+/// A sample is a read from a shard file kept open: no `open` per sample, at most a bound
+/// of files open however many shards there are (here 256), and a shard replaced
 /// on disk during the run is read as it was indexed (from the file still open) instead of
 /// at the old offsets of the new file.
 #[test]
@@ -492,7 +492,8 @@ fn shards_stay_open_up_to_a_bound_and_a_replaced_shard_reads_as_indexed() {
     for i in 1..300 {
         std::fs::copy(shards.join("a.tar"), shards.join(format!("b{i:03}.tar"))).unwrap();
     }
-    let src = open(&shards);
+    let src = open(&shards).with_max_open_files(256);
+    assert_eq!(src.max_open_files(), 256);
     assert_eq!(src.len(), Some(300 * 3));
     assert_eq!(src.open_files(), 0);
     let first: Vec<_> = (0..3).map(|i| src.get(i).unwrap().image).collect();
@@ -509,6 +510,12 @@ fn shards_stay_open_up_to_a_bound_and_a_replaced_shard_reads_as_indexed() {
         );
     }
     assert_eq!(src.open_files(), 256);
+    assert!(
+        src.describe()
+            .contains("at most 256 shard files are kept open"),
+        "{}",
+        src.describe()
+    );
     // the first shard was closed for a later one: reading it again opens it again
     assert_eq!(src.get(1).unwrap().image, first[1]);
 

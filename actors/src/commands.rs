@@ -90,7 +90,13 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
     println!(
         "daemon       {}",
         if live {
-            format!("running (pid {})", r["pid"])
+            match r["stopping"].as_str() {
+                Some(why) => format!(
+                    "running (pid {}), STOPPING ({why}): finishing the step in flight, then writing the final checkpoint",
+                    r["pid"]
+                ),
+                None => format!("running (pid {})", r["pid"]),
+            }
         } else {
             "not running (from the catalog)".to_string()
         }

@@ -1420,6 +1420,74 @@ fn a_daemon_that_is_starting_answers_and_stops_at_once() {
     assert_eq!(fingerprint(&st).0, 3);
 }
 
+/// From the moment the coordinator stops stepping until the process ends, `dinod status`
+/// says the run is stopping and why (here the final checkpoint is held by an injected slow
+/// save, as a large model's is by its size); the catalog's status afterwards does not.
+#[test]
+fn status_says_a_run_is_stopping_while_its_final_checkpoint_is_written() {
+    let dir = TempDir::new("stopping");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let sd = st.to_str().unwrap().to_string();
+    let mut child = spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        &sd,
+        "--max-steps",
+        "4",
+        "--inject",
+        "slow:checkpointer@4+4000",
+    ]);
+    assert!(
+        wait_for(
+            || live(&st).is_some_and(|v| v["run"]["stopping"].is_string()),
+            Duration::from_secs(60)
+        ),
+        "the stopping daemon does not say so"
+    );
+    let v = live(&st).unwrap();
+    assert_eq!(v["run"]["stopping"], "reached the target step", "{v}");
+    let o = dinod(&["status", "--state-dir", &sd]);
+    assert!(
+        text(&o).contains("STOPPING (reached the target step)"),
+        "{}",
+        text(&o)
+    );
+    let code = wait_timeout(&mut child, Duration::from_secs(60)).expect("did not stop");
+    assert_eq!(code.code(), Some(0));
+    let s = status(&st);
+    assert_eq!(s["daemon"], false);
+    assert_eq!(s["run"]["stopping"], Value::Null, "{s}");
+    assert_eq!(s["run"]["step"], 4);
+    // a stop request shows at once, while the step in flight (held 3 s) finishes
+    let mut child = spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        &sd,
+        "--inject",
+        "slow:trainer@6+3000",
+    ]);
+    assert!(wait_for(
+        || live(&st).is_some_and(|v| v["run"]["step"] == 6),
+        Duration::from_secs(60)
+    ));
+    let o = dinod(&["stop", "--state-dir", &sd]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v = live(&st).expect("the daemon is gone before its step ended");
+    assert_eq!(
+        v["run"]["stopping"], "stop requested by `dinod stop`",
+        "{v}"
+    );
+    assert_eq!(v["run"]["step"], 6, "{v}");
+    let code = wait_timeout(&mut child, Duration::from_secs(60)).expect("did not stop");
+    assert_eq!(code.code(), Some(0));
+    assert_eq!(status(&st)["run"]["step"], 7);
+}
+
 /// `dinod bench chaos` drives the real daemon through SIGKILLs and in-process faults and
 /// reports the step efficiency against a fault-free run of the same length; the chaos
 /// run's checkpoints verify at the end, and a used work directory is refused.

@@ -114,6 +114,11 @@ pub struct RunStatus {
     /// Saves that failed since the last one that succeeded (none: the last save succeeded).
     #[serde(default)]
     pub failed_saves: Option<FailedSaves>,
+    /// Why the run is stopping, from the moment the coordinator stops stepping until the
+    /// process ends (the final checkpoint of a large model takes seconds to write); none
+    /// while it trains.
+    #[serde(default)]
+    pub stopping: Option<String>,
 }
 
 /// Checkpoint saves that failed in a row: training goes on, but what it trains since the

@@ -240,9 +240,14 @@ async fn answer(
         "resume" => coordinator_cast(CoordMsg::Resume)
             .await
             .map(|_| json!("resumed")),
-        "stop" => coordinator_cast(CoordMsg::Stop { reply: None })
-            .await
-            .map(|_| json!("stopping: draining the current step and writing a final checkpoint")),
+        "stop" => {
+            super::startup::stop_requested(&ctx.board, "`dinod stop`");
+            coordinator_cast(CoordMsg::Stop { reply: None })
+                .await
+                .map(|_| {
+                    json!("stopping: draining the current step and writing a final checkpoint")
+                })
+        }
         "stage" => {
             let (state, step) = {
                 let e = ctx.engine.lock();

@@ -965,8 +965,14 @@ impl CoordState {
         let error = match snap {
             Ok(p) => {
                 let store = ctx.store.clone();
+                let faults = ctx.faults.clone();
                 let t0 = std::time::Instant::now();
-                match tokio::task::spawn_blocking(move || store.save(&p)).await {
+                // a `slow:checkpointer` fault holds this save too: it is a checkpoint write
+                let save = move || {
+                    faults.maybe_slow(super::checkpointer::NAME, step);
+                    store.save(&p)
+                };
+                match tokio::task::spawn_blocking(save).await {
                     Ok(Ok(rep)) => {
                         // all of it blocks: the step waits for this save
                         let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -1010,6 +1016,9 @@ impl CoordState {
     async fn finish(&mut self, code: i32, why: &str) {
         let ctx = self.ctx.clone();
         self.stopping = true;
+        ctx.board.run(|r| {
+            r.stopping.get_or_insert_with(|| why.to_string());
+        });
         self.wait_for_save().await;
         self.save_in_flight = None;
         let (step, dirty) = {
@@ -1047,6 +1056,7 @@ impl CoordState {
             format!("stopped at step {step}: {why}"),
             json!({"exit_code": code, "final_checkpoint": !unsaved}),
         );
+        ctx.board.run(|r| r.stopping = None);
         let _ = super::control::write_final_status(&ctx);
         ctx.set_exit(code);
         let reply = if unsaved {

@@ -1083,6 +1083,7 @@ impl Actor for DistillCoordinator {
                         "every student stopped",
                         json!({}),
                     );
+                    ctx.board.run(|r| r.stopping = None);
                     let _ = super::control::write_final_status(&ctx);
                     ctx.set_exit(code);
                     super::supervisor::send(super::supervisor::SupMsg::Shutdown);
@@ -1114,6 +1115,10 @@ impl Actor for DistillCoordinator {
             }
             CoordMsg::Stop { reply } => {
                 ctx.stopping.store(true, Ordering::SeqCst);
+                ctx.board.run(|r| {
+                    r.stopping
+                        .get_or_insert_with(|| "stop requested: each student saves".into());
+                });
                 if let Some(r) = reply {
                     let _ = r.send("stopping".into());
                 }
@@ -1129,6 +1134,8 @@ impl Actor for DistillCoordinator {
                 );
                 ctx.exit_code.store(EXIT_DEVICE, Ordering::SeqCst);
                 ctx.stopping.store(true, Ordering::SeqCst);
+                ctx.board
+                    .run(|r| r.stopping = Some(format!("device context lost ({why})")));
             }
             CoordMsg::Saved { .. } => {}
             CoordMsg::SetStage { reply, .. } => {

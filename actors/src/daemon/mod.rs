@@ -494,7 +494,7 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         store,
         source,
     ));
-    life.training();
+    life.training(&ctx.board);
     let code = rt.block_on(supervisor::run_tree(ctx.clone()));
     life.tree_ended();
     let code = code?;
@@ -559,7 +559,7 @@ fn run_distill(
         frozen_teacher: Some(Arc::new(teacher)),
         ..Ctx::new(plan, &opts, faults, engine, store, source)
     });
-    life.training();
+    life.training(&ctx.board);
     let code = rt.block_on(supervisor::run_tree(ctx.clone()));
     life.tree_ended();
     let code = code?;

@@ -53,6 +53,8 @@ pub struct Lifecycle {
     mode: AtomicU8,
     phase: Mutex<Phase>,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The running tree's status board (a stop request shows there at once).
+    board: Mutex<Option<Arc<super::board::Board>>>,
 }
 
 impl Lifecycle {
@@ -77,6 +79,7 @@ impl Lifecycle {
                 resume_step: None,
             }),
             listener: Mutex::new(None),
+            board: Mutex::new(None),
         });
         let (term, int) = {
             let _g = rt.enter();
@@ -130,8 +133,10 @@ impl Lifecycle {
     }
 
     /// The tree is about to start: the control actor takes the socket over and signals go
-    /// to the coordinator. Never returns if a signal is ending the process.
-    pub fn training(&self) {
+    /// to the coordinator (and show on `board` at once). Never returns if a signal is
+    /// ending the process.
+    pub fn training(&self, board: &Arc<super::board::Board>) {
+        *self.board.lock().unwrap_or_else(|e| e.into_inner()) = Some(board.clone());
         if self
             .mode
             .compare_exchange(STARTING, TRAINING, Ordering::SeqCst, Ordering::SeqCst)
@@ -166,6 +171,14 @@ impl Lifecycle {
             STARTING => self.exit_now(by),
             TRAINING => {
                 tracing::info!("{by} received: draining, checkpointing and stopping");
+                if let Some(b) = self
+                    .board
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                {
+                    stop_requested(b, by);
+                }
                 // the coordinator may not be registered yet (the tree is starting): retry
                 // while the tree runs
                 let m = self.clone();
@@ -276,6 +289,15 @@ impl Lifecycle {
             }
         }));
     }
+}
+
+/// Shows a stop request on the status board (`dinod status`: STOPPING) from the moment it
+/// is made; the first reason stays.
+pub fn stop_requested(board: &super::board::Board, by: &str) {
+    board.run(|r| {
+        r.stopping
+            .get_or_insert_with(|| format!("stop requested by {by}"));
+    });
 }
 
 /// One client while starting. A connection outlives the start (an `events --follow` goes

@@ -1488,6 +1488,100 @@ fn status_says_a_run_is_stopping_while_its_final_checkpoint_is_written() {
     assert_eq!(status(&st)["run"]["step"], 7);
 }
 
+/// Under a service manager that asks for notifications (`NOTIFY_SOCKET`, systemd's
+/// `Type=notify`), the daemon says what it does while it starts, `READY=1` once it trains,
+/// `STOPPING=1` when it stops, and pings the watchdog at half of `WATCHDOG_USEC` while it
+/// runs; a watchdog meant for another pid is not pinged.
+#[test]
+fn a_service_manager_hears_start_ready_watchdog_and_stop() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new("notify");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let run = |steps: &str, watchdog_pid: Option<&str>| {
+        let mut c = std::process::Command::new(bin());
+        c.args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            st.to_str().unwrap(),
+            "--max-steps",
+            steps,
+            "--inject",
+            "slow:startup@0+1000",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .env("DINOD_CACHE_DIR", "off")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        if let Some(p) = watchdog_pid {
+            c.env("WATCHDOG_PID", p);
+        }
+        let mut child = c.spawn().unwrap();
+        let mut got: Vec<(Instant, String)> = vec![];
+        let mut buf = vec![0u8; 4096];
+        let end = loop {
+            match sock.recv(&mut buf) {
+                Ok(n) => got.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into())),
+                Err(_) => {
+                    if let Some(code) = child.try_wait().unwrap() {
+                        break code;
+                    }
+                }
+            }
+        };
+        while let Ok(n) = sock.recv(&mut buf) {
+            got.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into()));
+        }
+        assert_eq!(end.code(), Some(0));
+        got
+    };
+    let got = run("40", None);
+    let msgs: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let first = |pred: &dyn Fn(&str) -> bool| {
+        msgs.iter()
+            .position(|m| pred(m))
+            .unwrap_or_else(|| panic!("{msgs:?}"))
+    };
+    let starting = first(&|m| m == "STATUS=starting: opening the data source synthetic:0:32");
+    let ready = first(&|m| m.starts_with("READY=1\nSTATUS=training"));
+    let stopping =
+        first(&|m| m.starts_with("STOPPING=1\nSTATUS=stopping (reached the target step)"));
+    assert!(starting < ready && ready < stopping, "{msgs:?}");
+    // pings through the start (held 1 s) and the training, at about 200 ms
+    let pings: Vec<Instant> = got
+        .iter()
+        .filter(|(_, m)| m == "WATCHDOG=1")
+        .map(|(t, _)| *t)
+        .collect();
+    assert!(
+        msgs[..ready].iter().filter(|m| **m == "WATCHDOG=1").count() >= 3,
+        "{msgs:?}"
+    );
+    for w in pings.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            gap >= Duration::from_millis(150) && gap < Duration::from_millis(2000),
+            "{gap:?} {msgs:?}"
+        );
+    }
+    // a watchdog meant for another process is not ours to ping
+    let got = run("42", Some("1"));
+    assert!(
+        got.iter().all(|(_, m)| m != "WATCHDOG=1"),
+        "{:?}",
+        got.iter().map(|(_, m)| m).collect::<Vec<_>>()
+    );
+    assert!(got.iter().any(|(_, m)| m.starts_with("READY=1")));
+}
+
 /// `dinod bench chaos` drives the real daemon through SIGKILLs and in-process faults and
 /// reports the step efficiency against a fault-free run of the same length; the chaos
 /// run's checkpoints verify at the end, and a used work directory is refused.

@@ -110,6 +110,8 @@ pub struct ControlState {
     task: tokio::task::JoinHandle<()>,
     path: PathBuf,
     ctx: Arc<Ctx>,
+    /// When the service manager last got a `STATUS=` line from here.
+    last_notified: std::time::Instant,
 }
 
 /// The status document (`dinod status`).
@@ -325,7 +327,12 @@ impl Actor for ControlActor {
             }
         });
         _me.send_interval(Duration::from_millis(200), || ControlMsg::Tick);
-        Ok(ControlState { task, path, ctx })
+        Ok(ControlState {
+            task,
+            path,
+            ctx,
+            last_notified: std::time::Instant::now(),
+        })
     }
 
     async fn handle(
@@ -337,6 +344,18 @@ impl Actor for ControlActor {
         match msg {
             ControlMsg::Tick => {
                 st.ctx.board.phase(NAME, super::board::ActorPhase::Idle);
+                // the actor system answers: the service manager's watchdog may know it
+                super::notify::watchdog_from_tree();
+                if st.last_notified.elapsed() >= Duration::from_secs(5) {
+                    st.last_notified = std::time::Instant::now();
+                    let r = st.ctx.board.run_status();
+                    if r.stopping.is_none() {
+                        super::notify::status(&format!(
+                            "training: step {}, stage {}, {:.1} images/s",
+                            r.step, r.stage, r.images_per_s
+                        ));
+                    }
+                }
                 let step = st.ctx.engine.lock().ts.step;
                 st.ctx.faults.maybe_panic_since(NAME, step);
             }

@@ -1016,9 +1016,12 @@ impl CoordState {
     async fn finish(&mut self, code: i32, why: &str) {
         let ctx = self.ctx.clone();
         self.stopping = true;
-        ctx.board.run(|r| {
-            r.stopping.get_or_insert_with(|| why.to_string());
-        });
+        let reason = ctx
+            .board
+            .run(|r| r.stopping.get_or_insert_with(|| why.to_string()).clone());
+        super::notify::stopping(&format!(
+            "stopping ({reason}): writing the final checkpoint"
+        ));
         self.wait_for_save().await;
         self.save_in_flight = None;
         let (step, dirty) = {

@@ -1115,10 +1115,12 @@ impl Actor for DistillCoordinator {
             }
             CoordMsg::Stop { reply } => {
                 ctx.stopping.store(true, Ordering::SeqCst);
-                ctx.board.run(|r| {
+                let reason = ctx.board.run(|r| {
                     r.stopping
-                        .get_or_insert_with(|| "stop requested: each student saves".into());
+                        .get_or_insert_with(|| "stop requested: each student saves".into())
+                        .clone()
                 });
+                super::notify::stopping(&format!("stopping ({reason})"));
                 if let Some(r) = reply {
                     let _ = r.send("stopping".into());
                 }

@@ -24,6 +24,7 @@ pub mod distill;
 pub mod evaluator;
 pub mod faults;
 pub mod loader;
+pub mod notify;
 pub mod startup;
 pub mod supervisor;
 pub mod worker;

@@ -107,6 +107,17 @@ impl Lifecycle {
             }
         }
         me.listen();
+        super::notify::status(&format!("starting: {what}"));
+        // the service manager's watchdog, while no tree's control actor pings it
+        let m = me.clone();
+        rt.spawn(async move {
+            loop {
+                if m.mode.load(Ordering::SeqCst) != TRAINING || !super::notify::tree_pings() {
+                    super::notify::watchdog();
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
         me
     }
 
@@ -121,6 +132,7 @@ impl Lifecycle {
             p.what = what.to_string();
             p.since = Instant::now();
         }
+        super::notify::status(&format!("starting: {what}"));
         let _ = self
             .mode
             .compare_exchange(FINISHING, STARTING, Ordering::SeqCst, Ordering::SeqCst);
@@ -148,7 +160,9 @@ impl Lifecycle {
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
+        super::notify::tree_starting();
         self.mode.store(TRAINING, Ordering::SeqCst);
+        super::notify::ready("training");
         if let Some(t) = self
             .listener
             .lock()
@@ -171,6 +185,9 @@ impl Lifecycle {
             STARTING => self.exit_now(by),
             TRAINING => {
                 tracing::info!("{by} received: draining, checkpointing and stopping");
+                super::notify::stopping(&format!(
+                    "stopping: stop requested by {by}; finishing the step in flight, then the final checkpoint"
+                ));
                 if let Some(b) = self
                     .board
                     .lock()
@@ -222,6 +239,7 @@ impl Lifecycle {
         let message =
             format!("stopped by {by} while {what} ({secs:.1} s), before training: nothing to save");
         tracing::info!(kind = "run.stopped", "{message}");
+        super::notify::stopping(&message);
         let mut e = Event::new(Level::Info, "run.stopped", message).fields(json!({
             "exit_code": super::EXIT_OK,
             "during_start": what,

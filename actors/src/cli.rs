@@ -51,7 +51,7 @@ pub enum Command {
         /// Data source, overriding the config: folder:PATH, idx:PATH[:train|test], synthetic[:SEED[:SIZE]], copypaste:PATH[:train|test].
         #[arg(long)]
         data: Option<String>,
-        /// Inject a fault, KIND[:ACTOR]@STEP[xTIMES][+MS] (repeatable): panic, nan, slow, io_error, device_error, device_lost, error (a distillation teacher's targets of batch STEP fail with an error that is not a device fault); `slow:startup@0+MS` holds the start (the data source's open) MS ms.
+        /// Inject a fault, KIND[:ACTOR]@STEP[xTIMES][+MS] (repeatable): panic, nan, slow, io_error, device_error, device_lost, error (a distillation teacher's targets of batch STEP fail with an error that is not a device fault); `slow:startup@0+MS` holds the start (the end of the data source's open) MS ms.
         #[arg(long = "inject")]
         inject: Vec<String>,
         /// Checkpoint every N steps, overriding the config.

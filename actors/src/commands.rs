@@ -80,6 +80,9 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
             st["phase"].as_str().unwrap_or("?"),
             st["seconds"].as_f64().unwrap_or(0.0)
         );
+        if let Some(p) = st["progress"].as_str() {
+            println!("progress     {p}");
+        }
         match r["resumes_from"].as_u64() {
             Some(s) => println!("resumes from the checkpoint at step {s}"),
             None if st["phase"] == "reading the checkpoints" => {}

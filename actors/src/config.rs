@@ -371,8 +371,8 @@ pub struct FaultSpec {
     /// also `member:R`, member R > 0 of a data-parallel group (in the student's step).
     /// `device_error` fires in the trainer, a student, a member, or the evaluator (its
     /// probes then run again on the host).
-    /// `slow:startup@0+MS` holds the daemon's start (while it opens the data source) for
-    /// MS milliseconds, to drill what it does before its actor tree runs.
+    /// `slow:startup@0+MS` holds the daemon's start (at the end of the data source's open)
+    /// for MS milliseconds, to drill what it does before its actor tree runs.
     #[serde(default)]
     pub actor: Option<String>,
     /// At which step.

@@ -933,6 +933,39 @@ fn a_run_on_tar_shards_is_the_run_on_the_folder_they_hold() {
         .find(|e| e["kind"] == "data.opened")
         .unwrap_or_else(|| panic!("no data.opened event: {:?}", kinds(&ev)));
     assert_eq!(opened["fields"]["source"], spec.as_str(), "{opened}");
+    // while it opens, the daemon's status counts the shards indexed (the open is held at
+    // its end by an injected slow start)
+    let st = from_tar.to_str().unwrap();
+    let mut child = spawn(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        st,
+        "--data",
+        &spec,
+        "--inject",
+        "slow:startup@0+60000",
+    ]);
+    let counted = |v: &Value| v["starting"]["progress"] == "2 of 2 shards indexed";
+    assert!(
+        wait_for(
+            || live(&from_tar).is_some_and(|v| counted(&v)),
+            Duration::from_secs(30)
+        ),
+        "{:?}",
+        live(&from_tar)
+    );
+    let o = dinod(&["status", "--state-dir", st]);
+    assert!(
+        text(&o).contains(&format!("opening the data source {spec}"))
+            && text(&o).contains("progress     2 of 2 shards indexed"),
+        "{}",
+        text(&o)
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let code = wait_timeout(&mut child, Duration::from_secs(30)).expect("SIGTERM ignored");
+    assert_eq!(code.code(), Some(0));
     assert_eq!(opened["fields"]["classes"], 2, "{opened}");
     assert!(opened["fields"]["seconds"].as_f64().is_some(), "{opened}");
     assert!(

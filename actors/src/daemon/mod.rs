@@ -389,14 +389,21 @@ fn open_source(
     let spec = &plan.config.data.source;
     tracing::info!(kind = "data.opening", "opening the data source {spec}");
     life.enter(&format!("opening the data source {spec}"));
+    let progress = Arc::new(data::OpenProgress::default());
+    life.observe(progress.clone());
     let t = std::time::Instant::now();
+    let opts = data::OpenOptions {
+        progress: Some(progress),
+        ..data::OpenOptions::default()
+    };
+    let source = spec
+        .open_with(&opts)
+        .with_context(|| format!("opening the data source {spec}"))?;
+    // a drill: the open goes on (held after its work, so its progress shows)
     if let Some(f) = faults.take("slow", Some("startup"), 0) {
         tracing::warn!("injected fault: the start is held {} ms", f.duration_ms);
         std::thread::sleep(std::time::Duration::from_millis(f.duration_ms));
     }
-    let source = spec
-        .open()
-        .with_context(|| format!("opening the data source {spec}"))?;
     let secs = t.elapsed().as_secs_f64();
     let message = format!("data source opened in {secs:.2} s: {}", source.describe());
     tracing::info!(kind = "data.opened", "{message}");

@@ -42,6 +42,18 @@ struct Phase {
     since: Instant,
     /// The checkpoint the run resumes from, once known.
     resume_step: Option<u64>,
+    /// How far the phase's work has got, where it counts (a `tar:` source's open).
+    progress: Option<Arc<data::OpenProgress>>,
+}
+
+impl Phase {
+    /// `opening the data source tar:/x (85 of 147 shards indexed)`.
+    fn line(&self) -> String {
+        match self.progress.as_ref().and_then(|p| p.describe()) {
+            Some(p) => format!("{} ({p})", self.what),
+            None => self.what.clone(),
+        }
+    }
 }
 
 /// The process's lifecycle: one per `dinod run`.
@@ -77,6 +89,7 @@ impl Lifecycle {
                 what: what.to_string(),
                 since: Instant::now(),
                 resume_step: None,
+                progress: None,
             }),
             listener: Mutex::new(None),
             board: Mutex::new(None),
@@ -111,9 +124,15 @@ impl Lifecycle {
         // the service manager's watchdog, while no tree's control actor pings it
         let m = me.clone();
         rt.spawn(async move {
+            let mut told = Instant::now();
             loop {
-                if m.mode.load(Ordering::SeqCst) != TRAINING || !super::notify::tree_pings() {
+                let mode = m.mode.load(Ordering::SeqCst);
+                if mode != TRAINING || !super::notify::tree_pings() {
                     super::notify::watchdog();
+                }
+                if mode == STARTING && told.elapsed() >= Duration::from_secs(5) {
+                    told = Instant::now();
+                    super::notify::status(&format!("starting: {}", m.phase().line()));
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -131,12 +150,18 @@ impl Lifecycle {
             let mut p = self.phase();
             p.what = what.to_string();
             p.since = Instant::now();
+            p.progress = None;
         }
         super::notify::status(&format!("starting: {what}"));
         let _ = self
             .mode
             .compare_exchange(FINISHING, STARTING, Ordering::SeqCst, Ordering::SeqCst);
         self.listen();
+    }
+
+    /// The current phase counts its progress in `progress` (shown by `status`).
+    pub fn observe(&self, progress: Arc<data::OpenProgress>) {
+        self.phase().progress = Some(progress);
     }
 
     /// Records the checkpoint step the run resumes from (shown by `status` while starting).
@@ -261,6 +286,7 @@ impl Lifecycle {
             "daemon": true,
             "starting": {
                 "phase": p.what,
+                "progress": p.progress.as_ref().and_then(|p| p.describe()),
                 "seconds": p.since.elapsed().as_secs_f64(),
                 "since_start_s": self.started.elapsed().as_secs_f64(),
             },

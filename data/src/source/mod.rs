@@ -273,7 +273,7 @@ impl From<SourceSpec> for String {
 }
 
 /// Options for opening a source.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// Images with more pixels are refused before decoding.
     pub pixel_limit: u64,
@@ -282,6 +282,22 @@ pub struct OpenOptions {
     /// Where `tar:` sources keep their shards' indexes between opens (`None`: walk every
     /// shard's headers at every open).
     pub index_cache: Option<PathBuf>,
+    /// Where the open counts how far it has got (`tar:` sources: shards indexed).
+    pub progress: Option<Arc<tar::OpenProgress>>,
+}
+
+/// Options are equal when they open alike and count into the same progress, if any.
+impl PartialEq for OpenOptions {
+    fn eq(&self, other: &Self) -> bool {
+        self.pixel_limit == other.pixel_limit
+            && self.synthetic_len == other.synthetic_len
+            && self.index_cache == other.index_cache
+            && match (&self.progress, &other.progress) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
 }
 
 impl Default for OpenOptions {
@@ -290,6 +306,7 @@ impl Default for OpenOptions {
             pixel_limit: DEFAULT_PIXEL_LIMIT,
             synthetic_len: synthetic::DEFAULT_LEN,
             index_cache: default_index_cache(),
+            progress: None,
         }
     }
 }
@@ -325,10 +342,11 @@ impl SourceSpec {
             SourceSpec::Folder(path) => {
                 Arc::new(folder::FolderSource::open_with(path, opts.pixel_limit)?)
             }
-            SourceSpec::Tar(path) => Arc::new(tar::TarSource::open_with(
+            SourceSpec::Tar(path) => Arc::new(tar::TarSource::open_observed(
                 path,
                 opts.pixel_limit,
                 opts.index_cache.as_deref(),
+                opts.progress.as_deref(),
             )?),
             SourceSpec::Idx { path, split } => Arc::new(idx::IdxSource::open(path, *split)?),
             SourceSpec::Synthetic { seed, size } => {

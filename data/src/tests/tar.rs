@@ -459,14 +459,30 @@ fn shard_indexes_are_cached_until_the_shard_changes() {
         "the used, and the new"
     );
 
-    // `tar:` specs use the cache of their open options
+    // `tar:` specs use the cache of their open options, and count the shards indexed
+    let progress = std::sync::Arc::new(crate::OpenProgress::default());
+    assert_eq!(progress.describe(), None);
     let opts = OpenOptions {
         index_cache: Some(cache.clone()),
+        progress: Some(progress.clone()),
         ..OpenOptions::default()
     };
     let spec: SourceSpec = format!("tar:{}", shards.display()).parse().unwrap();
     let src = spec.open_with(&opts).unwrap();
     assert_eq!(src.len(), changed.len());
+    let n = progress.shards().1;
+    assert!(n >= 2, "{n}");
+    assert_eq!(progress.shards(), (n, n, n));
+    assert_eq!(
+        progress.describe().unwrap(),
+        format!("{n} of {n} shards indexed ({n} from the index cache)")
+    );
+    let progress = crate::OpenProgress::default();
+    TarSource::open_observed(&shards, DEFAULT_PIXEL_LIMIT, None, Some(&progress)).unwrap();
+    assert_eq!(
+        progress.describe().unwrap(),
+        format!("{n} of {n} shards indexed")
+    );
 }
 
 /// A sample is a read from a shard file kept open: no `open` per sample, at most a bound

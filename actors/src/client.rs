@@ -11,20 +11,36 @@ use serde_json::{json, Value};
 
 use crate::daemon::control::socket_path;
 
+/// How long a command waits for a state directory that is held but has no socket.
+const HELD_WAIT: Duration = Duration::from_secs(3);
+
 /// Sends one request to the daemon of `state_dir`; `None` when no daemon listens.
 pub fn request(state_dir: &Path, req: &Value) -> Result<Option<Value>> {
     let path = socket_path(state_dir);
-    let mut s = match UnixStream::connect(&path) {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
+    // No socket while the state directory is held: a daemon between taking the directory
+    // and binding its socket, or between closing it and exiting; or another command
+    // reading the catalog. Each lasts moments: wait for the socket or the lock's release
+    // (then the caller reads the catalog itself) rather than fail on the locked catalog.
+    let give_up = std::time::Instant::now() + HELD_WAIT;
+    let mut s = loop {
+        match UnixStream::connect(&path) {
+            Ok(s) => break s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                if std::time::Instant::now() < give_up
+                    && checkpoints::lock_holder(state_dir).is_some()
+                {
+                    std::thread::sleep(Duration::from_millis(25));
+                    continue;
+                }
+                return Ok(None);
+            }
+            Err(e) => return Err(anyhow!("cannot connect to {}: {e}", path.display())),
         }
-        Err(e) => return Err(anyhow!("cannot connect to {}: {e}", path.display())),
     };
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     s.write_all(format!("{req}\n").as_bytes())?;

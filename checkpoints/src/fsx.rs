@@ -55,6 +55,25 @@ pub fn disk_usage(path: &Path) -> io::Result<u64> {
     Ok(total)
 }
 
+/// Whether a process holds the state directory `dir` now (a daemon, or a command reading
+/// its catalog), and its pid when the lock file names it: `None` when nobody does. Tries
+/// the lock without waiting and lets it go at once.
+pub fn lock_holder(dir: &Path) -> Option<Option<u32>> {
+    let mut file = File::open(dir.join("LOCK")).ok()?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        // free: closing the file (on return) releases it
+        return None;
+    }
+    let mut text = String::new();
+    Some(
+        file.read_to_string(&mut text)
+            .ok()
+            .and_then(|_| text.trim().parse::<u32>().ok()),
+    )
+}
+
 /// An exclusive `flock` on `DIR/LOCK`, holding the pid of the owner. Released by the kernel when
 /// the process dies, so a `kill -9` never leaves a stale lock behind.
 #[derive(Debug)]

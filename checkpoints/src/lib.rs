@@ -67,7 +67,7 @@ mod tests;
 pub use catalog::{event_kind, Event, Level, ProbeRecord, StoredEvent, CATALOG_SCHEMA};
 pub use error::{DiskLow, Error, Problem, Result, SaveStage};
 pub use fault::{FaultInjector, FaultPoint, FaultStage, InjectFault};
-pub use fsx::{disk_usage, now_ms};
+pub use fsx::{disk_usage, lock_holder, now_ms};
 pub use manifest::{CheckpointPayload, FileEntry, Manifest, MANIFEST_FORMAT};
 pub use retention::{
     keep_reasons, plan_retention, CheckpointInfo, KeepBest, KeepReason, Retention, MIN_KEEP_LAST,

@@ -1615,6 +1615,36 @@ fn a_service_manager_hears_start_ready_watchdog_and_stop() {
     assert!(got.iter().any(|(_, m)| m.starts_with("READY=1")));
 }
 
+/// A command that finds the state directory held but no socket (a daemon binding it or
+/// about to exit, another command reading the catalog) waits for the one or the other
+/// instead of failing on the locked catalog.
+#[test]
+fn a_command_waits_out_a_held_state_directory_instead_of_failing() {
+    use std::os::fd::AsRawFd;
+    let dir = TempDir::new("held");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let o = run_to(&cfg, &st, 3, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let lock = std::fs::File::open(st.join("LOCK")).unwrap();
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let mut child = spawn(&["status", "--json", "--state-dir", st.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "status did not wait for the held directory"
+    );
+    drop(lock);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["daemon"], false);
+    assert_eq!(v["run"]["step"], 3);
+}
+
 /// `dinod bench chaos` drives the real daemon through SIGKILLs and in-process faults and
 /// reports the step efficiency against a fault-free run of the same length; the chaos
 /// run's checkpoints verify at the end, and a used work directory is refused.

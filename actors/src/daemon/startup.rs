@@ -67,6 +67,9 @@ pub struct Lifecycle {
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The running tree's status board (a stop request shows there at once).
     board: Mutex<Option<Arc<super::board::Board>>>,
+    /// A stop was asked for while a tree ran: a start after it (the hand-over to the
+    /// students) ends at once instead of training on.
+    stop_asked: std::sync::atomic::AtomicBool,
 }
 
 impl Lifecycle {
@@ -93,6 +96,7 @@ impl Lifecycle {
             }),
             listener: Mutex::new(None),
             board: Mutex::new(None),
+            stop_asked: std::sync::atomic::AtomicBool::new(false),
         });
         let (term, int) = {
             let _g = rt.enter();
@@ -157,6 +161,9 @@ impl Lifecycle {
             .mode
             .compare_exchange(FINISHING, STARTING, Ordering::SeqCst, Ordering::SeqCst);
         self.listen();
+        if self.stop_asked.load(Ordering::SeqCst) {
+            self.exit_now("a stop request during the previous tree");
+        }
     }
 
     /// The current phase counts its progress in `progress` (shown by `status`).
@@ -209,6 +216,7 @@ impl Lifecycle {
         match self.mode.load(Ordering::SeqCst) {
             STARTING => self.exit_now(by),
             TRAINING => {
+                self.stop_asked.store(true, Ordering::SeqCst);
                 tracing::info!("{by} received: draining, checkpointing and stopping");
                 super::notify::stopping(&format!(
                     "stopping: stop requested by {by}; finishing the step in flight, then the final checkpoint"

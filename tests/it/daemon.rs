@@ -1519,6 +1519,13 @@ fn status_says_a_run_is_stopping_while_its_final_checkpoint_is_written() {
     let code = wait_timeout(&mut child, Duration::from_secs(60)).expect("did not stop");
     assert_eq!(code.code(), Some(0));
     assert_eq!(status(&st)["run"]["step"], 7);
+    let ev = events(&st);
+    let last = ev.last().unwrap();
+    assert_eq!(last["kind"], "run.stopped");
+    assert_eq!(
+        last["message"], "stopped at step 7: stop requested by `dinod stop`",
+        "{last}"
+    );
 }
 
 /// Under a service manager that asks for notifications (`NOTIFY_SOCKET`, systemd's

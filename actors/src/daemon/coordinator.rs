@@ -1395,7 +1395,13 @@ impl Actor for CoordinatorActor {
                     st.stop_replies.push(r);
                 }
                 if !st.stopping {
-                    st.finish(EXIT_OK, "stop requested").await;
+                    // who asked (`stop requested by SIGTERM`), as the status has said since
+                    let why = ctx
+                        .board
+                        .run_status()
+                        .stopping
+                        .unwrap_or_else(|| "stop requested".into());
+                    st.finish(EXIT_OK, &why).await;
                 }
             }
             CoordMsg::Saved {

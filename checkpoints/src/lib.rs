@@ -77,4 +77,4 @@ pub use store::{
     VerifyReport, MANIFEST_FILE,
 };
 pub use tensor::{Dtype, TensorBlob, TensorGroup};
-pub use tensorfile::read_safetensors;
+pub use tensorfile::{bytes_read, read_safetensors};

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use safetensors::tensor::{Metadata, TensorInfo};
 
@@ -151,6 +152,16 @@ pub(crate) struct Expect<'a> {
     pub(crate) blake3: &'a str,
 }
 
+/// Tensor bytes of checkpoint and weight files read (and hashed) by this process so far,
+/// by every reader: loads, verifies, exports. For whoever waits on a read to say how far
+/// it is (the daemon's start reading a large checkpoint).
+static BYTES_READ: AtomicU64 = AtomicU64::new(0);
+
+/// See [`BYTES_READ`]: a count that only grows.
+pub fn bytes_read() -> u64 {
+    BYTES_READ.load(Ordering::Relaxed)
+}
+
 /// Reads (`load = true`) or only verifies a group file. Every byte is hashed in both modes.
 pub(crate) fn read_group(
     path: &Path,
@@ -224,6 +235,7 @@ fn read_file(
                 let mut data = Data::zeroed(dtype, len);
                 file.read_exact(data.bytes_mut()).map_err(unreadable)?;
                 hasher.update(data.bytes());
+                BYTES_READ.fetch_add(len as u64, Ordering::Relaxed);
                 consumed += len as u64;
                 match dtype {
                     Some(dtype) => tensors.push(TensorBlob {
@@ -311,6 +323,7 @@ fn stream_hash(file: &mut File, hasher: &mut blake3::Hasher, mut remaining: u64)
         let n = (remaining as usize).min(buf.len());
         file.read_exact(&mut buf[..n])?;
         hasher.update(&buf[..n]);
+        BYTES_READ.fetch_add(n as u64, Ordering::Relaxed);
         remaining -= n as u64;
     }
     Ok(())

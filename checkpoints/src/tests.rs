@@ -504,8 +504,12 @@ fn save_then_load_round_trips_and_reports_phases() {
     assert!(report.deleted.is_empty() && report.gc_error.is_none());
 
     assert_eq!(store.latest_step().unwrap(), Some(7));
+    let before = crate::bytes_read();
     let loaded = store.load(7).unwrap();
     assert_same_groups(&loaded, &p);
+    // the process-wide count of tensor bytes read grew by at least this load's (other
+    // tests read in parallel)
+    assert!(crate::bytes_read() - before >= p.data_bytes());
     let m = &loaded.manifest;
     assert_eq!(
         (m.step, m.previous_step, m.format),

@@ -390,7 +390,8 @@ fn open_source(
     tracing::info!(kind = "data.opening", "opening the data source {spec}");
     life.enter(&format!("opening the data source {spec}"));
     let progress = Arc::new(data::OpenProgress::default());
-    life.observe(progress.clone());
+    let counted = progress.clone();
+    life.observe(move || counted.describe());
     let t = std::time::Instant::now();
     let opts = data::OpenOptions {
         progress: Some(progress),
@@ -415,6 +416,38 @@ fn open_source(
     }));
     let _ = store.append_event(&e);
     Ok(source)
+}
+
+/// While the start reads the newest checkpoint (every byte read and hashed: 2 GB for
+/// vit_base, tens of GB for the largest models, from a network disk), its status says how
+/// much is read.
+fn observe_checkpoint_read(life: &startup::Lifecycle, store: &Store) {
+    let Some(total) = store
+        .latest_step()
+        .ok()
+        .flatten()
+        .and_then(|s| store.manifest(s).ok())
+        .map(|m| m.files.iter().map(|f| f.size).sum::<u64>())
+    else {
+        return;
+    };
+    let from = checkpoints::bytes_read();
+    life.observe(move || {
+        Some(format!(
+            "{} of the newest checkpoint's {} read and checked",
+            bytes_text(checkpoints::bytes_read().saturating_sub(from)),
+            bytes_text(total)
+        ))
+    });
+}
+
+/// `2.11 GB`, `640 MB`.
+fn bytes_text(b: u64) -> String {
+    if b >= 1_000_000_000 {
+        format!("{:.2} GB", b as f64 / 1e9)
+    } else {
+        format!("{:.0} MB", b as f64 / 1e6)
+    }
 }
 
 /// Runs the daemon in the foreground until it stops; returns the exit status.
@@ -447,6 +480,7 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
     let previous = store.recent_events(1)?.into_iter().next();
     // read once: it decides between the students and the self-supervised run, and is
     // what the latter resumes from
+    observe_checkpoint_read(&life, &store);
     let latest = store.load_latest_valid()?;
     life.resumes_from(latest.as_ref().map(|ck| ck.manifest.step));
     record_start(

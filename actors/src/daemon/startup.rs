@@ -42,14 +42,18 @@ struct Phase {
     since: Instant,
     /// The checkpoint the run resumes from, once known.
     resume_step: Option<u64>,
-    /// How far the phase's work has got, where it counts (a `tar:` source's open).
-    progress: Option<Arc<data::OpenProgress>>,
+    /// How far the phase's work has got, where it counts (the checkpoint's bytes read, a
+    /// `tar:` source's shards indexed).
+    progress: Option<Progress>,
 }
+
+/// Says how far a phase has got (`None`: nothing counted yet).
+type Progress = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Phase {
     /// `opening the data source tar:/x (85 of 147 shards indexed)`.
     fn line(&self) -> String {
-        match self.progress.as_ref().and_then(|p| p.describe()) {
+        match self.progress.as_ref().and_then(|p| p()) {
             Some(p) => format!("{} ({p})", self.what),
             None => self.what.clone(),
         }
@@ -166,9 +170,10 @@ impl Lifecycle {
         }
     }
 
-    /// The current phase counts its progress in `progress` (shown by `status`).
-    pub fn observe(&self, progress: Arc<data::OpenProgress>) {
-        self.phase().progress = Some(progress);
+    /// The current phase's progress, as `progress` says it (shown by `status` and in the
+    /// service manager's status line).
+    pub fn observe(&self, progress: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        self.phase().progress = Some(Box::new(progress));
     }
 
     /// Records the checkpoint step the run resumes from (shown by `status` while starting).
@@ -294,7 +299,7 @@ impl Lifecycle {
             "daemon": true,
             "starting": {
                 "phase": p.what,
-                "progress": p.progress.as_ref().and_then(|p| p.describe()),
+                "progress": p.progress.as_ref().and_then(|p| p()),
                 "seconds": p.since.elapsed().as_secs_f64(),
                 "since_start_s": self.started.elapsed().as_secs_f64(),
             },

@@ -252,7 +252,11 @@ impl Lifecycle {
                     }
                 });
             }
-            _ => tracing::info!("{by} received: the daemon is already stopping"),
+            _ => {
+                // between trees (a hand-over), the next start must not train on
+                self.stop_asked.store(true, Ordering::SeqCst);
+                tracing::info!("{by} received: the daemon is already stopping");
+            }
         }
     }
 

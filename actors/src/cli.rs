@@ -116,6 +116,10 @@ pub enum Command {
     Stop {
         #[command(flatten)]
         dir: StateDir,
+        /// Wait until the daemon has exited, then print how it stopped and exit with its
+        /// status (0, or 74 when its final checkpoint could not be written).
+        #[arg(long)]
+        wait: bool,
     },
     /// Every evaluation of the run: probe metrics, stage, mean losses, transitions.
     History {
@@ -565,7 +569,14 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Pause { dir } => crate::commands::simple(&dir.state_dir, "pause"),
         Command::Resume { dir } => crate::commands::simple(&dir.state_dir, "resume"),
-        Command::Stop { dir } => crate::commands::simple(&dir.state_dir, "stop"),
+        Command::Stop { dir, wait } => {
+            let code = crate::commands::simple(&dir.state_dir, "stop")?;
+            if wait {
+                crate::commands::wait_stopped(&dir.state_dir)
+            } else {
+                Ok(code)
+            }
+        }
         Command::History { dir, json } => crate::commands::history(&dir.state_dir, json),
         Command::Stage {
             action,

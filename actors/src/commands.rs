@@ -460,6 +460,38 @@ pub fn simple(state_dir: &Path, cmd: &str) -> Result<i32> {
     }
 }
 
+/// `dinod stop --wait`: waits until the daemon of `state_dir` has let its directory go
+/// (it exited), then prints its last event and returns the status it recorded.
+pub fn wait_stopped(state_dir: &Path) -> Result<i32> {
+    // the daemon holds the directory's lock until it exits (a command reading the catalog
+    // holds it for moments; its socket is gone before it lets go)
+    let socket = crate::daemon::control::socket_path(state_dir);
+    while checkpoints::lock_holder(state_dir).is_some()
+        || std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let store = client::open_offline(state_dir)?;
+    let last = store.recent_events(1)?.into_iter().next();
+    match last {
+        Some(e) if e.event.kind == "run.stopped" => {
+            println!("{}", e.event.message);
+            Ok(e.event.fields["exit_code"].as_i64().unwrap_or(0) as i32)
+        }
+        Some(e) if e.event.kind == "run.fatal" || e.event.kind == "run.halted" => {
+            println!("{}", e.event.message);
+            Ok(EXIT_FAILED)
+        }
+        other => {
+            println!(
+                "the daemon exited without recording a stop (last event: {})",
+                other.map_or("none".to_string(), |e| e.event.kind)
+            );
+            Ok(EXIT_FAILED)
+        }
+    }
+}
+
 /// `dinod stage [set STAGE]`.
 pub fn stage(
     state_dir: &Path,

@@ -1269,8 +1269,19 @@ fn the_cli_inspects_and_controls_a_running_daemon() {
         "{}",
         text(&o)
     );
-    // stop: drain, final checkpoint, exit 0
-    assert_eq!(dinod(&["stop", "--state-dir", &sd]).status.code(), Some(0));
+    // stop: drain, final checkpoint, exit 0; `--wait` returns once the daemon has exited,
+    // with how it stopped
+    let o = dinod(&["stop", "--wait", "--state-dir", &sd]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        child.try_wait().unwrap().is_some(),
+        "`stop --wait` returned before the daemon exited"
+    );
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        out.contains("stopped at step") && out.contains("stop requested by `dinod stop`"),
+        "{out}"
+    );
     let code = wait_timeout(&mut child, Duration::from_secs(60)).expect("daemon did not stop");
     assert_eq!(code.code(), Some(0));
     let s = status(&st);
@@ -1436,9 +1447,14 @@ fn a_daemon_that_is_starting_answers_and_stops_at_once() {
         "{}",
         text(&o)
     );
-    let o = dinod(&["stop", "--state-dir", &sd]);
+    let o = dinod(&["stop", "--wait", "--state-dir", &sd]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert!(text(&o).contains("without training"), "{}", text(&o));
+    assert!(
+        text(&o).contains("without training")
+            && text(&o).contains("stopped by `dinod stop` while opening the data source"),
+        "{}",
+        text(&o)
+    );
     let code = wait_timeout(&mut child, Duration::from_secs(20))
         .expect("`dinod stop` ignored while starting");
     assert_eq!(code.code(), Some(0));

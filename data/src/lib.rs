@@ -64,5 +64,8 @@ pub use source::copypaste::{
 pub use source::folder::FolderSource;
 pub use source::idx::{IdxSource, FASHION_MNIST_CLASSES};
 pub use source::synthetic::{SyntheticConfig, SyntheticScenes, SHAPE_CLASSES};
-pub use source::tar::{nofile_limit, open_shard_bound, OpenProgress, TarSource};
-pub use source::{default_index_cache, LabelMap, OpenOptions, Sample, Source, SourceSpec, Split};
+pub use source::tar::{nofile_limit, open_shard_bound, TarSource};
+pub use source::{
+    default_index_cache, Counted, LabelMap, OpenOptions, OpenProgress, Sample, Source, SourceSpec,
+    Split,
+};

@@ -25,7 +25,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use crate::decode::decode_rgb;
@@ -181,7 +180,7 @@ impl TarSource {
         spec: &Path,
         pixel_limit: u64,
         index_cache: Option<&Path>,
-        progress: Option<&OpenProgress>,
+        progress: Option<&super::OpenProgress>,
     ) -> Result<Self, DataError> {
         let shards = shard_paths(spec)?;
         if shards.len() > u32::MAX as usize {
@@ -492,10 +491,10 @@ fn expand_braces(text: &str) -> Result<Option<Vec<PathBuf>>, String> {
 fn index_all(
     shards: &[PathBuf],
     cache: Option<&Path>,
-    progress: Option<&OpenProgress>,
+    progress: Option<&super::OpenProgress>,
 ) -> Result<(Vec<ShardIndex>, usize), DataError> {
     if let Some(p) = progress {
-        p.total.store(shards.len(), Ordering::Relaxed);
+        p.start(super::Counted::Shards, shards.len());
     }
     let threads = INDEX_THREADS.min(shards.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -511,10 +510,7 @@ fn index_all(
                         let Some(path) = shards.get(i) else { break };
                         let r = cached_index(path, cache);
                         if let Some(p) = progress {
-                            if matches!(r, Ok((_, true))) {
-                                p.from_cache.fetch_add(1, Ordering::Relaxed);
-                            }
-                            p.done.fetch_add(1, Ordering::Relaxed);
+                            p.one_done(matches!(r, Ok((_, true))));
                         }
                         mine.push((i, r));
                     }
@@ -548,42 +544,6 @@ fn index_all(
         prune_cache(cache);
     }
     Ok((indexes, hits))
-}
-
-/// How far a source's open has got, updated by the open as it goes and read by whoever
-/// waits on it (the daemon's `status` while it starts). A `tar:` source counts the shards
-/// indexed; the other sources open without counting.
-#[derive(Debug, Default)]
-pub struct OpenProgress {
-    total: AtomicUsize,
-    done: AtomicUsize,
-    from_cache: AtomicUsize,
-}
-
-impl OpenProgress {
-    /// Shards indexed, of how many, and how many of them from the index cache.
-    pub fn shards(&self) -> (usize, usize, usize) {
-        (
-            self.done.load(Ordering::Relaxed),
-            self.total.load(Ordering::Relaxed),
-            self.from_cache.load(Ordering::Relaxed),
-        )
-    }
-
-    /// `85 of 147 shards indexed (12 from the index cache)`; none before a count starts.
-    pub fn describe(&self) -> Option<String> {
-        let (done, total, cached) = self.shards();
-        (total > 0).then(|| {
-            format!(
-                "{done} of {total} shards indexed{}",
-                if cached > 0 {
-                    format!(" ({cached} from the index cache)")
-                } else {
-                    String::new()
-                }
-            )
-        })
-    }
 }
 
 /// A shard's index from the cache when it holds one for the shard as it is now; otherwise

@@ -288,7 +288,13 @@ fn folder_listing_order_is_the_depth_first_order_of_sorted_paths() {
     }
     let mut want = vec![];
     walk(root, &mut vec![], &mut want);
-    let src = FolderSource::open(root).expect("open");
+    let progress = crate::OpenProgress::default();
+    let src =
+        FolderSource::open_observed(root, crate::config::DEFAULT_PIXEL_LIMIT, Some(&progress))
+            .expect("open");
+    // the root's folders (7 names), each listed once, whatever the links
+    assert_eq!(progress.counts(), (7, 7, 0));
+    assert_eq!(progress.describe().unwrap(), "7 of 7 folders listed");
     let got: Vec<PathBuf> = (0..src.len().expect("finite"))
         .map(|i| src.path(i).expect("path"))
         .collect();

@@ -470,9 +470,9 @@ fn shard_indexes_are_cached_until_the_shard_changes() {
     let spec: SourceSpec = format!("tar:{}", shards.display()).parse().unwrap();
     let src = spec.open_with(&opts).unwrap();
     assert_eq!(src.len(), changed.len());
-    let n = progress.shards().1;
+    let n = progress.counts().1;
     assert!(n >= 2, "{n}");
-    assert_eq!(progress.shards(), (n, n, n));
+    assert_eq!(progress.counts(), (n, n, n));
     assert_eq!(
         progress.describe().unwrap(),
         format!("{n} of {n} shards indexed ({n} from the index cache)")

@@ -62,19 +62,67 @@ pub fn request(state_dir: &Path, req: &Value) -> Result<Option<Value>> {
     }
 }
 
-/// Streams events until the daemon goes away.
+/// Streams events, across the daemon's restarts, until interrupted (as `journalctl -f`
+/// does): from the daemon's socket while one runs; when it goes away, the events it wrote
+/// after the stream's last (its final ones) from the catalog; then it waits for the next
+/// daemon and goes on from there. Each event is printed once, in order.
 pub fn follow_events(state_dir: &Path, since: Option<u64>, json_out: bool) -> Result<()> {
     let path = socket_path(state_dir);
-    let mut s = UnixStream::connect(&path)
-        .with_context(|| format!("no daemon is listening on {}", path.display()))?;
-    let req = json!({"cmd": "events", "follow": true, "since": since, "limit": 20});
-    s.write_all(format!("{req}\n").as_bytes())?;
-    for line in BufReader::new(s).lines() {
-        let line = line?;
-        let v: Value = serde_json::from_str(&line)?;
-        print_event(&v["data"], json_out);
+    // the last sequence number printed; `None`: nothing yet (start from the recent ones)
+    let mut last = since;
+    let mut waiting_said = false;
+    // when the catalog was last read here (a daemon that came and went between two looks
+    // at the socket is read from it)
+    let mut read_at: Option<std::time::Instant> = None;
+    loop {
+        match UnixStream::connect(&path) {
+            Ok(mut s) => {
+                waiting_said = false;
+                read_at = None;
+                let req = json!({"cmd": "events", "follow": true, "since": last, "limit": 20});
+                s.write_all(format!("{req}\n").as_bytes())?;
+                for line in BufReader::new(s).lines() {
+                    let Ok(line) = line else { break };
+                    let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                        break;
+                    };
+                    let seq = v["data"]["seq"].as_u64();
+                    if seq.is_some_and(|q| last.is_some_and(|l| q <= l)) {
+                        continue;
+                    }
+                    print_event(&v["data"], json_out);
+                    last = seq.or(last);
+                }
+            }
+            Err(_) => {
+                // no daemon answers: once it has let the directory go, print what it wrote
+                // after the stream's last event (or the recent ones, at the first look)
+                let due = read_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(2));
+                if due && checkpoints::lock_holder(state_dir).is_none() {
+                    if let Ok(store) = open_offline(state_dir) {
+                        let evs = match last {
+                            Some(l) => store.events_since(l, usize::MAX)?,
+                            None => store.recent_events(20)?,
+                        };
+                        for e in &evs {
+                            print_event(&json!(e), json_out);
+                            last = Some(e.seq);
+                        }
+                    }
+                    read_at = Some(std::time::Instant::now());
+                    if !waiting_said {
+                        waiting_said = true;
+                        eprintln!(
+                            "(no daemon runs in {}: waiting for one; Ctrl-C to stop)",
+                            state_dir.display()
+                        );
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+        std::io::stdout().flush()?;
     }
-    Ok(())
 }
 
 /// Prints one stored event.

@@ -1668,6 +1668,47 @@ fn a_command_waits_out_a_held_state_directory_instead_of_failing() {
     assert_eq!(v["run"]["step"], 3);
 }
 
+/// `dinod events --follow` goes on across the daemon's restarts, as `journalctl -f`
+/// does: started before any run, it prints both runs' events, each once and in order,
+/// the last ones of each run (written as it stops) included.
+#[test]
+fn following_events_spans_the_daemons_restarts() {
+    let dir = TempDir::new("follow");
+    let cfg = write_config(dir.path(), &tiny_config(""));
+    let st = dir.path().join("state");
+    let sd = st.to_str().unwrap().to_string();
+    let mut follower = spawn(&["events", "--follow", "--json", "--state-dir", &sd]);
+    // each run is held a moment at a step, so that the follower streams from its socket
+    for (steps, hold) in [(3, "slow:trainer@1+1500"), (5, "slow:trainer@4+1500")] {
+        let o = run_to(&cfg, &st, steps, &["--inject", hold]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    let all = events(&st);
+    // the follower has printed everything the catalog holds (it reads it once no daemon
+    // holds the directory, every 2 s at most)
+    std::thread::sleep(Duration::from_millis(3000));
+    let _ = follower.kill();
+    let o = follower.wait_with_output().unwrap();
+    let seen: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let seqs = |v: &[Value]| {
+        v.iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(&seen), seqs(&all), "{}", text(&o));
+    let k = kinds(&seen);
+    assert_eq!(k.iter().filter(|k| *k == "run.started").count(), 2, "{k:?}");
+    assert_eq!(k.iter().filter(|k| *k == "run.stopped").count(), 2, "{k:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("waiting for one"),
+        "{}",
+        text(&o)
+    );
+}
+
 /// `dinod bench chaos` drives the real daemon through SIGKILLs and in-process faults and
 /// reports the step efficiency against a fault-free run of the same length; the chaos
 /// run's checkpoints verify at the end, and a used work directory is refused.

@@ -364,6 +364,13 @@ fn students_whose_final_saves_are_refused_exit_74() {
         assert!(f["count"].as_u64().unwrap() >= 3, "{name}: {f}");
     }
     assert!(events_text(&st).contains("actor.restarting"));
+    // the run's end records the status it exits with (what `dinod stop --wait` returns)
+    let stopped: Value = events_text(&st)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .rfind(|e| e["kind"] == "run.stopped")
+        .expect("no run.stopped");
+    assert_eq!(stopped["fields"]["exit_code"], 74, "{stopped}");
 }
 
 /// A corrupt student checkpoint (one flipped byte in its newest tensors): the restart

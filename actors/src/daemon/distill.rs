@@ -1075,17 +1075,29 @@ impl Actor for DistillCoordinator {
                     } else {
                         EXIT_OK
                     };
+                    // a student's refused final save (74) or a device loss set it first
+                    ctx.set_exit(code);
+                    let code = ctx.exit_code.load(Ordering::SeqCst);
                     ctx.event(
-                        Level::Info,
+                        if code == EXIT_OK {
+                            Level::Info
+                        } else {
+                            Level::Error
+                        },
                         "run.stopped",
                         Some(super::coordinator::NAME),
                         None,
-                        "every student stopped",
-                        json!({}),
+                        if code == EXIT_OK {
+                            "every student stopped".to_string()
+                        } else {
+                            format!(
+                                "every student stopped; exit status {code} (see the events before)"
+                            )
+                        },
+                        json!({"exit_code": code}),
                     );
                     ctx.board.run(|r| r.stopping = None);
                     let _ = super::control::write_final_status(&ctx);
-                    ctx.set_exit(code);
                     super::supervisor::send(super::supervisor::SupMsg::Shutdown);
                 }
             }

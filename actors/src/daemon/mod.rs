@@ -441,6 +441,15 @@ fn observe_checkpoint_read(life: &startup::Lifecycle, store: &Store) {
     });
 }
 
+/// The phase's progress: the checkpoint and weight bytes read (and checked) since it began.
+fn observe_bytes_read(life: &startup::Lifecycle) {
+    let from = checkpoints::bytes_read();
+    life.observe(move || {
+        let n = checkpoints::bytes_read().saturating_sub(from);
+        (n > 0).then(|| format!("{} read and checked", bytes_text(n)))
+    });
+}
+
 /// `2.11 GB`, `640 MB`.
 fn bytes_text(b: u64) -> String {
     if b >= 1_000_000_000 {
@@ -589,9 +598,11 @@ fn run_distill(
     spec: &str,
 ) -> Result<i32> {
     life.enter(&format!("loading the teacher {spec}"));
+    observe_bytes_read(life);
     let teacher = distill::load_teacher(&plan, spec)
         .with_context(|| format!("loading the teacher {spec}"))?;
     life.enter("opening the students' checkpoints");
+    observe_bytes_read(life);
     let students = distill::open_students(&plan, &opts.state_dir, faults.clone(), &store)?;
     let source = open_source(&plan, &store, &faults, life)?;
     let engine = students[0].engine.clone();

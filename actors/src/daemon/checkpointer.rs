@@ -42,6 +42,11 @@ pub struct ConfigFaults(pub Arc<Faults>);
 
 impl FaultInjector for ConfigFaults {
     fn check(&self, p: &FaultPoint<'_>) -> std::io::Result<()> {
+        // `slow:checkpointer@STEP` holds the save of that step before its first byte,
+        // whoever saves (this actor, or the coordinator's final and consistent saves)
+        if p.stage == FaultStage::Write && p.bytes_written == 0 {
+            self.0.maybe_slow(NAME, p.step);
+        }
         if p.stage == FaultStage::Write
             && p.bytes_written > 0
             && self.0.take_since("io_error", p.step).is_some()
@@ -91,7 +96,6 @@ impl Actor for CheckpointerActor {
         let r = st
             .worker
             .run(move || {
-                ctx.faults.maybe_slow(NAME, step);
                 ctx.store
                     .save(&payload)
                     .map_err(|e| save_error_text(&e.into()))

@@ -187,6 +187,26 @@ pub async fn answer_events(
     Ok(Ok(json!(evs)))
 }
 
+/// The `checkpoints` request (`verify` reads every file), on the live socket and on the
+/// one a starting daemon answers: the rows of each store, the run's first (`None`).
+pub async fn answer_checkpoints(
+    stores: Vec<(Option<String>, Arc<checkpoints::Store>)>,
+    req: &Value,
+) -> Result<Value, String> {
+    let verify = req.get("verify").and_then(|v| v.as_bool()).unwrap_or(false);
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<(Option<String>, &checkpoints::Store)> = stores
+            .iter()
+            .map(|(n, s)| (n.clone(), s.as_ref()))
+            .collect();
+        crate::commands::checkpoint_rows(&refs, verify)
+            .map(|v| json!(v))
+            .map_err(|e| format!("{e:#}"))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+}
+
 async fn answer(
     ctx: &Arc<Ctx>,
     req: &Value,
@@ -198,22 +218,13 @@ async fn answer(
         "actors" => Ok(json!(ctx.board.actors())),
         "events" => answer_events(&ctx.store, req, w).await?,
         "checkpoints" => {
-            let verify = req.get("verify").and_then(|v| v.as_bool()).unwrap_or(false);
-            let c = ctx.clone();
-            tokio::task::spawn_blocking(move || -> Result<Value, String> {
-                let mut stores: Vec<(Option<String>, &checkpoints::Store)> =
-                    vec![(None, c.store.as_ref())];
-                stores.extend(
-                    c.students
-                        .iter()
-                        .map(|s| (Some(s.name.clone()), s.store.as_ref())),
-                );
-                crate::commands::checkpoint_rows(&stores, verify)
-                    .map(|v| json!(v))
-                    .map_err(|e| format!("{e:#}"))
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()))
+            let mut stores = vec![(None, ctx.store.clone())];
+            stores.extend(
+                ctx.students
+                    .iter()
+                    .map(|s| (Some(s.name.clone()), s.store.clone())),
+            );
+            answer_checkpoints(stores, req).await
         }
         "history" => {
             // a distillation student's own history (`STATE/students/NAME`, which a running

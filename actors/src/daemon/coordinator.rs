@@ -965,14 +965,8 @@ impl CoordState {
         let error = match snap {
             Ok(p) => {
                 let store = ctx.store.clone();
-                let faults = ctx.faults.clone();
                 let t0 = std::time::Instant::now();
-                // a `slow:checkpointer` fault holds this save too: it is a checkpoint write
-                let save = move || {
-                    faults.maybe_slow(super::checkpointer::NAME, step);
-                    store.save(&p)
-                };
-                match tokio::task::spawn_blocking(save).await {
+                match tokio::task::spawn_blocking(move || store.save(&p)).await {
                     Ok(Ok(rep)) => {
                         // all of it blocks: the step waits for this save
                         let ms = t0.elapsed().as_secs_f64() * 1e3;

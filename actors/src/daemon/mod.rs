@@ -418,35 +418,21 @@ fn open_source(
     Ok(source)
 }
 
-/// While the start reads the newest checkpoint (every byte read and hashed: 2 GB for
-/// vit_base, tens of GB for the largest models, from a network disk), its status says how
-/// much is read.
-fn observe_checkpoint_read(life: &startup::Lifecycle, store: &Store) {
-    let Some(total) = store
-        .latest_step()
-        .ok()
-        .flatten()
-        .and_then(|s| store.manifest(s).ok())
-        .map(|m| m.files.iter().map(|f| f.size).sum::<u64>())
-    else {
-        return;
-    };
-    let from = checkpoints::bytes_read();
-    life.observe(move || {
-        Some(format!(
-            "{} of the newest checkpoint's {} read and checked",
-            bytes_text(checkpoints::bytes_read().saturating_sub(from)),
-            bytes_text(total)
-        ))
-    });
-}
-
-/// The phase's progress: the checkpoint and weight bytes read (and checked) since it began.
-fn observe_bytes_read(life: &startup::Lifecycle) {
+/// The phase's progress: the checkpoint and weight bytes read (and hashed) since it began,
+/// of `total` where known. Every byte of a checkpoint is read and hashed before a resume:
+/// 2 GB for vit_base, tens of GB for the largest models, often from a network disk.
+fn observe_bytes_read(life: &startup::Lifecycle, total: Option<u64>) {
     let from = checkpoints::bytes_read();
     life.observe(move || {
         let n = checkpoints::bytes_read().saturating_sub(from);
-        (n > 0).then(|| format!("{} read and checked", bytes_text(n)))
+        match total {
+            Some(t) => Some(format!(
+                "{} of the newest checkpoint's {} read and checked",
+                bytes_text(n),
+                bytes_text(t)
+            )),
+            None => (n > 0).then(|| format!("{} read and checked", bytes_text(n))),
+        }
     });
 }
 
@@ -489,7 +475,14 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
     let previous = store.recent_events(1)?.into_iter().next();
     // read once: it decides between the students and the self-supervised run, and is
     // what the latter resumes from
-    observe_checkpoint_read(&life, &store);
+    // the newest checkpoint's size, if its manifest reads (a bad one is the fallback's
+    // business below, not a reason to fail here)
+    let newest_bytes = (store.latest_step().ok().flatten())
+        .and_then(|s| store.manifest(s).ok())
+        .map(|m| m.files.iter().map(|f| f.size).sum::<u64>());
+    if newest_bytes.is_some() {
+        observe_bytes_read(&life, newest_bytes);
+    }
     let latest = store.load_latest_valid()?;
     life.resumes_from(latest.as_ref().map(|ck| ck.manifest.step));
     record_start(
@@ -598,11 +591,11 @@ fn run_distill(
     spec: &str,
 ) -> Result<i32> {
     life.enter(&format!("loading the teacher {spec}"));
-    observe_bytes_read(life);
+    observe_bytes_read(life, None);
     let teacher = distill::load_teacher(&plan, spec)
         .with_context(|| format!("loading the teacher {spec}"))?;
     life.enter("opening the students' checkpoints");
-    observe_bytes_read(life);
+    observe_bytes_read(life, None);
     let students = distill::open_students(&plan, &opts.state_dir, faults.clone(), &store)?;
     let source = open_source(&plan, &store, &faults, life)?;
     let engine = students[0].engine.clone();

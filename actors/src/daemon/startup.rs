@@ -238,6 +238,7 @@ impl Lifecycle {
                 // while the tree runs
                 let m = self.clone();
                 self.rt.spawn(async move {
+                    // (a tree that ends first leaves `stop_asked` to the next start)
                     while m.mode.load(Ordering::SeqCst) == TRAINING {
                         if let Some(c) = ractor::registry::where_is(coordinator::NAME) {
                             let _ =
@@ -245,10 +246,6 @@ impl Lifecycle {
                             return;
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    // the tree ended before it stopped: the start of a hand-over ends here
-                    if m.mode.load(Ordering::SeqCst) == STARTING {
-                        m.exit_now("a stop request during the hand-over");
                     }
                 });
             }
@@ -376,27 +373,16 @@ async fn serve(lc: Arc<Lifecycle>, stream: UnixStream) {
                 Err(_) => break,
             },
             "checkpoints" => {
-                let verify = req.get("verify").and_then(|v| v.as_bool()).unwrap_or(false);
-                let store = lc.store.clone();
-                tokio::task::spawn_blocking(move || {
-                    crate::commands::checkpoint_rows(&[(None, store.as_ref())], verify)
-                        .map(|v| json!(v))
-                        .map_err(|e| format!("{e:#}"))
-                })
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()))
+                super::control::answer_checkpoints(vec![(None, lc.store.clone())], &req).await
             }
-            "stop" => {
-                let what = lc.phase().what.clone();
-                let line = json!({"ok": true, "data": format!(
-                    "stopping: the daemon was starting ({what}); it exits without training, nothing to save"
-                )});
-                let _ = w.write_all(format!("{line}\n").as_bytes()).await;
-                let _ = w.flush().await;
-                lc.on_stop_request("`dinod stop`");
-                // the tree took over meanwhile: the coordinator drains and stops
-                Ok(json!("stopping"))
-            }
+            // answered before it acts: while starting, acting ends the process
+            "stop" if lc.mode.load(Ordering::SeqCst) == STARTING => Ok(json!(format!(
+                "stopping: the daemon was starting ({}); it exits without training, nothing to save",
+                lc.phase().what
+            ))),
+            "stop" => Ok(json!(
+                "stopping: draining the current step and writing a final checkpoint"
+            )),
             "" => Err("request without `cmd`".into()),
             other => {
                 let p = lc.phase();
@@ -411,12 +397,12 @@ async fn serve(lc: Arc<Lifecycle>, stream: UnixStream) {
             Ok(v) => json!({"ok": true, "data": v}),
             Err(e) => json!({"ok": false, "error": e}),
         };
-        if cmd == "stop" {
-            // answered above
-            continue;
-        }
         if w.write_all(format!("{line}\n").as_bytes()).await.is_err() {
             break;
+        }
+        if cmd == "stop" {
+            let _ = w.flush().await;
+            lc.on_stop_request("`dinod stop`");
         }
     }
 }

@@ -346,7 +346,8 @@ pub struct OpenOptions {
     /// Where `tar:` sources keep their shards' indexes between opens (`None`: walk every
     /// shard's headers at every open).
     pub index_cache: Option<PathBuf>,
-    /// Where the open counts how far it has got (`tar:` sources: shards indexed).
+    /// Where the open counts how far it has got (`tar:` shards indexed, `folder:`
+    /// top-level folders listed).
     pub progress: Option<Arc<OpenProgress>>,
 }
 

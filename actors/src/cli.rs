@@ -368,6 +368,28 @@ pub enum BenchCommand {
         /// Also run one member on the whole batch and report the largest weight difference.
         #[arg(long)]
         check: bool,
+        /// A group of processes, one member each: this one is rank 0 and listens on
+        /// HOST:PORT (port 0 picks one and prints it) for `--nodes` - 1 workers.
+        #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["join", "members"], requires_all = ["nodes", "token_file"])]
+        listen: Option<String>,
+        /// Processes in the group (with `--listen`), this one included.
+        #[arg(long, requires = "listen")]
+        nodes: Option<usize>,
+        /// Join the group whose coordinator listens at HOST:PORT, as one member.
+        #[arg(
+            long,
+            value_name = "HOST:PORT",
+            conflicts_with = "members",
+            requires = "token_file"
+        )]
+        join: Option<String>,
+        /// The group's shared secret (at least 16 characters), the same file content on
+        /// every node; it is proved, never sent.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Seconds the coordinator waits for every node, and a worker for the coordinator.
+        #[arg(long, default_value_t = 300.0)]
+        join_wait_s: f64,
     },
     /// Cost of distilling 1..N students from one teacher pass versus separate runs.
     Distill {
@@ -667,9 +689,29 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     iters,
                     batch_size,
                     check,
+                    listen,
+                    nodes,
+                    join,
+                    token_file,
+                    join_wait_s,
                 },
         } => {
             let plan = load_plan(Some(&config))?;
+            let role = match (listen, nodes, join) {
+                (Some(addr), Some(nodes), None) => {
+                    Some(crate::dp::ClusterRole::Listen { addr, nodes })
+                }
+                (None, None, Some(addr)) => Some(crate::dp::ClusterRole::Join { addr }),
+                _ => None,
+            };
+            let cluster = match (role, token_file) {
+                (Some(role), Some(token_file)) => Some(crate::dp::ClusterOpts {
+                    role,
+                    token_file,
+                    join_wait: std::time::Duration::from_secs_f64(join_wait_s.max(0.0)),
+                }),
+                _ => None,
+            };
             let opts = crate::dp::DpBenchOpts {
                 warmup,
                 iters,
@@ -677,6 +719,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 device,
                 check,
                 batch_size,
+                cluster,
             };
             let r = crate::dp::bench_dp(&plan, &config.display().to_string(), &opts)?;
             println!("{}", serde_json::to_string_pretty(&r)?);

@@ -435,6 +435,43 @@ pub struct DpBench {
     /// KoLeo, the batch-wide Gram matrix and drop path are per member (as officially),
     /// so it is at rounding level only with those off.
     pub max_rel_vs_single: Option<f64>,
+    /// How the members sum: `threads` (one process), `nccl` (GPUs of one process) or
+    /// `tcp` (one member per process, `cluster`).
+    pub transport: String,
+    /// This process's member (0 unless the group spans processes).
+    pub rank: usize,
+    /// The fingerprint of this member's state after the steps (`engine::fingerprint`):
+    /// equal fingerprints are bit-identical students and teachers.
+    pub fingerprint: String,
+}
+
+/// A group whose members are processes, one member each (`dinod bench dp --listen` and
+/// `--join`).
+#[derive(Clone, Debug)]
+pub struct ClusterOpts {
+    /// Coordinator or worker.
+    pub role: ClusterRole,
+    /// The shared token file.
+    pub token_file: std::path::PathBuf,
+    /// How long the coordinator waits for every node, and a worker for the coordinator.
+    pub join_wait: Duration,
+}
+
+/// Which side of the rendezvous this process is.
+#[derive(Clone, Debug)]
+pub enum ClusterRole {
+    /// Rank 0: listens on `addr` for `nodes - 1` workers.
+    Listen {
+        /// `HOST:PORT` (port 0 picks one; the address is printed).
+        addr: String,
+        /// Processes in the group, this one included.
+        nodes: usize,
+    },
+    /// A worker: joins the coordinator at `addr`.
+    Join {
+        /// The coordinator's `HOST:PORT`.
+        addr: String,
+    },
 }
 
 /// Options of [`bench_dp`].
@@ -452,6 +489,8 @@ pub struct DpBenchOpts {
     pub check: bool,
     /// `train.batch_size` override.
     pub batch_size: Option<usize>,
+    /// One member per process, over TCP, instead of `members` in this process.
+    pub cluster: Option<ClusterOpts>,
 }
 
 fn student_weights(st: &TrainState) -> Result<Vec<f64>> {
@@ -511,18 +550,8 @@ pub fn bench_dp(plan: &Plan, origin: &str, opts: &DpBenchOpts) -> Result<DpBench
     let plan = &plan;
     let cfg = &plan.config;
     let b = cfg.train.batch_size;
-    if !b.is_multiple_of(opts.members) {
-        bail!(
-            "the batch of {b} images does not split into {} members",
-            opts.members
-        );
-    }
-    if b / opts.members < 2 {
-        bail!(
-            "{} members would get {} image(s) each; KoLeo needs at least 2 per member",
-            opts.members,
-            b / opts.members
-        );
+    if opts.cluster.is_none() {
+        check_split(b, opts.members)?;
     }
     let gram_on = cfg.data.crops.gram_size.is_some();
     let mut hp: StepHparams = plan.hparams(1_000_000);
@@ -537,6 +566,9 @@ pub fn bench_dp(plan: &Plan, origin: &str, opts: &DpBenchOpts) -> Result<DpBench
         Ok(st)
     };
     let timeout = Duration::from_secs_f64(plan.config.runtime.collective_timeout_s);
+    if let Some(c) = &opts.cluster {
+        return bench_dp_cluster(plan, origin, opts, c, &batch, &fresh, &hp, timeout);
+    }
     let group = group(&opts.device, opts.members, timeout)?;
     let results: Vec<Result<MemberResult>> = std::thread::scope(|s| {
         let hs: Vec<_> = group
@@ -563,32 +595,9 @@ pub fn bench_dp(plan: &Plan, origin: &str, opts: &DpBenchOpts) -> Result<DpBench
     });
     let results: Vec<MemberResult> = results.into_iter().collect::<Result<_>>()?;
     let members_identical = results.iter().all(|r| r.1 == results[0].1);
-    let mut times = results[0].0.clone();
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median_ms = if times.is_empty() {
-        0.0
-    } else {
-        times[times.len() / 2]
-    };
+    let median_ms = median(results[0].0.clone());
     let max_rel_vs_single = if opts.check {
-        let dev = if opts.device == "cpu" {
-            Device::Cpu
-        } else {
-            crate::runtime::device("cuda:0")?
-        };
-        let mut st = fresh(&dev)?;
-        let whole = batch.to_device(&dev)?;
-        for _ in 0..steps {
-            model::train_step(&mut st, &whole, &hp).context("the one-member reference step")?;
-        }
-        let want = student_weights(&st)?;
-        let got = &results[0].2;
-        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-        Some(diff / scale)
+        Some(vs_single(opts, &batch, &fresh, &hp, steps, &results[0].2)?)
     } else {
         None
     };
@@ -602,6 +611,141 @@ pub fn bench_dp(plan: &Plan, origin: &str, opts: &DpBenchOpts) -> Result<DpBench
         images_per_s: b as f64 / (median_ms / 1e3).max(1e-12),
         members_identical,
         max_rel_vs_single,
+        transport: if opts.device == "cpu" {
+            "threads"
+        } else {
+            "nccl"
+        }
+        .into(),
+        rank: 0,
+        fingerprint: results[0].1.clone(),
+    })
+}
+
+fn check_split(b: usize, members: usize) -> Result<()> {
+    if !b.is_multiple_of(members) {
+        bail!("the batch of {b} images does not split into {members} members");
+    }
+    if b / members < 2 {
+        bail!(
+            "{members} members would get {} image(s) each; KoLeo needs at least 2 per member",
+            b / members
+        );
+    }
+    Ok(())
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(|a, b| a.total_cmp(b));
+    if times.is_empty() {
+        0.0
+    } else {
+        times[times.len() / 2]
+    }
+}
+
+/// The largest difference of `got` (a member's student weights) from one member that
+/// ran the same steps on the whole batch, relative to the largest weight.
+fn vs_single(
+    opts: &DpBenchOpts,
+    batch: &model::Batch,
+    fresh: &dyn Fn(&Device) -> Result<TrainState>,
+    hp: &StepHparams,
+    steps: usize,
+    got: &[f64],
+) -> Result<f64> {
+    let dev = if opts.device == "cpu" {
+        Device::Cpu
+    } else {
+        crate::runtime::device("cuda:0")?
+    };
+    let mut st = fresh(&dev)?;
+    let whole = batch.to_device(&dev)?;
+    for _ in 0..steps {
+        model::train_step(&mut st, &whole, hp).context("the one-member reference step")?;
+    }
+    let want = student_weights(&st)?;
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let diff = got
+        .iter()
+        .zip(&want)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    Ok(diff / scale)
+}
+
+/// [`bench_dp`] with this process as one member of a group of processes
+/// ([`crate::cluster`]): the coordinator admits the workers, every process steps on its
+/// part of the batch, and the members' fingerprints are compared at the end.
+#[allow(clippy::too_many_arguments)]
+fn bench_dp_cluster(
+    plan: &Plan,
+    origin: &str,
+    opts: &DpBenchOpts,
+    c: &ClusterOpts,
+    batch: &model::Batch,
+    fresh: &dyn Fn(&Device) -> Result<TrainState>,
+    hp: &StepHparams,
+    timeout: Duration,
+) -> Result<DpBench> {
+    if opts.device != "cpu" {
+        bail!(
+            "a group of processes runs on the CPU for now: NCCL across processes (ncclCommInitRank with the coordinator's id) is not built (docs/multi-node.md)"
+        )
+    }
+    let b = plan.config.train.batch_size;
+    let token = crate::cluster::Token::from_file(&c.token_file)?;
+    // the batch override is part of what every node must agree on
+    let me = crate::cluster::Identity {
+        code_version: crate::engine::CODE_VERSION.to_string(),
+        config_hash: blake3::hash(format!("{} batch {b}", plan.config_hash).as_bytes())
+            .to_hex()
+            .to_string(),
+    };
+    let member = match &c.role {
+        ClusterRole::Listen { addr, nodes } => {
+            check_split(b, *nodes)?;
+            crate::cluster::listen(addr, *nodes, &me, &token, c.join_wait, timeout, |a| {
+                eprintln!("listening on {a} for {} more node(s)", nodes - 1)
+            })?
+        }
+        ClusterRole::Join { addr } => {
+            crate::cluster::join(addr, &me, &token, c.join_wait, timeout)?
+        }
+    };
+    let world = member.world();
+    check_split(b, world)?;
+    let steps = opts.warmup + opts.iters;
+    let r = run_member(&member, &Device::Cpu, batch, fresh, hp, steps, opts.warmup);
+    let (times, fp, weights) = match r {
+        Ok(r) => r,
+        Err(e) => {
+            member.abort(&format!("{e:#}"));
+            return Err(e);
+        }
+    };
+    let all = member
+        .gather(&fp)
+        .context("comparing the members' states at the end")?;
+    let members_identical = all.iter().all(|f| *f == fp);
+    let max_rel_vs_single = if opts.check && member.rank() == 0 {
+        Some(vs_single(opts, batch, fresh, hp, steps, &weights)?)
+    } else {
+        None
+    };
+    let median_ms = median(times);
+    Ok(DpBench {
+        config: origin.to_string(),
+        device: opts.device.clone(),
+        members: world,
+        batch_size: b,
+        iters: opts.iters,
+        median_ms,
+        images_per_s: b as f64 / (median_ms / 1e3).max(1e-12),
+        members_identical,
+        max_rel_vs_single,
+        transport: "tcp".into(),
+        rank: member.rank(),
+        fingerprint: fp,
     })
 }
 

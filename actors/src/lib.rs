@@ -3,7 +3,7 @@
 //! Owns: config loading and validation (`config`), the supervision tree of actors and the
 //! step protocol (`daemon`), the shared training state and its checkpoint form
 //! (`engine`), the CLI and its client side of the control socket (`cli`, `commands`,
-//! `client`), offline tools (`tools`: parity), benchmarks (`bench`; `chaos`: the daemon under failures), data-parallel groups (`dp`), logging and
+//! `client`), offline tools (`tools`: parity), benchmarks (`bench`; `chaos`: the daemon under failures), data-parallel groups (`dp`; across processes over TCP: `cluster`), logging and
 //! process-wide tuning (`logging`, `runtime`).
 //!
 //! Must not know: tensor kernels or the loss maths (it calls `model` through
@@ -14,6 +14,7 @@ pub mod bench;
 pub mod chaos;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod daemon;

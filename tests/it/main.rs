@@ -2,6 +2,7 @@
 //! binary, real files, the real sled catalog, and real processes killed with SIGKILL.
 
 mod cli;
+mod cluster;
 mod daemon;
 mod distill;
 mod stages;

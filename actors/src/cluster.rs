@@ -1,0 +1,914 @@
+//! Members of a data-parallel group in separate processes, on one machine or several: a
+//! TCP rendezvous that admits nodes, and [`TcpMember`], a [`Collective`] over TCP.
+//!
+//! One process is the **coordinator** (rank 0): it listens ([`listen`]) and admits
+//! `world - 1` **workers** ([`join`]). Admission is a challenge and a hello:
+//! - the coordinator sends 32 random bytes;
+//! - the worker answers with its code version, its recipe's `config_hash` and a proof of
+//!   the shared token (the BLAKE3 keyed hash of the challenge under the token's hash), so
+//!   the token never crosses the network;
+//! - the coordinator refuses, with the reason, another code version, another recipe or a
+//!   wrong token, and goes on waiting for the nodes it lacks. Ranks follow the order of
+//!   admission.
+//!
+//! The all-reduce is a star through the coordinator: every worker sends its vector, the
+//! coordinator sums them in rank order starting from zero (exactly the order of
+//! `model::dist::ThreadGroup`, so a group of processes computes bit for bit what the same
+//! group of threads computes) and sends the one result back to all. Every rank therefore
+//! holds identical sums, applies the same update and keeps an identical `TrainState`.
+//! The coordinator's link carries `2 (world - 1)` vectors per call: this is the CPU
+//! transport and the control path; GPUs exchange gradients through NCCL.
+//!
+//! Failures never hang a member: a closed connection (a killed process), a member's
+//! [`Collective::abort`] and the collective timeout each fail the call of every member
+//! that is still there, with the reason.
+//!
+//! Must not know: what is being summed (the step is `model::dist`), the daemon, the
+//! actors.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use model::dist::{Collective, TIMED_OUT};
+
+/// Frame tags. A frame is a tag byte, a little-endian u64 payload length, the payload.
+const TAG_CHALLENGE: u8 = 1;
+const TAG_HELLO: u8 = 2;
+const TAG_WELCOME: u8 = 3;
+const TAG_REFUSED: u8 = 4;
+const TAG_SUM: u8 = 5;
+const TAG_FAIL: u8 = 6;
+const TAG_GATHER: u8 = 7;
+
+/// The largest payload accepted: a hostile or confused peer cannot make a member
+/// allocate more (16 GiB: the f64 gradients of a 2-billion-parameter model).
+const MAX_PAYLOAD: u64 = 16 << 30;
+
+/// How long a hello may take once connected (a peer that connects and says nothing is
+/// dropped, and the coordinator goes on waiting for real nodes).
+const HELLO_WAIT: Duration = Duration::from_secs(10);
+
+/// What identifies a node's training: it must equal the coordinator's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// `engine::CODE_VERSION`.
+    pub code_version: String,
+    /// The recipe's `Plan::config_hash`.
+    pub config_hash: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Hello {
+    code_version: String,
+    config_hash: String,
+    /// Hex of BLAKE3-keyed(blake3(token), challenge).
+    proof: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Welcome {
+    rank: usize,
+    world: usize,
+}
+
+/// The shared secret of a cluster, read from a file (trailing whitespace ignored).
+#[derive(Clone)]
+pub struct Token([u8; 32]);
+
+impl Token {
+    /// Reads the token file: it must hold at least 16 characters.
+    pub fn from_file(path: &std::path::Path) -> Result<Token> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the cluster token file {}", path.display()))?;
+        let t = text.trim_end();
+        if t.chars().count() < 16 {
+            bail!(
+                "the cluster token in {} is {} characters long; use at least 16 (for example `head -c 24 /dev/urandom | base64`)",
+                path.display(),
+                t.chars().count()
+            )
+        }
+        Ok(Token(*blake3::hash(t.as_bytes()).as_bytes()))
+    }
+
+    fn proof(&self, challenge: &[u8]) -> String {
+        blake3::keyed_hash(&self.0, challenge).to_hex().to_string()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+fn write_frame(s: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::Result<()> {
+    let mut head = [0u8; 9];
+    head[0] = tag;
+    head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    s.write_all(&head)?;
+    s.write_all(payload)?;
+    s.flush()
+}
+
+/// Why reading a frame failed.
+enum ReadFail {
+    /// The peer closed the connection (its process ended).
+    Closed,
+    /// Nothing arrived before the deadline.
+    TimedOut,
+    /// Anything else.
+    Other(String),
+}
+
+fn read_frame(
+    s: &mut TcpStream,
+    deadline: Instant,
+) -> std::result::Result<(u8, Vec<u8>), ReadFail> {
+    fn fill(
+        s: &mut TcpStream,
+        buf: &mut [u8],
+        deadline: Instant,
+    ) -> std::result::Result<(), ReadFail> {
+        let mut got = 0;
+        while got < buf.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReadFail::TimedOut);
+            }
+            s.set_read_timeout(Some(left))
+                .map_err(|e| ReadFail::Other(e.to_string()))?;
+            match s.read(&mut buf[got..]) {
+                Ok(0) => return Err(ReadFail::Closed),
+                Ok(n) => got += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(ReadFail::TimedOut)
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionReset
+                            | ErrorKind::ConnectionAborted
+                            | ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    return Err(ReadFail::Closed)
+                }
+                Err(e) => return Err(ReadFail::Other(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+    let mut head = [0u8; 9];
+    fill(s, &mut head, deadline)?;
+    let n = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
+    if n > MAX_PAYLOAD {
+        return Err(ReadFail::Other(format!(
+            "a frame of {n} bytes (more than {MAX_PAYLOAD}): not a dinod peer"
+        )));
+    }
+    let mut payload = vec![0u8; n as usize];
+    fill(s, &mut payload, deadline)?;
+    Ok((head[0], payload))
+}
+
+fn f64s_to_bytes(v: &[f64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 8);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+fn bytes_to_f64s(b: &[u8], out: &mut [f64]) {
+    for (x, c) in out.iter_mut().zip(b.chunks_exact(8)) {
+        *x = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+    }
+}
+
+fn challenge_bytes() -> Result<[u8; 32]> {
+    let mut c = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut c))
+        .context("cannot read /dev/urandom for the cluster challenge")?;
+    Ok(c)
+}
+
+/// The coordinator's side: binds `addr`, calls `on_listening` with the bound address
+/// (`:0` picks a port), and admits nodes until the group has `world` members or
+/// `join_wait` has passed. Returns rank 0 of the group.
+pub fn listen(
+    addr: &str,
+    world: usize,
+    me: &Identity,
+    token: &Token,
+    join_wait: Duration,
+    timeout: Duration,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<TcpMember> {
+    if world < 2 {
+        bail!("a cluster needs at least 2 nodes (this one and a worker), not {world}")
+    }
+    let l = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    l.set_nonblocking(true)?;
+    on_listening(l.local_addr()?);
+    let deadline = Instant::now() + join_wait;
+    let mut peers: Vec<TcpStream> = vec![];
+    while peers.len() + 1 < world {
+        let (mut s, from) = match l.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    bail!(
+                        "{} of {world} nodes joined within {:.0} s (counting this one); the others never arrived",
+                        peers.len() + 1,
+                        join_wait.as_secs_f64()
+                    )
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(e) => return Err(e).context("accepting a node"),
+        };
+        s.set_nonblocking(false)?;
+        s.set_nodelay(true)?;
+        match admit(&mut s, me, token, peers.len() + 1, world) {
+            Ok(()) => {
+                tracing::info!(%from, rank = peers.len() + 1, "a node joined");
+                eprintln!("node {from} joined as rank {} of {world}", peers.len() + 1);
+                peers.push(s);
+            }
+            Err(why) => {
+                tracing::warn!(%from, "refused a node: {why}");
+                eprintln!("refused the node at {from}: {why}");
+            }
+        }
+    }
+    s_write_timeouts(&peers, timeout)?;
+    eprintln!("all {world} nodes joined");
+    let raw = peers
+        .iter()
+        .map(TcpStream::try_clone)
+        .collect::<std::io::Result<_>>()?;
+    Ok(TcpMember {
+        rank: 0,
+        world,
+        raw,
+        links: peers.into_iter().map(Mutex::new).collect(),
+        timeout,
+        aborted: Mutex::new(None),
+        timed_out: AtomicBool::new(false),
+    })
+}
+
+fn s_write_timeouts(streams: &[TcpStream], timeout: Duration) -> Result<()> {
+    for s in streams {
+        s.set_write_timeout(Some(timeout))?;
+    }
+    Ok(())
+}
+
+/// One admission: challenge, hello, then welcome or refusal (the refusal's reason is
+/// also sent to the node). Errors are the reason the node was refused.
+fn admit(
+    s: &mut TcpStream,
+    me: &Identity,
+    token: &Token,
+    rank: usize,
+    world: usize,
+) -> std::result::Result<(), String> {
+    let deadline = Instant::now() + HELLO_WAIT;
+    s.set_write_timeout(Some(HELLO_WAIT))
+        .map_err(|e| e.to_string())?;
+    let challenge = challenge_bytes().map_err(|e| format!("{e:#}"))?;
+    write_frame(s, TAG_CHALLENGE, &challenge).map_err(|e| e.to_string())?;
+    let hello: Hello = match read_frame(s, deadline) {
+        Ok((TAG_HELLO, p)) => {
+            serde_json::from_slice(&p).map_err(|e| format!("an unreadable hello: {e}"))?
+        }
+        Ok((tag, _)) => {
+            return Err(format!(
+                "frame {tag} where a hello belongs: not a dinod node"
+            ))
+        }
+        Err(ReadFail::Closed) => return Err("it closed the connection before its hello".into()),
+        Err(ReadFail::TimedOut) => {
+            return Err(format!("no hello within {} s", HELLO_WAIT.as_secs()))
+        }
+        Err(ReadFail::Other(e)) => return Err(e),
+    };
+    // blake3::Hash compares in constant time
+    let proved = blake3::Hash::from_hex(&hello.proof)
+        .map(|h| h == blake3::keyed_hash(&token.0, &challenge))
+        .unwrap_or(false);
+    let refusal = if !proved {
+        Some("wrong cluster token (the nodes' token files differ)".to_string())
+    } else if hello.code_version != me.code_version {
+        Some(format!(
+            "it runs {}, this coordinator runs {}: every node must run the same build",
+            hello.code_version, me.code_version
+        ))
+    } else if hello.config_hash != me.config_hash {
+        Some(format!(
+            "its recipe differs (config hash {} here {}): every node must train the same recipe",
+            short(&hello.config_hash),
+            short(&me.config_hash)
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = refusal {
+        let _ = write_frame(s, TAG_REFUSED, why.as_bytes());
+        return Err(why);
+    }
+    let w = serde_json::to_vec(&Welcome { rank, world }).expect("serialisable");
+    write_frame(s, TAG_WELCOME, &w).map_err(|e| format!("it went away before its welcome: {e}"))
+}
+
+fn short(h: &str) -> &str {
+    &h[..h.len().min(12)]
+}
+
+/// A worker's side: connects to the coordinator at `addr` (retrying until `join_wait`
+/// has passed, so a worker may start first), proves the token and is admitted, or
+/// fails with the coordinator's reason.
+pub fn join(
+    addr: &str,
+    me: &Identity,
+    token: &Token,
+    join_wait: Duration,
+    timeout: Duration,
+) -> Result<TcpMember> {
+    let deadline = Instant::now() + join_wait;
+    let mut s = loop {
+        let tried = addr
+            .to_socket_addrs()
+            .with_context(|| format!("cannot resolve the coordinator's address {addr}"))?
+            .find_map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok());
+        match tried {
+            Some(s) => break s,
+            None if Instant::now() >= deadline => bail!(
+                "no coordinator answered at {addr} within {:.0} s",
+                join_wait.as_secs_f64()
+            ),
+            None => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    s.set_nodelay(true)?;
+    s.set_write_timeout(Some(HELLO_WAIT))?;
+    let hello_deadline = Instant::now() + HELLO_WAIT;
+    let challenge = match read_frame(&mut s, hello_deadline) {
+        Ok((TAG_CHALLENGE, c)) => c,
+        Ok((tag, _)) => bail!("{addr} sent frame {tag} where a challenge belongs: not a dinod coordinator"),
+        Err(_) => bail!("{addr} accepted the connection but sent no challenge: not a dinod coordinator, or one that is not admitting nodes"),
+    };
+    let hello = Hello {
+        code_version: me.code_version.clone(),
+        config_hash: me.config_hash.clone(),
+        proof: token.proof(&challenge),
+    };
+    write_frame(&mut s, TAG_HELLO, &serde_json::to_vec(&hello)?)
+        .with_context(|| format!("sending the hello to {addr}"))?;
+    let welcome: Welcome = match read_frame(&mut s, hello_deadline) {
+        Ok((TAG_WELCOME, p)) => serde_json::from_slice(&p).context("an unreadable welcome")?,
+        Ok((TAG_REFUSED, why)) => bail!(
+            "the coordinator at {addr} refused this node: {}",
+            String::from_utf8_lossy(&why)
+        ),
+        Ok((tag, _)) => bail!("{addr} sent frame {tag} where a welcome belongs"),
+        Err(_) => bail!("the coordinator at {addr} closed the connection without a welcome"),
+    };
+    s.set_write_timeout(Some(timeout))?;
+    eprintln!(
+        "joined {addr} as rank {} of {}",
+        welcome.rank, welcome.world
+    );
+    Ok(TcpMember {
+        rank: welcome.rank,
+        world: welcome.world,
+        raw: vec![s.try_clone()?],
+        links: vec![Mutex::new(s)],
+        timeout,
+        aborted: Mutex::new(None),
+        timed_out: AtomicBool::new(false),
+    })
+}
+
+/// One member of a group of processes. The coordinator (rank 0) holds a link to every
+/// worker (rank `r` is `links[r - 1]`); a worker holds its link to the coordinator.
+pub struct TcpMember {
+    rank: usize,
+    world: usize,
+    links: Vec<Mutex<TcpStream>>,
+    /// Handles of the same sockets, to close a link that another thread is using.
+    raw: Vec<TcpStream>,
+    timeout: Duration,
+    /// Set when the group failed: every call fails with it from then on.
+    aborted: Mutex<Option<String>>,
+    timed_out: AtomicBool,
+}
+
+fn lock_err<T>(_: T) -> anyhow::Error {
+    anyhow!("a cluster link's lock was poisoned by a panic")
+}
+
+impl TcpMember {
+    fn check_aborted(&self) -> Result<()> {
+        match &*self.aborted.lock().map_err(lock_err)? {
+            Some(why) => bail!("the group was aborted ({why})"),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the group failed and tells the peers (best effort: a peer that is gone is
+    /// gone). The first reason stays.
+    fn fail(&self, why: String) -> anyhow::Error {
+        let mut a = match self.aborted.lock() {
+            Ok(a) => a,
+            Err(e) => e.into_inner(),
+        };
+        if a.is_none() {
+            *a = Some(why.clone());
+            for (l, raw) in self.links.iter().zip(&self.raw) {
+                match l.try_lock() {
+                    Ok(mut s) => {
+                        let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                        let _ = write_frame(&mut s, TAG_FAIL, why.as_bytes());
+                    }
+                    // another thread is inside an exchange on this link: a frame now
+                    // could land in the middle of its frame, so the link is closed (the
+                    // peer hears "connection closed", and that thread's read ends)
+                    Err(_) => {
+                        let _ = raw.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            }
+        }
+        anyhow!("{why}")
+    }
+
+    fn read_failure(&self, f: ReadFail, who: &str) -> anyhow::Error {
+        match f {
+            ReadFail::Closed => self.fail(format!(
+                "{who}'s connection closed (its process ended or its machine went away)"
+            )),
+            ReadFail::TimedOut => {
+                self.timed_out.store(true, Ordering::SeqCst);
+                self.fail(format!(
+                    "{TIMED_OUT}: member {} waited {:.1} s for {who}",
+                    self.rank,
+                    self.timeout.as_secs_f64()
+                ))
+            }
+            ReadFail::Other(e) => self.fail(format!("reading from {who}: {e}")),
+        }
+    }
+
+    fn write_failure(&self, e: std::io::Error, who: &str) -> anyhow::Error {
+        match e.kind() {
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => {
+                self.read_failure(ReadFail::Closed, who)
+            }
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+                self.read_failure(ReadFail::TimedOut, who)
+            }
+            _ => self.fail(format!("sending to {who}: {e}")),
+        }
+    }
+
+    /// Sends `payload` under `tag` to the coordinator and returns the coordinator's
+    /// answer of the same tag (a worker's half of every exchange).
+    fn exchange_as_worker(&self, tag: u8, payload: &[u8]) -> Result<Vec<u8>> {
+        let mut s = self.links[0].lock().map_err(lock_err)?;
+        if let Err(e) = write_frame(&mut s, tag, payload) {
+            drop(s);
+            return Err(self.write_failure(e, "the coordinator"));
+        }
+        let r = read_frame(&mut s, Instant::now() + self.timeout);
+        drop(s);
+        match r {
+            Ok((t, p)) if t == tag => Ok(p),
+            Ok((TAG_FAIL, why)) => {
+                let why = String::from_utf8_lossy(&why).into_owned();
+                *self.aborted.lock().map_err(lock_err)? = Some(why.clone());
+                bail!("the group was aborted ({why})")
+            }
+            Ok((t, _)) => Err(self.fail(format!("the coordinator sent frame {t}, expected {tag}"))),
+            Err(f) => Err(self.read_failure(f, "the coordinator")),
+        }
+    }
+
+    /// Reads every worker's payload under `tag`, in rank order (the coordinator's half).
+    fn collect_as_coordinator(&self, tag: u8) -> Result<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + self.timeout;
+        let mut out = Vec::with_capacity(self.links.len());
+        for (i, l) in self.links.iter().enumerate() {
+            let who = format!("member {}", i + 1);
+            let r = read_frame(&mut *l.lock().map_err(lock_err)?, deadline);
+            match r {
+                Ok((t, p)) if t == tag => out.push(p),
+                Ok((TAG_FAIL, why)) => {
+                    return Err(
+                        self.fail(format!("{who} failed: {}", String::from_utf8_lossy(&why)))
+                    )
+                }
+                Ok((t, _)) => {
+                    return Err(self.fail(format!("{who} sent frame {t}, expected {tag}")))
+                }
+                Err(f) => return Err(self.read_failure(f, &who)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn send_to_workers(&self, tag: u8, payload: &[u8]) -> Result<()> {
+        for (i, l) in self.links.iter().enumerate() {
+            let r = write_frame(&mut *l.lock().map_err(lock_err)?, tag, payload);
+            if let Err(e) = r {
+                return Err(self.write_failure(e, &format!("member {}", i + 1)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every member's `text` in rank order, on every member (for comparing state
+    /// fingerprints).
+    pub fn gather(&self, text: &str) -> Result<Vec<String>> {
+        self.check_aborted()?;
+        if self.rank != 0 {
+            let p = self.exchange_as_worker(TAG_GATHER, text.as_bytes())?;
+            return serde_json::from_slice(&p).context("an unreadable gather answer");
+        }
+        let mut all = vec![text.to_string()];
+        for p in self.collect_as_coordinator(TAG_GATHER)? {
+            all.push(String::from_utf8_lossy(&p).into_owned());
+        }
+        self.send_to_workers(TAG_GATHER, &serde_json::to_vec(&all)?)?;
+        Ok(all)
+    }
+
+    fn sum(&self, v: &mut [f64]) -> Result<()> {
+        self.check_aborted()?;
+        if self.rank != 0 {
+            let p = self.exchange_as_worker(TAG_SUM, &f64s_to_bytes(v))?;
+            if p.len() != v.len() * 8 {
+                bail!(
+                    "the coordinator answered {} values to a sum of {}",
+                    p.len() / 8,
+                    v.len()
+                )
+            }
+            bytes_to_f64s(&p, v);
+            return Ok(());
+        }
+        let parts = self.collect_as_coordinator(TAG_SUM)?;
+        if let Some((i, p)) = parts
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.len() != v.len() * 8)
+        {
+            return Err(self.fail(format!(
+                "member {} sent {} values to a sum of {}",
+                i + 1,
+                p.len() / 8,
+                v.len()
+            )));
+        }
+        // rank order from zero, as ThreadGroup: the same bits whatever the transport
+        let mut acc = vec![0.0f64; v.len()];
+        acc.iter_mut().zip(v.iter()).for_each(|(a, b)| *a += b);
+        let mut part = vec![0.0f64; v.len()];
+        for p in &parts {
+            bytes_to_f64s(p, &mut part);
+            acc.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+        }
+        self.send_to_workers(TAG_SUM, &f64s_to_bytes(&acc))?;
+        v.copy_from_slice(&acc);
+        Ok(())
+    }
+}
+
+impl Collective for TcpMember {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&self, v: &mut [f64]) -> candle_core::Result<()> {
+        self.sum(v)
+            .map_err(|e| candle_core::Error::Msg(format!("all-reduce: {e:#}")))
+    }
+    fn abort(&self, why: &str) {
+        let _ = self.fail(format!("member {} failed: {why}", self.rank));
+    }
+    fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::dist::ThreadGroup;
+
+    fn id(hash: &str) -> Identity {
+        Identity {
+            code_version: "dinod test".into(),
+            config_hash: hash.into(),
+        }
+    }
+
+    fn token(dir: &std::path::Path, name: &str, text: &str) -> Token {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        Token::from_file(&p).unwrap()
+    }
+
+    /// A coordinator and `world - 1` workers on loopback, built on threads; the
+    /// coordinator's address comes back through a channel.
+    fn group_of(world: usize, timeout: Duration) -> Vec<TcpMember> {
+        let dir =
+            std::env::temp_dir().join(format!("dinod-cluster-{}-{world}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tok = token(&dir, "t", "a-token-of-twenty-chars\n");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let tok2 = tok.clone();
+            let c = s.spawn(move || {
+                listen(
+                    "127.0.0.1:0",
+                    world,
+                    &id("h"),
+                    &tok2,
+                    Duration::from_secs(20),
+                    timeout,
+                    |a| tx.send(a).unwrap(),
+                )
+                .unwrap()
+            });
+            let addr = rx.recv().unwrap().to_string();
+            let ws: Vec<_> = (1..world)
+                .map(|_| {
+                    let (addr, tok) = (addr.clone(), tok.clone());
+                    // one after the other, so ranks follow the spawn order
+                    let m = join(&addr, &id("h"), &tok, Duration::from_secs(20), timeout).unwrap();
+                    m
+                })
+                .collect();
+            let mut all = vec![c.join().unwrap()];
+            all.extend(ws);
+            all
+        })
+    }
+
+    /// Sums over processes-to-be (threads on loopback here) are bit-identical to the
+    /// thread group's, on every member.
+    #[test]
+    fn the_tcp_group_sums_what_the_thread_group_sums_bit_for_bit() {
+        let world = 3;
+        let members = group_of(world, Duration::from_secs(30));
+        assert_eq!(
+            members.iter().map(|m| m.rank()).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        let vecs: Vec<Vec<f64>> = (0..world)
+            .map(|r| {
+                (0..1000)
+                    .map(|i| ((i * 7919 + r * 104729) % 1000) as f64 * 1e-3 + 1e-17 * r as f64)
+                    .collect()
+            })
+            .collect();
+        let tcp: Vec<Vec<f64>> = std::thread::scope(|s| {
+            let hs: Vec<_> = members
+                .iter()
+                .zip(&vecs)
+                .map(|(m, v)| {
+                    s.spawn(move || {
+                        let mut v = v.clone();
+                        for _ in 0..3 {
+                            m.all_reduce_sum(&mut v).unwrap();
+                        }
+                        v
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let threads: Vec<Vec<f64>> = std::thread::scope(|s| {
+            let hs: Vec<_> = ThreadGroup::new(world)
+                .into_iter()
+                .zip(&vecs)
+                .map(|(m, v)| {
+                    s.spawn(move || {
+                        let mut v = v.clone();
+                        for _ in 0..3 {
+                            m.all_reduce_sum(&mut v).unwrap();
+                        }
+                        v
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in 0..world {
+            assert!(
+                tcp[r]
+                    .iter()
+                    .zip(&threads[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "member {r} differs from the thread group"
+            );
+        }
+        // gather: every member sees every fingerprint in rank order
+        let got: Vec<Vec<String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = members
+                .iter()
+                .map(|m| s.spawn(move || m.gather(&format!("fp{}", m.rank())).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for g in got {
+            assert_eq!(g, vec!["fp0", "fp1", "fp2"]);
+        }
+    }
+
+    /// A member that aborts, a member that goes away and a member that never calls:
+    /// every other member's call fails with the reason instead of waiting.
+    #[test]
+    fn a_failed_gone_or_silent_member_fails_the_others_calls() {
+        // abort by a worker: the coordinator and the other worker hear why
+        let members = group_of(3, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let errs: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = members
+                .iter()
+                .map(|m| {
+                    s.spawn(move || {
+                        if m.rank() == 2 {
+                            m.abort("out of memory");
+                            return "aborted".to_string();
+                        }
+                        let mut v = vec![1.0; 4];
+                        m.all_reduce_sum(&mut v).unwrap_err().to_string()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+        assert!(
+            errs[0].contains("member 2 failed: out of memory"),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            errs[1].contains("member 2 failed: out of memory"),
+            "{}",
+            errs[1]
+        );
+        // and every later call fails at once
+        let mut v = vec![1.0];
+        assert!(members[0].all_reduce_sum(&mut v).is_err());
+
+        // a worker whose connection closes (its process ended)
+        let mut members = group_of(2, Duration::from_secs(60));
+        let worker = members.pop().unwrap();
+        drop(worker);
+        let t0 = Instant::now();
+        let e = members[0]
+            .all_reduce_sum(&mut [1.0])
+            .unwrap_err()
+            .to_string();
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        assert!(e.contains("member 1's connection closed"), "{e}");
+        assert!(!members[0].timed_out());
+
+        // the coordinator goes away
+        let mut members = group_of(2, Duration::from_secs(60));
+        let worker = members.pop().unwrap();
+        drop(members);
+        let e = worker.all_reduce_sum(&mut [1.0]).unwrap_err().to_string();
+        assert!(e.contains("the coordinator's connection closed"), "{e}");
+
+        // a worker that is there but never calls: the coordinator times out
+        let members = group_of(2, Duration::from_millis(300));
+        let t0 = Instant::now();
+        let e = members[0]
+            .all_reduce_sum(&mut [1.0])
+            .unwrap_err()
+            .to_string();
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+        assert!(e.contains(TIMED_OUT) && e.contains("member 1"), "{e}");
+        assert!(members[0].timed_out());
+        // the worker's next call hears of it instead of waiting
+        let e = members[1]
+            .all_reduce_sum(&mut [1.0])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("aborted") && e.contains(TIMED_OUT), "{e}");
+
+        // vectors of different lengths are an error on every member
+        let members = group_of(2, Duration::from_secs(60));
+        let errs: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = members
+                .iter()
+                .map(|m| {
+                    s.spawn(move || {
+                        let mut v = vec![1.0; 3 + m.rank()];
+                        m.all_reduce_sum(&mut v).unwrap_err().to_string()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for e in errs {
+            assert!(e.contains("member 1 sent 4 values to a sum of 3"), "{e}");
+        }
+    }
+
+    /// The coordinator refuses a wrong token, another recipe and another build with the
+    /// reason (the node hears it too), keeps waiting, and admits a right node after them;
+    /// with nobody coming it gives up after its wait.
+    #[test]
+    fn admission_refuses_wrong_tokens_recipes_and_builds_with_the_reason() {
+        let dir = std::env::temp_dir().join(format!("dinod-cluster-admit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tok = token(&dir, "good", "the-right-token-123");
+        let bad = token(&dir, "bad", "the-wrong-token-456");
+        let p = dir.join("short");
+        std::fs::write(&p, "short\n").unwrap();
+        let e = Token::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("at least 16"), "{e}");
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let tok2 = tok.clone();
+            let c = s.spawn(move || {
+                listen(
+                    "127.0.0.1:0",
+                    2,
+                    &id("h"),
+                    &tok2,
+                    Duration::from_secs(30),
+                    Duration::from_secs(30),
+                    |a| tx.send(a).unwrap(),
+                )
+            });
+            let addr = rx.recv().unwrap().to_string();
+            let w = Duration::from_secs(10);
+            let e = join(&addr, &id("h"), &bad, w, w).err().unwrap().to_string();
+            assert!(e.contains("refused this node: wrong cluster token"), "{e}");
+            let e = join(&addr, &id("other"), &tok, w, w)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("its recipe differs"), "{e}");
+            let mut other_build = id("h");
+            other_build.code_version = "dinod 9.9.9".into();
+            let e = join(&addr, &other_build, &tok, w, w)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("runs dinod 9.9.9"), "{e}");
+            let ok = join(&addr, &id("h"), &tok, w, w).unwrap();
+            assert_eq!((ok.rank(), ok.world()), (1, 2));
+            let c = c.join().unwrap().unwrap();
+            assert_eq!((c.rank(), c.world()), (0, 2));
+        });
+
+        let t0 = Instant::now();
+        let e = listen(
+            "127.0.0.1:0",
+            3,
+            &id("h"),
+            &tok,
+            Duration::from_millis(300),
+            Duration::from_secs(1),
+            |_| {},
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+        assert!(e.contains("1 of 3 nodes joined"), "{e}");
+        let e = join(
+            "127.0.0.1:1",
+            &id("h"),
+            &tok,
+            Duration::from_millis(300),
+            Duration::from_secs(1),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("no coordinator answered"), "{e}");
+    }
+}

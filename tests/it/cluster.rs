@@ -1,0 +1,284 @@
+//! A data-parallel group whose members are separate `dinod` processes talking over TCP
+//! (`dinod bench dp --listen / --join`): what it computes, whom it admits, and what a
+//! killed member does to the others.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::Child;
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// A running `dinod` whose stderr lines arrive on a channel as they are written.
+struct Proc {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stdout: std::thread::JoinHandle<String>,
+}
+
+impl Proc {
+    fn start(args: &[&str]) -> Proc {
+        let mut child = spawn(args);
+        let err = child.stderr.take().unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdout = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = out.read_to_string(&mut s);
+            s
+        });
+        Proc {
+            child,
+            lines,
+            seen: vec![],
+            stdout,
+        }
+    }
+
+    /// Waits for a stderr line containing `what` and returns it.
+    fn line_with(&mut self, what: &str, limit: Duration) -> String {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                self.seen.push(l.clone());
+                if l.contains(what) {
+                    return l;
+                }
+            }
+        }
+        panic!(
+            "no line with {what:?} in {limit:?}; saw:\n{}",
+            self.seen.join("\n")
+        )
+    }
+
+    /// Waits for the exit; returns its code, all of stderr and stdout.
+    fn finish(mut self, limit: Duration) -> (Option<i32>, String, String) {
+        let st = wait_timeout(&mut self.child, limit).unwrap_or_else(|| {
+            panic!(
+                "did not exit in {limit:?}; stderr so far:\n{}",
+                self.seen.join("\n")
+            )
+        });
+        self.seen.extend(self.lines.try_iter());
+        // the reader thread may still hold the last lines
+        std::thread::sleep(Duration::from_millis(50));
+        self.seen.extend(self.lines.try_iter());
+        (st.code(), self.seen.join("\n"), self.stdout.join().unwrap())
+    }
+}
+
+fn listening_addr(p: &mut Proc) -> String {
+    let l = p.line_with("listening on ", Duration::from_secs(60));
+    l.split_whitespace().nth(2).unwrap().to_string()
+}
+
+fn recipe(extra: &str) -> String {
+    // KoLeo and drop path are per member (as officially); off, the group step is the
+    // one-member step on the whole batch up to rounding
+    tiny_config(&format!("[model.loss]\nkoleo_loss_weight = 0.0\n{extra}"))
+        .replace("drop_path = 0.2", "drop_path = 0.0")
+}
+
+/// Two processes train what two threads of one process train, bit for bit (the same
+/// fingerprint), and what one member trains on the whole batch up to rounding. Before
+/// that, the coordinator refuses a node with the wrong token and one with another recipe,
+/// each with the reason on both sides, and goes on waiting.
+#[test]
+fn a_group_of_processes_trains_what_a_group_of_threads_trains() {
+    let dir = TempDir::new("cluster-equal");
+    let cfg = write_config(dir.path(), &recipe(""));
+    let cfg = cfg.to_str().unwrap();
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = write_config(&other_dir, &recipe("").replace("seed = 3", "seed = 4"));
+    let token = dir.path().join("token");
+    std::fs::write(&token, "correct-horse-battery-staple\n").unwrap();
+    let bad_token = dir.path().join("bad-token");
+    std::fs::write(&bad_token, "incorrect-horse-battery-staple\n").unwrap();
+    let (token, bad_token) = (token.to_str().unwrap(), bad_token.to_str().unwrap());
+    let common = ["bench", "dp", "--config", cfg, "--iters", "2"];
+
+    let o = dinod(&[&common[..], &["--members", "2", "--check"]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let threads: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(threads["transport"], "threads");
+
+    let mut coord = Proc::start(
+        &[
+            &common[..],
+            &[
+                "--check",
+                "--listen",
+                "127.0.0.1:0",
+                "--nodes",
+                "2",
+                "--token-file",
+                token,
+            ],
+        ]
+        .concat(),
+    );
+    let addr = listening_addr(&mut coord);
+    let join = |cfg: &str, tok: &str| {
+        dinod(&[
+            "bench",
+            "dp",
+            "--config",
+            cfg,
+            "--iters",
+            "2",
+            "--join",
+            &addr,
+            "--token-file",
+            tok,
+        ])
+    };
+    let o = join(cfg, bad_token);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("refused this node: wrong cluster token"),
+        "{}",
+        text(&o)
+    );
+    coord.line_with("refused the node at 127.0.0.1:", Duration::from_secs(10));
+    let o = join(other.to_str().unwrap(), token);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("its recipe differs"), "{}", text(&o));
+
+    let worker = Proc::start(&[&common[..], &["--join", &addr, "--token-file", token]].concat());
+    let (code, err, out) = coord.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("joined as rank 1 of 2") && err.contains("all 2 nodes joined"),
+        "{err}"
+    );
+    let c: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (code, err, out) = worker.finish(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains(&format!("joined {addr} as rank 1 of 2")),
+        "{err}"
+    );
+    let w: serde_json::Value = serde_json::from_str(&out).unwrap();
+
+    assert_eq!(
+        (c["transport"].as_str(), c["rank"].as_u64()),
+        (Some("tcp"), Some(0))
+    );
+    assert_eq!(
+        (w["rank"].as_u64(), w["members"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(c["members_identical"], true, "{c}");
+    assert_eq!(w["members_identical"], true, "{w}");
+    assert_eq!(c["fingerprint"], w["fingerprint"]);
+    // the same sums in the same order: the same bits as the threads
+    assert_eq!(c["fingerprint"], threads["fingerprint"], "{c}\n{threads}");
+    assert_eq!(c["max_rel_vs_single"], threads["max_rel_vs_single"]);
+    assert!(c["max_rel_vs_single"].as_f64().unwrap() < 1e-5, "{c}");
+    assert!(w["max_rel_vs_single"].is_null(), "{w}");
+}
+
+/// A member killed with SIGKILL in the middle of the steps fails the other's next
+/// all-reduce at once (its connection closes), far inside the 10-minute collective
+/// timeout, whichever side dies; and a coordinator whose nodes never come gives up after
+/// its wait with how many came.
+#[test]
+fn a_killed_member_fails_the_group_at_once_instead_of_hanging() {
+    let dir = TempDir::new("cluster-kill");
+    let cfg = write_config(
+        dir.path(),
+        &recipe("[runtime]\ncollective_timeout_s = 600.0\n"),
+    );
+    let cfg = cfg.to_str().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-for-the-kill-test").unwrap();
+    let token = token.to_str().unwrap();
+    let long = [
+        "bench", "dp", "--config", cfg, "--warmup", "0", "--iters", "1000000",
+    ];
+
+    for victim in ["worker", "coordinator"] {
+        let mut coord = Proc::start(
+            &[
+                &long[..],
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--nodes",
+                    "2",
+                    "--token-file",
+                    token,
+                ],
+            ]
+            .concat(),
+        );
+        let addr = listening_addr(&mut coord);
+        let mut worker =
+            Proc::start(&[&long[..], &["--join", &addr, "--token-file", token]].concat());
+        coord.line_with("all 2 nodes joined", Duration::from_secs(30));
+        worker.line_with("joined", Duration::from_secs(30));
+        // well into the steps
+        std::thread::sleep(Duration::from_millis(1500));
+        let (dead, survivor, says) = if victim == "worker" {
+            (&mut worker.child, coord, "member 1's connection closed")
+        } else {
+            (
+                &mut coord.child,
+                worker,
+                "the coordinator's connection closed",
+            )
+        };
+        dead.kill().unwrap();
+        let _ = dead.wait();
+        let t0 = Instant::now();
+        let (code, err, _) = survivor.finish(Duration::from_secs(60));
+        let took = t0.elapsed();
+        assert_eq!(code, Some(1), "{victim} killed: {err}");
+        assert!(err.contains(says), "{victim} killed: {err}");
+        assert!(
+            took < Duration::from_secs(30),
+            "{victim} killed: the other took {took:?}"
+        );
+    }
+
+    let t0 = Instant::now();
+    let o = dinod(
+        &[
+            &long[..],
+            &[
+                "--batch-size",
+                "6",
+                "--listen",
+                "127.0.0.1:0",
+                "--nodes",
+                "3",
+                "--token-file",
+                token,
+                "--join-wait-s",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("1 of 3 nodes joined within 1 s"),
+        "{}",
+        text(&o)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    // a worker needs a token file, and a node cannot both listen and join
+    let o = dinod(&[&long[..], &["--join", "127.0.0.1:1"]].concat());
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--token-file"), "{}", text(&o));
+}

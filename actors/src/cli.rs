@@ -58,6 +58,17 @@ pub enum Command {
         #[arg(long)]
         checkpoint_every: Option<u64>,
     },
+    /// One member of a daemon's group of processes (`[runtime.cluster]`): joins the daemon
+    /// at HOST:PORT with the same recipe and computes its part of every step until the
+    /// daemon's run ends. It keeps no state: killed, it is started again and joins again.
+    Worker {
+        /// The daemon's recipe (the same file: its hash is checked at the join).
+        #[arg(long)]
+        config: PathBuf,
+        /// The daemon's `runtime.cluster.listen` address, as reachable from here.
+        #[arg(long, value_name = "HOST:PORT")]
+        join: String,
+    },
     /// Stage, step, losses, throughput, last checkpoint, probes.
     Status {
         #[command(flatten)]
@@ -519,7 +530,7 @@ pub fn main() -> i32 {
     #[cfg(unix)]
     raise_open_file_limit();
     #[cfg(unix)]
-    if !matches!(cli.command, Command::Run { .. }) {
+    if !matches!(cli.command, Command::Run { .. } | Command::Worker { .. }) {
         // A one-shot command piped into `head` ends quietly when the reader goes away,
         // as Unix tools do, instead of panicking on the write. Not `run`: the daemon
         // writes to sockets whose clients may leave, and must survive that.
@@ -577,6 +588,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
             &inject,
             checkpoint_every,
         ),
+        Command::Worker { config, join } => {
+            let plan = load_plan(Some(&config))?;
+            crate::daemon::remote::run_worker(&plan, &join)?;
+            Ok(0)
+        }
         Command::Status { dir, json } => crate::commands::status(&dir.state_dir, json),
         Command::Actors { dir, json } => crate::commands::actors(&dir.state_dir, json),
         Command::Events {

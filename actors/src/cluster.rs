@@ -33,6 +33,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use model::dist::{Collective, TIMED_OUT};
@@ -45,6 +46,22 @@ const TAG_REFUSED: u8 = 4;
 const TAG_SUM: u8 = 5;
 const TAG_FAIL: u8 = 6;
 const TAG_GATHER: u8 = 7;
+const TAG_CONTROL: u8 = 8;
+const TAG_BYE: u8 = 9;
+
+/// A step over a group of processes failed in the group (a member's connection closed,
+/// a member failed or stopped answering): the daemon treats it as a recoverable device
+/// fault, drops the group and redoes the step on one admitted again.
+#[derive(Debug)]
+pub struct GroupFailed(pub String);
+
+impl std::fmt::Display for GroupFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the group of processes failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for GroupFailed {}
 
 /// The largest payload accepted: a hostile or confused peer cannot make a member
 /// allocate more (16 GiB: the f64 gradients of a 2-billion-parameter model).
@@ -131,18 +148,32 @@ fn read_frame(
     s: &mut TcpStream,
     deadline: Instant,
 ) -> std::result::Result<(u8, Vec<u8>), ReadFail> {
+    read_frame_until(s, Some(deadline))
+}
+
+/// [`read_frame`], with no deadline for `None`.
+fn read_frame_until(
+    s: &mut TcpStream,
+    deadline: Option<Instant>,
+) -> std::result::Result<(u8, Vec<u8>), ReadFail> {
     fn fill(
         s: &mut TcpStream,
         buf: &mut [u8],
-        deadline: Instant,
+        deadline: Option<Instant>,
     ) -> std::result::Result<(), ReadFail> {
         let mut got = 0;
         while got < buf.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ReadFail::TimedOut);
-            }
-            s.set_read_timeout(Some(left))
+            let left = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(ReadFail::TimedOut);
+                    }
+                    Some(left)
+                }
+                None => None,
+            };
+            s.set_read_timeout(left)
                 .map_err(|e| ReadFail::Other(e.to_string()))?;
             match s.read(&mut buf[got..]) {
                 Ok(0) => return Err(ReadFail::Closed),
@@ -213,12 +244,32 @@ pub fn listen(
     timeout: Duration,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<TcpMember> {
+    let l = bind(addr)?;
+    on_listening(l.local_addr()?);
+    admit_group(&l, world, me, token, join_wait, timeout)
+}
+
+/// The coordinator's listener on `addr` (kept for the life of a daemon, so that a group
+/// can be rebuilt on the same port after a failure).
+pub fn bind(addr: &str) -> Result<TcpListener> {
+    let l = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Admits nodes on `l` until the group has `world` members or `join_wait` has passed.
+/// Returns rank 0 of the group.
+pub fn admit_group(
+    l: &TcpListener,
+    world: usize,
+    me: &Identity,
+    token: &Token,
+    join_wait: Duration,
+    timeout: Duration,
+) -> Result<TcpMember> {
     if world < 2 {
         bail!("a cluster needs at least 2 nodes (this one and a worker), not {world}")
     }
-    let l = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-    l.set_nonblocking(true)?;
-    on_listening(l.local_addr()?);
     let deadline = Instant::now() + join_wait;
     let mut peers: Vec<TcpStream> = vec![];
     while peers.len() + 1 < world {
@@ -538,6 +589,66 @@ impl TcpMember {
         Ok(())
     }
 
+    /// Why the group failed, if a transport failure, a peer or [`Collective::abort`] has
+    /// failed it.
+    pub fn failure(&self) -> Option<String> {
+        self.aborted.lock().ok().and_then(|a| a.clone())
+    }
+
+    /// The coordinator sends `payload` to worker `rank` as a control message.
+    pub fn send_control(&self, rank: usize, payload: &[u8]) -> Result<()> {
+        self.check_aborted()?;
+        if self.rank != 0 || rank == 0 || rank >= self.world {
+            bail!(
+                "member {} cannot send a control message to member {rank}",
+                self.rank
+            )
+        }
+        let r = write_frame(
+            &mut *self.links[rank - 1].lock().map_err(lock_err)?,
+            TAG_CONTROL,
+            payload,
+        );
+        r.map_err(|e| self.write_failure(e, &format!("member {rank}")))
+    }
+
+    /// A worker waits (without a deadline: rank 0 may checkpoint or probe for long) for
+    /// the next control message; `None` when the coordinator ended the group for good
+    /// ([`TcpMember::bye`]). A closed connection or a failed group is an error.
+    pub fn recv_control(&self) -> Result<Option<Vec<u8>>> {
+        self.check_aborted()?;
+        if self.rank == 0 {
+            bail!("the coordinator receives no control messages")
+        }
+        let r = read_frame_until(&mut *self.links[0].lock().map_err(lock_err)?, None);
+        match r {
+            Ok((TAG_CONTROL, p)) => Ok(Some(p)),
+            Ok((TAG_BYE, _)) => Ok(None),
+            Ok((TAG_FAIL, why)) => {
+                let why = String::from_utf8_lossy(&why).into_owned();
+                *self.aborted.lock().map_err(lock_err)? = Some(why.clone());
+                bail!("the group was aborted ({why})")
+            }
+            Ok((t, _)) => Err(self.fail(format!(
+                "the coordinator sent frame {t} where a control message belongs"
+            ))),
+            Err(f) => Err(self.read_failure(f, "the coordinator")),
+        }
+    }
+
+    /// The coordinator ends the group for good: the workers' [`TcpMember::recv_control`]
+    /// returns `None` (best effort: a worker that is gone is gone).
+    pub fn bye(&self) {
+        if self.rank == 0 {
+            for l in &self.links {
+                if let Ok(mut s) = l.lock() {
+                    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+                    let _ = write_frame(&mut s, TAG_BYE, b"");
+                }
+            }
+        }
+    }
+
     /// Every member's `text` in rank order, on every member (for comparing state
     /// fingerprints).
     pub fn gather(&self, text: &str) -> Result<Vec<String>> {
@@ -612,6 +723,146 @@ impl Collective for TcpMember {
     fn timed_out(&self) -> bool {
         self.timed_out.load(Ordering::SeqCst)
     }
+}
+
+/// Appends tensors (any device: their types, shapes and values) to `out`, for
+/// [`decode_tensors`].
+pub fn encode_tensors(ts: &[&Tensor], out: &mut Vec<u8>) -> Result<()> {
+    out.extend_from_slice(&(ts.len() as u64).to_le_bytes());
+    for t in ts {
+        let dims = t.dims().to_vec();
+        let flat = t.to_device(&Device::Cpu)?.flatten_all()?;
+        let tag: u8 = match t.dtype() {
+            DType::F32 => 0,
+            DType::F64 => 1,
+            DType::BF16 => 2,
+            DType::F16 => 3,
+            DType::U8 => 4,
+            DType::U32 => 5,
+            DType::I64 => 6,
+            d => bail!("cannot send a tensor of type {d:?}"),
+        };
+        out.push(tag);
+        out.extend_from_slice(&(dims.len() as u64).to_le_bytes());
+        for d in &dims {
+            out.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        match tag {
+            0 => flat
+                .to_vec1::<f32>()?
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            1 => flat
+                .to_vec1::<f64>()?
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            2 => flat
+                .to_vec1::<half::bf16>()?
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            3 => flat
+                .to_vec1::<half::f16>()?
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            4 => out.extend_from_slice(&flat.to_vec1::<u8>()?),
+            5 => flat
+                .to_vec1::<u32>()?
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            _ => flat
+                .to_vec1::<i64>()?
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        }
+    }
+    Ok(())
+}
+
+/// The tensors [`encode_tensors`] wrote at the start of `b` (on the CPU), and the bytes
+/// after them.
+pub fn decode_tensors(b: &[u8]) -> Result<(Vec<Tensor>, &[u8])> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+        if b.len() < n {
+            bail!(
+                "a tensor message ends early ({} bytes left, {n} needed)",
+                b.len()
+            )
+        }
+        let (h, t) = b.split_at(n);
+        *b = t;
+        Ok(h)
+    }
+    fn u64_(b: &mut &[u8]) -> Result<usize> {
+        Ok(u64::from_le_bytes(take(b, 8)?.try_into().expect("8 bytes")) as usize)
+    }
+    let mut b = b;
+    let n = u64_(&mut b)?;
+    let mut out = Vec::with_capacity(n.min(1 << 16));
+    for _ in 0..n {
+        let tag = take(&mut b, 1)?[0];
+        let nd = u64_(&mut b)?;
+        if nd > 8 {
+            bail!("a tensor of {nd} dimensions: not a dinod message")
+        }
+        let dims: Vec<usize> = (0..nd).map(|_| u64_(&mut b)).collect::<Result<_>>()?;
+        let count: usize = dims.iter().product();
+        let size = match tag {
+            0 | 5 => 4,
+            1 | 6 => 8,
+            2 | 3 => 2,
+            4 => 1,
+            t => bail!("unknown tensor type {t}"),
+        };
+        let raw = take(&mut b, count.checked_mul(size).context("tensor too large")?)?;
+        let dev = &Device::Cpu;
+        let t = match tag {
+            0 => Tensor::from_vec(
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                    .collect::<Vec<_>>(),
+                dims,
+                dev,
+            )?,
+            1 => Tensor::from_vec(
+                raw.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8")))
+                    .collect::<Vec<_>>(),
+                dims,
+                dev,
+            )?,
+            2 => Tensor::from_vec(
+                raw.chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes(c.try_into().expect("2")))
+                    .collect::<Vec<_>>(),
+                dims,
+                dev,
+            )?,
+            3 => Tensor::from_vec(
+                raw.chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes(c.try_into().expect("2")))
+                    .collect::<Vec<_>>(),
+                dims,
+                dev,
+            )?,
+            4 => Tensor::from_vec(raw.to_vec(), dims, dev)?,
+            5 => Tensor::from_vec(
+                raw.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
+                    .collect::<Vec<_>>(),
+                dims,
+                dev,
+            )?,
+            _ => Tensor::from_vec(
+                raw.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
+                    .collect::<Vec<_>>(),
+                dims,
+                dev,
+            )?,
+        };
+        out.push(t);
+    }
+    Ok((out, b))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -583,6 +584,10 @@ pub struct RuntimeSection {
     /// watchdog fires first.
     #[serde(default = "d_collective_timeout")]
     pub collective_timeout_s: f64,
+    /// Data parallelism over processes, on this machine or others: this daemon is rank
+    /// 0 and `dinod worker` processes join it over TCP (`actors::cluster`).
+    #[serde(default)]
+    pub cluster: Option<ClusterSection>,
     /// Injected faults.
     #[serde(default)]
     pub faults: Vec<FaultSpec>,
@@ -590,6 +595,30 @@ pub struct RuntimeSection {
 
 fn d_data_parallel() -> usize {
     1
+}
+
+/// `[runtime.cluster]`: a data-parallel group of processes. The daemon (rank 0) holds the
+/// state, optimizes, checkpoints and runs the stage machine; each `dinod worker` computes
+/// its part of every global batch on the weights rank 0 sends it each step, and the
+/// gradients are averaged over TCP.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// `HOST:PORT` the daemon listens on for workers (TCP; not the control socket).
+    pub listen: String,
+    /// Processes in the group, the daemon included (at least 2).
+    pub nodes: usize,
+    /// The shared secret's file (at least 16 characters, the same on every node). It is
+    /// proved with a challenge, never sent.
+    pub token_file: PathBuf,
+    /// How long the daemon waits for every worker when it (re)builds the group; then the
+    /// step fails like a device fault. Below `runtime.heartbeat.step_s`.
+    #[serde(default = "d_cluster_join_wait")]
+    pub join_wait_s: f64,
+}
+
+fn d_cluster_join_wait() -> f64 {
+    120.0
 }
 
 fn d_collective_timeout() -> f64 {
@@ -631,6 +660,7 @@ impl Default for RuntimeSection {
             cpu_batch_size: None,
             data_parallel: d_data_parallel(),
             collective_timeout_s: d_collective_timeout(),
+            cluster: None,
             faults: vec![],
         }
     }
@@ -1011,6 +1041,61 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
                 rt.gpu_wait_max_s
             ),
         ));
+    }
+    if let Some(c) = &rt.cluster {
+        let n = c.nodes;
+        let b = cfg.train.batch_size;
+        if n < 2 {
+            problems.push(problem(
+                "runtime.cluster.nodes",
+                format!("must be at least 2 (this daemon and a worker), got {n}"),
+            ));
+        } else if !b.is_multiple_of(n) || b / n < 2 {
+            problems.push(problem(
+                "runtime.cluster.nodes",
+                format!("train.batch_size {b} must split into {n} parts of at least 2 images (KoLeo is per member)"),
+            ));
+        }
+        if rt.data_parallel > 1 {
+            problems.push(problem(
+                "runtime.cluster",
+                "cannot be combined with runtime.data_parallel > 1 yet: one member per process",
+            ));
+        }
+        if rt.device != "cpu" {
+            problems.push(problem(
+                "runtime.cluster",
+                format!("runs on device = \"cpu\" for now (NCCL across processes is not built: docs/multi-node.md), not {}", rt.device),
+            ));
+        }
+        if cfg.distill.is_some() {
+            problems.push(problem(
+                "runtime.cluster",
+                "distillation over a group of processes is not built: drop [distill] or [runtime.cluster]",
+            ));
+        }
+        if !(c.join_wait_s > 0.0 && c.join_wait_s < rt.heartbeat.step_s) {
+            problems.push(problem(
+                "runtime.cluster.join_wait_s",
+                format!(
+                    "must be positive and below runtime.heartbeat.step_s ({} s), got {}",
+                    rt.heartbeat.step_s, c.join_wait_s
+                ),
+            ));
+        }
+        let t = rt.collective_timeout_s;
+        if !(t > 0.0 && t < rt.heartbeat.step_s) {
+            problems.push(problem(
+                "runtime.collective_timeout_s",
+                format!(
+                    "must be positive and below runtime.heartbeat.step_s ({} s), got {t}",
+                    rt.heartbeat.step_s
+                ),
+            ));
+        }
+        if let Err(e) = crate::cluster::Token::from_file(&c.token_file) {
+            problems.push(problem("runtime.cluster.token_file", format!("{e:#}")));
+        }
     }
     if rt.data_parallel == 0 {
         problems.push(problem("runtime.data_parallel", "must be at least 1"));

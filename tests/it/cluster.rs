@@ -282,3 +282,127 @@ fn a_killed_member_fails_the_group_at_once_instead_of_hanging() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("--token-file"), "{}", text(&o));
 }
+
+fn status_of(state: &std::path::Path) -> serde_json::Value {
+    let o = dinod(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn fingerprint_of(state: &std::path::Path) -> (u64, String) {
+    let s = status_of(state);
+    (
+        s["run"]["step"].as_u64().unwrap(),
+        s["run"]["fingerprint"].as_str().unwrap().to_string(),
+    )
+}
+
+/// `[runtime.cluster]`: the daemon and a `dinod worker` process train, bit for bit, what
+/// the daemon trains with `data_parallel = 2` threads (KoLeo and drop path on: they are
+/// per member either way), and the worker exits 0 when the run ends. A worker killed with
+/// SIGKILL mid-run fails the daemon's step as a recoverable device fault; the daemon
+/// admits the worker started in its place and redoes the step exactly.
+#[test]
+fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
+    let dir = TempDir::new("cluster-daemon");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-for-the-daemon-test").unwrap();
+    let threads_dir = dir.path().join("threads");
+    std::fs::create_dir_all(&threads_dir).unwrap();
+    let threads = write_config(&threads_dir, &tiny_config("[runtime]\ndata_parallel = 2\n"));
+    let cluster = write_config(
+        dir.path(),
+        &tiny_config(&format!(
+            "[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\njoin_wait_s = 60.0\n",
+            token.display()
+        )),
+    );
+    let cluster = cluster.to_str().unwrap();
+    let steps = 12;
+    let s1 = dir.path().join("s1");
+    let o = run_to(&threads, &s1, steps, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let want = fingerprint_of(&s1);
+    assert_eq!(want.0, steps);
+
+    let run = |state: &std::path::Path, extra: &[&str]| {
+        let steps = steps.to_string();
+        Proc::start(
+            &[
+                &[
+                    "run",
+                    "--config",
+                    cluster,
+                    "--state-dir",
+                    state.to_str().unwrap(),
+                    "--max-steps",
+                    &steps,
+                ][..],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let s2 = dir.path().join("s2");
+    let mut daemon = run(&s2, &[]);
+    let addr = daemon
+        .line_with("listening on ", Duration::from_secs(60))
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let worker = Proc::start(&["worker", "--config", cluster, "--join", &addr]);
+    let (code, err, _) = daemon.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err, _) = worker.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("joined") && err.contains("the daemon ended the run"),
+        "{err}"
+    );
+    assert_eq!(fingerprint_of(&s2), want, "processes and threads differ");
+
+    // the worker is killed while step 6 is held; one started in its place takes over
+    let s3 = dir.path().join("s3");
+    let mut daemon = run(&s3, &["--inject", "slow:teacher@6+2500"]);
+    let addr = daemon
+        .line_with("listening on ", Duration::from_secs(60))
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let mut first = Proc::start(&["worker", "--config", cluster, "--join", &addr]);
+    first.line_with("joined", Duration::from_secs(30));
+    // into the hold of step 6 (steps take milliseconds here)
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        if status_of(&s3)["run"]["step"].as_u64().unwrap_or(0) >= 6 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.child.kill().unwrap();
+    let _ = first.child.wait();
+    let second = Proc::start(&["worker", "--config", cluster, "--join", &addr]);
+    let (code, err, _) = daemon.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("joined as rank 1 of 2"), "{err}");
+    let (code, err2, _) = second.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err2}");
+    assert_eq!(fingerprint_of(&s3), want, "the redone step differs");
+    let ev = dinod(&[
+        "events",
+        "--json",
+        "--limit",
+        "1000",
+        "--state-dir",
+        s3.to_str().unwrap(),
+    ]);
+    let ev = String::from_utf8_lossy(&ev.stdout).to_string();
+    assert!(
+        ev.lines().any(|l| l.contains("actor.restarting")
+            && l.contains("the group of processes failed")
+            && l.contains("member 1's connection closed")),
+        "{ev}"
+    );
+}

@@ -16,6 +16,7 @@ use super::board::ActorPhase;
 use super::loader::LoadedBatch;
 use super::worker::Worker;
 use super::Ctx;
+use model::dist::Collective;
 use model::optim::{ClipStat, OptimHparams};
 use model::ssl::{LossTerms, ModelGrads};
 use model::{StepHparams, TeacherOutput};
@@ -95,7 +96,9 @@ pub fn device_fault(e: &anyhow::Error) -> Option<DeviceFault> {
     }
     // a member that stopped answering (its GPU hung, a stall): the others gave up
     // waiting; the group is dropped (NCCL: aborted) and the step redone on a fresh one
-    if e.downcast_ref::<crate::dp::CollectiveTimedOut>().is_some() {
+    if e.downcast_ref::<crate::dp::CollectiveTimedOut>().is_some()
+        || e.downcast_ref::<crate::cluster::GroupFailed>().is_some()
+    {
         return Some(DeviceFault::Recoverable(format!("{e:#}")));
     }
     classify_device_error(&format!("{e:#}"))
@@ -216,6 +219,25 @@ impl Actor for TeacherActor {
                     );
                 }
                 let dt = ctx.plan().config.precision.compute_dtype();
+                if let Some(cm) = ctx.cluster.group(ctx.plan())? {
+                    // the workers get the teacher and their parts of the batch; rank 0
+                    // computes its part here, Sinkhorn-Knopp over all
+                    let ts: &model::TrainState = &eng.ts;
+                    let r = (|| -> Result<Vec<TeacherOutput>> {
+                        super::remote::order_teacher_phase(&cm, ts, &batch.batch, &hp)?;
+                        let dev = ts.device();
+                        let view = ts.phase_view(model::Side::Teacher, dt, &dev)?;
+                        let shard = batch.batch.shard(0, cm.world())?;
+                        Ok(vec![model::teacher_phase_in(
+                            &view,
+                            &shard,
+                            &hp,
+                            Some(&*cm),
+                            &mut |_| {},
+                        )?])
+                    })();
+                    return r.map_err(|e| super::remote::group_error(&ctx.cluster, &cm, e));
+                }
                 if let Some(members) = crate::dp::members(&ctx.group, ctx.plan())? {
                     // every member on its part of the batch, Sinkhorn-Knopp over all
                     let ts: &model::TrainState = &eng.ts;
@@ -359,9 +381,30 @@ impl Actor for TrainerActor {
                             );
                         }
                         let dt = ctx.plan().config.precision.compute_dtype();
-                        let mut out = if let Some(members) =
-                            crate::dp::members(&ctx.group, ctx.plan())?
-                        {
+                        let cluster = ctx.cluster.group(ctx.plan())?;
+                        let mut out = if let Some(cm) = cluster {
+                            let Some(t) = teacher.into_iter().next() else {
+                                bail!("no teacher output");
+                            };
+                            let ts: &model::TrainState = &eng.ts;
+                            let r = (|| -> Result<model::StepOutcome> {
+                                super::remote::order_student_phase(&cm, ts, &hp)?;
+                                let dev = ts.device();
+                                let view = ts.phase_view(model::Side::Student, dt, &dev)?;
+                                let shard = batch.batch.shard(0, cm.world())?;
+                                let mut out =
+                                    model::student_phase(&view, &shard, &hp, t, &mut |_| {})?;
+                                // rank 0 ends with the group's mean gradient
+                                model::dist::all_reduce_mean_grads(
+                                    &*cm,
+                                    &mut out.grads,
+                                    &view.student,
+                                )?;
+                                model::dist::all_reduce_mean_losses(&*cm, &mut out.losses)?;
+                                Ok(out)
+                            })();
+                            r.map_err(|e| super::remote::group_error(&ctx.cluster, &cm, e))?
+                        } else if let Some(members) = crate::dp::members(&ctx.group, ctx.plan())? {
                             let n = members.len();
                             if teacher.len() != n {
                                 bail!("{} teacher outputs for {n} members", teacher.len());

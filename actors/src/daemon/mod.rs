@@ -25,6 +25,7 @@ pub mod evaluator;
 pub mod faults;
 pub mod loader;
 pub mod notify;
+pub mod remote;
 pub mod startup;
 pub mod supervisor;
 pub mod worker;
@@ -107,6 +108,9 @@ pub struct Ctx {
     pub fallback: std::sync::OnceLock<Plan>,
     /// The data-parallel group (`runtime.data_parallel` > 1), built on first use.
     pub group: std::sync::Mutex<Option<crate::dp::Members>>,
+    /// The group of processes (`[runtime.cluster]`): the listener and the admitted
+    /// workers, built on first use.
+    pub cluster: remote::ClusterSlot,
     /// Held for the whole of a collective step over `group` where several actors could
     /// start one at once (the distillation teacher and every student): the members'
     /// collectives must not interleave.
@@ -152,6 +156,7 @@ impl Ctx {
             device: device::DeviceHealth::default(),
             fallback: std::sync::OnceLock::new(),
             group: std::sync::Mutex::new(None),
+            cluster: remote::ClusterSlot::default(),
             group_turn: std::sync::Mutex::new(()),
             frozen_replicas: std::sync::Mutex::new(vec![]),
             probe_sets: std::sync::Mutex::new(None),
@@ -541,6 +546,8 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
     life.training(&ctx.board);
     let code = rt.block_on(supervisor::run_tree(ctx.clone()));
     life.tree_ended();
+    // the workers of a group of processes exit with the run
+    ctx.cluster.bye();
     let code = code?;
     let _ = ctx.store.flush();
     if code == EXIT_OK && ctx.handoff.load(Ordering::SeqCst) {

@@ -246,7 +246,7 @@ pub fn listen(
 ) -> Result<TcpMember> {
     let l = bind(addr)?;
     on_listening(l.local_addr()?);
-    admit_group(&l, world, me, token, join_wait, timeout)
+    admit_group(&l, world, me, token, join_wait, timeout, &|_| {})
 }
 
 /// The coordinator's listener on `addr` (kept for the life of a daemon, so that a group
@@ -258,7 +258,8 @@ pub fn bind(addr: &str) -> Result<TcpListener> {
 }
 
 /// Admits nodes on `l` until the group has `world` members or `join_wait` has passed.
-/// Returns rank 0 of the group.
+/// Returns rank 0 of the group. `on_change` hears who has joined so far, as a line for
+/// people, at the start and after every admission or refusal.
 pub fn admit_group(
     l: &TcpListener,
     world: usize,
@@ -266,12 +267,27 @@ pub fn admit_group(
     token: &Token,
     join_wait: Duration,
     timeout: Duration,
+    on_change: &dyn Fn(&str),
 ) -> Result<TcpMember> {
     if world < 2 {
         bail!("a cluster needs at least 2 nodes (this one and a worker), not {world}")
     }
     let deadline = Instant::now() + join_wait;
     let mut peers: Vec<TcpStream> = vec![];
+    let mut from_addrs: Vec<String> = vec![];
+    let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let waiting = |joined: &[String], last: &str| {
+        on_change(&format!(
+            "waiting on {at} for workers: {} of {world} nodes{}{last}",
+            joined.len() + 1,
+            if joined.is_empty() {
+                String::new()
+            } else {
+                format!(" (joined: {})", joined.join(", "))
+            }
+        ))
+    };
+    waiting(&from_addrs, "");
     while peers.len() + 1 < world {
         let (mut s, from) = match l.accept() {
             Ok(c) => c,
@@ -295,15 +311,19 @@ pub fn admit_group(
                 tracing::info!(%from, rank = peers.len() + 1, "a node joined");
                 eprintln!("node {from} joined as rank {} of {world}", peers.len() + 1);
                 peers.push(s);
+                from_addrs.push(format!("{from} as rank {}", peers.len()));
+                waiting(&from_addrs, "");
             }
             Err(why) => {
                 tracing::warn!(%from, "refused a node: {why}");
                 eprintln!("refused the node at {from}: {why}");
+                waiting(&from_addrs, &format!("; refused {from}: {why}"));
             }
         }
     }
     s_write_timeouts(&peers, timeout)?;
     eprintln!("all {world} nodes joined");
+    on_change(&format!("{world} nodes on {at}: {}", from_addrs.join(", ")));
     let raw = peers
         .iter()
         .map(TcpStream::try_clone)

@@ -151,6 +151,9 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
                 .unwrap_or_default()
         );
     }
+    if let Some(c) = r["cluster"].as_str() {
+        println!("cluster      {c}");
+    }
     println!("lr           {:.3e}", r["lr"].as_f64().unwrap_or(0.0));
     println!(
         "throughput   {:.1} images/s ({:.0} ms/step)",

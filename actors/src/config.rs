@@ -1790,6 +1790,87 @@ mod tests {
         );
     }
 
+    /// `[runtime.cluster]` is checked when the config is read: the group's size against
+    /// the batch, the combinations not built (threads per process, GPUs, distillation),
+    /// the waits against the hang watchdog, and the token file.
+    #[test]
+    fn the_cluster_section_is_validated() {
+        let dir = std::env::temp_dir().join(format!("dinod-cfg-cluster-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("token");
+        std::fs::write(&good, "sixteen-chars-or-more\n").unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, "tiny\n").unwrap();
+        let with = |rt: &str, cl: &str, tok: &std::path::Path| {
+            format!(
+                "{}\n[runtime]\n{rt}\n[runtime.cluster]\nlisten = \"127.0.0.1:7700\"\ntoken_file = \"{}\"\n{cl}\n",
+                strip_runtime(super::DEFAULT_RECIPE),
+                tok.display()
+            )
+        };
+        let plan = super::parse(&with("", "nodes = 4", &good), "t").unwrap();
+        let c = plan.config.runtime.cluster.as_ref().unwrap();
+        assert_eq!((c.nodes, c.join_wait_s), (4, 120.0));
+        for (rt, cl, tok, key) in [
+            ("", "nodes = 1", &good, "runtime.cluster.nodes"),
+            ("", "nodes = 5", &good, "runtime.cluster.nodes"),
+            ("", "nodes = 32", &good, "runtime.cluster.nodes"),
+            (
+                "data_parallel = 2",
+                "nodes = 2",
+                &good,
+                "cannot be combined with runtime.data_parallel",
+            ),
+            (
+                "device = \"cuda\"",
+                "nodes = 2",
+                &good,
+                "NCCL across processes is not built",
+            ),
+            (
+                "",
+                "nodes = 2\njoin_wait_s = 0.0",
+                &good,
+                "runtime.cluster.join_wait_s",
+            ),
+            (
+                "",
+                "nodes = 2\njoin_wait_s = 900.0",
+                &good,
+                "runtime.cluster.join_wait_s",
+            ),
+            (
+                "collective_timeout_s = 700.0",
+                "nodes = 2",
+                &good,
+                "runtime.collective_timeout_s",
+            ),
+            ("", "nodes = 2", &short, "at least 16"),
+            (
+                "",
+                "nodes = 2",
+                &dir.join("absent"),
+                "cannot read the cluster token file",
+            ),
+            ("", "nodes = 2\nport = 3", &good, "port"),
+        ] {
+            let e = match super::parse(&with(rt, cl, tok), "t") {
+                Ok(_) => panic!("{rt} / {cl} was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(key), "{rt} / {cl}: {e}");
+        }
+        let e = super::parse(
+            &format!(
+                "{}\n[distill]\nteacher = \"self\"\n[[distill.students]]\nname = \"s\"\npreset = \"vit_pico\"\nbackbone = {{ embed_dim = 32, depth = 2, num_heads = 2, patch_size = 8 }}\ndino_head = {{ hidden_dim = 32, bottleneck_dim = 16, n_prototypes = 64 }}\nibot_head = {{ hidden_dim = 32, bottleneck_dim = 16, n_prototypes = 64 }}\n",
+                with("", "nodes = 2", &good)
+            ),
+            "t",
+        );
+        let e = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("distillation over a group"), "{e}");
+    }
+
     /// The default recipe without its `[runtime]` table (so a test can append one).
     fn strip_runtime(text: &str) -> String {
         let mut out = vec![];

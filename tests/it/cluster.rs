@@ -325,9 +325,10 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     let want = fingerprint_of(&s1);
     assert_eq!(want.0, steps);
 
-    let run = |state: &std::path::Path, extra: &[&str]| {
+    // a daemon on the group's recipe and the address it listens on
+    let run = |state: &std::path::Path, steps: u64, extra: &[&str]| -> (Proc, String) {
         let steps = steps.to_string();
-        Proc::start(
+        let mut p = Proc::start(
             &[
                 &[
                     "run",
@@ -341,16 +342,17 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
                 extra,
             ]
             .concat(),
-        )
+        );
+        let addr = p
+            .line_with("listening on ", Duration::from_secs(60))
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .to_string();
+        (p, addr)
     };
     let s2 = dir.path().join("s2");
-    let mut daemon = run(&s2, &[]);
-    let addr = daemon
-        .line_with("listening on ", Duration::from_secs(60))
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .to_string();
+    let (daemon, addr) = run(&s2, steps, &[]);
     let worker = Proc::start(&["worker", "--config", cluster, "--join", &addr]);
     let (code, err, _) = daemon.finish(Duration::from_secs(120));
     assert_eq!(code, Some(0), "{err}");
@@ -363,14 +365,51 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     assert_eq!(fingerprint_of(&s2), want, "processes and threads differ");
 
     // the worker is killed while step 6 is held; one started in its place takes over
+    let st = status_of(&s2);
+    let line = st["run"]["cluster"].as_str().unwrap_or("");
+    assert!(
+        line.starts_with("2 nodes on 127.0.0.1:") && line.contains("as rank 1"),
+        "{st}"
+    );
+    assert!(
+        st["run"]["device"]
+            .as_str()
+            .unwrap_or("")
+            .contains("2 data-parallel processes"),
+        "{st}"
+    );
+
+    // stopped half-way and resumed with a new worker: the same run (workers hold nothing)
+    let s4 = dir.path().join("s4");
+    for to in [steps / 2, steps] {
+        let (daemon, addr) = run(&s4, to, &[]);
+        // a worker on another recipe is refused with the reason, and the daemon waits on
+        let other = dir.path().join("other.toml");
+        std::fs::write(
+            &other,
+            std::fs::read_to_string(cluster)
+                .unwrap()
+                .replace("seed = 3", "seed = 4"),
+        )
+        .unwrap();
+        let o = dinod(&[
+            "worker",
+            "--config",
+            other.to_str().unwrap(),
+            "--join",
+            &addr,
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("its recipe differs"), "{}", text(&o));
+        let worker = Proc::start(&["worker", "--config", cluster, "--join", &addr]);
+        let (code, err, _) = daemon.finish(Duration::from_secs(120));
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(worker.finish(Duration::from_secs(30)).0, Some(0));
+    }
+    assert_eq!(fingerprint_of(&s4), want, "the resumed run differs");
+
     let s3 = dir.path().join("s3");
-    let mut daemon = run(&s3, &["--inject", "slow:teacher@6+2500"]);
-    let addr = daemon
-        .line_with("listening on ", Duration::from_secs(60))
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .to_string();
+    let (daemon, addr) = run(&s3, steps, &["--inject", "slow:teacher@6+2500"]);
     let mut first = Proc::start(&["worker", "--config", cluster, "--join", &addr]);
     first.line_with("joined", Duration::from_secs(30));
     // into the hold of step 6 (steps take milliseconds here)

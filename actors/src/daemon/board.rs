@@ -119,6 +119,10 @@ pub struct RunStatus {
     /// while it trains.
     #[serde(default)]
     pub stopping: Option<String>,
+    /// The group of processes (`[runtime.cluster]`): who has joined, or whom the daemon
+    /// is waiting for.
+    #[serde(default)]
+    pub cluster: Option<String>,
 }
 
 /// Checkpoint saves that failed in a row: training goes on, but what it trains since the

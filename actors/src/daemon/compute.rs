@@ -211,6 +211,9 @@ impl Actor for TeacherActor {
             .worker
             .run(move || -> Result<Vec<TeacherOutput>> {
                 ctx.faults.maybe_slow(TEACHER, step);
+                // admitting the workers can take minutes: not under the engine's lock,
+                // which `dinod status` and the checkpointer need meanwhile
+                let cluster = ctx.cluster.group(ctx.plan(), &ctx.board)?;
                 let eng = ctx.engine.lock();
                 if eng.ts.step != step {
                     bail!(
@@ -219,7 +222,7 @@ impl Actor for TeacherActor {
                     );
                 }
                 let dt = ctx.plan().config.precision.compute_dtype();
-                if let Some(cm) = ctx.cluster.group(ctx.plan())? {
+                if let Some(cm) = cluster {
                     // the workers get the teacher and their parts of the batch; rank 0
                     // computes its part here, Sinkhorn-Knopp over all
                     let ts: &model::TrainState = &eng.ts;
@@ -236,7 +239,8 @@ impl Actor for TeacherActor {
                             &mut |_| {},
                         )?])
                     })();
-                    return r.map_err(|e| super::remote::group_error(&ctx.cluster, &cm, e));
+                    return r
+                        .map_err(|e| super::remote::group_error(&ctx.cluster, &ctx.board, &cm, e));
                 }
                 if let Some(members) = crate::dp::members(&ctx.group, ctx.plan())? {
                     // every member on its part of the batch, Sinkhorn-Knopp over all
@@ -373,6 +377,8 @@ impl Actor for TrainerActor {
                             );
                             bail!(DeviceFaultError(DeviceFault::Lost(why)));
                         }
+                        // (before the engine's lock, as in the teacher)
+                        let cluster = ctx.cluster.group(ctx.plan(), &ctx.board)?;
                         let eng = ctx.engine.lock();
                         if eng.ts.step != step {
                             bail!(
@@ -381,7 +387,6 @@ impl Actor for TrainerActor {
                             );
                         }
                         let dt = ctx.plan().config.precision.compute_dtype();
-                        let cluster = ctx.cluster.group(ctx.plan())?;
                         let mut out = if let Some(cm) = cluster {
                             let Some(t) = teacher.into_iter().next() else {
                                 bail!("no teacher output");
@@ -403,7 +408,9 @@ impl Actor for TrainerActor {
                                 model::dist::all_reduce_mean_losses(&*cm, &mut out.losses)?;
                                 Ok(out)
                             })();
-                            r.map_err(|e| super::remote::group_error(&ctx.cluster, &cm, e))?
+                            r.map_err(|e| {
+                                super::remote::group_error(&ctx.cluster, &ctx.board, &cm, e)
+                            })?
                         } else if let Some(members) = crate::dp::members(&ctx.group, ctx.plan())? {
                             let n = members.len();
                             if teacher.len() != n {

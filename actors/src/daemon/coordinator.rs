@@ -1075,6 +1075,14 @@ pub(super) fn device_line(ctx: &Ctx) -> (String, usize) {
     let n = ctx.plan().config.runtime.data_parallel;
     if ctx.fallback.get().is_some() {
         (format!("cpu (fallback from {configured})"), b)
+    } else if let Some(c) = &ctx.plan().config.runtime.cluster {
+        (
+            format!(
+                "{configured} ({} data-parallel processes over TCP)",
+                c.nodes
+            ),
+            b,
+        )
     } else if n > 1 {
         (format!("{configured} ({n} data-parallel members)"), b)
     } else {

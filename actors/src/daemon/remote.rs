@@ -27,6 +27,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::board::Board;
 use crate::cluster::{self, TcpMember};
 use crate::config::Plan;
 use model::dist::Collective;
@@ -49,8 +50,8 @@ pub fn identity(plan: &Plan) -> cluster::Identity {
 
 impl ClusterSlot {
     /// The group of `[runtime.cluster]` (None without one), admitted on first use and
-    /// kept until [`ClusterSlot::reset`].
-    pub fn group(&self, plan: &Plan) -> Result<Option<Arc<TcpMember>>> {
+    /// kept until [`ClusterSlot::reset`]; `dinod status` follows the admission on `board`.
+    pub fn group(&self, plan: &Plan, board: &Board) -> Result<Option<Arc<TcpMember>>> {
         let Some(c) = &plan.config.runtime.cluster else {
             return Ok(None);
         };
@@ -73,6 +74,10 @@ impl ClusterSlot {
         };
         let token = cluster::Token::from_file(&c.token_file)?;
         let rt = &plan.config.runtime;
+        let note = |line: &str| {
+            let line = line.to_string();
+            board.run(|r| r.cluster = Some(line));
+        };
         let m = cluster::admit_group(
             l,
             c.nodes,
@@ -80,8 +85,15 @@ impl ClusterSlot {
             &token,
             Duration::from_secs_f64(c.join_wait_s),
             Duration::from_secs_f64(rt.collective_timeout_s),
-        )
-        .context("admitting the cluster's workers")?;
+            &note,
+        );
+        let m = match m {
+            Ok(m) => m,
+            Err(e) => {
+                note(&format!("{e:#}"));
+                return Err(e).context("admitting the cluster's workers");
+            }
+        };
         let m = Arc::new(m);
         *g = Some(m.clone());
         Ok(Some(m))
@@ -108,10 +120,22 @@ impl ClusterSlot {
 /// (a member gone, failed or silent; see [`cluster::GroupFailed`]) becomes a
 /// recoverable device fault; rank 0's own failure aborts the group so the workers stop
 /// waiting, and stays what it was. Either way the group is dropped.
-pub fn group_error(slot: &ClusterSlot, m: &TcpMember, e: anyhow::Error) -> anyhow::Error {
+pub fn group_error(
+    slot: &ClusterSlot,
+    board: &Board,
+    m: &TcpMember,
+    e: anyhow::Error,
+) -> anyhow::Error {
     slot.reset();
     match m.failure() {
-        Some(why) => anyhow::Error::new(cluster::GroupFailed(why)).context(format!("{e:#}")),
+        Some(why) => {
+            board.run(|r| {
+                r.cluster = Some(format!(
+                    "the group failed ({why}); it is admitted again at the next step"
+                ))
+            });
+            anyhow::Error::new(cluster::GroupFailed(why)).context(format!("{e:#}"))
+        }
         None => {
             m.abort(&format!("{e:#}"));
             e

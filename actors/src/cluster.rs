@@ -125,6 +125,40 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// Turns on TCP keepalive (30 s idle, then 3 probes 10 s apart), so that a peer whose
+/// machine went away without closing the connection is found out in about a minute even
+/// while nobody sends: a worker waiting for its next order, a daemon between steps.
+fn keepalive(s: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, v: libc::c_int| -> std::io::Result<()> {
+        // SAFETY: `fd` is an open socket for the duration of the call, and the option
+        // value is a c_int of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    #[cfg(target_os = "linux")]
+    {
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30)?;
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10)?;
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+    }
+    Ok(())
+}
+
 fn write_frame(s: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::Result<()> {
     let mut head = [0u8; 9];
     head[0] = tag;
@@ -178,9 +212,11 @@ fn read_frame_until(
             match s.read(&mut buf[got..]) {
                 Ok(0) => return Err(ReadFail::Closed),
                 Ok(n) => got += n,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    return Err(ReadFail::TimedOut)
-                }
+                // the read timeout (EAGAIN): our deadline passed
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Err(ReadFail::TimedOut),
+                // ETIMEDOUT: TCP keepalive found the peer gone (no FIN: a machine that
+                // went away)
+                Err(e) if e.kind() == ErrorKind::TimedOut => return Err(ReadFail::Closed),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
@@ -306,6 +342,7 @@ pub fn admit_group(
         };
         s.set_nonblocking(false)?;
         s.set_nodelay(true)?;
+        keepalive(&s)?;
         match admit(&mut s, me, token, peers.len() + 1, world) {
             Ok(()) => {
                 tracing::info!(%from, rank = peers.len() + 1, "a node joined");
@@ -433,6 +470,7 @@ pub fn join(
         }
     };
     s.set_nodelay(true)?;
+    keepalive(&s)?;
     s.set_write_timeout(Some(HELLO_WAIT))?;
     let hello_deadline = Instant::now() + HELLO_WAIT;
     let challenge = match read_frame(&mut s, hello_deadline) {
@@ -998,6 +1036,25 @@ mod tests {
                 "member {r} differs from the thread group"
             );
         }
+        // every link keeps itself alive (a vanished machine is found out while idle)
+        for m in &members {
+            for l in &m.raw {
+                let mut v: libc::c_int = 0;
+                let mut n = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                use std::os::fd::AsRawFd;
+                // SAFETY: an open socket, and a c_int-sized buffer with its size
+                let r = unsafe {
+                    libc::getsockopt(
+                        l.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_KEEPALIVE,
+                        &mut v as *mut libc::c_int as *mut libc::c_void,
+                        &mut n,
+                    )
+                };
+                assert_eq!((r, v), (0, 1));
+            }
+        }
         // gather: every member sees every fingerprint in rank order
         let got: Vec<Vec<String>> = std::thread::scope(|s| {
             let hs: Vec<_> = members
@@ -1009,6 +1066,47 @@ mod tests {
         for g in got {
             assert_eq!(g, vec!["fp0", "fp1", "fp2"]);
         }
+    }
+
+    /// Tensors of every type a step sends cross as they were; a cut message is an error.
+    #[test]
+    fn tensors_cross_with_their_types_shapes_and_values() {
+        let dev = &Device::Cpu;
+        let f = Tensor::arange(0f32, 24f32, dev)
+            .unwrap()
+            .reshape((2, 3, 4))
+            .unwrap();
+        let b = f.to_dtype(DType::BF16).unwrap();
+        let u = Tensor::from_vec(vec![0u8, 1, 1, 0, 1], 5, dev).unwrap();
+        let d = Tensor::from_vec(vec![1e-300f64, -2.5], (1, 2), dev).unwrap();
+        let mut out = vec![];
+        encode_tensors(&[&f, &b, &u, &d], &mut out).unwrap();
+        out.extend_from_slice(b"tail");
+        let (got, rest) = decode_tensors(&out).unwrap();
+        assert_eq!(rest, b"tail");
+        assert_eq!(got.len(), 4);
+        for (a, b) in [&f, &b, &u, &d].iter().zip(&got) {
+            assert_eq!((a.dtype(), a.dims()), (b.dtype(), b.dims()));
+            let (x, y) = (
+                a.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap(),
+                b.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap(),
+            );
+            assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+        let e = decode_tensors(&out[..out.len() - 20])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ends early"), "{e}");
     }
 
     /// A member that aborts, a member that goes away and a member that never calls:

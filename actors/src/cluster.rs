@@ -965,12 +965,8 @@ mod tests {
             });
             let addr = rx.recv().unwrap().to_string();
             let ws: Vec<_> = (1..world)
-                .map(|_| {
-                    let (addr, tok) = (addr.clone(), tok.clone());
-                    // one after the other, so ranks follow the spawn order
-                    let m = join(&addr, &id("h"), &tok, Duration::from_secs(20), timeout).unwrap();
-                    m
-                })
+                // one after the other, so ranks follow the order of the calls
+                .map(|_| join(&addr, &id("h"), &tok, Duration::from_secs(20), timeout).unwrap())
                 .collect();
             let mut all = vec![c.join().unwrap()];
             all.extend(ws);
@@ -1027,10 +1023,9 @@ mod tests {
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        for r in 0..world {
+        for (r, got) in tcp.iter().enumerate() {
             assert!(
-                tcp[r]
-                    .iter()
+                got.iter()
                     .zip(&threads[0])
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "member {r} differs from the thread group"

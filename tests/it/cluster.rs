@@ -363,6 +363,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         "{err}"
     );
     assert_eq!(fingerprint_of(&s2), want, "processes and threads differ");
+    assert!(!s2.join("control.sock").exists(), "the daemon left its socket behind");
 
     // the worker is killed while step 6 is held; one started in its place takes over
     let st = status_of(&s2);
@@ -443,5 +444,112 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
             && l.contains("the group of processes failed")
             && l.contains("member 1's connection closed")),
         "{ev}"
+    );
+}
+
+/// Through the stage machine: probes every 2 steps switch the run to Gram anchoring (the
+/// Gram teacher loaded from the best-dense checkpoint, refreshed on a schedule) and then
+/// to high-resolution adaptation (larger crops). The daemon sends the Gram teacher and the
+/// new crops to its worker like everything else, and the group of processes follows the
+/// same stage path to the same bits as the group of threads.
+#[test]
+fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
+    let dir = TempDir::new("cluster-stages");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-for-the-stages-test").unwrap();
+    // as tests/it/stages.rs: the stage machine reacts at once; with seed 5 a group's
+    // locality drops early, so the run reaches Gram anchoring and high resolution
+    let stages = tiny_eval(2)
+        + r#"
+[stages]
+patience = 1
+dense_metric = "locality"
+degradation_threshold = { absolute = 0.0 }
+[stages.gram_anchor]
+ramp_steps = 2
+refresh_every = 4
+max_refreshes = 2
+refresh_policy = "schedule"
+min_steps = 0
+max_steps = 3
+[stages.high_res]
+steps = 3
+lr_warmup_steps = 1
+"#;
+    let base = tiny_config(&stages).replace("seed = 3", "seed = 5");
+    let threads_dir = dir.path().join("threads");
+    std::fs::create_dir_all(&threads_dir).unwrap();
+    let threads = write_config(
+        &threads_dir,
+        &format!("{base}\n[runtime]\ndata_parallel = 2\n"),
+    );
+    let cluster = write_config(
+        dir.path(),
+        &format!(
+            "{base}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+    );
+    let steps = 20;
+    let s1 = dir.path().join("s1");
+    let o = run_to(&threads, &s1, steps, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let s2 = dir.path().join("s2");
+    let mut daemon = Proc::start(&[
+        "run",
+        "--config",
+        cluster.to_str().unwrap(),
+        "--state-dir",
+        s2.to_str().unwrap(),
+        "--max-steps",
+        &steps.to_string(),
+    ]);
+    let addr = daemon
+        .line_with("listening on ", Duration::from_secs(60))
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let worker = Proc::start(&[
+        "worker",
+        "--config",
+        cluster.to_str().unwrap(),
+        "--join",
+        &addr,
+    ]);
+    let (code, err, _) = daemon.finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(worker.finish(Duration::from_secs(30)).0, Some(0));
+    let path = |s: &std::path::Path| -> Vec<(u64, String)> {
+        let o = dinod(&[
+            "events",
+            "--json",
+            "--limit",
+            "1000",
+            "--state-dir",
+            s.to_str().unwrap(),
+        ]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["kind"] == "stage.transition" || e["kind"] == "stage.gram_refresh")
+            .map(|e| {
+                (
+                    e["step"].as_u64().unwrap_or(0),
+                    e["message"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let (p1, p2) = (path(&s1), path(&s2));
+    assert!(
+        p1.iter().any(|(_, m)| m.contains("-> high_res")),
+        "the threads never reached high resolution: {p1:?}"
+    );
+    assert_eq!(p1, p2, "the stage paths differ");
+    assert_eq!(
+        fingerprint_of(&s2),
+        fingerprint_of(&s1),
+        "processes and threads differ"
     );
 }

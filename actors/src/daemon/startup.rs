@@ -213,6 +213,9 @@ impl Lifecycle {
     /// The tree has stopped.
     pub fn tree_ended(&self) {
         self.mode.store(FINISHING, Ordering::SeqCst);
+        // the control actor's own removal (its `post_stop`) does not always run before
+        // the process ends; a next start (the hand-over) binds the socket again
+        let _ = std::fs::remove_file(&self.socket);
     }
 
     /// A signal or `dinod stop`: while starting, the process ends now; while training, the

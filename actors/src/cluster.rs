@@ -48,6 +48,7 @@ const TAG_FAIL: u8 = 6;
 const TAG_GATHER: u8 = 7;
 const TAG_CONTROL: u8 = 8;
 const TAG_BYE: u8 = 9;
+const TAG_SUM32: u8 = 10;
 
 /// A step over a group of processes failed in the group (a member's connection closed,
 /// a member failed or stopped answering): the daemon treats it as a recoverable device
@@ -724,43 +725,100 @@ impl TcpMember {
     }
 
     fn sum(&self, v: &mut [f64]) -> Result<()> {
+        self.sum_as::<f64>(v, TAG_SUM)
+    }
+
+    /// The sum of `v` over the group, sent as `E` (f64, or f32 for f32 tensors: half the
+    /// bytes) and summed in f64 in rank order from zero on the coordinator: an f32 widens
+    /// to f64 exactly and the f64 sum rounds to f32 once, so the bits are those of
+    /// `model::dist::reduce_on_host` over `ThreadGroup`.
+    fn sum_as<E: Wire>(&self, v: &mut [E], tag: u8) -> Result<()> {
         self.check_aborted()?;
+        let w = E::WIDTH;
         if self.rank != 0 {
-            let p = self.exchange_as_worker(TAG_SUM, &f64s_to_bytes(v))?;
-            if p.len() != v.len() * 8 {
+            let p = self.exchange_as_worker(tag, &E::to_bytes(v))?;
+            if p.len() != v.len() * w {
                 bail!(
                     "the coordinator answered {} values to a sum of {}",
-                    p.len() / 8,
+                    p.len() / w,
                     v.len()
                 )
             }
-            bytes_to_f64s(&p, v);
+            E::from_bytes(&p, v);
             return Ok(());
         }
-        let parts = self.collect_as_coordinator(TAG_SUM)?;
+        let parts = self.collect_as_coordinator(tag)?;
         if let Some((i, p)) = parts
             .iter()
             .enumerate()
-            .find(|(_, p)| p.len() != v.len() * 8)
+            .find(|(_, p)| p.len() != v.len() * w)
         {
             return Err(self.fail(format!(
                 "member {} sent {} values to a sum of {}",
                 i + 1,
-                p.len() / 8,
+                p.len() / w,
                 v.len()
             )));
         }
         // rank order from zero, as ThreadGroup: the same bits whatever the transport
         let mut acc = vec![0.0f64; v.len()];
-        acc.iter_mut().zip(v.iter()).for_each(|(a, b)| *a += b);
-        let mut part = vec![0.0f64; v.len()];
+        acc.iter_mut()
+            .zip(v.iter())
+            .for_each(|(a, b)| *a += b.wide());
+        let mut part = vec![E::default(); v.len()];
         for p in &parts {
-            bytes_to_f64s(p, &mut part);
-            acc.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+            E::from_bytes(p, &mut part);
+            acc.iter_mut().zip(&part).for_each(|(a, b)| *a += b.wide());
         }
-        self.send_to_workers(TAG_SUM, &f64s_to_bytes(&acc))?;
-        v.copy_from_slice(&acc);
+        v.iter_mut().zip(&acc).for_each(|(x, a)| *x = E::narrow(*a));
+        self.send_to_workers(tag, &E::to_bytes(v))?;
         Ok(())
+    }
+}
+
+/// An element type a sum crosses the network in.
+trait Wire: Copy + Default {
+    const WIDTH: usize;
+    fn wide(self) -> f64;
+    fn narrow(v: f64) -> Self;
+    fn to_bytes(v: &[Self]) -> Vec<u8>;
+    fn from_bytes(b: &[u8], out: &mut [Self]);
+}
+
+impl Wire for f64 {
+    const WIDTH: usize = 8;
+    fn wide(self) -> f64 {
+        self
+    }
+    fn narrow(v: f64) -> Self {
+        v
+    }
+    fn to_bytes(v: &[Self]) -> Vec<u8> {
+        f64s_to_bytes(v)
+    }
+    fn from_bytes(b: &[u8], out: &mut [Self]) {
+        bytes_to_f64s(b, out)
+    }
+}
+
+impl Wire for f32 {
+    const WIDTH: usize = 4;
+    fn wide(self) -> f64 {
+        self as f64
+    }
+    fn narrow(v: f64) -> Self {
+        v as f32
+    }
+    fn to_bytes(v: &[Self]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(v.len() * 4);
+        v.iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        out
+    }
+    fn from_bytes(b: &[u8], out: &mut [Self]) {
+        for (x, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+            *x = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+        }
     }
 }
 
@@ -777,6 +835,17 @@ impl Collective for TcpMember {
     }
     fn abort(&self, why: &str) {
         let _ = self.fail(format!("member {} failed: {why}", self.rank));
+    }
+    /// f32 tensors (the gradients) cross as f32, half the bytes of the f64 default, with
+    /// the same result bits.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        if t.dtype() != DType::F32 {
+            return model::dist::reduce_on_host(&|v| self.all_reduce_sum(v), t);
+        }
+        let mut v: Vec<f32> = t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        self.sum_as::<f32>(&mut v, TAG_SUM32)
+            .map_err(|e| candle_core::Error::Msg(format!("all-reduce: {e:#}")))?;
+        Tensor::from_vec(v, t.dims(), &Device::Cpu)?.to_device(t.device())
     }
     fn timed_out(&self) -> bool {
         self.timed_out.load(Ordering::SeqCst)
@@ -1030,6 +1099,43 @@ mod tests {
                     .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "member {r} differs from the thread group"
             );
+        }
+        // f32 tensors cross as f32 and come back with the bits of the thread group's
+        // f64 round trip
+        let ts: Vec<Tensor> = vecs
+            .iter()
+            .map(|v| {
+                let v: Vec<f32> = v.iter().map(|x| (*x as f32) * 1.1 + 1e-7).collect();
+                Tensor::from_vec(v, (10, 100), &Device::Cpu).unwrap()
+            })
+            .collect();
+        let sum_all = |members: Vec<&dyn Collective>| -> Vec<Vec<u32>> {
+            std::thread::scope(|s| {
+                let hs: Vec<_> = members
+                    .into_iter()
+                    .zip(&ts)
+                    .map(|(m, t)| {
+                        s.spawn(move || {
+                            let r = m.all_reduce_sum_tensor(t).unwrap();
+                            assert_eq!((r.dtype(), r.dims()), (DType::F32, t.dims()));
+                            r.flatten_all()
+                                .unwrap()
+                                .to_vec1::<f32>()
+                                .unwrap()
+                                .iter()
+                                .map(|x| x.to_bits())
+                                .collect()
+                        })
+                    })
+                    .collect();
+                hs.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        };
+        let tg = ThreadGroup::new(world);
+        let by_threads = sum_all(tg.iter().map(|m| m as &dyn Collective).collect());
+        let by_tcp = sum_all(members.iter().map(|m| m as &dyn Collective).collect());
+        for (r, got) in by_tcp.iter().enumerate() {
+            assert_eq!(got, &by_threads[0], "member {r}'s tensor sum");
         }
         // every link keeps itself alive (a vanished machine is found out while idle)
         for m in &members {

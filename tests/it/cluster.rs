@@ -363,7 +363,10 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         "{err}"
     );
     assert_eq!(fingerprint_of(&s2), want, "processes and threads differ");
-    assert!(!s2.join("control.sock").exists(), "the daemon left its socket behind");
+    assert!(
+        !s2.join("control.sock").exists(),
+        "the daemon left its socket behind"
+    );
 
     // the worker is killed while step 6 is held; one started in its place takes over
     let st = status_of(&s2);

@@ -168,8 +168,45 @@ pub fn open_offline(state_dir: &Path) -> Result<checkpoints::Store> {
     )
     .map_err(|e| {
         anyhow!(
-            "cannot open the catalog of {} ({e}); is a daemon starting or stopping?",
-            state_dir.display()
+            "cannot open the catalog of {} ({e}); {}",
+            state_dir.display(),
+            holder_hint(state_dir)
         )
     })
+}
+
+/// Who holds `state_dir`, for a person: a daemon that is starting or stopping, or another
+/// command reading the catalog (with its command line), and what to do about it.
+fn holder_hint(state_dir: &Path) -> String {
+    let Some(holder) = checkpoints::lock_holder(state_dir) else {
+        return "nobody holds it now: try again".into();
+    };
+    let Some(pid) = holder else {
+        return "another process holds it: is a daemon starting or stopping?".into();
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let sub = cmdline.get(1).map(String::as_str).unwrap_or("");
+    let shown = if cmdline.is_empty() {
+        String::new()
+    } else {
+        let mut c = cmdline.clone();
+        if let Some(first) = c.first_mut() {
+            if let Some(name) = Path::new(first.as_str()).file_name() {
+                *first = name.to_string_lossy().into_owned();
+            }
+        }
+        format!(" (`{}`)", c.join(" "))
+    };
+    if sub == "run" {
+        format!("a daemon, pid {pid}{shown}, holds it without a control socket: it is starting or stopping; try again in a moment")
+    } else {
+        format!("pid {pid}{shown} holds it: another command is reading the catalog; try again when it has finished")
+    }
 }

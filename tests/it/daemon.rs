@@ -1666,6 +1666,20 @@ fn a_command_waits_out_a_held_state_directory_instead_of_failing() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["daemon"], false);
     assert_eq!(v["run"]["step"], 3);
+    // held for longer than the wait: the command fails, saying who holds the directory
+    let lock = std::fs::File::open(st.join("LOCK")).unwrap();
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let o = dinod(&["status", "--state-dir", st.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("holds it") && text(&o).contains("try again"),
+        "{}",
+        text(&o)
+    );
+    drop(lock);
 }
 
 /// `dinod events --follow` goes on across the daemon's restarts, as `journalctl -f`

@@ -283,7 +283,7 @@ pub fn listen(
 ) -> Result<TcpMember> {
     let l = bind(addr)?;
     on_listening(l.local_addr()?);
-    admit_group(&l, world, me, token, join_wait, timeout, &|_| {})
+    admit_group(&l, world, me, token, join_wait, timeout, &|_| {}, &|| false)
 }
 
 /// The coordinator's listener on `addr` (kept for the life of a daemon, so that a group
@@ -296,7 +296,9 @@ pub fn bind(addr: &str) -> Result<TcpListener> {
 
 /// Admits nodes on `l` until the group has `world` members or `join_wait` has passed.
 /// Returns rank 0 of the group. `on_change` hears who has joined so far, as a line for
-/// people, at the start and after every admission or refusal.
+/// people, at the start and after every admission or refusal; the wait ends early, with
+/// an error, once `cancelled()` says so (the run is stopping).
+#[allow(clippy::too_many_arguments)]
 pub fn admit_group(
     l: &TcpListener,
     world: usize,
@@ -305,6 +307,7 @@ pub fn admit_group(
     join_wait: Duration,
     timeout: Duration,
     on_change: &dyn Fn(&str),
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<TcpMember> {
     if world < 2 {
         bail!("a cluster needs at least 2 nodes (this one and a worker), not {world}")
@@ -329,6 +332,12 @@ pub fn admit_group(
         let (mut s, from) = match l.accept() {
             Ok(c) => c,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if cancelled() {
+                    bail!(
+                        "stopped waiting for workers ({} of {world} nodes had joined): the run is stopping",
+                        peers.len() + 1
+                    )
+                }
                 if Instant::now() >= deadline {
                     bail!(
                         "{} of {world} nodes joined within {:.0} s (counting this one); the others never arrived",

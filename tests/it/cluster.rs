@@ -368,6 +368,21 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         "the daemon left its socket behind"
     );
 
+    // a daemon waiting for its workers stops at once when asked, not after the wait
+    let s5 = dir.path().join("s5");
+    let (daemon, _addr) = run(&s5, steps, &[]);
+    let t0 = Instant::now();
+    let o = dinod(&["stop", "--wait", "--state-dir", s5.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("stopped at step 0"), "{}", text(&o));
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    assert_eq!(daemon.finish(Duration::from_secs(30)).0, Some(0));
+    let line = status_of(&s5)["run"]["cluster"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(line.contains("stopped waiting for workers"), "{line}");
+
     // the worker is killed while step 6 is held; one started in its place takes over
     let st = status_of(&s2);
     let line = st["run"]["cluster"].as_str().unwrap_or("");

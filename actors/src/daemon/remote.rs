@@ -86,6 +86,8 @@ impl ClusterSlot {
             Duration::from_secs_f64(c.join_wait_s),
             Duration::from_secs_f64(rt.collective_timeout_s),
             &note,
+            // a stop request (`dinod stop`, SIGTERM) must not wait out the admission
+            &|| board.run(|r| r.stopping.is_some()),
         );
         let m = match m {
             Ok(m) => m,

@@ -294,10 +294,35 @@ pub fn bind(addr: &str) -> Result<TcpListener> {
     Ok(l)
 }
 
+/// Where a group of processes stands, for `dinod status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    /// `waiting` (for workers), `complete`, `failed` (admitted again at the next step) or
+    /// `stopped` (the wait ended because the run is stopping).
+    pub state: String,
+    /// The address the daemon listens on.
+    pub listen: String,
+    /// Processes in the group, the daemon included.
+    pub nodes: usize,
+    /// The workers admitted so far, by rank.
+    pub joined: Vec<JoinedNode>,
+    /// The same, in a line for people (with the last refusal or failure, if any).
+    pub line: String,
+}
+
+/// A worker in a group.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JoinedNode {
+    /// Its rank.
+    pub rank: usize,
+    /// Where it connected from.
+    pub addr: String,
+}
+
 /// Admits nodes on `l` until the group has `world` members or `join_wait` has passed.
-/// Returns rank 0 of the group. `on_change` hears who has joined so far, as a line for
-/// people, at the start and after every admission or refusal; the wait ends early, with
-/// an error, once `cancelled()` says so (the run is stopping).
+/// Returns rank 0 of the group. `on_change` hears where the admission stands, at the
+/// start and after every admission or refusal; the wait ends early, with an error, once
+/// `cancelled()` says so (the run is stopping).
 #[allow(clippy::too_many_arguments)]
 pub fn admit_group(
     l: &TcpListener,
@@ -306,7 +331,7 @@ pub fn admit_group(
     token: &Token,
     join_wait: Duration,
     timeout: Duration,
-    on_change: &dyn Fn(&str),
+    on_change: &dyn Fn(&GroupStatus),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<TcpMember> {
     if world < 2 {
@@ -314,20 +339,36 @@ pub fn admit_group(
     }
     let deadline = Instant::now() + join_wait;
     let mut peers: Vec<TcpStream> = vec![];
-    let mut from_addrs: Vec<String> = vec![];
+    let mut joined: Vec<JoinedNode> = vec![];
     let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let waiting = |joined: &[String], last: &str| {
-        on_change(&format!(
-            "waiting on {at} for workers: {} of {world} nodes{}{last}",
-            joined.len() + 1,
-            if joined.is_empty() {
-                String::new()
-            } else {
-                format!(" (joined: {})", joined.join(", "))
-            }
-        ))
+    let status = |joined: &[JoinedNode], state: &str, last: &str| {
+        let list = joined
+            .iter()
+            .map(|j| format!("{} as rank {}", j.addr, j.rank))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let line = if state == "complete" {
+            format!("{world} nodes on {at}: {list}")
+        } else {
+            format!(
+                "waiting on {at} for workers: {} of {world} nodes{}{last}",
+                joined.len() + 1,
+                if joined.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (joined: {list})")
+                }
+            )
+        };
+        on_change(&GroupStatus {
+            state: state.into(),
+            listen: at.clone(),
+            nodes: world,
+            joined: joined.to_vec(),
+            line,
+        })
     };
-    waiting(&from_addrs, "");
+    status(&joined, "waiting", "");
     while peers.len() + 1 < world {
         let (mut s, from) = match l.accept() {
             Ok(c) => c,
@@ -358,19 +399,22 @@ pub fn admit_group(
                 tracing::info!(%from, rank = peers.len() + 1, "a node joined");
                 eprintln!("node {from} joined as rank {} of {world}", peers.len() + 1);
                 peers.push(s);
-                from_addrs.push(format!("{from} as rank {}", peers.len()));
-                waiting(&from_addrs, "");
+                joined.push(JoinedNode {
+                    rank: peers.len(),
+                    addr: from.to_string(),
+                });
+                status(&joined, "waiting", "");
             }
             Err(why) => {
                 tracing::warn!(%from, "refused a node: {why}");
                 eprintln!("refused the node at {from}: {why}");
-                waiting(&from_addrs, &format!("; refused {from}: {why}"));
+                status(&joined, "waiting", &format!("; refused {from}: {why}"));
             }
         }
     }
     s_write_timeouts(&peers, timeout)?;
     eprintln!("all {world} nodes joined");
-    on_change(&format!("{world} nodes on {at}: {}", from_addrs.join(", ")));
+    status(&joined, "complete", "");
     let raw = peers
         .iter()
         .map(TcpStream::try_clone)

@@ -151,7 +151,7 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
                 .unwrap_or_default()
         );
     }
-    if let Some(c) = r["cluster"].as_str() {
+    if let Some(c) = r["cluster"]["line"].as_str() {
         println!("cluster      {c}");
     }
     println!("lr           {:.3e}", r["lr"].as_f64().unwrap_or(0.0));

@@ -377,18 +377,38 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     assert!(text(&o).contains("stopped at step 0"), "{}", text(&o));
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     assert_eq!(daemon.finish(Duration::from_secs(30)).0, Some(0));
-    let line = status_of(&s5)["run"]["cluster"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    assert!(line.contains("stopped waiting for workers"), "{line}");
+    let c = status_of(&s5)["run"]["cluster"].clone();
+    assert_eq!(c["state"], "stopped", "{c}");
+    assert!(
+        c["line"]
+            .as_str()
+            .unwrap_or("")
+            .contains("stopped waiting for workers"),
+        "{c}"
+    );
 
-    // the worker is killed while step 6 is held; one started in its place takes over
     let st = status_of(&s2);
-    let line = st["run"]["cluster"].as_str().unwrap_or("");
+    let c = &st["run"]["cluster"];
+    assert_eq!(
+        (c["state"].as_str(), c["nodes"].as_u64()),
+        (Some("complete"), Some(2)),
+        "{st}"
+    );
+    assert_eq!(c["joined"][0]["rank"], 1, "{st}");
+    assert!(
+        c["listen"].as_str().unwrap_or("").starts_with("127.0.0.1:"),
+        "{st}"
+    );
+    let line = c["line"].as_str().unwrap_or("");
     assert!(
         line.starts_with("2 nodes on 127.0.0.1:") && line.contains("as rank 1"),
         "{st}"
+    );
+    let o = dinod(&["status", "--state-dir", s2.to_str().unwrap()]);
+    assert!(
+        text(&o).contains(&format!("cluster      {line}")),
+        "{}",
+        text(&o)
     );
     assert!(
         st["run"]["device"]
@@ -427,6 +447,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     }
     assert_eq!(fingerprint_of(&s4), want, "the resumed run differs");
 
+    // the worker is killed while step 6 is held; one started in its place takes over
     let s3 = dir.path().join("s3");
     let (daemon, addr) = run(&s3, steps, &["--inject", "slow:teacher@6+2500"]);
     let mut first = Proc::start(&["worker", "--config", cluster, "--join", &addr]);

@@ -122,7 +122,7 @@ pub struct RunStatus {
     /// The group of processes (`[runtime.cluster]`): who has joined, or whom the daemon
     /// is waiting for.
     #[serde(default)]
-    pub cluster: Option<String>,
+    pub cluster: Option<crate::cluster::GroupStatus>,
 }
 
 /// Checkpoint saves that failed in a row: training goes on, but what it trains since the

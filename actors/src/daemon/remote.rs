@@ -74,9 +74,9 @@ impl ClusterSlot {
         };
         let token = cluster::Token::from_file(&c.token_file)?;
         let rt = &plan.config.runtime;
-        let note = |line: &str| {
-            let line = line.to_string();
-            board.run(|r| r.cluster = Some(line));
+        let note = |st: &cluster::GroupStatus| {
+            let st = st.clone();
+            board.run(|r| r.cluster = Some(st));
         };
         let m = cluster::admit_group(
             l,
@@ -92,7 +92,12 @@ impl ClusterSlot {
         let m = match m {
             Ok(m) => m,
             Err(e) => {
-                note(&format!("{e:#}"));
+                let stopping = board.run(|r| r.stopping.is_some());
+                set_state(
+                    board,
+                    if stopping { "stopped" } else { "failed" },
+                    &format!("{e:#}"),
+                );
                 return Err(e).context("admitting the cluster's workers");
             }
         };
@@ -131,11 +136,11 @@ pub fn group_error(
     slot.reset();
     match m.failure() {
         Some(why) => {
-            board.run(|r| {
-                r.cluster = Some(format!(
-                    "the group failed ({why}); it is admitted again at the next step"
-                ))
-            });
+            set_state(
+                board,
+                "failed",
+                &format!("the group failed ({why}); it is admitted again at the next step"),
+            );
             anyhow::Error::new(cluster::GroupFailed(why)).context(format!("{e:#}"))
         }
         None => {
@@ -143,6 +148,18 @@ pub fn group_error(
             e
         }
     }
+}
+
+/// Marks the group's status `state` with a line saying why (the workers it had are gone
+/// from it).
+fn set_state(board: &Board, state: &str, line: &str) {
+    board.run(|r| {
+        let mut st = r.cluster.take().unwrap_or_default();
+        st.state = state.into();
+        st.joined.clear();
+        st.line = line.to_string();
+        r.cluster = Some(st);
+    });
 }
 
 /// Which phase of a step an order is for.

@@ -592,3 +592,82 @@ lr_warmup_steps = 1
         "processes and threads differ"
     );
 }
+
+/// The daemon of a group is SIGKILLed mid-run. Its worker, which holds nothing, stays up and
+/// joins the daemon started again on the same address; the resumed run ends where the
+/// fault-free group of threads ends, bit for bit, and the worker exits 0 with it.
+#[test]
+fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
+    let dir = TempDir::new("cluster-daemon-kill");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-for-the-restart-test").unwrap();
+    let threads_dir = dir.path().join("threads");
+    std::fs::create_dir_all(&threads_dir).unwrap();
+    let threads = write_config(&threads_dir, &tiny_config("[runtime]\ndata_parallel = 2\n"));
+    let steps = 12;
+    let s1 = dir.path().join("s1");
+    let o = run_to(&threads, &s1, steps, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let want = fingerprint_of(&s1);
+    // a fixed port: the restarted daemon must listen where the worker looks for it
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let cluster = write_config(
+        dir.path(),
+        &tiny_config(&format!(
+            "[runtime.cluster]\nlisten = \"{addr}\"\nnodes = 2\ntoken_file = \"{}\"\njoin_wait_s = 60.0\n",
+            token.display()
+        )),
+    );
+    let cluster = cluster.to_str().unwrap();
+    let s2 = dir.path().join("s2");
+    let daemon = |extra: &[&str]| {
+        let steps = steps.to_string();
+        let args = [
+            &[
+                "run",
+                "--config",
+                cluster,
+                "--state-dir",
+                s2.to_str().unwrap(),
+                "--max-steps",
+                &steps,
+            ][..],
+            extra,
+        ]
+        .concat();
+        Proc::start(&args)
+    };
+    let mut first = daemon(&["--inject", "slow:teacher@7+5000"]);
+    first.line_with("listening on ", Duration::from_secs(60));
+    let mut worker = Proc::start(&["worker", "--config", cluster, "--join", &addr]);
+    worker.line_with("joined", Duration::from_secs(30));
+    // into the hold of step 7: the checkpoint of step 6 is written
+    let t0 = Instant::now();
+    while status_of(&s2)["run"]["step"].as_u64().unwrap_or(0) < 7 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the run never reached step 7"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.child.kill().unwrap();
+    let _ = first.child.wait();
+    worker.line_with("joining again", Duration::from_secs(30));
+    let second = daemon(&[]);
+    let (code, err, _) = second.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err, _) = worker.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        err.matches(&format!("joined {addr} as rank 1 of 2"))
+            .count(),
+        2,
+        "{err}"
+    );
+    assert_eq!(fingerprint_of(&s2), want, "the resumed group run differs");
+}

@@ -616,10 +616,15 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let cluster = write_config(
         dir.path(),
         &tiny_config(&format!(
-            "[runtime.cluster]\nlisten = \"{addr}\"\nnodes = 2\ntoken_file = \"{}\"\njoin_wait_s = 60.0\n",
+            "[runtime]\nmetrics_port = {metrics_port}\n[runtime.cluster]\nlisten = \"{addr}\"\nnodes = 2\ntoken_file = \"{}\"\njoin_wait_s = 60.0\n",
             token.display()
         )),
     );
@@ -655,6 +660,9 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Prometheus sees the group
+    let m = scrape(metrics_port).unwrap();
+    assert!(m.lines().any(|l| l == "dinod_cluster_nodes 2"), "{m}");
     first.child.kill().unwrap();
     let _ = first.child.wait();
     worker.line_with("joining again", Duration::from_secs(30));

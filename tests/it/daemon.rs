@@ -1079,17 +1079,6 @@ fn a_run_resumes_on_a_data_source_that_shrank() {
     );
 }
 
-/// `GET /metrics` on a port, as Prometheus scrapes it.
-fn scrape(port: u16) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    c.set_read_timeout(Some(Duration::from_secs(10)))?;
-    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut body = String::new();
-    c.read_to_string(&mut body)?;
-    Ok(body)
-}
-
 /// The Prometheus endpoint serves the run's metrics; a second daemon configured with the
 /// same port (a second run on one machine) trains anyway, with a warning that says why
 /// there is no endpoint and what to change; port 0 takes a free port and names it.

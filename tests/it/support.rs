@@ -320,3 +320,14 @@ pub fn export_which(
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     f32_tensors(&std::fs::read(out).unwrap())
 }
+
+/// `GET /metrics` on a port, as Prometheus scrapes it.
+pub fn scrape(port: u16) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut body = String::new();
+    c.read_to_string(&mut body)?;
+    Ok(body)
+}

@@ -75,6 +75,7 @@ impl ClusterSlot {
         let token = cluster::Token::from_file(&c.token_file)?;
         let rt = &plan.config.runtime;
         let note = |st: &cluster::GroupStatus| {
+            metrics::gauge!("dinod_cluster_nodes").set((st.joined.len() + 1) as f64);
             let st = st.clone();
             board.run(|r| r.cluster = Some(st));
         };
@@ -153,6 +154,11 @@ pub fn group_error(
 /// Marks the group's status `state` with a line saying why (the workers it had are gone
 /// from it).
 fn set_state(board: &Board, state: &str, line: &str) {
+    // this process is the group that is left
+    metrics::gauge!("dinod_cluster_nodes").set(1.0);
+    if state == "failed" {
+        metrics::counter!("dinod_cluster_group_failures_total").increment(1);
+    }
     board.run(|r| {
         let mut st = r.cluster.take().unwrap_or_default();
         st.state = state.into();

@@ -498,9 +498,10 @@ fn short(h: &str) -> &str {
     &h[..h.len().min(12)]
 }
 
-/// A worker's side: connects to the coordinator at `addr` (retrying until `join_wait`
-/// has passed, so a worker may start first), proves the token and is admitted, or
-/// fails with the coordinator's reason.
+/// A worker's side: connects to the coordinator at `addr` and waits for it to admit
+/// nodes, connecting again while nobody listens or the coordinator goes away, until
+/// `join_wait` has passed (so a worker may start first, and outlive a coordinator's
+/// restart); proves the token and is admitted, or fails with the coordinator's reason.
 pub fn join(
     addr: &str,
     me: &Identity,
@@ -509,29 +510,55 @@ pub fn join(
     timeout: Duration,
 ) -> Result<TcpMember> {
     let deadline = Instant::now() + join_wait;
-    let mut s = loop {
+    let gone = || {
+        anyhow!(
+            "no coordinator admitted this node at {addr} within {:.0} s",
+            join_wait.as_secs_f64()
+        )
+    };
+    let (mut s, challenge) = loop {
+        if Instant::now() >= deadline {
+            return Err(gone());
+        }
         let tried = addr
             .to_socket_addrs()
             .with_context(|| format!("cannot resolve the coordinator's address {addr}"))?
             .find_map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok());
-        match tried {
-            Some(s) => break s,
-            None if Instant::now() >= deadline => bail!(
-                "no coordinator answered at {addr} within {:.0} s",
+        let Some(mut s) = tried else {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        };
+        // A connection to itself: connecting to a port of this machine that nobody
+        // listens on can pick that very port as its source (TCP's simultaneous open), and
+        // it would then hold the port the coordinator is about to listen on.
+        if s.local_addr().ok() == s.peer_addr().ok() {
+            drop(s);
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        s.set_nodelay(true)?;
+        keepalive(&s)?;
+        // The challenge comes when the coordinator admits nodes, which may be later: a
+        // daemon admits at its next step, and a connection waits in its backlog until then.
+        match read_frame(&mut s, deadline) {
+            Ok((TAG_CHALLENGE, c)) => break (s, c),
+            Ok((tag, _)) => {
+                bail!("{addr} sent frame {tag} where a challenge belongs: not a dinod coordinator")
+            }
+            // the coordinator went away (a daemon restarting): connect again
+            Err(ReadFail::Closed) => {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            Err(ReadFail::TimedOut) => bail!(
+                "{addr} accepted the connection but sent no challenge within {:.0} s: not a dinod coordinator, or one that is not admitting nodes",
                 join_wait.as_secs_f64()
             ),
-            None => std::thread::sleep(Duration::from_millis(200)),
+            Err(ReadFail::Other(e)) => bail!("reading the challenge from {addr}: {e}"),
         }
     };
-    s.set_nodelay(true)?;
-    keepalive(&s)?;
     s.set_write_timeout(Some(HELLO_WAIT))?;
     let hello_deadline = Instant::now() + HELLO_WAIT;
-    let challenge = match read_frame(&mut s, hello_deadline) {
-        Ok((TAG_CHALLENGE, c)) => c,
-        Ok((tag, _)) => bail!("{addr} sent frame {tag} where a challenge belongs: not a dinod coordinator"),
-        Err(_) => bail!("{addr} accepted the connection but sent no challenge: not a dinod coordinator, or one that is not admitting nodes"),
-    };
     let hello = Hello {
         code_version: me.code_version.clone(),
         config_hash: me.config_hash.clone(),
@@ -1432,6 +1459,6 @@ mod tests {
         .err()
         .unwrap()
         .to_string();
-        assert!(e.contains("no coordinator answered"), "{e}");
+        assert!(e.contains("no coordinator admitted this node"), "{e}");
     }
 }

@@ -62,12 +62,15 @@ impl Proc {
 
     /// Waits for the exit; returns its code, all of stderr and stdout.
     fn finish(mut self, limit: Duration) -> (Option<i32>, String, String) {
-        let st = wait_timeout(&mut self.child, limit).unwrap_or_else(|| {
+        let Some(st) = wait_timeout(&mut self.child, limit) else {
+            // killed by wait_timeout: its stderr is complete once the reader has it
+            std::thread::sleep(Duration::from_millis(200));
+            self.seen.extend(self.lines.try_iter());
             panic!(
-                "did not exit in {limit:?}; stderr so far:\n{}",
+                "did not exit in {limit:?}; its stderr:\n{}",
                 self.seen.join("\n")
             )
-        });
+        };
         self.seen.extend(self.lines.try_iter());
         // the reader thread may still hold the last lines
         std::thread::sleep(Duration::from_millis(50));
@@ -667,7 +670,7 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
     let _ = first.child.wait();
     worker.line_with("joining again", Duration::from_secs(30));
     let second = daemon(&[]);
-    let (code, err, _) = second.finish(Duration::from_secs(120));
+    let (code, err, _) = second.finish(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{err}");
     let (code, err, _) = worker.finish(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err}");

@@ -334,17 +334,24 @@ struct Pending {
     teacher: model::TeacherOutput,
 }
 
-/// Serves one group until the coordinator says goodbye (`Ok(true)`), or fails. `skel`
-/// is the worker's model (its weights are overwritten by every order).
-fn serve(m: &TcpMember, skel: &mut TrainState, plan: &Plan) -> Result<bool> {
+/// Serves one group until the coordinator says goodbye (`Ok`), or fails. `skel` is the
+/// worker's model (its weights are overwritten by every order).
+fn serve(m: &TcpMember, skel: &mut TrainState, plan: &Plan) -> Result<()> {
     let dt = plan.config.precision.compute_dtype();
     let log_every = plan.config.runtime.log_every_steps.max(1);
     let mut pending: Option<Pending> = None;
     loop {
         let Some(msg) = m.recv_control()? else {
-            return Ok(true);
+            return Ok(());
         };
-        let (o, tensors) = parse(&msg)?;
+        let (o, tensors) = match parse(&msg) {
+            Ok(x) => x,
+            Err(e) => {
+                // the others must not wait for this member's next collective
+                m.abort(&format!("{e:#}"));
+                return Err(e);
+            }
+        };
         skel.step = o.step;
         skel.seed = o.seed;
         skel.optim.t = o.optim_t;
@@ -470,7 +477,7 @@ pub fn run_worker(plan: &Plan, addr: &str) -> Result<()> {
     loop {
         let m = cluster::join(addr, &me, &token, join_wait, timeout)?;
         match serve(&m, &mut skel, plan) {
-            Ok(_) => {
+            Ok(()) => {
                 eprintln!("the daemon ended the run; this worker exits");
                 return Ok(());
             }

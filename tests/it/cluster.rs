@@ -280,6 +280,14 @@ fn a_killed_member_fails_the_group_at_once_instead_of_hanging() {
         text(&o)
     );
     assert!(t0.elapsed() < Duration::from_secs(30));
+    // a worker's recipe must describe the group it joins
+    let o = dinod(&["worker", "--config", cfg, "--join", "127.0.0.1:1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("has no [runtime.cluster]"),
+        "{}",
+        text(&o)
+    );
     // a worker needs a token file, and a node cannot both listen and join
     let o = dinod(&[&long[..], &["--join", "127.0.0.1:1"]].concat());
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));

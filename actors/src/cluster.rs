@@ -115,6 +115,20 @@ impl Token {
         Ok(Token(*blake3::hash(t.as_bytes()).as_bytes()))
     }
 
+    /// A warning when the token file can be read by others than its owner (as ssh says
+    /// of a private key): whoever reads it can join the group and read its gradients.
+    pub fn permission_warning(path: &std::path::Path) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "the cluster token file {} can be read by others than its owner (mode {:o}); `chmod 600` it",
+                path.display(),
+                mode & 0o777
+            )
+        })
+    }
+
     fn proof(&self, challenge: &[u8]) -> String {
         blake3::keyed_hash(&self.0, challenge).to_hex().to_string()
     }
@@ -1393,6 +1407,15 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let tok = token(&dir, "good", "the-right-token-123");
         let bad = token(&dir, "bad", "the-wrong-token-456");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let good = dir.join("good");
+            std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let w = Token::permission_warning(&good).unwrap();
+            assert!(w.contains("mode 644") && w.contains("chmod 600"), "{w}");
+            std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert_eq!(Token::permission_warning(&good), None);
+        }
         let p = dir.join("short");
         std::fs::write(&p, "short\n").unwrap();
         let e = Token::from_file(&p).unwrap_err().to_string();

@@ -65,6 +65,9 @@ impl ClusterSlot {
         let l = match self.listener.get() {
             Some(l) => l,
             None => {
+                if let Some(w) = cluster::Token::permission_warning(&c.token_file) {
+                    tracing::warn!("{w}");
+                }
                 let l = cluster::bind(&c.listen)?;
                 let at = l.local_addr()?;
                 tracing::info!(%at, nodes = c.nodes, "listening for workers");
@@ -467,6 +470,10 @@ pub fn run_worker(plan: &Plan, addr: &str) -> Result<()> {
             "the recipe has no [runtime.cluster]: a worker joins the group it describes",
         )?;
     let token = cluster::Token::from_file(&c.token_file)?;
+    if let Some(w) = cluster::Token::permission_warning(&c.token_file) {
+        tracing::warn!("{w}");
+        eprintln!("warning: {w}");
+    }
     let rt = &plan.config.runtime;
     let timeout = Duration::from_secs_f64(rt.collective_timeout_s);
     let join_wait = Duration::from_secs_f64(c.join_wait_s);

@@ -426,7 +426,7 @@ pub fn admit_group(
             }
         }
     }
-    s_write_timeouts(&peers, timeout)?;
+    set_write_timeouts(&peers, timeout)?;
     eprintln!("all {world} nodes joined");
     status(&joined, "complete", "");
     let raw = peers
@@ -444,7 +444,7 @@ pub fn admit_group(
     })
 }
 
-fn s_write_timeouts(streams: &[TcpStream], timeout: Duration) -> Result<()> {
+fn set_write_timeouts(streams: &[TcpStream], timeout: Duration) -> Result<()> {
     for s in streams {
         s.set_write_timeout(Some(timeout))?;
     }
@@ -1098,6 +1098,29 @@ mod tests {
         }
     }
 
+    /// `f(rank, member)` on every member at once, one thread each (collectives block
+    /// until all members call); the results in rank order.
+    fn on_each<T: Send>(
+        members: &[&dyn Collective],
+        f: impl Fn(usize, &dyn Collective) -> T + Sync,
+    ) -> Vec<T> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = members
+                .iter()
+                .enumerate()
+                .map(|(r, m)| {
+                    let f = &f;
+                    s.spawn(move || f(r, *m))
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn dyns(members: &[TcpMember]) -> Vec<&dyn Collective> {
+        members.iter().map(|m| m as &dyn Collective).collect()
+    }
+
     fn token(dir: &std::path::Path, name: &str, text: &str) -> Token {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
@@ -1154,38 +1177,17 @@ mod tests {
                     .collect()
             })
             .collect();
-        let tcp: Vec<Vec<f64>> = std::thread::scope(|s| {
-            let hs: Vec<_> = members
-                .iter()
-                .zip(&vecs)
-                .map(|(m, v)| {
-                    s.spawn(move || {
-                        let mut v = v.clone();
-                        for _ in 0..3 {
-                            m.all_reduce_sum(&mut v).unwrap();
-                        }
-                        v
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        let threads: Vec<Vec<f64>> = std::thread::scope(|s| {
-            let hs: Vec<_> = ThreadGroup::new(world)
-                .into_iter()
-                .zip(&vecs)
-                .map(|(m, v)| {
-                    s.spawn(move || {
-                        let mut v = v.clone();
-                        for _ in 0..3 {
-                            m.all_reduce_sum(&mut v).unwrap();
-                        }
-                        v
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let sum3 = |r: usize, m: &dyn Collective| {
+            let mut v = vecs[r].clone();
+            for _ in 0..3 {
+                m.all_reduce_sum(&mut v).unwrap();
+            }
+            v
+        };
+        let tcp = on_each(&dyns(&members), sum3);
+        let tg = ThreadGroup::new(world);
+        let tg: Vec<&dyn Collective> = tg.iter().map(|m| m as &dyn Collective).collect();
+        let threads = on_each(&tg, sum3);
         for (r, got) in tcp.iter().enumerate() {
             assert!(
                 got.iter()
@@ -1203,31 +1205,15 @@ mod tests {
                 Tensor::from_vec(v, (10, 100), &Device::Cpu).unwrap()
             })
             .collect();
-        let sum_all = |members: Vec<&dyn Collective>| -> Vec<Vec<u32>> {
-            std::thread::scope(|s| {
-                let hs: Vec<_> = members
-                    .into_iter()
-                    .zip(&ts)
-                    .map(|(m, t)| {
-                        s.spawn(move || {
-                            let r = m.all_reduce_sum_tensor(t).unwrap();
-                            assert_eq!((r.dtype(), r.dims()), (DType::F32, t.dims()));
-                            r.flatten_all()
-                                .unwrap()
-                                .to_vec1::<f32>()
-                                .unwrap()
-                                .iter()
-                                .map(|x| x.to_bits())
-                                .collect()
-                        })
-                    })
-                    .collect();
-                hs.into_iter().map(|h| h.join().unwrap()).collect()
-            })
+        let sum_tensor = |r: usize, m: &dyn Collective| -> Vec<u32> {
+            let t = &ts[r];
+            let out = m.all_reduce_sum_tensor(t).unwrap();
+            assert_eq!((out.dtype(), out.dims()), (DType::F32, t.dims()));
+            let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
         };
-        let tg = ThreadGroup::new(world);
-        let by_threads = sum_all(tg.iter().map(|m| m as &dyn Collective).collect());
-        let by_tcp = sum_all(members.iter().map(|m| m as &dyn Collective).collect());
+        let by_threads = on_each(&tg, sum_tensor);
+        let by_tcp = on_each(&dyns(&members), sum_tensor);
         for (r, got) in by_tcp.iter().enumerate() {
             assert_eq!(got, &by_threads[0], "member {r}'s tensor sum");
         }
@@ -1251,12 +1237,8 @@ mod tests {
             }
         }
         // gather: every member sees every fingerprint in rank order
-        let got: Vec<Vec<String>> = std::thread::scope(|s| {
-            let hs: Vec<_> = members
-                .iter()
-                .map(|m| s.spawn(move || m.gather(&format!("fp{}", m.rank())).unwrap()))
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let got = on_each(&dyns(&members), |r, _| {
+            members[r].gather(&format!("fp{r}")).unwrap()
         });
         for g in got {
             assert_eq!(g, vec!["fp0", "fp1", "fp2"]);
@@ -1311,21 +1293,13 @@ mod tests {
         // abort by a worker: the coordinator and the other worker hear why
         let members = group_of(3, Duration::from_secs(60));
         let t0 = Instant::now();
-        let errs: Vec<String> = std::thread::scope(|s| {
-            let hs: Vec<_> = members
-                .iter()
-                .map(|m| {
-                    s.spawn(move || {
-                        if m.rank() == 2 {
-                            m.abort("out of memory");
-                            return "aborted".to_string();
-                        }
-                        let mut v = vec![1.0; 4];
-                        m.all_reduce_sum(&mut v).unwrap_err().to_string()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let errs = on_each(&dyns(&members), |r, m| {
+            if r == 2 {
+                m.abort("out of memory");
+                return "aborted".to_string();
+            }
+            let mut v = vec![1.0; 4];
+            m.all_reduce_sum(&mut v).unwrap_err().to_string()
         });
         assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
         assert!(
@@ -1381,17 +1355,9 @@ mod tests {
 
         // vectors of different lengths are an error on every member
         let members = group_of(2, Duration::from_secs(60));
-        let errs: Vec<String> = std::thread::scope(|s| {
-            let hs: Vec<_> = members
-                .iter()
-                .map(|m| {
-                    s.spawn(move || {
-                        let mut v = vec![1.0; 3 + m.rank()];
-                        m.all_reduce_sum(&mut v).unwrap_err().to_string()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        let errs = on_each(&dyns(&members), |r, m| {
+            let mut v = vec![1.0; 3 + r];
+            m.all_reduce_sum(&mut v).unwrap_err().to_string()
         });
         for e in errs {
             assert!(e.contains("member 1 sent 4 values to a sum of 3"), "{e}");

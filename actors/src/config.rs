@@ -1042,19 +1042,40 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             ),
         ));
     }
-    if let Some(c) = &rt.cluster {
-        let n = c.nodes;
+    // a group of members (threads, GPUs or processes) splits the batch and waits in
+    // collectives
+    let split = |key: &str, n: usize, problems: &mut Vec<_>| {
         let b = cfg.train.batch_size;
-        if n < 2 {
+        if !b.is_multiple_of(n) || b / n < 2 {
             problems.push(problem(
-                "runtime.cluster.nodes",
-                format!("must be at least 2 (this daemon and a worker), got {n}"),
-            ));
-        } else if !b.is_multiple_of(n) || b / n < 2 {
-            problems.push(problem(
-                "runtime.cluster.nodes",
+                key,
                 format!("train.batch_size {b} must split into {n} parts of at least 2 images (KoLeo is per member)"),
             ));
+        }
+    };
+    if rt.data_parallel > 1 || rt.cluster.is_some() {
+        let t = rt.collective_timeout_s;
+        if !(t > 0.0 && t < rt.heartbeat.step_s) {
+            problems.push(problem(
+                "runtime.collective_timeout_s",
+                format!(
+                    "must be positive and below runtime.heartbeat.step_s ({} s; the hang watchdog would fire first), got {t}",
+                    rt.heartbeat.step_s
+                ),
+            ));
+        }
+    }
+    if let Some(c) = &rt.cluster {
+        if c.nodes < 2 {
+            problems.push(problem(
+                "runtime.cluster.nodes",
+                format!(
+                    "must be at least 2 (this daemon and a worker), got {}",
+                    c.nodes
+                ),
+            ));
+        } else {
+            split("runtime.cluster.nodes", c.nodes, &mut problems);
         }
         if rt.data_parallel > 1 {
             problems.push(problem(
@@ -1083,16 +1104,6 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
                 ),
             ));
         }
-        let t = rt.collective_timeout_s;
-        if !(t > 0.0 && t < rt.heartbeat.step_s) {
-            problems.push(problem(
-                "runtime.collective_timeout_s",
-                format!(
-                    "must be positive and below runtime.heartbeat.step_s ({} s), got {t}",
-                    rt.heartbeat.step_s
-                ),
-            ));
-        }
         if let Err(e) = crate::cluster::Token::from_file(&c.token_file) {
             problems.push(problem("runtime.cluster.token_file", format!("{e:#}")));
         }
@@ -1100,23 +1111,8 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
     if rt.data_parallel == 0 {
         problems.push(problem("runtime.data_parallel", "must be at least 1"));
     } else if rt.data_parallel > 1 {
-        let (n, b) = (rt.data_parallel, cfg.train.batch_size);
-        if !b.is_multiple_of(n) || b / n < 2 {
-            problems.push(problem(
-                "runtime.data_parallel",
-                format!("train.batch_size {b} must split into {n} parts of at least 2 images (KoLeo is per member)"),
-            ));
-        }
-        let t = rt.collective_timeout_s;
-        if !(t > 0.0 && t < rt.heartbeat.step_s) {
-            problems.push(problem(
-                "runtime.collective_timeout_s",
-                format!(
-                    "must be positive and below runtime.heartbeat.step_s ({} s; the hang watchdog would fire first), got {t}",
-                    rt.heartbeat.step_s
-                ),
-            ));
-        }
+        let n = rt.data_parallel;
+        split("runtime.data_parallel", n, &mut problems);
         if !(rt.device == "cpu" || rt.device == "cuda" || rt.device == "cuda:0") {
             problems.push(problem(
                 "runtime.data_parallel",

@@ -3,6 +3,7 @@
 //! killed member does to the others.
 
 use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
 use std::process::Child;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
@@ -82,6 +83,29 @@ impl Proc {
 fn listening_addr(p: &mut Proc) -> String {
     let l = p.line_with("listening on ", Duration::from_secs(60));
     l.split_whitespace().nth(2).unwrap().to_string()
+}
+
+/// `dinod run` on a `[runtime.cluster]` recipe to `steps`, and the address it listens on
+/// for its workers (bound at its first step).
+fn start_daemon(cfg: &str, state: &Path, steps: u64, extra: &[&str]) -> (Proc, String) {
+    let steps = steps.to_string();
+    let mut p = Proc::start(
+        &[
+            &[
+                "run",
+                "--config",
+                cfg,
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--max-steps",
+                &steps,
+            ][..],
+            extra,
+        ]
+        .concat(),
+    );
+    let addr = listening_addr(&mut p);
+    (p, addr)
 }
 
 fn recipe(extra: &str) -> String {
@@ -294,20 +318,6 @@ fn a_killed_member_fails_the_group_at_once_instead_of_hanging() {
     assert!(text(&o).contains("--token-file"), "{}", text(&o));
 }
 
-fn status_of(state: &std::path::Path) -> serde_json::Value {
-    let o = dinod(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn fingerprint_of(state: &std::path::Path) -> (u64, String) {
-    let s = status_of(state);
-    (
-        s["run"]["step"].as_u64().unwrap(),
-        s["run"]["fingerprint"].as_str().unwrap().to_string(),
-    )
-}
-
 /// `[runtime.cluster]`: the daemon and a `dinod worker` process train, bit for bit, what
 /// the daemon trains with `data_parallel = 2` threads (KoLeo and drop path on: they are
 /// per member either way), and the worker exits 0 when the run ends. A worker killed with
@@ -333,35 +343,11 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     let s1 = dir.path().join("s1");
     let o = run_to(&threads, &s1, steps, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let want = fingerprint_of(&s1);
+    let want = fingerprint(&s1);
     assert_eq!(want.0, steps);
+    assert!(!want.1.is_empty(), "no fingerprint to compare with");
 
-    // a daemon on the group's recipe and the address it listens on
-    let run = |state: &std::path::Path, steps: u64, extra: &[&str]| -> (Proc, String) {
-        let steps = steps.to_string();
-        let mut p = Proc::start(
-            &[
-                &[
-                    "run",
-                    "--config",
-                    cluster,
-                    "--state-dir",
-                    state.to_str().unwrap(),
-                    "--max-steps",
-                    &steps,
-                ][..],
-                extra,
-            ]
-            .concat(),
-        );
-        let addr = p
-            .line_with("listening on ", Duration::from_secs(60))
-            .split_whitespace()
-            .nth(2)
-            .unwrap()
-            .to_string();
-        (p, addr)
-    };
+    let run = |state: &Path, steps: u64, extra: &[&str]| start_daemon(cluster, state, steps, extra);
     let s2 = dir.path().join("s2");
     let (daemon, addr) = run(&s2, steps, &[]);
     let worker = Proc::start(&["worker", "--config", cluster, "--join", &addr]);
@@ -373,7 +359,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         err.contains("joined") && err.contains("the daemon ended the run"),
         "{err}"
     );
-    assert_eq!(fingerprint_of(&s2), want, "processes and threads differ");
+    assert_eq!(fingerprint(&s2), want, "processes and threads differ");
     assert!(
         !s2.join("control.sock").exists(),
         "the daemon left its socket behind"
@@ -388,7 +374,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     assert!(text(&o).contains("stopped at step 0"), "{}", text(&o));
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     assert_eq!(daemon.finish(Duration::from_secs(30)).0, Some(0));
-    let c = status_of(&s5)["run"]["cluster"].clone();
+    let c = status(&s5)["run"]["cluster"].clone();
     assert_eq!(c["state"], "stopped", "{c}");
     assert!(
         c["line"]
@@ -398,7 +384,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         "{c}"
     );
 
-    let st = status_of(&s2);
+    let st = status(&s2);
     let c = &st["run"]["cluster"];
     assert_eq!(
         (c["state"].as_str(), c["nodes"].as_u64()),
@@ -456,7 +442,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         assert_eq!(code, Some(0), "{err}");
         assert_eq!(worker.finish(Duration::from_secs(30)).0, Some(0));
     }
-    assert_eq!(fingerprint_of(&s4), want, "the resumed run differs");
+    assert_eq!(fingerprint(&s4), want, "the resumed run differs");
 
     // the worker is killed while step 6 is held; one started in its place takes over
     let s3 = dir.path().join("s3");
@@ -466,7 +452,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     // into the hold of step 6 (steps take milliseconds here)
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(30) {
-        if status_of(&s3)["run"]["step"].as_u64().unwrap_or(0) >= 6 {
+        if status(&s3)["run"]["step"].as_u64().unwrap_or(0) >= 6 {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -479,7 +465,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     assert!(err.contains("joined as rank 1 of 2"), "{err}");
     let (code, err2, _) = second.finish(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err2}");
-    assert_eq!(fingerprint_of(&s3), want, "the redone step differs");
+    assert_eq!(fingerprint(&s3), want, "the redone step differs");
     let ev = dinod(&[
         "events",
         "--json",
@@ -509,23 +495,10 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
     std::fs::write(&token, "a-token-for-the-stages-test").unwrap();
     // as tests/it/stages.rs: the stage machine reacts at once; with seed 5 a group's
     // locality drops early, so the run reaches Gram anchoring and high resolution
-    let stages = tiny_eval(2)
-        + r#"
-[stages]
-patience = 1
-dense_metric = "locality"
-degradation_threshold = { absolute = 0.0 }
-[stages.gram_anchor]
-ramp_steps = 2
-refresh_every = 4
-max_refreshes = 2
-refresh_policy = "schedule"
-min_steps = 0
-max_steps = 3
-[stages.high_res]
-steps = 3
-lr_warmup_steps = 1
-"#;
+    let stages = crate::stages::eval().replace(
+        "max_refreshes = 2",
+        "max_refreshes = 2\nmin_steps = 0\nmax_steps = 3",
+    ) + "[stages.high_res]\nsteps = 3\nlr_warmup_steps = 1\n";
     let base = tiny_config(&stages).replace("seed = 3", "seed = 5");
     let threads_dir = dir.path().join("threads");
     std::fs::create_dir_all(&threads_dir).unwrap();
@@ -545,21 +518,7 @@ lr_warmup_steps = 1
     let o = run_to(&threads, &s1, steps, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let s2 = dir.path().join("s2");
-    let mut daemon = Proc::start(&[
-        "run",
-        "--config",
-        cluster.to_str().unwrap(),
-        "--state-dir",
-        s2.to_str().unwrap(),
-        "--max-steps",
-        &steps.to_string(),
-    ]);
-    let addr = daemon
-        .line_with("listening on ", Duration::from_secs(60))
-        .split_whitespace()
-        .nth(2)
-        .unwrap()
-        .to_string();
+    let (daemon, addr) = start_daemon(cluster.to_str().unwrap(), &s2, steps, &[]);
     let worker = Proc::start(&[
         "worker",
         "--config",
@@ -570,7 +529,7 @@ lr_warmup_steps = 1
     let (code, err, _) = daemon.finish(Duration::from_secs(300));
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(worker.finish(Duration::from_secs(30)).0, Some(0));
-    let path = |s: &std::path::Path| -> Vec<(u64, String)> {
+    let path = |s: &Path| -> Vec<(u64, String)> {
         let o = dinod(&[
             "events",
             "--json",
@@ -597,11 +556,9 @@ lr_warmup_steps = 1
         "the threads never reached high resolution: {p1:?}"
     );
     assert_eq!(p1, p2, "the stage paths differ");
-    assert_eq!(
-        fingerprint_of(&s2),
-        fingerprint_of(&s1),
-        "processes and threads differ"
-    );
+    let want = fingerprint(&s1);
+    assert!(!want.1.is_empty(), "no fingerprint to compare with");
+    assert_eq!(fingerprint(&s2), want, "processes and threads differ");
 }
 
 /// The daemon of a group is SIGKILLed mid-run. Its worker, which holds nothing, stays up and
@@ -619,7 +576,8 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
     let s1 = dir.path().join("s1");
     let o = run_to(&threads, &s1, steps, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let want = fingerprint_of(&s1);
+    let want = fingerprint(&s1);
+    assert!(!want.1.is_empty(), "no fingerprint to compare with");
     // a fixed port: the restarted daemon must listen where the worker looks for it
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -641,30 +599,12 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
     );
     let cluster = cluster.to_str().unwrap();
     let s2 = dir.path().join("s2");
-    let daemon = |extra: &[&str]| {
-        let steps = steps.to_string();
-        let args = [
-            &[
-                "run",
-                "--config",
-                cluster,
-                "--state-dir",
-                s2.to_str().unwrap(),
-                "--max-steps",
-                &steps,
-            ][..],
-            extra,
-        ]
-        .concat();
-        Proc::start(&args)
-    };
-    let mut first = daemon(&["--inject", "slow:teacher@7+5000"]);
-    first.line_with("listening on ", Duration::from_secs(60));
+    let (mut first, _) = start_daemon(cluster, &s2, steps, &["--inject", "slow:teacher@7+5000"]);
     let mut worker = Proc::start(&["worker", "--config", cluster, "--join", &addr]);
     worker.line_with("joined", Duration::from_secs(30));
     // into the hold of step 7: the checkpoint of step 6 is written
     let t0 = Instant::now();
-    while status_of(&s2)["run"]["step"].as_u64().unwrap_or(0) < 7 {
+    while status(&s2)["run"]["step"].as_u64().unwrap_or(0) < 7 {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "the run never reached step 7"
@@ -677,7 +617,7 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
     first.child.kill().unwrap();
     let _ = first.child.wait();
     worker.line_with("joining again", Duration::from_secs(30));
-    let second = daemon(&[]);
+    let (second, _) = start_daemon(cluster, &s2, steps, &[]);
     let (code, err, _) = second.finish(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{err}");
     let (code, err, _) = worker.finish(Duration::from_secs(30));
@@ -688,5 +628,5 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
         2,
         "{err}"
     );
-    assert_eq!(fingerprint_of(&s2), want, "the resumed group run differs");
+    assert_eq!(fingerprint(&s2), want, "the resumed group run differs");
 }

@@ -12,20 +12,6 @@ use crate::support::*;
 
 const STEPS: u64 = 12;
 
-fn status(state: &Path) -> Value {
-    let o = dinod(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
-
-fn fingerprint(state: &Path) -> (u64, String) {
-    let s = status(state);
-    (
-        s["run"]["step"].as_u64().unwrap(),
-        s["run"]["fingerprint"].as_str().unwrap_or("").to_string(),
-    )
-}
-
 fn events(state: &Path) -> Vec<Value> {
     let o = dinod(&[
         "events",

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::support::*;
 
 /// The tiny probe sets every 2 steps and a stage machine that reacts at once.
-fn eval() -> String {
+pub(crate) fn eval() -> String {
     tiny_eval(2)
         + r#"
 [stages]

@@ -331,3 +331,19 @@ pub fn scrape(port: u16) -> std::io::Result<String> {
     c.read_to_string(&mut body)?;
     Ok(body)
 }
+
+/// `dinod status --json` of a state directory (the daemon's answer, or the catalog's).
+pub fn status(state: &Path) -> serde_json::Value {
+    let o = dinod(&["status", "--json", "--state-dir", state.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The step and the state's fingerprint at the last checkpoint ("" without one).
+pub fn fingerprint(state: &Path) -> (u64, String) {
+    let s = status(state);
+    (
+        s["run"]["step"].as_u64().unwrap(),
+        s["run"]["fingerprint"].as_str().unwrap_or("").to_string(),
+    )
+}

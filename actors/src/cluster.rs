@@ -1036,50 +1036,19 @@ pub fn decode_tensors(b: &[u8]) -> Result<(Vec<Tensor>, &[u8])> {
         };
         let raw = take(&mut b, count.checked_mul(size).context("tensor too large")?)?;
         let dev = &Device::Cpu;
+        fn le<T, const N: usize>(raw: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+            raw.chunks_exact(N)
+                .map(|c| f(c.try_into().expect("N bytes")))
+                .collect()
+        }
         let t = match tag {
-            0 => Tensor::from_vec(
-                raw.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                    .collect::<Vec<_>>(),
-                dims,
-                dev,
-            )?,
-            1 => Tensor::from_vec(
-                raw.chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().expect("8")))
-                    .collect::<Vec<_>>(),
-                dims,
-                dev,
-            )?,
-            2 => Tensor::from_vec(
-                raw.chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes(c.try_into().expect("2")))
-                    .collect::<Vec<_>>(),
-                dims,
-                dev,
-            )?,
-            3 => Tensor::from_vec(
-                raw.chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes(c.try_into().expect("2")))
-                    .collect::<Vec<_>>(),
-                dims,
-                dev,
-            )?,
+            0 => Tensor::from_vec(le(raw, f32::from_le_bytes), dims, dev)?,
+            1 => Tensor::from_vec(le(raw, f64::from_le_bytes), dims, dev)?,
+            2 => Tensor::from_vec(le(raw, half::bf16::from_le_bytes), dims, dev)?,
+            3 => Tensor::from_vec(le(raw, half::f16::from_le_bytes), dims, dev)?,
             4 => Tensor::from_vec(raw.to_vec(), dims, dev)?,
-            5 => Tensor::from_vec(
-                raw.chunks_exact(4)
-                    .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
-                    .collect::<Vec<_>>(),
-                dims,
-                dev,
-            )?,
-            _ => Tensor::from_vec(
-                raw.chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
-                    .collect::<Vec<_>>(),
-                dims,
-                dev,
-            )?,
+            5 => Tensor::from_vec(le(raw, u32::from_le_bytes), dims, dev)?,
+            _ => Tensor::from_vec(le(raw, i64::from_le_bytes), dims, dev)?,
         };
         out.push(t);
     }

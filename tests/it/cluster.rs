@@ -466,20 +466,15 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     let (code, err2, _) = second.finish(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{err2}");
     assert_eq!(fingerprint(&s3), want, "the redone step differs");
-    let ev = dinod(&[
-        "events",
-        "--json",
-        "--limit",
-        "1000",
-        "--state-dir",
-        s3.to_str().unwrap(),
-    ]);
-    let ev = String::from_utf8_lossy(&ev.stdout).to_string();
+    let ev = events(&s3);
     assert!(
-        ev.lines().any(|l| l.contains("actor.restarting")
-            && l.contains("the group of processes failed")
-            && l.contains("member 1's connection closed")),
-        "{ev}"
+        ev.iter().any(|e| {
+            let m = e["message"].as_str().unwrap_or("");
+            e["kind"] == "actor.restarting"
+                && m.contains("the group of processes failed")
+                && m.contains("member 1's connection closed")
+        }),
+        "{ev:?}"
     );
 }
 
@@ -530,17 +525,8 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(worker.finish(Duration::from_secs(30)).0, Some(0));
     let path = |s: &Path| -> Vec<(u64, String)> {
-        let o = dinod(&[
-            "events",
-            "--json",
-            "--limit",
-            "1000",
-            "--state-dir",
-            s.to_str().unwrap(),
-        ]);
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        events(s)
+            .into_iter()
             .filter(|e| e["kind"] == "stage.transition" || e["kind"] == "stage.gram_refresh")
             .map(|e| {
                 (

@@ -12,22 +12,6 @@ use crate::support::*;
 
 const STEPS: u64 = 12;
 
-fn events(state: &Path) -> Vec<Value> {
-    let o = dinod(&[
-        "events",
-        "--json",
-        "--limit",
-        "1000",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 fn kinds(evs: &[Value]) -> Vec<String> {
     evs.iter()
         .map(|e| e["kind"].as_str().unwrap_or("").to_string())

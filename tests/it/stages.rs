@@ -25,21 +25,6 @@ refresh_policy = "schedule"
 "#
 }
 
-fn events(state: &Path) -> Vec<Value> {
-    let o = dinod(&[
-        "events",
-        "--json",
-        "--limit",
-        "1000",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 /// `dinod run --config CFG --state-dir STATE --max-steps STEPS` to completion.
 fn run_to(cfg: &Path, state: &Path, steps: u64) -> std::process::Output {
     dinod(&[

@@ -347,3 +347,20 @@ pub fn fingerprint(state: &Path) -> (u64, String) {
         s["run"]["fingerprint"].as_str().unwrap_or("").to_string(),
     )
 }
+
+/// Every event of a state directory's catalog (up to 1000), as JSON.
+pub fn events(state: &Path) -> Vec<serde_json::Value> {
+    let o = dinod(&[
+        "events",
+        "--json",
+        "--limit",
+        "1000",
+        "--state-dir",
+        state.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}

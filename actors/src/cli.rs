@@ -68,6 +68,10 @@ pub enum Command {
         /// The daemon's `runtime.cluster.listen` address, as reachable from here.
         #[arg(long, value_name = "HOST:PORT")]
         join: String,
+        /// A drill of the copies' check: `drift@STEP` moves one weight of this worker's
+        /// copy of the state after the commit of STEP (repeatable).
+        #[arg(long = "inject")]
+        inject: Vec<String>,
     },
     /// Stage, step, losses, throughput, last checkpoint, probes.
     Status {
@@ -588,9 +592,17 @@ fn dispatch(cli: Cli) -> Result<i32> {
             &inject,
             checkpoint_every,
         ),
-        Command::Worker { config, join } => {
+        Command::Worker {
+            config,
+            join,
+            inject,
+        } => {
             let plan = load_plan(Some(&config))?;
-            crate::daemon::remote::run_worker(&plan, &join)?;
+            let inject = inject
+                .iter()
+                .map(|f| f.parse().map_err(|e: String| anyhow::anyhow!("--inject: {e}")))
+                .collect::<Result<Vec<crate::config::FaultSpec>>>()?;
+            crate::daemon::remote::run_worker(&plan, &join, &inject)?;
             Ok(0)
         }
         Command::Status { dir, json } => crate::commands::status(&dir.state_dir, json),

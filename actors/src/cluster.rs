@@ -180,7 +180,9 @@ fn write_frame(s: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::Result<()
     head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     s.write_all(&head)?;
     s.write_all(payload)?;
-    s.flush()
+    s.flush()?;
+    metrics::counter!("dinod_cluster_sent_bytes_total").increment(9 + payload.len() as u64);
+    Ok(())
 }
 
 /// Why reading a frame failed.
@@ -258,6 +260,7 @@ fn read_frame_until(
     }
     let mut payload = vec![0u8; n as usize];
     fill(s, &mut payload, deadline)?;
+    metrics::counter!("dinod_cluster_received_bytes_total").increment(9 + n);
     Ok((head[0], payload))
 }
 

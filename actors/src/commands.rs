@@ -27,6 +27,7 @@ pub fn run(
     }
     for f in inject {
         let f: FaultSpec = f.parse().map_err(|e: String| anyhow!("--inject: {e}"))?;
+        f.check_daemon().map_err(|e| anyhow!("--inject: {e}"))?;
         plan.config.runtime.faults.push(f);
     }
     if let Some(n) = checkpoint_every {

@@ -435,7 +435,7 @@ impl std::str::FromStr for FaultSpec {
 impl FaultSpec {
     /// Checks the kind and actor names.
     pub fn check(&self) -> Result<(), String> {
-        const KINDS: [&str; 7] = [
+        const KINDS: [&str; 8] = [
             "panic",
             "nan",
             "slow",
@@ -443,6 +443,7 @@ impl FaultSpec {
             "device_error",
             "device_lost",
             "error",
+            "drift",
         ];
         const ACTORS: [&str; 9] = [
             "startup",
@@ -484,6 +485,12 @@ impl FaultSpec {
                 ));
             }
         }
+        if self.kind == "drift" && self.actor.is_some() {
+            return Err(format!(
+                "fault `drift` fires in a cluster's worker (`dinod worker --inject drift@STEP`), not in `{}`",
+                self.actor.as_deref().unwrap_or_default()
+            ));
+        }
         if matches!(self.kind.as_str(), "panic" | "slow") && self.actor.is_none() {
             return Err(format!("fault `{}` needs an actor", self.kind));
         }
@@ -515,6 +522,19 @@ impl FaultSpec {
                     self.kind
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl FaultSpec {
+    /// A fault the daemon fires (`drift` fires in `dinod worker`).
+    pub fn check_daemon(&self) -> Result<(), String> {
+        if self.kind == "drift" {
+            return Err(
+                "fault `drift` fires in a cluster's worker: `dinod worker --inject drift@STEP`"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -597,10 +617,10 @@ fn d_data_parallel() -> usize {
     1
 }
 
-/// `[runtime.cluster]`: a data-parallel group of processes. The daemon (rank 0) holds the
-/// state, optimizes, checkpoints and runs the stage machine; each `dinod worker` computes
-/// its part of every global batch on the weights rank 0 sends it each step, and the
-/// gradients are averaged over TCP.
+/// `[runtime.cluster]`: a data-parallel group of processes. The daemon (rank 0) owns the
+/// run: it checkpoints, loads the data and runs the stage machine; each `dinod worker`
+/// keeps a copy of the trainable state that follows rank 0's updates, computes its part
+/// of every global batch, and the gradients are averaged over TCP.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
@@ -615,6 +635,15 @@ pub struct ClusterSection {
     /// step fails like a device fault. Below `runtime.heartbeat.step_s`.
     #[serde(default = "d_cluster_join_wait")]
     pub join_wait_s: f64,
+    /// Every this many steps the workers check that their copies of the state are rank
+    /// 0's (a digest of every weight and moment); a copy that differs fails the group,
+    /// which gets the whole state again. 0: never.
+    #[serde(default = "d_cluster_verify_every")]
+    pub verify_every_steps: u64,
+}
+
+fn d_cluster_verify_every() -> u64 {
+    100
 }
 
 fn d_cluster_join_wait() -> f64 {
@@ -1376,7 +1405,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
         }
     }
     for (i, f) in cfg.runtime.faults.iter().enumerate() {
-        if let Err(m) = f.check() {
+        if let Err(m) = f.check().and_then(|()| f.check_daemon()) {
             problems.push(problem(format!("runtime.faults[{i}]"), m));
         }
     }

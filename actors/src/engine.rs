@@ -9,6 +9,7 @@
 //! redone (compute reads the state without changing it).
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{bail, Context, Result};
@@ -63,14 +64,21 @@ pub struct EngineState {
     pub counters: serde_json::Value,
 }
 
-/// A handle to the shared state.
+/// A handle to the shared state, and how many times it was replaced wholesale.
 #[derive(Clone)]
-pub struct Engine(Arc<Mutex<EngineState>>);
+pub struct Engine(Arc<Mutex<EngineState>>, Arc<AtomicU64>);
 
 impl Engine {
     /// Wraps a state.
     pub fn new(st: EngineState) -> Self {
-        Self(Arc::new(Mutex::new(st)))
+        Self(Arc::new(Mutex::new(st)), Arc::new(AtomicU64::new(0)))
+    }
+
+    /// Counts [`Engine::replace`] calls: a state with the same step, update count and
+    /// Gram teacher as before may still hold other weights after a reload (the copies
+    /// of a group of processes are sent again when this moves).
+    pub fn generation(&self) -> u64 {
+        self.1.load(Ordering::SeqCst)
     }
 
     /// Locks the state. A panic while it was held leaves it poisoned; the lock is still
@@ -84,7 +92,9 @@ impl Engine {
 
     /// Replaces the whole state (after a reload).
     pub fn replace(&self, st: EngineState) {
-        *self.lock() = st;
+        let mut g = self.lock();
+        *g = st;
+        self.1.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -510,41 +520,54 @@ fn model_from_init(
 /// for the bit-exact resume tests and `dinod status`.
 pub fn fingerprint(ts: &TrainState) -> Result<String> {
     let mut h = blake3::Hasher::new();
+    hash_weights(&mut h, ts)?;
+    h.update(ts.data_cursor.to_string().as_bytes());
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// [`fingerprint`] without the data cursor: what the copies of a group of processes
+/// hold (weights, teacher, Gram teacher, moments, step, update count).
+pub fn weights_digest(ts: &TrainState) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    hash_weights(&mut h, ts)?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+fn hash_weights(h: &mut blake3::Hasher, ts: &TrainState) -> Result<()> {
     for m in [&ts.student, &ts.teacher] {
         for (_, ps) in m.modules() {
             for t in ps.tensors() {
-                hash_tensor(&mut h, t)?;
+                hash_tensor(h, t)?;
             }
         }
     }
     if let Some(g) = &ts.gram_teacher {
         for t in g.params.tensors() {
-            hash_tensor(&mut h, t)?;
+            hash_tensor(h, t)?;
         }
     }
     for mo in &ts.optim.modules {
         for m in &mo.moments {
             match m {
                 Moments::F32 { m, v } => {
-                    hash_le(&mut h, m, f32::to_le_bytes);
-                    hash_le(&mut h, v, f32::to_le_bytes);
+                    hash_le(h, m, f32::to_le_bytes);
+                    hash_le(h, v, f32::to_le_bytes);
                 }
                 Moments::F64 { m, v } => {
-                    hash_le(&mut h, m, f64::to_le_bytes);
-                    hash_le(&mut h, v, f64::to_le_bytes);
+                    hash_le(h, m, f64::to_le_bytes);
+                    hash_le(h, v, f64::to_le_bytes);
                 }
                 // the same bytes as the host variants: m's elements, then v's
                 Moments::Tensors { m, v } => {
-                    hash_tensor(&mut h, m)?;
-                    hash_tensor(&mut h, v)?;
+                    hash_tensor(h, m)?;
+                    hash_tensor(h, v)?;
                 }
             }
         }
     }
     h.update(&ts.step.to_le_bytes());
     h.update(&ts.optim.t.to_le_bytes());
-    h.update(ts.data_cursor.to_string().as_bytes());
-    Ok(h.finalize().to_hex().to_string())
+    Ok(())
 }
 
 fn hash_tensor(h: &mut blake3::Hasher, t: &Tensor) -> Result<()> {

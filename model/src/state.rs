@@ -661,6 +661,19 @@ pub fn clip_gradients(
     Ok(Ok(stats))
 }
 
+/// Scales `grads` by the factors [`clip_gradients`] reported for the same gradients
+/// ([`ClipStat::coef`]): the bits clipping gives, without summing the norms again (a
+/// copy of the state elsewhere follows the member that clipped).
+pub fn apply_clip(grads: &ModelGrads, coefs: [f64; 3]) -> Result<()> {
+    for ((_, g), c) in grads.modules().iter().zip(coefs) {
+        // as `clip_module`: a factor of 1 leaves the gradients untouched
+        if c < 1.0 {
+            g.scale(c)?;
+        }
+    }
+    Ok(())
+}
+
 /// Applies already-clipped gradients: AdamW on the student, EMA on the teacher, `step + 1`.
 pub fn apply_step(st: &mut TrainState, grads: &ModelGrads, hp: &StepHparams) -> Result<()> {
     apply_step_observed(st, grads, hp, &mut |_| {})

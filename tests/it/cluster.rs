@@ -334,7 +334,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     let cluster = write_config(
         dir.path(),
         &tiny_config(&format!(
-            "[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\njoin_wait_s = 60.0\n",
+            "[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\njoin_wait_s = 60.0\nverify_every_steps = 1\n",
             token.display()
         )),
     );
@@ -444,6 +444,37 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     }
     assert_eq!(fingerprint(&s4), want, "the resumed run differs");
 
+    // the worker's copy of the state drifts after step 4: the check at step 5 fails the
+    // group, the worker joins again and gets the whole state, and the run is the same
+    let s6 = dir.path().join("s6");
+    let (daemon, addr) = run(&s6, steps, &[]);
+    let worker = Proc::start(&[
+        "worker", "--config", cluster, "--join", &addr, "--inject", "drift@4",
+    ]);
+    let (code, err, _) = daemon.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, werr, _) = worker.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{werr}");
+    assert!(
+        werr.contains("drifted from rank 0's at step 5") && werr.contains("joining again"),
+        "{werr}"
+    );
+    assert_eq!(fingerprint(&s6), want, "the run after the drift differs");
+    let ev = events(&s6);
+    assert!(
+        ev.iter().any(|e| {
+            let m = e["message"].as_str().unwrap_or("");
+            e["kind"] == "actor.restarting" && m.contains("drifted from rank 0's")
+        }),
+        "{ev:?}"
+    );
+    // the daemon refuses the drill (it fires in a worker)
+    let o = dinod(&[
+        "run", "--config", cluster, "--state-dir", s6.to_str().unwrap(), "--inject", "drift@4",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("dinod worker --inject drift@STEP"), "{}", text(&o));
+
     // the worker is killed while step 6 is held; one started in its place takes over
     let s3 = dir.path().join("s3");
     let (daemon, addr) = run(&s3, steps, &["--inject", "slow:teacher@6+2500"]);
@@ -504,7 +535,7 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
     let cluster = write_config(
         dir.path(),
         &format!(
-            "{base}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\n",
+            "{base}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\nverify_every_steps = 1\n",
             token.display()
         ),
     );
@@ -542,6 +573,18 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
         "the threads never reached high resolution: {p1:?}"
     );
     assert_eq!(p1, p2, "the stage paths differ");
+    // the workers' copies follow rank 0 by themselves, and get the whole state only at
+    // the start and when a new Gram teacher comes (checked against rank 0's digest at
+    // every step)
+    let gram = events(&s2)
+        .iter()
+        .filter(|e| {
+            e["kind"] == "stage.gram_refresh"
+                || (e["kind"] == "stage.transition" && !e["fields"]["gram_teacher"].is_null())
+        })
+        .count();
+    let syncs = err.matches("sending the workers the whole state").count();
+    assert!(syncs >= 2 && syncs <= 1 + gram, "{syncs} whole states sent for {p2:?}");
     let want = fingerprint(&s1);
     assert!(!want.1.is_empty(), "no fingerprint to compare with");
     assert_eq!(fingerprint(&s2), want, "processes and threads differ");
@@ -579,7 +622,7 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
     let cluster = write_config(
         dir.path(),
         &tiny_config(&format!(
-            "[runtime]\nmetrics_port = {metrics_port}\n[runtime.cluster]\nlisten = \"{addr}\"\nnodes = 2\ntoken_file = \"{}\"\njoin_wait_s = 60.0\n",
+            "[runtime]\nmetrics_port = {metrics_port}\n[runtime.cluster]\nlisten = \"{addr}\"\nnodes = 2\ntoken_file = \"{}\"\njoin_wait_s = 60.0\nverify_every_steps = 1\n",
             token.display()
         )),
     );

@@ -223,11 +223,27 @@ impl Actor for TeacherActor {
                 }
                 let dt = ctx.plan().config.precision.compute_dtype();
                 if let Some(cm) = cluster {
-                    // the workers get the teacher and their parts of the batch; rank 0
-                    // computes its part here, Sinkhorn-Knopp over all
+                    // the workers get their parts of the batch and how their copies of
+                    // the state follow; rank 0 computes its part here, Sinkhorn-Knopp
+                    // over all
                     let ts: &model::TrainState = &eng.ts;
+                    let verify_every = ctx
+                        .plan()
+                        .config
+                        .runtime
+                        .cluster
+                        .as_ref()
+                        .map_or(0, |c| c.verify_every_steps);
                     let r = (|| -> Result<Vec<TeacherOutput>> {
-                        super::remote::order_teacher_phase(&cm, ts, &batch.batch, &hp)?;
+                        super::remote::order_teacher_phase(
+                            &ctx.cluster,
+                            &cm,
+                            ts,
+                            ctx.engine.generation(),
+                            verify_every,
+                            &batch.batch,
+                            &hp,
+                        )?;
                         let dev = ts.device();
                         let view = ts.phase_view(model::Side::Teacher, dt, &dev)?;
                         let shard = batch.batch.shard(0, cm.world())?;
@@ -393,7 +409,12 @@ impl Actor for TrainerActor {
                             };
                             let ts: &model::TrainState = &eng.ts;
                             let r = (|| -> Result<model::StepOutcome> {
-                                super::remote::order_student_phase(&cm, ts, &hp)?;
+                                super::remote::order_student_phase(
+                                    &cm,
+                                    ts,
+                                    ctx.engine.generation(),
+                                    &hp,
+                                )?;
                                 let dev = ts.device();
                                 let view = ts.phase_view(model::Side::Student, dt, &dev)?;
                                 let shard = batch.batch.shard(0, cm.world())?;
@@ -468,6 +489,10 @@ impl Actor for TrainerActor {
                             Err(n) => (n, [ClipStat::default(); 3], false),
                         };
                         let finite = finite_norms && out.losses.is_finite();
+                        if finite {
+                            // the workers' copies clip their (same) gradients by these
+                            ctx.cluster.note_clip(step, clip.map(|c| c.coef));
+                        }
                         Ok((
                             StepSummary {
                                 step,
@@ -529,6 +554,7 @@ impl Actor for TrainerActor {
                             &[&p.grads.backbone, &p.grads.dino_head, &p.grads.ibot_head],
                             &h,
                         )?;
+                        ctx.cluster.note_adamw(step, &hp);
                         Ok(())
                     })
                     .await?;
@@ -659,6 +685,7 @@ impl Actor for EmaActor {
                 ts.step += 1;
                 ts.data_cursor = cursor;
                 eng.dirty = false;
+                ctx.cluster.note_ema(step, momentum);
                 Ok(())
             })
             .await?;

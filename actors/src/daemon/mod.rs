@@ -467,14 +467,7 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         &opts.state_dir,
         "reading the checkpoints",
     );
-    if plan.config.precision == crate::config::Precision::Bf16
-        && plan.config.runtime.device == "cpu"
-    {
-        // the fused CPU kernels are f32/f64: bf16 runs the device code path on the host
-        // (the self-supervised run and the distillation alike)
-        tracing::warn!("precision = \"bf16\" on the CPU runs the device code path (slow); it is meant for GPUs");
-        ops::portable::set_force_on_cpu(true);
-    }
+    force_device_path_for_bf16(&plan);
     let self_teacher = format!("state:{}", opts.state_dir.display());
     // how the previous process of this state directory ended, before this one writes
     let previous = store.recent_events(1)?.into_iter().next();
@@ -621,4 +614,16 @@ fn run_distill(
         let _ = s.store.flush();
     }
     Ok(code)
+}
+
+/// The fused CPU kernels are f32/f64: `precision = "bf16"` on the CPU runs the device code
+/// path on the host (the self-supervised run, the distillation and a cluster's workers
+/// alike).
+pub fn force_device_path_for_bf16(plan: &Plan) {
+    if plan.config.precision == crate::config::Precision::Bf16
+        && plan.config.runtime.device == "cpu"
+    {
+        tracing::warn!("precision = \"bf16\" on the CPU runs the device code path (slow); it is meant for GPUs");
+        ops::portable::set_force_on_cpu(true);
+    }
 }

@@ -1,21 +1,32 @@
 //! Data parallelism over processes (`[runtime.cluster]`): the daemon is rank 0 of a group
 //! of `dinod worker` processes that join it over TCP (`crate::cluster`).
 //!
-//! Rank 0 keeps everything that has state: the `TrainState`, AdamW, the EMA, the stage
-//! machine, the data loader and the checkpoints. A worker is stateless between steps:
-//! for each phase of a step, rank 0 sends it the weights the phase reads (the teacher and
-//! the Gram teacher, then the student, in master precision) and its part of the global
-//! batch; the worker computes that phase on them exactly as a thread member computes on
-//! its copy of rank 0's weights, taking part in the group-wide Sinkhorn-Knopp sums and
-//! the gradient and loss all-reduces. Rank 0 ends with the group's mean gradients, as
-//! with thread members, so a run over processes trains bit for bit what the same group of
-//! threads trains.
+//! Rank 0 owns the run: the `TrainState`, the stage machine, the data loader and the
+//! checkpoints. Each worker keeps a copy of the trainable state (student, teacher, Gram
+//! teacher, AdamW moments) and moves it as rank 0 moves its own, DDP-style: every member
+//! ends a step with the same all-reduced gradients, and rank 0's next order says how the
+//! step ended (committed with these clipping factors, learning rates and EMA momentum,
+//! or discarded), so the worker applies the same AdamW and EMA updates to the same bits.
+//! Rank 0 sends the whole state only when a worker's copy cannot follow by itself: a
+//! newly admitted group, a reload of the state (resume, rollback), a new Gram teacher,
+//! or anything else that moved rank 0's step, update count or Gram teacher otherwise
+//! than by one committed step ([`Held`]). Every `runtime.cluster.verify_every_steps`
+//! steps the order carries rank 0's digest of its state, and a worker whose copy differs
+//! fails the group, which is admitted again with the whole state. Per step a worker
+//! receives its part of the global batch and the summed gradients, and sends its
+//! gradients: the weights no longer cross the network each step.
+//!
+//! Each worker computes each phase exactly as a thread member computes on its copy of
+//! rank 0's weights, taking part in the group-wide Sinkhorn-Knopp sums and the gradient
+//! and loss all-reduces, so a run over processes trains bit for bit what the same group
+//! of threads trains.
 //!
 //! Failures: a worker that dies fails rank 0's next collective at once (its connection
 //! closes), which is a recoverable device fault: the trainer restarts, the group is
 //! dropped and the step is redone on a group admitted again on the same listener, within
-//! `runtime.cluster.join_wait_s`. A worker whose group fails joins again by itself; at
-//! the end of the run the daemon says goodbye and the workers exit 0.
+//! `runtime.cluster.join_wait_s`. A worker whose group fails joins again by itself and
+//! gets the whole state again; at the end of the run the daemon says goodbye and the
+//! workers exit 0.
 //!
 //! Must not know: the loss maths (it calls `model`'s phases), the actors' protocol.
 
@@ -28,16 +39,83 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::board::Board;
+use super::faults::Faults;
 use crate::cluster::{self, TcpMember};
 use crate::config::Plan;
 use model::dist::Collective;
 use model::{Batch, StepHparams, TrainState};
 
-/// The daemon's side: its listener (bound once, on first use) and the current group.
+/// The daemon's side: its listener (bound once, on first use), the current group and
+/// what its workers' copies of the state hold.
 #[derive(Default)]
 pub struct ClusterSlot {
     listener: OnceLock<TcpListener>,
     group: Mutex<Option<Arc<TcpMember>>>,
+    copies: Mutex<Copies>,
+}
+
+/// Where a copy of the state stands: the same `Held` on rank 0 and on a worker means the
+/// same bits, as long as nothing changes rank 0's weights without moving one of these
+/// (the step and update count move with every commit, `gram_updates` with every new
+/// Gram teacher, `generation` with every reload of the whole state).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    step: u64,
+    optim_t: u64,
+    gram_updates: u32,
+    gram_teacher: bool,
+    generation: u64,
+}
+
+impl Held {
+    fn of(ts: &TrainState, generation: u64) -> Held {
+        Held {
+            step: ts.step,
+            optim_t: ts.optim.t,
+            gram_updates: ts.gram_updates,
+            gram_teacher: ts.gram_teacher.is_some(),
+            generation,
+        }
+    }
+
+    /// Where one committed step (AdamW, EMA) takes a copy.
+    fn committed(self) -> Held {
+        Held {
+            step: self.step + 1,
+            optim_t: self.optim_t + 1,
+            ..self
+        }
+    }
+}
+
+/// Rank 0's record of the workers' copies: what they hold since the last order, and how
+/// the step they computed ended here (its clipping, AdamW and EMA, noted as they happen).
+#[derive(Default)]
+struct Copies {
+    held: Option<Held>,
+    clip: Option<(u64, [f64; 3])>,
+    adamw: Option<(u64, StepHparams)>,
+    ema: Option<(u64, f64)>,
+    /// Whole states sent, and steps followed by the workers themselves (for the log).
+    full_syncs: u64,
+}
+
+impl Copies {
+    /// The commit of `step` as rank 0 made it, if every part of it was noted.
+    fn commit_of(&self, step: u64) -> Option<Commit> {
+        match (self.clip, self.adamw, self.ema) {
+            (Some((a, clip)), Some((b, hp)), Some((c, momentum)))
+                if a == step && b == step && c == step =>
+            {
+                Some(Commit {
+                    step,
+                    clip,
+                    hp: StepHparams { momentum, ..hp },
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The identity every node of `plan`'s group must share.
@@ -106,6 +184,8 @@ impl ClusterSlot {
             }
         };
         let m = Arc::new(m);
+        // a new group's workers hold nothing yet
+        self.forget_copies();
         *g = Some(m.clone());
         Ok(Some(m))
     }
@@ -115,6 +195,42 @@ impl ClusterSlot {
         if let Ok(mut g) = self.group.lock() {
             *g = None;
         }
+        self.forget_copies();
+    }
+
+    fn forget_copies(&self) {
+        let mut c = match self.copies.lock() {
+            Ok(c) => c,
+            Err(e) => e.into_inner(),
+        };
+        let full_syncs = c.full_syncs;
+        *c = Copies {
+            full_syncs,
+            ..Copies::default()
+        };
+    }
+
+    fn copies(&self) -> std::sync::MutexGuard<'_, Copies> {
+        match self.copies.lock() {
+            Ok(c) => c,
+            Err(e) => e.into_inner(),
+        }
+    }
+
+    /// Rank 0 clipped the group's gradients of `step` by `coefs` (the workers hold the
+    /// same gradients, unclipped).
+    pub fn note_clip(&self, step: u64, coefs: [f64; 3]) {
+        self.copies().clip = Some((step, coefs));
+    }
+
+    /// Rank 0 applied AdamW to the gradients of `step` with `hp`'s rates.
+    pub fn note_adamw(&self, step: u64, hp: &StepHparams) {
+        self.copies().adamw = Some((step, *hp));
+    }
+
+    /// Rank 0 moved its teacher after the commit of `step` with `momentum`.
+    pub fn note_ema(&self, step: u64, momentum: f64) {
+        self.copies().ema = Some((step, momentum));
     }
 
     /// The run is over: the workers are told so and exit.
@@ -178,19 +294,44 @@ enum Phase {
     Student,
 }
 
+/// How rank 0 ended the step whose gradients the workers hold: the same update, applied
+/// to the same bits, gives the same state.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+struct Commit {
+    step: u64,
+    /// The clipping factors of the backbone and the heads (1: not clipped).
+    clip: [f64; 3],
+    /// The rates AdamW used and the EMA's momentum.
+    hp: StepHparams,
+}
+
+/// How a worker's copy reaches rank 0's state before a teacher phase.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+enum Sync {
+    /// The whole state follows the batch in the message: student, teacher, Gram teacher
+    /// (if any), then each student parameter's AdamW moments.
+    Full,
+    /// The copy is rank 0's state already (the step is computed again, or is the first
+    /// after a whole state): the gradients it holds are dropped.
+    Keep,
+    /// The copy applies this commit to the gradients it holds.
+    Commit(Commit),
+}
+
 /// What rank 0 tells a worker about a phase; the tensors follow it in the message.
 #[derive(Debug, Serialize, Deserialize)]
 struct Order {
     phase: Phase,
-    step: u64,
+    /// Where rank 0's state stands (the worker's copy must stand there too).
+    held: Held,
     seed: u64,
-    optim_t: u64,
-    gram_updates: u32,
     hp: StepHparams,
     /// Teacher phase: the worker's part of the batch (images per member, whether local
-    /// and Gram crops follow) and whether a Gram teacher's weights follow.
+    /// and Gram crops follow) and how its copy follows rank 0's state.
     shard: Option<ShardMeta>,
-    gram_teacher: bool,
+    sync: Option<Sync>,
+    /// Rank 0's [`crate::engine::weights_digest`], every `verify_every_steps` steps.
+    verify: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -225,50 +366,66 @@ fn parse(msg: &[u8]) -> Result<(Order, Vec<Tensor>)> {
     Ok((order, tensors))
 }
 
-fn order(ts: &TrainState, phase: Phase, hp: &StepHparams, shard: Option<ShardMeta>) -> Order {
-    Order {
-        phase,
-        step: ts.step,
-        seed: ts.seed,
-        optim_t: ts.optim.t,
-        gram_updates: ts.gram_updates,
-        hp: *hp,
-        shard,
-        gram_teacher: ts.gram_teacher.is_some(),
+/// Every tensor of the state a copy holds, in the order [`load_state`] reads them; the
+/// AdamW moments as tensors of their parameters' shapes.
+fn state_tensors(ts: &TrainState) -> Result<Vec<Tensor>> {
+    let mut v: Vec<Tensor> = Vec::new();
+    for m in [&ts.student, &ts.teacher] {
+        for (_, ps) in m.modules() {
+            v.extend(ps.tensors().iter().cloned());
+        }
     }
-}
-
-fn teacher_tensors(ts: &TrainState) -> Vec<&Tensor> {
-    let mut v: Vec<&Tensor> = ts
-        .teacher
-        .modules()
-        .iter()
-        .flat_map(|(_, ps)| ps.tensors().iter())
-        .collect();
     if let Some(g) = &ts.gram_teacher {
-        v.extend(g.params.tensors().iter());
+        v.extend(g.params.tensors().iter().cloned());
     }
-    v
+    for ((_, ps), mo) in ts.student.modules().iter().zip(&ts.optim.modules) {
+        for (p, mm) in ps.tensors().iter().zip(&mo.moments) {
+            let (m, v2) = mm.to_tensors(p.dims())?;
+            v.push(m);
+            v.push(v2);
+        }
+    }
+    Ok(v)
 }
 
-fn student_tensors(ts: &TrainState) -> Vec<&Tensor> {
-    ts.student
-        .modules()
-        .iter()
-        .flat_map(|(_, ps)| ps.tensors().iter())
-        .collect()
-}
-
-/// Rank 0, before its own teacher phase: sends every worker the teacher's weights and
-/// its part of `batch`.
+/// Rank 0, before its own teacher phase: sends every worker its part of `batch` and
+/// what its copy needs to stand where `ts` stands (`generation`: the engine's, see
+/// [`crate::engine::Engine::generation`]).
+#[allow(clippy::too_many_arguments)]
 pub fn order_teacher_phase(
+    slot: &ClusterSlot,
     m: &TcpMember,
     ts: &TrainState,
+    generation: u64,
+    verify_every: u64,
     batch: &Batch,
     hp: &StepHparams,
 ) -> Result<()> {
     let world = m.world();
-    let weights = teacher_tensors(ts);
+    let now = Held::of(ts, generation);
+    let mut copies = slot.copies();
+    let sync = match copies.held {
+        Some(h) if h == now => Sync::Keep,
+        Some(h) if h.committed() == now => match copies.commit_of(h.step) {
+            Some(c) => Sync::Commit(c),
+            None => Sync::Full,
+        },
+        _ => Sync::Full,
+    };
+    let state = if sync == Sync::Full {
+        copies.full_syncs += 1;
+        tracing::info!(
+            step = ts.step,
+            full_syncs = copies.full_syncs,
+            "sending the workers the whole state"
+        );
+        state_tensors(ts)?
+    } else {
+        Vec::new()
+    };
+    let verify = (verify_every > 0 && ts.step.is_multiple_of(verify_every))
+        .then(|| crate::engine::weights_digest(ts))
+        .transpose()?;
     for r in 1..world {
         let shard = batch.shard(r, world)?;
         let masks = Tensor::from_vec(shard.masks.clone(), shard.masks.len(), &Device::Cpu)?;
@@ -276,26 +433,54 @@ pub fn order_teacher_phase(
         tensors.extend(shard.local.as_ref());
         tensors.extend(shard.gram.as_ref());
         tensors.push(&masks);
-        tensors.extend(weights.iter().copied());
-        let meta = ShardMeta {
-            batch_size: shard.batch_size,
-            local: shard.local.is_some(),
-            gram: shard.gram.is_some(),
+        tensors.extend(state.iter());
+        let o = Order {
+            phase: Phase::Teacher,
+            held: now,
+            seed: ts.seed,
+            hp: *hp,
+            shard: Some(ShardMeta {
+                batch_size: shard.batch_size,
+                local: shard.local.is_some(),
+                gram: shard.gram.is_some(),
+            }),
+            sync: Some(sync),
+            verify: verify.clone(),
         };
-        let msg = message(&order(ts, Phase::Teacher, hp, Some(meta)), &tensors)?;
-        m.send_control(r, &msg).with_context(|| {
-            format!(
-                "sending the teacher phase of step {} to member {r}",
-                ts.step
-            )
-        })?;
+        m.send_control(r, &message(&o, &tensors)?)
+            .with_context(|| {
+                format!(
+                    "sending the teacher phase of step {} to member {r}",
+                    ts.step
+                )
+            })?;
     }
+    // (a failed send fails the group, which forgets what its copies held)
+    copies.held = Some(now);
+    copies.clip = None;
+    copies.adamw = None;
+    copies.ema = None;
     Ok(())
 }
 
-/// Rank 0, before its own student phase: sends every worker the student's weights.
-pub fn order_student_phase(m: &TcpMember, ts: &TrainState, hp: &StepHparams) -> Result<()> {
-    let msg = message(&order(ts, Phase::Student, hp, None), &student_tensors(ts))?;
+/// Rank 0, before its own student phase: tells every worker to compute it (the student
+/// is in its copy).
+pub fn order_student_phase(
+    m: &TcpMember,
+    ts: &TrainState,
+    generation: u64,
+    hp: &StepHparams,
+) -> Result<()> {
+    let o = Order {
+        phase: Phase::Student,
+        held: Held::of(ts, generation),
+        seed: ts.seed,
+        hp: *hp,
+        shard: None,
+        sync: None,
+        verify: None,
+    };
+    let msg = message(&o, &[])?;
     for r in 1..m.world() {
         m.send_control(r, &msg).with_context(|| {
             format!(
@@ -330,6 +515,48 @@ fn load(
     Ok(())
 }
 
+/// A worker takes rank 0's whole state (the tensors of [`state_tensors`]).
+fn load_state(
+    skel: &mut TrainState,
+    held: &Held,
+    it: &mut impl Iterator<Item = Tensor>,
+) -> Result<()> {
+    for (side, m) in [("student", &mut skel.student), ("teacher", &mut skel.teacher)] {
+        load(&mut m.backbone.params, it, &format!("{side} backbone"))?;
+        load(&mut m.dino_head.params, it, &format!("{side} DINO head"))?;
+        load(&mut m.ibot_head.params, it, &format!("{side} iBOT head"))?;
+    }
+    if held.gram_teacher {
+        if skel.gram_teacher.is_none() {
+            skel.refresh_gram_teacher()?;
+        }
+        let g = skel.gram_teacher.as_mut().expect("made above");
+        load(&mut g.params, it, "Gram teacher")?;
+    } else {
+        skel.gram_teacher = None;
+    }
+    let student = skel.student.modules();
+    for ((role, ps), mo) in student.iter().zip(skel.optim.modules.iter_mut()) {
+        for (i, p) in ps.tensors().iter().enumerate() {
+            let (Some(m), Some(v)) = (it.next(), it.next()) else {
+                bail!("the order has too few tensors for the {role}'s AdamW moments")
+            };
+            if m.dims() != p.dims() || v.dims() != p.dims() {
+                bail!(
+                    "the {role}'s moments of parameter {i} are {:?} in the order, its parameter {:?} here",
+                    m.dims(),
+                    p.dims()
+                )
+            }
+            mo.moments[i] = model::optim::Moments::Tensors { m, v }.placed_for(p)?;
+        }
+    }
+    skel.step = held.step;
+    skel.optim.t = held.optim_t;
+    skel.gram_updates = held.gram_updates;
+    Ok(())
+}
+
 /// What a worker keeps between the two phases of a step.
 struct Pending {
     step: u64,
@@ -337,12 +564,81 @@ struct Pending {
     teacher: model::TeacherOutput,
 }
 
-/// Serves one group until the coordinator says goodbye (`Ok`), or fails. `skel` is the
-/// worker's model (its weights are overwritten by every order).
-fn serve(m: &TcpMember, skel: &mut TrainState, plan: &Plan) -> Result<()> {
+/// A worker's copy of the state, and the gradients of the step it computed last.
+struct Replica {
+    ts: TrainState,
+    /// Whether `ts` follows rank 0 (false until a whole state arrives).
+    synced: bool,
+    grads: Option<(u64, model::ssl::ModelGrads)>,
+}
+
+impl Replica {
+    /// Brings the copy to where rank 0 stands for the teacher order `o`.
+    fn follow(
+        &mut self,
+        o: &Order,
+        it: &mut impl Iterator<Item = Tensor>,
+        faults: &Faults,
+    ) -> Result<()> {
+        let sync = o.sync.context("a teacher order without its sync")?;
+        let grads = self.grads.take();
+        match sync {
+            Sync::Full => {
+                load_state(&mut self.ts, &o.held, it)?;
+                self.synced = true;
+            }
+            Sync::Keep => {}
+            Sync::Commit(c) => {
+                let Some((_, g)) = grads.filter(|(s, _)| *s == c.step) else {
+                    bail!(
+                        "rank 0 committed step {} but this worker holds no gradients of it",
+                        c.step
+                    )
+                };
+                model::state::apply_clip(&g, c.clip)?;
+                model::apply_step(&mut self.ts, &g, &c.hp)?;
+                if faults.take("drift", None, c.step).is_some() {
+                    // a drill of the check below: one weight moved by one part in 10^6
+                    let p = &mut self.ts.student.backbone.params;
+                    let t = (p.get(0) * (1.0 + 1e-6))?;
+                    p.set(0, t)?;
+                    tracing::warn!(step = c.step, "injected drift of this worker's copy");
+                }
+            }
+        }
+        let here = Held {
+            generation: o.held.generation,
+            ..Held::of(&self.ts, 0)
+        };
+        if !self.synced || here != o.held {
+            bail!(
+                "this worker's copy of the state stands at {here:?}, rank 0 at {:?}: it cannot follow",
+                o.held
+            )
+        }
+        if let Some(want) = &o.verify {
+            let have = crate::engine::weights_digest(&self.ts)?;
+            if &have != want {
+                bail!(
+                    "this worker's copy of the state drifted from rank 0's at step {}: digest {} here, {} there",
+                    o.held.step,
+                    &have[..16],
+                    &want[..16.min(want.len())]
+                )
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves one group until the coordinator says goodbye (`Ok`), or fails. `copy` is the
+/// worker's copy of the state: a new group sends the whole state before its first step.
+fn serve(m: &TcpMember, copy: &mut Replica, plan: &Plan, faults: &Faults) -> Result<()> {
     let dt = plan.config.precision.compute_dtype();
     let log_every = plan.config.runtime.log_every_steps.max(1);
     let mut pending: Option<Pending> = None;
+    copy.synced = false;
+    copy.grads = None;
     loop {
         let Some(msg) = m.recv_control()? else {
             return Ok(());
@@ -355,10 +651,8 @@ fn serve(m: &TcpMember, skel: &mut TrainState, plan: &Plan) -> Result<()> {
                 return Err(e);
             }
         };
-        skel.step = o.step;
-        skel.seed = o.seed;
-        skel.optim.t = o.optim_t;
-        skel.gram_updates = o.gram_updates;
+        copy.ts.seed = o.seed;
+        let step = o.held.step;
         let mut it = tensors.into_iter();
         let r = match o.phase {
             Phase::Teacher => (|| -> Result<()> {
@@ -379,37 +673,16 @@ fn serve(m: &TcpMember, skel: &mut TrainState, plan: &Plan) -> Result<()> {
                 };
                 let masks = it.next().context("no masks")?.to_vec1::<u8>()?;
                 let shard = Batch::new(meta.batch_size, global, local, gram, masks)?;
-                load(
-                    &mut skel.teacher.backbone.params,
-                    &mut it,
-                    "teacher backbone",
-                )?;
-                load(
-                    &mut skel.teacher.dino_head.params,
-                    &mut it,
-                    "teacher DINO head",
-                )?;
-                load(
-                    &mut skel.teacher.ibot_head.params,
-                    &mut it,
-                    "teacher iBOT head",
-                )?;
-                if o.gram_teacher {
-                    if skel.gram_teacher.is_none() {
-                        skel.refresh_gram_teacher()?;
-                    }
-                    let g = skel.gram_teacher.as_mut().expect("made above");
-                    load(&mut g.params, &mut it, "Gram teacher")?;
-                } else {
-                    skel.gram_teacher = None;
-                }
+                copy.follow(&o, &mut it, faults)?;
                 if it.next().is_some() {
                     bail!("the teacher order has more tensors than this model")
                 }
-                let view = skel.phase_view(model::Side::Teacher, dt, &Device::Cpu)?;
+                let view = copy
+                    .ts
+                    .phase_view(model::Side::Teacher, dt, &copy.ts.device())?;
                 let teacher = model::teacher_phase_in(&view, &shard, &o.hp, Some(m), &mut |_| {})?;
                 pending = Some(Pending {
-                    step: o.step,
+                    step,
                     shard,
                     teacher,
                 });
@@ -418,37 +691,30 @@ fn serve(m: &TcpMember, skel: &mut TrainState, plan: &Plan) -> Result<()> {
             Phase::Student => (|| -> Result<()> {
                 let p = pending
                     .take()
-                    .filter(|p| p.step == o.step)
+                    .filter(|p| p.step == step)
                     .with_context(|| {
-                        format!(
-                            "a student order for step {} without its teacher phase",
-                            o.step
-                        )
+                        format!("a student order for step {step} without its teacher phase")
                     })?;
-                load(
-                    &mut skel.student.backbone.params,
-                    &mut it,
-                    "student backbone",
-                )?;
-                load(
-                    &mut skel.student.dino_head.params,
-                    &mut it,
-                    "student DINO head",
-                )?;
-                load(
-                    &mut skel.student.ibot_head.params,
-                    &mut it,
-                    "student iBOT head",
-                )?;
                 if it.next().is_some() {
-                    bail!("the student order has more tensors than this model")
+                    bail!("a student order with tensors")
                 }
-                let view = skel.phase_view(model::Side::Student, dt, &Device::Cpu)?;
+                let here = Held {
+                    generation: o.held.generation,
+                    ..Held::of(&copy.ts, 0)
+                };
+                if here != o.held {
+                    bail!("a student order for {:?}; this worker's copy stands at {here:?}", o.held)
+                }
+                let view = copy
+                    .ts
+                    .phase_view(model::Side::Student, dt, &copy.ts.device())?;
                 let mut out = model::student_phase(&view, &p.shard, &o.hp, p.teacher, &mut |_| {})?;
                 model::dist::all_reduce_mean_grads(m, &mut out.grads, &view.student)?;
                 model::dist::all_reduce_mean_losses(m, &mut out.losses)?;
-                if o.step.is_multiple_of(log_every) {
-                    tracing::info!(step = o.step, loss = out.losses.total, "worker step");
+                // the group's mean gradients, which rank 0 clips and commits (or not)
+                copy.grads = Some((step, out.grads));
+                if step.is_multiple_of(log_every) {
+                    tracing::info!(step, loss = out.losses.total, "worker step");
                 }
                 Ok(())
             })(),
@@ -464,11 +730,18 @@ fn serve(m: &TcpMember, skel: &mut TrainState, plan: &Plan) -> Result<()> {
 /// `dinod worker`: joins the daemon at `addr` as one member of its `[runtime.cluster]`
 /// group and serves it, joining again whenever the group fails, until the daemon ends
 /// the run (exit 0) or no daemon admits it within `join_wait_s` (an error).
-pub fn run_worker(plan: &Plan, addr: &str) -> Result<()> {
+pub fn run_worker(plan: &Plan, addr: &str, inject: &[crate::config::FaultSpec]) -> Result<()> {
     let c =
         plan.config.runtime.cluster.as_ref().context(
             "the recipe has no [runtime.cluster]: a worker joins the group it describes",
         )?;
+    if let Some(f) = inject.iter().find(|f| f.kind != "drift") {
+        bail!(
+            "a worker takes `drift@STEP` faults only (its copy moved after the commit of STEP), not `{}`",
+            f.kind
+        )
+    }
+    let faults = Faults::new(inject);
     let token = cluster::Token::from_file(&c.token_file)?;
     if let Some(w) = cluster::Token::permission_warning(&c.token_file) {
         tracing::warn!("{w}");
@@ -477,13 +750,20 @@ pub fn run_worker(plan: &Plan, addr: &str) -> Result<()> {
     let rt = &plan.config.runtime;
     let timeout = Duration::from_secs_f64(rt.collective_timeout_s);
     let join_wait = Duration::from_secs_f64(c.join_wait_s);
+    super::force_device_path_for_bf16(plan);
     eprintln!("building the model");
-    let mut skel = TrainState::new(&plan.ssl, plan.config.seed, plan.config.precision.dtype())
+    let ts = TrainState::new(&plan.ssl, plan.config.seed, plan.config.precision.dtype())
         .context("building the worker's model")?;
+    // placed as the daemon places its state, so the updates take the same code path
+    let mut copy = Replica {
+        ts: crate::engine::place(ts, plan)?,
+        synced: false,
+        grads: None,
+    };
     let me = identity(plan);
     loop {
         let m = cluster::join(addr, &me, &token, join_wait, timeout)?;
-        match serve(&m, &mut skel, plan) {
+        match serve(&m, &mut copy, plan, &faults) {
             Ok(()) => {
                 eprintln!("the daemon ended the run; this worker exits");
                 return Ok(());

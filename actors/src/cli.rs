@@ -60,7 +60,8 @@ pub enum Command {
     },
     /// One member of a daemon's group of processes (`[runtime.cluster]`): joins the daemon
     /// at HOST:PORT with the same recipe and computes its part of every step until the
-    /// daemon's run ends. It keeps no state: killed, it is started again and joins again.
+    /// daemon's run ends. Its copy of the state comes from the daemon and lives in memory
+    /// only: killed, it is started again, joins again and is sent the state again.
     Worker {
         /// The daemon's recipe (the same file: its hash is checked at the join).
         #[arg(long)]
@@ -600,7 +601,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let plan = load_plan(Some(&config))?;
             let inject = inject
                 .iter()
-                .map(|f| f.parse().map_err(|e: String| anyhow::anyhow!("--inject: {e}")))
+                .map(|f| {
+                    f.parse()
+                        .map_err(|e: String| anyhow::anyhow!("--inject: {e}"))
+                })
                 .collect::<Result<Vec<crate::config::FaultSpec>>>()?;
             crate::daemon::remote::run_worker(&plan, &join, &inject)?;
             Ok(0)

@@ -415,7 +415,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         "{st}"
     );
 
-    // stopped half-way and resumed with a new worker: the same run (workers hold nothing)
+    // stopped half-way and resumed with a new worker: the same run (a new worker gets the whole state)
     let s4 = dir.path().join("s4");
     for to in [steps / 2, steps] {
         let (daemon, addr) = run(&s4, to, &[]);
@@ -470,10 +470,20 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     );
     // the daemon refuses the drill (it fires in a worker)
     let o = dinod(&[
-        "run", "--config", cluster, "--state-dir", s6.to_str().unwrap(), "--inject", "drift@4",
+        "run",
+        "--config",
+        cluster,
+        "--state-dir",
+        s6.to_str().unwrap(),
+        "--inject",
+        "drift@4",
     ]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("dinod worker --inject drift@STEP"), "{}", text(&o));
+    assert!(
+        text(&o).contains("dinod worker --inject drift@STEP"),
+        "{}",
+        text(&o)
+    );
 
     // the worker is killed while step 6 is held; one started in its place takes over
     let s3 = dir.path().join("s3");
@@ -584,13 +594,16 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
         })
         .count();
     let syncs = err.matches("sending the workers the whole state").count();
-    assert!(syncs >= 2 && syncs <= 1 + gram, "{syncs} whole states sent for {p2:?}");
+    assert!(
+        syncs >= 2 && syncs <= 1 + gram,
+        "{syncs} whole states sent for {p2:?}"
+    );
     let want = fingerprint(&s1);
     assert!(!want.1.is_empty(), "no fingerprint to compare with");
     assert_eq!(fingerprint(&s2), want, "processes and threads differ");
 }
 
-/// The daemon of a group is SIGKILLed mid-run. Its worker, which holds nothing, stays up and
+/// The daemon of a group is SIGKILLed mid-run. Its worker stays up and
 /// joins the daemon started again on the same address; the resumed run ends where the
 /// fault-free group of threads ends, bit for bit, and the worker exits 0 with it.
 #[test]

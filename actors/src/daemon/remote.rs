@@ -101,6 +101,20 @@ struct Copies {
 }
 
 impl Copies {
+    /// How the workers' copies get to `now`, rank 0's state: as they are, by the commit
+    /// of the step they computed (when every part of it was noted and nothing else moved
+    /// the state), else with the whole state.
+    fn sync_to(&self, now: Held) -> Sync {
+        match self.held {
+            Some(h) if h == now => Sync::Keep,
+            Some(h) if h.committed() == now => match self.commit_of(h.step) {
+                Some(c) => Sync::Commit(c),
+                None => Sync::Full,
+            },
+            _ => Sync::Full,
+        }
+    }
+
     /// The commit of `step` as rank 0 made it, if every part of it was noted.
     fn commit_of(&self, step: u64) -> Option<Commit> {
         match (self.clip, self.adamw, self.ema) {
@@ -404,14 +418,7 @@ pub fn order_teacher_phase(
     let world = m.world();
     let now = Held::of(ts, generation);
     let mut copies = slot.copies();
-    let sync = match copies.held {
-        Some(h) if h == now => Sync::Keep,
-        Some(h) if h.committed() == now => match copies.commit_of(h.step) {
-            Some(c) => Sync::Commit(c),
-            None => Sync::Full,
-        },
-        _ => Sync::Full,
-    };
+    let sync = copies.sync_to(now);
     let state = if sync == Sync::Full {
         copies.full_syncs += 1;
         tracing::info!(
@@ -521,7 +528,10 @@ fn load_state(
     held: &Held,
     it: &mut impl Iterator<Item = Tensor>,
 ) -> Result<()> {
-    for (side, m) in [("student", &mut skel.student), ("teacher", &mut skel.teacher)] {
+    for (side, m) in [
+        ("student", &mut skel.student),
+        ("teacher", &mut skel.teacher),
+    ] {
         load(&mut m.backbone.params, it, &format!("{side} backbone"))?;
         load(&mut m.dino_head.params, it, &format!("{side} DINO head"))?;
         load(&mut m.ibot_head.params, it, &format!("{side} iBOT head"))?;
@@ -689,12 +699,9 @@ fn serve(m: &TcpMember, copy: &mut Replica, plan: &Plan, faults: &Faults) -> Res
                 Ok(())
             })(),
             Phase::Student => (|| -> Result<()> {
-                let p = pending
-                    .take()
-                    .filter(|p| p.step == step)
-                    .with_context(|| {
-                        format!("a student order for step {step} without its teacher phase")
-                    })?;
+                let p = pending.take().filter(|p| p.step == step).with_context(|| {
+                    format!("a student order for step {step} without its teacher phase")
+                })?;
                 if it.next().is_some() {
                     bail!("a student order with tensors")
                 }
@@ -703,7 +710,10 @@ fn serve(m: &TcpMember, copy: &mut Replica, plan: &Plan, faults: &Faults) -> Res
                     ..Held::of(&copy.ts, 0)
                 };
                 if here != o.held {
-                    bail!("a student order for {:?}; this worker's copy stands at {here:?}", o.held)
+                    bail!(
+                        "a student order for {:?}; this worker's copy stands at {here:?}",
+                        o.held
+                    )
                 }
                 let view = copy
                     .ts
@@ -773,5 +783,140 @@ pub fn run_worker(plan: &Plan, addr: &str, inject: &[crate::config::FaultSpec]) 
                 eprintln!("the group failed: {e:#}; joining again");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hp(lr: f64) -> StepHparams {
+        StepHparams {
+            lr,
+            last_layer_lr: lr,
+            weight_decay: 0.04,
+            momentum: 0.5,
+            teacher_temp: 0.07,
+            gram_weight: 0.0,
+            local_dino_weight: 1.0,
+        }
+    }
+
+    /// Gradients of the student's shapes: `k * sin(parameter)`.
+    fn synthetic_grads(ts: &TrainState, k: f64) -> model::ssl::ModelGrads {
+        let of = |ps: &model::params::ParamSet| model::params::Grads {
+            tensors: ps
+                .tensors()
+                .iter()
+                .map(|p| Some((p.sin().unwrap() * k).unwrap()))
+                .collect(),
+        };
+        model::ssl::ModelGrads {
+            backbone: of(&ts.student.backbone.params),
+            dino_head: of(&ts.student.dino_head.params),
+            ibot_head: of(&ts.student.ibot_head.params),
+        }
+    }
+
+    /// The copies follow by themselves only when rank 0 moved by exactly the commit they
+    /// can apply; anything else sends the whole state.
+    #[test]
+    fn a_copy_follows_by_a_noted_commit_and_gets_the_whole_state_otherwise() {
+        let at = Held {
+            step: 7,
+            optim_t: 7,
+            gram_updates: 0,
+            gram_teacher: false,
+            generation: 1,
+        };
+        let mut c = Copies::default();
+        assert_eq!(c.sync_to(at), Sync::Full, "a new group holds nothing");
+        c.held = Some(at);
+        assert_eq!(c.sync_to(at), Sync::Keep, "the step is computed again");
+        let next = at.committed();
+        assert_eq!(c.sync_to(next), Sync::Full, "nothing noted of the commit");
+        c.clip = Some((7, [1.0, 0.25, 1.0]));
+        c.adamw = Some((7, hp(1e-3)));
+        assert_eq!(c.sync_to(next), Sync::Full, "no EMA noted");
+        c.ema = Some((6, 0.99));
+        assert_eq!(c.sync_to(next), Sync::Full, "the EMA of another step");
+        c.ema = Some((7, 0.99));
+        let want = Commit {
+            step: 7,
+            clip: [1.0, 0.25, 1.0],
+            hp: StepHparams {
+                momentum: 0.99,
+                ..hp(1e-3)
+            },
+        };
+        assert_eq!(c.sync_to(next), Sync::Commit(want));
+        // the same step and update count, but the state was reloaded, or has a new
+        // Gram teacher, or went back to a checkpoint: the whole state
+        for other in [
+            Held {
+                generation: 2,
+                ..next
+            },
+            Held {
+                gram_updates: 1,
+                gram_teacher: true,
+                ..next
+            },
+            Held {
+                step: 4,
+                optim_t: 4,
+                ..at
+            },
+            Held { optim_t: 9, ..next },
+        ] {
+            assert_eq!(c.sync_to(other), Sync::Full, "{other:?}");
+        }
+    }
+
+    /// The whole state a worker is sent makes its copy rank 0's, moments included, and
+    /// the same commit applied on both keeps them equal bit for bit.
+    #[test]
+    fn the_whole_state_makes_a_copy_and_a_commit_keeps_it_one() {
+        let plan = crate::cli::load_plan(None).unwrap();
+        let (mut st, _) = crate::engine::fresh(&plan).unwrap();
+        let ts = &mut st.ts;
+        ts.refresh_gram_teacher().unwrap();
+        // rank 0 takes one step with made-up gradients
+        let grads = synthetic_grads(ts, 0.3);
+        model::apply_step(ts, &grads, &hp(1e-2)).unwrap();
+        let held = Held::of(ts, 0);
+        let tensors = state_tensors(ts).unwrap();
+        let fresh_ts = TrainState::new(&plan.ssl, 99, plan.config.precision.dtype()).unwrap();
+        let mut copy = crate::engine::place(fresh_ts, &plan).unwrap();
+        assert_ne!(
+            crate::engine::weights_digest(&copy).unwrap(),
+            crate::engine::weights_digest(ts).unwrap()
+        );
+        let mut it = tensors.into_iter();
+        load_state(&mut copy, &held, &mut it).unwrap();
+        assert!(it.next().is_none(), "every tensor read");
+        assert_eq!(
+            crate::engine::weights_digest(&copy).unwrap(),
+            crate::engine::weights_digest(ts).unwrap()
+        );
+        // the same clipped commit on both
+        let (g0, g1) = (synthetic_grads(ts, 2.0), synthetic_grads(&copy, 2.0));
+        let stats = model::clip_gradients(&ts.cfg, &g0).unwrap().unwrap();
+        model::state::apply_clip(&g1, stats.map(|s| s.coef)).unwrap();
+        assert!(
+            stats.iter().any(|s| s.coef < 1.0),
+            "nothing was clipped: {stats:?}"
+        );
+        model::apply_step(ts, &g0, &hp(1e-2)).unwrap();
+        model::apply_step(&mut copy, &g1, &hp(1e-2)).unwrap();
+        assert_eq!(
+            crate::engine::weights_digest(&copy).unwrap(),
+            crate::engine::weights_digest(ts).unwrap()
+        );
+        // a state of another model is refused with the parameter named
+        let mut short = state_tensors(ts).unwrap();
+        short.truncate(3);
+        let err = load_state(&mut copy, &held, &mut short.into_iter()).unwrap_err();
+        assert!(format!("{err:#}").contains("too few tensors"), "{err:#}");
     }
 }

@@ -140,9 +140,17 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// How long sent data may stay unacknowledged before the connection counts as closed
+/// (`TCP_USER_TIMEOUT`), and what keepalive's probes add up to.
+pub const LINK_DEAD_AFTER: Duration = Duration::from_secs(60);
+
 /// Turns on TCP keepalive (30 s idle, then 3 probes 10 s apart), so that a peer whose
 /// machine went away without closing the connection is found out in about a minute even
-/// while nobody sends: a worker waiting for its next order, a daemon between steps.
+/// while nobody sends: a worker waiting for its next order, a daemon between steps. And
+/// bounds unacknowledged data to [`LINK_DEAD_AFTER`] (`TCP_USER_TIMEOUT`): while data is in
+/// flight keepalive does not probe, and TCP would retransmit for about 15 minutes, so
+/// a machine that vanished mid-step was found out only by the collective timeout (301.6 s
+/// measured with `scripts/netns-cluster.sh vanish` before this).
 fn keepalive(s: &TcpStream) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let fd = s.as_raw_fd();
@@ -170,6 +178,11 @@ fn keepalive(s: &TcpStream) -> std::io::Result<()> {
         set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30)?;
         set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10)?;
         set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+        set(
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            LINK_DEAD_AFTER.as_millis() as libc::c_int,
+        )?;
     }
     Ok(())
 }
@@ -235,12 +248,16 @@ fn read_frame_until(
                 // went away)
                 Err(e) if e.kind() == ErrorKind::TimedOut => return Err(ReadFail::Closed),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                // EHOSTUNREACH, ENETUNREACH: TCP_USER_TIMEOUT ran out while the route to
+                // the peer was gone (a link down: measured by scripts/netns-cluster.sh)
                 Err(e)
                     if matches!(
                         e.kind(),
                         ErrorKind::ConnectionReset
                             | ErrorKind::ConnectionAborted
                             | ErrorKind::BrokenPipe
+                            | ErrorKind::HostUnreachable
+                            | ErrorKind::NetworkUnreachable
                     ) =>
                 {
                     return Err(ReadFail::Closed)
@@ -680,12 +697,15 @@ impl TcpMember {
 
     fn write_failure(&self, e: std::io::Error, who: &str) -> anyhow::Error {
         match e.kind() {
-            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => {
-                self.read_failure(ReadFail::Closed, who)
-            }
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
-                self.read_failure(ReadFail::TimedOut, who)
-            }
+            ErrorKind::BrokenPipe
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::HostUnreachable
+            | ErrorKind::NetworkUnreachable
+            // ETIMEDOUT: TCP gave up on the peer (keepalive or TCP_USER_TIMEOUT)
+            | ErrorKind::TimedOut => self.read_failure(ReadFail::Closed, who),
+            // EAGAIN: the write timeout, which is the collective timeout
+            ErrorKind::WouldBlock => self.read_failure(ReadFail::TimedOut, who),
             _ => self.fail(format!("sending to {who}: {e}")),
         }
     }
@@ -1189,23 +1209,33 @@ mod tests {
         for (r, got) in by_tcp.iter().enumerate() {
             assert_eq!(got, &by_threads[0], "member {r}'s tensor sum");
         }
-        // every link keeps itself alive (a vanished machine is found out while idle)
+        // every link keeps itself alive (a vanished machine is found out while idle) and
+        // bounds its unacknowledged data (... and while a message is in flight)
+        let get = |l: &TcpStream, level: libc::c_int, name: libc::c_int| -> libc::c_int {
+            let mut v: libc::c_int = 0;
+            let mut n = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            use std::os::fd::AsRawFd;
+            // SAFETY: an open socket, and a c_int-sized buffer with its size
+            let r = unsafe {
+                libc::getsockopt(
+                    l.as_raw_fd(),
+                    level,
+                    name,
+                    &mut v as *mut libc::c_int as *mut libc::c_void,
+                    &mut n,
+                )
+            };
+            assert_eq!(r, 0, "getsockopt {level} {name}");
+            v
+        };
         for m in &members {
             for l in &m.raw {
-                let mut v: libc::c_int = 0;
-                let mut n = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-                use std::os::fd::AsRawFd;
-                // SAFETY: an open socket, and a c_int-sized buffer with its size
-                let r = unsafe {
-                    libc::getsockopt(
-                        l.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_KEEPALIVE,
-                        &mut v as *mut libc::c_int as *mut libc::c_void,
-                        &mut n,
-                    )
-                };
-                assert_eq!((r, v), (0, 1));
+                assert_eq!(get(l, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+                #[cfg(target_os = "linux")]
+                assert_eq!(
+                    get(l, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+                    LINK_DEAD_AFTER.as_millis() as libc::c_int
+                );
             }
         }
         // gather: every member sees every fingerprint in rank order

@@ -603,6 +603,60 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
     assert_eq!(fingerprint(&s2), want, "processes and threads differ");
 }
 
+/// Three processes in bf16 (the device code path on the host: the copies' AdamW moments
+/// are tensors) train what three threads train, bit for bit, with the workers' copies
+/// checked against the daemon's digest at every step.
+#[test]
+fn three_processes_in_bf16_train_what_three_threads_train() {
+    let dir = TempDir::new("cluster-three");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-for-the-three-node-test").unwrap();
+    let base = tiny_config("")
+        .replace("precision = \"f32\"", "precision = \"bf16\"")
+        .replace("batch_size = 4", "batch_size = 6");
+    let threads_dir = dir.path().join("threads");
+    std::fs::create_dir_all(&threads_dir).unwrap();
+    let threads = write_config(
+        &threads_dir,
+        &format!("{base}\n[runtime]\ndata_parallel = 3\n"),
+    );
+    let cluster = write_config(
+        dir.path(),
+        &format!(
+            "{base}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 3\ntoken_file = \"{}\"\nverify_every_steps = 1\n",
+            token.display()
+        ),
+    );
+    let cluster = cluster.to_str().unwrap();
+    let steps = 8;
+    let s1 = dir.path().join("s1");
+    let o = run_to(&threads, &s1, steps, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let want = fingerprint(&s1);
+    assert!(!want.1.is_empty(), "no fingerprint to compare with");
+    let s2 = dir.path().join("s2");
+    let (daemon, addr) = start_daemon(cluster, &s2, steps, &[]);
+    let workers: Vec<Proc> = (0..2)
+        .map(|_| Proc::start(&["worker", "--config", cluster, "--join", &addr]))
+        .collect();
+    let (code, err, _) = daemon.finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    for w in workers {
+        let (code, werr, _) = w.finish(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{werr}");
+    }
+    assert!(
+        err.contains("joined as rank 1 of 3") && err.contains("joined as rank 2 of 3"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("sending the workers the whole state").count(),
+        1,
+        "the copies were sent again: {err}"
+    );
+    assert_eq!(fingerprint(&s2), want, "three processes and three threads differ");
+}
+
 /// The daemon of a group is SIGKILLed mid-run. Its worker stays up and
 /// joins the daemon started again on the same address; the resumed run ends where the
 /// fault-free group of threads ends, bit for bit, and the worker exits 0 with it.

@@ -108,6 +108,65 @@ fn start_daemon(cfg: &str, state: &Path, steps: u64, extra: &[&str]) -> (Proc, S
     (p, addr)
 }
 
+/// The fingerprint a group of threads (`recipe` has `data_parallel`) reaches at `steps`;
+/// its state is `dir/s1`.
+fn threads_fingerprint(dir: &Path, recipe: &str, steps: u64) -> (u64, String) {
+    let threads_dir = dir.join("threads");
+    std::fs::create_dir_all(&threads_dir).unwrap();
+    let threads = write_config(&threads_dir, recipe);
+    let o = run_to(&threads, &dir.join("s1"), steps, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let want = fingerprint(&dir.join("s1"));
+    assert_eq!(want.0, steps);
+    assert!(!want.1.is_empty(), "no fingerprint to compare with");
+    want
+}
+
+/// A `[runtime.cluster]` section of `nodes` on `listen`, with a token file written in
+/// `dir`, copies checked at every step, and `extra` keys.
+fn cluster_section(dir: &Path, listen: &str, nodes: usize, extra: &str) -> String {
+    let token = dir.join("token");
+    std::fs::write(&token, "a-token-for-the-cluster-tests").unwrap();
+    format!(
+        "[runtime.cluster]\nlisten = \"{listen}\"\nnodes = {nodes}\ntoken_file = \"{}\"\nverify_every_steps = 1\n{extra}",
+        token.display()
+    )
+}
+
+/// The daemon on `cfg` to `steps` with `workers` `dinod worker` processes (each given
+/// `worker_args` too), every one of them exiting 0: the daemon's stderr and the workers'.
+fn run_group(
+    cfg: &str,
+    state: &Path,
+    steps: u64,
+    workers: usize,
+    worker_args: &[&str],
+) -> (String, Vec<String>) {
+    let (daemon, addr) = start_daemon(cfg, state, steps, &[]);
+    let workers: Vec<Proc> = (0..workers)
+        .map(|_| {
+            Proc::start(
+                &[
+                    &["worker", "--config", cfg, "--join", &addr][..],
+                    worker_args,
+                ]
+                .concat(),
+            )
+        })
+        .collect();
+    let (code, err, _) = daemon.finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    let werrs = workers
+        .into_iter()
+        .map(|w| {
+            let (code, werr, _) = w.finish(Duration::from_secs(30));
+            assert_eq!(code, Some(0), "{werr}");
+            werr
+        })
+        .collect();
+    (err, werrs)
+}
+
 fn recipe(extra: &str) -> String {
     // KoLeo and drop path are per member (as officially); off, the group step is the
     // one-member step on the whole batch up to rounding
@@ -326,35 +385,27 @@ fn a_killed_member_fails_the_group_at_once_instead_of_hanging() {
 #[test]
 fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     let dir = TempDir::new("cluster-daemon");
-    let token = dir.path().join("token");
-    std::fs::write(&token, "a-token-for-the-daemon-test").unwrap();
-    let threads_dir = dir.path().join("threads");
-    std::fs::create_dir_all(&threads_dir).unwrap();
-    let threads = write_config(&threads_dir, &tiny_config("[runtime]\ndata_parallel = 2\n"));
+    let steps = 12;
+    let want = threads_fingerprint(
+        dir.path(),
+        &tiny_config("[runtime]\ndata_parallel = 2\n"),
+        steps,
+    );
     let cluster = write_config(
         dir.path(),
-        &tiny_config(&format!(
-            "[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\njoin_wait_s = 60.0\nverify_every_steps = 1\n",
-            token.display()
+        &tiny_config(&cluster_section(
+            dir.path(),
+            "127.0.0.1:0",
+            2,
+            "join_wait_s = 60.0\n",
         )),
     );
     let cluster = cluster.to_str().unwrap();
-    let steps = 12;
-    let s1 = dir.path().join("s1");
-    let o = run_to(&threads, &s1, steps, &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let want = fingerprint(&s1);
-    assert_eq!(want.0, steps);
-    assert!(!want.1.is_empty(), "no fingerprint to compare with");
 
     let run = |state: &Path, steps: u64, extra: &[&str]| start_daemon(cluster, state, steps, extra);
     let s2 = dir.path().join("s2");
-    let (daemon, addr) = run(&s2, steps, &[]);
-    let worker = Proc::start(&["worker", "--config", cluster, "--join", &addr]);
-    let (code, err, _) = daemon.finish(Duration::from_secs(120));
-    assert_eq!(code, Some(0), "{err}");
-    let (code, err, _) = worker.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{err}");
+    let (_, werrs) = run_group(cluster, &s2, steps, 1, &[]);
+    let err = &werrs[0];
     assert!(
         err.contains("joined") && err.contains("the daemon ended the run"),
         "{err}"
@@ -447,14 +498,8 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     // the worker's copy of the state drifts after step 4: the check at step 5 fails the
     // group, the worker joins again and gets the whole state, and the run is the same
     let s6 = dir.path().join("s6");
-    let (daemon, addr) = run(&s6, steps, &[]);
-    let worker = Proc::start(&[
-        "worker", "--config", cluster, "--join", &addr, "--inject", "drift@4",
-    ]);
-    let (code, err, _) = daemon.finish(Duration::from_secs(120));
-    assert_eq!(code, Some(0), "{err}");
-    let (code, werr, _) = worker.finish(Duration::from_secs(30));
-    assert_eq!(code, Some(0), "{werr}");
+    let (_, werrs) = run_group(cluster, &s6, steps, 1, &["--inject", "drift@4"]);
+    let werr = &werrs[0];
     assert!(
         werr.contains("drifted from rank 0's at step 5") && werr.contains("joining again"),
         "{werr}"
@@ -527,8 +572,6 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
 #[test]
 fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
     let dir = TempDir::new("cluster-stages");
-    let token = dir.path().join("token");
-    std::fs::write(&token, "a-token-for-the-stages-test").unwrap();
     // as tests/it/stages.rs: the stage machine reacts at once; with seed 5 a group's
     // locality drops early, so the run reaches Gram anchoring and high resolution
     let stages = crate::stages::eval().replace(
@@ -536,35 +579,22 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
         "max_refreshes = 2\nmin_steps = 0\nmax_steps = 3",
     ) + "[stages.high_res]\nsteps = 3\nlr_warmup_steps = 1\n";
     let base = tiny_config(&stages).replace("seed = 3", "seed = 5");
-    let threads_dir = dir.path().join("threads");
-    std::fs::create_dir_all(&threads_dir).unwrap();
-    let threads = write_config(
-        &threads_dir,
+    let steps = 20;
+    let want = threads_fingerprint(
+        dir.path(),
         &format!("{base}\n[runtime]\ndata_parallel = 2\n"),
+        steps,
     );
+    let s1 = dir.path().join("s1");
     let cluster = write_config(
         dir.path(),
         &format!(
-            "{base}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\nverify_every_steps = 1\n",
-            token.display()
+            "{base}\n{}",
+            cluster_section(dir.path(), "127.0.0.1:0", 2, "")
         ),
     );
-    let steps = 20;
-    let s1 = dir.path().join("s1");
-    let o = run_to(&threads, &s1, steps, &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let s2 = dir.path().join("s2");
-    let (daemon, addr) = start_daemon(cluster.to_str().unwrap(), &s2, steps, &[]);
-    let worker = Proc::start(&[
-        "worker",
-        "--config",
-        cluster.to_str().unwrap(),
-        "--join",
-        &addr,
-    ]);
-    let (code, err, _) = daemon.finish(Duration::from_secs(300));
-    assert_eq!(code, Some(0), "{err}");
-    assert_eq!(worker.finish(Duration::from_secs(30)).0, Some(0));
+    let (err, _) = run_group(cluster.to_str().unwrap(), &s2, steps, 1, &[]);
     let path = |s: &Path| -> Vec<(u64, String)> {
         events(s)
             .into_iter()
@@ -598,8 +628,6 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
         syncs >= 2 && syncs <= 1 + gram,
         "{syncs} whole states sent for {p2:?}"
     );
-    let want = fingerprint(&s1);
-    assert!(!want.1.is_empty(), "no fingerprint to compare with");
     assert_eq!(fingerprint(&s2), want, "processes and threads differ");
 }
 
@@ -609,42 +637,25 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
 #[test]
 fn three_processes_in_bf16_train_what_three_threads_train() {
     let dir = TempDir::new("cluster-three");
-    let token = dir.path().join("token");
-    std::fs::write(&token, "a-token-for-the-three-node-test").unwrap();
     let base = tiny_config("")
         .replace("precision = \"f32\"", "precision = \"bf16\"")
         .replace("batch_size = 4", "batch_size = 6");
-    let threads_dir = dir.path().join("threads");
-    std::fs::create_dir_all(&threads_dir).unwrap();
-    let threads = write_config(
-        &threads_dir,
+    let steps = 8;
+    let want = threads_fingerprint(
+        dir.path(),
         &format!("{base}\n[runtime]\ndata_parallel = 3\n"),
+        steps,
     );
     let cluster = write_config(
         dir.path(),
         &format!(
-            "{base}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 3\ntoken_file = \"{}\"\nverify_every_steps = 1\n",
-            token.display()
+            "{base}\n{}",
+            cluster_section(dir.path(), "127.0.0.1:0", 3, "")
         ),
     );
     let cluster = cluster.to_str().unwrap();
-    let steps = 8;
-    let s1 = dir.path().join("s1");
-    let o = run_to(&threads, &s1, steps, &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let want = fingerprint(&s1);
-    assert!(!want.1.is_empty(), "no fingerprint to compare with");
     let s2 = dir.path().join("s2");
-    let (daemon, addr) = start_daemon(cluster, &s2, steps, &[]);
-    let workers: Vec<Proc> = (0..2)
-        .map(|_| Proc::start(&["worker", "--config", cluster, "--join", &addr]))
-        .collect();
-    let (code, err, _) = daemon.finish(Duration::from_secs(300));
-    assert_eq!(code, Some(0), "{err}");
-    for w in workers {
-        let (code, werr, _) = w.finish(Duration::from_secs(30));
-        assert_eq!(code, Some(0), "{werr}");
-    }
+    let (err, _) = run_group(cluster, &s2, steps, 2, &[]);
     assert!(
         err.contains("joined as rank 1 of 3") && err.contains("joined as rank 2 of 3"),
         "{err}"
@@ -654,7 +665,11 @@ fn three_processes_in_bf16_train_what_three_threads_train() {
         1,
         "the copies were sent again: {err}"
     );
-    assert_eq!(fingerprint(&s2), want, "three processes and three threads differ");
+    assert_eq!(
+        fingerprint(&s2),
+        want,
+        "three processes and three threads differ"
+    );
 }
 
 /// The daemon of a group is SIGKILLed mid-run. Its worker stays up and
@@ -663,17 +678,12 @@ fn three_processes_in_bf16_train_what_three_threads_train() {
 #[test]
 fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
     let dir = TempDir::new("cluster-daemon-kill");
-    let token = dir.path().join("token");
-    std::fs::write(&token, "a-token-for-the-restart-test").unwrap();
-    let threads_dir = dir.path().join("threads");
-    std::fs::create_dir_all(&threads_dir).unwrap();
-    let threads = write_config(&threads_dir, &tiny_config("[runtime]\ndata_parallel = 2\n"));
     let steps = 12;
-    let s1 = dir.path().join("s1");
-    let o = run_to(&threads, &s1, steps, &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let want = fingerprint(&s1);
-    assert!(!want.1.is_empty(), "no fingerprint to compare with");
+    let want = threads_fingerprint(
+        dir.path(),
+        &tiny_config("[runtime]\ndata_parallel = 2\n"),
+        steps,
+    );
     // a fixed port: the restarted daemon must listen where the worker looks for it
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -689,8 +699,8 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
     let cluster = write_config(
         dir.path(),
         &tiny_config(&format!(
-            "[runtime]\nmetrics_port = {metrics_port}\n[runtime.cluster]\nlisten = \"{addr}\"\nnodes = 2\ntoken_file = \"{}\"\njoin_wait_s = 60.0\nverify_every_steps = 1\n",
-            token.display()
+            "[runtime]\nmetrics_port = {metrics_port}\n{}",
+            cluster_section(dir.path(), &addr, 2, "join_wait_s = 60.0\n")
         )),
     );
     let cluster = cluster.to_str().unwrap();

@@ -28,7 +28,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -194,7 +194,9 @@ fn write_frame(s: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::Result<()
     s.write_all(&head)?;
     s.write_all(payload)?;
     s.flush()?;
-    metrics::counter!("dinod_cluster_sent_bytes_total").increment(9 + payload.len() as u64);
+    let n = 9 + payload.len() as u64;
+    SENT_BYTES.fetch_add(n, Ordering::Relaxed);
+    metrics::counter!("dinod_cluster_sent_bytes_total").increment(n);
     Ok(())
 }
 
@@ -277,6 +279,7 @@ fn read_frame_until(
     }
     let mut payload = vec![0u8; n as usize];
     fill(s, &mut payload, deadline)?;
+    RECEIVED_BYTES.fetch_add(9 + n, Ordering::Relaxed);
     metrics::counter!("dinod_cluster_received_bytes_total").increment(9 + n);
     Ok((head[0], payload))
 }
@@ -342,6 +345,37 @@ pub struct GroupStatus {
     pub joined: Vec<JoinedNode>,
     /// The same, in a line for people (with the last refusal or failure, if any).
     pub line: String,
+    /// What the workers' copies of the state were sent, and when they were last checked
+    /// (filled in by the daemon after each order; none before the first).
+    #[serde(default)]
+    pub copies: Option<CopiesStatus>,
+}
+
+/// The workers' copies of the state, for `dinod status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CopiesStatus {
+    /// Whole states sent since the daemon started (one per admitted group, reload or new
+    /// Gram teacher).
+    pub whole_states: u64,
+    /// The step of the last one.
+    pub whole_state_step: Option<u64>,
+    /// The last step at which every copy was checked against the daemon's digest.
+    pub verified_step: Option<u64>,
+    /// Bytes this process sent and received on the group's links since it started.
+    pub sent_bytes: u64,
+    /// (See `sent_bytes`.)
+    pub received_bytes: u64,
+}
+
+static SENT_BYTES: AtomicU64 = AtomicU64::new(0);
+static RECEIVED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes this process sent and received on cluster links (admissions included).
+pub fn traffic() -> (u64, u64) {
+    (
+        SENT_BYTES.load(Ordering::Relaxed),
+        RECEIVED_BYTES.load(Ordering::Relaxed),
+    )
 }
 
 /// A worker in a group.
@@ -400,6 +434,7 @@ pub fn admit_group(
             nodes: world,
             joined: joined.to_vec(),
             line,
+            copies: None,
         })
     };
     status(&joined, "waiting", "");

@@ -155,6 +155,22 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
     if let Some(c) = r["cluster"]["line"].as_str() {
         println!("cluster      {c}");
     }
+    if let Some(c) = r["cluster"]["copies"].as_object() {
+        let at = |k: &str| c.get(k).and_then(|v| v.as_u64());
+        let gb = |k: &str| at(k).unwrap_or(0) as f64 / 1e9;
+        println!(
+            "copies       whole state sent {} time(s){}; {}; {:.2} GB sent, {:.2} GB received",
+            at("whole_states").unwrap_or(0),
+            at("whole_state_step")
+                .map(|s| format!(" (last at step {s})"))
+                .unwrap_or_default(),
+            at("verified_step")
+                .map(|s| format!("checked against this process at step {s}"))
+                .unwrap_or_else(|| "not checked yet".into()),
+            gb("sent_bytes"),
+            gb("received_bytes")
+        );
+    }
     println!("lr           {:.3e}", r["lr"].as_f64().unwrap_or(0.0));
     println!(
         "throughput   {:.1} images/s ({:.0} ms/step)",

@@ -458,6 +458,28 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         "{}",
         text(&o)
     );
+    // the copies got the whole state once, were checked at every step, and the gradients
+    // and batches crossed
+    let cp = &c["copies"];
+    assert_eq!(
+        (
+            cp["whole_states"].as_u64(),
+            cp["whole_state_step"].as_u64(),
+            cp["verified_step"].as_u64()
+        ),
+        (Some(1), Some(0), Some(steps - 1)),
+        "{st}"
+    );
+    assert!(cp["sent_bytes"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert!(cp["received_bytes"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert!(
+        text(&o).contains(&format!(
+            "copies       whole state sent 1 time(s) (last at step 0); checked against this process at step {}",
+            steps - 1
+        )),
+        "{}",
+        text(&o)
+    );
     assert!(
         st["run"]["device"]
             .as_str()

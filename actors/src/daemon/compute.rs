@@ -244,6 +244,7 @@ impl Actor for TeacherActor {
                             &batch.batch,
                             &hp,
                         )?;
+                        ctx.cluster.publish(&ctx.board);
                         let dev = ts.device();
                         let view = ts.phase_view(model::Side::Teacher, dt, &dev)?;
                         let shard = batch.batch.shard(0, cm.world())?;

@@ -96,8 +96,11 @@ struct Copies {
     clip: Option<(u64, [f64; 3])>,
     adamw: Option<(u64, StepHparams)>,
     ema: Option<(u64, f64)>,
-    /// Whole states sent, and steps followed by the workers themselves (for the log).
+    /// Whole states sent since the daemon started, the step of the last one, and the last
+    /// step whose order carried the digest (for `dinod status`).
     full_syncs: u64,
+    full_sync_step: Option<u64>,
+    verified_step: Option<u64>,
 }
 
 impl Copies {
@@ -171,8 +174,12 @@ impl ClusterSlot {
         let rt = &plan.config.runtime;
         let note = |st: &cluster::GroupStatus| {
             metrics::gauge!("dinod_cluster_nodes").set((st.joined.len() + 1) as f64);
-            let st = st.clone();
-            board.run(|r| r.cluster = Some(st));
+            let mut st = st.clone();
+            board.run(|r| {
+                // (what the copies were sent so far stays shown while a group is admitted)
+                st.copies = r.cluster.take().and_then(|c| c.copies);
+                r.cluster = Some(st);
+            });
         };
         let m = cluster::admit_group(
             l,
@@ -217,9 +224,10 @@ impl ClusterSlot {
             Ok(c) => c,
             Err(e) => e.into_inner(),
         };
-        let full_syncs = c.full_syncs;
         *c = Copies {
-            full_syncs,
+            full_syncs: c.full_syncs,
+            full_sync_step: c.full_sync_step,
+            verified_step: c.verified_step,
             ..Copies::default()
         };
     }
@@ -229,6 +237,26 @@ impl ClusterSlot {
             Ok(c) => c,
             Err(e) => e.into_inner(),
         }
+    }
+
+    /// Shows the copies' status (and this process's traffic) in `dinod status`.
+    pub fn publish(&self, board: &Board) {
+        let (sent_bytes, received_bytes) = cluster::traffic();
+        let st = {
+            let c = self.copies();
+            cluster::CopiesStatus {
+                whole_states: c.full_syncs,
+                whole_state_step: c.full_sync_step,
+                verified_step: c.verified_step,
+                sent_bytes,
+                received_bytes,
+            }
+        };
+        board.run(|r| {
+            if let Some(g) = &mut r.cluster {
+                g.copies = Some(st);
+            }
+        });
     }
 
     /// Rank 0 clipped the group's gradients of `step` by `coefs` (the workers hold the
@@ -421,6 +449,7 @@ pub fn order_teacher_phase(
     let sync = copies.sync_to(now);
     let state = if sync == Sync::Full {
         copies.full_syncs += 1;
+        copies.full_sync_step = Some(ts.step);
         tracing::info!(
             step = ts.step,
             full_syncs = copies.full_syncs,
@@ -464,6 +493,10 @@ pub fn order_teacher_phase(
     }
     // (a failed send fails the group, which forgets what its copies held)
     copies.held = Some(now);
+    if verify.is_some() {
+        // (checked by each worker before its teacher phase, which this step needs)
+        copies.verified_step = Some(ts.step);
+    }
     copies.clip = None;
     copies.adamw = None;
     copies.ema = None;

@@ -851,6 +851,72 @@ mod tests {
         }
     }
 
+    /// An order's hyperparameters reach the worker bit for bit: the teacher temperature,
+    /// rates and momentum of schedules over many steps, and arbitrary doubles. (serde_json
+    /// parses some doubles one unit in the last place off without `float_roundtrip`: a
+    /// worker then computed its part of a step with another teacher temperature, and a
+    /// group of processes left the threads' bits at step 81-89 of the default recipe.)
+    #[test]
+    fn an_orders_hyperparameters_cross_bit_for_bit() {
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for i in 0..20_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let t = i as f64 / 1000.0;
+            let hp = StepHparams {
+                lr: 5e-4 * (i as f64 / 300.0).min(1.0),
+                last_layer_lr: 1e-3 * t,
+                weight_decay: 0.04 + 0.16 * (0.5 - 0.5 * (std::f64::consts::PI * t).cos()),
+                momentum: 0.992 + 0.008 * (0.5 - 0.5 * (std::f64::consts::PI * t).cos()),
+                teacher_temp: 0.04 + (0.07 - 0.04) * t.min(1.0),
+                gram_weight: f64::from_bits(x >> 2),
+                local_dino_weight: (x as f64) / 3.0e19,
+            };
+            let o = Order {
+                phase: Phase::Student,
+                held: Held {
+                    step: i,
+                    optim_t: i,
+                    gram_updates: 0,
+                    gram_teacher: false,
+                    generation: 0,
+                },
+                seed: 1,
+                hp,
+                shard: None,
+                sync: Some(Sync::Commit(Commit {
+                    step: i,
+                    clip: [hp.lr, hp.momentum, hp.teacher_temp],
+                    hp,
+                })),
+                verify: None,
+            };
+            let (back, _) = parse(&message(&o, &[]).unwrap()).unwrap();
+            let bits = |h: &StepHparams| {
+                [
+                    h.lr,
+                    h.last_layer_lr,
+                    h.weight_decay,
+                    h.momentum,
+                    h.teacher_temp,
+                    h.gram_weight,
+                    h.local_dino_weight,
+                ]
+                .map(f64::to_bits)
+            };
+            assert_eq!(bits(&back.hp), bits(&hp), "step {i}: {:?} became {:?}", hp, back.hp);
+            let Some(Sync::Commit(c)) = back.sync else {
+                panic!("no commit")
+            };
+            assert_eq!(bits(&c.hp), bits(&hp), "step {i}");
+            assert_eq!(
+                c.clip.map(f64::to_bits),
+                [hp.lr, hp.momentum, hp.teacher_temp].map(f64::to_bits)
+            );
+        }
+    }
+
     /// The copies follow by themselves only when rank 0 moved by exactly the commit they
     /// can apply; anything else sends the whole state.
     #[test]

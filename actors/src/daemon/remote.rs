@@ -905,7 +905,13 @@ mod tests {
                 ]
                 .map(f64::to_bits)
             };
-            assert_eq!(bits(&back.hp), bits(&hp), "step {i}: {:?} became {:?}", hp, back.hp);
+            assert_eq!(
+                bits(&back.hp),
+                bits(&hp),
+                "step {i}: {:?} became {:?}",
+                hp,
+                back.hp
+            );
             let Some(Sync::Commit(c)) = back.sync else {
                 panic!("no commit")
             };

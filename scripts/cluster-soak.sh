@@ -1,0 +1,74 @@
+#!/bin/bash
+# A long run of a group of processes against the same group of threads: the daemon and
+# one `dinod worker` on loopback (the workers' copies checked every 10 steps), the worker
+# SIGKILLed half-way and started again, then both runs' fingerprints compared. Exit 0 when
+# they are equal, 1 when they differ.
+#
+#   scripts/cluster-soak.sh [CONFIG]
+#
+# Environment: DINOD (default target/release/dinod), N (steps, default 300), KILL (1:
+# kill the worker at step N/2, default 1), WORK (a scratch folder, default a new one),
+# PORT (default 7704). CONFIG defaults to configs/default.toml; its [runtime] sections
+# are replaced by `data_parallel = 2` for the threads and a 2-node [runtime.cluster].
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+config=${1:-$root/configs/default.toml}
+DINOD=${DINOD:-$root/target/release/dinod}
+N=${N:-300}
+KILL=${KILL:-1}
+PORT=${PORT:-7704}
+WORK=${WORK:-$(mktemp -d /tmp/dinod-soak.XXXXXX)}
+export RUST_BACKTRACE=0 DINOD_CACHE_DIR=off RUST_LOG=${RUST_LOG:-warn}
+[ -x "$DINOD" ] || { echo "no dinod binary at $DINOD (cargo build --release, or DINOD=...)" >&2; exit 2; }
+
+cd "$WORK"
+printf 'a-token-for-the-soak-run\n' > token
+chmod 600 token
+python3 - "$config" > base.toml <<'PY'
+import sys
+out = []
+skip = False
+for l in open(sys.argv[1]):
+    if l.startswith('['):
+        skip = l.strip() == '[runtime]' or l.startswith('[runtime.')
+    if not skip:
+        out.append(l)
+print(''.join(out))
+PY
+{ cat base.toml; printf '\n[runtime]\ndata_parallel = 2\n'; } > threads.toml
+{ cat base.toml; printf '\n[runtime.cluster]\nlisten = "127.0.0.1:%s"\nnodes = 2\ntoken_file = "%s/token"\nverify_every_steps = 10\n' "$PORT" "$WORK"; } > cluster.toml
+
+fingerprint() {
+    "$DINOD" status --state-dir "$1" --json | python3 -c 'import json,sys; r=json.load(sys.stdin)["run"]; print(r["step"], r.get("fingerprint"))'
+}
+step_of() {
+    "$DINOD" status --state-dir "$1" --json 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["run"]["step"])' 2>/dev/null || echo 0
+}
+
+echo "work in $WORK: $N steps of $config"
+"$DINOD" run --config threads.toml --state-dir threads --max-steps "$N" > threads.out 2> threads.err
+want=$(fingerprint threads)
+echo "threads:   $want"
+
+"$DINOD" worker --config cluster.toml --join "127.0.0.1:$PORT" > worker1.out 2> worker1.err &
+worker=$!
+"$DINOD" run --config cluster.toml --state-dir cluster --max-steps "$N" > daemon.out 2> daemon.err &
+daemon=$!
+if [ "$KILL" = 1 ]; then
+    while [ "$(step_of cluster)" -lt $((N / 2)) ]; do sleep 1; done
+    kill -9 "$worker"
+    echo "worker SIGKILLed at step $(step_of cluster)"
+    "$DINOD" worker --config cluster.toml --join "127.0.0.1:$PORT" > worker2.out 2> worker2.err &
+fi
+wait "$daemon"
+wait || true
+got=$(fingerprint cluster)
+echo "processes: $got"
+"$DINOD" status --state-dir cluster | grep -E "^(cluster|copies)" || true
+if [ "$got" = "$want" ]; then
+    echo "the same bits"
+else
+    echo "DIFFERENT" >&2
+    exit 1
+fi

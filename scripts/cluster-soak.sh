@@ -13,7 +13,7 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-config=${1:-$root/configs/default.toml}
+config=$(realpath "${1:-$root/configs/default.toml}")
 DINOD=${DINOD:-$root/target/release/dinod}
 N=${N:-300}
 KILL=${KILL:-1}
@@ -25,17 +25,7 @@ export RUST_BACKTRACE=0 DINOD_CACHE_DIR=off RUST_LOG=${RUST_LOG:-warn}
 cd "$WORK"
 printf 'a-token-for-the-soak-run\n' > token
 chmod 600 token
-python3 - "$config" > base.toml <<'PY'
-import sys
-out = []
-skip = False
-for l in open(sys.argv[1]):
-    if l.startswith('['):
-        skip = l.strip() == '[runtime]' or l.startswith('[runtime.')
-    if not skip:
-        out.append(l)
-print(''.join(out))
-PY
+python3 "$root/scripts/strip_runtime.py" "$config" > base.toml
 { cat base.toml; printf '\n[runtime]\ndata_parallel = 2\n'; } > threads.toml
 { cat base.toml; printf '\n[runtime.cluster]\nlisten = "127.0.0.1:%s"\nnodes = 2\ntoken_file = "%s/token"\nverify_every_steps = 10\n' "$PORT" "$WORK"; } > cluster.toml
 

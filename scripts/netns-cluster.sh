@@ -20,7 +20,7 @@ set -euo pipefail
 
 mode=${1:-measure}
 root=$(cd "$(dirname "$0")/.." && pwd)
-config=${2:-$root/configs/default.toml}
+config=$(realpath "${2:-$root/configs/default.toml}")
 DINOD=${DINOD:-$root/target/release/dinod}
 RATE=${RATE:-1gbit}
 STEPS=${STEPS:-40}
@@ -59,17 +59,7 @@ tc -n $B qdisc add dev dinod-vb root tbf rate "$RATE" burst 256kb latency 100ms
 cd "$WORK"
 printf 'a-token-for-the-netns-drill\n' > token
 chmod 600 token
-python3 - "$config" > recipe.toml <<'PY'
-import sys
-out = []
-skip = False
-for l in open(sys.argv[1]):
-    if l.startswith('['):
-        skip = l.strip() == '[runtime]' or l.startswith('[runtime.')
-    if not skip:
-        out.append(l)
-print(''.join(out))
-PY
+python3 "$root/scripts/strip_runtime.py" "$config" > recipe.toml
 cat >> recipe.toml <<EOF
 
 [runtime.cluster]

@@ -128,6 +128,7 @@ vanish)
     "$DINOD" events --state-dir state --limit 1000 | grep -E "actor.restarting|step.redo|run.fatal" | cut -c1-300 | head -5 || true
     echo "worker:"
     grep -E "failed|exited|joined|error" worker.err | cut -c1-300 | head -8 || true
+    [ "$rc" = 0 ] || { echo "the daemon did not end its run after the link came back" >&2; exit 1; }
     ;;
 *)
     echo "usage: $0 measure|vanish [CONFIG]" >&2

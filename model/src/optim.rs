@@ -225,10 +225,17 @@ pub struct ClipStat {
 pub fn clip_module(grads: &Grads, max_norm: f64) -> Result<ClipStat> {
     let total_norm = grads.sum_sq()?.sqrt();
     let coef = (max_norm / (total_norm + 1e-6)).min(1.0);
+    apply_clip_coef(grads, coef)?;
+    Ok(ClipStat { total_norm, coef })
+}
+
+/// Scales one module's gradients by a clipping factor ([`ClipStat::coef`]); a factor of 1
+/// leaves them untouched.
+pub fn apply_clip_coef(grads: &Grads, coef: f64) -> Result<()> {
     if coef < 1.0 {
         grads.scale(coef)?;
     }
-    Ok(ClipStat { total_norm, coef })
+    Ok(())
 }
 
 impl AdamW {

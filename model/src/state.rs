@@ -666,10 +666,7 @@ pub fn clip_gradients(
 /// copy of the state elsewhere follows the member that clipped).
 pub fn apply_clip(grads: &ModelGrads, coefs: [f64; 3]) -> Result<()> {
     for ((_, g), c) in grads.modules().iter().zip(coefs) {
-        // as `clip_module`: a factor of 1 leaves the gradients untouched
-        if c < 1.0 {
-            g.scale(c)?;
-        }
+        crate::optim::apply_clip_coef(g, c)?;
     }
     Ok(())
 }

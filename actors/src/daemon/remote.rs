@@ -59,7 +59,7 @@ pub struct ClusterSlot {
 /// (the step and update count move with every commit, `gram_updates` with every new
 /// Gram teacher, `generation` with every reload of the whole state).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Held {
+struct Held {
     step: u64,
     optim_t: u64,
     gram_updates: u32,
@@ -107,14 +107,14 @@ impl Copies {
     /// How the workers' copies get to `now`, rank 0's state: as they are, by the commit
     /// of the step they computed (when every part of it was noted and nothing else moved
     /// the state), else with the whole state.
-    fn sync_to(&self, now: Held) -> Sync {
+    fn sync_to(&self, now: Held) -> CopySync {
         match self.held {
-            Some(h) if h == now => Sync::Keep,
+            Some(h) if h == now => CopySync::Keep,
             Some(h) if h.committed() == now => match self.commit_of(h.step) {
-                Some(c) => Sync::Commit(c),
-                None => Sync::Full,
+                Some(c) => CopySync::Commit(c),
+                None => CopySync::Full,
             },
-            _ => Sync::Full,
+            _ => CopySync::Full,
         }
     }
 
@@ -349,7 +349,7 @@ struct Commit {
 
 /// How a worker's copy reaches rank 0's state before a teacher phase.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-enum Sync {
+enum CopySync {
     /// The whole state follows the batch in the message: student, teacher, Gram teacher
     /// (if any), then each student parameter's AdamW moments.
     Full,
@@ -371,7 +371,7 @@ struct Order {
     /// Teacher phase: the worker's part of the batch (images per member, whether local
     /// and Gram crops follow) and how its copy follows rank 0's state.
     shard: Option<ShardMeta>,
-    sync: Option<Sync>,
+    sync: Option<CopySync>,
     /// Rank 0's [`crate::engine::weights_digest`], every `verify_every_steps` steps.
     verify: Option<String>,
 }
@@ -447,7 +447,7 @@ pub fn order_teacher_phase(
     let now = Held::of(ts, generation);
     let mut copies = slot.copies();
     let sync = copies.sync_to(now);
-    let state = if sync == Sync::Full {
+    let state = if sync == CopySync::Full {
         copies.full_syncs += 1;
         copies.full_sync_step = Some(ts.step);
         tracing::info!(
@@ -626,12 +626,12 @@ impl Replica {
         let sync = o.sync.context("a teacher order without its sync")?;
         let grads = self.grads.take();
         match sync {
-            Sync::Full => {
+            CopySync::Full => {
                 load_state(&mut self.ts, &o.held, it)?;
                 self.synced = true;
             }
-            Sync::Keep => {}
-            Sync::Commit(c) => {
+            CopySync::Keep => {}
+            CopySync::Commit(c) => {
                 let Some((_, g)) = grads.filter(|(s, _)| *s == c.step) else {
                     bail!(
                         "rank 0 committed step {} but this worker holds no gradients of it",
@@ -649,10 +649,7 @@ impl Replica {
                 }
             }
         }
-        let here = Held {
-            generation: o.held.generation,
-            ..Held::of(&self.ts, 0)
-        };
+        let here = Held::of(&self.ts, o.held.generation);
         if !self.synced || here != o.held {
             bail!(
                 "this worker's copy of the state stands at {here:?}, rank 0 at {:?}: it cannot follow",
@@ -738,10 +735,7 @@ fn serve(m: &TcpMember, copy: &mut Replica, plan: &Plan, faults: &Faults) -> Res
                 if it.next().is_some() {
                     bail!("a student order with tensors")
                 }
-                let here = Held {
-                    generation: o.held.generation,
-                    ..Held::of(&copy.ts, 0)
-                };
+                let here = Held::of(&copy.ts, o.held.generation);
                 if here != o.held {
                     bail!(
                         "a student order for {:?}; this worker's copy stands at {here:?}",
@@ -885,7 +879,7 @@ mod tests {
                 seed: 1,
                 hp,
                 shard: None,
-                sync: Some(Sync::Commit(Commit {
+                sync: Some(CopySync::Commit(Commit {
                     step: i,
                     clip: [hp.lr, hp.momentum, hp.teacher_temp],
                     hp,
@@ -912,7 +906,7 @@ mod tests {
                 hp,
                 back.hp
             );
-            let Some(Sync::Commit(c)) = back.sync else {
+            let Some(CopySync::Commit(c)) = back.sync else {
                 panic!("no commit")
             };
             assert_eq!(bits(&c.hp), bits(&hp), "step {i}");
@@ -935,16 +929,20 @@ mod tests {
             generation: 1,
         };
         let mut c = Copies::default();
-        assert_eq!(c.sync_to(at), Sync::Full, "a new group holds nothing");
+        assert_eq!(c.sync_to(at), CopySync::Full, "a new group holds nothing");
         c.held = Some(at);
-        assert_eq!(c.sync_to(at), Sync::Keep, "the step is computed again");
+        assert_eq!(c.sync_to(at), CopySync::Keep, "the step is computed again");
         let next = at.committed();
-        assert_eq!(c.sync_to(next), Sync::Full, "nothing noted of the commit");
+        assert_eq!(
+            c.sync_to(next),
+            CopySync::Full,
+            "nothing noted of the commit"
+        );
         c.clip = Some((7, [1.0, 0.25, 1.0]));
         c.adamw = Some((7, hp(1e-3)));
-        assert_eq!(c.sync_to(next), Sync::Full, "no EMA noted");
+        assert_eq!(c.sync_to(next), CopySync::Full, "no EMA noted");
         c.ema = Some((6, 0.99));
-        assert_eq!(c.sync_to(next), Sync::Full, "the EMA of another step");
+        assert_eq!(c.sync_to(next), CopySync::Full, "the EMA of another step");
         c.ema = Some((7, 0.99));
         let want = Commit {
             step: 7,
@@ -954,7 +952,7 @@ mod tests {
                 ..hp(1e-3)
             },
         };
-        assert_eq!(c.sync_to(next), Sync::Commit(want));
+        assert_eq!(c.sync_to(next), CopySync::Commit(want));
         // the same step and update count, but the state was reloaded, or has a new
         // Gram teacher, or went back to a checkpoint: the whole state
         for other in [
@@ -974,7 +972,7 @@ mod tests {
             },
             Held { optim_t: 9, ..next },
         ] {
-            assert_eq!(c.sync_to(other), Sync::Full, "{other:?}");
+            assert_eq!(c.sync_to(other), CopySync::Full, "{other:?}");
         }
     }
 

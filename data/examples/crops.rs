@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         n_workers: 1,
         prefetch: 1,
         order: Order::Shuffled,
+        part: None,
     };
     let mut loader = Loader::new(spec.open()?, opts, Cursor::default())?;
     let b = loader.next_batch()?;

@@ -113,6 +113,7 @@ pub fn bench_multicrop(
         n_workers: n_workers.max(1),
         prefetch: 2 * n_workers.max(1),
         order: Order::Shuffled,
+        part: None,
     };
     let mut loader = Loader::new(source.clone(), opts, Cursor::default())?;
     std::hint::black_box(loader.next_batch()?);

@@ -48,7 +48,7 @@ pub use config::{
 };
 pub use decode::{decode_rgb, probe_dimensions, to_rgb8};
 pub use error::{BadInput, BadReason, DataError};
-pub use loader::{Cursor, HostBatch, Loader, LoaderOptions, SourceChange};
+pub use loader::{Cursor, HostBatch, Loader, LoaderOptions, Part, SourceChange};
 pub use mask::{
     generate_masks, mask_indices, masked_counts, masks_weight, n_masked, MaskGenerator,
 };

@@ -137,7 +137,7 @@ impl std::fmt::Display for SourceChange {
 pub struct HostBatch {
     /// Index of this batch in the run (`cursor.batches_done` before it).
     pub batch_index: u64,
-    /// Images in the batch (B).
+    /// Images in the batch (B; with [`LoaderOptions::part`], those of the part).
     pub batch_size: usize,
     /// Local crops per image.
     pub n_local: usize,
@@ -207,6 +207,28 @@ pub struct LoaderOptions {
     pub prefetch: usize,
     /// Sample order within an epoch.
     pub order: Order,
+    /// Build only this member's part of every batch (data parallelism with each member
+    /// loading its own images); `None`: the whole batch.
+    pub part: Option<Part>,
+}
+
+/// Member `rank` of a data-parallel group of `world`: its part of a global batch of B
+/// images is images `rank * B / world ..` (B / world of them), every crop and mask row
+/// exactly as in the whole batch, which [`Loader`] builds without reading the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    /// The member.
+    pub rank: usize,
+    /// Members in the group (it must divide the batch size).
+    pub world: usize,
+}
+
+impl Part {
+    /// The images of a global batch of `batch_size` that this part holds.
+    pub fn range(self, batch_size: usize) -> std::ops::Range<usize> {
+        let m = batch_size / self.world.max(1);
+        self.rank * m..(self.rank + 1) * m
+    }
 }
 
 impl LoaderOptions {
@@ -223,6 +245,7 @@ impl LoaderOptions {
             n_workers,
             prefetch: cfg.prefetch,
             order: cfg.order,
+            part: None,
         }
     }
 
@@ -241,6 +264,14 @@ impl LoaderOptions {
         }
         if self.prefetch == 0 {
             errs.push("prefetch must be at least 1".into());
+        }
+        if let Some(p) = self.part {
+            if p.world == 0 || p.rank >= p.world || !self.batch_size.is_multiple_of(p.world) {
+                errs.push(format!(
+                    "member {} of {} cannot have its part of a batch of {} images (the group's size must divide the batch size)",
+                    p.rank, p.world, self.batch_size
+                ));
+            }
         }
         if errs.is_empty() {
             Ok(())
@@ -297,7 +328,11 @@ struct SlotResult {
 struct BatchJob {
     index: u64,
     sizes: CropSizes,
+    /// Images built: the batch's, or the part's.
     batch_size: usize,
+    /// The whole batch's images, and the first of them this job builds.
+    global_batch: usize,
+    first: usize,
     cursor_after: Cursor,
     global: RawRows,
     local: RawRows,
@@ -538,6 +573,9 @@ fn dispatch(
     let opts = &shared.opts;
     let len = shared.source.len();
     let b = opts.batch_size;
+    // the images built: the whole batch, or this member's part of it
+    let built = opts.part.map_or(0..b, |p| p.range(b));
+    let mb = built.len();
     let mut cursor = start;
     let mut perm: Option<(u64, Permutation)> = None;
     let mut pool: Vec<Buffers> = Vec::new();
@@ -548,9 +586,9 @@ fn dispatch(
         let sizes = opts.crops.sizes_for_batch(opts.seed, cursor.batches_done);
         let row = |side: u32| 3 * (side as usize).pow(2);
         let lens = (
-            2 * b * row(sizes.global),
-            opts.crops.n_local * b * row(sizes.local),
-            sizes.gram.map(|s| 2 * b * row(s)),
+            2 * mb * row(sizes.global),
+            opts.crops.n_local * mb * row(sizes.local),
+            sizes.gram.map(|s| 2 * mb * row(s)),
         );
         pool.extend(recycled.try_iter());
         pool.truncate(opts.prefetch + 2);
@@ -569,14 +607,16 @@ fn dispatch(
         let job = Arc::new(BatchJob {
             index: cursor.batches_done,
             sizes,
-            batch_size: b,
+            batch_size: mb,
+            global_batch: b,
+            first: built.start,
             cursor_after: cursor.after_batch(b as u64, len),
-            global: RawRows::new(&mut buffers.global, 2 * b),
-            local: RawRows::new(&mut buffers.local, opts.crops.n_local * b),
-            gram: buffers.gram.as_mut().map(|g| RawRows::new(g, 2 * b)),
+            global: RawRows::new(&mut buffers.global, 2 * mb),
+            local: RawRows::new(&mut buffers.local, opts.crops.n_local * mb),
+            gram: buffers.gram.as_mut().map(|g| RawRows::new(g, 2 * mb)),
             buffers: Mutex::new(Some(buffers)),
-            slots: Mutex::new((0..b).map(|_| SlotResult::default()).collect()),
-            remaining: AtomicUsize::new(b),
+            slots: Mutex::new((0..mb).map(|_| SlotResult::default()).collect()),
+            remaining: AtomicUsize::new(mb),
         });
         let (mut epoch, mut position) = (cursor.epoch, cursor.index_in_epoch);
         for slot in 0..b {
@@ -597,14 +637,16 @@ fn dispatch(
                 epoch,
                 position,
             };
-            if jobs
-                .send(SampleJob {
-                    batch: Arc::clone(&job),
-                    slot,
-                    key,
-                    source_index,
-                })
-                .is_err()
+            // (every position is walked, so the part's samples are the whole batch's)
+            if built.contains(&slot)
+                && jobs
+                    .send(SampleJob {
+                        batch: Arc::clone(&job),
+                        slot: slot - built.start,
+                        key,
+                        source_index,
+                    })
+                    .is_err()
             {
                 return;
             }
@@ -769,7 +811,19 @@ fn finish(shared: &Shared, job: &BatchJob) -> Result<HostBatch, DataError> {
         bad_inputs.extend(slot.bad);
     }
     let grid = (job.sizes.global / opts.masks.patch_size) as usize;
-    let masks = mask::generate_masks(&opts.masks, 2 * job.batch_size, grid, opts.seed, job.index);
+    // the masks are drawn for the whole batch; a part keeps its rows of them
+    let all = mask::generate_masks(&opts.masks, 2 * job.global_batch, grid, opts.seed, job.index);
+    let masks = if job.batch_size == job.global_batch {
+        all
+    } else {
+        let p = grid * grid;
+        let mut masks = Vec::with_capacity(2 * job.batch_size * p);
+        for c in 0..2 {
+            let start = (c * job.global_batch + job.first) * p;
+            masks.extend_from_slice(&all[start..start + job.batch_size * p]);
+        }
+        masks
+    };
     Ok(HostBatch {
         batch_index: job.index,
         batch_size: job.batch_size,

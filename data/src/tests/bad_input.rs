@@ -308,6 +308,20 @@ fn loader_skips_bad_files_deterministically_and_reports_each_once() {
         outputs[0] == outputs[1],
         "same batches with 1 and 3 workers"
     );
+    // members loading their own parts substitute the same neighbours for the bad files
+    for rank in 0..2 {
+        let mut opts = small_opts(4, 2);
+        opts.part = Some(crate::Part { rank, world: 2 });
+        let mut loader = Loader::new(Arc::clone(&src), opts, Cursor::default()).expect("loader");
+        for whole in &outputs[0] {
+            let part = loader.next_batch().expect("part");
+            assert!(
+                super::util::part_of(whole, rank, 2) == super::util::without_bad_inputs(part),
+                "batch {} of member {rank}",
+                whole.batch_index
+            );
+        }
+    }
 }
 
 #[test]

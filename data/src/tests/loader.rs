@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use image::{Rgb, RgbImage};
 
-use super::util::small_opts;
+use super::util::{part_of, small_opts, without_bad_inputs};
 use crate::rng::Permutation;
 use crate::{
     CropSizes, Cursor, DataError, HighResConfig, HostBatch, Loader, Order, Sample, Source,
@@ -406,4 +406,51 @@ fn a_cursor_into_a_source_that_changed_size_starts_the_next_epoch() {
     // an unchanged source: nothing moves
     let loader = Loader::new(Arc::clone(&big), small_opts(4, 1), saved).unwrap();
     assert!(loader.source_change().is_none());
+}
+
+/// A member loading its own part of every batch gets exactly its rows of the whole batch:
+/// every crop (high-resolution size mixes and Gram views included), every mask row,
+/// label and sample, across epoch ends and from a resumed cursor; so a group whose
+/// members load their own images trains on the batches one loader would give.
+#[test]
+fn a_members_part_is_its_rows_of_the_whole_batch() {
+    let mut opts = small_opts(4, 2);
+    opts.crops.high_res = Some(HighResConfig {
+        sizes: vec![
+            CropSizes {
+                global: 32,
+                local: 16,
+                gram: Some(48),
+            },
+            CropSizes {
+                global: 48,
+                local: 24,
+                gram: Some(64),
+            },
+        ],
+        probs: vec![0.5, 0.5],
+    });
+    let source = synthetic(10); // 10 samples, batches of 4: epochs end inside batches
+    let whole = run(&source, opts.clone(), Cursor::default(), 7);
+    for world in [1, 2, 4] {
+        for rank in 0..world {
+            let mut o = opts.clone();
+            o.part = Some(crate::Part { rank, world });
+            let parts = run(&source, o.clone(), Cursor::default(), 7);
+            for (w, p) in whole.iter().zip(&parts) {
+                assert!(
+                    part_of(w, rank, world) == without_bad_inputs(p.clone()),
+                    "batch {} of member {rank} of {world}",
+                    w.batch_index
+                );
+            }
+            let resumed = run(&source, o, whole[2].cursor_after, 3);
+            assert!(parts[3..6] == resumed[..], "member {rank} of {world} resumed");
+        }
+    }
+    // a part the batch cannot be cut into is refused with the reason
+    let mut o = opts;
+    o.part = Some(crate::Part { rank: 0, world: 3 });
+    let e = Loader::new(source, o, Cursor::default()).expect_err("3 does not divide 4");
+    assert!(e.to_string().contains("must divide the batch size"), "{e}");
 }

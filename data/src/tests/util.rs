@@ -4,7 +4,7 @@ use std::path::Path;
 
 use image::{ImageBuffer, Rgb, RgbImage};
 
-use crate::{CropConfig, LoaderOptions, MaskConfig, Order};
+use crate::{CropConfig, HostBatch, LoaderOptions, MaskConfig, Order};
 
 /// A colourful RGB image with structure (gradients and a checker) so crops differ.
 pub(crate) fn pattern_image(w: u32, h: u32, salt: u32) -> RgbImage {
@@ -61,5 +61,47 @@ pub(crate) fn small_opts(batch_size: usize, n_workers: usize) -> LoaderOptions {
         n_workers,
         prefetch: 2,
         order: Order::Shuffled,
+        part: None,
     }
+}
+
+/// Member `rank` of `world`'s part of a whole batch, cut from it row by row (crop-major
+/// rows: crop c of image i is row c * B + i). Bad inputs are not cut (they belong to
+/// whoever read the file).
+pub(crate) fn part_of(whole: &HostBatch, rank: usize, world: usize) -> HostBatch {
+    let b = whole.batch_size;
+    let m = b / world;
+    let images = rank * m..(rank + 1) * m;
+    let cut = |v: &[f32], crops: usize| -> Vec<f32> {
+        let row = v.len() / (crops * b);
+        (0..crops)
+            .flat_map(|c| v[(c * b + images.start) * row..(c * b + images.end) * row].iter())
+            .copied()
+            .collect()
+    };
+    let p = whole.n_patches();
+    let masks = (0..2)
+        .flat_map(|c| whole.masks[(c * b + images.start) * p..(c * b + images.end) * p].iter())
+        .copied()
+        .collect();
+    HostBatch {
+        batch_size: m,
+        global_crops: cut(&whole.global_crops, 2),
+        local_crops: cut(&whole.local_crops, whole.n_local),
+        gram_crops: whole.gram_crops.as_ref().map(|g| cut(g, 2)),
+        masks,
+        labels: whole.labels[images.clone()].to_vec(),
+        sample_ids: whole.sample_ids[images.clone()].to_vec(),
+        source_indices: whole.source_indices[images].to_vec(),
+        bad_inputs: Vec::new(),
+        n_substituted: 0,
+        ..whole.clone()
+    }
+}
+
+/// A part with its bad-input bookkeeping cleared, to compare with [`part_of`].
+pub(crate) fn without_bad_inputs(mut part: HostBatch) -> HostBatch {
+    part.bad_inputs.clear();
+    part.n_substituted = 0;
+    part
 }

@@ -606,6 +606,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
                         .map_err(|e: String| anyhow::anyhow!("--inject: {e}"))
                 })
                 .collect::<Result<Vec<crate::config::FaultSpec>>>()?;
+            // its warnings (bad input, drift, a failed group) and step lines, as the
+            // daemon logs its own
+            crate::logging::init();
             crate::daemon::remote::run_worker(&plan, &join, &inject)?;
             Ok(0)
         }

@@ -777,9 +777,14 @@ impl TcpMember {
             match r {
                 Ok((t, p)) if t == tag => out.push(p),
                 Ok((TAG_FAIL, why)) => {
-                    return Err(
-                        self.fail(format!("{who} failed: {}", String::from_utf8_lossy(&why)))
-                    )
+                    // (a worker's own abort already says who failed)
+                    let why = String::from_utf8_lossy(&why);
+                    let prefix = format!("{who} failed: ");
+                    return Err(self.fail(if why.starts_with(&prefix) {
+                        why.into_owned()
+                    } else {
+                        format!("{prefix}{why}")
+                    }));
                 }
                 Ok((t, _)) => {
                     return Err(self.fail(format!("{who} sent frame {t}, expected {tag}")))

@@ -640,6 +640,25 @@ pub struct ClusterSection {
     /// which gets the whole state again. 0: never.
     #[serde(default = "d_cluster_verify_every")]
     pub verify_every_steps: u64,
+    /// Where a worker's images come from: `"sent"` (rank 0 loads the whole batch and
+    /// sends each worker its part: nothing is needed on the worker's machine) or
+    /// `"local"` (each worker opens `data.source` itself and builds only its part, bit
+    /// for bit the same rows; the source must hold the same files on every node, which
+    /// rank 0 checks against a digest of the worker's images every
+    /// `verify_every_steps`).
+    #[serde(default)]
+    pub worker_data: WorkerData,
+}
+
+/// `runtime.cluster.worker_data`: who loads a worker's part of each batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerData {
+    /// Rank 0 sends it with the teacher order.
+    #[default]
+    Sent,
+    /// The worker reads it from its own `data.source`.
+    Local,
 }
 
 fn d_cluster_verify_every() -> u64 {

@@ -547,6 +547,11 @@ impl Loader {
         self.n_substituted
     }
 
+    /// The options it was started with.
+    pub fn options(&self) -> &LoaderOptions {
+        &self.shared.opts
+    }
+
     /// The source.
     pub fn source(&self) -> &Arc<dyn Source> {
         &self.shared.source
@@ -812,7 +817,13 @@ fn finish(shared: &Shared, job: &BatchJob) -> Result<HostBatch, DataError> {
     }
     let grid = (job.sizes.global / opts.masks.patch_size) as usize;
     // the masks are drawn for the whole batch; a part keeps its rows of them
-    let all = mask::generate_masks(&opts.masks, 2 * job.global_batch, grid, opts.seed, job.index);
+    let all = mask::generate_masks(
+        &opts.masks,
+        2 * job.global_batch,
+        grid,
+        opts.seed,
+        job.index,
+    );
     let masks = if job.batch_size == job.global_batch {
         all
     } else {

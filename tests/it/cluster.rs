@@ -20,7 +20,12 @@ struct Proc {
 
 impl Proc {
     fn start(args: &[&str]) -> Proc {
-        let mut child = spawn(args);
+        Proc::start_in(Path::new("."), args)
+    }
+
+    /// Starts `dinod ARGS` in the working directory `dir`.
+    fn start_in(dir: &Path, args: &[&str]) -> Proc {
+        let mut child = spawn_in(dir, args);
         let err = child.stderr.take().unwrap();
         let mut out = child.stdout.take().unwrap();
         let (tx, lines) = channel();
@@ -588,9 +593,10 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
 
 /// Through the stage machine: probes every 2 steps switch the run to Gram anchoring (the
 /// Gram teacher loaded from the best-dense checkpoint, refreshed on a schedule) and then
-/// to high-resolution adaptation (larger crops). The daemon sends the Gram teacher and the
-/// new crops to its worker like everything else, and the group of processes follows the
-/// same stage path to the same bits as the group of threads.
+/// to high-resolution adaptation (larger crops). The daemon sends the Gram teacher to its
+/// worker, which loads its own images at each stage's crops (`worker_data = "local"`), and
+/// the group of processes follows the same stage path to the same bits as the group of
+/// threads.
 #[test]
 fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
     let dir = TempDir::new("cluster-stages");
@@ -608,15 +614,23 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
         steps,
     );
     let s1 = dir.path().join("s1");
+    // the worker loads its own images: its part of each batch at the crops of each
+    // stage, the Gram views included, as rank 0 cuts it from the whole batch (checked
+    // against rank 0's digest of that part at every step)
     let cluster = write_config(
         dir.path(),
         &format!(
             "{base}\n{}",
-            cluster_section(dir.path(), "127.0.0.1:0", 2, "")
+            cluster_section(dir.path(), "127.0.0.1:0", 2, "worker_data = \"local\"\n")
         ),
     );
     let s2 = dir.path().join("s2");
-    let (err, _) = run_group(cluster.to_str().unwrap(), &s2, steps, 1, &[]);
+    let (err, werrs) = run_group(cluster.to_str().unwrap(), &s2, steps, 1, &[]);
+    assert!(
+        werrs[0].contains("opening the data source synthetic"),
+        "{}",
+        werrs[0]
+    );
     let path = |s: &Path| -> Vec<(u64, String)> {
         events(s)
             .into_iter()
@@ -757,4 +771,112 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
         "{err}"
     );
     assert_eq!(fingerprint(&s2), want, "the resumed group run differs");
+}
+
+/// Images in `dir/imgs`: `n` real PNG files of 40 x 36 pixels, and (with `bad`) a
+/// truncated JPEG and a file that is not an image; `salt` changes every pixel.
+fn image_folder(dir: &Path, n: usize, salt: u32, bad: bool) {
+    let root = dir.join("imgs");
+    std::fs::create_dir_all(&root).unwrap();
+    for i in 0..n as u32 {
+        let img = image::RgbImage::from_fn(40, 36, |x, y| {
+            image::Rgb([(x * 6 + i * 11 + salt) as u8, (y * 7) as u8, (30 * i) as u8])
+        });
+        img.save(root.join(format!("img{i:02}.png"))).unwrap();
+    }
+    if bad {
+        let jpg = root.join("img99.jpg");
+        image::RgbImage::from_pixel(40, 36, image::Rgb([9, 9, 9]))
+            .save(&jpg)
+            .unwrap();
+        let bytes = std::fs::read(&jpg).unwrap();
+        std::fs::write(&jpg, &bytes[..bytes.len() / 3]).unwrap();
+        std::fs::write(root.join("garbage.png"), b"not a png").unwrap();
+    }
+}
+
+/// `worker_data = "local"`: each worker opens the recipe's `data.source` itself (a
+/// relative folder, so each process reads the one under its working directory) and
+/// builds its part of every batch, bad files substituted as rank 0 substitutes them.
+/// Workers whose data is not rank 0's are refused with the reason and exit 1 without
+/// harming the run: no source at that path (at their start), another number of samples
+/// (at their first order), the same number of other images (by the digest of their
+/// part). Then a worker with the daemon's images joins, and the run ends where two
+/// threads end, bit for bit.
+#[test]
+fn workers_loading_their_own_images_train_what_threads_train_and_other_data_is_refused() {
+    let dir = TempDir::new("cluster-own-data");
+    let [good, fewer, other, none] = ["good", "fewer", "other", "none"].map(|d| {
+        let p = dir.path().join(d);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    });
+    image_folder(&good, 8, 0, true);
+    image_folder(&fewer, 6, 0, true);
+    image_folder(&other, 8, 1, true);
+    let base = recipe("").replace("source = \"synthetic:0:32\"", "source = \"folder:imgs\"");
+    assert!(base.contains("folder:imgs"));
+    let steps = 6;
+    let threads = write_config(
+        dir.path(),
+        &format!("{base}\n[runtime]\ndata_parallel = 2\n"),
+    );
+    let s1 = dir.path().join("s1");
+    let run = |cfg: &Path, state: &Path, steps: u64| {
+        Proc::start_in(
+            &good,
+            &[
+                "run",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--max-steps",
+                &steps.to_string(),
+            ],
+        )
+    };
+    let (code, err, _) = run(&threads, &s1, steps).finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    let want = fingerprint(&s1);
+    assert!(
+        events(&s1).iter().any(|e| e["kind"] == "data.bad_input"),
+        "the threads met no bad file"
+    );
+
+    let cluster_dir = dir.path().join("cluster");
+    std::fs::create_dir_all(&cluster_dir).unwrap();
+    let cfg = write_config(
+        &cluster_dir,
+        &format!(
+            "{base}\n{}",
+            cluster_section(dir.path(), "127.0.0.1:0", 2, "worker_data = \"local\"\n")
+        ),
+    );
+    let s2 = dir.path().join("s2");
+    let mut daemon = run(&cfg, &s2, steps);
+    let addr = listening_addr(&mut daemon);
+    let worker = |cwd: &Path| {
+        Proc::start_in(
+            cwd,
+            &["worker", "--config", cfg.to_str().unwrap(), "--join", &addr],
+        )
+    };
+    let refused = |cwd: &Path, why: &str| {
+        let (code, err, _) = worker(cwd).finish(Duration::from_secs(120));
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(why), "{err}");
+    };
+    refused(&none, "this worker cannot open the data source folder:imgs");
+    refused(&fewer, "holds 8 samples, rank 0's 10");
+    refused(&other, "differ from rank 0's");
+    let good_worker = worker(&good);
+    let (code, err, _) = daemon.finish(Duration::from_secs(300));
+    assert_eq!(code, Some(0), "{err}");
+    let (code, werr, _) = good_worker.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{werr}");
+    assert!(werr.contains("skipped unreadable input"), "{werr}");
+    assert_eq!(fingerprint(&s2), want, "processes and threads differ");
+    // the daemon said why the refused workers left
+    assert!(err.contains("differ from rank 0's"), "{err}");
 }

@@ -114,7 +114,14 @@ pub fn dinod(args: &[&str]) -> Output {
 
 /// Starts `dinod ARGS` in the background.
 pub fn spawn(args: &[&str]) -> Child {
+    spawn_in(Path::new("."), args)
+}
+
+/// Starts `dinod ARGS` in the background, in the working directory `dir` (where the
+/// relative paths of a recipe point).
+pub fn spawn_in(dir: &Path, args: &[&str]) -> Child {
     Command::new(bin())
+        .current_dir(dir)
         .args(args)
         .env("RUST_LOG", "info")
         .env("RUST_BACKTRACE", "0")

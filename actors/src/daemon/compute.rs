@@ -227,21 +227,18 @@ impl Actor for TeacherActor {
                     // the state follow; rank 0 computes its part here, Sinkhorn-Knopp
                     // over all
                     let ts: &model::TrainState = &eng.ts;
-                    let verify_every = ctx
-                        .plan()
-                        .config
-                        .runtime
-                        .cluster
-                        .as_ref()
-                        .map_or(0, |c| c.verify_every_steps);
                     let r = (|| -> Result<Vec<TeacherOutput>> {
+                        let cfg = ctx.plan().config.runtime.cluster.as_ref();
                         super::remote::order_teacher_phase(
                             &ctx.cluster,
                             &cm,
                             ts,
                             ctx.engine.generation(),
-                            verify_every,
-                            &batch.batch,
+                            cfg.ok_or_else(|| {
+                                anyhow::anyhow!("a group without [runtime.cluster]")
+                            })?,
+                            &batch,
+                            ctx.source.len(),
                             &hp,
                         )?;
                         ctx.cluster.publish(&ctx.board);

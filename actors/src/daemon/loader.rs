@@ -46,8 +46,12 @@ pub fn report_bad_inputs(ctx: &Ctx, actor: &str, step: u64, bad: &[data::BadInpu
 pub struct LoadedBatch {
     /// Index of the batch in the run.
     pub batch_index: u64,
+    /// Cursor before it (where a loader starting at this batch starts).
+    pub cursor_before: data::Cursor,
     /// Cursor after it.
     pub cursor_after: data::Cursor,
+    /// The crops it was made with (the stage's).
+    pub crops: Arc<data::CropConfig>,
     /// The tensors.
     pub batch: model::Batch,
     /// Unreadable files met while building it.
@@ -201,11 +205,16 @@ impl Actor for LoaderActor {
                                 current_crops(&ctx),
                             )?);
                         }
-                        let h = g.as_mut().expect("opened above").next_batch()?;
+                        let loader = g.as_mut().expect("opened above");
+                        let cursor_before = loader.cursor();
+                        let crops = Arc::new(loader.options().crops.clone());
+                        let h = loader.next_batch()?;
                         let with_gram = h.gram_crops.is_some();
                         Ok(LoadedBatch {
                             batch_index: h.batch_index,
+                            cursor_before,
                             cursor_after: h.cursor_after,
+                            crops,
                             batch: to_batch(
                                 &h,
                                 dtype,

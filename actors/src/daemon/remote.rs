@@ -303,7 +303,18 @@ pub fn group_error(
                 "failed",
                 &format!("the group failed ({why}); it is admitted again at the next step"),
             );
-            anyhow::Error::new(cluster::GroupFailed(why)).context(format!("{e:#}"))
+            // the step's error ends with the group's reason more often than not: said once
+            let step = format!("{e:#}");
+            let head = match step.strip_suffix(why.as_str()) {
+                Some(h) => h.trim_end_matches(|c: char| c == ':' || c.is_whitespace()),
+                None => step.as_str(),
+            };
+            let failed = anyhow::Error::new(cluster::GroupFailed(why.clone()));
+            if head.is_empty() {
+                failed
+            } else {
+                failed.context(head.to_string())
+            }
         }
         None => {
             m.abort(&format!("{e:#}"));
@@ -374,6 +385,9 @@ struct Order {
     sync: Option<CopySync>,
     /// Rank 0's [`crate::engine::weights_digest`], every `verify_every_steps` steps.
     verify: Option<String>,
+    /// Teacher phase with `worker_data = "local"`: which batch the worker loads its part
+    /// of (no images follow).
+    data: Option<DataRef>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -381,6 +395,130 @@ struct ShardMeta {
     batch_size: usize,
     local: bool,
     gram: bool,
+}
+
+/// The batch a worker loads its part of itself: where rank 0's loader started it and
+/// with which crops; with the digest of the worker's part, as rank 0 cut it from its
+/// whole batch, every `verify_every_steps` steps.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct DataRef {
+    batch_index: u64,
+    cursor: data::Cursor,
+    crops: data::CropConfig,
+    source_len: Option<u64>,
+    digest: Option<String>,
+}
+
+/// A failure a worker cannot mend by joining again (its data is not rank 0's): it exits.
+#[derive(Debug)]
+struct Fatal(String);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+/// BLAKE3 of a part of a batch: its crops' values (as f32, exact for every compute
+/// type) and masks, in order.
+fn images_digest(b: &Batch) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    for t in [Some(&b.global), b.local.as_ref(), b.gram.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        let v = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        h.update(&(v.len() as u64).to_le_bytes());
+        for x in v {
+            h.update(&x.to_le_bytes());
+        }
+    }
+    h.update(&b.masks);
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// A worker's own data (`worker_data = "local"`): the source, opened once, and a loader
+/// of its part that goes on from batch to batch (prefetching) while rank 0's batches
+/// follow each other, and starts again where rank 0's loader did otherwise.
+struct LocalData {
+    source: Arc<dyn data::Source>,
+    cfg: data::DataConfig,
+    batch_size: usize,
+    seed: u64,
+    loader: Option<data::Loader>,
+}
+
+impl LocalData {
+    fn open(plan: &Plan) -> Result<LocalData> {
+        let spec = &plan.config.data.source;
+        eprintln!("opening the data source {spec}");
+        let source = spec
+            .open()
+            .with_context(|| format!("this worker cannot open the data source {spec}"))?;
+        eprintln!("data source: {}", source.describe());
+        Ok(LocalData {
+            source,
+            cfg: plan.config.data.clone(),
+            batch_size: plan.config.train.batch_size,
+            seed: plan.config.seed,
+            loader: None,
+        })
+    }
+
+    /// This member's part of the batch `r`, as tensors of `dtype` on `dev`.
+    fn part(
+        &mut self,
+        r: &DataRef,
+        part: data::Part,
+        dtype: candle_core::DType,
+        dev: &Device,
+    ) -> Result<Batch> {
+        if r.source_len != self.source.len() {
+            let n = |v: Option<u64>| v.map_or("an unknown number of".into(), |v| v.to_string());
+            return Err(Fatal(format!(
+                "this worker's data source {} holds {} samples, rank 0's {}: every node needs the same data at `data.source` for worker_data = \"local\"",
+                self.cfg.source,
+                n(self.source.len()),
+                n(r.source_len)
+            ))
+            .into());
+        }
+        let follows = self.loader.as_ref().is_some_and(|l| {
+            l.cursor() == r.cursor && l.options().crops == r.crops && l.options().part == Some(part)
+        });
+        if !follows {
+            self.loader = None; // its threads stop before the new ones start
+            let mut cfg = self.cfg.clone();
+            cfg.crops = r.crops.clone();
+            let mut opts = data::LoaderOptions::from_config(&cfg, self.batch_size, self.seed);
+            opts.part = Some(part);
+            self.loader = Some(data::Loader::new(self.source.clone(), opts, r.cursor)?);
+        }
+        let loader = self.loader.as_mut().expect("opened above");
+        let h = loader.next_batch()?;
+        if h.batch_index != r.batch_index {
+            bail!(
+                "this worker loaded batch {} where rank 0 ordered batch {}",
+                h.batch_index,
+                r.batch_index
+            )
+        }
+        for b in &h.bad_inputs {
+            tracing::warn!(
+                "skipped unreadable input {}: {}",
+                b.path.display(),
+                b.reason
+            );
+        }
+        let batch = super::loader::to_batch(&h, dtype, true, dev)?;
+        loader.recycle(h);
+        Ok(batch)
+    }
 }
 
 fn message(order: &Order, tensors: &[&Tensor]) -> Result<Vec<u8>> {
@@ -439,10 +577,12 @@ pub fn order_teacher_phase(
     m: &TcpMember,
     ts: &TrainState,
     generation: u64,
-    verify_every: u64,
-    batch: &Batch,
+    cfg: &crate::config::ClusterSection,
+    batch: &super::loader::LoadedBatch,
+    source_len: Option<u64>,
     hp: &StepHparams,
 ) -> Result<()> {
+    let verify_every = cfg.verify_every_steps;
     let world = m.world();
     let now = Held::of(ts, generation);
     let mut copies = slot.copies();
@@ -462,13 +602,29 @@ pub fn order_teacher_phase(
     let verify = (verify_every > 0 && ts.step.is_multiple_of(verify_every))
         .then(|| crate::engine::weights_digest(ts))
         .transpose()?;
+    let local = cfg.worker_data == crate::config::WorkerData::Local;
     for r in 1..world {
-        let shard = batch.shard(r, world)?;
+        let shard = batch.batch.shard(r, world)?;
         let masks = Tensor::from_vec(shard.masks.clone(), shard.masks.len(), &Device::Cpu)?;
-        let mut tensors: Vec<&Tensor> = vec![&shard.global];
-        tensors.extend(shard.local.as_ref());
-        tensors.extend(shard.gram.as_ref());
-        tensors.push(&masks);
+        let mut tensors: Vec<&Tensor> = Vec::new();
+        let data = if local {
+            Some(DataRef {
+                batch_index: batch.batch_index,
+                cursor: batch.cursor_before,
+                crops: (*batch.crops).clone(),
+                source_len,
+                digest: verify
+                    .is_some()
+                    .then(|| images_digest(&shard))
+                    .transpose()?,
+            })
+        } else {
+            tensors.push(&shard.global);
+            tensors.extend(shard.local.as_ref());
+            tensors.extend(shard.gram.as_ref());
+            tensors.push(&masks);
+            None
+        };
         tensors.extend(state.iter());
         let o = Order {
             phase: Phase::Teacher,
@@ -482,6 +638,7 @@ pub fn order_teacher_phase(
             }),
             sync: Some(sync),
             verify: verify.clone(),
+            data,
         };
         m.send_control(r, &message(&o, &tensors)?)
             .with_context(|| {
@@ -519,6 +676,7 @@ pub fn order_student_phase(
         shard: None,
         sync: None,
         verify: None,
+        data: None,
     };
     let msg = message(&o, &[])?;
     for r in 1..m.world() {
@@ -673,7 +831,13 @@ impl Replica {
 
 /// Serves one group until the coordinator says goodbye (`Ok`), or fails. `copy` is the
 /// worker's copy of the state: a new group sends the whole state before its first step.
-fn serve(m: &TcpMember, copy: &mut Replica, plan: &Plan, faults: &Faults) -> Result<()> {
+fn serve(
+    m: &TcpMember,
+    copy: &mut Replica,
+    own: &mut Option<LocalData>,
+    plan: &Plan,
+    faults: &Faults,
+) -> Result<()> {
     let dt = plan.config.precision.compute_dtype();
     let log_every = plan.config.runtime.log_every_steps.max(1);
     let mut pending: Option<Pending> = None;
@@ -700,19 +864,58 @@ fn serve(m: &TcpMember, copy: &mut Replica, plan: &Plan, faults: &Faults) -> Res
                     .shard
                     .as_ref()
                     .context("a teacher order without a batch")?;
-                let global = it.next().context("no global crops")?;
-                let local = if meta.local {
-                    Some(it.next().context("no local crops")?)
-                } else {
-                    None
+                let shard = match (&o.data, own.as_mut()) {
+                    (Some(r), Some(own)) => {
+                        let part = data::Part {
+                            rank: m.rank(),
+                            world: m.world(),
+                        };
+                        let shard = own.part(r, part, dt, &copy.ts.device())?;
+                        if (shard.batch_size, shard.local.is_some(), shard.gram.is_some())
+                            != (meta.batch_size, meta.local, meta.gram)
+                        {
+                            bail!(
+                                "this worker's part of batch {} differs in shape from rank 0's ({} images, local crops {}, Gram crops {} here)",
+                                r.batch_index,
+                                shard.batch_size,
+                                shard.local.is_some(),
+                                shard.gram.is_some()
+                            )
+                        }
+                        if let Some(want) = &r.digest {
+                            let have = images_digest(&shard)?;
+                            if &have != want {
+                                return Err(Fatal(format!(
+                                    "this worker's images of batch {} differ from rank 0's (digest {} here, {} there): `data.source` ({}) does not hold the same files on this node",
+                                    r.batch_index,
+                                    &have[..16],
+                                    &want[..16.min(want.len())],
+                                    plan.config.data.source
+                                ))
+                                .into());
+                            }
+                        }
+                        shard
+                    }
+                    (Some(_), None) => bail!(
+                        "rank 0 ordered this worker to load its own images, but it has no data source open"
+                    ),
+                    (None, _) => {
+                        let global = it.next().context("no global crops")?;
+                        let local = if meta.local {
+                            Some(it.next().context("no local crops")?)
+                        } else {
+                            None
+                        };
+                        let gram = if meta.gram {
+                            Some(it.next().context("no Gram crops")?)
+                        } else {
+                            None
+                        };
+                        let masks = it.next().context("no masks")?.to_vec1::<u8>()?;
+                        Batch::new(meta.batch_size, global, local, gram, masks)?
+                    }
                 };
-                let gram = if meta.gram {
-                    Some(it.next().context("no Gram crops")?)
-                } else {
-                    None
-                };
-                let masks = it.next().context("no masks")?.to_vec1::<u8>()?;
-                let shard = Batch::new(meta.batch_size, global, local, gram, masks)?;
                 copy.follow(&o, &mut it, faults)?;
                 if it.next().is_some() {
                     bail!("the teacher order has more tensors than this model")
@@ -797,13 +1000,23 @@ pub fn run_worker(plan: &Plan, addr: &str, inject: &[crate::config::FaultSpec]) 
         synced: false,
         grads: None,
     };
+    // its own images: the source is opened before joining, so a node without the data
+    // fails here, with the path, rather than in the group's first step
+    let mut own = match c.worker_data {
+        crate::config::WorkerData::Local => Some(LocalData::open(plan)?),
+        crate::config::WorkerData::Sent => None,
+    };
     let me = identity(plan);
     loop {
         let m = cluster::join(addr, &me, &token, join_wait, timeout)?;
-        match serve(&m, &mut copy, plan, &faults) {
+        match serve(&m, &mut copy, &mut own, plan, &faults) {
             Ok(()) => {
                 eprintln!("the daemon ended the run; this worker exits");
                 return Ok(());
+            }
+            Err(e) if e.downcast_ref::<Fatal>().is_some() => {
+                eprintln!("this worker cannot serve the group: {e:#}");
+                return Err(e);
             }
             Err(e) => {
                 tracing::warn!("the group failed: {e:#}; joining again");
@@ -885,6 +1098,7 @@ mod tests {
                     hp,
                 })),
                 verify: None,
+                data: None,
             };
             let (back, _) = parse(&message(&o, &[]).unwrap()).unwrap();
             let bits = |h: &StepHparams| {
@@ -915,6 +1129,43 @@ mod tests {
                 [hp.lr, hp.momentum, hp.teacher_temp].map(f64::to_bits)
             );
         }
+        // the batch a worker loads itself: the crops (their float scales and
+        // probabilities, the high-resolution mix) cross exactly, or its images would differ
+        let mut crops = data::CropConfig {
+            high_res: Some(data::HighResConfig::official_7b()),
+            ..data::CropConfig::default()
+        };
+        crops.global_scale.0 = 0.1 + 0.2;
+        let r = DataRef {
+            batch_index: 7,
+            cursor: data::Cursor {
+                epoch: 2,
+                index_in_epoch: 5,
+                batches_done: 7,
+                source_len: Some(12),
+            },
+            crops,
+            source_len: Some(12),
+            digest: Some("ab".repeat(32)),
+        };
+        let o = Order {
+            phase: Phase::Teacher,
+            held: Held {
+                step: 7,
+                optim_t: 7,
+                gram_updates: 0,
+                gram_teacher: false,
+                generation: 0,
+            },
+            seed: 1,
+            hp: hp(1e-3),
+            shard: None,
+            sync: Some(CopySync::Keep),
+            verify: None,
+            data: Some(r),
+        };
+        let (back, _) = parse(&message(&o, &[]).unwrap()).unwrap();
+        assert_eq!(back.data, o.data);
     }
 
     /// The copies follow by themselves only when rank 0 moved by exactly the commit they

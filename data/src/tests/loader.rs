@@ -445,7 +445,10 @@ fn a_members_part_is_its_rows_of_the_whole_batch() {
                 );
             }
             let resumed = run(&source, o, whole[2].cursor_after, 3);
-            assert!(parts[3..6] == resumed[..], "member {rank} of {world} resumed");
+            assert!(
+                parts[3..6] == resumed[..],
+                "member {rank} of {world} resumed"
+            );
         }
     }
     // a part the batch cannot be cut into is refused with the reason

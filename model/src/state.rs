@@ -18,6 +18,7 @@ use crate::ssl::{
 use crate::vit::{CropGroup, FeatureGrads, Vit};
 
 /// One batch as the step consumes it (crop-major rows, as the official collate).
+#[derive(Clone)]
 pub struct Batch {
     /// Images per batch, B.
     pub batch_size: usize,

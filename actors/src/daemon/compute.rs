@@ -238,13 +238,14 @@ impl Actor for TeacherActor {
                                 anyhow::anyhow!("a group without [runtime.cluster]")
                             })?,
                             &batch,
-                            ctx.source.len(),
+                            &ctx.source,
+                            ctx.plan(),
                             &hp,
                         )?;
                         ctx.cluster.publish(&ctx.board);
                         let dev = ts.device();
                         let view = ts.phase_view(model::Side::Teacher, dt, &dev)?;
-                        let shard = batch.batch.shard(0, cm.world())?;
+                        let shard = batch.part_for(0, cm.world())?;
                         Ok(vec![model::teacher_phase_in(
                             &view,
                             &shard,
@@ -415,7 +416,7 @@ impl Actor for TrainerActor {
                                 )?;
                                 let dev = ts.device();
                                 let view = ts.phase_view(model::Side::Student, dt, &dev)?;
-                                let shard = batch.batch.shard(0, cm.world())?;
+                                let shard = batch.part_for(0, cm.world())?;
                                 let mut out =
                                     model::student_phase(&view, &shard, &hp, t, &mut |_| {})?;
                                 // rank 0 ends with the group's mean gradient

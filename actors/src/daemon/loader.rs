@@ -52,6 +52,9 @@ pub struct LoadedBatch {
     pub cursor_after: data::Cursor,
     /// The crops it was made with (the stage's).
     pub crops: Arc<data::CropConfig>,
+    /// With `runtime.cluster.worker_data = "local"`: `batch` is only rank 0's part of
+    /// the global batch (each worker loads its own); `None`: the whole batch.
+    pub part: Option<data::Part>,
     /// The tensors.
     pub batch: model::Batch,
     /// Unreadable files met while building it.
@@ -108,11 +111,42 @@ pub fn to_batch(
     Ok(model::Batch::new(b, global, local, gram, h.masks.clone())?)
 }
 
+impl LoadedBatch {
+    /// Member `rank`'s part of the global batch for a group of `world`: cut from the
+    /// whole batch, or the batch itself when it is already that part.
+    pub fn part_for(&self, rank: usize, world: usize) -> Result<model::Batch> {
+        match self.part {
+            None => Ok(self.batch.shard(rank, world)?),
+            Some(p) if p == (data::Part { rank, world }) => Ok(self.batch.clone()),
+            Some(p) => Err(anyhow!(
+                "batch {} holds member {} of {}'s images only, not member {rank} of {world}'s",
+                self.batch_index,
+                p.rank,
+                p.world
+            )),
+        }
+    }
+}
+
+/// The part of each batch rank 0 loads: its own when the cluster's workers load theirs.
+pub fn own_part(plan: &crate::config::Plan) -> Option<data::Part> {
+    plan.config
+        .runtime
+        .cluster
+        .as_ref()
+        .filter(|c| c.worker_data == crate::config::WorkerData::Local)
+        .map(|c| data::Part {
+            rank: 0,
+            world: c.nodes,
+        })
+}
+
 fn open_loader(ctx: &Ctx, cursor: data::Cursor, crops: data::CropConfig) -> Result<data::Loader> {
     let cfg = &ctx.plan().config;
     let mut dcfg = cfg.data.clone();
     dcfg.crops = crops;
-    let opts = data::LoaderOptions::from_config(&dcfg, cfg.train.batch_size, cfg.seed);
+    let mut opts = data::LoaderOptions::from_config(&dcfg, cfg.train.batch_size, cfg.seed);
+    opts.part = own_part(ctx.plan());
     let loader = data::Loader::new(ctx.source.clone(), opts, cursor)?;
     if let Some(change) = loader.source_change() {
         let step = ctx.engine.lock().ts.step;
@@ -208,6 +242,7 @@ impl Actor for LoaderActor {
                         let loader = g.as_mut().expect("opened above");
                         let cursor_before = loader.cursor();
                         let crops = Arc::new(loader.options().crops.clone());
+                        let part = loader.options().part;
                         let h = loader.next_batch()?;
                         let with_gram = h.gram_crops.is_some();
                         Ok(LoadedBatch {
@@ -215,6 +250,7 @@ impl Actor for LoaderActor {
                             cursor_before,
                             cursor_after: h.cursor_after,
                             crops,
+                            part,
                             batch: to_batch(
                                 &h,
                                 dtype,

@@ -409,6 +409,21 @@ struct DataRef {
     digest: Option<String>,
 }
 
+/// The order's reference to `batch` for a worker that loads its own part.
+fn data_ref(
+    batch: &super::loader::LoadedBatch,
+    source_len: Option<u64>,
+    digest: Option<String>,
+) -> DataRef {
+    DataRef {
+        batch_index: batch.batch_index,
+        cursor: batch.cursor_before,
+        crops: (*batch.crops).clone(),
+        source_len,
+        digest,
+    }
+}
+
 /// A failure a worker cannot mend by joining again (its data is not rank 0's): it exits.
 #[derive(Debug)]
 struct Fatal(String);
@@ -461,13 +476,24 @@ impl LocalData {
             .open()
             .with_context(|| format!("this worker cannot open the data source {spec}"))?;
         eprintln!("data source: {}", source.describe());
-        Ok(LocalData {
+        Ok(LocalData::with_source(
+            plan,
             source,
-            cfg: plan.config.data.clone(),
+            plan.config.data.prefetch,
+        ))
+    }
+
+    /// Parts of `plan`'s batches from `source`, `prefetch` batches ahead.
+    fn with_source(plan: &Plan, source: Arc<dyn data::Source>, prefetch: usize) -> LocalData {
+        let mut cfg = plan.config.data.clone();
+        cfg.prefetch = prefetch;
+        LocalData {
+            source,
+            cfg,
             batch_size: plan.config.train.batch_size,
             seed: plan.config.seed,
             loader: None,
-        })
+        }
     }
 
     /// This member's part of the batch `r`, as tensors of `dtype` on `dev`.
@@ -579,7 +605,8 @@ pub fn order_teacher_phase(
     generation: u64,
     cfg: &crate::config::ClusterSection,
     batch: &super::loader::LoadedBatch,
-    source_len: Option<u64>,
+    source: &Arc<dyn data::Source>,
+    plan: &Plan,
     hp: &StepHparams,
 ) -> Result<()> {
     let verify_every = cfg.verify_every_steps;
@@ -603,28 +630,45 @@ pub fn order_teacher_phase(
         .then(|| crate::engine::weights_digest(ts))
         .transpose()?;
     let local = cfg.worker_data == crate::config::WorkerData::Local;
+    // rank 0 loaded its own part only: the workers' parts, to check theirs against, are
+    // built here from the same source on the steps that check
+    let mut checker = (local && verify.is_some() && batch.part.is_some())
+        .then(|| LocalData::with_source(plan, source.clone(), 1));
+    let b = &batch.batch;
     for r in 1..world {
-        let shard = batch.batch.shard(r, world)?;
-        let masks = Tensor::from_vec(shard.masks.clone(), shard.masks.len(), &Device::Cpu)?;
-        let mut tensors: Vec<&Tensor> = Vec::new();
-        let data = if local {
-            Some(DataRef {
-                batch_index: batch.batch_index,
-                cursor: batch.cursor_before,
-                crops: (*batch.crops).clone(),
-                source_len,
-                digest: verify
-                    .is_some()
-                    .then(|| images_digest(&shard))
-                    .transpose()?,
-            })
+        let part = data::Part { rank: r, world };
+        let sent: Option<(Batch, Tensor)> = if local {
+            None
         } else {
+            let shard = batch.part_for(r, world)?;
+            let masks = Tensor::from_vec(shard.masks.clone(), shard.masks.len(), &Device::Cpu)?;
+            Some((shard, masks))
+        };
+        let data = if local {
+            let digest = match (&verify, &mut checker) {
+                (None, _) => None,
+                (Some(_), Some(c)) => {
+                    let r = data_ref(batch, source.len(), None);
+                    Some(images_digest(&c.part(
+                        &r,
+                        part,
+                        b.global.dtype(),
+                        b.global.device(),
+                    )?)?)
+                }
+                (Some(_), None) => Some(images_digest(&batch.part_for(r, world)?)?),
+            };
+            Some(data_ref(batch, source.len(), digest))
+        } else {
+            None
+        };
+        let mut tensors: Vec<&Tensor> = Vec::new();
+        if let Some((shard, masks)) = &sent {
             tensors.push(&shard.global);
             tensors.extend(shard.local.as_ref());
             tensors.extend(shard.gram.as_ref());
-            tensors.push(&masks);
-            None
-        };
+            tensors.push(masks);
+        }
         tensors.extend(state.iter());
         let o = Order {
             phase: Phase::Teacher,
@@ -632,9 +676,13 @@ pub fn order_teacher_phase(
             seed: ts.seed,
             hp: *hp,
             shard: Some(ShardMeta {
-                batch_size: shard.batch_size,
-                local: shard.local.is_some(),
-                gram: shard.gram.is_some(),
+                batch_size: if batch.part.is_some() {
+                    b.batch_size
+                } else {
+                    b.batch_size / world
+                },
+                local: b.local.is_some(),
+                gram: b.gram.is_some(),
             }),
             sync: Some(sync),
             verify: verify.clone(),

@@ -13,8 +13,10 @@
 //! than by one committed step ([`Held`]). Every `runtime.cluster.verify_every_steps`
 //! steps the order carries rank 0's digest of its state, and a worker whose copy differs
 //! fails the group, which is admitted again with the whole state. Per step a worker
-//! receives its part of the global batch and the summed gradients, and sends its
-//! gradients: the weights no longer cross the network each step.
+//! receives its part of the global batch (or, with `worker_data = "local"`, which batch
+//! to build its part of from its own `data.source`: [`LocalData`], checked against
+//! rank 0's digest of that part on the same steps) and the summed gradients, and sends
+//! its gradients: the weights no longer cross the network each step.
 //!
 //! Each worker computes each phase exactly as a thread member computes on its copy of
 //! rank 0's weights, taking part in the group-wide Sinkhorn-Knopp sums and the gradient

@@ -18,6 +18,24 @@ pub const EXIT_FAILED: i32 = 1;
 /// Exit status for usage and config errors.
 pub const EXIT_USAGE: i32 = 2;
 
+/// A command line the command cannot act on (a bad `--inject`, `--data` or count): exit
+/// status [`EXIT_USAGE`], as for a bad config.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// A [`UsageError`] as an `anyhow::Error`.
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    UsageError(message.into()).into()
+}
+
 /// dinod: a DINOv3 training daemon that never stops.
 #[derive(Parser, Debug)]
 #[command(name = "dinod", version, about, long_about = None)]
@@ -548,7 +566,9 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("dinod: error: {e:#}");
-            if e.downcast_ref::<config::ConfigErrors>().is_some() {
+            if e.downcast_ref::<config::ConfigErrors>().is_some()
+                || e.downcast_ref::<UsageError>().is_some()
+            {
                 EXIT_USAGE
             } else {
                 EXIT_FAILED
@@ -603,7 +623,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 .iter()
                 .map(|f| {
                     f.parse()
-                        .map_err(|e: String| anyhow::anyhow!("--inject: {e}"))
+                        .map_err(|e: String| usage(format!("--inject: {e}")))
                 })
                 .collect::<Result<Vec<crate::config::FaultSpec>>>()?;
             // its warnings (bad input, drift, a failed group) and step lines, as the

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::cli::{load_plan, EXIT_FAILED};
+use crate::cli::{load_plan, usage, EXIT_FAILED};
 use crate::client;
 use crate::config::FaultSpec;
 use crate::daemon::{self, RunOptions};
@@ -22,17 +22,22 @@ pub fn run(
     let tty = crate::logging::init();
     let mut plan = load_plan(config)?;
     if let Some(spec) = data {
-        let spec: data::SourceSpec = spec.parse().map_err(|e| anyhow!("--data {spec}: {e}"))?;
+        let spec: data::SourceSpec = spec
+            .parse()
+            .map_err(|e| usage(format!("--data {spec}: {e}")))?;
         plan.config.data.source = spec;
     }
     for f in inject {
-        let f: FaultSpec = f.parse().map_err(|e: String| anyhow!("--inject: {e}"))?;
-        f.check_daemon().map_err(|e| anyhow!("--inject: {e}"))?;
+        let f: FaultSpec = f
+            .parse()
+            .map_err(|e: String| usage(format!("--inject: {e}")))?;
+        f.check_daemon()
+            .map_err(|e| usage(format!("--inject: {e}")))?;
         plan.config.runtime.faults.push(f);
     }
     if let Some(n) = checkpoint_every {
         if n == 0 {
-            bail!("--checkpoint-every must be at least 1");
+            return Err(usage("--checkpoint-every must be at least 1"));
         }
         plan.config.checkpoint.every_steps = n;
     }

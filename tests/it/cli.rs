@@ -167,6 +167,72 @@ fn config_value_errors_are_listed_together() {
     }
 }
 
+/// A command line `run` or `worker` cannot act on is a usage error (exit 2, as a bad
+/// config), said with the flag, and creates no state.
+#[test]
+fn bad_run_and_worker_flags_are_usage_errors() {
+    let dir = TempDir::new("usage");
+    let p = write_config(dir.path(), &tiny_config(""));
+    let (cfg, state) = (p.to_str().unwrap(), dir.path().join("s"));
+    let run = |extra: &[&str]| {
+        dinod(
+            &[
+                &[
+                    "run",
+                    "--config",
+                    cfg,
+                    "--state-dir",
+                    state.to_str().unwrap(),
+                ],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    for (extra, says) in [
+        (&["--inject", "melt@3"][..], "--inject: "),
+        (&["--inject", "nan@x"][..], "--inject: "),
+        (&["--inject", "drift@4"][..], "--inject: "),
+        (&["--data", "nowhere:at/all"][..], "--data nowhere:at/all"),
+        (
+            &["--checkpoint-every", "0"][..],
+            "--checkpoint-every must be at least 1",
+        ),
+    ] {
+        let o = run(extra);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", text(&o));
+        assert!(text(&o).contains(says), "{extra:?}: {}", text(&o));
+        assert!(!state.exists(), "{extra:?} created state");
+    }
+    // a worker takes only the drill of its copy
+    let cluster = write_config(
+        &{
+            let c = dir.path().join("c");
+            std::fs::create_dir_all(&c).unwrap();
+            c
+        },
+        &format!(
+            "{}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\n",
+            tiny_config(""),
+            dir.path().join("token").display()
+        ),
+    );
+    std::fs::write(dir.path().join("token"), "a-token-for-the-usage-test").unwrap();
+    for bad in ["nan@3", "drift@"] {
+        let o = dinod(&[
+            "worker",
+            "--config",
+            cluster.to_str().unwrap(),
+            "--join",
+            "127.0.0.1:9",
+            "--inject",
+            bad,
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o));
+        assert!(text(&o).contains("--inject: "), "{bad}: {}", text(&o));
+    }
+}
+
 #[test]
 fn data_scan_reports_every_bad_file() {
     let dir = TempDir::new("scan");

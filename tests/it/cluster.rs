@@ -550,7 +550,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         "--inject",
         "drift@4",
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(
         text(&o).contains("dinod worker --inject drift@STEP"),
         "{}",

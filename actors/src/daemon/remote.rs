@@ -1026,10 +1026,10 @@ pub fn run_worker(plan: &Plan, addr: &str, inject: &[crate::config::FaultSpec]) 
             "the recipe has no [runtime.cluster]: a worker joins the group it describes",
         )?;
     if let Some(f) = inject.iter().find(|f| f.kind != "drift") {
-        bail!(
-            "a worker takes `drift@STEP` faults only (its copy moved after the commit of STEP), not `{}`",
+        return Err(crate::cli::usage(format!(
+            "--inject: a worker takes `drift@STEP` faults only (its copy moved after the commit of STEP), not `{}`",
             f.kind
-        )
+        )));
     }
     let faults = Faults::new(inject);
     let token = cluster::Token::from_file(&c.token_file)?;

@@ -225,6 +225,16 @@ pub struct HeartbeatSection {
     /// before the process exits (a thread stuck in compute cannot be cancelled).
     #[serde(default = "d_hb_escalate")]
     pub escalate_after_s: f64,
+    /// How long the start (reading and verifying the checkpoint, opening the data source,
+    /// loading a teacher) may go without moving on (a new phase, or its progress counter
+    /// moving) before the daemon stops pinging the service manager's watchdog, which then
+    /// restarts it: a start stuck on a hung read is not fed for ever.
+    #[serde(default = "d_hb_start")]
+    pub start_s: f64,
+}
+
+fn d_hb_start() -> f64 {
+    600.0
 }
 
 fn d_hb_load() -> f64 {
@@ -255,6 +265,7 @@ impl Default for HeartbeatSection {
             checkpoint_s: d_hb_ckpt(),
             check_every_ms: d_hb_check(),
             escalate_after_s: d_hb_escalate(),
+            start_s: d_hb_start(),
         }
     }
 }
@@ -1101,6 +1112,28 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             ));
         }
     };
+    let hb = &rt.heartbeat;
+    for (key, v) in [
+        ("load_s", hb.load_s),
+        ("step_s", hb.step_s),
+        ("eval_s", hb.eval_s),
+        ("checkpoint_s", hb.checkpoint_s),
+        ("escalate_after_s", hb.escalate_after_s),
+        ("start_s", hb.start_s),
+    ] {
+        if !(v.is_finite() && v > 0.0) {
+            problems.push(problem(
+                format!("runtime.heartbeat.{key}"),
+                format!("must be a positive number of seconds, got {v}"),
+            ));
+        }
+    }
+    if hb.check_every_ms == 0 {
+        problems.push(problem(
+            "runtime.heartbeat.check_every_ms",
+            "must be at least 1",
+        ));
+    }
     if rt.data_parallel > 1 || rt.cluster.is_some() {
         let t = rt.collective_timeout_s;
         if !(t > 0.0 && t < rt.heartbeat.step_s) {
@@ -1656,6 +1689,38 @@ mod tests {
     /// `model.init` names a source dinod reads, and only for a self-supervised run; the
     /// source itself is read when a new run starts (a stored config must still parse once
     /// the file is gone).
+    /// Every heartbeat limit must be a positive number: a zero or negative one would make
+    /// every phase look hung (or, for the start, starve the watchdog at once).
+    #[test]
+    fn heartbeat_limits_are_validated() {
+        let e = super::parse(
+            &format!(
+                "{}\n[runtime.heartbeat]\nload_s = -1.0\nstart_s = 0.0\ncheck_every_ms = 0\n",
+                super::DEFAULT_RECIPE
+            ),
+            "t",
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "runtime.heartbeat.load_s",
+            "runtime.heartbeat.start_s",
+            "runtime.heartbeat.check_every_ms",
+        ] {
+            assert!(e.contains(key), "{key} missing in: {e}");
+        }
+        assert!(!e.contains("runtime.heartbeat.step_s"), "{e}");
+        let ok = super::parse(
+            &format!(
+                "{}\n[runtime.heartbeat]\nstart_s = 30.0\n",
+                super::DEFAULT_RECIPE
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(ok.config.runtime.heartbeat.start_s, 30.0);
+    }
+
     #[test]
     fn the_init_source_is_validated() {
         assert!(super::DEFAULT_RECIPE.contains("\n[model]\n"));

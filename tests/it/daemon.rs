@@ -1597,6 +1597,94 @@ fn a_service_manager_hears_start_ready_watchdog_and_stop() {
     assert!(got.iter().any(|(_, m)| m.starts_with("READY=1")));
 }
 
+/// A start that stops moving on (its phase and progress unchanged for
+/// `runtime.heartbeat.start_s`) stops pinging the service manager's watchdog, so that
+/// systemd restarts a daemon stuck in a hung read, and says so (status line, event);
+/// once it moves on and trains, the pings resume.
+#[test]
+fn a_stalled_start_starves_the_service_managers_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = TempDir::new("notify-stall");
+    let cfg = write_config(
+        dir.path(),
+        &tiny_config("[runtime.heartbeat]\nstart_s = 1.0\n"),
+    );
+    let st = dir.path().join("state");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    // the start is held 4 s after opening the data source, showing nothing new
+    let mut child = std::process::Command::new(bin())
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--state-dir",
+            st.to_str().unwrap(),
+            "--max-steps",
+            "20",
+            "--inject",
+            "slow:startup@0+4000",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .env("DINOD_CACHE_DIR", "off")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut got: Vec<(Instant, String)> = vec![];
+    let mut buf = vec![0u8; 4096];
+    let end = loop {
+        match sock.recv(&mut buf) {
+            Ok(n) => got.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into())),
+            Err(_) => {
+                if let Some(code) = child.try_wait().unwrap() {
+                    break code;
+                }
+            }
+        }
+    };
+    assert_eq!(end.code(), Some(0));
+    let msgs: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
+    let at = |pred: &dyn Fn(&str) -> bool| {
+        got.iter()
+            .position(|(_, m)| pred(m))
+            .unwrap_or_else(|| panic!("{msgs:?}"))
+    };
+    let stalled = at(&|m| m == "STATUS=starting: stalled: opening the data source synthetic:0:32");
+    let ready = at(&|m| m.starts_with("READY=1"));
+    assert!(stalled < ready, "{msgs:?}");
+    let pings: Vec<Instant> = got
+        .iter()
+        .filter(|(_, m)| m == "WATCHDOG=1")
+        .map(|(t, _)| *t)
+        .collect();
+    // pinged until the stall (about 1 s), then nothing for the rest of the hold (about
+    // 3 s), then pinged again while training
+    let gap = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    assert!(gap >= Duration::from_millis(2000), "{gap:?} {msgs:?}");
+    assert!(
+        pings.iter().any(|t| *t < got[stalled].0) && pings.iter().any(|t| *t > got[ready].0),
+        "{msgs:?}"
+    );
+    let ev = events(&st);
+    assert!(
+        ev.iter().any(|e| e["kind"] == "run.start_stalled"
+            && e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("the start has not moved on for")),
+        "{ev:?}"
+    );
+}
+
 /// A command that finds the state directory held but no socket (a daemon binding it or
 /// about to exit, another command reading the catalog) waits for the one or the other
 /// instead of failing on the locked catalog.

@@ -466,6 +466,7 @@ pub fn run(plan: Plan, opts: RunOptions) -> Result<i32> {
         store.clone(),
         &opts.state_dir,
         "reading the checkpoints",
+        std::time::Duration::from_secs_f64(plan.config.runtime.heartbeat.start_s),
     );
     force_device_path_for_bf16(&plan);
     let self_teacher = format!("state:{}", opts.state_dir.display());

@@ -60,6 +60,52 @@ impl Phase {
     }
 }
 
+/// Whether the start has stalled: what it shows (its phase and progress) has not changed
+/// for `after`.
+struct StallClock<K> {
+    after: Duration,
+    last: Option<K>,
+    moved: Instant,
+    told: bool,
+}
+
+impl<K: PartialEq> StallClock<K> {
+    fn new(after: Duration) -> Self {
+        StallClock {
+            after,
+            last: None,
+            moved: Instant::now(),
+            told: false,
+        }
+    }
+
+    /// Looks at what the start shows now: `None` while it moves, `Some(first)` once it
+    /// has stalled (`first`: this is the first look that finds it stalled).
+    fn look(&mut self, now: K) -> Option<bool> {
+        if self.last.as_ref() != Some(&now) {
+            self.last = Some(now);
+            self.moved = Instant::now();
+            self.told = false;
+        }
+        if self.moved.elapsed() < self.after {
+            return None;
+        }
+        let first = !self.told;
+        self.told = true;
+        Some(first)
+    }
+
+    fn stalled_for(&self) -> f64 {
+        self.moved.elapsed().as_secs_f64()
+    }
+
+    fn reset(&mut self) {
+        self.last = None;
+        self.moved = Instant::now();
+        self.told = false;
+    }
+}
+
 /// The process's lifecycle: one per `dinod run`.
 pub struct Lifecycle {
     store: Arc<Store>,
@@ -85,6 +131,7 @@ impl Lifecycle {
         store: Arc<Store>,
         state_dir: &std::path::Path,
         what: &str,
+        stall_after: Duration,
     ) -> Arc<Self> {
         let me = Arc::new(Self {
             store,
@@ -129,18 +176,41 @@ impl Lifecycle {
         }
         me.listen();
         super::notify::status(&format!("starting: {what}"));
-        // the service manager's watchdog, while no tree's control actor pings it
+        // the service manager's watchdog, while no tree's control actor pings it; not
+        // while the start has not moved on for `stall_after` (a hung read must starve it)
         let m = me.clone();
         rt.spawn(async move {
             let mut told = Instant::now();
+            let mut stall = StallClock::new(stall_after);
             loop {
                 let mode = m.mode.load(Ordering::SeqCst);
-                if mode != TRAINING || !super::notify::tree_pings() {
+                let starting = mode == STARTING;
+                let (line, stalled) = if starting {
+                    let (line, since) = {
+                        let p = m.phase();
+                        (p.line(), p.since)
+                    };
+                    let stalled = stall.look((since, line.clone()));
+                    (line, stalled)
+                } else {
+                    stall.reset();
+                    (String::new(), None)
+                };
+                if stalled == Some(true) {
+                    let for_s = stall.stalled_for();
+                    let message = format!(
+                        "the start has not moved on for {for_s:.0} s ({line}): the service manager's watchdog is no longer pinged, so it restarts the daemon"
+                    );
+                    tracing::error!(kind = "run.start_stalled", "{message}");
+                    let _ = m.store.append_event(&Event::new(Level::Error, "run.start_stalled", message.clone()));
+                    super::notify::status(&format!("starting: stalled: {line}"));
+                }
+                if (mode != TRAINING || !super::notify::tree_pings()) && stalled.is_none() {
                     super::notify::watchdog();
                 }
-                if mode == STARTING && told.elapsed() >= Duration::from_secs(5) {
+                if starting && stalled.is_none() && told.elapsed() >= Duration::from_secs(5) {
                     told = Instant::now();
-                    super::notify::status(&format!("starting: {}", m.phase().line()));
+                    super::notify::status(&format!("starting: {line}"));
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -407,5 +477,29 @@ async fn serve(lc: Arc<Lifecycle>, stream: UnixStream) {
             let _ = w.flush().await;
             lc.on_stop_request("`dinod stop`");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The start counts as stalled once what it shows has not changed for the limit, is
+    /// told so once, and moves again as soon as it shows something new.
+    #[test]
+    fn a_start_stalls_when_what_it_shows_stops_changing() {
+        let mut c = StallClock::new(Duration::from_millis(60));
+        assert_eq!(c.look("reading"), None);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(c.look("reading"), None);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(c.look("reading"), Some(true), "70 ms without change");
+        assert!(c.stalled_for() >= 0.06);
+        assert_eq!(c.look("reading"), Some(false), "told once");
+        assert_eq!(c.look("reading (3 of 9)"), None, "progress moved");
+        std::thread::sleep(Duration::from_millis(70));
+        assert_eq!(c.look("reading (3 of 9)"), Some(true), "stalled again");
+        c.reset();
+        assert_eq!(c.look("reading (3 of 9)"), None, "a new start");
     }
 }

@@ -365,6 +365,10 @@ pub struct CopiesStatus {
     pub sent_bytes: u64,
     /// (See `sent_bytes`.)
     pub received_bytes: u64,
+    /// Where the workers' images come from: `sent` by this process or `local` (each
+    /// worker loads its own part), as `runtime.cluster.worker_data` says.
+    #[serde(default)]
+    pub worker_data: String,
 }
 
 static SENT_BYTES: AtomicU64 = AtomicU64::new(0);

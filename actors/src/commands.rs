@@ -164,7 +164,7 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
         let at = |k: &str| c.get(k).and_then(|v| v.as_u64());
         let gb = |k: &str| at(k).unwrap_or(0) as f64 / 1e9;
         println!(
-            "copies       whole state sent {} time(s){}; {}; {:.2} GB sent, {:.2} GB received",
+            "copies       whole state sent {} time(s){}; {}; {:.2} GB sent, {:.2} GB received; {}",
             at("whole_states").unwrap_or(0),
             at("whole_state_step")
                 .map(|s| format!(" (last at step {s})"))
@@ -173,7 +173,11 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
                 .map(|s| format!("checked against this process at step {s}"))
                 .unwrap_or_else(|| "not checked yet".into()),
             gb("sent_bytes"),
-            gb("received_bytes")
+            gb("received_bytes"),
+            match c.get("worker_data").and_then(|v| v.as_str()) {
+                Some("local") => "each worker loads its own images",
+                _ => "the workers' images sent from here",
+            }
         );
     }
     println!("lr           {:.3e}", r["lr"].as_f64().unwrap_or(0.0));

@@ -477,6 +477,12 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     );
     assert!(cp["sent_bytes"].as_u64().unwrap_or(0) > 0, "{st}");
     assert!(cp["received_bytes"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert_eq!(cp["worker_data"], "sent", "{st}");
+    assert!(
+        text(&o).contains("GB received; the workers' images sent from here"),
+        "{}",
+        text(&o)
+    );
     assert!(
         text(&o).contains(&format!(
             "copies       whole state sent 1 time(s) (last at step 0); checked against this process at step {}",
@@ -877,6 +883,10 @@ fn workers_loading_their_own_images_train_what_threads_train_and_other_data_is_r
     assert_eq!(code, Some(0), "{werr}");
     assert!(werr.contains("skipped unreadable input"), "{werr}");
     assert_eq!(fingerprint(&s2), want, "processes and threads differ");
+    assert_eq!(
+        status(&s2)["run"]["cluster"]["copies"]["worker_data"],
+        "local"
+    );
     // the daemon said why the refused workers left
     assert!(err.contains("differ from rank 0's"), "{err}");
 }

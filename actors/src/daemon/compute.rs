@@ -228,21 +228,20 @@ impl Actor for TeacherActor {
                     // over all
                     let ts: &model::TrainState = &eng.ts;
                     let r = (|| -> Result<Vec<TeacherOutput>> {
-                        let cfg = ctx.plan().config.runtime.cluster.as_ref();
+                        let cfg = (ctx.plan().config.runtime.cluster.as_ref())
+                            .ok_or_else(|| anyhow::anyhow!("a group without [runtime.cluster]"))?;
                         super::remote::order_teacher_phase(
                             &ctx.cluster,
                             &cm,
                             ts,
                             ctx.engine.generation(),
-                            cfg.ok_or_else(|| {
-                                anyhow::anyhow!("a group without [runtime.cluster]")
-                            })?,
+                            cfg,
                             &batch,
                             &ctx.source,
                             ctx.plan(),
                             &hp,
                         )?;
-                        ctx.cluster.publish(&ctx.board);
+                        ctx.cluster.publish(&ctx.board, cfg.worker_data);
                         let dev = ts.device();
                         let view = ts.phase_view(model::Side::Teacher, dt, &dev)?;
                         let shard = batch.part_for(0, cm.world())?;

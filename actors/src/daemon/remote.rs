@@ -242,7 +242,7 @@ impl ClusterSlot {
     }
 
     /// Shows the copies' status (and this process's traffic) in `dinod status`.
-    pub fn publish(&self, board: &Board) {
+    pub fn publish(&self, board: &Board, worker_data: crate::config::WorkerData) {
         let (sent_bytes, received_bytes) = cluster::traffic();
         let st = {
             let c = self.copies();
@@ -252,6 +252,11 @@ impl ClusterSlot {
                 verified_step: c.verified_step,
                 sent_bytes,
                 received_bytes,
+                worker_data: match worker_data {
+                    crate::config::WorkerData::Sent => "sent",
+                    crate::config::WorkerData::Local => "local",
+                }
+                .into(),
             }
         };
         board.run(|r| {

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 
+use crate::params::{Grads, ParamSet};
 use crate::ssl::LossTerms;
 use crate::ssl::{ModelGrads, SslModel};
 use crate::state::{
@@ -302,68 +303,110 @@ pub fn all_reduce_mean_grads(
     grads: &mut ModelGrads,
     student: &SslModel,
 ) -> Result<()> {
+    let params = student.modules();
+    all_reduce_mean_parts(
+        comm,
+        vec![
+            (params[0].0, &mut grads.backbone, params[0].1),
+            (params[1].0, &mut grads.dino_head, params[1].1),
+            (params[2].0, &mut grads.ibot_head, params[2].1),
+        ],
+    )
+}
+
+/// [`all_reduce_mean_grads`] of the heads' gradients only (DINO, then iBOT): with
+/// [`all_reduce_mean_backbone_grads`] after it, the same result bits as one all-reduce
+/// of all three, since every element is summed over the same members in the same order.
+/// So a member can average the heads' gradients while its backbone's backward pass runs
+/// ([`crate::student_phase_split`]).
+pub fn all_reduce_mean_head_grads(
+    comm: &dyn Collective,
+    dino_head: &mut Grads,
+    ibot_head: &mut Grads,
+    student: &SslModel,
+) -> Result<()> {
+    let params = student.modules();
+    all_reduce_mean_parts(
+        comm,
+        vec![
+            (params[1].0, dino_head, params[1].1),
+            (params[2].0, ibot_head, params[2].1),
+        ],
+    )
+}
+
+/// [`all_reduce_mean_grads`] of the backbone's gradients only (see
+/// [`all_reduce_mean_head_grads`]).
+pub fn all_reduce_mean_backbone_grads(
+    comm: &dyn Collective,
+    backbone: &mut Grads,
+    student: &SslModel,
+) -> Result<()> {
+    let params = student.modules();
+    all_reduce_mean_parts(comm, vec![(params[0].0, backbone, params[0].1)])
+}
+
+/// Averages the gradients of `parts` (each module's role, gradients and parameters) in
+/// one all-reduce of their flattened concatenation, plus one of which are present.
+fn all_reduce_mean_parts(
+    comm: &dyn Collective,
+    mut parts: Vec<(&'static str, &mut Grads, &ParamSet)>,
+) -> Result<()> {
     let w = comm.world();
     if w == 1 {
         return Ok(());
     }
-    let params = student.modules();
-    let dev = student.backbone.device();
-    let wide = if grads
-        .modules()
+    let Some(dev) = parts
         .iter()
-        .any(|(_, g)| g.tensors.iter().flatten().any(|t| t.dtype() == DType::F64))
-    {
+        .find_map(|(_, _, ps)| (!ps.is_empty()).then(|| ps.get(0).device().clone()))
+    else {
+        return Ok(());
+    };
+    let present_tensors = || {
+        parts
+            .iter()
+            .flat_map(|(_, g, _)| g.tensors.iter().flatten())
+            .collect::<Vec<_>>()
+    };
+    let wide = if present_tensors().iter().any(|t| t.dtype() == DType::F64) {
         DType::F64
     } else {
         DType::F32
     };
     // the type the gradients come back in: the compute type, the same on every member
-    // (every member has backbone gradients), even for a slot this member lacked
-    let grad_dt = grads
-        .modules()
-        .iter()
-        .find_map(|(_, g)| g.tensors.iter().flatten().next().map(|t| t.dtype()))
-        .unwrap_or(wide);
+    // (every member has gradients of the first module: the backbone, or the DINO head),
+    // even for a slot this member lacked
+    let grad_dt = present_tensors().first().map(|t| t.dtype()).unwrap_or(wide);
     let mut present: Vec<f64> = vec![];
-    let mut parts: Vec<Tensor> = vec![];
-    for (m, (_, g)) in grads.modules().iter().enumerate() {
-        let ps = params[m].1;
+    let mut flat: Vec<Tensor> = vec![];
+    for (role, g, ps) in &parts {
         if g.tensors.len() != ps.len() {
             bail!(
-                "all-reduce: {} gradients for {} parameters of {}",
+                "all-reduce: {} gradients for {} parameters of {role}",
                 g.tensors.len(),
                 ps.len(),
-                params[m].0
             )
         }
         for (i, t) in g.tensors.iter().enumerate() {
             match t {
                 Some(t) => {
                     present.push(1.0);
-                    parts.push(t.flatten_all()?.to_dtype(wide)?);
+                    flat.push(t.flatten_all()?.to_dtype(wide)?);
                 }
                 None => {
                     present.push(0.0);
-                    parts.push(Tensor::zeros(ps.get(i).elem_count(), wide, &dev)?);
+                    flat.push(Tensor::zeros(ps.get(i).elem_count(), wide, &dev)?);
                 }
             }
         }
     }
     comm.all_reduce_sum(&mut present)?;
-    let flat = Tensor::cat(&parts, 0)?;
-    drop(parts);
-    let sum = comm.all_reduce_sum_tensor(&flat)?;
+    let flat_all = Tensor::cat(&flat, 0)?;
+    drop(flat);
+    let sum = comm.all_reduce_sum_tensor(&flat_all)?;
     let mean = sum.affine(1.0 / w as f64, 0.0)?;
     let (mut off, mut slot) = (0, 0);
-    for (m, g) in [
-        &mut grads.backbone,
-        &mut grads.dino_head,
-        &mut grads.ibot_head,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let ps = params[m].1;
+    for (_, g, ps) in parts.iter_mut() {
         for i in 0..ps.len() {
             let p = ps.get(i);
             let n = p.elem_count();

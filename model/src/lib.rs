@@ -27,8 +27,9 @@ pub use config::{HeadConfig, LossConfig, OptimConfig, SslConfig, VitConfig};
 pub use state::{
     apply_step, apply_step_observed, clip_gradients, compute_step, compute_step_observed,
     distill_student_phase, distill_teacher_phase, finish_step, frozen_teacher_targets,
-    student_phase, teacher_phase, teacher_phase_in, train_step, Batch, Phase, Side, StepError,
-    StepHparams, StepOutcome, StepReport, TeacherOutput, TrainState,
+    student_phase, student_phase_split, teacher_phase, teacher_phase_in, train_step,
+    BackboneBackward, BackboneDone, Batch, Phase, Side, StepError, StepHparams, StepOutcome,
+    StepReport, TeacherOutput, TrainState,
 };
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::SslConfig;
 use crate::optim::{clip_module, ema, AdamW, ClipStat, OptimHparams};
 use crate::params::stream;
+use crate::params::Grads;
 use crate::ssl::{
     ssl_losses, CropCounts, HeadOutputs, LossTerms, LossWeights, ModelGrads, SslModel,
     StudentFeatures, TeacherTargets,
@@ -562,6 +563,18 @@ fn student_phase_impl(
     obs: &mut dyn FnMut(Phase),
     masked: bool,
 ) -> Result<StepOutcome> {
+    let (dino_head, ibot_head, rest) = student_phase_begin(st, batch, hp, teacher, obs, masked)?;
+    rest.run(st, dino_head, ibot_head, obs)
+}
+
+fn student_phase_begin(
+    st: &TrainState,
+    batch: &Batch,
+    hp: &StepHparams,
+    teacher: TeacherOutput,
+    obs: &mut dyn FnMut(Phase),
+    masked: bool,
+) -> Result<(Grads, Grads, BackboneBackward)> {
     let cfg = &st.cfg;
     let b = batch.batch_size;
     let mut rng = stream(st.seed, &format!("train_step/{}", st.step));
@@ -613,22 +626,91 @@ fn student_phase_impl(
         fg.add_cls(1, &lr.features.cls_local)?;
     }
     fg.add_patches(0, &lr.features.patch_global)?;
-    let backbone = st.student.backbone.backward(cache, &fg.into_tensor())?;
-    obs(Phase::Backward);
-    Ok(StepOutcome {
+    let rest = BackboneBackward {
+        cache,
+        d_features: fg.into_tensor(),
         losses: lr.terms,
-        grads: ModelGrads {
-            backbone,
-            dino_head: lr.dino_head,
-            ibot_head: lr.ibot_head,
-        },
         trace: Trace {
             teacher: teacher.targets,
             student,
             heads: lr.heads,
             gram_target: teacher.gram_target,
         },
-    })
+    };
+    Ok((lr.dino_head, lr.ibot_head, rest))
+}
+
+/// The backbone's backward pass of a student phase whose heads' gradients are already
+/// out ([`student_phase_split`]).
+pub struct BackboneBackward {
+    cache: crate::vit::VitCache,
+    d_features: Tensor,
+    losses: LossTerms,
+    trace: Trace,
+}
+
+impl BackboneBackward {
+    /// Computes the backbone's gradients and completes the phase's outcome with the heads'
+    /// gradients `dino_head` and `ibot_head` (as split off, or averaged over a group
+    /// meanwhile).
+    pub fn run(
+        self,
+        st: &TrainState,
+        dino_head: Grads,
+        ibot_head: Grads,
+        obs: &mut dyn FnMut(Phase),
+    ) -> Result<StepOutcome> {
+        Ok(self.backbone(st, obs)?.outcome(dino_head, ibot_head))
+    }
+
+    /// Computes the backbone's gradients.
+    pub fn backbone(self, st: &TrainState, obs: &mut dyn FnMut(Phase)) -> Result<BackboneDone> {
+        let backbone = st.student.backbone.backward(self.cache, &self.d_features)?;
+        obs(Phase::Backward);
+        Ok(BackboneDone {
+            backbone,
+            losses: self.losses,
+            trace: self.trace,
+        })
+    }
+}
+
+/// A student phase whose backward pass is done; the heads' gradients complete it.
+pub struct BackboneDone {
+    /// The backbone's gradients.
+    pub backbone: Grads,
+    losses: LossTerms,
+    trace: Trace,
+}
+
+impl BackboneDone {
+    /// The phase's outcome with the heads' gradients.
+    pub fn outcome(self, dino_head: Grads, ibot_head: Grads) -> StepOutcome {
+        StepOutcome {
+            losses: self.losses,
+            grads: ModelGrads {
+                backbone: self.backbone,
+                dino_head,
+                ibot_head,
+            },
+            trace: self.trace,
+        }
+    }
+}
+
+/// [`student_phase`] in two parts: up to the losses, which gives the heads' gradients
+/// (final: the backbone's backward pass does not change them) and the rest, the
+/// backbone's backward pass ([`BackboneBackward::run`]). A data-parallel member can
+/// average the heads' gradients over its group while it computes the backbone's; the
+/// outcome is the one [`student_phase`] gives, bit for bit.
+pub fn student_phase_split(
+    st: &TrainState,
+    batch: &Batch,
+    hp: &StepHparams,
+    teacher: TeacherOutput,
+    obs: &mut dyn FnMut(Phase),
+) -> Result<(Grads, Grads, BackboneBackward)> {
+    student_phase_begin(st, batch, hp, teacher, obs, true)
 }
 
 /// [`compute_step`] with a callback after each phase.

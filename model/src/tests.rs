@@ -488,6 +488,81 @@ fn mean_gradients_over_a_group_own_only_their_elements() {
     assert!(n > 10, "{n} gradients checked");
 }
 
+/// The student phase split at its losses, with the heads' gradients averaged over the
+/// group apart from the backbone's (as a member of a group of processes overlaps them
+/// with the backward pass), gives every member the gradients and losses of the phase
+/// whole with one all-reduce of everything, bit for bit; also where a member has no
+/// masked patch and so no iBOT-head gradient.
+#[test]
+fn averaging_the_heads_apart_from_the_backbone_changes_no_bit() {
+    use crate::dist::Collective;
+    let cfg = small_cfg(0.0, None);
+    let st = perturbed_state(&cfg, DType::F32);
+    let mut batch = small_batch(DType::F32, 4);
+    let p = batch.masks.len() / 8;
+    for c in 0..2 {
+        for i in 2..4 {
+            // member 1 of 2 (images 2 and 3) has no masked patch
+            batch.masks[(c * 4 + i) * p..(c * 4 + i + 1) * p].fill(0);
+        }
+    }
+    let batch = Batch::new(4, batch.global, batch.local, batch.gram, batch.masks).unwrap();
+    let group = crate::dist::ThreadGroup::new(2);
+    let bits = |g: &crate::ssl::ModelGrads| -> Vec<Option<Vec<u32>>> {
+        g.modules()
+            .iter()
+            .flat_map(|(_, gs)| gs.tensors.iter())
+            .map(|t| {
+                t.as_ref().map(|t| {
+                    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                    v.into_iter().map(f32::to_bits).collect()
+                })
+            })
+            .collect()
+    };
+    std::thread::scope(|s| {
+        for comm in group.iter() {
+            let (st, batch, bits) = (&st, &batch, &bits);
+            s.spawn(move || {
+                let shard = batch.shard(comm.rank(), 2).unwrap();
+                let t =
+                    crate::teacher_phase_in(st, &shard, &hp(), Some(comm), &mut |_| {}).unwrap();
+                let mut whole = crate::student_phase(st, &shard, &hp(), t, &mut |_| {}).unwrap();
+                crate::dist::all_reduce_mean_grads(comm, &mut whole.grads, &st.student).unwrap();
+                crate::dist::all_reduce_mean_losses(comm, &mut whole.losses).unwrap();
+
+                let t =
+                    crate::teacher_phase_in(st, &shard, &hp(), Some(comm), &mut |_| {}).unwrap();
+                let (mut dino, mut ibot, rest) =
+                    crate::student_phase_split(st, &shard, &hp(), t, &mut |_| {}).unwrap();
+                assert_eq!(
+                    ibot.tensors.iter().all(Option::is_none),
+                    comm.rank() == 1,
+                    "member 1 alone has no iBOT-head gradient"
+                );
+                crate::dist::all_reduce_mean_head_grads(comm, &mut dino, &mut ibot, &st.student)
+                    .unwrap();
+                let mut done = rest.backbone(st, &mut |_| {}).unwrap();
+                crate::dist::all_reduce_mean_backbone_grads(comm, &mut done.backbone, &st.student)
+                    .unwrap();
+                let mut split = done.outcome(dino, ibot);
+                crate::dist::all_reduce_mean_losses(comm, &mut split.losses).unwrap();
+
+                assert!(
+                    bits(&whole.grads) == bits(&split.grads),
+                    "member {}",
+                    comm.rank()
+                );
+                assert!(
+                    bits(&split.grads).iter().all(Option::is_some),
+                    "every gradient is present after the average"
+                );
+                assert_eq!(whole.losses.total.to_bits(), split.losses.total.to_bits());
+            });
+        }
+    });
+}
+
 /// Data parallelism changes nothing but the rounding: with the per-member terms off
 /// (KoLeo, drop path), two and four members on half / a quarter of the batch each give
 /// the one-member step on the whole batch, and every member ends with the same state.

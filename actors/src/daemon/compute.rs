@@ -416,16 +416,8 @@ impl Actor for TrainerActor {
                                 let dev = ts.device();
                                 let view = ts.phase_view(model::Side::Student, dt, &dev)?;
                                 let shard = batch.part_for(0, cm.world())?;
-                                let mut out =
-                                    model::student_phase(&view, &shard, &hp, t, &mut |_| {})?;
                                 // rank 0 ends with the group's mean gradient
-                                model::dist::all_reduce_mean_grads(
-                                    &*cm,
-                                    &mut out.grads,
-                                    &view.student,
-                                )?;
-                                model::dist::all_reduce_mean_losses(&*cm, &mut out.losses)?;
-                                Ok(out)
+                                super::remote::student_phase_over(&cm, &view, &shard, &hp, t)
                             })();
                             r.map_err(|e| {
                                 super::remote::group_error(&ctx.cluster, &ctx.board, &cm, e)

@@ -715,6 +715,48 @@ pub fn order_teacher_phase(
     Ok(())
 }
 
+/// The student phase of one member of a group of processes (rank 0 and the workers run
+/// the same): the heads' gradients are averaged over the group on a second thread while
+/// the backbone's backward pass runs here, as PyTorch's DDP overlaps its gradient buckets
+/// with the backward pass; then the backbone's gradients and the losses. Every element
+/// is summed over the same members in the same order as one all-reduce of all the
+/// gradients after the backward pass, so the bits are the same.
+pub fn student_phase_over(
+    m: &TcpMember,
+    view: &TrainState,
+    shard: &Batch,
+    hp: &StepHparams,
+    teacher: model::TeacherOutput,
+) -> Result<model::StepOutcome> {
+    let (mut dino, mut ibot, rest) =
+        model::student_phase_split(view, shard, hp, teacher, &mut |_| {})?;
+    let (heads, done) = std::thread::scope(|s| {
+        let heads = std::thread::Builder::new()
+            .name("dinod-heads-allreduce".into())
+            .spawn_scoped(s, || {
+                model::dist::all_reduce_mean_head_grads(m, &mut dino, &mut ibot, &view.student)
+            });
+        let done = rest.backbone(view, &mut |_| {});
+        let heads = match heads {
+            Ok(h) => h.join().unwrap_or_else(|_| {
+                Err(candle_core::Error::Msg(
+                    "the heads' all-reduce panicked".into(),
+                ))
+            }),
+            Err(e) => Err(candle_core::Error::Msg(format!(
+                "cannot start the heads' all-reduce: {e}"
+            ))),
+        };
+        (heads, done)
+    });
+    heads?;
+    let mut done = done?;
+    model::dist::all_reduce_mean_backbone_grads(m, &mut done.backbone, &view.student)?;
+    let mut out = done.outcome(dino, ibot);
+    model::dist::all_reduce_mean_losses(m, &mut out.losses)?;
+    Ok(out)
+}
+
 /// Rank 0, before its own student phase: tells every worker to compute it (the student
 /// is in its copy).
 pub fn order_student_phase(
@@ -1003,9 +1045,7 @@ fn serve(
                 let view = copy
                     .ts
                     .phase_view(model::Side::Student, dt, &copy.ts.device())?;
-                let mut out = model::student_phase(&view, &p.shard, &o.hp, p.teacher, &mut |_| {})?;
-                model::dist::all_reduce_mean_grads(m, &mut out.grads, &view.student)?;
-                model::dist::all_reduce_mean_losses(m, &mut out.losses)?;
+                let out = student_phase_over(m, &view, &p.shard, &o.hp, p.teacher)?;
                 // the group's mean gradients, which rank 0 clips and commits (or not)
                 copy.grads = Some((step, out.grads));
                 if step.is_multiple_of(log_every) {

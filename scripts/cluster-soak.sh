@@ -8,7 +8,8 @@
 #
 # Environment: DINOD (default target/release/dinod), N (steps, default 300), KILL (1:
 # kill the worker at step N/2, default 1), WORK (a scratch folder, default a new one),
-# PORT (default 7704). CONFIG defaults to configs/default.toml; its [runtime] sections
+# PORT (default 7704), WORKER_DATA (`sent` or `local`: runtime.cluster.worker_data,
+# default sent). CONFIG defaults to configs/default.toml; its [runtime] sections
 # are replaced by `data_parallel = 2` for the threads and a 2-node [runtime.cluster].
 set -euo pipefail
 
@@ -18,6 +19,7 @@ DINOD=${DINOD:-$root/target/release/dinod}
 N=${N:-300}
 KILL=${KILL:-1}
 PORT=${PORT:-7704}
+WORKER_DATA=${WORKER_DATA:-sent}
 WORK=${WORK:-$(mktemp -d /tmp/dinod-soak.XXXXXX)}
 export RUST_BACKTRACE=0 DINOD_CACHE_DIR=off RUST_LOG=${RUST_LOG:-warn}
 [ -x "$DINOD" ] || { echo "no dinod binary at $DINOD (cargo build --release, or DINOD=...)" >&2; exit 2; }
@@ -27,7 +29,7 @@ printf 'a-token-for-the-soak-run\n' > token
 chmod 600 token
 python3 "$root/scripts/strip_runtime.py" "$config" > base.toml
 { cat base.toml; printf '\n[runtime]\ndata_parallel = 2\n'; } > threads.toml
-{ cat base.toml; printf '\n[runtime.cluster]\nlisten = "127.0.0.1:%s"\nnodes = 2\ntoken_file = "%s/token"\nverify_every_steps = 10\n' "$PORT" "$WORK"; } > cluster.toml
+{ cat base.toml; printf '\n[runtime.cluster]\nlisten = "127.0.0.1:%s"\nnodes = 2\ntoken_file = "%s/token"\nverify_every_steps = 10\nworker_data = "%s"\n' "$PORT" "$WORK" "$WORKER_DATA"; } > cluster.toml
 
 fingerprint() {
     "$DINOD" status --state-dir "$1" --json | python3 -c 'import json,sys; r=json.load(sys.stdin)["run"]; print(r["step"], r.get("fingerprint"))'

@@ -221,6 +221,7 @@ impl CoordState {
             eng.counters = json!({});
         }
         eng.counters["gram_refreshed_at"] = json!(step);
+        ctx.cluster.note_gram_refresh(&eng.ts);
         eng.stage = stages::state_json(&machine);
         let n = eng.ts.gram_updates;
         drop(eng);
@@ -281,11 +282,9 @@ impl CoordState {
                 eng.ts.gram_updates += 1;
             }
             Some(eval_probes::GramTeacherSource::EmaTeacher { .. }) => {
-                ctx.engine
-                    .lock()
-                    .ts
-                    .refresh_gram_teacher()
-                    .map_err(|e| e.to_string())?;
+                let mut eng = ctx.engine.lock();
+                eng.ts.refresh_gram_teacher().map_err(|e| e.to_string())?;
+                ctx.cluster.note_gram_refresh(&eng.ts);
             }
             None => {}
         }

@@ -98,6 +98,9 @@ struct Copies {
     clip: Option<(u64, [f64; 3])>,
     adamw: Option<(u64, StepHparams)>,
     ema: Option<(u64, f64)>,
+    /// Rank 0 made a new Gram teacher from its EMA teacher, standing at this step with
+    /// this Gram-teacher count.
+    gram_refresh: Option<(u64, u32)>,
     /// Whole states sent since the daemon started, the step of the last one, and the last
     /// step whose order carried the digest (for `dinod status`).
     full_syncs: u64,
@@ -116,6 +119,23 @@ impl Copies {
                 Some(c) => CopySync::Commit(c),
                 None => CopySync::Full,
             },
+            // the commit, then a Gram teacher copied from the EMA teacher right after it
+            Some(h)
+                if Held {
+                    gram_updates: h.gram_updates + 1,
+                    gram_teacher: true,
+                    ..h.committed()
+                } == now
+                    && self.gram_refresh == Some((now.step, now.gram_updates)) =>
+            {
+                match self.commit_of(h.step) {
+                    Some(c) => CopySync::Commit(Commit {
+                        gram_from_teacher: true,
+                        ..c
+                    }),
+                    None => CopySync::Full,
+                }
+            }
             _ => CopySync::Full,
         }
     }
@@ -130,6 +150,7 @@ impl Copies {
                     step,
                     clip,
                     hp: StepHparams { momentum, ..hp },
+                    gram_from_teacher: false,
                 })
             }
             _ => None,
@@ -282,6 +303,13 @@ impl ClusterSlot {
         self.copies().ema = Some((step, momentum));
     }
 
+    /// Rank 0 copied its EMA teacher into a new Gram teacher; `ts` is its state right
+    /// after. The workers' copies do the same with their own teachers instead of being
+    /// sent the whole state.
+    pub fn note_gram_refresh(&self, ts: &TrainState) {
+        self.copies().gram_refresh = Some((ts.step, ts.gram_updates));
+    }
+
     /// The run is over: the workers are told so and exit.
     pub fn bye(&self) {
         if let Ok(mut g) = self.group.lock() {
@@ -363,6 +391,10 @@ struct Commit {
     clip: [f64; 3],
     /// The rates AdamW used and the EMA's momentum.
     hp: StepHparams,
+    /// After the update, rank 0 copied its EMA teacher into a new Gram teacher (a
+    /// refresh): the copy does the same with its own teacher, the same bits.
+    #[serde(default)]
+    gram_from_teacher: bool,
 }
 
 /// How a worker's copy reaches rank 0's state before a teacher phase.
@@ -712,6 +744,7 @@ pub fn order_teacher_phase(
     copies.clip = None;
     copies.adamw = None;
     copies.ema = None;
+    copies.gram_refresh = None;
     Ok(())
 }
 
@@ -895,6 +928,9 @@ impl Replica {
                 };
                 model::state::apply_clip(&g, c.clip)?;
                 model::apply_step(&mut self.ts, &g, &c.hp)?;
+                if c.gram_from_teacher {
+                    self.ts.refresh_gram_teacher()?;
+                }
                 if faults.take("drift", None, c.step).is_some() {
                     // a drill of the check below: one weight moved by one part in 10^6
                     let p = &mut self.ts.student.backbone.params;
@@ -1191,6 +1227,7 @@ mod tests {
                     step: i,
                     clip: [hp.lr, hp.momentum, hp.teacher_temp],
                     hp,
+                    gram_from_teacher: i % 2 == 0,
                 })),
                 verify: None,
                 data: None,
@@ -1297,8 +1334,36 @@ mod tests {
                 momentum: 0.99,
                 ..hp(1e-3)
             },
+            gram_from_teacher: false,
         };
         assert_eq!(c.sync_to(next), CopySync::Commit(want));
+        // the commit, then a Gram teacher copied from the EMA teacher: the copies do it too
+        let refreshed = Held {
+            gram_updates: 1,
+            gram_teacher: true,
+            ..next
+        };
+        assert_eq!(c.sync_to(refreshed), CopySync::Full, "no refresh noted");
+        c.gram_refresh = Some((7, 1));
+        assert_eq!(
+            c.sync_to(refreshed),
+            CopySync::Full,
+            "a refresh before the commit"
+        );
+        c.gram_refresh = Some((8, 1));
+        assert_eq!(
+            c.sync_to(refreshed),
+            CopySync::Commit(Commit {
+                gram_from_teacher: true,
+                ..want
+            })
+        );
+        assert_eq!(
+            c.sync_to(next),
+            CopySync::Commit(want),
+            "no refresh happened"
+        );
+        c.gram_refresh = None;
         // the same step and update count, but the state was reloaded, or has a new
         // Gram teacher, or went back to a checkpoint: the whole state
         for other in [

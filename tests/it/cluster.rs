@@ -731,7 +731,9 @@ fn three_processes_in_bf16_train_what_three_threads_train() {
 
 /// The daemon of a group is SIGKILLed mid-run. Its worker stays up and
 /// joins the daemon started again on the same address; the resumed run ends where the
-/// fault-free group of threads ends, bit for bit, and the worker exits 0 with it.
+/// fault-free group of threads ends, bit for bit, and the worker exits 0 with it. The
+/// worker loads its own images: its loader, which had gone ahead, starts again at the
+/// resumed batch.
 #[test]
 fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
     let dir = TempDir::new("cluster-daemon-kill");
@@ -757,7 +759,12 @@ fn a_worker_outlives_a_killed_daemon_and_joins_its_restart() {
         dir.path(),
         &tiny_config(&format!(
             "[runtime]\nmetrics_port = {metrics_port}\n{}",
-            cluster_section(dir.path(), &addr, 2, "join_wait_s = 60.0\n")
+            cluster_section(
+                dir.path(),
+                &addr,
+                2,
+                "join_wait_s = 60.0\nworker_data = \"local\"\n"
+            )
         )),
     );
     let cluster = cluster.to_str().unwrap();

@@ -909,6 +909,16 @@ fn workers_loading_their_own_images_train_what_threads_train_and_other_data_is_r
         status(&s2)["run"]["cluster"]["copies"]["worker_data"],
         "local"
     );
+    // the files the worker skipped are counted by the daemon too
+    assert!(
+        events(&s2).iter().any(|e| e["kind"] == "data.bad_input"
+            && e["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("the workers skipped ")),
+        "{:?}",
+        events(&s2)
+    );
     // the daemon said why the refused workers left
     assert!(err.contains("differ from rank 0's"), "{err}");
 }

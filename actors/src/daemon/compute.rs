@@ -417,7 +417,25 @@ impl Actor for TrainerActor {
                                 let view = ts.phase_view(model::Side::Student, dt, &dev)?;
                                 let shard = batch.part_for(0, cm.world())?;
                                 // rank 0 ends with the group's mean gradient
-                                super::remote::student_phase_over(&cm, &view, &shard, &hp, t)
+                                let local =
+                                    ctx.plan().config.runtime.cluster.as_ref().is_some_and(|c| {
+                                        c.worker_data == crate::config::WorkerData::Local
+                                    });
+                                let (out, bad) = super::remote::student_phase_over(
+                                    &cm,
+                                    &view,
+                                    &shard,
+                                    &hp,
+                                    t,
+                                    local.then_some(0),
+                                )?;
+                                super::remote::report_workers_bad_inputs(
+                                    &ctx,
+                                    step,
+                                    batch.batch_index,
+                                    bad,
+                                );
+                                Ok(out)
                             })();
                             r.map_err(|e| {
                                 super::remote::group_error(&ctx.cluster, &ctx.board, &cm, e)

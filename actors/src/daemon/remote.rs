@@ -535,14 +535,15 @@ impl LocalData {
         }
     }
 
-    /// This member's part of the batch `r`, as tensors of `dtype` on `dev`.
+    /// This member's part of the batch `r`, as tensors of `dtype` on `dev`, and the
+    /// unreadable files it met first there (each logged here).
     fn part(
         &mut self,
         r: &DataRef,
         part: data::Part,
         dtype: candle_core::DType,
         dev: &Device,
-    ) -> Result<Batch> {
+    ) -> Result<(Batch, u64)> {
         if r.source_len != self.source.len() {
             let n = |v: Option<u64>| v.map_or("an unknown number of".into(), |v| v.to_string());
             return Err(Fatal(format!(
@@ -580,9 +581,10 @@ impl LocalData {
                 b.reason
             );
         }
+        let bad = h.bad_inputs.len() as u64;
         let batch = super::loader::to_batch(&h, dtype, true, dev)?;
         loader.recycle(h);
-        Ok(batch)
+        Ok((batch, bad))
     }
 }
 
@@ -688,12 +690,8 @@ pub fn order_teacher_phase(
                 (None, _) => None,
                 (Some(_), Some(c)) => {
                     let r = data_ref(batch, source.len(), None);
-                    Some(images_digest(&c.part(
-                        &r,
-                        part,
-                        b.global.dtype(),
-                        b.global.device(),
-                    )?)?)
+                    let (theirs, _) = c.part(&r, part, b.global.dtype(), b.global.device())?;
+                    Some(images_digest(&theirs)?)
                 }
                 (Some(_), None) => Some(images_digest(&batch.part_for(r, world)?)?),
             };
@@ -753,14 +751,17 @@ pub fn order_teacher_phase(
 /// the backbone's backward pass runs here, as PyTorch's DDP overlaps its gradient buckets
 /// with the backward pass; then the backbone's gradients and the losses. Every element
 /// is summed over the same members in the same order as one all-reduce of all the
-/// gradients after the backward pass, so the bits are the same.
+/// gradients after the backward pass, so the bits are the same. With `bad` (members
+/// loading their own images: the unreadable files this member met first in its part,
+/// 0 on rank 0, whose loader reports its own), also the group's sum of them.
 pub fn student_phase_over(
     m: &TcpMember,
     view: &TrainState,
     shard: &Batch,
     hp: &StepHparams,
     teacher: model::TeacherOutput,
-) -> Result<model::StepOutcome> {
+    bad: Option<u64>,
+) -> Result<(model::StepOutcome, u64)> {
     let (mut dino, mut ibot, rest) =
         model::student_phase_split(view, shard, hp, teacher, &mut |_| {})?;
     let (heads, done) = std::thread::scope(|s| {
@@ -787,7 +788,35 @@ pub fn student_phase_over(
     model::dist::all_reduce_mean_backbone_grads(m, &mut done.backbone, &view.student)?;
     let mut out = done.outcome(dino, ibot);
     model::dist::all_reduce_mean_losses(m, &mut out.losses)?;
-    Ok(out)
+    let bad = match bad {
+        Some(b) => {
+            let mut v = [b as f64];
+            m.all_reduce_sum(&mut v)?;
+            v[0] as u64
+        }
+        None => 0,
+    };
+    Ok((out, bad))
+}
+
+/// Rank 0 reports the unreadable files the workers met in their own parts of batch
+/// `batch_index` (their logs name them): the status count, the metric and an event.
+pub fn report_workers_bad_inputs(ctx: &super::Ctx, step: u64, batch_index: u64, n: u64) {
+    if n == 0 {
+        return;
+    }
+    ctx.board.run(|r| r.bad_inputs += n);
+    metrics::counter!("dinod_bad_inputs_total").increment(n);
+    ctx.event(
+        checkpoints::Level::Warn,
+        "data.bad_input",
+        Some("trainer"),
+        Some(step),
+        format!(
+            "the workers skipped {n} unreadable input(s) in their parts of batch {batch_index} (each worker's log names its files)"
+        ),
+        serde_json::json!({"workers": n, "batch": batch_index}),
+    );
 }
 
 /// Rank 0, before its own student phase: tells every worker to compute it (the student
@@ -893,6 +922,8 @@ struct Pending {
     step: u64,
     shard: Batch,
     teacher: model::TeacherOutput,
+    /// Unreadable files first met in its own part (`worker_data = "local"`).
+    bad: Option<u64>,
 }
 
 /// A worker's copy of the state, and the gradients of the step it computed last.
@@ -997,13 +1028,15 @@ fn serve(
                     .shard
                     .as_ref()
                     .context("a teacher order without a batch")?;
+                let mut bad = None;
                 let shard = match (&o.data, own.as_mut()) {
                     (Some(r), Some(own)) => {
                         let part = data::Part {
                             rank: m.rank(),
                             world: m.world(),
                         };
-                        let shard = own.part(r, part, dt, &copy.ts.device())?;
+                        let (shard, met) = own.part(r, part, dt, &copy.ts.device())?;
+                        bad = Some(met);
                         if (shard.batch_size, shard.local.is_some(), shard.gram.is_some())
                             != (meta.batch_size, meta.local, meta.gram)
                         {
@@ -1061,6 +1094,7 @@ fn serve(
                     step,
                     shard,
                     teacher,
+                    bad,
                 });
                 Ok(())
             })(),
@@ -1081,7 +1115,7 @@ fn serve(
                 let view = copy
                     .ts
                     .phase_view(model::Side::Student, dt, &copy.ts.device())?;
-                let out = student_phase_over(m, &view, &p.shard, &o.hp, p.teacher)?;
+                let (out, _) = student_phase_over(m, &view, &p.shard, &o.hp, p.teacher, p.bad)?;
                 // the group's mean gradients, which rank 0 clips and commits (or not)
                 copy.grads = Some((step, out.grads));
                 if step.is_multiple_of(log_every) {

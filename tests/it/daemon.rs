@@ -1503,60 +1503,83 @@ fn status_says_a_run_is_stopping_while_its_final_checkpoint_is_written() {
     );
 }
 
+/// `dinod run` under a service manager that asks for notifications: a datagram socket
+/// of its own (`NOTIFY_SOCKET`) and a watchdog of 400 ms (`WATCHDOG_USEC`, and
+/// `WATCHDOG_PID` when given). Every message the daemon sent, with when it came; the run
+/// must end with status 0.
+fn under_service_manager(
+    sock_path: &Path,
+    cfg: &Path,
+    st: &Path,
+    steps: &str,
+    inject: &str,
+    watchdog_pid: Option<&str>,
+) -> Vec<(Instant, String)> {
+    use std::os::unix::net::UnixDatagram;
+    let _ = std::fs::remove_file(sock_path);
+    let sock = UnixDatagram::bind(sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut c = std::process::Command::new(bin());
+    c.args([
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--state-dir",
+        st.to_str().unwrap(),
+        "--max-steps",
+        steps,
+        "--inject",
+        inject,
+    ])
+    .env("RUST_BACKTRACE", "0")
+    .env("DINOD_CACHE_DIR", "off")
+    .env("NOTIFY_SOCKET", sock_path)
+    .env("WATCHDOG_USEC", "400000")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    if let Some(p) = watchdog_pid {
+        c.env("WATCHDOG_PID", p);
+    }
+    let mut child = c.spawn().unwrap();
+    let mut got: Vec<(Instant, String)> = vec![];
+    let mut buf = vec![0u8; 4096];
+    let end = loop {
+        match sock.recv(&mut buf) {
+            Ok(n) => got.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into())),
+            Err(_) => {
+                if let Some(code) = child.try_wait().unwrap() {
+                    break code;
+                }
+            }
+        }
+    };
+    while let Ok(n) = sock.recv(&mut buf) {
+        got.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into()));
+    }
+    assert_eq!(end.code(), Some(0));
+    got
+}
+
 /// Under a service manager that asks for notifications (`NOTIFY_SOCKET`, systemd's
 /// `Type=notify`), the daemon says what it does while it starts, `READY=1` once it trains,
 /// `STOPPING=1` when it stops, and pings the watchdog at half of `WATCHDOG_USEC` while it
 /// runs; a watchdog meant for another pid is not pinged.
 #[test]
 fn a_service_manager_hears_start_ready_watchdog_and_stop() {
-    use std::os::unix::net::UnixDatagram;
     let dir = TempDir::new("notify");
     let cfg = write_config(dir.path(), &tiny_config(""));
     let st = dir.path().join("state");
     let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
     let run = |steps: &str, watchdog_pid: Option<&str>| {
-        let mut c = std::process::Command::new(bin());
-        c.args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--state-dir",
-            st.to_str().unwrap(),
-            "--max-steps",
+        under_service_manager(
+            &sock_path,
+            &cfg,
+            &st,
             steps,
-            "--inject",
             "slow:startup@0+1000",
-        ])
-        .env("RUST_BACKTRACE", "0")
-        .env("DINOD_CACHE_DIR", "off")
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-        if let Some(p) = watchdog_pid {
-            c.env("WATCHDOG_PID", p);
-        }
-        let mut child = c.spawn().unwrap();
-        let mut got: Vec<(Instant, String)> = vec![];
-        let mut buf = vec![0u8; 4096];
-        let end = loop {
-            match sock.recv(&mut buf) {
-                Ok(n) => got.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into())),
-                Err(_) => {
-                    if let Some(code) = child.try_wait().unwrap() {
-                        break code;
-                    }
-                }
-            }
-        };
-        while let Ok(n) = sock.recv(&mut buf) {
-            got.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into()));
-        }
-        assert_eq!(end.code(), Some(0));
-        got
+            watchdog_pid,
+        )
     };
     let got = run("40", None);
     let msgs: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
@@ -1603,51 +1626,21 @@ fn a_service_manager_hears_start_ready_watchdog_and_stop() {
 /// once it moves on and trains, the pings resume.
 #[test]
 fn a_stalled_start_starves_the_service_managers_watchdog() {
-    use std::os::unix::net::UnixDatagram;
     let dir = TempDir::new("notify-stall");
     let cfg = write_config(
         dir.path(),
         &tiny_config("[runtime.heartbeat]\nstart_s = 1.0\n"),
     );
     let st = dir.path().join("state");
-    let sock_path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
     // the start is held 4 s after opening the data source, showing nothing new
-    let mut child = std::process::Command::new(bin())
-        .args([
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--state-dir",
-            st.to_str().unwrap(),
-            "--max-steps",
-            "20",
-            "--inject",
-            "slow:startup@0+4000",
-        ])
-        .env("RUST_BACKTRACE", "0")
-        .env("DINOD_CACHE_DIR", "off")
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut got: Vec<(Instant, String)> = vec![];
-    let mut buf = vec![0u8; 4096];
-    let end = loop {
-        match sock.recv(&mut buf) {
-            Ok(n) => got.push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into())),
-            Err(_) => {
-                if let Some(code) = child.try_wait().unwrap() {
-                    break code;
-                }
-            }
-        }
-    };
-    assert_eq!(end.code(), Some(0));
+    let got = under_service_manager(
+        &dir.path().join("notify.sock"),
+        &cfg,
+        &st,
+        "20",
+        "slow:startup@0+4000",
+        None,
+    );
     let msgs: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
     let at = |pred: &dyn Fn(&str) -> bool| {
         got.iter()

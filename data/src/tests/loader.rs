@@ -208,25 +208,29 @@ fn rows_are_crop_major() {
     }
 }
 
+/// Two crop-size tuples drawn half and half, each with a Gram view.
+fn two_size_mix() -> HighResConfig {
+    HighResConfig {
+        sizes: vec![
+            CropSizes {
+                global: 32,
+                local: 16,
+                gram: Some(48),
+            },
+            CropSizes {
+                global: 48,
+                local: 24,
+                gram: Some(64),
+            },
+        ],
+        probs: vec![0.5, 0.5],
+    }
+}
+
 #[test]
 fn high_resolution_sizes_are_drawn_per_batch() {
     let mut opts = small_opts(2, 2);
-    let sizes = vec![
-        CropSizes {
-            global: 32,
-            local: 16,
-            gram: Some(48),
-        },
-        CropSizes {
-            global: 48,
-            local: 24,
-            gram: Some(64),
-        },
-    ];
-    opts.crops.high_res = Some(HighResConfig {
-        sizes: sizes.clone(),
-        probs: vec![0.5, 0.5],
-    });
+    opts.crops.high_res = Some(two_size_mix());
     opts.crops.gram_teacher_no_distortions = true;
     let source = synthetic(8);
     let batches = run(&source, opts.clone(), Cursor::default(), 10);
@@ -415,21 +419,7 @@ fn a_cursor_into_a_source_that_changed_size_starts_the_next_epoch() {
 #[test]
 fn a_members_part_is_its_rows_of_the_whole_batch() {
     let mut opts = small_opts(4, 2);
-    opts.crops.high_res = Some(HighResConfig {
-        sizes: vec![
-            CropSizes {
-                global: 32,
-                local: 16,
-                gram: Some(48),
-            },
-            CropSizes {
-                global: 48,
-                local: 24,
-                gram: Some(64),
-            },
-        ],
-        probs: vec![0.5, 0.5],
-    });
+    opts.crops.high_res = Some(two_size_mix());
     let source = synthetic(10); // 10 samples, batches of 4: epochs end inside batches
     let whole = run(&source, opts.clone(), Cursor::default(), 7);
     for world in [1, 2, 4] {

@@ -401,31 +401,74 @@ fn all_reduce_mean_parts(
         }
     }
     comm.all_reduce_sum(&mut present)?;
-    let flat_all = Tensor::cat(&flat, 0)?;
-    drop(flat);
-    let sum = comm.all_reduce_sum_tensor(&flat_all)?;
-    let mean = sum.affine(1.0 / w as f64, 0.0)?;
-    let (mut off, mut slot) = (0, 0);
+    let mut means = mean_of_flat(comm, flat)?.into_iter();
+    let mut slot = 0;
     for (_, g, ps) in parts.iter_mut() {
         for i in 0..ps.len() {
-            let p = ps.get(i);
-            let n = p.elem_count();
+            let mean = means.next().expect("one per slot");
             if present[slot] > 0.0 {
-                // an independent tensor of its own size (clipping scales gradients in
-                // place): `copy` of a view would clone the whole flat buffer, once per
-                // parameter
-                let t = mean.narrow(0, off, n)?.reshape(p.dims())?;
-                g.tensors[i] = Some(if grad_dt == wide {
-                    t.force_contiguous()?
-                } else {
-                    t.to_dtype(grad_dt)?
-                });
+                g.tensors[i] = Some(unflatten(&mean, ps.get(i).dims(), grad_dt)?);
             }
-            off += n;
             slot += 1;
         }
     }
     Ok(())
+}
+
+/// The group's mean of each of `flat` (1-D, all of one type): one all-reduce of their
+/// concatenation, then each one's slice of it.
+fn mean_of_flat(comm: &dyn Collective, flat: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    let lens: Vec<usize> = flat.iter().map(|t| t.elem_count()).collect();
+    let flat_all = Tensor::cat(&flat, 0)?;
+    drop(flat);
+    let sum = comm.all_reduce_sum_tensor(&flat_all)?;
+    let mean = sum.affine(1.0 / comm.world() as f64, 0.0)?;
+    let mut off = 0;
+    lens.into_iter()
+        .map(|n| {
+            let t = mean.narrow(0, off, n);
+            off += n;
+            t
+        })
+        .collect()
+}
+
+/// A slice of a mean as a gradient of `dims` in `dt`: an independent tensor of its own
+/// size (clipping scales gradients in place: `copy` of a view would clone the whole flat
+/// buffer, once per parameter).
+fn unflatten(mean: &Tensor, dims: &[usize], dt: DType) -> Result<Tensor> {
+    let t = mean.reshape(dims)?;
+    if t.dtype() == dt {
+        t.force_contiguous()
+    } else {
+        t.to_dtype(dt)
+    }
+}
+
+/// Averages `grads` (gradients every member has, the same parameters in the same order
+/// on every member: a group of a backbone's, handed out by
+/// [`crate::vit::Vit::backward_observed`] as its backward pass goes) over the group:
+/// each one's mean, in its own type. Every element gets the bits
+/// [`all_reduce_mean_grads`] gives it.
+pub fn all_reduce_mean_tensors(comm: &dyn Collective, grads: &[Tensor]) -> Result<Vec<Tensor>> {
+    if comm.world() == 1 {
+        return Ok(grads.to_vec());
+    }
+    let wide = if grads.iter().any(|t| t.dtype() == DType::F64) {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let flat = grads
+        .iter()
+        .map(|t| t.flatten_all()?.to_dtype(wide))
+        .collect::<Result<Vec<_>>>()?;
+    let means = mean_of_flat(comm, flat)?;
+    grads
+        .iter()
+        .zip(&means)
+        .map(|(g, m)| unflatten(m, g.dims(), g.dtype()))
+        .collect()
 }
 
 /// Averages the loss values over the group in place.

@@ -665,7 +665,21 @@ impl BackboneBackward {
 
     /// Computes the backbone's gradients.
     pub fn backbone(self, st: &TrainState, obs: &mut dyn FnMut(Phase)) -> Result<BackboneDone> {
-        let backbone = st.student.backbone.backward(self.cache, &self.d_features)?;
+        self.backbone_observed(st, obs, &mut |_, _| Ok(()))
+    }
+
+    /// [`BackboneBackward::backbone`], handing each group of final gradients to `ready`
+    /// as the pass goes ([`crate::vit::Vit::backward_observed`]).
+    pub fn backbone_observed(
+        self,
+        st: &TrainState,
+        obs: &mut dyn FnMut(Phase),
+        ready: &mut dyn FnMut(&mut Grads, &[usize]) -> Result<()>,
+    ) -> Result<BackboneDone> {
+        let backbone =
+            st.student
+                .backbone
+                .backward_observed(self.cache, &self.d_features, ready)?;
         obs(Phase::Backward);
         Ok(BackboneDone {
             backbone,

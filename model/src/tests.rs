@@ -489,10 +489,11 @@ fn mean_gradients_over_a_group_own_only_their_elements() {
 }
 
 /// The student phase split at its losses, with the heads' gradients averaged over the
-/// group apart from the backbone's (as a member of a group of processes overlaps them
-/// with the backward pass), gives every member the gradients and losses of the phase
-/// whole with one all-reduce of everything, bit for bit; also where a member has no
-/// masked patch and so no iBOT-head gradient.
+/// group apart from the backbone's, and the backbone's in the groups its backward pass
+/// hands out (as a member of a group of processes overlaps them with the backward pass),
+/// gives every member the gradients and losses of the phase whole with one all-reduce of
+/// everything, bit for bit; also where a member has no masked patch and so no iBOT-head
+/// gradient.
 #[test]
 fn averaging_the_heads_apart_from_the_backbone_changes_no_bit() {
     use crate::dist::Collective;
@@ -542,9 +543,38 @@ fn averaging_the_heads_apart_from_the_backbone_changes_no_bit() {
                 );
                 crate::dist::all_reduce_mean_head_grads(comm, &mut dino, &mut ibot, &st.student)
                     .unwrap();
-                let mut done = rest.backbone(st, &mut |_| {}).unwrap();
-                crate::dist::all_reduce_mean_backbone_grads(comm, &mut done.backbone, &st.student)
+                // the backbone's gradients as its backward pass hands them out, each group
+                // averaged on its own
+                let mut buckets: Vec<(Vec<usize>, Vec<Tensor>)> = vec![];
+                let mut done = rest
+                    .backbone_observed(st, &mut |_| {}, &mut |g, idx| {
+                        let ts = idx.iter().map(|&i| g.tensors[i].take().unwrap()).collect();
+                        buckets.push((idx.to_vec(), ts));
+                        Ok(())
+                    })
                     .unwrap();
+                assert!(
+                    done.backbone.tensors.iter().all(Option::is_none),
+                    "every gradient was handed out"
+                );
+                let mut seen: Vec<usize> = buckets.iter().flat_map(|(i, _)| i.clone()).collect();
+                seen.sort_unstable();
+                assert_eq!(
+                    seen,
+                    (0..st.student.backbone.params.len()).collect::<Vec<_>>(),
+                    "each parameter once"
+                );
+                assert_eq!(
+                    buckets.len(),
+                    cfg.backbone.depth + 2,
+                    "the norm, each block, the embeddings"
+                );
+                for (idx, ts) in buckets {
+                    let means = crate::dist::all_reduce_mean_tensors(comm, &ts).unwrap();
+                    for (i, t) in idx.into_iter().zip(means) {
+                        done.backbone.tensors[i] = Some(t);
+                    }
+                }
                 let mut split = done.outcome(dino, ibot);
                 crate::dist::all_reduce_mean_losses(comm, &mut split.losses).unwrap();
 

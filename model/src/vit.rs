@@ -34,6 +34,31 @@ struct BlockIx {
     ls2: usize,
 }
 
+impl BlockIx {
+    /// Every parameter of the block.
+    fn all(&self) -> Vec<usize> {
+        let mut v = vec![
+            self.n1w,
+            self.n1b,
+            self.qkv_w,
+            self.proj_w,
+            self.ls1,
+            self.n2w,
+            self.n2b,
+            self.fc1_w,
+            self.fc2_w,
+            self.ls2,
+        ];
+        v.extend(
+            [self.qkv_b, self.proj_b, self.fc1_b, self.fc2_b]
+                .into_iter()
+                .flatten(),
+        );
+        v.sort_unstable();
+        v
+    }
+}
+
 #[derive(Clone, Debug)]
 struct VitIx {
     cls: usize,
@@ -857,6 +882,20 @@ impl Vit {
     /// Gradients of every parameter given the gradient of the loss with respect to
     /// [`Features::x_norm`].
     pub fn backward(&self, cache: VitCache, d_xnorm: &Tensor) -> Result<Grads> {
+        self.backward_observed(cache, d_xnorm, &mut |_, _| Ok(()))
+    }
+
+    /// [`Vit::backward`], calling `ready(grads, indices)` as soon as the gradients of
+    /// the parameters `indices` are final: the final norm's, then each block's from the
+    /// last, then the embeddings' and tokens'. `ready` may take those gradients out of
+    /// `grads` (the pass does not read or write them again); a data-parallel member
+    /// averages them over its group meanwhile, as DDP's gradient buckets.
+    pub fn backward_observed(
+        &self,
+        cache: VitCache,
+        d_xnorm: &Tensor,
+        ready: &mut dyn FnMut(&mut Grads, &[usize]) -> Result<()>,
+    ) -> Result<Grads> {
         let mut grads = Grads::new(self.params.len());
         let (mut dx, dnw, dnb) = nn::layer_norm_bwd(
             &cache.x_last,
@@ -866,8 +905,10 @@ impl Vit {
         )?;
         grads.add(self.ix.norm_w, dnw)?;
         grads.add(self.ix.norm_b, dnb)?;
+        ready(&mut grads, &[self.ix.norm_w, self.ix.norm_b])?;
         for (bi, bc) in self.ix.blocks.iter().zip(cache.blocks).rev() {
             dx = self.block_backward(bi, bc, dx, &mut grads)?;
+            ready(&mut grads, &bi.all())?;
         }
         // token assembly and patch embedding
         let d = self.cfg.embed_dim;
@@ -912,6 +953,10 @@ impl Vit {
             self.ix.mask,
             dmask.expect("at least one group").reshape((1, d))?,
         )?;
+        let mut last = vec![self.ix.cls, self.ix.mask, self.ix.patch_w, self.ix.patch_b];
+        last.extend(self.ix.storage);
+        last.sort_unstable();
+        ready(&mut grads, &last)?;
         Ok(grads)
     }
 

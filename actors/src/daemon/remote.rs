@@ -747,10 +747,11 @@ pub fn order_teacher_phase(
 }
 
 /// The student phase of one member of a group of processes (rank 0 and the workers run
-/// the same): the heads' gradients are averaged over the group on a second thread while
-/// the backbone's backward pass runs here, as PyTorch's DDP overlaps its gradient buckets
-/// with the backward pass; then the backbone's gradients and the losses. Every element
-/// is summed over the same members in the same order as one all-reduce of all the
+/// the same): the gradients are averaged over the group on a second thread while the
+/// backbone's backward pass runs here, as PyTorch's DDP overlaps its gradient buckets
+/// with the backward pass: the heads' first (final once the losses are), then each
+/// block's of the backbone as the pass leaves it; then the losses. Every element is
+/// summed over the same members in the same order as one all-reduce of all the
 /// gradients after the backward pass, so the bits are the same. With `bad` (members
 /// loading their own images: the unreadable files this member met first in its part,
 /// 0 on rank 0, whose loader reports its own), also the group's sum of them.
@@ -762,30 +763,77 @@ pub fn student_phase_over(
     teacher: model::TeacherOutput,
     bad: Option<u64>,
 ) -> Result<(model::StepOutcome, u64)> {
-    let (mut dino, mut ibot, rest) =
-        model::student_phase_split(view, shard, hp, teacher, &mut |_| {})?;
-    let (heads, done) = std::thread::scope(|s| {
-        let heads = std::thread::Builder::new()
-            .name("dinod-heads-allreduce".into())
-            .spawn_scoped(s, || {
-                model::dist::all_reduce_mean_head_grads(m, &mut dino, &mut ibot, &view.student)
+    let (dino, ibot, rest) = model::student_phase_split(view, shard, hp, teacher, &mut |_| {})?;
+    // one thread makes the group's collectives, in the order every member makes them:
+    // the heads, then each group of the backbone's gradients as its backward pass
+    // finishes it
+    enum Job {
+        Heads(model::params::Grads, model::params::Grads),
+        Backbone(Vec<usize>, Vec<Tensor>),
+    }
+    type Averaged = (
+        model::params::Grads,
+        model::params::Grads,
+        Vec<(Vec<usize>, Vec<Tensor>)>,
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let student = &view.student;
+    let (averaged, done) = std::thread::scope(|s| {
+        let comm = std::thread::Builder::new()
+            .name("dinod-grad-allreduce".into())
+            .spawn_scoped(s, move || -> candle_core::Result<Averaged> {
+                let mut heads = None;
+                let mut backbone = Vec::new();
+                for job in rx {
+                    match job {
+                        Job::Heads(mut d, mut i) => {
+                            model::dist::all_reduce_mean_head_grads(m, &mut d, &mut i, student)?;
+                            heads = Some((d, i));
+                        }
+                        Job::Backbone(idx, ts) => {
+                            backbone.push((idx, model::dist::all_reduce_mean_tensors(m, &ts)?));
+                        }
+                    }
+                }
+                let (d, i) = heads.ok_or_else(|| {
+                    candle_core::Error::Msg("the heads' gradients never came".into())
+                })?;
+                Ok((d, i, backbone))
             });
-        let done = rest.backbone(view, &mut |_| {});
-        let heads = match heads {
+        // (a send fails only once the thread stopped on an error, which its join says)
+        let _ = tx.send(Job::Heads(dino, ibot));
+        let done = rest.backbone_observed(view, &mut |_| {}, &mut |g, idx| {
+            let ts = idx
+                .iter()
+                .map(|&i| {
+                    g.tensors[i].take().ok_or_else(|| {
+                        candle_core::Error::Msg(format!("no gradient of backbone parameter {i}"))
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let _ = tx.send(Job::Backbone(idx.to_vec(), ts));
+            Ok(())
+        });
+        drop(tx);
+        let averaged = match comm {
             Ok(h) => h.join().unwrap_or_else(|_| {
                 Err(candle_core::Error::Msg(
-                    "the heads' all-reduce panicked".into(),
+                    "the gradients' all-reduce panicked".into(),
                 ))
             }),
             Err(e) => Err(candle_core::Error::Msg(format!(
-                "cannot start the heads' all-reduce: {e}"
+                "cannot start the gradients' all-reduce: {e}"
             ))),
         };
-        (heads, done)
+        (averaged, done)
     });
-    heads?;
+    let (dino, ibot, buckets) = averaged?;
     let mut done = done?;
-    model::dist::all_reduce_mean_backbone_grads(m, &mut done.backbone, &view.student)?;
+    for (idx, means) in buckets {
+        for (i, t) in idx.into_iter().zip(means) {
+            done.backbone.tensors[i] = Some(t);
+        }
+    }
     let mut out = done.outcome(dino, ibot);
     model::dist::all_reduce_mean_losses(m, &mut out.losses)?;
     let bad = match bad {

@@ -1904,8 +1904,9 @@ mod tests {
     /// the waits against the hang watchdog, and the token file.
     #[test]
     fn the_cluster_section_is_validated() {
-        let dir = std::env::temp_dir().join(format!("dinod-cfg-cluster-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        // (removed when the test ends, passed or not)
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let good = dir.join("token");
         std::fs::write(&good, "sixteen-chars-or-more\n").unwrap();
         let short = dir.join("short");

@@ -1166,10 +1166,8 @@ mod tests {
     /// A coordinator and `world - 1` workers on loopback, built on threads; the
     /// coordinator's address comes back through a channel.
     fn group_of(world: usize, timeout: Duration) -> Vec<TcpMember> {
-        let dir =
-            std::env::temp_dir().join(format!("dinod-cluster-{}-{world}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let tok = token(&dir, "t", "a-token-of-twenty-chars\n");
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = token(tmp.path(), "t", "a-token-of-twenty-chars\n");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::scope(|s| {
             let tok2 = tok.clone();
@@ -1415,8 +1413,9 @@ mod tests {
     /// with nobody coming it gives up after its wait.
     #[test]
     fn admission_refuses_wrong_tokens_recipes_and_builds_with_the_reason() {
-        let dir = std::env::temp_dir().join(format!("dinod-cluster-admit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        // (removed when the test ends, passed or not)
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let tok = token(&dir, "good", "the-right-token-123");
         let bad = token(&dir, "bad", "the-wrong-token-456");
         {

@@ -314,11 +314,11 @@ pub fn all_reduce_mean_grads(
     )
 }
 
-/// [`all_reduce_mean_grads`] of the heads' gradients only (DINO, then iBOT): with
-/// [`all_reduce_mean_backbone_grads`] after it, the same result bits as one all-reduce
-/// of all three, since every element is summed over the same members in the same order.
-/// So a member can average the heads' gradients while its backbone's backward pass runs
-/// ([`crate::student_phase_split`]).
+/// [`all_reduce_mean_grads`] of the heads' gradients only (DINO, then iBOT): with the
+/// backbone's averaged apart ([`all_reduce_mean_tensors`]), the same result bits as one
+/// all-reduce of all three, since every element is summed over the same members in the
+/// same order. So a member can average the heads' gradients while its backbone's
+/// backward pass runs ([`crate::student_phase_split`]).
 pub fn all_reduce_mean_head_grads(
     comm: &dyn Collective,
     dino_head: &mut Grads,
@@ -333,17 +333,6 @@ pub fn all_reduce_mean_head_grads(
             (params[2].0, ibot_head, params[2].1),
         ],
     )
-}
-
-/// [`all_reduce_mean_grads`] of the backbone's gradients only (see
-/// [`all_reduce_mean_head_grads`]).
-pub fn all_reduce_mean_backbone_grads(
-    comm: &dyn Collective,
-    backbone: &mut Grads,
-    student: &SslModel,
-) -> Result<()> {
-    let params = student.modules();
-    all_reduce_mean_parts(comm, vec![(params[0].0, backbone, params[0].1)])
 }
 
 /// Averages the gradients of `parts` (each module's role, gradients and parameters) in
@@ -362,21 +351,19 @@ fn all_reduce_mean_parts(
     else {
         return Ok(());
     };
-    let present_tensors = || {
-        parts
-            .iter()
-            .flat_map(|(_, g, _)| g.tensors.iter().flatten())
-            .collect::<Vec<_>>()
-    };
-    let wide = if present_tensors().iter().any(|t| t.dtype() == DType::F64) {
+    let mut held = parts
+        .iter()
+        .flat_map(|(_, g, _)| g.tensors.iter().flatten().map(|t| t.dtype()));
+    // the type the gradients come back in: the compute type, the same on every member
+    // (every member has gradients of the first module: the backbone, or the DINO head),
+    // even for a slot this member lacked
+    let first = held.next();
+    let wide = if first == Some(DType::F64) || held.any(|d| d == DType::F64) {
         DType::F64
     } else {
         DType::F32
     };
-    // the type the gradients come back in: the compute type, the same on every member
-    // (every member has gradients of the first module: the backbone, or the DINO head),
-    // even for a slot this member lacked
-    let grad_dt = present_tensors().first().map(|t| t.dtype()).unwrap_or(wide);
+    let grad_dt = first.unwrap_or(wide);
     let mut present: Vec<f64> = vec![];
     let mut flat: Vec<Tensor> = vec![];
     for (role, g, ps) in &parts {

@@ -660,16 +660,13 @@ impl BackboneBackward {
         ibot_head: Grads,
         obs: &mut dyn FnMut(Phase),
     ) -> Result<StepOutcome> {
-        Ok(self.backbone(st, obs)?.outcome(dino_head, ibot_head))
+        Ok(self
+            .backbone_observed(st, obs, &mut |_, _| Ok(()))?
+            .outcome(dino_head, ibot_head))
     }
 
-    /// Computes the backbone's gradients.
-    pub fn backbone(self, st: &TrainState, obs: &mut dyn FnMut(Phase)) -> Result<BackboneDone> {
-        self.backbone_observed(st, obs, &mut |_, _| Ok(()))
-    }
-
-    /// [`BackboneBackward::backbone`], handing each group of final gradients to `ready`
-    /// as the pass goes ([`crate::vit::Vit::backward_observed`]).
+    /// Computes the backbone's gradients, handing each group of final gradients to
+    /// `ready` as the pass goes ([`crate::vit::Vit::backward_observed`]).
     pub fn backbone_observed(
         self,
         st: &TrainState,

@@ -378,6 +378,41 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The all-reduce of a group of processes alone (as nccl-tests' all_reduce_perf):
+    /// every member sums a vector of f32 gradients-to-be over TCP; rank 0 checks the sums
+    /// and reports the time per sum, the bandwidths and its own traffic. Run it on each
+    /// node (`--listen` on one, `--join` on the others) to see what the network costs a
+    /// step before training.
+    Allreduce {
+        /// This process is rank 0 and listens on HOST:PORT (port 0 picks one and prints
+        /// it) for `--nodes` - 1 workers.
+        #[arg(long, value_name = "HOST:PORT", conflicts_with = "join", requires_all = ["nodes"])]
+        listen: Option<String>,
+        /// Processes in the group (with `--listen`), this one included.
+        #[arg(long, requires = "listen")]
+        nodes: Option<usize>,
+        /// Join the group whose rank 0 listens at HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT", required_unless_present = "listen")]
+        join: Option<String>,
+        /// The group's shared secret (at least 16 characters).
+        #[arg(long)]
+        token_file: PathBuf,
+        /// How the group sums (with `--listen`): `mesh` or `star`.
+        #[arg(long, requires = "listen", default_value = "mesh", value_parser = ["mesh", "star"])]
+        reduce: String,
+        /// f32 values per sum (the default recipe's student has 4.8 M parameters).
+        #[arg(long, default_value_t = 4_800_000)]
+        values: usize,
+        /// Untimed sums first.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed sums (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Seconds rank 0 waits for every node, and a worker for rank 0.
+        #[arg(long, default_value_t = 120.0)]
+        join_wait_s: f64,
+    },
     /// Data parallelism: one step over a group of members (threads on the CPU, or one GPU
     /// each with NCCL), each on its part of the batch; checks the members stay identical.
     Dp {
@@ -409,6 +444,11 @@ pub enum BenchCommand {
         /// Processes in the group (with `--listen`), this one included.
         #[arg(long, requires = "listen")]
         nodes: Option<usize>,
+        /// How the group sums (with `--listen`): `mesh` (links between every pair of
+        /// members; the workers accept connections from each other) or `star` (through
+        /// this process).
+        #[arg(long, requires = "listen", default_value = "mesh", value_parser = ["mesh", "star"])]
+        reduce: String,
         /// Join the group whose coordinator listens at HOST:PORT, as one member.
         #[arg(
             long,
@@ -746,6 +786,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     check,
                     listen,
                     nodes,
+                    reduce,
                     join,
                     token_file,
                     join_wait_s,
@@ -754,7 +795,16 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let plan = load_plan(Some(&config))?;
             let role = match (listen, nodes, join) {
                 (Some(addr), Some(nodes), None) => {
-                    Some(crate::dp::ClusterRole::Listen { addr, nodes })
+                    let reduce = if reduce == "star" {
+                        crate::cluster::Reduce::Star
+                    } else {
+                        crate::cluster::Reduce::Mesh
+                    };
+                    Some(crate::dp::ClusterRole::Listen {
+                        addr,
+                        nodes,
+                        reduce,
+                    })
                 }
                 (None, None, Some(addr)) => Some(crate::dp::ClusterRole::Join { addr }),
                 _ => None,
@@ -779,6 +829,46 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let r = crate::dp::bench_dp(&plan, &config.display().to_string(), &opts)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(if r.members_identical { 0 } else { 1 })
+        }
+        Command::Bench {
+            what:
+                BenchCommand::Allreduce {
+                    listen,
+                    nodes,
+                    join,
+                    token_file,
+                    reduce,
+                    values,
+                    warmup,
+                    iters,
+                    join_wait_s,
+                },
+        } => {
+            let role = match (listen, nodes, join) {
+                (Some(addr), Some(nodes), _) => crate::dp::ClusterRole::Listen {
+                    addr,
+                    nodes,
+                    reduce: if reduce == "star" {
+                        crate::cluster::Reduce::Star
+                    } else {
+                        crate::cluster::Reduce::Mesh
+                    },
+                },
+                (_, _, Some(addr)) => crate::dp::ClusterRole::Join { addr },
+                _ => {
+                    return Err(usage(
+                        "give --listen HOST:PORT --nodes N, or --join HOST:PORT",
+                    ))
+                }
+            };
+            let c = crate::dp::ClusterOpts {
+                role,
+                token_file,
+                join_wait: std::time::Duration::from_secs_f64(join_wait_s.max(0.0)),
+            };
+            let r = crate::dp::bench_allreduce(&c, values, warmup, iters)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(if r.sums_correct { 0 } else { 1 })
         }
         Command::Bench {
             what:

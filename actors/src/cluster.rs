@@ -11,13 +11,21 @@
 //!   wrong token, and goes on waiting for the nodes it lacks. Ranks follow the order of
 //!   admission.
 //!
-//! The all-reduce is a star through the coordinator: every worker sends its vector, the
-//! coordinator sums them in rank order starting from zero (exactly the order of
+//! Every sum is taken in rank order starting from zero, in f64 (exactly the order of
 //! `model::dist::ThreadGroup`, so a group of processes computes bit for bit what the same
-//! group of threads computes) and sends the one result back to all. Every rank therefore
-//! holds identical sums, applies the same update and keeps an identical `TrainState`.
-//! The coordinator's link carries `2 (world - 1)` vectors per call: this is the CPU
-//! transport and the control path; GPUs exchange gradients through NCCL.
+//! group of threads computes), and every rank gets the same result. Every rank therefore
+//! applies the same update and keeps an identical `TrainState`. Two ways ([`Reduce`]):
+//! - **star**: every worker sends its vector to the coordinator, which sums and sends the
+//!   one result back. The coordinator's link carries `2 (world - 1)` vectors per call.
+//! - **mesh** (the default; vectors of at least [`MESH_MIN_VALUES`], the gradients): the
+//!   workers also link to each other (each listens on an ephemeral port of the address
+//!   it reached the coordinator from, announced at admission; a link proves the token
+//!   with the group's nonce). Member `r` owns the `r`-th chunk: it sums every member's
+//!   values of it, in rank order, and sends the sums to all (a reduce-scatter, then an
+//!   all-gather). Each link carries about `2 (world - 1) / world` vectors per call, in both
+//!   directions at once. The small sums (losses, Sinkhorn-Knopp masses) stay a star.
+//!
+//! This is the CPU transport and the control path; GPUs exchange gradients through NCCL.
 //!
 //! Failures never hang a member: a closed connection (a killed process), a member's
 //! [`Collective::abort`] and the collective timeout each fail the call of every member
@@ -49,6 +57,27 @@ const TAG_GATHER: u8 = 7;
 const TAG_CONTROL: u8 = 8;
 const TAG_BYE: u8 = 9;
 const TAG_SUM32: u8 = 10;
+/// A worker's address for the other workers' links (the mesh), after its welcome.
+const TAG_PEER_ADDR: u8 = 11;
+/// The coordinator's list of the workers' addresses and the group's nonce.
+const TAG_ROSTER: u8 = 12;
+/// A worker tells the coordinator whether its links to the other workers stand.
+const TAG_MESH_READY: u8 = 13;
+/// A worker's first frame on a link to another worker: its rank and a proof.
+const TAG_PEER_HELLO: u8 = 14;
+/// The mesh's two halves: a member's values of the owner's chunk (reduce-scatter), and
+/// the owner's sums of its chunk (all-gather); f64 and f32.
+const TAG_RS64: u8 = 15;
+const TAG_AG64: u8 = 16;
+const TAG_RS32: u8 = 17;
+const TAG_AG32: u8 = 18;
+
+/// Sums of fewer values go through the coordinator even in a mesh (the losses, the
+/// Sinkhorn-Knopp masses): a star is fewer messages, and the bits are the same.
+const MESH_MIN_VALUES: usize = 1024;
+
+/// How long the workers have to connect to each other once they have the roster.
+const MESH_WAIT: Duration = Duration::from_secs(30);
 
 /// A step over a group of processes failed in the group (a member's connection closed,
 /// a member failed or stopped answering): the daemon treats it as a recoverable device
@@ -93,6 +122,45 @@ struct Hello {
 struct Welcome {
     rank: usize,
     world: usize,
+    /// The group sums through links between every pair of members (see [`Reduce`]).
+    #[serde(default)]
+    mesh: bool,
+}
+
+/// The workers' addresses for each other, and the group's nonce (which the proofs on
+/// the links between workers are made of).
+#[derive(Serialize, Deserialize)]
+struct Roster {
+    /// Hex of 32 random bytes, new for every group.
+    nonce: String,
+    /// Worker `r`'s address is `addrs[r - 1]`.
+    addrs: Vec<String>,
+}
+
+/// A worker's hello on a link to another worker.
+#[derive(Serialize, Deserialize)]
+struct PeerHello {
+    rank: usize,
+    /// Hex of BLAKE3-keyed(blake3(token), nonce, from, to).
+    proof: String,
+}
+
+/// How a group of processes sums (`runtime.cluster.reduce`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Reduce {
+    /// Every pair of members holds a link. Member `r` owns the `r`-th of `world` chunks of
+    /// every large vector: it receives every other member's values of its chunk, sums
+    /// them in rank order from zero and sends the sums to every member (a reduce-scatter
+    /// then an all-gather). Each member sends and receives about `2 (world - 1) / world`
+    /// vectors per sum, on all its links at once. The workers must be able to connect
+    /// to each other: each listens on an ephemeral port of the address it reached the
+    /// coordinator from.
+    #[default]
+    Mesh,
+    /// Every sum goes through the coordinator, whose link carries `2 (world - 1)`
+    /// vectors per sum. Workers need no inbound connections.
+    Star,
 }
 
 /// The shared secret of a cluster, read from a file (trailing whitespace ignored).
@@ -309,6 +377,7 @@ fn challenge_bytes() -> Result<[u8; 32]> {
 /// The coordinator's side: binds `addr`, calls `on_listening` with the bound address
 /// (`:0` picks a port), and admits nodes until the group has `world` members or
 /// `join_wait` has passed. Returns rank 0 of the group.
+#[allow(clippy::too_many_arguments)]
 pub fn listen(
     addr: &str,
     world: usize,
@@ -316,11 +385,22 @@ pub fn listen(
     token: &Token,
     join_wait: Duration,
     timeout: Duration,
+    reduce: Reduce,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<TcpMember> {
     let l = bind(addr)?;
     on_listening(l.local_addr()?);
-    admit_group(&l, world, me, token, join_wait, timeout, &|_| {}, &|| false)
+    admit_group(
+        &l,
+        world,
+        me,
+        token,
+        join_wait,
+        timeout,
+        reduce,
+        &|_| {},
+        &|| false,
+    )
 }
 
 /// The coordinator's listener on `addr` (kept for the life of a daemon, so that a group
@@ -349,6 +429,9 @@ pub struct GroupStatus {
     /// (filled in by the daemon after each order; none before the first).
     #[serde(default)]
     pub copies: Option<CopiesStatus>,
+    /// How the group sums: `mesh` or `star` (see [`Reduce`]).
+    #[serde(default)]
+    pub reduce: String,
 }
 
 /// The workers' copies of the state, for `dinod status`.
@@ -391,10 +474,11 @@ pub struct JoinedNode {
     pub addr: String,
 }
 
-/// Admits nodes on `l` until the group has `world` members or `join_wait` has passed.
-/// Returns rank 0 of the group. `on_change` hears where the admission stands, at the
-/// start and after every admission or refusal; the wait ends early, with an error, once
-/// `cancelled()` says so (the run is stopping).
+/// Admits nodes on `l` until the group has `world` members or `join_wait` has passed,
+/// then (with [`Reduce::Mesh`] and more than one worker) has the workers connect to each
+/// other. Returns rank 0 of the group. `on_change` hears where the admission stands, at
+/// the start and after every admission or refusal; the wait ends early, with an error,
+/// once `cancelled()` says so (the run is stopping).
 #[allow(clippy::too_many_arguments)]
 pub fn admit_group(
     l: &TcpListener,
@@ -403,6 +487,7 @@ pub fn admit_group(
     token: &Token,
     join_wait: Duration,
     timeout: Duration,
+    reduce: Reduce,
     on_change: &dyn Fn(&GroupStatus),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<TcpMember> {
@@ -410,7 +495,10 @@ pub fn admit_group(
         bail!("a cluster needs at least 2 nodes (this one and a worker), not {world}")
     }
     let deadline = Instant::now() + join_wait;
+    let mesh = reduce == Reduce::Mesh;
     let mut peers: Vec<TcpStream> = vec![];
+    // the workers' addresses for each other (a mesh of more than 2)
+    let mut addrs: Vec<String> = vec![];
     let mut joined: Vec<JoinedNode> = vec![];
     let at = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let status = |joined: &[JoinedNode], state: &str, last: &str| {
@@ -420,7 +508,12 @@ pub fn admit_group(
             .collect::<Vec<_>>()
             .join(", ");
         let line = if state == "complete" {
-            format!("{world} nodes on {at}: {list}")
+            let how = if mesh {
+                "sums over a mesh"
+            } else {
+                "sums through this node (star)"
+            };
+            format!("{world} nodes on {at}, {how}: {list}")
         } else {
             format!(
                 "waiting on {at} for workers: {} of {world} nodes{}{last}",
@@ -439,6 +532,7 @@ pub fn admit_group(
             joined: joined.to_vec(),
             line,
             copies: None,
+            reduce: if mesh { "mesh" } else { "star" }.into(),
         })
     };
     status(&joined, "waiting", "");
@@ -467,8 +561,9 @@ pub fn admit_group(
         s.set_nonblocking(false)?;
         s.set_nodelay(true)?;
         keepalive(&s)?;
-        match admit(&mut s, me, token, peers.len() + 1, world) {
-            Ok(()) => {
+        match admit(&mut s, me, token, peers.len() + 1, world, mesh) {
+            Ok(peer_addr) => {
+                addrs.extend(peer_addr);
                 tracing::info!(%from, rank = peers.len() + 1, "a node joined");
                 eprintln!("node {from} joined as rank {} of {world}", peers.len() + 1);
                 peers.push(s);
@@ -486,21 +581,71 @@ pub fn admit_group(
         }
     }
     set_write_timeouts(&peers, timeout)?;
+    if mesh && world > 2 {
+        if let Err(e) = form_mesh(&mut peers, addrs) {
+            let why = format!("{e:#}");
+            status(&joined, "waiting", &format!("; {why}"));
+            bail!("{why}")
+        }
+    }
     eprintln!("all {world} nodes joined");
     status(&joined, "complete", "");
-    let raw = peers
-        .iter()
-        .map(TcpStream::try_clone)
-        .collect::<std::io::Result<_>>()?;
-    Ok(TcpMember {
-        rank: 0,
+    TcpMember::new(
+        0,
         world,
-        raw,
-        links: peers.into_iter().map(Mutex::new).collect(),
+        peers
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (i + 1, s))
+            .collect(),
+        vec![],
         timeout,
-        aborted: Mutex::new(None),
-        timed_out: AtomicBool::new(false),
-    })
+        mesh,
+    )
+}
+
+/// The coordinator's part of a mesh: sends every worker the roster, then hears from
+/// each whether its links to the others stand. An error says which worker could not
+/// reach which.
+fn form_mesh(peers: &mut [TcpStream], addrs: Vec<String>) -> Result<()> {
+    let nonce = blake3::Hash::from(challenge_bytes()?).to_hex().to_string();
+    let roster = serde_json::to_vec(&Roster { nonce, addrs })?;
+    for (i, s) in peers.iter_mut().enumerate() {
+        write_frame(s, TAG_ROSTER, &roster)
+            .with_context(|| format!("sending member {} the workers' addresses", i + 1))?;
+    }
+    let deadline = Instant::now() + MESH_WAIT + HELLO_WAIT;
+    let mut problems = vec![];
+    for (i, s) in peers.iter_mut().enumerate() {
+        match read_frame(s, deadline) {
+            Ok((TAG_MESH_READY, p)) if p.is_empty() => {}
+            Ok((TAG_MESH_READY, why)) => problems.push(format!(
+                "member {}: {}",
+                i + 1,
+                String::from_utf8_lossy(&why)
+            )),
+            Ok((t, _)) => problems.push(format!(
+                "member {} sent frame {t} where its mesh's state belongs",
+                i + 1
+            )),
+            Err(ReadFail::Closed) => {
+                problems.push(format!("member {} went away while connecting", i + 1))
+            }
+            Err(ReadFail::TimedOut) => problems.push(format!(
+                "member {} did not say within {} s whether it reached the others",
+                i + 1,
+                (MESH_WAIT + HELLO_WAIT).as_secs()
+            )),
+            Err(ReadFail::Other(e)) => problems.push(format!("member {}: {e}", i + 1)),
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "the workers could not all connect to each other (runtime.cluster.reduce = \"mesh\" needs every worker to accept connections from the others; \"star\" needs none): {}",
+            problems.join("; ")
+        )
+    }
+    Ok(())
 }
 
 fn set_write_timeouts(streams: &[TcpStream], timeout: Duration) -> Result<()> {
@@ -511,14 +656,16 @@ fn set_write_timeouts(streams: &[TcpStream], timeout: Duration) -> Result<()> {
 }
 
 /// One admission: challenge, hello, then welcome or refusal (the refusal's reason is
-/// also sent to the node). Errors are the reason the node was refused.
+/// also sent to the node); in a mesh of more than 2, the node's address for the other
+/// workers. Errors are the reason the node was refused.
 fn admit(
     s: &mut TcpStream,
     me: &Identity,
     token: &Token,
     rank: usize,
     world: usize,
-) -> std::result::Result<(), String> {
+    mesh: bool,
+) -> std::result::Result<Option<String>, String> {
     let deadline = Instant::now() + HELLO_WAIT;
     s.set_write_timeout(Some(HELLO_WAIT))
         .map_err(|e| e.to_string())?;
@@ -563,8 +710,16 @@ fn admit(
         let _ = write_frame(s, TAG_REFUSED, why.as_bytes());
         return Err(why);
     }
-    let w = serde_json::to_vec(&Welcome { rank, world }).expect("serialisable");
-    write_frame(s, TAG_WELCOME, &w).map_err(|e| format!("it went away before its welcome: {e}"))
+    let w = serde_json::to_vec(&Welcome { rank, world, mesh }).expect("serialisable");
+    write_frame(s, TAG_WELCOME, &w).map_err(|e| format!("it went away before its welcome: {e}"))?;
+    if !(mesh && world > 2) {
+        return Ok(None);
+    }
+    match read_frame(s, Instant::now() + HELLO_WAIT) {
+        Ok((TAG_PEER_ADDR, a)) => Ok(Some(String::from_utf8_lossy(&a).into_owned())),
+        Ok((tag, _)) => Err(format!("frame {tag} where its address belongs")),
+        Err(_) => Err("it sent no address for the other workers".into()),
+    }
 }
 
 fn short(h: &str) -> &str {
@@ -649,29 +804,179 @@ pub fn join(
         Err(_) => bail!("the coordinator at {addr} closed the connection without a welcome"),
     };
     s.set_write_timeout(Some(timeout))?;
+    let peers = if welcome.mesh && welcome.world > 2 {
+        // whatever goes wrong from here is the group's, not this node's: join again
+        join_mesh(&mut s, welcome.rank, welcome.world, token)
+            .map_err(|e| anyhow::Error::new(GroupFailed(format!("{e:#}"))))?
+    } else {
+        vec![]
+    };
     eprintln!(
-        "joined {addr} as rank {} of {}",
-        welcome.rank, welcome.world
+        "joined {addr} as rank {} of {}{}",
+        welcome.rank,
+        welcome.world,
+        if peers.is_empty() {
+            String::new()
+        } else {
+            format!(", with links to the other {} worker(s)", peers.len())
+        }
     );
-    Ok(TcpMember {
-        rank: welcome.rank,
-        world: welcome.world,
-        raw: vec![s.try_clone()?],
-        links: vec![Mutex::new(s)],
+    TcpMember::new(
+        welcome.rank,
+        welcome.world,
+        vec![(0, s)],
+        peers,
         timeout,
-        aborted: Mutex::new(None),
-        timed_out: AtomicBool::new(false),
-    })
+        welcome.mesh,
+    )
+}
+
+/// A worker's part of a mesh: listens on the address it reached the coordinator from,
+/// sends that address, waits for the roster (it comes once the group is complete),
+/// connects to the workers of lower rank and accepts those of higher rank, and tells
+/// the coordinator how that went. Returns the links to the other workers by rank.
+fn join_mesh(
+    s: &mut TcpStream,
+    rank: usize,
+    world: usize,
+    token: &Token,
+) -> Result<Vec<(usize, TcpStream)>> {
+    let ip = s.local_addr()?.ip();
+    let l = TcpListener::bind((ip, 0))
+        .with_context(|| format!("cannot listen on {ip} for the other workers"))?;
+    l.set_nonblocking(true)?;
+    let at = l.local_addr()?;
+    write_frame(s, TAG_PEER_ADDR, at.to_string().as_bytes())
+        .context("sending this worker's address to the coordinator")?;
+    let roster: Roster = match read_frame_until(s, None) {
+        Ok((TAG_ROSTER, p)) => serde_json::from_slice(&p).context("an unreadable roster")?,
+        Ok((t, _)) => bail!("the coordinator sent frame {t} where the roster belongs"),
+        Err(ReadFail::Other(e)) => bail!("reading the roster: {e}"),
+        Err(_) => bail!("the coordinator closed the connection before the group was complete"),
+    };
+    let links = connect_peers(&l, &roster, rank, world, token);
+    let ready = match &links {
+        Ok(_) => vec![],
+        Err(e) => format!("{e:#}").into_bytes(),
+    };
+    write_frame(s, TAG_MESH_READY, &ready).context("telling the coordinator the mesh's state")?;
+    links
+}
+
+/// The proof on a link from worker `from` to worker `to` of the group of `nonce`.
+fn peer_proof(token: &Token, nonce: &[u8], from: usize, to: usize) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(&token.0);
+    h.update(nonce);
+    h.update(&(from as u64).to_le_bytes());
+    h.update(&(to as u64).to_le_bytes());
+    h.finalize()
+}
+
+fn connect_peers(
+    l: &TcpListener,
+    roster: &Roster,
+    me: usize,
+    world: usize,
+    token: &Token,
+) -> Result<Vec<(usize, TcpStream)>> {
+    if roster.addrs.len() + 1 != world {
+        bail!(
+            "a roster of {} workers for a group of {world}",
+            roster.addrs.len()
+        )
+    }
+    let nonce = blake3::Hash::from_hex(&roster.nonce).context("an unreadable nonce")?;
+    let deadline = Instant::now() + MESH_WAIT;
+    let mut out: Vec<(usize, TcpStream)> = vec![];
+    for to in 1..me {
+        let addr = &roster.addrs[to - 1];
+        let a: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("member {to}'s address {addr:?}"))?;
+        let mut p = TcpStream::connect_timeout(&a, Duration::from_secs(5))
+            .with_context(|| format!("cannot connect to member {to} at {addr}"))?;
+        p.set_nodelay(true)?;
+        keepalive(&p)?;
+        p.set_write_timeout(Some(HELLO_WAIT))?;
+        let hello = PeerHello {
+            rank: me,
+            proof: peer_proof(token, nonce.as_bytes(), me, to)
+                .to_hex()
+                .to_string(),
+        };
+        write_frame(&mut p, TAG_PEER_HELLO, &serde_json::to_vec(&hello)?)
+            .with_context(|| format!("greeting member {to} at {addr}"))?;
+        out.push((to, p));
+    }
+    let here = l.local_addr()?;
+    while out.len() + 2 < world {
+        let (mut p, from) = match l.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    let missing: Vec<String> = (me + 1..world)
+                        .filter(|r| !out.iter().any(|(o, _)| o == r))
+                        .map(|r| r.to_string())
+                        .collect();
+                    bail!(
+                        "member(s) {} did not connect to this worker at {here} within {} s",
+                        missing.join(", "),
+                        MESH_WAIT.as_secs()
+                    )
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => return Err(e).context("accepting another worker"),
+        };
+        p.set_nonblocking(false)?;
+        p.set_nodelay(true)?;
+        keepalive(&p)?;
+        let hello: Option<PeerHello> = match read_frame(&mut p, Instant::now() + HELLO_WAIT) {
+            Ok((TAG_PEER_HELLO, b)) => serde_json::from_slice(&b).ok(),
+            _ => None,
+        };
+        match hello {
+            Some(h)
+                if h.rank > me
+                    && h.rank < world
+                    && !out.iter().any(|(r, _)| *r == h.rank)
+                    // blake3::Hash compares in constant time
+                    && blake3::Hash::from_hex(&h.proof).ok()
+                        == Some(peer_proof(token, nonce.as_bytes(), h.rank, me)) =>
+            {
+                out.push((h.rank, p))
+            }
+            _ => {
+                tracing::warn!(%from, "refused a connection on the workers' port: no valid hello from a member of this group");
+            }
+        }
+    }
+    out.sort_by_key(|(r, _)| *r);
+    Ok(out)
+}
+
+/// A link to another member: its two directions are locked apart, so that a mesh sum
+/// sends and receives on it at once.
+struct Link {
+    /// The member at the other end.
+    rank: usize,
+    w: Mutex<TcpStream>,
+    r: Mutex<TcpStream>,
+    /// Another handle of the same socket, to close a link that a thread is using.
+    raw: TcpStream,
 }
 
 /// One member of a group of processes. The coordinator (rank 0) holds a link to every
-/// worker (rank `r` is `links[r - 1]`); a worker holds its link to the coordinator.
+/// worker (rank `r` is `links[r - 1]`); a worker holds its link to the coordinator, and
+/// in a mesh of more than 2 its links to the other workers (`peers`, by rank).
 pub struct TcpMember {
     rank: usize,
     world: usize,
-    links: Vec<Mutex<TcpStream>>,
-    /// Handles of the same sockets, to close a link that another thread is using.
-    raw: Vec<TcpStream>,
+    links: Vec<Link>,
+    peers: Vec<Link>,
+    /// Large sums take the mesh (see [`Reduce`]).
+    mesh: bool,
     timeout: Duration,
     /// Set when the group failed: every call fails with it from then on.
     aborted: Mutex<Option<String>>,
@@ -683,6 +988,55 @@ fn lock_err<T>(_: T) -> anyhow::Error {
 }
 
 impl TcpMember {
+    fn new(
+        rank: usize,
+        world: usize,
+        links: Vec<(usize, TcpStream)>,
+        peers: Vec<(usize, TcpStream)>,
+        timeout: Duration,
+        mesh: bool,
+    ) -> Result<TcpMember> {
+        let link = |(r, s): (usize, TcpStream)| -> Result<Link> {
+            s.set_write_timeout(Some(timeout))?;
+            Ok(Link {
+                rank: r,
+                r: Mutex::new(s.try_clone()?),
+                raw: s.try_clone()?,
+                w: Mutex::new(s),
+            })
+        };
+        Ok(TcpMember {
+            rank,
+            world,
+            links: links.into_iter().map(link).collect::<Result<_>>()?,
+            peers: peers.into_iter().map(link).collect::<Result<_>>()?,
+            mesh,
+            timeout,
+            aborted: Mutex::new(None),
+            timed_out: AtomicBool::new(false),
+        })
+    }
+
+    /// Every link this member holds.
+    fn all_links(&self) -> impl Iterator<Item = &Link> {
+        self.links.iter().chain(&self.peers)
+    }
+
+    /// The link to member `rank`.
+    fn link(&self, rank: usize) -> Result<&Link> {
+        self.all_links()
+            .find(|l| l.rank == rank)
+            .ok_or_else(|| anyhow!("member {} holds no link to member {rank}", self.rank))
+    }
+
+    fn who(rank: usize) -> String {
+        if rank == 0 {
+            "the coordinator".into()
+        } else {
+            format!("member {rank}")
+        }
+    }
+
     fn check_aborted(&self) -> Result<()> {
         match &*self.aborted.lock().map_err(lock_err)? {
             Some(why) => bail!("the group was aborted ({why})"),
@@ -699,8 +1053,8 @@ impl TcpMember {
         };
         if a.is_none() {
             *a = Some(why.clone());
-            for (l, raw) in self.links.iter().zip(&self.raw) {
-                match l.try_lock() {
+            for l in self.all_links() {
+                match l.w.try_lock() {
                     Ok(mut s) => {
                         let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
                         let _ = write_frame(&mut s, TAG_FAIL, why.as_bytes());
@@ -709,7 +1063,7 @@ impl TcpMember {
                     // could land in the middle of its frame, so the link is closed (the
                     // peer hears "connection closed", and that thread's read ends)
                     Err(_) => {
-                        let _ = raw.shutdown(std::net::Shutdown::Both);
+                        let _ = l.raw.shutdown(std::net::Shutdown::Both);
                     }
                 }
             }
@@ -752,13 +1106,18 @@ impl TcpMember {
     /// Sends `payload` under `tag` to the coordinator and returns the coordinator's
     /// answer of the same tag (a worker's half of every exchange).
     fn exchange_as_worker(&self, tag: u8, payload: &[u8]) -> Result<Vec<u8>> {
-        let mut s = self.links[0].lock().map_err(lock_err)?;
-        if let Err(e) = write_frame(&mut s, tag, payload) {
-            drop(s);
+        let w = write_frame(
+            &mut *self.links[0].w.lock().map_err(lock_err)?,
+            tag,
+            payload,
+        );
+        if let Err(e) = w {
             return Err(self.write_failure(e, "the coordinator"));
         }
-        let r = read_frame(&mut s, Instant::now() + self.timeout);
-        drop(s);
+        let r = read_frame(
+            &mut *self.links[0].r.lock().map_err(lock_err)?,
+            Instant::now() + self.timeout,
+        );
         match r {
             Ok((t, p)) if t == tag => Ok(p),
             Ok((TAG_FAIL, why)) => {
@@ -777,7 +1136,7 @@ impl TcpMember {
         let mut out = Vec::with_capacity(self.links.len());
         for (i, l) in self.links.iter().enumerate() {
             let who = format!("member {}", i + 1);
-            let r = read_frame(&mut *l.lock().map_err(lock_err)?, deadline);
+            let r = read_frame(&mut *l.r.lock().map_err(lock_err)?, deadline);
             match r {
                 Ok((t, p)) if t == tag => out.push(p),
                 Ok((TAG_FAIL, why)) => {
@@ -801,12 +1160,21 @@ impl TcpMember {
 
     fn send_to_workers(&self, tag: u8, payload: &[u8]) -> Result<()> {
         for (i, l) in self.links.iter().enumerate() {
-            let r = write_frame(&mut *l.lock().map_err(lock_err)?, tag, payload);
+            let r = write_frame(&mut *l.w.lock().map_err(lock_err)?, tag, payload);
             if let Err(e) = r {
                 return Err(self.write_failure(e, &format!("member {}", i + 1)));
             }
         }
         Ok(())
+    }
+
+    /// How this group sums.
+    pub fn reduce(&self) -> Reduce {
+        if self.mesh {
+            Reduce::Mesh
+        } else {
+            Reduce::Star
+        }
     }
 
     /// Why the group failed, if a transport failure, a peer or [`Collective::abort`] has
@@ -825,7 +1193,7 @@ impl TcpMember {
             )
         }
         let r = write_frame(
-            &mut *self.links[rank - 1].lock().map_err(lock_err)?,
+            &mut *self.links[rank - 1].w.lock().map_err(lock_err)?,
             TAG_CONTROL,
             payload,
         );
@@ -840,7 +1208,7 @@ impl TcpMember {
         if self.rank == 0 {
             bail!("the coordinator receives no control messages")
         }
-        let r = read_frame_until(&mut *self.links[0].lock().map_err(lock_err)?, None);
+        let r = read_frame_until(&mut *self.links[0].r.lock().map_err(lock_err)?, None);
         match r {
             Ok((TAG_CONTROL, p)) => Ok(Some(p)),
             Ok((TAG_BYE, _)) => Ok(None),
@@ -861,7 +1229,7 @@ impl TcpMember {
     pub fn bye(&self) {
         if self.rank == 0 {
             for l in &self.links {
-                if let Ok(mut s) = l.lock() {
+                if let Ok(mut s) = l.w.lock() {
                     let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
                     let _ = write_frame(&mut s, TAG_BYE, b"");
                 }
@@ -895,6 +1263,9 @@ impl TcpMember {
     /// `model::dist::reduce_on_host` over `ThreadGroup`.
     fn sum_as<E: Wire>(&self, v: &mut [E], tag: u8) -> Result<()> {
         self.check_aborted()?;
+        if self.mesh && v.len() >= MESH_MIN_VALUES {
+            return self.mesh_sum(v);
+        }
         let w = E::WIDTH;
         if self.rank != 0 {
             let p = self.exchange_as_worker(tag, &E::to_bytes(v))?;
@@ -935,11 +1306,129 @@ impl TcpMember {
         self.send_to_workers(tag, &E::to_bytes(v))?;
         Ok(())
     }
+
+    /// [`TcpMember::sum_as`] through the mesh: member `r` owns chunk `r` of `world`; it
+    /// receives every other member's values of that chunk while it sends each owner its
+    /// values of theirs, sums in rank order from zero in f64 (the coordinator's order in
+    /// a star: the same bits), and sends the sums to every member while it receives the
+    /// other chunks' sums. Every link carries both directions at once.
+    fn mesh_sum<E: Wire>(&self, v: &mut [E]) -> Result<()> {
+        let (me, world, n, w) = (self.rank, self.world, v.len(), E::WIDTH);
+        let chunk = |c: usize| c * n / world..(c + 1) * n / world;
+        let deadline = Instant::now() + self.timeout;
+        let mine = chunk(me);
+        let others = || (0..world).filter(move |&p| p != me);
+        let len_err = |from: usize, got: usize, want: usize| {
+            self.fail(format!(
+                "{} sent {} values of a chunk of {want}",
+                Self::who(from),
+                got / w
+            ))
+        };
+        // reduce-scatter
+        let mut acc = vec![0.0f64; mine.len()];
+        std::thread::scope(|s| -> Result<()> {
+            let sends: Vec<_> = others()
+                .map(|p| {
+                    let bytes = E::to_bytes(&v[chunk(p)]);
+                    s.spawn(move || self.send_to(p, E::TAG_RS, &bytes))
+                })
+                .collect();
+            let got = (|| -> Result<()> {
+                let mut part = vec![E::default(); mine.len()];
+                for r in 0..world {
+                    if r != me {
+                        let p = self.recv_from(r, E::TAG_RS, deadline)?;
+                        if p.len() != part.len() * w {
+                            return Err(len_err(r, p.len(), part.len()));
+                        }
+                        E::from_bytes(&p, &mut part);
+                    } else {
+                        part.copy_from_slice(&v[mine.clone()]);
+                    }
+                    acc.iter_mut().zip(&part).for_each(|(a, b)| *a += b.wide());
+                }
+                Ok(())
+            })();
+            joined(sends, got)
+        })?;
+        // all-gather
+        let sums: Vec<E> = acc.iter().map(|a| E::narrow(*a)).collect();
+        v[mine].copy_from_slice(&sums);
+        let bytes = E::to_bytes(&sums);
+        std::thread::scope(|s| -> Result<()> {
+            let bytes = &bytes;
+            let sends: Vec<_> = others()
+                .map(|p| s.spawn(move || self.send_to(p, E::TAG_AG, bytes)))
+                .collect();
+            let got = (|| -> Result<()> {
+                for r in others() {
+                    let p = self.recv_from(r, E::TAG_AG, deadline)?;
+                    let c = chunk(r);
+                    if p.len() != c.len() * w {
+                        return Err(len_err(r, p.len(), c.len()));
+                    }
+                    E::from_bytes(&p, &mut v[c]);
+                }
+                Ok(())
+            })();
+            joined(sends, got)
+        })
+    }
+
+    /// Sends one frame to member `to`.
+    fn send_to(&self, to: usize, tag: u8, payload: &[u8]) -> Result<()> {
+        let l = self.link(to)?;
+        let r = write_frame(&mut *l.w.lock().map_err(lock_err)?, tag, payload);
+        r.map_err(|e| self.write_failure(e, &Self::who(to)))
+    }
+
+    /// Reads one frame of `tag` from member `from`; its failure fails the group.
+    fn recv_from(&self, from: usize, tag: u8, deadline: Instant) -> Result<Vec<u8>> {
+        let who = Self::who(from);
+        let l = self.link(from)?;
+        let r = read_frame(&mut *l.r.lock().map_err(lock_err)?, deadline);
+        match r {
+            Ok((t, p)) if t == tag => Ok(p),
+            Ok((TAG_FAIL, why)) => {
+                let why = String::from_utf8_lossy(&why);
+                // (a member's own abort already says who failed)
+                Err(self.fail(if why.starts_with("member ") {
+                    why.into_owned()
+                } else {
+                    format!("{who} failed: {why}")
+                }))
+            }
+            Ok((t, _)) => Err(self.fail(format!("{who} sent frame {t}, expected {tag}"))),
+            Err(f) => Err(self.read_failure(f, &who)),
+        }
+    }
+}
+
+/// Waits for a collective's sending threads; the first error wins, the receiving
+/// side's (`got`) first.
+fn joined(
+    sends: Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>,
+    got: Result<()>,
+) -> Result<()> {
+    let mut first = got.err();
+    for h in sends {
+        let r = h
+            .join()
+            .unwrap_or_else(|_| Err(anyhow!("a thread sending a sum panicked")));
+        if let (None, Err(e)) = (&first, r) {
+            first = Some(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
 }
 
 /// An element type a sum crosses the network in.
 trait Wire: Copy + Default {
     const WIDTH: usize;
+    /// The mesh's reduce-scatter and all-gather frames of this type.
+    const TAG_RS: u8;
+    const TAG_AG: u8;
     fn wide(self) -> f64;
     fn narrow(v: f64) -> Self;
     fn to_bytes(v: &[Self]) -> Vec<u8>;
@@ -948,6 +1437,8 @@ trait Wire: Copy + Default {
 
 impl Wire for f64 {
     const WIDTH: usize = 8;
+    const TAG_RS: u8 = TAG_RS64;
+    const TAG_AG: u8 = TAG_AG64;
     fn wide(self) -> f64 {
         self
     }
@@ -964,6 +1455,8 @@ impl Wire for f64 {
 
 impl Wire for f32 {
     const WIDTH: usize = 4;
+    const TAG_RS: u8 = TAG_RS32;
+    const TAG_AG: u8 = TAG_AG32;
     fn wide(self) -> f64 {
         self as f64
     }
@@ -1163,9 +1656,13 @@ mod tests {
         Token::from_file(&p).unwrap()
     }
 
-    /// A coordinator and `world - 1` workers on loopback, built on threads; the
-    /// coordinator's address comes back through a channel.
+    /// A coordinator and `world - 1` workers on loopback, built on threads, in rank
+    /// order; the coordinator's address comes back through a channel.
     fn group_of(world: usize, timeout: Duration) -> Vec<TcpMember> {
+        group_by(world, timeout, Reduce::Mesh)
+    }
+
+    fn group_by(world: usize, timeout: Duration, reduce: Reduce) -> Vec<TcpMember> {
         let tmp = tempfile::tempdir().unwrap();
         let tok = token(tmp.path(), "t", "a-token-of-twenty-chars\n");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1179,17 +1676,24 @@ mod tests {
                     &tok2,
                     Duration::from_secs(20),
                     timeout,
+                    reduce,
                     |a| tx.send(a).unwrap(),
                 )
                 .unwrap()
             });
             let addr = rx.recv().unwrap().to_string();
+            // (at once: in a mesh a worker's join returns when the group is complete)
             let ws: Vec<_> = (1..world)
-                // one after the other, so ranks follow the order of the calls
-                .map(|_| join(&addr, &id("h"), &tok, Duration::from_secs(20), timeout).unwrap())
+                .map(|_| {
+                    let (addr, tok) = (addr.clone(), tok.clone());
+                    s.spawn(move || {
+                        join(&addr, &id("h"), &tok, Duration::from_secs(20), timeout).unwrap()
+                    })
+                })
                 .collect();
             let mut all = vec![c.join().unwrap()];
-            all.extend(ws);
+            all.extend(ws.into_iter().map(|w| w.join().unwrap()));
+            all.sort_by_key(|m| m.rank());
             all
         })
     }
@@ -1271,7 +1775,7 @@ mod tests {
             v
         };
         for m in &members {
-            for l in &m.raw {
+            for l in m.all_links().map(|l| &l.raw) {
                 assert_eq!(get(l, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
                 #[cfg(target_os = "linux")]
                 assert_eq!(
@@ -1287,6 +1791,180 @@ mod tests {
         for g in got {
             assert_eq!(g, vec!["fp0", "fp1", "fp2"]);
         }
+    }
+
+    /// A mesh sums large vectors (split in uneven chunks, one per member) with the bits
+    /// of a star and of the thread group, on every member and for groups of 2 to 4; the
+    /// workers of a mesh hold links to each other and a star's hold none.
+    #[test]
+    fn a_mesh_sums_what_a_star_and_threads_sum_bit_for_bit() {
+        // an odd length: the chunks differ in size
+        let n = MESH_MIN_VALUES * 3 + 7;
+        let vec_of = |r: usize| -> Vec<f64> {
+            (0..n)
+                .map(|i| {
+                    let x = ((i * 7919 + r * 104729) % 100_003) as f64;
+                    (x * 1e-3 - 50.0) * (1.0 + 1e-9 * r as f64) + 1e-17 * i as f64
+                })
+                .collect()
+        };
+        let sum = |r: usize, m: &dyn Collective| -> (Vec<u64>, Vec<u32>) {
+            let mut v = vec_of(r);
+            // twice: a second sum on the same links starts where the first ended
+            m.all_reduce_sum(&mut v).unwrap();
+            m.all_reduce_sum(&mut v).unwrap();
+            let t: Vec<f32> = vec_of(r).iter().map(|x| *x as f32 * 0.37).collect();
+            let t = Tensor::from_vec(t, (1, n), &Device::Cpu).unwrap();
+            let t = m.all_reduce_sum_tensor(&t).unwrap();
+            let t = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (
+                v.iter().map(|x| x.to_bits()).collect(),
+                t.iter().map(|x| x.to_bits()).collect(),
+            )
+        };
+        for world in [2, 3, 4] {
+            let tg = ThreadGroup::new(world);
+            let tg: Vec<&dyn Collective> = tg.iter().map(|m| m as &dyn Collective).collect();
+            let want = on_each(&tg, sum).swap_remove(0);
+            for reduce in [Reduce::Mesh, Reduce::Star] {
+                let members = group_by(world, Duration::from_secs(60), reduce);
+                let peers = if reduce == Reduce::Mesh { world - 2 } else { 0 };
+                for m in &members[1..] {
+                    assert_eq!(m.peers.len(), peers, "{reduce:?} of {world}");
+                }
+                for (r, got) in on_each(&dyns(&members), sum).into_iter().enumerate() {
+                    assert!(
+                        got.0 == want.0,
+                        "{reduce:?} of {world}: member {r}'s f64 sum"
+                    );
+                    assert!(
+                        got.1 == want.1,
+                        "{reduce:?} of {world}: member {r}'s f32 sum"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A member of a mesh that fails, or goes away, while the others sum a large vector
+    /// fails their calls with the reason instead of hanging, and so does a member that
+    /// sums a vector of another length.
+    #[test]
+    fn a_mesh_member_that_fails_or_goes_away_fails_the_others_sums() {
+        let n = MESH_MIN_VALUES * 2;
+        // member 2 aborts instead of summing
+        let members = group_of(4, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let errs = on_each(&dyns(&members), |r, m| {
+            if r == 2 {
+                m.abort("out of memory");
+                return String::new();
+            }
+            let mut v = vec![1.0; n];
+            m.all_reduce_sum(&mut v).unwrap_err().to_string()
+        });
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+        for r in [0, 1, 3] {
+            assert!(
+                errs[r].contains("member 2 failed: out of memory")
+                    || errs[r].contains("connection closed"),
+                "member {r}: {}",
+                errs[r]
+            );
+        }
+        assert!(errs[0].contains("member 2"), "{}", errs[0]);
+        // member 3's process ends (its links close) while the others sum
+        let mut members = group_of(4, Duration::from_secs(60));
+        drop(members.pop());
+        let t0 = Instant::now();
+        let errs = on_each(&dyns(&members), |_, m| {
+            let mut v = vec![1.0; n];
+            m.all_reduce_sum(&mut v).unwrap_err().to_string()
+        });
+        assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("member 3's connection closed")),
+            "{errs:?}"
+        );
+        // a member that sums a vector of another length
+        let members = group_of(3, Duration::from_secs(60));
+        let errs = on_each(&dyns(&members), |r, m| {
+            let mut v = vec![1.0; n + 3 * (r == 1) as usize];
+            m.all_reduce_sum(&mut v).unwrap_err().to_string()
+        });
+        assert!(
+            errs.iter().any(|e| e.contains("values of a chunk of")),
+            "{errs:?}"
+        );
+        // and a member that never calls: the others time out
+        let members = group_of(3, Duration::from_millis(400));
+        let errs = on_each(&dyns(&members[..2]), |_, m| {
+            let mut v = vec![1.0; n];
+            m.all_reduce_sum(&mut v).unwrap_err().to_string()
+        });
+        assert!(errs.iter().any(|e| e.contains(TIMED_OUT)), "{errs:?}");
+    }
+
+    /// A worker's links to the other workers: one it cannot reach is an error that names
+    /// it and its address; on its own port it refuses a connection without the group's
+    /// proof (or with another link's), and keeps waiting for the member it lacks.
+    #[test]
+    fn the_workers_links_need_the_groups_proof_and_unreachable_ones_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = token(tmp.path(), "t", "a-token-of-twenty-chars\n");
+        let nonce = blake3::hash(b"a group");
+        // nobody listens at member 1's address
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let roster = Roster {
+            nonce: nonce.to_hex().to_string(),
+            addrs: vec![gone.clone(), "127.0.0.1:9".into()],
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let e = connect_peers(&l, &roster, 2, 3, &tok).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains(&format!("cannot connect to member 1 at {gone}")),
+            "{e}"
+        );
+
+        // member 1 of 3 waits for member 2: an intruder, a replayed proof of another
+        // link, then member 2
+        let at = l.local_addr().unwrap();
+        let roster = Roster {
+            nonce: nonce.to_hex().to_string(),
+            addrs: vec![at.to_string(), "127.0.0.1:9".into()],
+        };
+        std::thread::scope(|s| {
+            let h = s.spawn(|| connect_peers(&l, &roster, 1, 3, &tok));
+            let hello = |rank: usize, proof: blake3::Hash| {
+                let mut c = TcpStream::connect(at).unwrap();
+                let b = serde_json::to_vec(&PeerHello {
+                    rank,
+                    proof: proof.to_hex().to_string(),
+                })
+                .unwrap();
+                write_frame(&mut c, TAG_PEER_HELLO, &b).unwrap();
+                c
+            };
+            let _intruder = hello(2, blake3::hash(b"guess"));
+            // (the proof of the link from 2 to 3, not to 1)
+            let _replay = hello(2, peer_proof(&tok, nonce.as_bytes(), 2, 3));
+            let other = token(tmp.path(), "o", "another-token-of-20-chars\n");
+            let _other_group = hello(2, peer_proof(&other, nonce.as_bytes(), 2, 1));
+            let _member2 = hello(2, peer_proof(&tok, nonce.as_bytes(), 2, 1));
+            let links = h.join().unwrap().unwrap();
+            assert_eq!(links.len(), 1);
+            assert_eq!(links[0].0, 2);
+            // the accepted link is member 2's (the fourth connection)
+            assert_eq!(
+                links[0].1.peer_addr().unwrap(),
+                _member2.local_addr().unwrap()
+            );
+        });
     }
 
     /// Tensors of every type a step sends cross as they were; a cut message is an error.
@@ -1443,6 +2121,7 @@ mod tests {
                     &tok2,
                     Duration::from_secs(30),
                     Duration::from_secs(30),
+                    Reduce::Mesh,
                     |a| tx.send(a).unwrap(),
                 )
             });
@@ -1476,6 +2155,7 @@ mod tests {
             &tok,
             Duration::from_millis(300),
             Duration::from_secs(1),
+            Reduce::Mesh,
             |_| {},
         )
         .err()

@@ -659,6 +659,14 @@ pub struct ClusterSection {
     /// `verify_every_steps`).
     #[serde(default)]
     pub worker_data: WorkerData,
+    /// How the group sums the gradients: `"mesh"` (every pair of nodes holds a link and
+    /// each node sums a 1/`nodes` share of every large vector: about 2 (nodes - 1) / nodes
+    /// vectors cross each node's link per sum; the workers must accept connections from
+    /// each other, on an ephemeral port of the address they reach the daemon from) or
+    /// `"star"` (every sum goes through the daemon, whose link carries 2 (nodes - 1)
+    /// vectors; the workers need no inbound connections). The same bits either way.
+    #[serde(default)]
+    pub reduce: crate::cluster::Reduce,
 }
 
 /// `runtime.cluster.worker_data`: who loads a worker's part of each batch.
@@ -1921,7 +1929,17 @@ mod tests {
         let plan = super::parse(&with("", "nodes = 4", &good), "t").unwrap();
         let c = plan.config.runtime.cluster.as_ref().unwrap();
         assert_eq!((c.nodes, c.join_wait_s), (4, 120.0));
+        assert_eq!(c.reduce, crate::cluster::Reduce::Mesh);
+        let plan = super::parse(&with("", "nodes = 4\nreduce = \"star\"", &good), "t").unwrap();
+        let c = plan.config.runtime.cluster.as_ref().unwrap();
+        assert_eq!(c.reduce, crate::cluster::Reduce::Star);
         for (rt, cl, tok, key) in [
+            (
+                "",
+                "nodes = 2\nreduce = \"ring\"",
+                &good,
+                "expected `mesh` or `star`",
+            ),
             ("", "nodes = 1", &good, "runtime.cluster.nodes"),
             ("", "nodes = 5", &good, "runtime.cluster.nodes"),
             ("", "nodes = 32", &good, "runtime.cluster.nodes"),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::config::Plan;
@@ -466,6 +466,8 @@ pub enum ClusterRole {
         addr: String,
         /// Processes in the group, this one included.
         nodes: usize,
+        /// How the group sums.
+        reduce: crate::cluster::Reduce,
     },
     /// A worker: joins the coordinator at `addr`.
     Join {
@@ -702,11 +704,22 @@ fn bench_dp_cluster(
             .to_string(),
     };
     let member = match &c.role {
-        ClusterRole::Listen { addr, nodes } => {
+        ClusterRole::Listen {
+            addr,
+            nodes,
+            reduce,
+        } => {
             check_split(b, *nodes)?;
-            crate::cluster::listen(addr, *nodes, &me, &token, c.join_wait, timeout, |a| {
-                eprintln!("listening on {a} for {} more node(s)", nodes - 1)
-            })?
+            crate::cluster::listen(
+                addr,
+                *nodes,
+                &me,
+                &token,
+                c.join_wait,
+                timeout,
+                *reduce,
+                |a| eprintln!("listening on {a} for {} more node(s)", nodes - 1),
+            )?
         }
         ClusterRole::Join { addr } => {
             crate::cluster::join(addr, &me, &token, c.join_wait, timeout)?
@@ -817,4 +830,143 @@ mod tests {
             .to_string();
         assert!(e.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{e}");
     }
+}
+
+/// What `dinod bench allreduce` measured on one member.
+#[derive(Clone, Debug, Serialize)]
+pub struct AllReduceBench {
+    /// This member's rank.
+    pub rank: usize,
+    /// Processes in the group.
+    pub nodes: usize,
+    /// `mesh` or `star`.
+    pub reduce: String,
+    /// f32 values per sum.
+    pub values: usize,
+    /// Timed sums.
+    pub iters: usize,
+    /// Median, fastest and slowest wall time of one sum on this member.
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    /// The vector's bytes over the median time (nccl-tests' "algbw"), GB/s.
+    pub algbw_gb_s: f64,
+    /// `algbw * 2 (nodes - 1) / nodes`: what each link would carry with an optimal
+    /// algorithm (nccl-tests' "busbw"), GB/s.
+    pub busbw_gb_s: f64,
+    /// Bytes this process sent and received per timed sum (frames included).
+    pub sent_bytes_per_sum: f64,
+    pub received_bytes_per_sum: f64,
+    /// This member's sums equal, bit for bit, the sum in rank order from zero in f64
+    /// that it computes itself from every member's known vector.
+    pub sums_correct: bool,
+    /// Every member's sums were correct (gathered at the end).
+    pub all_members_correct: bool,
+}
+
+/// Member `rank`'s vector in `dinod bench allreduce`: known to every member, so each can
+/// check the sums.
+fn allreduce_vector(rank: usize, values: usize) -> Vec<f32> {
+    (0..values)
+        .map(|i| {
+            let x = ((i as u64 * 2_654_435_761 + rank as u64 * 40_503) % 65_521) as f32;
+            x * 1e-4 - 3.0 + rank as f32 * 1e-3
+        })
+        .collect()
+}
+
+/// `dinod bench allreduce`: joins or forms a group of processes and times `iters` sums
+/// of `values` f32 after `warmup` untimed ones, through [`Collective::all_reduce_sum_tensor`]
+/// (the gradients' path).
+pub fn bench_allreduce(
+    c: &ClusterOpts,
+    values: usize,
+    warmup: usize,
+    iters: usize,
+) -> Result<AllReduceBench> {
+    if values == 0 || iters == 0 {
+        return Err(crate::cli::usage("--values and --iters must be positive"));
+    }
+    let token = crate::cluster::Token::from_file(&c.token_file)?;
+    // the vector's length is what every node must agree on
+    let me = crate::cluster::Identity {
+        code_version: crate::engine::CODE_VERSION.to_string(),
+        config_hash: blake3::hash(format!("allreduce of {values} f32").as_bytes())
+            .to_hex()
+            .to_string(),
+    };
+    let timeout = Duration::from_secs(300);
+    let member = match &c.role {
+        ClusterRole::Listen {
+            addr,
+            nodes,
+            reduce,
+        } => crate::cluster::listen(
+            addr,
+            *nodes,
+            &me,
+            &token,
+            c.join_wait,
+            timeout,
+            *reduce,
+            |a| eprintln!("listening on {a} for {} more node(s)", nodes - 1),
+        )?,
+        ClusterRole::Join { addr } => {
+            crate::cluster::join(addr, &me, &token, c.join_wait, timeout)?
+        }
+    };
+    let (rank, world) = (member.rank(), member.world());
+    let want: Vec<u32> = {
+        let all: Vec<Vec<f32>> = (0..world).map(|r| allreduce_vector(r, values)).collect();
+        (0..values)
+            .map(|i| {
+                let s = all.iter().fold(0.0f64, |a, v| a + v[i] as f64);
+                (s as f32).to_bits()
+            })
+            .collect()
+    };
+    let t = Tensor::from_vec(allreduce_vector(rank, values), values, &Device::Cpu)?;
+    let mut times = vec![];
+    let mut correct = true;
+    let mut traffic0 = crate::cluster::traffic();
+    for it in 0..warmup + iters {
+        if it == warmup {
+            traffic0 = crate::cluster::traffic();
+        }
+        let t0 = Instant::now();
+        let s = member.all_reduce_sum_tensor(&t)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if it >= warmup {
+            times.push(ms);
+        }
+        let got = s.to_vec1::<f32>()?;
+        correct &= got.iter().zip(&want).all(|(g, w)| g.to_bits() == *w);
+    }
+    let traffic1 = crate::cluster::traffic();
+    let all = member
+        .gather(if correct { "correct" } else { "wrong" })
+        .context("gathering the members' checks")?;
+    let median = median(times.clone());
+    let bytes = values as f64 * 4.0;
+    let algbw = bytes / (median / 1e3) / 1e9;
+    Ok(AllReduceBench {
+        rank,
+        nodes: world,
+        reduce: match member.reduce() {
+            crate::cluster::Reduce::Mesh => "mesh",
+            crate::cluster::Reduce::Star => "star",
+        }
+        .into(),
+        values,
+        iters,
+        median_ms: median,
+        min_ms: times.iter().cloned().fold(f64::INFINITY, f64::min),
+        max_ms: times.iter().cloned().fold(0.0, f64::max),
+        algbw_gb_s: algbw,
+        busbw_gb_s: algbw * 2.0 * (world - 1) as f64 / world as f64,
+        sent_bytes_per_sum: (traffic1.0 - traffic0.0) as f64 / iters as f64,
+        received_bytes_per_sum: (traffic1.1 - traffic0.1) as f64 / iters as f64,
+        sums_correct: correct,
+        all_members_correct: all.iter().all(|s| s == "correct"),
+    })
 }

@@ -454,9 +454,12 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     );
     let line = c["line"].as_str().unwrap_or("");
     assert!(
-        line.starts_with("2 nodes on 127.0.0.1:") && line.contains("as rank 1"),
+        line.starts_with("2 nodes on 127.0.0.1:")
+            && line.contains("sums over a mesh")
+            && line.contains("as rank 1"),
         "{st}"
     );
+    assert_eq!(c["reduce"], "mesh", "{st}");
     let o = dinod(&["status", "--state-dir", s2.to_str().unwrap()]);
     assert!(
         text(&o).contains(&format!("cluster      {line}")),
@@ -703,30 +706,43 @@ fn three_processes_in_bf16_train_what_three_threads_train() {
         &format!("{base}\n[runtime]\ndata_parallel = 3\n"),
         steps,
     );
-    let cluster = write_config(
-        dir.path(),
-        &format!(
-            "{base}\n{}",
-            cluster_section(dir.path(), "127.0.0.1:0", 3, "")
-        ),
-    );
-    let cluster = cluster.to_str().unwrap();
-    let s2 = dir.path().join("s2");
-    let (err, _) = run_group(cluster, &s2, steps, 2, &[]);
-    assert!(
-        err.contains("joined as rank 1 of 3") && err.contains("joined as rank 2 of 3"),
-        "{err}"
-    );
-    assert_eq!(
-        err.matches("sending the workers the whole state").count(),
-        1,
-        "the copies were sent again: {err}"
-    );
-    assert_eq!(
-        fingerprint(&s2),
-        want,
-        "three processes and three threads differ"
-    );
+    // the mesh (the default: the two workers link to each other and each member sums a
+    // third of every gradient bucket), then the star
+    for reduce in ["mesh", "star"] {
+        let rdir = dir.path().join(reduce);
+        std::fs::create_dir_all(&rdir).unwrap();
+        let cluster = write_config(
+            &rdir,
+            &format!(
+                "{base}\n{}",
+                cluster_section(&rdir, "127.0.0.1:0", 3, &format!("reduce = \"{reduce}\"\n"))
+            ),
+        );
+        let cluster = cluster.to_str().unwrap();
+        let s2 = rdir.join("s2");
+        let (err, werrs) = run_group(cluster, &s2, steps, 2, &[]);
+        assert!(
+            err.contains("joined as rank 1 of 3") && err.contains("joined as rank 2 of 3"),
+            "{err}"
+        );
+        for w in &werrs {
+            assert_eq!(
+                w.contains("with links to the other 1 worker(s)"),
+                reduce == "mesh",
+                "{reduce}: {w}"
+            );
+        }
+        assert_eq!(
+            err.matches("sending the workers the whole state").count(),
+            1,
+            "the copies were sent again: {err}"
+        );
+        assert_eq!(
+            fingerprint(&s2),
+            want,
+            "three processes ({reduce}) and three threads differ"
+        );
+    }
 }
 
 /// The daemon of a group is SIGKILLed mid-run. Its worker stays up and

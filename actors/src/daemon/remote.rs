@@ -211,6 +211,7 @@ impl ClusterSlot {
             &token,
             Duration::from_secs_f64(c.join_wait_s),
             Duration::from_secs_f64(rt.collective_timeout_s),
+            c.reduce,
             &note,
             // a stop request (`dinod stop`, SIGTERM) must not wait out the admission
             &|| board.run(|r| r.stopping.is_some()),
@@ -1221,7 +1222,18 @@ pub fn run_worker(plan: &Plan, addr: &str, inject: &[crate::config::FaultSpec]) 
     };
     let me = identity(plan);
     loop {
-        let m = cluster::join(addr, &me, &token, join_wait, timeout)?;
+        let m = match cluster::join(addr, &me, &token, join_wait, timeout) {
+            Ok(m) => m,
+            // admitted, but the group failed while it formed (a mesh whose links did
+            // not all stand, a coordinator that gave up waiting for the others)
+            Err(e) if e.downcast_ref::<cluster::GroupFailed>().is_some() => {
+                tracing::warn!("the group failed while it formed: {e:#}; joining again");
+                eprintln!("the group failed while it formed: {e:#}; joining again");
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         match serve(&m, &mut copy, &mut own, plan, &faults) {
             Ok(()) => {
                 eprintln!("the daemon ended the run; this worker exits");

@@ -11,7 +11,8 @@
 #                                                going on when the link comes back
 #
 # Environment: DINOD (the binary, default target/release/dinod), RATE (the link's rate each
-# way, default 1gbit), STEPS (default 40), WORK (a scratch folder,
+# way, default 1gbit), STEPS (default 40), REDUCE (runtime.cluster.reduce, default mesh),
+# WORK (a scratch folder,
 # default a new temporary one), VANISH_AT (the step after which the link goes down,
 # default 6), DOWN_S (how long it stays down, default 90).
 # CONFIG defaults to configs/default.toml; its [runtime] sections are replaced by a
@@ -24,6 +25,7 @@ config=$(realpath "${2:-$root/configs/default.toml}")
 DINOD=${DINOD:-$root/target/release/dinod}
 RATE=${RATE:-1gbit}
 STEPS=${STEPS:-40}
+REDUCE=${REDUCE:-mesh}
 VANISH_AT=${VANISH_AT:-6}
 DOWN_S=${DOWN_S:-90}
 WORK=${WORK:-$(mktemp -d /tmp/dinod-netns.XXXXXX)}
@@ -66,6 +68,7 @@ cat >> recipe.toml <<EOF
 listen = "10.77.0.1:7703"
 nodes = 2
 token_file = "$WORK/token"
+reduce = "$REDUCE"
 EOF
 
 link_bytes() { ip -n $A -s -j link show dinod-va | python3 -c 'import json,sys; s=json.load(sys.stdin)[0]["stats64"]; print(s["rx"]["bytes"] + s["tx"]["bytes"])'; }

@@ -400,14 +400,15 @@ pub enum BenchCommand {
         /// How the group sums (with `--listen`): `mesh` or `star`.
         #[arg(long, requires = "listen", default_value = "mesh", value_parser = ["mesh", "star"])]
         reduce: String,
-        /// f32 values per sum (the default recipe's student has 4.8 M parameters).
-        #[arg(long, default_value_t = 4_800_000)]
+        /// f32 values per sum (the default recipe's student has 4.8 M parameters; with
+        /// `--listen`: the workers sum what rank 0 asks).
+        #[arg(long, default_value_t = 4_800_000, requires = "listen")]
         values: usize,
-        /// Untimed sums first.
-        #[arg(long, default_value_t = 2)]
+        /// Untimed sums first (with `--listen`).
+        #[arg(long, default_value_t = 2, requires = "listen")]
         warmup: usize,
-        /// Timed sums (the median is reported).
-        #[arg(long, default_value_t = 10)]
+        /// Timed sums, whose median is reported (with `--listen`).
+        #[arg(long, default_value_t = 10, requires = "listen")]
         iters: usize,
         /// Seconds rank 0 waits for every node, and a worker for rank 0.
         #[arg(long, default_value_t = 120.0)]

@@ -73,8 +73,11 @@ const TAG_RS32: u8 = 17;
 const TAG_AG32: u8 = 18;
 
 /// Sums of fewer values go through the coordinator even in a mesh (the losses, the
-/// Sinkhorn-Knopp masses): a star is fewer messages, and the bits are the same.
-const MESH_MIN_VALUES: usize = 1024;
+/// Sinkhorn-Knopp masses of 4 096 prototypes): their time is latency, not bandwidth, and a
+/// star is fewer messages on the critical path (on 2 loopback cores a sum of 20 000 values
+/// took 0.24 ms in a star of 4 and 0.94 ms in a mesh; one of 300 000 about the same
+/// either way). The bits are the same.
+const MESH_MIN_VALUES: usize = 64 * 1024;
 
 /// How long the workers have to connect to each other once they have the roster.
 const MESH_WAIT: Duration = Duration::from_secs(30);

@@ -877,7 +877,7 @@ fn allreduce_vector(rank: usize, values: usize) -> Vec<f32> {
 
 /// `dinod bench allreduce`: joins or forms a group of processes and times `iters` sums
 /// of `values` f32 after `warmup` untimed ones, through [`Collective::all_reduce_sum_tensor`]
-/// (the gradients' path).
+/// (the gradients' path). The workers take the three numbers from rank 0.
 pub fn bench_allreduce(
     c: &ClusterOpts,
     values: usize,
@@ -888,12 +888,9 @@ pub fn bench_allreduce(
         return Err(crate::cli::usage("--values and --iters must be positive"));
     }
     let token = crate::cluster::Token::from_file(&c.token_file)?;
-    // the vector's length is what every node must agree on
     let me = crate::cluster::Identity {
         code_version: crate::engine::CODE_VERSION.to_string(),
-        config_hash: blake3::hash(format!("allreduce of {values} f32").as_bytes())
-            .to_hex()
-            .to_string(),
+        config_hash: blake3::hash(b"dinod bench allreduce").to_hex().to_string(),
     };
     let timeout = Duration::from_secs(300);
     let member = match &c.role {
@@ -916,6 +913,18 @@ pub fn bench_allreduce(
         }
     };
     let (rank, world) = (member.rank(), member.world());
+    // the workers sum what rank 0 was told to
+    let all = member
+        .gather(&format!("{values} {warmup} {iters}"))
+        .context("hearing rank 0's sums")?;
+    let ask: Vec<usize> = all[0]
+        .split(' ')
+        .map(|x| x.parse())
+        .collect::<std::result::Result<_, _>>()
+        .context("rank 0's sums")?;
+    let [values, warmup, iters] = ask[..] else {
+        bail!("rank 0 asked for {:?}", all[0])
+    };
     let want: Vec<u32> = {
         let all: Vec<Vec<f32>> = (0..world).map(|r| allreduce_vector(r, values)).collect();
         (0..values)

@@ -697,9 +697,12 @@ fn a_group_of_processes_follows_the_stage_machine_as_threads_do() {
 #[test]
 fn three_processes_in_bf16_train_what_three_threads_train() {
     let dir = TempDir::new("cluster-three");
+    // (4 096 prototypes: the heads' gradients are large enough for the mesh, and the
+    // Sinkhorn-Knopp sums small enough for the star)
     let base = tiny_config("")
         .replace("precision = \"f32\"", "precision = \"bf16\"")
-        .replace("batch_size = 4", "batch_size = 6");
+        .replace("batch_size = 4", "batch_size = 6")
+        .replace("n_prototypes = 64", "n_prototypes = 4096");
     let steps = 8;
     let want = threads_fingerprint(
         dir.path(),
@@ -925,15 +928,30 @@ fn workers_loading_their_own_images_train_what_threads_train_and_other_data_is_r
         status(&s2)["run"]["cluster"]["copies"]["worker_data"],
         "local"
     );
-    // the files the worker skipped are counted by the daemon too
+    // the files the worker skipped are reported by the daemon too, by name and member,
+    // as it reports its own
+    let from_worker: Vec<serde_json::Value> = events(&s2)
+        .into_iter()
+        .filter(|e| e["kind"] == "data.bad_input" && e["fields"]["member"] == 1)
+        .collect();
+    assert!(!from_worker.is_empty(), "{:?}", events(&s2));
+    for e in &from_worker {
+        let path = e["fields"]["path"].as_str().unwrap_or("");
+        assert!(
+            e["message"].as_str().unwrap_or("").starts_with(&format!(
+                "member 1 skipped unreadable input {path} in its part of batch "
+            )),
+            "{e}"
+        );
+        assert!(
+            werr.contains(&format!("skipped unreadable input {path}")),
+            "{path}: {werr}"
+        );
+    }
     assert!(
-        events(&s2).iter().any(|e| e["kind"] == "data.bad_input"
-            && e["message"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("the workers skipped ")),
-        "{:?}",
-        events(&s2)
+        status(&s2)["run"]["bad_inputs"].as_u64().unwrap_or(0) >= from_worker.len() as u64,
+        "{}",
+        status(&s2)
     );
     // the daemon said why the refused workers left
     assert!(err.contains("differ from rank 0's"), "{err}");

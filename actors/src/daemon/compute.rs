@@ -427,13 +427,13 @@ impl Actor for TrainerActor {
                                     &shard,
                                     &hp,
                                     t,
-                                    local.then_some(0),
+                                    local.then_some(&[]),
                                 )?;
                                 super::remote::report_workers_bad_inputs(
                                     &ctx,
                                     step,
                                     batch.batch_index,
-                                    bad,
+                                    &bad,
                                 );
                                 Ok(out)
                             })();

@@ -544,7 +544,7 @@ impl LocalData {
         part: data::Part,
         dtype: candle_core::DType,
         dev: &Device,
-    ) -> Result<(Batch, u64)> {
+    ) -> Result<(Batch, Vec<WorkerBadInput>)> {
         if r.source_len != self.source.len() {
             let n = |v: Option<u64>| v.map_or("an unknown number of".into(), |v| v.to_string());
             return Err(Fatal(format!(
@@ -582,7 +582,15 @@ impl LocalData {
                 b.reason
             );
         }
-        let bad = h.bad_inputs.len() as u64;
+        let bad = h
+            .bad_inputs
+            .iter()
+            .map(|b| WorkerBadInput {
+                member: part.rank,
+                path: b.path.display().to_string(),
+                reason: b.reason.to_string(),
+            })
+            .collect();
         let batch = super::loader::to_batch(&h, dtype, true, dev)?;
         loader.recycle(h);
         Ok((batch, bad))
@@ -755,15 +763,16 @@ pub fn order_teacher_phase(
 /// summed over the same members in the same order as one all-reduce of all the
 /// gradients after the backward pass, so the bits are the same. With `bad` (members
 /// loading their own images: the unreadable files this member met first in its part,
-/// 0 on rank 0, whose loader reports its own), also the group's sum of them.
+/// none on rank 0, whose loader reports its own), also every member's, gathered when
+/// the group met any (a sum of their number first: one more exchange only then).
 pub fn student_phase_over(
     m: &TcpMember,
     view: &TrainState,
     shard: &Batch,
     hp: &StepHparams,
     teacher: model::TeacherOutput,
-    bad: Option<u64>,
-) -> Result<(model::StepOutcome, u64)> {
+    bad: Option<&[WorkerBadInput]>,
+) -> Result<(model::StepOutcome, Vec<WorkerBadInput>)> {
     let (dino, ibot, rest) = model::student_phase_split(view, shard, hp, teacher, &mut |_| {})?;
     // one thread makes the group's collectives, in the order every member makes them:
     // the heads, then each group of the backbone's gradients as its backward pass
@@ -838,34 +847,55 @@ pub fn student_phase_over(
     let mut out = done.outcome(dino, ibot);
     model::dist::all_reduce_mean_losses(m, &mut out.losses)?;
     let bad = match bad {
-        Some(b) => {
-            let mut v = [b as f64];
+        Some(mine) => {
+            let mut v = [mine.len() as f64];
             m.all_reduce_sum(&mut v)?;
-            v[0] as u64
+            if v[0] > 0.0 {
+                let all = m.gather(&serde_json::to_string(mine)?)?;
+                let mut met = vec![];
+                for (r, list) in all.iter().enumerate() {
+                    let list: Vec<WorkerBadInput> = serde_json::from_str(list)
+                        .with_context(|| format!("member {r}'s unreadable files"))?;
+                    met.extend(list);
+                }
+                met
+            } else {
+                vec![]
+            }
         }
-        None => 0,
+        None => vec![],
     };
     Ok((out, bad))
 }
 
 /// Rank 0 reports the unreadable files the workers met in their own parts of batch
-/// `batch_index` (their logs name them): the status count, the metric and an event.
-pub fn report_workers_bad_inputs(ctx: &super::Ctx, step: u64, batch_index: u64, n: u64) {
-    if n == 0 {
-        return;
+/// `batch_index`, as its loader reports its own: per file the status count, the metric,
+/// a `data.bad_input` event naming the worker and the file, and a quarantine record.
+pub fn report_workers_bad_inputs(
+    ctx: &super::Ctx,
+    step: u64,
+    batch_index: u64,
+    bad: &[WorkerBadInput],
+) {
+    for b in bad {
+        ctx.board.run(|r| r.bad_inputs += 1);
+        metrics::counter!("dinod_bad_inputs_total").increment(1);
+        ctx.event(
+            checkpoints::Level::Warn,
+            "data.bad_input",
+            Some("trainer"),
+            Some(step),
+            format!(
+                "member {} skipped unreadable input {} in its part of batch {batch_index}: {}",
+                b.member, b.path, b.reason
+            ),
+            serde_json::json!({"path": b.path, "reason": b.reason, "member": b.member, "batch": batch_index}),
+        );
+        let _ = ctx.store.quarantine_add(
+            &format!("file:{}", b.path),
+            &serde_json::json!({"reason": b.reason, "step": step, "member": b.member}),
+        );
     }
-    ctx.board.run(|r| r.bad_inputs += n);
-    metrics::counter!("dinod_bad_inputs_total").increment(n);
-    ctx.event(
-        checkpoints::Level::Warn,
-        "data.bad_input",
-        Some("trainer"),
-        Some(step),
-        format!(
-            "the workers skipped {n} unreadable input(s) in their parts of batch {batch_index} (each worker's log names its files)"
-        ),
-        serde_json::json!({"workers": n, "batch": batch_index}),
-    );
 }
 
 /// Rank 0, before its own student phase: tells every worker to compute it (the student
@@ -972,7 +1002,19 @@ struct Pending {
     shard: Batch,
     teacher: model::TeacherOutput,
     /// Unreadable files first met in its own part (`worker_data = "local"`).
-    bad: Option<u64>,
+    bad: Option<Vec<WorkerBadInput>>,
+}
+
+/// An unreadable file a worker met in its own part of a batch (and replaced by a readable
+/// sample, as every loader does), for rank 0's events and quarantine record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerBadInput {
+    /// The worker's rank.
+    pub member: usize,
+    /// The file, as the worker names it (under its own `data.source`).
+    pub path: String,
+    /// Why it was skipped.
+    pub reason: String,
 }
 
 /// A worker's copy of the state, and the gradients of the step it computed last.
@@ -1164,7 +1206,8 @@ fn serve(
                 let view = copy
                     .ts
                     .phase_view(model::Side::Student, dt, &copy.ts.device())?;
-                let (out, _) = student_phase_over(m, &view, &p.shard, &o.hp, p.teacher, p.bad)?;
+                let (out, _) =
+                    student_phase_over(m, &view, &p.shard, &o.hp, p.teacher, p.bad.as_deref())?;
                 // the group's mean gradients, which rank 0 clips and commits (or not)
                 copy.grads = Some((step, out.grads));
                 if step.is_multiple_of(log_every) {

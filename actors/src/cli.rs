@@ -91,6 +91,12 @@ pub enum Command {
         /// copy of the state after the commit of STEP (repeatable).
         #[arg(long = "inject")]
         inject: Vec<String>,
+        /// In a mesh (`runtime.cluster.reduce = "mesh"`), where the other workers connect
+        /// to this one: `IP` or `IP:PORT` (a fixed port for a firewall rule; `0.0.0.0:PORT`
+        /// listens everywhere and announces the address this worker reached the daemon
+        /// from). Default: an ephemeral port of that address.
+        #[arg(long, value_name = "IP[:PORT]", value_parser = crate::cluster::mesh_listen_addr)]
+        mesh_listen: Option<std::net::SocketAddr>,
     },
     /// Stage, step, losses, throughput, last checkpoint, probes.
     Status {
@@ -413,6 +419,10 @@ pub enum BenchCommand {
         /// Seconds rank 0 waits for every node, and a worker for rank 0.
         #[arg(long, default_value_t = 120.0)]
         join_wait_s: f64,
+        /// With `--join`, in a mesh: where the other workers connect to this one, as
+        /// `dinod worker --mesh-listen`.
+        #[arg(long, value_name = "IP[:PORT]", requires = "join", value_parser = crate::cluster::mesh_listen_addr)]
+        mesh_listen: Option<std::net::SocketAddr>,
     },
     /// Data parallelism: one step over a group of members (threads on the CPU, or one GPU
     /// each with NCCL), each on its part of the batch; checks the members stay identical.
@@ -658,6 +668,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             config,
             join,
             inject,
+            mesh_listen,
         } => {
             let plan = load_plan(Some(&config))?;
             let inject = inject
@@ -670,7 +681,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             // its warnings (bad input, drift, a failed group) and step lines, as the
             // daemon logs its own
             crate::logging::init();
-            crate::daemon::remote::run_worker(&plan, &join, &inject)?;
+            crate::daemon::remote::run_worker(&plan, &join, &inject, mesh_listen)?;
             Ok(0)
         }
         Command::Status { dir, json } => crate::commands::status(&dir.state_dir, json),
@@ -815,6 +826,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     role,
                     token_file,
                     join_wait: std::time::Duration::from_secs_f64(join_wait_s.max(0.0)),
+                    mesh_listen: None,
                 }),
                 _ => None,
             };
@@ -843,6 +855,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     warmup,
                     iters,
                     join_wait_s,
+                    mesh_listen,
                 },
         } => {
             let role = match (listen, nodes, join) {
@@ -866,6 +879,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 role,
                 token_file,
                 join_wait: std::time::Duration::from_secs_f64(join_wait_s.max(0.0)),
+                mesh_listen,
             };
             let r = crate::dp::bench_allreduce(&c, values, warmup, iters)?;
             println!("{}", serde_json::to_string_pretty(&r)?);

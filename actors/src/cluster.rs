@@ -733,12 +733,16 @@ fn short(h: &str) -> &str {
 /// nodes, connecting again while nobody listens or the coordinator goes away, until
 /// `join_wait` has passed (so a worker may start first, and outlive a coordinator's
 /// restart); proves the token and is admitted, or fails with the coordinator's reason.
+/// In a mesh it then links to the other workers, listening on `mesh_listen` (see
+/// [`mesh_listen_addr`]; `None`: an ephemeral port of the address it reached the
+/// coordinator from).
 pub fn join(
     addr: &str,
     me: &Identity,
     token: &Token,
     join_wait: Duration,
     timeout: Duration,
+    mesh_listen: Option<SocketAddr>,
 ) -> Result<TcpMember> {
     let deadline = Instant::now() + join_wait;
     let gone = || {
@@ -809,7 +813,7 @@ pub fn join(
     s.set_write_timeout(Some(timeout))?;
     let peers = if welcome.mesh && welcome.world > 2 {
         // whatever goes wrong from here is the group's, not this node's: join again
-        join_mesh(&mut s, welcome.rank, welcome.world, token)
+        join_mesh(&mut s, welcome.rank, welcome.world, token, mesh_listen)
             .map_err(|e| anyhow::Error::new(GroupFailed(format!("{e:#}"))))?
     } else {
         vec![]
@@ -834,21 +838,39 @@ pub fn join(
     )
 }
 
-/// A worker's part of a mesh: listens on the address it reached the coordinator from,
-/// sends that address, waits for the roster (it comes once the group is complete),
-/// connects to the workers of lower rank and accepts those of higher rank, and tells
-/// the coordinator how that went. Returns the links to the other workers by rank.
+/// `dinod worker --mesh-listen`'s value: `IP` or `IP:PORT` (port 0 or none: an
+/// ephemeral one). The unspecified address (`0.0.0.0`, `::`) listens everywhere and
+/// announces the address the worker reached the coordinator from.
+pub fn mesh_listen_addr(s: &str) -> std::result::Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 0))
+        })
+        .map_err(|_| format!("{s:?} is not IP or IP:PORT (a numeric address)"))
+}
+
+/// A worker's part of a mesh: listens (on `listen`, or an ephemeral port of the address
+/// it reached the coordinator from), sends its address, waits for the roster (it comes
+/// once the group is complete), connects to the workers of lower rank and accepts those
+/// of higher rank, and tells the coordinator how that went. Returns the links to the
+/// other workers by rank.
 fn join_mesh(
     s: &mut TcpStream,
     rank: usize,
     world: usize,
     token: &Token,
+    listen: Option<SocketAddr>,
 ) -> Result<Vec<(usize, TcpStream)>> {
-    let ip = s.local_addr()?.ip();
-    let l = TcpListener::bind((ip, 0))
-        .with_context(|| format!("cannot listen on {ip} for the other workers"))?;
+    let link_ip = s.local_addr()?.ip();
+    let want = listen.unwrap_or(SocketAddr::new(link_ip, 0));
+    let l = TcpListener::bind(want)
+        .with_context(|| format!("cannot listen on {want} for the other workers"))?;
     l.set_nonblocking(true)?;
-    let at = l.local_addr()?;
+    let mut at = l.local_addr()?;
+    if at.ip().is_unspecified() {
+        at.set_ip(link_ip);
+    }
     write_frame(s, TAG_PEER_ADDR, at.to_string().as_bytes())
         .context("sending this worker's address to the coordinator")?;
     let roster: Roster = match read_frame_until(s, None) {
@@ -1666,6 +1688,17 @@ mod tests {
     }
 
     fn group_by(world: usize, timeout: Duration, reduce: Reduce) -> Vec<TcpMember> {
+        group_listening(world, timeout, reduce, &vec![None; world - 1])
+    }
+
+    /// [`group_by`], worker `i` (in the order of the calls, not of the ranks) with
+    /// `mesh_listen[i]`.
+    fn group_listening(
+        world: usize,
+        timeout: Duration,
+        reduce: Reduce,
+        mesh_listen: &[Option<SocketAddr>],
+    ) -> Vec<TcpMember> {
         let tmp = tempfile::tempdir().unwrap();
         let tok = token(tmp.path(), "t", "a-token-of-twenty-chars\n");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1686,11 +1719,12 @@ mod tests {
             });
             let addr = rx.recv().unwrap().to_string();
             // (at once: in a mesh a worker's join returns when the group is complete)
-            let ws: Vec<_> = (1..world)
-                .map(|_| {
-                    let (addr, tok) = (addr.clone(), tok.clone());
+            let ws: Vec<_> = mesh_listen
+                .iter()
+                .map(|at| {
+                    let (addr, tok, at) = (addr.clone(), tok.clone(), *at);
                     s.spawn(move || {
-                        join(&addr, &id("h"), &tok, Duration::from_secs(20), timeout).unwrap()
+                        join(&addr, &id("h"), &tok, Duration::from_secs(20), timeout, at).unwrap()
                     })
                 })
                 .collect();
@@ -1907,6 +1941,53 @@ mod tests {
             m.all_reduce_sum(&mut v).unwrap_err().to_string()
         });
         assert!(errs.iter().any(|e| e.contains(TIMED_OUT)), "{errs:?}");
+    }
+
+    /// Workers told where to listen for the others (`--mesh-listen`: a fixed port for a
+    /// firewall rule, on one address or on all) are reached there; the value is parsed
+    /// as IP or IP:PORT.
+    #[test]
+    fn workers_listen_for_each_other_where_they_are_told() {
+        assert_eq!(
+            mesh_listen_addr("10.0.0.7").unwrap(),
+            "10.0.0.7:0".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(
+            mesh_listen_addr("0.0.0.0:7710").unwrap(),
+            "0.0.0.0:7710".parse::<SocketAddr>().unwrap()
+        );
+        assert!(mesh_listen_addr("[::]:7710").unwrap().ip().is_unspecified());
+        let e = mesh_listen_addr("node-3:7710").unwrap_err();
+        assert!(e.contains("not IP or IP:PORT"), "{e}");
+        let free = || {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (p1, p2) = (free(), free());
+        let at: Vec<Option<SocketAddr>> = vec![
+            Some(format!("127.0.0.1:{p1}").parse().unwrap()),
+            // everywhere: announced as the address it reached the coordinator from
+            Some(format!("0.0.0.0:{p2}").parse().unwrap()),
+        ];
+        let members = group_listening(3, Duration::from_secs(60), Reduce::Mesh, &at);
+        // member 2 connected to member 1 at member 1's port
+        let to_1 = members[2].link(1).unwrap().raw.peer_addr().unwrap();
+        let at_1 = members[1].link(2).unwrap().raw.local_addr().unwrap();
+        assert_eq!(to_1, at_1);
+        assert!(
+            [p1, p2].contains(&at_1.port()),
+            "{at_1} is neither {p1} nor {p2}"
+        );
+        assert_eq!(at_1.ip().to_string(), "127.0.0.1");
+        let n = MESH_MIN_VALUES + 1;
+        let sums = on_each(&dyns(&members), |r, m| {
+            let mut v = vec![r as f64 + 0.5; n];
+            m.all_reduce_sum(&mut v).unwrap();
+            v
+        });
+        for v in sums {
+            assert!(v.iter().all(|x| *x == 0.5 + 1.5 + 2.5));
+        }
     }
 
     /// A worker's links to the other workers: one it cannot reach is an error that names
@@ -2130,21 +2211,24 @@ mod tests {
             });
             let addr = rx.recv().unwrap().to_string();
             let w = Duration::from_secs(10);
-            let e = join(&addr, &id("h"), &bad, w, w).err().unwrap().to_string();
+            let e = join(&addr, &id("h"), &bad, w, w, None)
+                .err()
+                .unwrap()
+                .to_string();
             assert!(e.contains("refused this node: wrong cluster token"), "{e}");
-            let e = join(&addr, &id("other"), &tok, w, w)
+            let e = join(&addr, &id("other"), &tok, w, w, None)
                 .err()
                 .unwrap()
                 .to_string();
             assert!(e.contains("its recipe differs"), "{e}");
             let mut other_build = id("h");
             other_build.code_version = "dinod 9.9.9".into();
-            let e = join(&addr, &other_build, &tok, w, w)
+            let e = join(&addr, &other_build, &tok, w, w, None)
                 .err()
                 .unwrap()
                 .to_string();
             assert!(e.contains("runs dinod 9.9.9"), "{e}");
-            let ok = join(&addr, &id("h"), &tok, w, w).unwrap();
+            let ok = join(&addr, &id("h"), &tok, w, w, None).unwrap();
             assert_eq!((ok.rank(), ok.world()), (1, 2));
             let c = c.join().unwrap().unwrap();
             assert_eq!((c.rank(), c.world()), (0, 2));
@@ -2172,6 +2256,7 @@ mod tests {
             &tok,
             Duration::from_millis(300),
             Duration::from_secs(1),
+            None,
         )
         .err()
         .unwrap()

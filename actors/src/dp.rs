@@ -455,6 +455,8 @@ pub struct ClusterOpts {
     pub token_file: std::path::PathBuf,
     /// How long the coordinator waits for every node, and a worker for the coordinator.
     pub join_wait: Duration,
+    /// A worker's address for the other workers' links in a mesh (`--mesh-listen`).
+    pub mesh_listen: Option<std::net::SocketAddr>,
 }
 
 /// Which side of the rendezvous this process is.
@@ -722,7 +724,7 @@ fn bench_dp_cluster(
             )?
         }
         ClusterRole::Join { addr } => {
-            crate::cluster::join(addr, &me, &token, c.join_wait, timeout)?
+            crate::cluster::join(addr, &me, &token, c.join_wait, timeout, c.mesh_listen)?
         }
     };
     let world = member.world();
@@ -909,7 +911,7 @@ pub fn bench_allreduce(
             |a| eprintln!("listening on {a} for {} more node(s)", nodes - 1),
         )?,
         ClusterRole::Join { addr } => {
-            crate::cluster::join(addr, &me, &token, c.join_wait, timeout)?
+            crate::cluster::join(addr, &me, &token, c.join_wait, timeout, c.mesh_listen)?
         }
     };
     let (rank, world) = (member.rank(), member.world());

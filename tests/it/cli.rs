@@ -231,6 +231,18 @@ fn bad_run_and_worker_flags_are_usage_errors() {
         assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o));
         assert!(text(&o).contains("--inject: "), "{bad}: {}", text(&o));
     }
+    // where it listens for the other workers is a numeric address
+    let o = dinod(&[
+        "worker",
+        "--config",
+        cluster.to_str().unwrap(),
+        "--join",
+        "127.0.0.1:9",
+        "--mesh-listen",
+        "node-3:7710",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("not IP or IP:PORT"), "{}", text(&o));
 }
 
 #[test]

@@ -723,7 +723,13 @@ fn three_processes_in_bf16_train_what_three_threads_train() {
         );
         let cluster = cluster.to_str().unwrap();
         let s2 = rdir.join("s2");
-        let (err, werrs) = run_group(cluster, &s2, steps, 2, &[]);
+        // (the mesh's workers listen everywhere for each other, on ephemeral ports)
+        let args: &[&str] = if reduce == "mesh" {
+            &["--mesh-listen", "0.0.0.0"]
+        } else {
+            &[]
+        };
+        let (err, werrs) = run_group(cluster, &s2, steps, 2, args);
         assert!(
             err.contains("joined as rank 1 of 3") && err.contains("joined as rank 2 of 3"),
             "{err}"

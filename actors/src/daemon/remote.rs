@@ -1227,7 +1227,12 @@ fn serve(
 /// `dinod worker`: joins the daemon at `addr` as one member of its `[runtime.cluster]`
 /// group and serves it, joining again whenever the group fails, until the daemon ends
 /// the run (exit 0) or no daemon admits it within `join_wait_s` (an error).
-pub fn run_worker(plan: &Plan, addr: &str, inject: &[crate::config::FaultSpec]) -> Result<()> {
+pub fn run_worker(
+    plan: &Plan,
+    addr: &str,
+    inject: &[crate::config::FaultSpec],
+    mesh_listen: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let c =
         plan.config.runtime.cluster.as_ref().context(
             "the recipe has no [runtime.cluster]: a worker joins the group it describes",
@@ -1265,7 +1270,7 @@ pub fn run_worker(plan: &Plan, addr: &str, inject: &[crate::config::FaultSpec]) 
     };
     let me = identity(plan);
     loop {
-        let m = match cluster::join(addr, &me, &token, join_wait, timeout) {
+        let m = match cluster::join(addr, &me, &token, join_wait, timeout, mesh_listen) {
             Ok(m) => m,
             // admitted, but the group failed while it formed (a mesh whose links did
             // not all stand, a coordinator that gave up waiting for the others)

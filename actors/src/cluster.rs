@@ -720,6 +720,7 @@ fn admit(
     }
     match read_frame(s, Instant::now() + HELLO_WAIT) {
         Ok((TAG_PEER_ADDR, a)) => Ok(Some(String::from_utf8_lossy(&a).into_owned())),
+        Ok((TAG_FAIL, why)) => Err(String::from_utf8_lossy(&why).into_owned()),
         Ok((tag, _)) => Err(format!("frame {tag} where its address belongs")),
         Err(_) => Err("it sent no address for the other workers".into()),
     }
@@ -812,8 +813,17 @@ pub fn join(
     };
     s.set_write_timeout(Some(timeout))?;
     let peers = if welcome.mesh && welcome.world > 2 {
+        // a port this node cannot listen on is this node's fault (a wrong address, a
+        // port in use): the coordinator hears why, and the worker ends
+        let l = match listen_for_peers(&s, mesh_listen) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = write_frame(&mut s, TAG_FAIL, format!("{e:#}").as_bytes());
+                return Err(e);
+            }
+        };
         // whatever goes wrong from here is the group's, not this node's: join again
-        join_mesh(&mut s, welcome.rank, welcome.world, token, mesh_listen)
+        join_mesh(&mut s, welcome.rank, welcome.world, token, l)
             .map_err(|e| anyhow::Error::new(GroupFailed(format!("{e:#}"))))?
     } else {
         vec![]
@@ -850,8 +860,18 @@ pub fn mesh_listen_addr(s: &str) -> std::result::Result<SocketAddr, String> {
         .map_err(|_| format!("{s:?} is not IP or IP:PORT (a numeric address)"))
 }
 
-/// A worker's part of a mesh: listens (on `listen`, or an ephemeral port of the address
-/// it reached the coordinator from), sends its address, waits for the roster (it comes
+/// A worker's listener for the other workers' links: on `listen`, or an ephemeral port
+/// of the address it reached the coordinator from (on `s`).
+fn listen_for_peers(s: &TcpStream, listen: Option<SocketAddr>) -> Result<TcpListener> {
+    let want = listen.unwrap_or(SocketAddr::new(s.local_addr()?.ip(), 0));
+    let l = TcpListener::bind(want)
+        .with_context(|| format!("cannot listen on {want} for the other workers"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// A worker's part of a mesh, listening on `l`: sends its address (an unspecified one
+/// as the address it reached the coordinator from), waits for the roster (it comes
 /// once the group is complete), connects to the workers of lower rank and accepts those
 /// of higher rank, and tells the coordinator how that went. Returns the links to the
 /// other workers by rank.
@@ -860,16 +880,11 @@ fn join_mesh(
     rank: usize,
     world: usize,
     token: &Token,
-    listen: Option<SocketAddr>,
+    l: TcpListener,
 ) -> Result<Vec<(usize, TcpStream)>> {
-    let link_ip = s.local_addr()?.ip();
-    let want = listen.unwrap_or(SocketAddr::new(link_ip, 0));
-    let l = TcpListener::bind(want)
-        .with_context(|| format!("cannot listen on {want} for the other workers"))?;
-    l.set_nonblocking(true)?;
     let mut at = l.local_addr()?;
     if at.ip().is_unspecified() {
-        at.set_ip(link_ip);
+        at.set_ip(s.local_addr()?.ip());
     }
     write_frame(s, TAG_PEER_ADDR, at.to_string().as_bytes())
         .context("sending this worker's address to the coordinator")?;
@@ -1988,6 +2003,59 @@ mod tests {
         for v in sums {
             assert!(v.iter().all(|x| *x == 0.5 + 1.5 + 2.5));
         }
+    }
+
+    /// A worker that cannot listen where it is told (a port in use) ends with the reason,
+    /// which the coordinator hears and shows; the coordinator goes on waiting, and admits
+    /// the workers that come after it.
+    #[test]
+    fn a_worker_that_cannot_listen_for_the_others_ends_and_the_coordinator_says_why() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = token(tmp.path(), "t", "a-token-of-twenty-chars\n");
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap();
+        let l = bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let lines = Mutex::new(vec![]);
+        std::thread::scope(|s| {
+            let c = s.spawn(|| {
+                admit_group(
+                    &l,
+                    3,
+                    &id("h"),
+                    &tok,
+                    Duration::from_secs(30),
+                    Duration::from_secs(30),
+                    Reduce::Mesh,
+                    &|st| lines.lock().unwrap().push(st.line.clone()),
+                    &|| false,
+                )
+                .unwrap()
+            });
+            let w = Duration::from_secs(20);
+            let e = join(&addr, &id("h"), &tok, w, w, Some(busy)).err().unwrap();
+            // (not the group's failure, after which a worker joins again: it ends)
+            assert!(e.downcast_ref::<GroupFailed>().is_none(), "{e:#}");
+            let e = format!("{e:#}");
+            assert!(e.contains(&format!("cannot listen on {busy}")), "{e}");
+            let (addr, tok) = (&addr, &tok);
+            let ws: Vec<_> = (0..2)
+                .map(|_| s.spawn(move || join(addr, &id("h"), tok, w, w, None).unwrap()))
+                .collect();
+            let c = c.join().unwrap();
+            assert_eq!(c.world(), 3);
+            for w in ws {
+                assert_eq!(w.join().unwrap().peers.len(), 1);
+            }
+        });
+        let lines = lines.into_inner().unwrap();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("cannot listen on {busy} for the other workers"))),
+            "{lines:?}"
+        );
+        drop(taken);
     }
 
     /// A worker's links to the other workers: one it cannot reach is an error that names

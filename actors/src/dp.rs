@@ -705,28 +705,7 @@ fn bench_dp_cluster(
             .to_hex()
             .to_string(),
     };
-    let member = match &c.role {
-        ClusterRole::Listen {
-            addr,
-            nodes,
-            reduce,
-        } => {
-            check_split(b, *nodes)?;
-            crate::cluster::listen(
-                addr,
-                *nodes,
-                &me,
-                &token,
-                c.join_wait,
-                timeout,
-                *reduce,
-                |a| eprintln!("listening on {a} for {} more node(s)", nodes - 1),
-            )?
-        }
-        ClusterRole::Join { addr } => {
-            crate::cluster::join(addr, &me, &token, c.join_wait, timeout, c.mesh_listen)?
-        }
-    };
+    let member = group_of_processes(c, &me, &token, timeout, &|nodes| check_split(b, nodes))?;
     let world = member.world();
     check_split(b, world)?;
     let steps = opts.warmup + opts.iters;
@@ -834,6 +813,39 @@ mod tests {
     }
 }
 
+/// This process's member of the group `c` describes: rank 0 listening (after `check`
+/// of the group's size), or a worker joining.
+fn group_of_processes(
+    c: &ClusterOpts,
+    me: &crate::cluster::Identity,
+    token: &crate::cluster::Token,
+    timeout: Duration,
+    check: &dyn Fn(usize) -> Result<()>,
+) -> Result<crate::cluster::TcpMember> {
+    match &c.role {
+        ClusterRole::Listen {
+            addr,
+            nodes,
+            reduce,
+        } => {
+            check(*nodes)?;
+            crate::cluster::listen(
+                addr,
+                *nodes,
+                me,
+                token,
+                c.join_wait,
+                timeout,
+                *reduce,
+                |a| eprintln!("listening on {a} for {} more node(s)", nodes - 1),
+            )
+        }
+        ClusterRole::Join { addr } => {
+            crate::cluster::join(addr, me, token, c.join_wait, timeout, c.mesh_listen)
+        }
+    }
+}
+
 /// What `dinod bench allreduce` measured on one member.
 #[derive(Clone, Debug, Serialize)]
 pub struct AllReduceBench {
@@ -895,25 +907,7 @@ pub fn bench_allreduce(
         config_hash: blake3::hash(b"dinod bench allreduce").to_hex().to_string(),
     };
     let timeout = Duration::from_secs(300);
-    let member = match &c.role {
-        ClusterRole::Listen {
-            addr,
-            nodes,
-            reduce,
-        } => crate::cluster::listen(
-            addr,
-            *nodes,
-            &me,
-            &token,
-            c.join_wait,
-            timeout,
-            *reduce,
-            |a| eprintln!("listening on {a} for {} more node(s)", nodes - 1),
-        )?,
-        ClusterRole::Join { addr } => {
-            crate::cluster::join(addr, &me, &token, c.join_wait, timeout, c.mesh_listen)?
-        }
-    };
+    let member = group_of_processes(c, &me, &token, timeout, &|_| Ok(()))?;
     let (rank, world) = (member.rank(), member.world());
     // the workers sum what rank 0 was told to
     let all = member

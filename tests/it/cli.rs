@@ -218,31 +218,24 @@ fn bad_run_and_worker_flags_are_usage_errors() {
         ),
     );
     std::fs::write(dir.path().join("token"), "a-token-for-the-usage-test").unwrap();
-    for bad in ["nan@3", "drift@"] {
+    // (and where it listens for the other workers is a numeric address)
+    for (flag, bad, says) in [
+        ("--inject", "nan@3", "--inject: "),
+        ("--inject", "drift@", "--inject: "),
+        ("--mesh-listen", "node-3:7710", "not IP or IP:PORT"),
+    ] {
         let o = dinod(&[
             "worker",
             "--config",
             cluster.to_str().unwrap(),
             "--join",
             "127.0.0.1:9",
-            "--inject",
+            flag,
             bad,
         ]);
         assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o));
-        assert!(text(&o).contains("--inject: "), "{bad}: {}", text(&o));
+        assert!(text(&o).contains(says), "{bad}: {}", text(&o));
     }
-    // where it listens for the other workers is a numeric address
-    let o = dinod(&[
-        "worker",
-        "--config",
-        cluster.to_str().unwrap(),
-        "--join",
-        "127.0.0.1:9",
-        "--mesh-listen",
-        "node-3:7710",
-    ]);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("not IP or IP:PORT"), "{}", text(&o));
 }
 
 #[test]

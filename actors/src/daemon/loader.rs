@@ -21,25 +21,49 @@ pub const NAME: &str = "data_loader";
 /// the metric. `actor` is whoever read the batch; `step` the step it is for.
 pub fn report_bad_inputs(ctx: &Ctx, actor: &str, step: u64, bad: &[data::BadInput]) {
     for b in bad {
-        ctx.board.run(|r| r.bad_inputs += 1);
-        metrics::counter!("dinod_bad_inputs_total").increment(1);
-        ctx.event(
-            checkpoints::Level::Warn,
-            "data.bad_input",
-            Some(actor),
-            Some(step),
-            format!(
-                "skipped unreadable input {}: {}",
-                b.path.display(),
-                b.reason
-            ),
-            serde_json::json!({"path": b.path, "reason": b.reason.to_string()}),
-        );
-        let _ = ctx.store.quarantine_add(
-            &format!("file:{}", b.path.display()),
-            &serde_json::json!({"reason": b.reason.to_string(), "step": step}),
-        );
+        let path = b.path.display().to_string();
+        report_bad_file(ctx, actor, step, &path, &b.reason.to_string(), None);
     }
+}
+
+/// One unreadable file, read by this process or (`by`: the member, and the batch of
+/// whose part it was) by a worker: the status count, the metric, a `data.bad_input`
+/// event and a quarantine record.
+pub fn report_bad_file(
+    ctx: &Ctx,
+    actor: &str,
+    step: u64,
+    path: &str,
+    reason: &str,
+    by: Option<(usize, u64)>,
+) {
+    ctx.board.run(|r| r.bad_inputs += 1);
+    metrics::counter!("dinod_bad_inputs_total").increment(1);
+    let (message, mut fields, mut record) = (
+        format!("skipped unreadable input {path}: {reason}"),
+        serde_json::json!({"path": path, "reason": reason}),
+        serde_json::json!({"reason": reason, "step": step}),
+    );
+    let message = match by {
+        None => message,
+        Some((member, batch)) => {
+            fields["member"] = member.into();
+            fields["batch"] = batch.into();
+            record["member"] = member.into();
+            format!(
+                "member {member} skipped unreadable input {path} in its part of batch {batch}: {reason}"
+            )
+        }
+    };
+    ctx.event(
+        checkpoints::Level::Warn,
+        "data.bad_input",
+        Some(actor),
+        Some(step),
+        message,
+        fields,
+    );
+    let _ = ctx.store.quarantine_add(&format!("file:{path}"), &record);
 }
 
 /// A batch ready for the step, plus its bookkeeping.

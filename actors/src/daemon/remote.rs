@@ -878,22 +878,13 @@ pub fn report_workers_bad_inputs(
     bad: &[WorkerBadInput],
 ) {
     for b in bad {
-        ctx.board.run(|r| r.bad_inputs += 1);
-        metrics::counter!("dinod_bad_inputs_total").increment(1);
-        ctx.event(
-            checkpoints::Level::Warn,
-            "data.bad_input",
-            Some("trainer"),
-            Some(step),
-            format!(
-                "member {} skipped unreadable input {} in its part of batch {batch_index}: {}",
-                b.member, b.path, b.reason
-            ),
-            serde_json::json!({"path": b.path, "reason": b.reason, "member": b.member, "batch": batch_index}),
-        );
-        let _ = ctx.store.quarantine_add(
-            &format!("file:{}", b.path),
-            &serde_json::json!({"reason": b.reason, "step": step, "member": b.member}),
+        super::loader::report_bad_file(
+            ctx,
+            "trainer",
+            step,
+            &b.path,
+            &b.reason,
+            Some((b.member, batch_index)),
         );
     }
 }

@@ -600,6 +600,74 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
     );
 }
 
+/// Four processes in a mesh (the workers linked to each other; the heads' gradients of
+/// 4 096 prototypes summed by their chunks' owners): a worker SIGKILLed while step 5 is
+/// held closes its links to every other member. The daemon redoes the step on a group
+/// admitted again; the two other workers join again by themselves and, with the one
+/// started in the killed one's place, form the mesh again. The run ends with the
+/// fingerprint of 4 threads.
+#[test]
+fn a_killed_worker_of_a_mesh_fails_the_group_and_the_others_join_again() {
+    let dir = TempDir::new("cluster-mesh-kill");
+    let steps = 10;
+    let base = tiny_config("")
+        .replace("batch_size = 4", "batch_size = 8")
+        .replace("n_prototypes = 64", "n_prototypes = 4096");
+    let want = threads_fingerprint(
+        dir.path(),
+        &format!("{base}\n[runtime]\ndata_parallel = 4\n"),
+        steps,
+    );
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "{base}\n{}",
+            cluster_section(dir.path(), "127.0.0.1:0", 4, "join_wait_s = 60.0\n")
+        ),
+    );
+    let cfg = cfg.to_str().unwrap();
+    let s2 = dir.path().join("s2");
+    let (daemon, addr) = start_daemon(cfg, &s2, steps, &["--inject", "slow:teacher@5+2500"]);
+    let worker = || Proc::start(&["worker", "--config", cfg, "--join", &addr]);
+    let mut ws: Vec<Proc> = (0..3).map(|_| worker()).collect();
+    for w in &mut ws {
+        w.line_with(
+            "with links to the other 2 worker(s)",
+            Duration::from_secs(30),
+        );
+    }
+    // into the hold of step 5 (steps take milliseconds here)
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        if status(&s2)["run"]["step"].as_u64().unwrap_or(0) >= 5 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut victim = ws.remove(1);
+    victim.child.kill().unwrap();
+    let _ = victim.child.wait();
+    let stand_in = worker();
+    let (code, err, _) = daemon.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(err.matches("all 4 nodes joined").count(), 2, "{err}");
+    for w in ws.into_iter().chain([stand_in]) {
+        let (code, werr, _) = w.finish(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{werr}");
+        assert!(werr.contains("the daemon ended the run"), "{werr}");
+    }
+    assert_eq!(fingerprint(&s2), want, "the mesh's redone step differs");
+    let ev = events(&s2);
+    assert!(
+        ev.iter().any(|e| e["kind"] == "step.redo"
+            && e["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("connection closed")),
+        "{ev:?}"
+    );
+}
+
 /// Through the stage machine: probes every 2 steps switch the run to Gram anchoring (the
 /// Gram teacher loaded from the best-dense checkpoint, refreshed on a schedule) and then
 /// to high-resolution adaptation (larger crops). The daemon sends the Gram teacher to its

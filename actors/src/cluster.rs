@@ -23,7 +23,8 @@
 //!   with the group's nonce). Member `r` owns the `r`-th chunk: it sums every member's
 //!   values of it, in rank order, and sends the sums to all (a reduce-scatter, then an
 //!   all-gather). Each link carries about `2 (world - 1) / world` vectors per call, in both
-//!   directions at once. The small sums (losses, Sinkhorn-Knopp masses) stay a star.
+//!   directions at once: a member's frames go out through each link's sending thread
+//!   while it reads. The small sums (losses, Sinkhorn-Knopp masses) stay a star.
 //!
 //! This is the CPU transport and the control path; GPUs exchange gradients through NCCL.
 //!
@@ -37,7 +38,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -1001,10 +1002,28 @@ fn connect_peers(
 struct Link {
     /// The member at the other end.
     rank: usize,
-    w: Mutex<TcpStream>,
+    w: Arc<Mutex<TcpStream>>,
     r: Mutex<TcpStream>,
     /// Another handle of the same socket, to close a link that a thread is using.
     raw: TcpStream,
+    /// In a mesh: the link's sending thread, which writes the frames queued here one
+    /// after the other (under `w`), so that a sum sends to every peer while it reads.
+    sender: Option<Mutex<mpsc::Sender<SendJob>>>,
+}
+
+/// A frame for a link's sending thread, and where it says how the write went.
+type SendJob = (u8, Arc<Vec<u8>>, mpsc::Sender<std::io::Result<()>>);
+
+/// A link's sending thread: writes each queued frame under the link's write lock until
+/// the link is dropped.
+fn sending_thread(w: Arc<Mutex<TcpStream>>, jobs: mpsc::Receiver<SendJob>) {
+    for (tag, payload, done) in jobs {
+        let r = match w.lock() {
+            Ok(mut s) => write_frame(&mut s, tag, &payload),
+            Err(e) => write_frame(&mut e.into_inner(), tag, &payload),
+        };
+        let _ = done.send(r);
+    }
 }
 
 /// One member of a group of processes. The coordinator (rank 0) holds a link to every
@@ -1038,11 +1057,23 @@ impl TcpMember {
     ) -> Result<TcpMember> {
         let link = |(r, s): (usize, TcpStream)| -> Result<Link> {
             s.set_write_timeout(Some(timeout))?;
+            let w = Arc::new(Mutex::new(s.try_clone()?));
+            let sender = if mesh {
+                let (tx, rx) = mpsc::channel();
+                let w = w.clone();
+                std::thread::Builder::new()
+                    .name(format!("dinod-link-{r}"))
+                    .spawn(move || sending_thread(w, rx))?;
+                Some(Mutex::new(tx))
+            } else {
+                None
+            };
             Ok(Link {
                 rank: r,
                 r: Mutex::new(s.try_clone()?),
-                raw: s.try_clone()?,
-                w: Mutex::new(s),
+                raw: s,
+                w,
+                sender,
             })
         };
         Ok(TcpMember {
@@ -1367,60 +1398,96 @@ impl TcpMember {
         };
         // reduce-scatter
         let mut acc = vec![0.0f64; mine.len()];
-        std::thread::scope(|s| -> Result<()> {
-            let sends: Vec<_> = others()
-                .map(|p| {
-                    let bytes = E::to_bytes(&v[chunk(p)]);
-                    s.spawn(move || self.send_to(p, E::TAG_RS, &bytes))
-                })
-                .collect();
-            let got = (|| -> Result<()> {
-                let mut part = vec![E::default(); mine.len()];
-                for r in 0..world {
-                    if r != me {
-                        let p = self.recv_from(r, E::TAG_RS, deadline)?;
-                        if p.len() != part.len() * w {
-                            return Err(len_err(r, p.len(), part.len()));
-                        }
-                        E::from_bytes(&p, &mut part);
-                    } else {
-                        part.copy_from_slice(&v[mine.clone()]);
+        let sends = others()
+            .map(|p| self.post(p, E::TAG_RS, Arc::new(E::to_bytes(&v[chunk(p)]))))
+            .collect::<Result<Vec<_>>>()?;
+        let got = (|| -> Result<()> {
+            let mut part = vec![E::default(); mine.len()];
+            for r in 0..world {
+                if r != me {
+                    let p = self.recv_from(r, E::TAG_RS, deadline)?;
+                    if p.len() != part.len() * w {
+                        return Err(len_err(r, p.len(), part.len()));
                     }
-                    acc.iter_mut().zip(&part).for_each(|(a, b)| *a += b.wide());
+                    E::from_bytes(&p, &mut part);
+                } else {
+                    part.copy_from_slice(&v[mine.clone()]);
                 }
-                Ok(())
-            })();
-            joined(sends, got)
-        })?;
+                acc.iter_mut().zip(&part).for_each(|(a, b)| *a += b.wide());
+            }
+            Ok(())
+        })();
+        self.sent(sends, got)?;
         // all-gather
         let sums: Vec<E> = acc.iter().map(|a| E::narrow(*a)).collect();
         v[mine].copy_from_slice(&sums);
-        let bytes = E::to_bytes(&sums);
-        std::thread::scope(|s| -> Result<()> {
-            let bytes = &bytes;
-            let sends: Vec<_> = others()
-                .map(|p| s.spawn(move || self.send_to(p, E::TAG_AG, bytes)))
-                .collect();
-            let got = (|| -> Result<()> {
-                for r in others() {
-                    let p = self.recv_from(r, E::TAG_AG, deadline)?;
-                    let c = chunk(r);
-                    if p.len() != c.len() * w {
-                        return Err(len_err(r, p.len(), c.len()));
-                    }
-                    E::from_bytes(&p, &mut v[c]);
+        let bytes = Arc::new(E::to_bytes(&sums));
+        let sends = others()
+            .map(|p| self.post(p, E::TAG_AG, bytes.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let got = (|| -> Result<()> {
+            for r in others() {
+                let p = self.recv_from(r, E::TAG_AG, deadline)?;
+                let c = chunk(r);
+                if p.len() != c.len() * w {
+                    return Err(len_err(r, p.len(), c.len()));
                 }
-                Ok(())
-            })();
-            joined(sends, got)
-        })
+                E::from_bytes(&p, &mut v[c]);
+            }
+            Ok(())
+        })();
+        self.sent(sends, got)
     }
 
-    /// Sends one frame to member `to`.
-    fn send_to(&self, to: usize, tag: u8, payload: &[u8]) -> Result<()> {
+    /// Queues one frame for member `to` on its link's sending thread.
+    fn post(
+        &self,
+        to: usize,
+        tag: u8,
+        payload: Arc<Vec<u8>>,
+    ) -> Result<(usize, mpsc::Receiver<std::io::Result<()>>)> {
         let l = self.link(to)?;
-        let r = write_frame(&mut *l.w.lock().map_err(lock_err)?, tag, payload);
-        r.map_err(|e| self.write_failure(e, &Self::who(to)))
+        let (done, rx) = mpsc::channel();
+        let queued = match &l.sender {
+            Some(tx) => tx
+                .lock()
+                .map_err(lock_err)?
+                .send((tag, payload, done))
+                .is_ok(),
+            None => false,
+        };
+        if !queued {
+            return Err(self.fail(format!(
+                "the link to {} has no sending thread",
+                Self::who(to)
+            )));
+        }
+        Ok((to, rx))
+    }
+
+    /// Waits until the frames `post`ed went out (a later frame on the same link, from
+    /// another path, must not overtake them); the first error wins, the receiving side's
+    /// (`got`) first.
+    fn sent(
+        &self,
+        sends: Vec<(usize, mpsc::Receiver<std::io::Result<()>>)>,
+        got: Result<()>,
+    ) -> Result<()> {
+        let mut first = got.err();
+        for (to, rx) in sends {
+            let r = match rx.recv() {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(self.write_failure(e, &Self::who(to))),
+                Err(_) => Err(self.fail(format!(
+                    "the sending thread of the link to {} ended",
+                    Self::who(to)
+                ))),
+            };
+            if let (None, Err(e)) = (&first, r) {
+                first = Some(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// Reads one frame of `tag` from member `from`; its failure fails the group.
@@ -1445,22 +1512,14 @@ impl TcpMember {
     }
 }
 
-/// Waits for a collective's sending threads; the first error wins, the receiving
-/// side's (`got`) first.
-fn joined(
-    sends: Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>,
-    got: Result<()>,
-) -> Result<()> {
-    let mut first = got.err();
-    for h in sends {
-        let r = h
-            .join()
-            .unwrap_or_else(|_| Err(anyhow!("a thread sending a sum panicked")));
-        if let (None, Err(e)) = (&first, r) {
-            first = Some(e);
+/// A member that goes away closes its links at once: a mesh link's sending thread holds
+/// a handle of its socket until it has seen the link dropped.
+impl Drop for TcpMember {
+    fn drop(&mut self) {
+        for l in self.all_links() {
+            let _ = l.raw.shutdown(std::net::Shutdown::Both);
         }
     }
-    first.map_or(Ok(()), Err)
 }
 
 /// An element type a sum crosses the network in.

@@ -279,6 +279,81 @@ fn a_group_of_processes_trains_what_a_group_of_threads_trains() {
     assert!(w["max_rel_vs_single"].is_null(), "{w}");
 }
 
+/// `dinod bench allreduce` between 4 processes: every member's sums are right, the
+/// workers sum the size rank 0 was given, and rank 0's traffic per sum is what each way
+/// of summing sends: the whole vector to each of 3 workers in a star, 3/4 of it twice in
+/// a mesh (its chunk-mates' values of theirs, then its sums to all).
+#[test]
+fn bench_allreduce_checks_the_sums_and_shows_what_each_way_sends() {
+    let dir = TempDir::new("cluster-allreduce");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-token-for-the-allreduce-bench").unwrap();
+    let token = token.to_str().unwrap();
+    let values: usize = 100_003;
+    for reduce in ["star", "mesh"] {
+        let n = values.to_string();
+        let mut coord = Proc::start(&[
+            "bench",
+            "allreduce",
+            "--listen",
+            "127.0.0.1:0",
+            "--nodes",
+            "4",
+            "--token-file",
+            token,
+            "--reduce",
+            reduce,
+            "--values",
+            &n,
+            "--iters",
+            "3",
+        ]);
+        let addr = listening_addr(&mut coord);
+        let workers: Vec<Proc> = (0..3)
+            .map(|_| Proc::start(&["bench", "allreduce", "--join", &addr, "--token-file", token]))
+            .collect();
+        let (code, err, out) = coord.finish(Duration::from_secs(120));
+        assert_eq!(code, Some(0), "{err}");
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (
+                r["nodes"].as_u64(),
+                r["reduce"].as_str(),
+                r["values"].as_u64()
+            ),
+            (Some(4), Some(reduce), Some(values as u64)),
+            "{r}"
+        );
+        assert_eq!(r["all_members_correct"], true, "{r}");
+        for w in workers {
+            let (code, err, out) = w.finish(Duration::from_secs(60));
+            assert_eq!(code, Some(0), "{err}");
+            let w: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(
+                (w["values"].as_u64(), w["sums_correct"].as_bool()),
+                (Some(values as u64), Some(true)),
+                "{w}"
+            );
+        }
+        // payload bytes of f32, plus a 9-byte frame head per message
+        let bytes = 4.0 * values as f64;
+        let sent = r["sent_bytes_per_sum"].as_f64().unwrap();
+        let want = if reduce == "star" {
+            3.0 * (bytes + 9.0)
+        } else {
+            // its values of 3 chunks, then its chunk's sums to 3 members
+            let chunk = |c: usize| (((c + 1) * values / 4) - (c * values / 4)) as f64 * 4.0;
+            (chunk(1) + 9.0) + (chunk(2) + 9.0) + (chunk(3) + 9.0) + 3.0 * (chunk(0) + 9.0)
+        };
+        assert_eq!(sent, want, "{reduce}: {r}");
+        assert_eq!(
+            r["received_bytes_per_sum"].as_f64().unwrap(),
+            want,
+            "{reduce}: {r}"
+        );
+    }
+}
+
 /// A member killed with SIGKILL in the middle of the steps fails the other's next
 /// all-reduce at once (its connection closes), far inside the 10-minute collective
 /// timeout, whichever side dies; and a coordinator whose nodes never come gives up after

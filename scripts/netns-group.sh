@@ -77,7 +77,7 @@ status_json() { "$DINOD" status --state-dir "$1" --json 2>/dev/null || echo '{}'
 
 train() {
     echo "rate $RATE, $(basename "$CONFIG"), $STEPS steps"
-    printf '%-5s %-5s %10s %10s %s\n' nodes reduce step_ms images/s link0_MB/step
+    printf '%-5s %-5s %10s %10s %14s %s\n' nodes reduce step_ms images/s grad_wait_ms link0_MB/step
     port=7950
     for n in "${sizes[@]}"; do
         for red in $REDUCES; do
@@ -102,7 +102,8 @@ train() {
             status_json "$d/state" | python3 -c "
 import json, sys
 r = json.load(sys.stdin).get('run') or {}
-print('%-5s %-5s %10.1f %10.1f %.1f' % ($n, '$red', r.get('step_ms') or 0, r.get('images_per_s') or 0, ($after - $before) / 1e6 / $STEPS))"
+w = ((r.get('cluster') or {}).get('copies') or {}).get('grad_wait_ms') or 0
+print('%-5s %-5s %10.1f %10.1f %14.1f %.1f' % ($n, '$red', r.get('step_ms') or 0, r.get('images_per_s') or 0, w, ($after - $before) / 1e6 / $STEPS))"
         done
     done
 }

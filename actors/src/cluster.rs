@@ -456,6 +456,11 @@ pub struct CopiesStatus {
     /// worker loads its own part), as `runtime.cluster.worker_data` says.
     #[serde(default)]
     pub worker_data: String,
+    /// How long this process's backward pass waited for the group's gradient sums after
+    /// it ended, ms (a mean over about the last 10 steps): the communication that the
+    /// overlap with the backward pass did not hide.
+    #[serde(default)]
+    pub grad_wait_ms: Option<f64>,
 }
 
 static SENT_BYTES: AtomicU64 = AtomicU64::new(0);

@@ -179,6 +179,11 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
                 _ => "the workers' images sent from here",
             }
         );
+        if let Some(w) = c.get("grad_wait_ms").and_then(|v| v.as_f64()) {
+            println!(
+                "             the backward pass waits {w:.1} ms per step for the gradient sums after it ends"
+            );
+        }
     }
     println!("lr           {:.3e}", r["lr"].as_f64().unwrap_or(0.0));
     println!(

@@ -561,6 +561,16 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         "{}",
         text(&o)
     );
+    // how long the backward pass waited for the gradient sums after it ended
+    let wait = cp["grad_wait_ms"].as_f64().expect("grad_wait_ms");
+    assert!((0.0..60_000.0).contains(&wait), "{st}");
+    assert!(
+        text(&o).contains(&format!(
+            "the backward pass waits {wait:.1} ms per step for the gradient sums after it ends"
+        )),
+        "{}",
+        text(&o)
+    );
     assert!(
         text(&o).contains(&format!(
             "copies       whole state sent 1 time(s) (last at step 0); checked against this process at step {}",

@@ -421,7 +421,7 @@ impl Actor for TrainerActor {
                                     ctx.plan().config.runtime.cluster.as_ref().is_some_and(|c| {
                                         c.worker_data == crate::config::WorkerData::Local
                                     });
-                                let (out, bad) = super::remote::student_phase_over(
+                                let over = super::remote::student_phase_over(
                                     &cm,
                                     &view,
                                     &shard,
@@ -433,9 +433,10 @@ impl Actor for TrainerActor {
                                     &ctx,
                                     step,
                                     batch.batch_index,
-                                    &bad,
+                                    &over.bad,
                                 );
-                                Ok(out)
+                                ctx.cluster.note_grad_wait(over.grad_wait);
+                                Ok(over.out)
                             })();
                             r.map_err(|e| {
                                 super::remote::group_error(&ctx.cluster, &ctx.board, &cm, e)

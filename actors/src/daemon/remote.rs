@@ -106,6 +106,9 @@ struct Copies {
     full_syncs: u64,
     full_sync_step: Option<u64>,
     verified_step: Option<u64>,
+    /// How long rank 0's backward pass waits for the group's gradient sums after it
+    /// ends: a moving mean over the recent steps, in ms (for `dinod status`).
+    grad_wait_ms: Option<f64>,
 }
 
 impl Copies {
@@ -252,6 +255,7 @@ impl ClusterSlot {
             full_syncs: c.full_syncs,
             full_sync_step: c.full_sync_step,
             verified_step: c.verified_step,
+            grad_wait_ms: c.grad_wait_ms,
             ..Copies::default()
         };
     }
@@ -279,6 +283,7 @@ impl ClusterSlot {
                     crate::config::WorkerData::Local => "local",
                 }
                 .into(),
+                grad_wait_ms: c.grad_wait_ms,
             }
         };
         board.run(|r| {
@@ -286,6 +291,16 @@ impl ClusterSlot {
                 g.copies = Some(st);
             }
         });
+    }
+
+    /// Rank 0's backward pass of a step waited `waited` for the group's gradient sums
+    /// after it ended (the communication the overlap did not hide).
+    pub fn note_grad_wait(&self, waited: Duration) {
+        let ms = waited.as_secs_f64() * 1e3;
+        metrics::gauge!("dinod_cluster_grad_wait_seconds").set(waited.as_secs_f64());
+        let mut c = self.copies();
+        // a mean over about the last 10 steps, the first step as it is
+        c.grad_wait_ms = Some(c.grad_wait_ms.map_or(ms, |m| 0.9 * m + 0.1 * ms));
     }
 
     /// Rank 0 clipped the group's gradients of `step` by `coefs` (the workers hold the
@@ -772,7 +787,7 @@ pub fn student_phase_over(
     hp: &StepHparams,
     teacher: model::TeacherOutput,
     bad: Option<&[WorkerBadInput]>,
-) -> Result<(model::StepOutcome, Vec<WorkerBadInput>)> {
+) -> Result<StudentOver> {
     let (dino, ibot, rest) = model::student_phase_split(view, shard, hp, teacher, &mut |_| {})?;
     // one thread makes the group's collectives, in the order every member makes them:
     // the heads, then each group of the backbone's gradients as its backward pass
@@ -788,7 +803,7 @@ pub fn student_phase_over(
     );
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     let student = &view.student;
-    let (averaged, done) = std::thread::scope(|s| {
+    let (averaged, done, grad_wait) = std::thread::scope(|s| {
         let comm = std::thread::Builder::new()
             .name("dinod-grad-allreduce".into())
             .spawn_scoped(s, move || -> candle_core::Result<Averaged> {
@@ -825,6 +840,7 @@ pub fn student_phase_over(
             Ok(())
         });
         drop(tx);
+        let backward_ended = std::time::Instant::now();
         let averaged = match comm {
             Ok(h) => h.join().unwrap_or_else(|_| {
                 Err(candle_core::Error::Msg(
@@ -835,7 +851,7 @@ pub fn student_phase_over(
                 "cannot start the gradients' all-reduce: {e}"
             ))),
         };
-        (averaged, done)
+        (averaged, done, backward_ended.elapsed())
     });
     let (dino, ibot, buckets) = averaged?;
     let mut done = done?;
@@ -865,7 +881,21 @@ pub fn student_phase_over(
         }
         None => vec![],
     };
-    Ok((out, bad))
+    Ok(StudentOver {
+        out,
+        bad,
+        grad_wait,
+    })
+}
+
+/// What [`student_phase_over`] gives back.
+pub struct StudentOver {
+    /// The step's outcome, with the group's mean gradients and losses.
+    pub out: model::StepOutcome,
+    /// Every member's unreadable files (members loading their own images).
+    pub bad: Vec<WorkerBadInput>,
+    /// How long the gradient sums went on after this member's backward pass ended.
+    pub grad_wait: Duration,
 }
 
 /// Rank 0 reports the unreadable files the workers met in their own parts of batch
@@ -1197,8 +1227,8 @@ fn serve(
                 let view = copy
                     .ts
                     .phase_view(model::Side::Student, dt, &copy.ts.device())?;
-                let (out, _) =
-                    student_phase_over(m, &view, &p.shard, &o.hp, p.teacher, p.bad.as_deref())?;
+                let out =
+                    student_phase_over(m, &view, &p.shard, &o.hp, p.teacher, p.bad.as_deref())?.out;
                 // the group's mean gradients, which rank 0 clips and commits (or not)
                 copy.grads = Some((step, out.grads));
                 if step.is_multiple_of(log_every) {

@@ -97,6 +97,11 @@ pub enum Command {
         /// from). Default: an ephemeral port of that address.
         #[arg(long, value_name = "IP[:PORT]", value_parser = crate::cluster::mesh_listen_addr)]
         mesh_listen: Option<std::net::SocketAddr>,
+        /// In a mesh, the address the other workers connect to where it is not the one
+        /// listened on: a container's published port, a NAT's forwarded one (`HOST:PORT`;
+        /// a name is resolved by the workers that connect).
+        #[arg(long, value_name = "HOST:PORT", value_parser = crate::cluster::mesh_advertise_addr)]
+        mesh_advertise: Option<String>,
     },
     /// Stage, step, losses, throughput, last checkpoint, probes.
     Status {
@@ -423,6 +428,10 @@ pub enum BenchCommand {
         /// `dinod worker --mesh-listen`.
         #[arg(long, value_name = "IP[:PORT]", requires = "join", value_parser = crate::cluster::mesh_listen_addr)]
         mesh_listen: Option<std::net::SocketAddr>,
+        /// With `--join`, in a mesh: the address the others connect to, as
+        /// `dinod worker --mesh-advertise`.
+        #[arg(long, value_name = "HOST:PORT", requires = "join", value_parser = crate::cluster::mesh_advertise_addr)]
+        mesh_advertise: Option<String>,
     },
     /// Data parallelism: one step over a group of members (threads on the CPU, or one GPU
     /// each with NCCL), each on its part of the batch; checks the members stay identical.
@@ -669,6 +678,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             join,
             inject,
             mesh_listen,
+            mesh_advertise,
         } => {
             let plan = load_plan(Some(&config))?;
             let inject = inject
@@ -681,7 +691,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
             // its warnings (bad input, drift, a failed group) and step lines, as the
             // daemon logs its own
             crate::logging::init();
-            crate::daemon::remote::run_worker(&plan, &join, &inject, mesh_listen)?;
+            let mesh = crate::cluster::MeshAddr {
+                listen: mesh_listen,
+                advertise: mesh_advertise,
+            };
+            crate::daemon::remote::run_worker(&plan, &join, &inject, &mesh)?;
             Ok(0)
         }
         Command::Status { dir, json } => crate::commands::status(&dir.state_dir, json),
@@ -826,7 +840,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     role,
                     token_file,
                     join_wait: std::time::Duration::from_secs_f64(join_wait_s.max(0.0)),
-                    mesh_listen: None,
+                    mesh: crate::cluster::MeshAddr::default(),
                 }),
                 _ => None,
             };
@@ -856,6 +870,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     iters,
                     join_wait_s,
                     mesh_listen,
+                    mesh_advertise,
                 },
         } => {
             let role = match (listen, nodes, join) {
@@ -879,7 +894,10 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 role,
                 token_file,
                 join_wait: std::time::Duration::from_secs_f64(join_wait_s.max(0.0)),
-                mesh_listen,
+                mesh: crate::cluster::MeshAddr {
+                    listen: mesh_listen,
+                    advertise: mesh_advertise,
+                },
             };
             let r = crate::dp::bench_allreduce(&c, values, warmup, iters)?;
             println!("{}", serde_json::to_string_pretty(&r)?);

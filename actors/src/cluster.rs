@@ -740,16 +740,14 @@ fn short(h: &str) -> &str {
 /// nodes, connecting again while nobody listens or the coordinator goes away, until
 /// `join_wait` has passed (so a worker may start first, and outlive a coordinator's
 /// restart); proves the token and is admitted, or fails with the coordinator's reason.
-/// In a mesh it then links to the other workers, listening on `mesh_listen` (see
-/// [`mesh_listen_addr`]; `None`: an ephemeral port of the address it reached the
-/// coordinator from).
+/// In a mesh it then links to the other workers, listening where `mesh` says.
 pub fn join(
     addr: &str,
     me: &Identity,
     token: &Token,
     join_wait: Duration,
     timeout: Duration,
-    mesh_listen: Option<SocketAddr>,
+    mesh: &MeshAddr,
 ) -> Result<TcpMember> {
     let deadline = Instant::now() + join_wait;
     let gone = || {
@@ -821,7 +819,7 @@ pub fn join(
     let peers = if welcome.mesh && welcome.world > 2 {
         // a port this node cannot listen on is this node's fault (a wrong address, a
         // port in use): the coordinator hears why, and the worker ends
-        let l = match listen_for_peers(&s, mesh_listen) {
+        let l = match listen_for_peers(&s, mesh.listen) {
             Ok(l) => l,
             Err(e) => {
                 let _ = write_frame(&mut s, TAG_FAIL, format!("{e:#}").as_bytes());
@@ -829,8 +827,15 @@ pub fn join(
             }
         };
         // whatever goes wrong from here is the group's, not this node's: join again
-        join_mesh(&mut s, welcome.rank, welcome.world, token, l)
-            .map_err(|e| anyhow::Error::new(GroupFailed(format!("{e:#}"))))?
+        join_mesh(
+            &mut s,
+            welcome.rank,
+            welcome.world,
+            token,
+            l,
+            mesh.advertise.as_deref(),
+        )
+        .map_err(|e| anyhow::Error::new(GroupFailed(format!("{e:#}"))))?
     } else {
         vec![]
     };
@@ -852,6 +857,29 @@ pub fn join(
         timeout,
         welcome.mesh,
     )
+}
+
+/// Where a worker listens for the other workers' links in a mesh, and what it tells them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshAddr {
+    /// `--mesh-listen` (see [`mesh_listen_addr`]); `None`: an ephemeral port of the
+    /// address the worker reached the coordinator from.
+    pub listen: Option<SocketAddr>,
+    /// `--mesh-advertise HOST:PORT`: the address the others connect to, where it is not
+    /// the one listened on (a container's published port, NAT); `None`: the listened
+    /// address.
+    pub advertise: Option<String>,
+}
+
+/// `dinod worker --mesh-advertise`'s value: `HOST:PORT` with a port (a name is resolved
+/// by the workers that connect).
+pub fn mesh_advertise_addr(s: &str) -> std::result::Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(s.to_string())
+        }
+        _ => Err(format!("{s:?} is not HOST:PORT (with a port)")),
+    }
 }
 
 /// `dinod worker --mesh-listen`'s value: `IP` or `IP:PORT` (port 0 or none: an
@@ -876,8 +904,9 @@ fn listen_for_peers(s: &TcpStream, listen: Option<SocketAddr>) -> Result<TcpList
     Ok(l)
 }
 
-/// A worker's part of a mesh, listening on `l`: sends its address (an unspecified one
-/// as the address it reached the coordinator from), waits for the roster (it comes
+/// A worker's part of a mesh, listening on `l`: sends its address (`advertise`, or the
+/// listened one, an unspecified IP as the address it reached the coordinator from),
+/// waits for the roster (it comes
 /// once the group is complete), connects to the workers of lower rank and accepts those
 /// of higher rank, and tells the coordinator how that went. Returns the links to the
 /// other workers by rank.
@@ -887,11 +916,13 @@ fn join_mesh(
     world: usize,
     token: &Token,
     l: TcpListener,
+    advertise: Option<&str>,
 ) -> Result<Vec<(usize, TcpStream)>> {
     let mut at = l.local_addr()?;
     if at.ip().is_unspecified() {
         at.set_ip(s.local_addr()?.ip());
     }
+    let at = advertise.map_or_else(|| at.to_string(), str::to_string);
     write_frame(s, TAG_PEER_ADDR, at.to_string().as_bytes())
         .context("sending this worker's address to the coordinator")?;
     let roster: Roster = match read_frame_until(s, None) {
@@ -907,6 +938,22 @@ fn join_mesh(
     };
     write_frame(s, TAG_MESH_READY, &ready).context("telling the coordinator the mesh's state")?;
     links
+}
+
+/// A connection to the first of `addr`'s addresses that answers (a name may resolve to
+/// several), each given 5 s.
+fn connect_any(addr: &str) -> Result<TcpStream> {
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or_else(
+        || anyhow!("{addr} resolves to no address"),
+        anyhow::Error::from,
+    ))
 }
 
 /// The proof on a link from worker `from` to worker `to` of the group of `nonce`.
@@ -936,10 +983,7 @@ fn connect_peers(
     let mut out: Vec<(usize, TcpStream)> = vec![];
     for to in 1..me {
         let addr = &roster.addrs[to - 1];
-        let a: SocketAddr = addr
-            .parse()
-            .with_context(|| format!("member {to}'s address {addr:?}"))?;
-        let mut p = TcpStream::connect_timeout(&a, Duration::from_secs(5))
+        let mut p = connect_any(addr)
             .with_context(|| format!("cannot connect to member {to} at {addr}"))?;
         p.set_nodelay(true)?;
         keepalive(&p)?;
@@ -1767,16 +1811,21 @@ mod tests {
     }
 
     fn group_by(world: usize, timeout: Duration, reduce: Reduce) -> Vec<TcpMember> {
-        group_listening(world, timeout, reduce, &vec![None; world - 1])
+        group_listening(
+            world,
+            timeout,
+            reduce,
+            &vec![MeshAddr::default(); world - 1],
+        )
     }
 
     /// [`group_by`], worker `i` (in the order of the calls, not of the ranks) with
-    /// `mesh_listen[i]`.
+    /// `mesh[i]`.
     fn group_listening(
         world: usize,
         timeout: Duration,
         reduce: Reduce,
-        mesh_listen: &[Option<SocketAddr>],
+        mesh: &[MeshAddr],
     ) -> Vec<TcpMember> {
         let tmp = tempfile::tempdir().unwrap();
         let tok = token(tmp.path(), "t", "a-token-of-twenty-chars\n");
@@ -1798,12 +1847,12 @@ mod tests {
             });
             let addr = rx.recv().unwrap().to_string();
             // (at once: in a mesh a worker's join returns when the group is complete)
-            let ws: Vec<_> = mesh_listen
+            let ws: Vec<_> = mesh
                 .iter()
                 .map(|at| {
-                    let (addr, tok, at) = (addr.clone(), tok.clone(), *at);
+                    let (addr, tok, at) = (addr.clone(), tok.clone(), at.clone());
                     s.spawn(move || {
-                        join(&addr, &id("h"), &tok, Duration::from_secs(20), timeout, at).unwrap()
+                        join(&addr, &id("h"), &tok, Duration::from_secs(20), timeout, &at).unwrap()
                     })
                 })
                 .collect();
@@ -2023,8 +2072,9 @@ mod tests {
     }
 
     /// Workers told where to listen for the others (`--mesh-listen`: a fixed port for a
-    /// firewall rule, on one address or on all) are reached there; the value is parsed
-    /// as IP or IP:PORT.
+    /// firewall rule, on one address or on all) and what to announce (`--mesh-advertise`:
+    /// a name here) are reached there; the values are parsed as IP or IP:PORT, and
+    /// HOST:PORT.
     #[test]
     fn workers_listen_for_each_other_where_they_are_told() {
         assert_eq!(
@@ -2038,15 +2088,27 @@ mod tests {
         assert!(mesh_listen_addr("[::]:7710").unwrap().ip().is_unspecified());
         let e = mesh_listen_addr("node-3:7710").unwrap_err();
         assert!(e.contains("not IP or IP:PORT"), "{e}");
+        assert_eq!(mesh_advertise_addr("node-3:7710").unwrap(), "node-3:7710");
+        assert_eq!(mesh_advertise_addr("[::1]:7710").unwrap(), "[::1]:7710");
+        for bad in ["node-3", ":7710", "node-3:0", "node-3:x"] {
+            let e = mesh_advertise_addr(bad).unwrap_err();
+            assert!(e.contains("not HOST:PORT"), "{bad}: {e}");
+        }
         let free = || {
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
         let (p1, p2) = (free(), free());
-        let at: Vec<Option<SocketAddr>> = vec![
-            Some(format!("127.0.0.1:{p1}").parse().unwrap()),
-            // everywhere: announced as the address it reached the coordinator from
-            Some(format!("0.0.0.0:{p2}").parse().unwrap()),
+        let at = vec![
+            MeshAddr {
+                listen: Some(format!("127.0.0.1:{p1}").parse().unwrap()),
+                advertise: None,
+            },
+            // everywhere, announced by a name that the other worker resolves
+            MeshAddr {
+                listen: Some(format!("0.0.0.0:{p2}").parse().unwrap()),
+                advertise: Some(format!("localhost:{p2}")),
+            },
         ];
         let members = group_listening(3, Duration::from_secs(60), Reduce::Mesh, &at);
         // member 2 connected to member 1 at member 1's port
@@ -2097,14 +2159,20 @@ mod tests {
                 .unwrap()
             });
             let w = Duration::from_secs(20);
-            let e = join(&addr, &id("h"), &tok, w, w, Some(busy)).err().unwrap();
+            let at = MeshAddr {
+                listen: Some(busy),
+                advertise: None,
+            };
+            let e = join(&addr, &id("h"), &tok, w, w, &at).err().unwrap();
             // (not the group's failure, after which a worker joins again: it ends)
             assert!(e.downcast_ref::<GroupFailed>().is_none(), "{e:#}");
             let e = format!("{e:#}");
             assert!(e.contains(&format!("cannot listen on {busy}")), "{e}");
             let (addr, tok) = (&addr, &tok);
             let ws: Vec<_> = (0..2)
-                .map(|_| s.spawn(move || join(addr, &id("h"), tok, w, w, None).unwrap()))
+                .map(|_| {
+                    s.spawn(move || join(addr, &id("h"), tok, w, w, &MeshAddr::default()).unwrap())
+                })
                 .collect();
             let c = c.join().unwrap();
             assert_eq!(c.world(), 3);
@@ -2343,24 +2411,24 @@ mod tests {
             });
             let addr = rx.recv().unwrap().to_string();
             let w = Duration::from_secs(10);
-            let e = join(&addr, &id("h"), &bad, w, w, None)
+            let e = join(&addr, &id("h"), &bad, w, w, &MeshAddr::default())
                 .err()
                 .unwrap()
                 .to_string();
             assert!(e.contains("refused this node: wrong cluster token"), "{e}");
-            let e = join(&addr, &id("other"), &tok, w, w, None)
+            let e = join(&addr, &id("other"), &tok, w, w, &MeshAddr::default())
                 .err()
                 .unwrap()
                 .to_string();
             assert!(e.contains("its recipe differs"), "{e}");
             let mut other_build = id("h");
             other_build.code_version = "dinod 9.9.9".into();
-            let e = join(&addr, &other_build, &tok, w, w, None)
+            let e = join(&addr, &other_build, &tok, w, w, &MeshAddr::default())
                 .err()
                 .unwrap()
                 .to_string();
             assert!(e.contains("runs dinod 9.9.9"), "{e}");
-            let ok = join(&addr, &id("h"), &tok, w, w, None).unwrap();
+            let ok = join(&addr, &id("h"), &tok, w, w, &MeshAddr::default()).unwrap();
             assert_eq!((ok.rank(), ok.world()), (1, 2));
             let c = c.join().unwrap().unwrap();
             assert_eq!((c.rank(), c.world()), (0, 2));
@@ -2388,7 +2456,7 @@ mod tests {
             &tok,
             Duration::from_millis(300),
             Duration::from_secs(1),
-            None,
+            &MeshAddr::default(),
         )
         .err()
         .unwrap()

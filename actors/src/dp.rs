@@ -455,8 +455,9 @@ pub struct ClusterOpts {
     pub token_file: std::path::PathBuf,
     /// How long the coordinator waits for every node, and a worker for the coordinator.
     pub join_wait: Duration,
-    /// A worker's address for the other workers' links in a mesh (`--mesh-listen`).
-    pub mesh_listen: Option<std::net::SocketAddr>,
+    /// A worker's address for the other workers' links in a mesh (`--mesh-listen`,
+    /// `--mesh-advertise`).
+    pub mesh: crate::cluster::MeshAddr,
 }
 
 /// Which side of the rendezvous this process is.
@@ -841,7 +842,7 @@ fn group_of_processes(
             )
         }
         ClusterRole::Join { addr } => {
-            crate::cluster::join(addr, me, token, c.join_wait, timeout, c.mesh_listen)
+            crate::cluster::join(addr, me, token, c.join_wait, timeout, &c.mesh)
         }
     }
 }

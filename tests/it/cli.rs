@@ -223,6 +223,7 @@ fn bad_run_and_worker_flags_are_usage_errors() {
         ("--inject", "nan@3", "--inject: "),
         ("--inject", "drift@", "--inject: "),
         ("--mesh-listen", "node-3:7710", "not IP or IP:PORT"),
+        ("--mesh-advertise", "node-3", "not HOST:PORT"),
     ] {
         let o = dinod(&[
             "worker",

@@ -1252,7 +1252,7 @@ pub fn run_worker(
     plan: &Plan,
     addr: &str,
     inject: &[crate::config::FaultSpec],
-    mesh_listen: Option<std::net::SocketAddr>,
+    mesh: &cluster::MeshAddr,
 ) -> Result<()> {
     let c =
         plan.config.runtime.cluster.as_ref().context(
@@ -1291,7 +1291,7 @@ pub fn run_worker(
     };
     let me = identity(plan);
     loop {
-        let m = match cluster::join(addr, &me, &token, join_wait, timeout, mesh_listen) {
+        let m = match cluster::join(addr, &me, &token, join_wait, timeout, mesh) {
             Ok(m) => m,
             // admitted, but the group failed while it formed (a mesh whose links did
             // not all stand, a coordinator that gave up waiting for the others)

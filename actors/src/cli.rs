@@ -411,9 +411,9 @@ pub enum BenchCommand {
         /// How the group sums (with `--listen`): `mesh` or `star`.
         #[arg(long, requires = "listen", default_value = "mesh", value_parser = ["mesh", "star"])]
         reduce: String,
-        /// f32 values per sum (the default recipe's student has 4.8 M parameters; with
-        /// `--listen`: the workers sum what rank 0 asks).
-        #[arg(long, default_value_t = 4_800_000, requires = "listen")]
+        /// f32 values per sum (default: the default recipe's student, 2 496 032
+        /// parameters; with `--listen`: the workers sum what rank 0 asks).
+        #[arg(long, default_value_t = 2_496_032, requires = "listen")]
         values: usize,
         /// Untimed sums first (with `--listen`).
         #[arg(long, default_value_t = 2, requires = "listen")]

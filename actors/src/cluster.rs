@@ -1254,29 +1254,9 @@ impl TcpMember {
     /// Reads every worker's payload under `tag`, in rank order (the coordinator's half).
     fn collect_as_coordinator(&self, tag: u8) -> Result<Vec<Vec<u8>>> {
         let deadline = Instant::now() + self.timeout;
-        let mut out = Vec::with_capacity(self.links.len());
-        for (i, l) in self.links.iter().enumerate() {
-            let who = format!("member {}", i + 1);
-            let r = read_frame(&mut *l.r.lock().map_err(lock_err)?, deadline);
-            match r {
-                Ok((t, p)) if t == tag => out.push(p),
-                Ok((TAG_FAIL, why)) => {
-                    // (a worker's own abort already says who failed)
-                    let why = String::from_utf8_lossy(&why);
-                    let prefix = format!("{who} failed: ");
-                    return Err(self.fail(if why.starts_with(&prefix) {
-                        why.into_owned()
-                    } else {
-                        format!("{prefix}{why}")
-                    }));
-                }
-                Ok((t, _)) => {
-                    return Err(self.fail(format!("{who} sent frame {t}, expected {tag}")))
-                }
-                Err(f) => return Err(self.read_failure(f, &who)),
-            }
-        }
-        Ok(out)
+        (1..self.world)
+            .map(|r| self.recv_from(r, tag, deadline))
+            .collect()
     }
 
     fn send_to_workers(&self, tag: u8, payload: &[u8]) -> Result<()> {
@@ -1549,7 +1529,8 @@ impl TcpMember {
             Ok((t, p)) if t == tag => Ok(p),
             Ok((TAG_FAIL, why)) => {
                 let why = String::from_utf8_lossy(&why);
-                // (a member's own abort already says who failed)
+                // (a member's own abort already says who failed, and a failure it passes
+                // on says whose it was)
                 Err(self.fail(if why.starts_with("member ") {
                     why.into_owned()
                 } else {

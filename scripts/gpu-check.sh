@@ -43,6 +43,9 @@
 #     abort): both must restart the trainer and the run must finish;
 #  5d. `dinod bench chaos` on the GPU: step efficiency under SIGKILLs and in-process
 #      faults, and what a restart costs there (CUDA context, first kernel loads);
+#  5e. a group of two processes on one GPU (`[runtime.cluster]`, the daemon and a `dinod
+#      worker`): the sums over TCP, the worker's copy checked against the daemon's every
+#      5 steps, a drilled device error of the worker (it joins again);
 #  6. summary.md: step ms, images/s, MFU against the measured bf16 / f32 peak, ratio to
 #     PyTorch.
 # `--quick` keeps 1 warm-up + 2 timed iterations per benchmark (default 2 + 4).
@@ -350,6 +353,45 @@ if [ "$MEMBERS" -gt 1 ]; then
     echo "exit $rc (0 expected), at step $("$DINOD" status --json --state-dir "$DPR/state" 2>/dev/null | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["run"]["step"])' 2>/dev/null) of $DP_STEPS; trainer restarts: $n_err after the device error, $n_out after the timeout (1 and 1 expected)"
     if [ "$rc" = 0 ] && [ "$n_err" -ge 1 ] && [ "$n_out" -ge 1 ]; then echo "5c: PASS"; else echo "5c: FAIL (see $DPR/run.log, $DPR/events.txt)"; fi
   fi
+fi
+
+# ------------------------------------------- 5e. a group of processes on the GPU (over TCP)
+# the daemon and a `dinod worker` on the same GPU, one member each: the gradient sums
+# cross the hosts' TCP links (NCCL across processes is not built), the whole state goes
+# to the worker's GPU, its copy is checked against the daemon's digest every 5 steps
+# (a copy that drifted fails the group: "drifted" in the logs), and the worker's drilled
+# device error fails the group once, after which it joins again
+say "5e. a group of two processes on one GPU: the sums over TCP, the copies checked every 5 steps"
+if fits 90; then
+  GR="$OUT/group"
+  mkdir -p "$GR"
+  GS=40 GF=12
+  [ -n "$REHEARSE" ] && GS=10 GF=4
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$GR/token"
+  chmod 600 "$GR/token"
+  sed 's/^precision = "f32"/precision = "bf16"/' configs/default.toml >"$GR/group.toml"
+  printf 'device = "%s"\n[runtime.cluster]\nlisten = "127.0.0.1:0"\nnodes = 2\ntoken_file = "%s"\nverify_every_steps = 5\njoin_wait_s = 60.0\n' \
+    "$DEV" "$GR/token" >>"$GR/group.toml"
+  "$DINOD" run --config "$GR/group.toml" --state-dir "$GR/state" --max-steps $GS >"$GR/daemon.log" 2>&1 &
+  DPID=$!
+  addr=
+  for _ in $(seq 1 60); do
+    addr=$(grep -o -m1 "listening on [0-9.:]*" "$GR/daemon.log" | awk '{print $3}')
+    [ -n "$addr" ] && break
+    sleep 1
+  done
+  echo "daemon listening on ${addr:-nothing (see $GR/daemon.log)}"
+  timeout "$(lim 120)" "$DINOD" worker --config "$GR/group.toml" --join "${addr:-127.0.0.1:9}" \
+    --inject "device_error@$GF" >"$GR/worker.log" 2>&1
+  wrc=$?
+  t_wait=$SECONDS
+  while kill -0 $DPID 2>/dev/null && [ $((SECONDS - t_wait)) -lt 30 ]; do sleep 1; done
+  kill -9 $DPID 2>/dev/null; wait $DPID; drc=$?
+  joined=$(grep -c "all 2 nodes joined" "$GR/daemon.log")
+  drifted=$(cat "$GR/daemon.log" "$GR/worker.log" | grep -c "drifted")
+  echo "daemon exit $drc, worker exit $wrc (0 and 0 expected); groups admitted: $joined (2 expected: the drilled device error at step $GF); copies drifted: $drifted (0 expected)"
+  grep -E "step=|step_ms" "$GR/daemon.log" | tail -2 | cut -c1-240
+  if [ "$drc" = 0 ] && [ "$wrc" = 0 ] && [ "$joined" -ge 2 ] && [ "$drifted" = 0 ]; then echo "5e: PASS"; else echo "5e: FAIL (see $GR/daemon.log, $GR/worker.log)"; fi
 fi
 
 # ------------------------------------------------------------------ 5d. chaos on the GPU

@@ -102,6 +102,10 @@ pub enum Command {
         /// a name is resolved by the workers that connect).
         #[arg(long, value_name = "HOST:PORT", value_parser = crate::cluster::mesh_advertise_addr)]
         mesh_advertise: Option<String>,
+        /// The GPU this worker computes on when the recipe's `runtime.device` is `cuda`:
+        /// `cuda:N` (several workers on one machine, one GPU each). Default: the recipe's.
+        #[arg(long, value_name = "cuda:N")]
+        device: Option<String>,
     },
     /// Stage, step, losses, throughput, last checkpoint, probes.
     Status {
@@ -656,6 +660,28 @@ fn raise_open_file_limit() {
     }
 }
 
+/// `dinod worker --device`: another GPU of the recipe's kind. Every member of a group
+/// computes on the same kind of device (their copies of the state move by the same
+/// code), so a CPU recipe stays on the CPU and a GPU one on a GPU.
+fn worker_device(recipe: &str, wanted: &str) -> Result<String> {
+    let gpu = |d: &str| {
+        d == "cuda"
+            || d.strip_prefix("cuda:")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if !gpu(wanted) {
+        return Err(usage(format!(
+            "--device: `cuda` or `cuda:N`, not `{wanted}`"
+        )));
+    }
+    if !gpu(recipe) {
+        return Err(usage(format!(
+            "--device {wanted}: the recipe computes on `{recipe}`, and every member of a group computes on the daemon's kind of device"
+        )));
+    }
+    Ok(wanted.to_string())
+}
+
 fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Run {
@@ -679,8 +705,13 @@ fn dispatch(cli: Cli) -> Result<i32> {
             inject,
             mesh_listen,
             mesh_advertise,
+            device,
         } => {
-            let plan = load_plan(Some(&config))?;
+            let mut plan = load_plan(Some(&config))?;
+            if let Some(d) = device {
+                // (the recipe's hash, checked at the join, stays the file's)
+                plan.config.runtime.device = worker_device(&plan.config.runtime.device, &d)?;
+            }
             let inject = inject
                 .iter()
                 .map(|f| {
@@ -695,8 +726,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 listen: mesh_listen,
                 advertise: mesh_advertise,
             };
-            crate::daemon::remote::run_worker(&plan, &join, &inject, &mesh)?;
-            Ok(0)
+            crate::daemon::remote::run_worker(&plan, &join, &inject, &mesh)
         }
         Command::Status { dir, json } => crate::commands::status(&dir.state_dir, json),
         Command::Actors { dir, json } => crate::commands::actors(&dir.state_dir, json),

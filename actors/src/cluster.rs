@@ -26,7 +26,9 @@
 //!   directions at once: a member's frames go out through each link's sending thread
 //!   while it reads. The small sums (losses, Sinkhorn-Knopp masses) stay a star.
 //!
-//! This is the CPU transport and the control path; GPUs exchange gradients through NCCL.
+//! This is the transport of a group of processes and its control path, on the CPU and on
+//! GPUs alike: a member on a GPU copies what it sums to the host and back (NCCL across
+//! processes is not built; inside one process, GPUs sum through NCCL: `crate::dp`).
 //!
 //! Failures never hang a member: a closed connection (a killed process), a member's
 //! [`Collective::abort`] and the collective timeout each fail the call of every member

@@ -587,7 +587,7 @@ pub struct RuntimeSection {
     /// build). The data pipeline, probes and checkpoints stay on the host.
     #[serde(default = "d_device")]
     pub device: String,
-    /// Accelerator loss policy.
+    /// Accelerator loss policy (`"cpu"` cannot be combined with `[runtime.cluster]`).
     #[serde(default)]
     pub on_gpu_loss: OnDeviceLoss,
     /// `on_gpu_loss = "wait"`: seconds between probes of the lost device.
@@ -631,7 +631,8 @@ fn d_data_parallel() -> usize {
 /// `[runtime.cluster]`: a data-parallel group of processes. The daemon (rank 0) owns the
 /// run: it checkpoints, loads the data and runs the stage machine; each `dinod worker`
 /// keeps a copy of the trainable state that follows rank 0's updates, computes its part
-/// of every global batch, and the gradients are averaged over TCP.
+/// of every global batch, and the gradients are averaged over TCP. Each process computes
+/// on `runtime.device`: the CPU, or one GPU (the sums then go through the host).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {
@@ -1172,10 +1173,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
                 "cannot be combined with runtime.data_parallel > 1 yet: one member per process",
             ));
         }
-        if rt.device != "cpu" {
+        if rt.device != "cpu" && rt.on_gpu_loss == OnDeviceLoss::Cpu {
+            // the members share one batch split and must update their copies with the
+            // same code: one of them cannot go on alone on the host at another batch
             problems.push(problem(
-                "runtime.cluster",
-                format!("runs on device = \"cpu\" for now (NCCL across processes is not built: docs/multi-node.md), not {}", rt.device),
+                "runtime.on_gpu_loss",
+                "\"cpu\" cannot be combined with [runtime.cluster]: every member of a group computes on the same kind of device and batch; use \"exit\" (the supervisor restarts the daemon and the workers join again) or \"wait\"",
             ));
         }
         if cfg.distill.is_some() {
@@ -1908,7 +1911,8 @@ mod tests {
     }
 
     /// `[runtime.cluster]` is checked when the config is read: the group's size against
-    /// the batch, the combinations not built (threads per process, GPUs, distillation),
+    /// the batch, the combinations not built (threads per process, distillation, falling back to the
+    /// CPU on a GPU's loss),
     /// the waits against the hang watchdog, and the token file.
     #[test]
     fn the_cluster_section_is_validated() {
@@ -1930,6 +1934,12 @@ mod tests {
         let c = plan.config.runtime.cluster.as_ref().unwrap();
         assert_eq!((c.nodes, c.join_wait_s), (4, 120.0));
         assert_eq!(c.reduce, crate::cluster::Reduce::Mesh);
+        // one GPU per process: the sums cross the hosts' links (wait or exit on a loss)
+        for loss in ["", "on_gpu_loss = \"wait\"", "on_gpu_loss = \"exit\""] {
+            let rt = format!("device = \"cuda\"\n{loss}");
+            let plan = super::parse(&with(&rt, "nodes = 2", &good), "t").unwrap();
+            assert_eq!(plan.config.runtime.device, "cuda");
+        }
         let plan = super::parse(&with("", "nodes = 4\nreduce = \"star\"", &good), "t").unwrap();
         let c = plan.config.runtime.cluster.as_ref().unwrap();
         assert_eq!(c.reduce, crate::cluster::Reduce::Star);
@@ -1950,10 +1960,10 @@ mod tests {
                 "cannot be combined with runtime.data_parallel",
             ),
             (
-                "device = \"cuda\"",
+                "device = \"cuda\"\non_gpu_loss = \"cpu\"",
                 "nodes = 2",
                 &good,
-                "NCCL across processes is not built",
+                "runtime.on_gpu_loss",
             ),
             (
                 "",

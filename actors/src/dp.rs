@@ -659,11 +659,8 @@ fn vs_single(
     steps: usize,
     got: &[f64],
 ) -> Result<f64> {
-    let dev = if opts.device == "cpu" {
-        Device::Cpu
-    } else {
-        crate::runtime::device("cuda:0")?
-    };
+    // (the device rank 0 computed on: `cuda` is `cuda:0`)
+    let dev = crate::runtime::device(&opts.device)?;
     let mut st = fresh(&dev)?;
     let whole = batch.to_device(&dev)?;
     for _ in 0..steps {
@@ -692,11 +689,9 @@ fn bench_dp_cluster(
     hp: &StepHparams,
     timeout: Duration,
 ) -> Result<DpBench> {
-    if opts.device != "cpu" {
-        bail!(
-            "a group of processes runs on the CPU for now: NCCL across processes (ncclCommInitRank with the coordinator's id) is not built (docs/multi-node.md)"
-        )
-    }
+    // one device per process; on a GPU the sums cross the hosts' links as on the CPU
+    // (NCCL across processes is not built: docs/multi-node.md)
+    let dev = crate::runtime::device(&opts.device)?;
     let b = plan.config.train.batch_size;
     let token = crate::cluster::Token::from_file(&c.token_file)?;
     // the batch override is part of what every node must agree on
@@ -710,7 +705,7 @@ fn bench_dp_cluster(
     let world = member.world();
     check_split(b, world)?;
     let steps = opts.warmup + opts.iters;
-    let r = run_member(&member, &Device::Cpu, batch, fresh, hp, steps, opts.warmup);
+    let r = run_member(&member, &dev, batch, fresh, hp, steps, opts.warmup);
     let (times, fp, weights) = match r {
         Ok(r) => r,
         Err(e) => {

@@ -204,7 +204,7 @@ fn bad_run_and_worker_flags_are_usage_errors() {
         assert!(text(&o).contains(says), "{extra:?}: {}", text(&o));
         assert!(!state.exists(), "{extra:?} created state");
     }
-    // a worker takes only the drill of its copy
+    // a worker takes only the drills of its copy and of its device
     let cluster = write_config(
         &{
             let c = dir.path().join("c");
@@ -222,8 +222,17 @@ fn bad_run_and_worker_flags_are_usage_errors() {
     for (flag, bad, says) in [
         ("--inject", "nan@3", "--inject: "),
         ("--inject", "drift@", "--inject: "),
+        (
+            "--inject",
+            "device_error:trainer@3",
+            "not `device_error:trainer`",
+        ),
         ("--mesh-listen", "node-3:7710", "not IP or IP:PORT"),
         ("--mesh-advertise", "node-3", "not HOST:PORT"),
+        // another GPU, for a recipe on GPUs only: every member on the daemon's kind
+        ("--device", "cuda:1", "the recipe computes on `cpu`"),
+        ("--device", "gpu1", "`cuda` or `cuda:N`, not `gpu1`"),
+        ("--device", "cpu", "`cuda` or `cuda:N`, not `cpu`"),
     ] {
         let o = dinod(&[
             "worker",
@@ -237,6 +246,35 @@ fn bad_run_and_worker_flags_are_usage_errors() {
         assert_eq!(o.status.code(), Some(2), "{bad}: {}", text(&o));
         assert!(text(&o).contains(says), "{bad}: {}", text(&o));
     }
+    // a GPU recipe is a group's recipe too; a worker that cannot open its GPU ends at
+    // once, before it joins, with the reason (here: a build without CUDA)
+    let gpu = write_config(
+        &{
+            let c = dir.path().join("g");
+            std::fs::create_dir_all(&c).unwrap();
+            c
+        },
+        &format!(
+            "{}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\n",
+            tiny_config("[runtime]\ndevice = \"cuda\""),
+            dir.path().join("token").display()
+        ),
+    );
+    let o = dinod(&[
+        "worker",
+        "--config",
+        gpu.to_str().unwrap(),
+        "--join",
+        "127.0.0.1:9",
+        "--device",
+        "cuda:1",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("device `cuda:1`: this dinod was built without CUDA support"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]

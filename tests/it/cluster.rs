@@ -753,6 +753,70 @@ fn a_killed_worker_of_a_mesh_fails_the_group_and_the_others_join_again() {
     );
 }
 
+/// A worker's GPU failing, drilled on the CPU (`dinod worker --inject`): a recoverable
+/// error (an out-of-memory) fails the group, the worker joins again by itself and the
+/// step is redone; a lost context (a sticky CUDA error, a GPU gone) ends the worker with
+/// 75, the daemon redoes the step on a group admitted again, and the worker its
+/// supervisor restarts joins it. The run ends where three threads end, bit for bit.
+#[test]
+fn a_workers_device_faults_make_it_join_again_or_exit_75_for_a_restart() {
+    let dir = TempDir::new("cluster-worker-device");
+    let steps = 10;
+    let base = tiny_config("").replace("batch_size = 4", "batch_size = 6");
+    let want = threads_fingerprint(
+        dir.path(),
+        &format!("{base}\n[runtime]\ndata_parallel = 3\n"),
+        steps,
+    );
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "{base}\n{}",
+            cluster_section(dir.path(), "127.0.0.1:0", 3, "join_wait_s = 60.0\n")
+        ),
+    );
+    let cfg = cfg.to_str().unwrap();
+    let s2 = dir.path().join("s2");
+    let (daemon, addr) = start_daemon(cfg, &s2, steps, &[]);
+    let worker = |extra: &[&str]| {
+        Proc::start(&[&["worker", "--config", cfg, "--join", &addr][..], extra].concat())
+    };
+    let flaky = worker(&["--inject", "device_error@3"]);
+    let mut lost = worker(&["--inject", "device_lost@6"]);
+    // the supervisor's part: the worker that exits 75 is started again
+    lost.line_with("this worker's device is unusable", Duration::from_secs(60));
+    let (code, lerr, _) = lost.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(75), "{lerr}");
+    assert!(
+        lerr.contains("injected loss of this worker's device context at step 6"),
+        "{lerr}"
+    );
+    let restarted = worker(&[]);
+    let (code, err, _) = daemon.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    // the first group, again after the recoverable error, again with the restarted worker
+    assert_eq!(err.matches("all 3 nodes joined").count(), 3, "{err}");
+    let (code, ferr, _) = flaky.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{ferr}");
+    assert!(
+        ferr.contains("injected device error of this worker at step 3")
+            && ferr.contains("joining again"),
+        "{ferr}"
+    );
+    let (code, rerr, _) = restarted.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{rerr}");
+    assert_eq!(fingerprint(&s2), want, "the redone steps differ");
+    // both failures were steps redone on the daemon's side, with the worker's reason
+    let redos: Vec<String> = events(&s2)
+        .into_iter()
+        .filter(|e| e["kind"] == "step.redo")
+        .map(|e| e["message"].as_str().unwrap_or("").to_string())
+        .collect();
+    for why in ["device error of this worker", "device context"] {
+        assert!(redos.iter().any(|m| m.contains(why)), "{why}: {redos:?}");
+    }
+}
+
 /// Through the stage machine: probes every 2 steps switch the run to Gram anchoring (the
 /// Gram teacher loaded from the best-dense checkpoint, refreshed on a schedule) and then
 /// to high-resolution adaptation (larger crops). The daemon sends the Gram teacher to its

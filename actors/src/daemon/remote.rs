@@ -966,7 +966,8 @@ fn load(
                 t.dims()
             )
         }
-        let t = t.to_dtype(want.dtype())?;
+        // (decoded on the host: onto this copy's device)
+        let t = t.to_dtype(want.dtype())?.to_device(want.device())?;
         params.set(i, t)?;
     }
     Ok(())
@@ -1191,7 +1192,10 @@ fn serve(
                             None
                         };
                         let masks = it.next().context("no masks")?.to_vec1::<u8>()?;
+                        // (decoded on the host: onto this copy's device, as rank 0's
+                        // loader places its batches)
                         Batch::new(meta.batch_size, global, local, gram, masks)?
+                            .to_device(&copy.ts.device())?
                     }
                 };
                 copy.follow(&o, &mut it, faults)?;
@@ -1224,6 +1228,7 @@ fn serve(
                         o.held
                     )
                 }
+                injected_device_fault(faults, step)?;
                 let view = copy
                     .ts
                     .phase_view(model::Side::Student, dt, &copy.ts.device())?;
@@ -1245,23 +1250,57 @@ fn serve(
     }
 }
 
+/// A worker's drills of its device (`dinod worker --inject device_error@STEP` or
+/// `device_lost@STEP`): the student phase of STEP fails as a GPU fails, recoverably (the
+/// group fails and the worker joins again) or taking the context with it (the worker
+/// exits 75 for its supervisor to restart it).
+fn injected_device_fault(faults: &Faults, step: u64) -> Result<()> {
+    use super::compute::{DeviceFault, DeviceFaultError};
+    if faults.take("device_error", None, step).is_some() {
+        bail!(DeviceFaultError(DeviceFault::Recoverable(format!(
+            "injected device error of this worker at step {step}"
+        ))));
+    }
+    if faults.take("device_lost", None, step).is_some() {
+        bail!(DeviceFaultError(DeviceFault::Lost(format!(
+            "injected loss of this worker's device context at step {step}"
+        ))));
+    }
+    Ok(())
+}
+
+/// Whether a worker's failure left its device's context unusable (a sticky CUDA error,
+/// a GPU that is gone), as the daemon classifies its own ([`super::compute::device_fault`]).
+fn device_lost(e: &anyhow::Error) -> bool {
+    matches!(
+        super::compute::device_fault(e),
+        Some(super::compute::DeviceFault::Lost(_))
+    )
+}
+
 /// `dinod worker`: joins the daemon at `addr` as one member of its `[runtime.cluster]`
 /// group and serves it, joining again whenever the group fails, until the daemon ends
-/// the run (exit 0) or no daemon admits it within `join_wait_s` (an error).
+/// the run (exit 0) or no daemon admits it within `join_wait_s` (an error). On a GPU,
+/// a fault that leaves the device's context unusable ends it with
+/// [`super::EXIT_DEVICE`] (75) instead, as it ends the daemon: a process that cannot
+/// compute any more must be restarted, not join again.
 pub fn run_worker(
     plan: &Plan,
     addr: &str,
     inject: &[crate::config::FaultSpec],
     mesh: &cluster::MeshAddr,
-) -> Result<()> {
+) -> Result<i32> {
     let c =
         plan.config.runtime.cluster.as_ref().context(
             "the recipe has no [runtime.cluster]: a worker joins the group it describes",
         )?;
-    if let Some(f) = inject.iter().find(|f| f.kind != "drift") {
+    if let Some(f) = inject.iter().find(|f| {
+        !matches!(f.kind.as_str(), "drift" | "device_error" | "device_lost") || f.actor.is_some()
+    }) {
         return Err(crate::cli::usage(format!(
-            "--inject: a worker takes `drift@STEP` faults only (its copy moved after the commit of STEP), not `{}`",
-            f.kind
+            "--inject: a worker takes `drift@STEP` (its copy moved after the commit of STEP), `device_error@STEP` and `device_lost@STEP` (its device fails in the step's student phase), not `{}{}`",
+            f.kind,
+            f.actor.as_deref().map(|a| format!(":{a}")).unwrap_or_default()
         )));
     }
     let faults = Faults::new(inject);
@@ -1306,11 +1345,20 @@ pub fn run_worker(
         match serve(&m, &mut copy, &mut own, plan, &faults) {
             Ok(()) => {
                 eprintln!("the daemon ended the run; this worker exits");
-                return Ok(());
+                return Ok(0);
             }
             Err(e) if e.downcast_ref::<Fatal>().is_some() => {
                 eprintln!("this worker cannot serve the group: {e:#}");
                 return Err(e);
+            }
+            Err(e) if device_lost(&e) => {
+                // (its copy of the state is rank 0's: nothing of the run is lost here)
+                tracing::error!("this worker's device is unusable: {e:#}");
+                eprintln!(
+                    "this worker's device is unusable: {e:#}; exit {} (restart it: the group is admitted again without it meanwhile)",
+                    super::EXIT_DEVICE
+                );
+                return Ok(super::EXIT_DEVICE);
             }
             Err(e) => {
                 tracing::warn!("the group failed: {e:#}; joining again");

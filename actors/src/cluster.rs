@@ -297,6 +297,16 @@ fn read_frame_until(
     s: &mut TcpStream,
     deadline: Option<Instant>,
 ) -> std::result::Result<(u8, Vec<u8>), ReadFail> {
+    read_frame_noting(s, deadline, &mut None)
+}
+
+/// [`read_frame_until`], noting in `head_at` when the frame's header was in: how long
+/// its reader waited for the peer to send, apart from the payload's transfer.
+fn read_frame_noting(
+    s: &mut TcpStream,
+    deadline: Option<Instant>,
+    head_at: &mut Option<Instant>,
+) -> std::result::Result<(u8, Vec<u8>), ReadFail> {
     fn fill(
         s: &mut TcpStream,
         buf: &mut [u8],
@@ -346,6 +356,7 @@ fn read_frame_until(
     }
     let mut head = [0u8; 9];
     fill(s, &mut head, deadline)?;
+    *head_at = Some(Instant::now());
     let n = u64::from_le_bytes(head[1..].try_into().expect("8 bytes"));
     if n > MAX_PAYLOAD {
         return Err(ReadFail::Other(format!(
@@ -464,6 +475,11 @@ pub struct CopiesStatus {
     /// overlap with the backward pass did not hide.
     #[serde(default)]
     pub grad_wait_ms: Option<f64>,
+    /// How long this process waits per step for each member, by rank (its own is 0), to
+    /// enter the group's sums, ms (a mean over about the last 10 steps of this group): a
+    /// straggler's entry stands out.
+    #[serde(default)]
+    pub member_wait_ms: Vec<f64>,
 }
 
 static SENT_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -1092,6 +1108,9 @@ pub struct TcpMember {
     /// Set when the group failed: every call fails with it from then on.
     aborted: Mutex<Option<String>>,
     timed_out: AtomicBool,
+    /// Per member: how long this member waited for it to begin sending its part of a
+    /// sum, ns, since [`TcpMember::take_waits`] (the stragglers, seen from here).
+    waits_ns: Vec<AtomicU64>,
 }
 
 fn lock_err<T>(_: T) -> anyhow::Error {
@@ -1137,6 +1156,7 @@ impl TcpMember {
             timeout,
             aborted: Mutex::new(None),
             timed_out: AtomicBool::new(false),
+            waits_ns: (0..world).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
@@ -1257,7 +1277,18 @@ impl TcpMember {
     fn collect_as_coordinator(&self, tag: u8) -> Result<Vec<Vec<u8>>> {
         let deadline = Instant::now() + self.timeout;
         (1..self.world)
-            .map(|r| self.recv_from(r, tag, deadline))
+            .map(|r| self.recv_from(r, tag, deadline, true))
+            .collect()
+    }
+
+    /// How long this member waited for each member (by rank; its own entry is zero) to
+    /// enter the sums since the last call: the wait for a frame's header, not its
+    /// transfer. The frames are read in rank order, so a wait is charged to the first
+    /// member not yet in; with one straggler, that is the straggler.
+    pub fn take_waits(&self) -> Vec<Duration> {
+        self.waits_ns
+            .iter()
+            .map(|w| Duration::from_nanos(w.swap(0, Ordering::Relaxed)))
             .collect()
     }
 
@@ -1437,7 +1468,7 @@ impl TcpMember {
             let mut part = vec![E::default(); mine.len()];
             for r in 0..world {
                 if r != me {
-                    let p = self.recv_from(r, E::TAG_RS, deadline)?;
+                    let p = self.recv_from(r, E::TAG_RS, deadline, true)?;
                     if p.len() != part.len() * w {
                         return Err(len_err(r, p.len(), part.len()));
                     }
@@ -1459,7 +1490,7 @@ impl TcpMember {
             .collect::<Result<Vec<_>>>()?;
         let got = (|| -> Result<()> {
             for r in others() {
-                let p = self.recv_from(r, E::TAG_AG, deadline)?;
+                let p = self.recv_from(r, E::TAG_AG, deadline, false)?;
                 let c = chunk(r);
                 if p.len() != c.len() * w {
                     return Err(len_err(r, p.len(), c.len()));
@@ -1522,11 +1553,27 @@ impl TcpMember {
         first.map_or(Ok(()), Err)
     }
 
-    /// Reads one frame of `tag` from member `from`; its failure fails the group.
-    fn recv_from(&self, from: usize, tag: u8, deadline: Instant) -> Result<Vec<u8>> {
+    /// Reads one frame of `tag` from member `from`; its failure fails the group. `entry`:
+    /// the frame is `from`'s entry into a collective (its part of a star's sum, its
+    /// values of a mesh chunk), sent as soon as `from` calls, so the wait for its header
+    /// is how late `from` came (noted for [`TcpMember::take_waits`]). Not so a mesh's
+    /// all-gather, whose frames wait for the slowest member whoever sends them.
+    fn recv_from(&self, from: usize, tag: u8, deadline: Instant, entry: bool) -> Result<Vec<u8>> {
         let who = Self::who(from);
         let l = self.link(from)?;
-        let r = read_frame(&mut *l.r.lock().map_err(lock_err)?, deadline);
+        let t0 = Instant::now();
+        let mut head_at = None;
+        let r = read_frame_noting(
+            &mut *l.r.lock().map_err(lock_err)?,
+            Some(deadline),
+            &mut head_at,
+        );
+        if let (true, Some(at), Some(w)) = (entry, head_at, self.waits_ns.get(from)) {
+            w.fetch_add(
+                at.saturating_duration_since(t0).as_nanos() as u64,
+                Ordering::Relaxed,
+            );
+        }
         match r {
             Ok((t, p)) if t == tag => Ok(p),
             Ok((TAG_FAIL, why)) => {
@@ -1992,6 +2039,41 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The coordinator sees who comes late into the sums: a member that enters 300 ms
+    /// after the others is charged about 300 ms, the punctual ones nearly nothing, in a
+    /// star's small sums and in a mesh's large ones; taking the waits starts them again.
+    #[test]
+    fn the_coordinator_charges_its_wait_to_the_member_that_came_late() {
+        let late = Duration::from_millis(300);
+        for (reduce, n) in [(Reduce::Star, 1000), (Reduce::Mesh, MESH_MIN_VALUES * 2)] {
+            let members = group_by(4, Duration::from_secs(60), reduce);
+            // (the admission's own frames are not sums)
+            members[0].take_waits();
+            on_each(&dyns(&members), |r, m| {
+                if r == 2 {
+                    std::thread::sleep(late);
+                }
+                let mut v = vec![r as f64; n];
+                m.all_reduce_sum(&mut v).unwrap();
+                assert_eq!(v[n - 1], 6.0);
+            });
+            let w = members[0].take_waits();
+            assert_eq!(w.len(), 4, "{reduce:?}");
+            assert_eq!(w[0], Duration::ZERO, "{reduce:?}: its own entry");
+            assert!(
+                w[2] >= late - Duration::from_millis(50) && w[2] < late * 3,
+                "{reduce:?}: {w:?}"
+            );
+            for r in [1, 3] {
+                assert!(w[r] < Duration::from_millis(100), "{reduce:?}: {w:?}");
+            }
+            assert!(
+                members[0].take_waits().iter().all(|d| d.is_zero()),
+                "{reduce:?}: taken"
+            );
         }
     }
 

@@ -184,6 +184,14 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
                 "             the backward pass waits {w:.1} ms per step for the gradient sums after it ends"
             );
         }
+        let waits: Vec<f64> = c
+            .get("member_wait_ms")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default();
+        if waits.len() > 1 {
+            println!("             {}", member_waits_line(&waits));
+        }
     }
     println!("lr           {:.3e}", r["lr"].as_f64().unwrap_or(0.0));
     println!(
@@ -248,6 +256,28 @@ pub fn status(state_dir: &Path, json_out: bool) -> Result<i32> {
 }
 
 /// The status line of a streak of failed saves (`board::FailedSaves`), if there is one.
+/// `dinod status`'s line of how long the daemon waits per step for each member to enter
+/// the group's sums (`waits[r]` for rank r; its own, rank 0, is left out), the slowest
+/// of two or more workers named when it stands out (more than twice the next, over 1 ms).
+fn member_waits_line(waits: &[f64]) -> String {
+    let each = waits
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(r, w)| format!("member {r} {w:.1} ms"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut by: Vec<(usize, f64)> = waits.iter().copied().enumerate().skip(1).collect();
+    by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let slowest = match by.as_slice() {
+        [(r, w), next, ..] if *w > 1.0 && *w > 2.0 * next.1 => {
+            format!(" (slowest: member {r})")
+        }
+        _ => String::new(),
+    };
+    format!("waits per step for each member to enter the sums: {each}{slowest}")
+}
+
 fn failing_saves(f: &Value) -> Option<String> {
     let count = f["count"].as_u64()?;
     Some(format!(
@@ -1181,6 +1211,24 @@ pub fn bench_data(
 
 #[cfg(test)]
 mod tests {
+    use super::member_waits_line;
+
+    #[test]
+    fn the_member_waits_line_names_a_straggler_only_when_one_stands_out() {
+        assert_eq!(
+            member_waits_line(&[0.0, 0.4, 212.0, 3.1]),
+            "waits per step for each member to enter the sums: member 1 0.4 ms, member 2 212.0 ms, member 3 3.1 ms (slowest: member 2)"
+        );
+        // two as slow, or all quick: nobody is named
+        assert!(!member_waits_line(&[0.0, 150.0, 120.0]).contains("slowest"));
+        assert!(!member_waits_line(&[0.0, 0.6, 0.1]).contains("slowest"));
+        // one worker: no one to compare it with
+        assert_eq!(
+            member_waits_line(&[0.0, 5.0]),
+            "waits per step for each member to enter the sums: member 1 5.0 ms"
+        );
+    }
+
     use super::{cast_blob, scan_progress_line};
     use checkpoints::{Dtype, TensorBlob};
 

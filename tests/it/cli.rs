@@ -227,6 +227,7 @@ fn bad_run_and_worker_flags_are_usage_errors() {
             "device_error:trainer@3",
             "not `device_error:trainer`",
         ),
+        ("--inject", "slow:ema@3+100", "not `slow:ema`"),
         ("--mesh-listen", "node-3:7710", "not IP or IP:PORT"),
         ("--mesh-advertise", "node-3", "not HOST:PORT"),
         // another GPU, for a recipe on GPUs only: every member on the daemon's kind

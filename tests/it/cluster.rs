@@ -484,7 +484,8 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
 
     let run = |state: &Path, steps: u64, extra: &[&str]| start_daemon(cluster, state, steps, extra);
     let s2 = dir.path().join("s2");
-    let (_, werrs) = run_group(cluster, &s2, steps, 1, &[]);
+    // (the worker comes 600 ms late into the sums of step 10: a straggler)
+    let (_, werrs) = run_group(cluster, &s2, steps, 1, &["--inject", "slow:trainer@10+600"]);
     let err = &werrs[0];
     assert!(
         err.contains("joined") && err.contains("the daemon ended the run"),
@@ -562,6 +563,18 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         text(&o)
     );
     // how long the backward pass waited for the gradient sums after it ended
+    // how long the daemon waited for its worker to enter the sums: a mean over about 10
+    // steps, so the 600 ms of step 10 weigh about 60 at step 10 and 54 at step 11
+    let late = cp["member_wait_ms"][1].as_f64().expect("member_wait_ms");
+    assert_eq!(cp["member_wait_ms"][0].as_f64(), Some(0.0), "{st}");
+    assert!((35.0..400.0).contains(&late), "{st}");
+    assert!(
+        text(&o).contains(&format!(
+            "waits per step for each member to enter the sums: member 1 {late:.1} ms"
+        )),
+        "{}",
+        text(&o)
+    );
     let wait = cp["grad_wait_ms"].as_f64().expect("grad_wait_ms");
     assert!((0.0..60_000.0).contains(&wait), "{st}");
     assert!(

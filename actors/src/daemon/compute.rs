@@ -436,6 +436,8 @@ impl Actor for TrainerActor {
                                     &over.bad,
                                 );
                                 ctx.cluster.note_grad_wait(over.grad_wait);
+                                // (the teacher phase's sums and this phase's, this step)
+                                ctx.cluster.note_member_waits(&cm.take_waits());
                                 Ok(over.out)
                             })();
                             r.map_err(|e| {

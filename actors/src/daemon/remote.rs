@@ -109,6 +109,9 @@ struct Copies {
     /// How long rank 0's backward pass waits for the group's gradient sums after it
     /// ends: a moving mean over the recent steps, in ms (for `dinod status`).
     grad_wait_ms: Option<f64>,
+    /// How long rank 0 waits per step for each member (by rank) to enter the group's
+    /// sums: a moving mean over the recent steps of this group, in ms.
+    member_wait_ms: Vec<f64>,
 }
 
 impl Copies {
@@ -284,6 +287,7 @@ impl ClusterSlot {
                 }
                 .into(),
                 grad_wait_ms: c.grad_wait_ms,
+                member_wait_ms: c.member_wait_ms.clone(),
             }
         };
         board.run(|r| {
@@ -301,6 +305,27 @@ impl ClusterSlot {
         let mut c = self.copies();
         // a mean over about the last 10 steps, the first step as it is
         c.grad_wait_ms = Some(c.grad_wait_ms.map_or(ms, |m| 0.9 * m + 0.1 * ms));
+    }
+
+    /// How long rank 0 waited in one step for each member (by rank) to enter the sums
+    /// ([`TcpMember::take_waits`]): a straggler, a slower GPU or link, shows here.
+    pub fn note_member_waits(&self, waits: &[Duration]) {
+        for (r, w) in waits.iter().enumerate().skip(1) {
+            metrics::gauge!("dinod_cluster_member_wait_seconds", "rank" => r.to_string())
+                .set(w.as_secs_f64());
+        }
+        let mut c = self.copies();
+        let ms: Vec<f64> = waits.iter().map(|w| w.as_secs_f64() * 1e3).collect();
+        // a mean over about the last 10 steps of this group, the first step as it is
+        c.member_wait_ms = if c.member_wait_ms.len() == ms.len() {
+            c.member_wait_ms
+                .iter()
+                .zip(&ms)
+                .map(|(m, x)| 0.9 * m + 0.1 * x)
+                .collect()
+        } else {
+            ms
+        };
     }
 
     /// Rank 0 clipped the group's gradients of `step` by `coefs` (the workers hold the
@@ -1256,6 +1281,8 @@ fn serve(
 /// exits 75 for its supervisor to restart it).
 fn injected_device_fault(faults: &Faults, step: u64) -> Result<()> {
     use super::compute::{DeviceFault, DeviceFaultError};
+    // (and `slow:trainer@STEP+MS`: a straggler, late into the step's sums)
+    faults.maybe_slow("trainer", step);
     if faults.take("device_error", None, step).is_some() {
         bail!(DeviceFaultError(DeviceFault::Recoverable(format!(
             "injected device error of this worker at step {step}"
@@ -1294,11 +1321,13 @@ pub fn run_worker(
         plan.config.runtime.cluster.as_ref().context(
             "the recipe has no [runtime.cluster]: a worker joins the group it describes",
         )?;
-    if let Some(f) = inject.iter().find(|f| {
-        !matches!(f.kind.as_str(), "drift" | "device_error" | "device_lost") || f.actor.is_some()
+    if let Some(f) = inject.iter().find(|f| match f.kind.as_str() {
+        "drift" | "device_error" | "device_lost" => f.actor.is_some(),
+        "slow" => f.actor.as_deref() != Some("trainer"),
+        _ => true,
     }) {
         return Err(crate::cli::usage(format!(
-            "--inject: a worker takes `drift@STEP` (its copy moved after the commit of STEP), `device_error@STEP` and `device_lost@STEP` (its device fails in the step's student phase), not `{}{}`",
+            "--inject: a worker takes `drift@STEP` (its copy moved after the commit of STEP), `device_error@STEP` and `device_lost@STEP` (its device fails in the step's student phase) and `slow:trainer@STEP+MS` (its student phase of STEP held back: a straggler), not `{}{}`",
             f.kind,
             f.actor.as_deref().map(|a| format!(":{a}")).unwrap_or_default()
         )));

@@ -140,8 +140,12 @@ struct Welcome {
 struct Roster {
     /// Hex of 32 random bytes, new for every group.
     nonce: String,
-    /// Worker `r`'s address is `addrs[r - 1]`.
+    /// Worker `r`'s address is `addrs[r - 1]` (empty without a mesh).
     addrs: Vec<String>,
+    /// The group's size as formed, the coordinator included: the welcome's, or fewer
+    /// when the admission settled for `runtime.cluster.min_nodes`.
+    #[serde(default)]
+    world: usize,
 }
 
 /// A worker's hello on a link to another worker.
@@ -410,7 +414,8 @@ pub fn listen(
     on_listening(l.local_addr()?);
     admit_group(
         &l,
-        world,
+        world.into(),
+        None,
         me,
         token,
         join_wait,
@@ -437,8 +442,13 @@ pub struct GroupStatus {
     pub state: String,
     /// The address the daemon listens on.
     pub listen: String,
-    /// Processes in the group, the daemon included.
+    /// Processes in the group, the daemon included: as formed once `complete` (fewer
+    /// than `planned` when it settled for `runtime.cluster.min_nodes`), else those
+    /// waited for.
     pub nodes: usize,
+    /// `runtime.cluster.nodes`.
+    #[serde(default)]
+    pub planned: usize,
     /// The workers admitted so far, by rank.
     pub joined: Vec<JoinedNode>,
     /// The same, in a line for people (with the last refusal or failure, if any).
@@ -502,15 +512,37 @@ pub struct JoinedNode {
     pub addr: String,
 }
 
-/// Admits nodes on `l` until the group has `world` members or `join_wait` has passed,
+/// How many members a group is admitted with: `nodes`, or as few as `fewest` once the
+/// wait for the others has run out (`runtime.cluster.min_nodes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupSize {
+    pub nodes: usize,
+    pub fewest: usize,
+}
+
+impl From<usize> for GroupSize {
+    /// Exactly `nodes`.
+    fn from(nodes: usize) -> Self {
+        GroupSize {
+            nodes,
+            fewest: nodes,
+        }
+    }
+}
+
+/// Admits nodes on `l` (after `first`, a node already vetted: a worker that came back to
+/// a group formed without it) until the group has `size.nodes` members, or
+/// `join_wait` has passed with at least `size.fewest` (then the group forms with those),
 /// then (with [`Reduce::Mesh`] and more than one worker) has the workers connect to each
-/// other. Returns rank 0 of the group. `on_change` hears where the admission stands, at
-/// the start and after every admission or refusal; the wait ends early, with an error,
-/// once `cancelled()` says so (the run is stopping).
+/// other, and tells every worker the group's size. Returns rank 0 of the group.
+/// `on_change` hears where the admission stands, at the start and after every admission
+/// or refusal; the wait ends early, with an error, once `cancelled()` says so (the run is
+/// stopping).
 #[allow(clippy::too_many_arguments)]
 pub fn admit_group(
     l: &TcpListener,
-    world: usize,
+    size: GroupSize,
+    first: Option<Vetted>,
     me: &Identity,
     token: &Token,
     join_wait: Duration,
@@ -519,9 +551,14 @@ pub fn admit_group(
     on_change: &dyn Fn(&GroupStatus),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<TcpMember> {
-    if world < 2 {
-        bail!("a cluster needs at least 2 nodes (this one and a worker), not {world}")
+    let world = size.nodes;
+    if world < 2 || size.fewest < 2 || size.fewest > world {
+        bail!(
+            "a cluster needs at least 2 nodes (this one and a worker), and no fewer than {} of {world}",
+            size.fewest
+        )
     }
+    let mut first = first;
     let deadline = Instant::now() + join_wait;
     let mesh = reduce == Reduce::Mesh;
     let mut peers: Vec<TcpStream> = vec![];
@@ -541,7 +578,15 @@ pub fn admit_group(
             } else {
                 "sums through this node (star)"
             };
-            format!("{world} nodes on {at}, {how}: {list}")
+            let formed = joined.len() + 1;
+            if formed < world {
+                format!(
+                    "{formed} of {world} nodes on {at} (runtime.cluster.min_nodes = {}: training on without the others, admitted again when they come), {how}: {list}",
+                    size.fewest
+                )
+            } else {
+                format!("{world} nodes on {at}, {how}: {list}")
+            }
         } else {
             format!(
                 "waiting on {at} for workers: {} of {world} nodes{}{last}",
@@ -556,7 +601,12 @@ pub fn admit_group(
         on_change(&GroupStatus {
             state: state.into(),
             listen: at.clone(),
-            nodes: world,
+            nodes: if state == "complete" {
+                joined.len() + 1
+            } else {
+                world
+            },
+            planned: world,
             joined: joined.to_vec(),
             line,
             copies: None,
@@ -565,7 +615,13 @@ pub fn admit_group(
     };
     status(&joined, "waiting", "");
     while peers.len() + 1 < world {
-        let (mut s, from) = match l.accept() {
+        // (a vetted connection has proved the token, build and recipe already)
+        let vetted = first.is_some();
+        let next = match first.take() {
+            Some(v) => Ok((v.s, v.from)),
+            None => l.accept(),
+        };
+        let (mut s, from) = match next {
             Ok(c) => c,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if cancelled() {
@@ -575,6 +631,10 @@ pub fn admit_group(
                     )
                 }
                 if Instant::now() >= deadline {
+                    if peers.len() + 1 >= size.fewest {
+                        // (runtime.cluster.min_nodes: on with the nodes that came)
+                        break;
+                    }
                     bail!(
                         "{} of {world} nodes joined within {:.0} s (counting this one); the others never arrived",
                         peers.len() + 1,
@@ -586,10 +646,13 @@ pub fn admit_group(
             }
             Err(e) => return Err(e).context("accepting a node"),
         };
-        s.set_nonblocking(false)?;
-        s.set_nodelay(true)?;
-        keepalive(&s)?;
-        match admit(&mut s, me, token, peers.len() + 1, world, mesh) {
+        let admitted = if vetted {
+            welcome(&mut s, peers.len() + 1, world, mesh)
+        } else {
+            prepare(&s)?;
+            admit(&mut s, me, token, peers.len() + 1, world, mesh)
+        };
+        match admitted {
             Ok(peer_addr) => {
                 addrs.extend(peer_addr);
                 tracing::info!(%from, rank = peers.len() + 1, "a node joined");
@@ -609,18 +672,31 @@ pub fn admit_group(
         }
     }
     set_write_timeouts(&peers, timeout)?;
-    if mesh && world > 2 {
-        if let Err(e) = form_mesh(&mut peers, addrs) {
-            let why = format!("{e:#}");
-            status(&joined, "waiting", &format!("; {why}"));
-            bail!("{why}")
-        }
+    let formed = peers.len() + 1;
+    // (the workers were welcomed into a group of `world`: the roster says how many it has)
+    let r = if mesh && world > 2 {
+        form_mesh(&mut peers, addrs, formed)
+    } else {
+        tell_size(&mut peers, formed)
+    };
+    if let Err(e) = r {
+        let why = format!("{e:#}");
+        status(&joined, "waiting", &format!("; {why}"));
+        bail!("{why}")
     }
-    eprintln!("all {world} nodes joined");
+    if formed < world {
+        eprintln!(
+            "{formed} of {world} nodes joined within {:.0} s: the group trains on without the others (runtime.cluster.min_nodes = {})",
+            join_wait.as_secs_f64(),
+            size.fewest
+        );
+    } else {
+        eprintln!("all {world} nodes joined");
+    }
     status(&joined, "complete", "");
     TcpMember::new(
         0,
-        world,
+        formed,
         peers
             .into_iter()
             .enumerate()
@@ -635,9 +711,13 @@ pub fn admit_group(
 /// The coordinator's part of a mesh: sends every worker the roster, then hears from
 /// each whether its links to the others stand. An error says which worker could not
 /// reach which.
-fn form_mesh(peers: &mut [TcpStream], addrs: Vec<String>) -> Result<()> {
+fn form_mesh(peers: &mut [TcpStream], addrs: Vec<String>, world: usize) -> Result<()> {
     let nonce = blake3::Hash::from(challenge_bytes()?).to_hex().to_string();
-    let roster = serde_json::to_vec(&Roster { nonce, addrs })?;
+    let roster = serde_json::to_vec(&Roster {
+        nonce,
+        addrs,
+        world,
+    })?;
     for (i, s) in peers.iter_mut().enumerate() {
         write_frame(s, TAG_ROSTER, &roster)
             .with_context(|| format!("sending member {} the workers' addresses", i + 1))?;
@@ -676,11 +756,66 @@ fn form_mesh(peers: &mut [TcpStream], addrs: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+/// Without a mesh, the roster carries only the group's size as formed.
+fn tell_size(peers: &mut [TcpStream], world: usize) -> Result<()> {
+    let roster = serde_json::to_vec(&Roster {
+        nonce: String::new(),
+        addrs: vec![],
+        world,
+    })?;
+    for (i, s) in peers.iter_mut().enumerate() {
+        write_frame(s, TAG_ROSTER, &roster)
+            .with_context(|| format!("telling member {} the group's size", i + 1))?;
+    }
+    Ok(())
+}
+
 fn set_write_timeouts(streams: &[TcpStream], timeout: Duration) -> Result<()> {
     for s in streams {
         s.set_write_timeout(Some(timeout))?;
     }
     Ok(())
+}
+
+/// An accepted connection as the admissions read it: blocking, no Nagle, keepalive.
+fn prepare(s: &TcpStream) -> Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    keepalive(s)?;
+    Ok(())
+}
+
+/// A node that proved the token and runs this build and recipe, not yet welcomed: a
+/// worker back to a group formed without it, vetted before the group is formed again
+/// for it ([`vet_waiting`]).
+pub struct Vetted {
+    s: TcpStream,
+    from: SocketAddr,
+}
+
+impl Vetted {
+    /// Where it connected from.
+    pub fn from(&self) -> SocketAddr {
+        self.from
+    }
+}
+
+/// A connection waiting in `l`'s backlog, vetted as an admission vets it (the refusal's
+/// reason sent to it and returned): `None` when none is waiting. A node that says
+/// nothing costs up to the hello's wait (10 s); one that closes at once, nothing.
+pub fn vet_waiting(
+    l: &TcpListener,
+    me: &Identity,
+    token: &Token,
+) -> Option<std::result::Result<Vetted, (SocketAddr, String)>> {
+    let (mut s, from) = l.accept().ok()?;
+    Some(
+        prepare(&s)
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|()| vet(&mut s, me, token))
+            .map(|()| Vetted { s, from })
+            .map_err(|why| (from, why)),
+    )
 }
 
 /// One admission: challenge, hello, then welcome or refusal (the refusal's reason is
@@ -694,6 +829,13 @@ fn admit(
     world: usize,
     mesh: bool,
 ) -> std::result::Result<Option<String>, String> {
+    vet(s, me, token)?;
+    welcome(s, rank, world, mesh)
+}
+
+/// The first half of an admission: challenge and hello, refused (with the reason sent)
+/// unless it proves the token and runs this build and recipe.
+fn vet(s: &mut TcpStream, me: &Identity, token: &Token) -> std::result::Result<(), String> {
     let deadline = Instant::now() + HELLO_WAIT;
     s.set_write_timeout(Some(HELLO_WAIT))
         .map_err(|e| e.to_string())?;
@@ -738,6 +880,17 @@ fn admit(
         let _ = write_frame(s, TAG_REFUSED, why.as_bytes());
         return Err(why);
     }
+    Ok(())
+}
+
+/// The second half: the welcome with the node's rank, and in a mesh of more than 2 its
+/// address for the other workers.
+fn welcome(
+    s: &mut TcpStream,
+    rank: usize,
+    world: usize,
+    mesh: bool,
+) -> std::result::Result<Option<String>, String> {
     let w = serde_json::to_vec(&Welcome { rank, world, mesh }).expect("serialisable");
     write_frame(s, TAG_WELCOME, &w).map_err(|e| format!("it went away before its welcome: {e}"))?;
     if !(mesh && world > 2) {
@@ -835,7 +988,7 @@ pub fn join(
         Err(_) => bail!("the coordinator at {addr} closed the connection without a welcome"),
     };
     s.set_write_timeout(Some(timeout))?;
-    let peers = if welcome.mesh && welcome.world > 2 {
+    let (peers, world) = if welcome.mesh && welcome.world > 2 {
         // a port this node cannot listen on is this node's fault (a wrong address, a
         // port in use): the coordinator hears why, and the worker ends
         let l = match listen_for_peers(&s, mesh.listen) {
@@ -856,12 +1009,22 @@ pub fn join(
         )
         .map_err(|e| anyhow::Error::new(GroupFailed(format!("{e:#}"))))?
     } else {
-        vec![]
+        // the group's size as formed (the welcome's, or fewer: runtime.cluster.min_nodes)
+        let roster =
+            read_roster(&mut s).map_err(|e| anyhow::Error::new(GroupFailed(format!("{e:#}"))))?;
+        (vec![], roster.world)
     };
+    let world = if world == 0 { welcome.world } else { world };
+    if !(welcome.rank < world && world <= welcome.world) {
+        bail!(GroupFailed(format!(
+            "the coordinator formed a group of {world} for rank {} of {}",
+            welcome.rank, welcome.world
+        )))
+    }
     eprintln!(
         "joined {addr} as rank {} of {}{}",
         welcome.rank,
-        welcome.world,
+        world,
         if peers.is_empty() {
             String::new()
         } else {
@@ -870,7 +1033,7 @@ pub fn join(
     );
     TcpMember::new(
         welcome.rank,
-        welcome.world,
+        world,
         vec![(0, s)],
         peers,
         timeout,
@@ -928,7 +1091,7 @@ fn listen_for_peers(s: &TcpStream, listen: Option<SocketAddr>) -> Result<TcpList
 /// waits for the roster (it comes
 /// once the group is complete), connects to the workers of lower rank and accepts those
 /// of higher rank, and tells the coordinator how that went. Returns the links to the
-/// other workers by rank.
+/// other workers by rank, and the group's size as formed.
 fn join_mesh(
     s: &mut TcpStream,
     rank: usize,
@@ -936,7 +1099,7 @@ fn join_mesh(
     token: &Token,
     l: TcpListener,
     advertise: Option<&str>,
-) -> Result<Vec<(usize, TcpStream)>> {
+) -> Result<(Vec<(usize, TcpStream)>, usize)> {
     let mut at = l.local_addr()?;
     if at.ip().is_unspecified() {
         at.set_ip(s.local_addr()?.ip());
@@ -944,19 +1107,30 @@ fn join_mesh(
     let at = advertise.map_or_else(|| at.to_string(), str::to_string);
     write_frame(s, TAG_PEER_ADDR, at.to_string().as_bytes())
         .context("sending this worker's address to the coordinator")?;
-    let roster: Roster = match read_frame_until(s, None) {
-        Ok((TAG_ROSTER, p)) => serde_json::from_slice(&p).context("an unreadable roster")?,
-        Ok((t, _)) => bail!("the coordinator sent frame {t} where the roster belongs"),
-        Err(ReadFail::Other(e)) => bail!("reading the roster: {e}"),
-        Err(_) => bail!("the coordinator closed the connection before the group was complete"),
+    let roster = read_roster(s)?;
+    // (a group formed with fewer than `world`: the roster has the ones that came)
+    let formed = if roster.world == 0 {
+        world
+    } else {
+        roster.world
     };
-    let links = connect_peers(&l, &roster, rank, world, token);
+    let links = connect_peers(&l, &roster, rank, formed, token);
     let ready = match &links {
         Ok(_) => vec![],
         Err(e) => format!("{e:#}").into_bytes(),
     };
     write_frame(s, TAG_MESH_READY, &ready).context("telling the coordinator the mesh's state")?;
-    links
+    Ok((links?, formed))
+}
+
+/// A worker waits (as long as the admission takes) for the roster: the group is formed.
+fn read_roster(s: &mut TcpStream) -> Result<Roster> {
+    match read_frame_until(s, None) {
+        Ok((TAG_ROSTER, p)) => serde_json::from_slice(&p).context("an unreadable roster"),
+        Ok((t, _)) => bail!("the coordinator sent frame {t} where the roster belongs"),
+        Err(ReadFail::Other(e)) => bail!("reading the roster: {e}"),
+        Err(_) => bail!("the coordinator closed the connection before the group was complete"),
+    }
 }
 
 /// A connection to the first of `addr`'s addresses that answers (a name may resolve to
@@ -1309,6 +1483,12 @@ impl TcpMember {
         } else {
             Reduce::Star
         }
+    }
+
+    /// The coordinator ends this group to form another (a worker is back): the workers
+    /// hear `why` as the group's failure and join again. Best effort, as any failure.
+    pub fn dissolve(&self, why: &str) {
+        let _ = self.fail(why.to_string());
     }
 
     /// Why the group failed, if a transport failure, a peer or [`Collective::abort`] has
@@ -2197,6 +2377,161 @@ mod tests {
         }
     }
 
+    /// `runtime.cluster.min_nodes`: an admission that waited its time out forms the group
+    /// with the nodes that came when they are enough, and tells the workers its size (a
+    /// mesh's roster has only them), and fails as before when they are not. A node vetted
+    /// before the admission (a worker back to a short group) is admitted first; a
+    /// connection that proves nothing is refused by the vetting.
+    #[test]
+    fn a_group_forms_with_the_nodes_that_came_when_they_are_enough() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tok = token(tmp.path(), "t", "a-token-of-twenty-chars\n");
+        let wait = Duration::from_millis(1500);
+        for reduce in [Reduce::Mesh, Reduce::Star] {
+            let l = bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap().to_string();
+            let lines = Mutex::new(vec![]);
+            let (m0, workers) = std::thread::scope(|s| {
+                let c = s.spawn(|| {
+                    admit_group(
+                        &l,
+                        GroupSize {
+                            nodes: 4,
+                            fewest: 3,
+                        },
+                        None,
+                        &id("h"),
+                        &tok,
+                        wait,
+                        Duration::from_secs(30),
+                        reduce,
+                        &|st| lines.lock().unwrap().push((st.nodes, st.line.clone())),
+                        &|| false,
+                    )
+                    .unwrap()
+                });
+                let w = Duration::from_secs(20);
+                let ws: Vec<_> = (0..2)
+                    .map(|_| {
+                        let addr = addr.clone();
+                        let tok = &tok;
+                        s.spawn(move || {
+                            join(&addr, &id("h"), tok, w, w, &MeshAddr::default()).unwrap()
+                        })
+                    })
+                    .collect();
+                let ws: Vec<TcpMember> = ws.into_iter().map(|h| h.join().unwrap()).collect();
+                (c.join().unwrap(), ws)
+            });
+            assert_eq!(m0.world(), 3, "{reduce:?}");
+            for w in &workers {
+                assert_eq!(w.world(), 3, "{reduce:?}");
+                assert_eq!(w.peers.len(), if reduce == Reduce::Mesh { 1 } else { 0 });
+            }
+            let (nodes, line) = lines.lock().unwrap().last().cloned().unwrap();
+            assert_eq!(nodes, 3, "{reduce:?}");
+            assert!(line.starts_with("3 of 4 nodes on "), "{line}");
+            assert!(line.contains("min_nodes = 3"), "{line}");
+            // the three sum as a group of three, a mesh's large sums included
+            let mut all = vec![m0];
+            all.extend(workers);
+            for n in [10, MESH_MIN_VALUES + 3] {
+                on_each(&dyns(&all), |r, m| {
+                    let mut v = vec![r as f64 + 1.0; n];
+                    m.all_reduce_sum(&mut v).unwrap();
+                    assert!(v.iter().all(|x| *x == 6.0), "{reduce:?}: {n}");
+                });
+            }
+        }
+
+        // too few: the admission fails as without min_nodes
+        let l = bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::scope(|s| {
+            let tok = &tok;
+            let addr = &addr;
+            let w = s.spawn(move || {
+                let w = Duration::from_secs(5);
+                join(addr, &id("h"), tok, w, w, &MeshAddr::default())
+            });
+            let e = admit_group(
+                &l,
+                GroupSize {
+                    nodes: 4,
+                    fewest: 3,
+                },
+                None,
+                &id("h"),
+                tok,
+                wait,
+                Duration::from_secs(30),
+                Reduce::Star,
+                &|_| {},
+                &|| false,
+            )
+            .err()
+            .unwrap();
+            assert!(
+                format!("{e:#}").contains("2 of 4 nodes joined within"),
+                "{e:#}"
+            );
+            // its worker hears that the group failed, and would join again
+            let we = w.join().unwrap().err().unwrap();
+            assert!(we.downcast_ref::<GroupFailed>().is_some(), "{we:#}");
+        });
+
+        // a node vetted before the admission is its first node; a stranger that closes at
+        // once is refused by the vetting (nothing would be formed for it)
+        let l = bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        drop(TcpStream::connect(l.local_addr().unwrap()).unwrap());
+        let t0 = Instant::now();
+        let stranger = loop {
+            match vet_waiting(&l, &id("h"), &tok) {
+                Some(r) => break r,
+                None if t0.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                None => panic!("nothing waited"),
+            }
+        };
+        assert!(stranger.is_err());
+        std::thread::scope(|s| {
+            let tok = &tok;
+            let addr = &addr;
+            let w = s.spawn(move || {
+                let w = Duration::from_secs(20);
+                join(addr, &id("h"), tok, w, w, &MeshAddr::default()).unwrap()
+            });
+            let t0 = Instant::now();
+            let back = loop {
+                match vet_waiting(&l, &id("h"), tok) {
+                    Some(Ok(v)) => break v,
+                    Some(Err((_, why))) => panic!("{why}"),
+                    None if t0.elapsed() < Duration::from_secs(10) => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    None => panic!("nothing waited"),
+                }
+            };
+            let m0 = admit_group(
+                &l,
+                2.into(),
+                Some(back),
+                &id("h"),
+                tok,
+                Duration::from_secs(20),
+                Duration::from_secs(30),
+                Reduce::Mesh,
+                &|_| {},
+                &|| false,
+            )
+            .unwrap();
+            let m1 = w.join().unwrap();
+            assert_eq!((m0.world(), m1.rank(), m1.world()), (2, 1, 2));
+        });
+    }
+
     /// A worker that cannot listen where it is told (a port in use) ends with the reason,
     /// which the coordinator hears and shows; the coordinator goes on waiting, and admits
     /// the workers that come after it.
@@ -2213,7 +2548,8 @@ mod tests {
             let c = s.spawn(|| {
                 admit_group(
                     &l,
-                    3,
+                    3.into(),
+                    None,
                     &id("h"),
                     &tok,
                     Duration::from_secs(30),
@@ -2271,6 +2607,7 @@ mod tests {
         let roster = Roster {
             nonce: nonce.to_hex().to_string(),
             addrs: vec![gone.clone(), "127.0.0.1:9".into()],
+            world: 3,
         };
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
@@ -2287,6 +2624,7 @@ mod tests {
         let roster = Roster {
             nonce: nonce.to_hex().to_string(),
             addrs: vec![at.to_string(), "127.0.0.1:9".into()],
+            world: 3,
         };
         std::thread::scope(|s| {
             let h = s.spawn(|| connect_peers(&l, &roster, 1, 3, &tok));

@@ -644,7 +644,8 @@ pub struct ClusterSection {
     /// proved with a challenge, never sent.
     pub token_file: PathBuf,
     /// How long the daemon waits for every worker when it (re)builds the group; then the
-    /// step fails like a device fault. Below `runtime.heartbeat.step_s`.
+    /// step fails like a device fault, or the group forms with the nodes that came when
+    /// they are at least `min_nodes`. Below `runtime.heartbeat.step_s`.
     #[serde(default = "d_cluster_join_wait")]
     pub join_wait_s: f64,
     /// Every this many steps the workers check that their copies of the state are rank
@@ -668,6 +669,22 @@ pub struct ClusterSection {
     /// vectors; the workers need no inbound connections). The same bits either way.
     #[serde(default)]
     pub reduce: crate::cluster::Reduce,
+    /// The fewest nodes the group trains with (default: `nodes`, every one). When an
+    /// admission has waited `join_wait_s` and at least this many nodes came, the group
+    /// forms with those, the global batch split among them, instead of failing the step:
+    /// a worker whose machine is gone for good does not stop the run. Once the group is
+    /// short, a worker that comes back is admitted at the next step (the group is formed
+    /// again, with the whole state sent). `train.batch_size` must split into every size
+    /// from `min_nodes` to `nodes` (3 to 4: a multiple of 12; 4 to 8: of 840).
+    #[serde(default)]
+    pub min_nodes: Option<usize>,
+}
+
+impl ClusterSection {
+    /// [`ClusterSection::min_nodes`], or `nodes`.
+    pub fn fewest(&self) -> usize {
+        self.min_nodes.unwrap_or(self.nodes)
+    }
 }
 
 /// `runtime.cluster.worker_data`: who loads a worker's part of each batch.
@@ -1166,6 +1183,40 @@ pub fn parse(text: &str, origin: &str) -> Result<Plan, ConfigErrors> {
             ));
         } else {
             split("runtime.cluster.nodes", c.nodes, &mut problems);
+        }
+        match c.min_nodes {
+            Some(m) if m < 2 || m > c.nodes => problems.push(problem(
+                "runtime.cluster.min_nodes",
+                format!(
+                    "must be from 2 (this daemon and a worker) to nodes ({}), got {m}",
+                    c.nodes
+                ),
+            )),
+            Some(m) => {
+                let b = cfg.train.batch_size;
+                let bad: Vec<String> = (m..c.nodes)
+                    .filter(|&n| !b.is_multiple_of(n) || b / n < 2)
+                    .map(|n| n.to_string())
+                    .collect();
+                if !bad.is_empty() {
+                    let gcd = |mut a: usize, mut b: usize| {
+                        while b != 0 {
+                            (a, b) = (b, a % b);
+                        }
+                        a
+                    };
+                    let lcm = (m..=c.nodes).fold(1usize, |l, n| l / gcd(l, n) * n);
+                    problems.push(problem(
+                        "runtime.cluster.min_nodes",
+                        format!(
+                            "train.batch_size {b} must split into every group size from {m} to {} (at least 2 images each: KoLeo is per member), and does not split into {}: such a batch is a multiple of {lcm}",
+                            c.nodes,
+                            bad.join(", ")
+                        ),
+                    ));
+                }
+            }
+            None => {}
         }
         if rt.data_parallel > 1 {
             problems.push(problem(
@@ -1934,6 +1985,18 @@ mod tests {
         let c = plan.config.runtime.cluster.as_ref().unwrap();
         assert_eq!((c.nodes, c.join_wait_s), (4, 120.0));
         assert_eq!(c.reduce, crate::cluster::Reduce::Mesh);
+        // an elastic group: 8 nodes, trained on with 4 to 8 (32 splits into 4 and 8 only)
+        let plan = super::parse(&with("", "nodes = 8\nmin_nodes = 8", &good), "t").unwrap();
+        assert_eq!(plan.config.runtime.cluster.as_ref().unwrap().fewest(), 8);
+        let plan = super::parse(&with("", "nodes = 4", &good), "t").unwrap();
+        assert_eq!(plan.config.runtime.cluster.as_ref().unwrap().fewest(), 4);
+        let e = super::parse(&with("", "nodes = 8\nmin_nodes = 4", &good), "t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("does not split into 5, 6, 7: such a batch is a multiple of 840"),
+            "{e}"
+        );
         // one GPU per process: the sums cross the hosts' links (wait or exit on a loss)
         for loss in ["", "on_gpu_loss = \"wait\"", "on_gpu_loss = \"exit\""] {
             let rt = format!("device = \"cuda\"\n{loss}");
@@ -1951,6 +2014,25 @@ mod tests {
                 "expected `mesh` or `star`",
             ),
             ("", "nodes = 1", &good, "runtime.cluster.nodes"),
+            (
+                "",
+                "nodes = 4\nmin_nodes = 1",
+                &good,
+                "runtime.cluster.min_nodes",
+            ),
+            (
+                "",
+                "nodes = 4\nmin_nodes = 5",
+                &good,
+                "runtime.cluster.min_nodes",
+            ),
+            // the default batch of 32 does not split into 3
+            (
+                "",
+                "nodes = 4\nmin_nodes = 2",
+                &good,
+                "runtime.cluster.min_nodes",
+            ),
             ("", "nodes = 5", &good, "runtime.cluster.nodes"),
             ("", "nodes = 32", &good, "runtime.cluster.nodes"),
             (

@@ -830,6 +830,127 @@ fn a_workers_device_faults_make_it_join_again_or_exit_75_for_a_restart() {
     }
 }
 
+/// `runtime.cluster.min_nodes`: a group of 3 whose third node never comes forms with 2
+/// once `join_wait_s` has run out and trains what 2 threads train, bit for bit (the
+/// daemon's part of the batch, loaded for 3, loaded again for 2); when the third node
+/// comes later, the next step forms the group of 3 again and the run goes on with it,
+/// every copy checked against the daemon's at every step.
+#[test]
+fn a_short_group_trains_on_with_the_nodes_that_came_and_takes_back_the_one_that_returns() {
+    let dir = TempDir::new("cluster-elastic");
+    let steps = 8;
+    let base = tiny_config("").replace("batch_size = 4", "batch_size = 6");
+    let want = threads_fingerprint(
+        dir.path(),
+        &format!("{base}\n[runtime]\ndata_parallel = 2\n"),
+        steps,
+    );
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "{base}\n{}",
+            cluster_section(
+                dir.path(),
+                "127.0.0.1:0",
+                3,
+                "join_wait_s = 4.0\nmin_nodes = 2\nworker_data = \"local\"\n"
+            )
+        ),
+    );
+    let cfg = cfg.to_str().unwrap();
+    let s2 = dir.path().join("s2");
+    let (daemon, addr) = start_daemon(cfg, &s2, steps, &[]);
+    let worker = || Proc::start(&["worker", "--config", cfg, "--join", &addr]);
+    let w1 = worker();
+    let (code, err, _) = daemon.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("2 of 3 nodes joined within 4 s: the group trains on without the others"),
+        "{err}"
+    );
+    let (code, werr, _) = w1.finish(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{werr}");
+    assert!(werr.contains("as rank 1 of 2"), "{werr}");
+    assert_eq!(fingerprint(&s2), want, "2 of 3 nodes differ from 2 threads");
+    let ev = events(&s2);
+    assert!(
+        ev.iter().any(|e| e["kind"] == "cluster.short"
+            && e["level"] == "warn"
+            && e["fields"]["nodes"] == 2
+            && e["fields"]["planned"] == 3),
+        "{ev:?}"
+    );
+    let st = status(&s2);
+    assert_eq!(
+        st["run"]["device"], "cpu (2 of 3 data-parallel processes over TCP)",
+        "{st}"
+    );
+    let c = &st["run"]["cluster"];
+    assert_eq!(
+        (c["nodes"].as_u64(), c["planned"].as_u64()),
+        (Some(2), Some(3)),
+        "{c}"
+    );
+    assert!(
+        c["line"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("2 of 3 nodes on 127.0.0.1:"),
+        "{c}"
+    );
+
+    // resumed: the group forms short again, then the third node comes (during a held
+    // step: it waits in the listener's backlog, for less than its join_wait_s) and the
+    // next step's start admits it
+    let more = steps + 8;
+    let (mut daemon, addr) = start_daemon(cfg, &s2, more, &["--inject", "slow:teacher@12+2000"]);
+    let worker = || Proc::start(&["worker", "--config", cfg, "--join", &addr]);
+    let w1 = worker();
+    daemon.line_with("2 of 3 nodes joined within", Duration::from_secs(60));
+    let t0 = Instant::now();
+    while status(&s2)["run"]["step"].as_u64().unwrap_or(0) < 12 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never reached step 12"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let w2 = worker();
+    let (code, err, _) = daemon.finish(Duration::from_secs(120));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("is back"), "{err}");
+    assert!(err.contains("all 3 nodes joined"), "{err}");
+    for w in [w1, w2] {
+        let (code, werr, _) = w.finish(Duration::from_secs(30));
+        assert_eq!(code, Some(0), "{werr}");
+        assert!(werr.contains("the daemon ended the run"), "{werr}");
+    }
+    let ev = events(&s2);
+    let kinds: Vec<&str> = ev
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .filter(|k| k.starts_with("cluster."))
+        .collect();
+    assert!(
+        kinds.ends_with(&["cluster.short", "cluster.regroup", "cluster.complete"]),
+        "{kinds:?}"
+    );
+    let st = status(&s2);
+    assert_eq!(st["run"]["step"], more, "{st}");
+    assert_eq!(st["run"]["cluster"]["nodes"], 3, "{st}");
+    // (checked at every step: a copy that differed would have failed its step)
+    assert_eq!(
+        st["run"]["cluster"]["copies"]["verified_step"].as_u64(),
+        Some(more - 1),
+        "{st}"
+    );
+    assert!(
+        !ev.iter()
+            .any(|e| e["message"].as_str().unwrap_or("").contains("drifted")),
+        "{ev:?}"
+    );
+}
+
 /// Through the stage machine: probes every 2 steps switch the run to Gram anchoring (the
 /// Gram teacher loaded from the best-dense checkpoint, refreshed on a schedule) and then
 /// to high-resolution adaptation (larger crops). The daemon sends the Gram teacher to its

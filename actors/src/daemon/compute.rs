@@ -213,7 +213,31 @@ impl Actor for TeacherActor {
                 ctx.faults.maybe_slow(TEACHER, step);
                 // admitting the workers can take minutes: not under the engine's lock,
                 // which `dinod status` and the checkpointer need meanwhile
-                let cluster = ctx.cluster.group(ctx.plan(), &ctx.board)?;
+                // (a group formed short admits a worker that is back here, at a step's
+                // start: runtime.cluster.min_nodes)
+                let cluster = ctx.cluster.group(ctx.plan(), &ctx.board, true);
+                let news = ctx.cluster.take_news();
+                if !news.is_empty() {
+                    // (the run's device line counts the processes)
+                    let (device, _) = super::coordinator::device_line(&ctx);
+                    ctx.board.run(|r| r.device = device);
+                }
+                for n in news {
+                    let level = if n.warn {
+                        checkpoints::Level::Warn
+                    } else {
+                        checkpoints::Level::Info
+                    };
+                    ctx.event(
+                        level,
+                        n.kind,
+                        Some(TEACHER),
+                        Some(step),
+                        n.message,
+                        n.fields,
+                    );
+                }
+                let cluster = cluster?;
                 let eng = ctx.engine.lock();
                 if eng.ts.step != step {
                     bail!(
@@ -223,6 +247,18 @@ impl Actor for TeacherActor {
                 }
                 let dt = ctx.plan().config.precision.compute_dtype();
                 if let Some(cm) = cluster {
+                    // rank 0's own part loaded for a group of another size (one formed
+                    // with runtime.cluster.min_nodes, or again with all): the step is
+                    // redone on a batch loaded for this one, before any order, so the
+                    // group stands
+                    if let Some(p) = batch.part.filter(|p| p.world != cm.world()) {
+                        bail!(
+                            "batch {} was loaded for a group of {} nodes, and the group has {} now: the step is redone on a batch loaded for it",
+                            batch.batch_index,
+                            p.world,
+                            cm.world()
+                        )
+                    }
                     // the workers get their parts of the batch and how their copies of
                     // the state follow; rank 0 computes its part here, Sinkhorn-Knopp
                     // over all
@@ -392,7 +428,7 @@ impl Actor for TrainerActor {
                             bail!(DeviceFaultError(DeviceFault::Lost(why)));
                         }
                         // (before the engine's lock, as in the teacher)
-                        let cluster = ctx.cluster.group(ctx.plan(), &ctx.board)?;
+                        let cluster = ctx.cluster.group(ctx.plan(), &ctx.board, false)?;
                         let eng = ctx.engine.lock();
                         if eng.ts.step != step {
                             bail!(

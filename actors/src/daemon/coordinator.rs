@@ -1075,11 +1075,16 @@ pub(super) fn device_line(ctx: &Ctx) -> (String, usize) {
     if ctx.fallback.get().is_some() {
         (format!("cpu (fallback from {configured})"), b)
     } else if let Some(c) = &ctx.plan().config.runtime.cluster {
+        let n = ctx.cluster.formed().unwrap_or(c.nodes);
         (
-            format!(
-                "{configured} ({} data-parallel processes over TCP)",
-                c.nodes
-            ),
+            if n < c.nodes {
+                format!(
+                    "{configured} ({n} of {} data-parallel processes over TCP)",
+                    c.nodes
+                )
+            } else {
+                format!("{configured} ({n} data-parallel processes over TCP)")
+            },
             b,
         )
     } else if n > 1 {

@@ -143,25 +143,33 @@ impl LoadedBatch {
             None => Ok(self.batch.shard(rank, world)?),
             Some(p) if p == (data::Part { rank, world }) => Ok(self.batch.clone()),
             Some(p) => Err(anyhow!(
-                "batch {} holds member {} of {}'s images only, not member {rank} of {world}'s",
+                "batch {} holds member {} of {}'s images only, not member {rank} of {world}'s{}",
                 self.batch_index,
                 p.rank,
-                p.world
+                p.world,
+                if p.world != world {
+                    " (the group was formed with another number of nodes: the step is redone on a batch loaded for it)"
+                } else {
+                    ""
+                }
             )),
         }
     }
 }
 
-/// The part of each batch rank 0 loads: its own when the cluster's workers load theirs.
-pub fn own_part(plan: &crate::config::Plan) -> Option<data::Part> {
-    plan.config
+/// The part of each batch rank 0 loads: its own when the cluster's workers load theirs,
+/// of a group of the last size formed (`runtime.cluster.nodes` before the first, fewer
+/// after a group formed with `min_nodes`).
+pub fn own_part(ctx: &Ctx) -> Option<data::Part> {
+    ctx.plan()
+        .config
         .runtime
         .cluster
         .as_ref()
         .filter(|c| c.worker_data == crate::config::WorkerData::Local)
         .map(|c| data::Part {
             rank: 0,
-            world: c.nodes,
+            world: ctx.cluster.formed().unwrap_or(c.nodes),
         })
 }
 
@@ -170,7 +178,7 @@ fn open_loader(ctx: &Ctx, cursor: data::Cursor, crops: data::CropConfig) -> Resu
     let mut dcfg = cfg.data.clone();
     dcfg.crops = crops;
     let mut opts = data::LoaderOptions::from_config(&dcfg, cfg.train.batch_size, cfg.seed);
-    opts.part = own_part(ctx.plan());
+    opts.part = own_part(ctx);
     let loader = data::Loader::new(ctx.source.clone(), opts, cursor)?;
     if let Some(change) = loader.source_change() {
         let step = ctx.engine.lock().ts.step;

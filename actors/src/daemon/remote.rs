@@ -54,6 +54,21 @@ pub struct ClusterSlot {
     listener: OnceLock<TcpListener>,
     group: Mutex<Option<Arc<TcpMember>>>,
     copies: Mutex<Copies>,
+    /// The size of the last group formed (0: none yet): `runtime.cluster.nodes`, or fewer
+    /// with `min_nodes`. Rank 0's loader loads its part of that many.
+    formed: std::sync::atomic::AtomicUsize,
+    /// Changes of the group's size for the event log (`cluster.short`, `cluster.regroup`),
+    /// taken by the caller of [`ClusterSlot::group`], which knows the step.
+    news: Mutex<Vec<GroupNews>>,
+}
+
+/// A change of the group's size, for an event.
+#[derive(Debug, Clone)]
+pub struct GroupNews {
+    pub warn: bool,
+    pub kind: &'static str,
+    pub message: String,
+    pub fields: serde_json::Value,
 }
 
 /// Where a copy of the state stands: the same `Held` on rank 0 and on a worker means the
@@ -175,7 +190,14 @@ pub fn identity(plan: &Plan) -> cluster::Identity {
 impl ClusterSlot {
     /// The group of `[runtime.cluster]` (None without one), admitted on first use and
     /// kept until [`ClusterSlot::reset`]; `dinod status` follows the admission on `board`.
-    pub fn group(&self, plan: &Plan, board: &Board) -> Result<Option<Arc<TcpMember>>> {
+    /// `regroup` (at a step's start, before any order of it): a group formed with fewer
+    /// than `nodes` is formed again when a worker is waiting to join.
+    pub fn group(
+        &self,
+        plan: &Plan,
+        board: &Board,
+        regroup: bool,
+    ) -> Result<Option<Arc<TcpMember>>> {
         let Some(c) = &plan.config.runtime.cluster else {
             return Ok(None);
         };
@@ -183,8 +205,45 @@ impl ClusterSlot {
             .group
             .lock()
             .map_err(|_| anyhow!("the cluster lock is poisoned"))?;
+        let mut first = None;
         if let Some(m) = &*g {
-            return Ok(Some(m.clone()));
+            // a group formed short (runtime.cluster.min_nodes) admits a worker that came
+            // back: its connection waits in the listener's backlog until this step
+            let back = match (regroup && m.world() < c.nodes, self.listener.get()) {
+                (true, Some(l)) => {
+                    let token = cluster::Token::from_file(&c.token_file)?;
+                    cluster::vet_waiting(l, &identity(plan), &token)
+                }
+                _ => None,
+            };
+            let v = match back {
+                None => return Ok(Some(m.clone())),
+                // (not a node of this group: the group stands)
+                Some(Err((from, why))) => {
+                    tracing::warn!(%from, "refused a node: {why}");
+                    eprintln!("refused the node at {from}: {why}");
+                    return Ok(Some(m.clone()));
+                }
+                Some(Ok(v)) => v,
+            };
+            let from = v.from();
+            let why = format!(
+                "the group of {} of {} nodes is formed again: the node at {from} is back",
+                m.world(),
+                c.nodes
+            );
+            eprintln!("{why}");
+            self.tell(GroupNews {
+                warn: false,
+                kind: "cluster.regroup",
+                message: why.clone(),
+                fields: serde_json::json!({"nodes": m.world(), "planned": c.nodes, "back": from.to_string()}),
+            });
+            // its workers hear why and join again; the step goes on with the new group
+            m.dissolve(&why);
+            *g = None;
+            self.forget_copies();
+            first = Some(v);
         }
         let l = match self.listener.get() {
             Some(l) => l,
@@ -212,7 +271,11 @@ impl ClusterSlot {
         };
         let m = cluster::admit_group(
             l,
-            c.nodes,
+            cluster::GroupSize {
+                nodes: c.nodes,
+                fewest: c.fewest(),
+            },
+            first,
             &identity(plan),
             &token,
             Duration::from_secs_f64(c.join_wait_s),
@@ -235,10 +298,57 @@ impl ClusterSlot {
             }
         };
         let m = Arc::new(m);
+        let was = self
+            .formed
+            .swap(m.world(), std::sync::atomic::Ordering::SeqCst);
+        if m.world() < c.nodes && was != m.world() {
+            self.tell(GroupNews {
+                warn: true,
+                kind: "cluster.short",
+                message: format!(
+                    "the group formed with {} of {} nodes after waiting {:.0} s for the others (runtime.cluster.min_nodes = {}): training goes on with the global batch split among them; a node that comes back is admitted at the next step",
+                    m.world(),
+                    c.nodes,
+                    c.join_wait_s,
+                    c.fewest()
+                ),
+                fields: serde_json::json!({"nodes": m.world(), "planned": c.nodes}),
+            });
+        } else if m.world() == c.nodes && was != 0 && was < c.nodes {
+            self.tell(GroupNews {
+                warn: false,
+                kind: "cluster.complete",
+                message: format!("the group has all {} nodes again", c.nodes),
+                fields: serde_json::json!({"nodes": c.nodes, "was": was}),
+            });
+        }
         // a new group's workers hold nothing yet
         self.forget_copies();
         *g = Some(m.clone());
         Ok(Some(m))
+    }
+
+    fn tell(&self, n: GroupNews) {
+        match self.news.lock() {
+            Ok(mut v) => v.push(n),
+            Err(e) => e.into_inner().push(n),
+        }
+    }
+
+    /// The changes of the group's size since the last call, for the event log.
+    pub fn take_news(&self) -> Vec<GroupNews> {
+        match self.news.lock() {
+            Ok(mut v) => std::mem::take(&mut *v),
+            Err(e) => std::mem::take(&mut *e.into_inner()),
+        }
+    }
+
+    /// The size of the last group formed, the daemon included (`None` before the first).
+    pub fn formed(&self) -> Option<usize> {
+        match self.formed.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            n => Some(n),
+        }
     }
 
     /// Drops the group after a failure (the next step admits the workers again).

@@ -2377,6 +2377,32 @@ mod tests {
         }
     }
 
+    /// An admission of 4 nodes that settles for 3 after 1.5 s.
+    fn three_of_four(
+        l: &TcpListener,
+        tok: &Token,
+        reduce: Reduce,
+        on_change: &dyn Fn(&GroupStatus),
+    ) -> Result<TcpMember> {
+        let size = GroupSize {
+            nodes: 4,
+            fewest: 3,
+        };
+        let (wait, timeout) = (Duration::from_millis(1500), Duration::from_secs(30));
+        admit_group(
+            l,
+            size,
+            None,
+            &id("h"),
+            tok,
+            wait,
+            timeout,
+            reduce,
+            on_change,
+            &|| false,
+        )
+    }
+
     /// `runtime.cluster.min_nodes`: an admission that waited its time out forms the group
     /// with the nodes that came when they are enough, and tells the workers its size (a
     /// mesh's roster has only them), and fails as before when they are not. A node vetted
@@ -2386,28 +2412,15 @@ mod tests {
     fn a_group_forms_with_the_nodes_that_came_when_they_are_enough() {
         let tmp = tempfile::tempdir().unwrap();
         let tok = token(tmp.path(), "t", "a-token-of-twenty-chars\n");
-        let wait = Duration::from_millis(1500);
         for reduce in [Reduce::Mesh, Reduce::Star] {
             let l = bind("127.0.0.1:0").unwrap();
             let addr = l.local_addr().unwrap().to_string();
             let lines = Mutex::new(vec![]);
             let (m0, workers) = std::thread::scope(|s| {
                 let c = s.spawn(|| {
-                    admit_group(
-                        &l,
-                        GroupSize {
-                            nodes: 4,
-                            fewest: 3,
-                        },
-                        None,
-                        &id("h"),
-                        &tok,
-                        wait,
-                        Duration::from_secs(30),
-                        reduce,
-                        &|st| lines.lock().unwrap().push((st.nodes, st.line.clone())),
-                        &|| false,
-                    )
+                    three_of_four(&l, &tok, reduce, &|st| {
+                        lines.lock().unwrap().push((st.nodes, st.line.clone()))
+                    })
                     .unwrap()
                 });
                 let w = Duration::from_secs(20);
@@ -2454,23 +2467,7 @@ mod tests {
                 let w = Duration::from_secs(5);
                 join(addr, &id("h"), tok, w, w, &MeshAddr::default())
             });
-            let e = admit_group(
-                &l,
-                GroupSize {
-                    nodes: 4,
-                    fewest: 3,
-                },
-                None,
-                &id("h"),
-                tok,
-                wait,
-                Duration::from_secs(30),
-                Reduce::Star,
-                &|_| {},
-                &|| false,
-            )
-            .err()
-            .unwrap();
+            let e = three_of_four(&l, tok, Reduce::Star, &|_| {}).err().unwrap();
             assert!(
                 format!("{e:#}").contains("2 of 4 nodes joined within"),
                 "{e:#}"

@@ -205,18 +205,19 @@ fn bad_run_and_worker_flags_are_usage_errors() {
         assert!(!state.exists(), "{extra:?} created state");
     }
     // a worker takes only the drills of its copy and of its device
-    let cluster = write_config(
-        &{
-            let c = dir.path().join("c");
-            std::fs::create_dir_all(&c).unwrap();
-            c
-        },
-        &format!(
-            "{}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\n",
-            tiny_config(""),
-            dir.path().join("token").display()
-        ),
-    );
+    let group_recipe = |sub: &str, extra: &str| {
+        let c = dir.path().join(sub);
+        std::fs::create_dir_all(&c).unwrap();
+        write_config(
+            &c,
+            &format!(
+                "{}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\n",
+                tiny_config(extra),
+                dir.path().join("token").display()
+            ),
+        )
+    };
+    let cluster = group_recipe("c", "");
     std::fs::write(dir.path().join("token"), "a-token-for-the-usage-test").unwrap();
     // (and where it listens for the other workers is a numeric address)
     for (flag, bad, says) in [
@@ -249,18 +250,7 @@ fn bad_run_and_worker_flags_are_usage_errors() {
     }
     // a GPU recipe is a group's recipe too; a worker that cannot open its GPU ends at
     // once, before it joins, with the reason (here: a build without CUDA)
-    let gpu = write_config(
-        &{
-            let c = dir.path().join("g");
-            std::fs::create_dir_all(&c).unwrap();
-            c
-        },
-        &format!(
-            "{}\n[runtime.cluster]\nlisten = \"127.0.0.1:0\"\nnodes = 2\ntoken_file = \"{}\"\n",
-            tiny_config("[runtime]\ndevice = \"cuda\""),
-            dir.path().join("token").display()
-        ),
-    );
+    let gpu = group_recipe("g", "[runtime]\ndevice = \"cuda\"");
     let o = dinod(&[
         "worker",
         "--config",

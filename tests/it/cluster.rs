@@ -3,7 +3,7 @@
 //! killed member does to the others.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
@@ -125,6 +125,27 @@ fn threads_fingerprint(dir: &Path, recipe: &str, steps: u64) -> (u64, String) {
     assert_eq!(want.0, steps);
     assert!(!want.1.is_empty(), "no fingerprint to compare with");
     want
+}
+
+/// The fingerprint `threads` threads of one process reach at `steps` on `base`, and `base`
+/// as the recipe of a group of `nodes` processes on a free port with the `extra` keys of
+/// [`cluster_section`], written in `dir`.
+fn threads_and_group(
+    dir: &Path,
+    base: &str,
+    threads: usize,
+    nodes: usize,
+    extra: &str,
+    steps: u64,
+) -> ((u64, String), PathBuf) {
+    let want = threads_fingerprint(
+        dir,
+        &format!("{base}\n[runtime]\ndata_parallel = {threads}\n"),
+        steps,
+    );
+    let section = cluster_section(dir, "127.0.0.1:0", nodes, extra);
+    let cfg = write_config(dir, &format!("{base}\n{section}"));
+    (want, cfg)
 }
 
 /// A `[runtime.cluster]` section of `nodes` on `listen`, with a token file written in
@@ -711,18 +732,7 @@ fn a_killed_worker_of_a_mesh_fails_the_group_and_the_others_join_again() {
     let base = tiny_config("")
         .replace("batch_size = 4", "batch_size = 8")
         .replace("n_prototypes = 64", "n_prototypes = 4096");
-    let want = threads_fingerprint(
-        dir.path(),
-        &format!("{base}\n[runtime]\ndata_parallel = 4\n"),
-        steps,
-    );
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "{base}\n{}",
-            cluster_section(dir.path(), "127.0.0.1:0", 4, "join_wait_s = 60.0\n")
-        ),
-    );
+    let (want, cfg) = threads_and_group(dir.path(), &base, 4, 4, "join_wait_s = 60.0\n", steps);
     let cfg = cfg.to_str().unwrap();
     let s2 = dir.path().join("s2");
     let (daemon, addr) = start_daemon(cfg, &s2, steps, &["--inject", "slow:teacher@5+2500"]);
@@ -776,18 +786,7 @@ fn a_workers_device_faults_make_it_join_again_or_exit_75_for_a_restart() {
     let dir = TempDir::new("cluster-worker-device");
     let steps = 10;
     let base = tiny_config("").replace("batch_size = 4", "batch_size = 6");
-    let want = threads_fingerprint(
-        dir.path(),
-        &format!("{base}\n[runtime]\ndata_parallel = 3\n"),
-        steps,
-    );
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "{base}\n{}",
-            cluster_section(dir.path(), "127.0.0.1:0", 3, "join_wait_s = 60.0\n")
-        ),
-    );
+    let (want, cfg) = threads_and_group(dir.path(), &base, 3, 3, "join_wait_s = 60.0\n", steps);
     let cfg = cfg.to_str().unwrap();
     let s2 = dir.path().join("s2");
     let (daemon, addr) = start_daemon(cfg, &s2, steps, &[]);
@@ -840,22 +839,14 @@ fn a_short_group_trains_on_with_the_nodes_that_came_and_takes_back_the_one_that_
     let dir = TempDir::new("cluster-elastic");
     let steps = 8;
     let base = tiny_config("").replace("batch_size = 4", "batch_size = 6");
-    let want = threads_fingerprint(
+    // (2 threads: the group that forms without the third node)
+    let (want, cfg) = threads_and_group(
         dir.path(),
-        &format!("{base}\n[runtime]\ndata_parallel = 2\n"),
+        &base,
+        2,
+        3,
+        "join_wait_s = 4.0\nmin_nodes = 2\nworker_data = \"local\"\n",
         steps,
-    );
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "{base}\n{}",
-            cluster_section(
-                dir.path(),
-                "127.0.0.1:0",
-                3,
-                "join_wait_s = 4.0\nmin_nodes = 2\nworker_data = \"local\"\n"
-            )
-        ),
     );
     let cfg = cfg.to_str().unwrap();
     let s2 = dir.path().join("s2");

@@ -381,8 +381,11 @@ if fits 90; then
     sleep 1
   done
   echo "daemon listening on ${addr:-nothing (see $GR/daemon.log)}"
+  # (the worker names its GPU, as on a machine with several: the recipe says "cuda")
+  WDEV=(--device cuda:0)
+  [ -n "$REHEARSE" ] && WDEV=()
   timeout "$(lim 120)" "$DINOD" worker --config "$GR/group.toml" --join "${addr:-127.0.0.1:9}" \
-    --inject "device_error@$GF" >"$GR/worker.log" 2>&1
+    ${WDEV[@]+"${WDEV[@]}"} --inject "device_error@$GF" >"$GR/worker.log" 2>&1
   wrc=$?
   t_wait=$SECONDS
   while kill -0 $DPID 2>/dev/null && [ $((SECONDS - t_wait)) -lt 30 ]; do sleep 1; done

@@ -46,6 +46,8 @@
 #  5e. a group of two processes on one GPU (`[runtime.cluster]`, the daemon and a `dinod
 #      worker`): the sums over TCP, the worker's copy checked against the daemon's every
 #      5 steps, a drilled device error of the worker (it joins again);
+#  5f. `dinod bench allreduce` over loopback from host memory and from GPU memory: what
+#      a GPU member's copies to the host and back add to a sum;
 #  6. summary.md: step ms, images/s, MFU against the measured bf16 / f32 peak, ratio to
 #     PyTorch.
 # `--quick` keeps 1 warm-up + 2 timed iterations per benchmark (default 2 + 4).
@@ -395,6 +397,47 @@ if fits 90; then
   echo "daemon exit $drc, worker exit $wrc (0 and 0 expected); groups admitted: $joined (2 expected: the drilled device error at step $GF); copies drifted: $drifted (0 expected)"
   grep -E "step=|step_ms" "$GR/daemon.log" | tail -2 | cut -c1-240
   if [ "$drc" = 0 ] && [ "$wrc" = 0 ] && [ "$joined" -ge 2 ] && [ "$drifted" = 0 ]; then echo "5e: PASS"; else echo "5e: FAIL (see $GR/daemon.log, $GR/worker.log)"; fi
+fi
+
+# ------------------------------- 5f. the sums of a group of processes from GPU memory
+# `dinod bench allreduce` over loopback, 2 processes, the default recipe's student
+# (2 496 032 f32): vectors in host memory, then in GPU memory, whose sums cross to the
+# host and back as a GPU member's gradients do; the difference is what those copies cost
+say "5f. a group's sum over TCP from host memory and from GPU memory (dinod bench allreduce)"
+if fits 40; then
+  printf 'a-token-for-the-gpu-allreduce\n' >"$OUT/ar-token"
+  chmod 600 "$OUT/ar-token"
+  for d in cpu $DEV; do
+    timeout "$(lim 60)" "$DINOD" bench allreduce --listen 127.0.0.1:0 --nodes 2 --token-file "$OUT/ar-token" \
+      --device "$d" --iters 20 >"$OUT/allreduce-$d.json" 2>"$OUT/allreduce-$d.err" &
+    CP=$!
+    addr=
+    for _ in $(seq 1 50); do
+      addr=$(grep -o -m1 "listening on [0-9.:]*" "$OUT/allreduce-$d.err" | awk '{print $3}')
+      [ -n "$addr" ] && break
+      sleep 0.2
+    done
+    timeout "$(lim 60)" "$DINOD" bench allreduce --join "${addr:-127.0.0.1:9}" --token-file "$OUT/ar-token" \
+      --device "$d" >/dev/null 2>&1
+    wait $CP
+    echo "device $d: exit $?"
+  done
+  "$PY" - "$OUT" cpu $DEV <<'EOF'
+import json, os, sys
+out, devs = sys.argv[1], sys.argv[2:]
+ms = {}
+for d in dict.fromkeys(devs):
+    try:
+        r = json.load(open(os.path.join(out, "allreduce-%s.json" % d)))
+    except Exception as e:
+        print("allreduce %s: %s" % (d, e))
+        continue
+    ms[d] = r["median_ms"]
+    print("allreduce from %s memory: %d values, median %.2f ms (min %.2f), every member's sums correct: %s"
+          % (d, r["values"], r["median_ms"], r["min_ms"], r["all_members_correct"]))
+if len(ms) == 2:
+    print("the host copies add %.2f ms per sum" % (ms[devs[1]] - ms["cpu"]))
+EOF
 fi
 
 # ------------------------------------------------------------------ 5d. chaos on the GPU

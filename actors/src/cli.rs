@@ -436,6 +436,10 @@ pub enum BenchCommand {
         /// `dinod worker --mesh-advertise`.
         #[arg(long, value_name = "HOST:PORT", requires = "join", value_parser = crate::cluster::mesh_advertise_addr)]
         mesh_advertise: Option<String>,
+        /// Where this member's vector lives: `cpu`, or a GPU (`cuda`, `cuda:N`), whose sums
+        /// cross to the host and back as a GPU member's gradients do (timed with them).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Data parallelism: one step over a group of members (threads on the CPU, or one GPU
     /// each with NCCL), each on its part of the batch; checks the members stay identical.
@@ -901,6 +905,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     join_wait_s,
                     mesh_listen,
                     mesh_advertise,
+                    device,
                 },
         } => {
             let role = match (listen, nodes, join) {
@@ -929,7 +934,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     advertise: mesh_advertise,
                 },
             };
-            let r = crate::dp::bench_allreduce(&c, values, warmup, iters)?;
+            let r = crate::dp::bench_allreduce(&c, &device, values, warmup, iters)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(if r.sums_correct { 0 } else { 1 })
         }

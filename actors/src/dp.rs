@@ -847,6 +847,9 @@ fn group_of_processes(
 pub struct AllReduceBench {
     /// This member's rank.
     pub rank: usize,
+    /// Where its vector lives (`--device`): on a GPU the sum's time includes the copies
+    /// to the host and back.
+    pub device: String,
     /// Processes in the group.
     pub nodes: usize,
     /// `mesh` or `star`.
@@ -890,6 +893,7 @@ fn allreduce_vector(rank: usize, values: usize) -> Vec<f32> {
 /// (the gradients' path). The workers take the three numbers from rank 0.
 pub fn bench_allreduce(
     c: &ClusterOpts,
+    device: &str,
     values: usize,
     warmup: usize,
     iters: usize,
@@ -897,6 +901,8 @@ pub fn bench_allreduce(
     if values == 0 || iters == 0 {
         return Err(crate::cli::usage("--values and --iters must be positive"));
     }
+    // (before joining: a node without its device fails alone)
+    let dev = crate::runtime::device(device)?;
     let token = crate::cluster::Token::from_file(&c.token_file)?;
     let me = crate::cluster::Identity {
         code_version: crate::engine::CODE_VERSION.to_string(),
@@ -926,7 +932,8 @@ pub fn bench_allreduce(
             })
             .collect()
     };
-    let t = Tensor::from_vec(allreduce_vector(rank, values), values, &Device::Cpu)?;
+    let t =
+        Tensor::from_vec(allreduce_vector(rank, values), values, &Device::Cpu)?.to_device(&dev)?;
     let mut times = vec![];
     let mut correct = true;
     let mut traffic0 = crate::cluster::traffic();
@@ -936,6 +943,8 @@ pub fn bench_allreduce(
         }
         let t0 = Instant::now();
         let s = member.all_reduce_sum_tensor(&t)?;
+        // (the copy back onto a GPU is done when the device is)
+        dev.synchronize()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         if it >= warmup {
             times.push(ms);
@@ -952,6 +961,7 @@ pub fn bench_allreduce(
     let algbw = bytes / (median / 1e3) / 1e9;
     Ok(AllReduceBench {
         rank,
+        device: device.to_string(),
         nodes: world,
         reduce: match member.reduce() {
             crate::cluster::Reduce::Mesh => "mesh",

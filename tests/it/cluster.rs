@@ -346,6 +346,7 @@ fn bench_allreduce_checks_the_sums_and_shows_what_each_way_sends() {
             "{r}"
         );
         assert_eq!(r["all_members_correct"], true, "{r}");
+        assert_eq!(r["device"], "cpu", "{r}");
         for w in workers {
             let (code, err, out) = w.finish(Duration::from_secs(60));
             assert_eq!(code, Some(0), "{err}");
@@ -373,6 +374,23 @@ fn bench_allreduce_checks_the_sums_and_shows_what_each_way_sends() {
             "{reduce}: {r}"
         );
     }
+    // a member whose vector would live on a GPU it cannot open fails alone, at once
+    let o = dinod(&[
+        "bench",
+        "allreduce",
+        "--join",
+        "127.0.0.1:9",
+        "--token-file",
+        token,
+        "--device",
+        "cuda:0",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("built without CUDA support"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// A member killed with SIGKILL in the middle of the steps fails the other's next

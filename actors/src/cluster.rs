@@ -115,6 +115,9 @@ pub struct Identity {
     pub code_version: String,
     /// The recipe's `Plan::config_hash`.
     pub config_hash: String,
+    /// Where this node computes (`cpu`, `cuda:N`): shown, not compared (a worker may
+    /// name another GPU of its machine than the recipe's).
+    pub device: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -123,6 +126,9 @@ struct Hello {
     config_hash: String,
     /// Hex of BLAKE3-keyed(blake3(token), challenge).
     proof: String,
+    /// [`Identity::device`].
+    #[serde(default)]
+    device: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -510,6 +516,9 @@ pub struct JoinedNode {
     pub rank: usize,
     /// Where it connected from.
     pub addr: String,
+    /// Where it computes (`cpu`, `cuda:N`), as it said in its hello.
+    #[serde(default)]
+    pub device: String,
 }
 
 /// How many members a group is admitted with: `nodes`, or as few as `fewest` once the
@@ -569,7 +578,7 @@ pub fn admit_group(
     let status = |joined: &[JoinedNode], state: &str, last: &str| {
         let list = joined
             .iter()
-            .map(|j| format!("{} as rank {}", j.addr, j.rank))
+            .map(|j| format!("{} as rank {}{}", j.addr, j.rank, on_gpu(&j.device)))
             .collect::<Vec<_>>()
             .join(", ");
         let line = if state == "complete" {
@@ -616,7 +625,7 @@ pub fn admit_group(
     status(&joined, "waiting", "");
     while peers.len() + 1 < world {
         // (a vetted connection has proved the token, build and recipe already)
-        let vetted = first.is_some();
+        let vetted = first.as_ref().map(|v| v.device.clone());
         let next = match first.take() {
             Some(v) => Ok((v.s, v.from)),
             None => l.accept(),
@@ -646,21 +655,26 @@ pub fn admit_group(
             }
             Err(e) => return Err(e).context("accepting a node"),
         };
-        let admitted = if vetted {
-            welcome(&mut s, peers.len() + 1, world, mesh)
+        let admitted = if let Some(device) = vetted {
+            welcome(&mut s, peers.len() + 1, world, mesh).map(|a| (device, a))
         } else {
             prepare(&s)?;
             admit(&mut s, me, token, peers.len() + 1, world, mesh)
         };
         match admitted {
-            Ok(peer_addr) => {
+            Ok((device, peer_addr)) => {
                 addrs.extend(peer_addr);
-                tracing::info!(%from, rank = peers.len() + 1, "a node joined");
-                eprintln!("node {from} joined as rank {} of {world}", peers.len() + 1);
+                tracing::info!(%from, rank = peers.len() + 1, %device, "a node joined");
+                eprintln!(
+                    "node {from} joined as rank {} of {world}{}",
+                    peers.len() + 1,
+                    on_gpu(&device)
+                );
                 peers.push(s);
                 joined.push(JoinedNode {
                     rank: peers.len(),
                     addr: from.to_string(),
+                    device,
                 });
                 status(&joined, "waiting", "");
             }
@@ -791,6 +805,7 @@ fn prepare(s: &TcpStream) -> Result<()> {
 pub struct Vetted {
     s: TcpStream,
     from: SocketAddr,
+    device: String,
 }
 
 impl Vetted {
@@ -813,14 +828,14 @@ pub fn vet_waiting(
         prepare(&s)
             .map_err(|e| format!("{e:#}"))
             .and_then(|()| vet(&mut s, me, token))
-            .map(|()| Vetted { s, from })
+            .map(|device| Vetted { s, from, device })
             .map_err(|why| (from, why)),
     )
 }
 
 /// One admission: challenge, hello, then welcome or refusal (the refusal's reason is
-/// also sent to the node); in a mesh of more than 2, the node's address for the other
-/// workers. Errors are the reason the node was refused.
+/// also sent to the node): its device, and in a mesh of more than 2 its address for the
+/// other workers. Errors are the reason the node was refused.
 fn admit(
     s: &mut TcpStream,
     me: &Identity,
@@ -828,14 +843,14 @@ fn admit(
     rank: usize,
     world: usize,
     mesh: bool,
-) -> std::result::Result<Option<String>, String> {
-    vet(s, me, token)?;
-    welcome(s, rank, world, mesh)
+) -> std::result::Result<(String, Option<String>), String> {
+    let device = vet(s, me, token)?;
+    Ok((device, welcome(s, rank, world, mesh)?))
 }
 
 /// The first half of an admission: challenge and hello, refused (with the reason sent)
-/// unless it proves the token and runs this build and recipe.
-fn vet(s: &mut TcpStream, me: &Identity, token: &Token) -> std::result::Result<(), String> {
+/// unless it proves the token and runs this build and recipe; the node's device.
+fn vet(s: &mut TcpStream, me: &Identity, token: &Token) -> std::result::Result<String, String> {
     let deadline = Instant::now() + HELLO_WAIT;
     s.set_write_timeout(Some(HELLO_WAIT))
         .map_err(|e| e.to_string())?;
@@ -880,7 +895,7 @@ fn vet(s: &mut TcpStream, me: &Identity, token: &Token) -> std::result::Result<(
         let _ = write_frame(s, TAG_REFUSED, why.as_bytes());
         return Err(why);
     }
-    Ok(())
+    Ok(hello.device)
 }
 
 /// The second half: the welcome with the node's rank, and in a mesh of more than 2 its
@@ -901,6 +916,15 @@ fn welcome(
         Ok((TAG_FAIL, why)) => Err(String::from_utf8_lossy(&why).into_owned()),
         Ok((tag, _)) => Err(format!("frame {tag} where its address belongs")),
         Err(_) => Err("it sent no address for the other workers".into()),
+    }
+}
+
+/// " on cuda:N" for a node on a GPU (a CPU node's lines stay as they were).
+fn on_gpu(device: &str) -> String {
+    if device.is_empty() || device == "cpu" {
+        String::new()
+    } else {
+        format!(" on {device}")
     }
 }
 
@@ -975,6 +999,7 @@ pub fn join(
         code_version: me.code_version.clone(),
         config_hash: me.config_hash.clone(),
         proof: token.proof(&challenge),
+        device: me.device.clone(),
     };
     write_frame(&mut s, TAG_HELLO, &serde_json::to_vec(&hello)?)
         .with_context(|| format!("sending the hello to {addr}"))?;
@@ -1983,6 +2008,7 @@ mod tests {
         Identity {
             code_version: "dinod test".into(),
             config_hash: hash.into(),
+            device: "cpu".into(),
         }
     }
 
@@ -2429,7 +2455,12 @@ mod tests {
                         let addr = addr.clone();
                         let tok = &tok;
                         s.spawn(move || {
-                            join(&addr, &id("h"), tok, w, w, &MeshAddr::default()).unwrap()
+                            // (a GPU node: its device shows in the coordinator's lines)
+                            let me = Identity {
+                                device: "cuda:1".into(),
+                                ..id("h")
+                            };
+                            join(&addr, &me, tok, w, w, &MeshAddr::default()).unwrap()
                         })
                     })
                     .collect();
@@ -2445,6 +2476,7 @@ mod tests {
             assert_eq!(nodes, 3, "{reduce:?}");
             assert!(line.starts_with("3 of 4 nodes on "), "{line}");
             assert!(line.contains("min_nodes = 3"), "{line}");
+            assert!(line.contains("as rank 2 on cuda:1"), "{line}");
             // the three sum as a group of three, a mesh's large sums included
             let mut all = vec![m0];
             all.extend(workers);

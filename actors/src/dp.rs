@@ -700,6 +700,7 @@ fn bench_dp_cluster(
         config_hash: blake3::hash(format!("{} batch {b}", plan.config_hash).as_bytes())
             .to_hex()
             .to_string(),
+        device: opts.device.clone(),
     };
     let member = group_of_processes(c, &me, &token, timeout, &|nodes| check_split(b, nodes))?;
     let world = member.world();
@@ -907,6 +908,7 @@ pub fn bench_allreduce(
     let me = crate::cluster::Identity {
         code_version: crate::engine::CODE_VERSION.to_string(),
         config_hash: blake3::hash(b"dinod bench allreduce").to_hex().to_string(),
+        device: device.to_string(),
     };
     let timeout = Duration::from_secs(300);
     let member = group_of_processes(c, &me, &token, timeout, &|_| Ok(()))?;

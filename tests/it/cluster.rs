@@ -563,6 +563,7 @@ fn a_daemon_trains_over_a_group_of_processes_what_it_trains_over_threads() {
         "{st}"
     );
     assert_eq!(c["joined"][0]["rank"], 1, "{st}");
+    assert_eq!(c["joined"][0]["device"], "cpu", "{st}");
     assert!(
         c["listen"].as_str().unwrap_or("").starts_with("127.0.0.1:"),
         "{st}"

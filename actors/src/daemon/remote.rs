@@ -184,6 +184,8 @@ pub fn identity(plan: &Plan) -> cluster::Identity {
     cluster::Identity {
         code_version: crate::engine::CODE_VERSION.to_string(),
         config_hash: plan.config_hash.clone(),
+        // (a worker's `--device`, in its plan)
+        device: plan.config.runtime.device.clone(),
     }
 }
 

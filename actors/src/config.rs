@@ -156,7 +156,9 @@ pub struct CheckpointSection {
     /// Newest checkpoints always kept (at least 2).
     #[serde(default = "d_keep_last")]
     pub keep_last: usize,
-    /// Also keep every checkpoint whose step is a multiple of this.
+    /// Also keep one checkpoint per multiple of this: the first at or after it (a save
+    /// deferred by a few steps while the previous one was written stands for its
+    /// multiple).
     #[serde(default)]
     pub keep_every: Option<u64>,
     /// Keep the best checkpoint by the dense probe.

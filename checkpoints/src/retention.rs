@@ -19,7 +19,9 @@ pub struct Retention {
     /// Keep the newest `keep_last` checkpoints (and, in addition, the newest `keep_last` that are
     /// not known to be corrupt). At least [`MIN_KEEP_LAST`].
     pub keep_last: usize,
-    /// Also keep every checkpoint whose step is a multiple of this.
+    /// Also keep one checkpoint per multiple of this: the first valid one at or after it
+    /// (a save that came a few steps late, the previous one still being written, stands
+    /// for its multiple; before, it was deleted and the multiple had none).
     #[serde(default)]
     pub keep_every: Option<u64>,
     /// Also keep the best checkpoint by a score recorded with `Store::set_score`.
@@ -125,7 +127,8 @@ pub enum KeepReason {
     Recent,
     /// Among the newest `keep_last` not known to be corrupt.
     RecentValid,
-    /// Its step is a multiple of `keep_every`.
+    /// The first valid checkpoint at or after a multiple of `keep_every` (before the
+    /// next multiple).
     Every {
         /// The `keep_every` value.
         n: u64,
@@ -170,8 +173,14 @@ pub fn keep_reasons(
         }
     }
     if let Some(n) = policy.keep_every.filter(|&n| n > 0) {
-        for info in newest_first.iter().filter(|i| !i.bad && i.step % n == 0) {
-            push(&mut reasons, info.step, KeepReason::Every { n });
+        // oldest first: the first of each multiple's window [k n, (k + 1) n), and step 0
+        // itself only (the steps before the first multiple stand for none)
+        let mut windows = std::collections::BTreeSet::new();
+        for info in by_step.values().filter(|i| !i.bad) {
+            let w = info.step / n;
+            if (w > 0 || info.step == 0) && windows.insert(w) {
+                push(&mut reasons, info.step, KeepReason::Every { n });
+            }
         }
     }
     if let Some(best) = &policy.keep_best {

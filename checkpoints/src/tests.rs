@@ -373,6 +373,40 @@ fn retention_keep_every_and_keep_best() {
     );
 }
 
+/// `keep_every` keeps one checkpoint per multiple: the first valid one at or after it. A
+/// save that came late (the daemon defers a due save while the previous one is still
+/// being written) stands for its multiple instead of being deleted with none kept for it.
+#[test]
+fn retention_keep_every_keeps_a_late_save_for_its_multiple() {
+    let policy = Retention::keep_last(2).with_keep_every(3);
+    let kept = |existing: &[CheckpointInfo]| -> Vec<(u64, Vec<KeepReason>)> {
+        keep_reasons(existing, &policy)
+            .into_iter()
+            .filter(|(_, r)| !r.is_empty())
+            .collect()
+    };
+    let every = KeepReason::Every { n: 3 };
+    // 6 was saved at 7: 7 stands for 6; 8 is in the same window and goes
+    let k = kept(&infos([1, 3, 7, 8, 9, 12, 13, 14]));
+    let steps: Vec<u64> = k.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, [3, 7, 9, 12, 13, 14]);
+    assert_eq!(k[1].1, vec![every.clone()]);
+    // on time, the multiple itself is the one
+    let k = kept(&infos([3, 6, 7, 8]));
+    assert_eq!(k.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [3, 6, 7, 8]);
+    assert!(!k[2].1.contains(&every), "{k:?}");
+    // a corrupt one at the multiple: the next valid one stands for it
+    let mut existing = infos([3, 6, 7, 20, 21]);
+    existing[1].bad = true;
+    let reasons = keep_reasons(&existing, &policy);
+    assert_eq!(reasons[&7], vec![every.clone()]);
+    assert!(reasons[&6].is_empty());
+    // steps before the first multiple stand for none (step 0 itself does)
+    let reasons = keep_reasons(&infos([0, 1, 2, 20, 21]), &policy);
+    assert_eq!(reasons[&0], vec![every.clone()]);
+    assert!(reasons[&1].is_empty() && reasons[&2].is_empty());
+}
+
 /// A disk budget: while the kept checkpoints hold more bytes than `max_bytes`, the oldest
 /// kept only by `keep_every` is deleted; the latest, the recent and the best never are.
 #[test]

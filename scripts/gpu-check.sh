@@ -95,6 +95,17 @@ left() { echo $((T0 + BUDGET - $(date +%s))); }
 lim() { local l=$(($(left) - 5)); [ "$l" -lt "$1" ] && echo $((l > 1 ? l : 1)) || echo "$1"; }
 # fits N: whether about N more seconds fit in the budget (else say that the part is skipped)
 fits() { [ "$(left)" -ge "$1" ] && return 0; echo "skipped: $(left) s of the budget left, this part needs about $1 s"; return 1; }
+# listening_at LOG: the address a dinod wrote as "listening on ADDR" into LOG, waited for
+# up to 60 s (empty when none came)
+listening_at() {
+  local a= i
+  for i in $(seq 1 300); do
+    a=$(grep -o -m1 "listening on [0-9.:]*" "$1" 2>/dev/null | awk '{print $3}')
+    [ -n "$a" ] && break
+    sleep 0.2
+  done
+  echo "$a"
+}
 
 if [ -z "${DINOD_GOLDEN:-}" ]; then
   for d in "$ROOT/../shared/golden" "$ROOT/shared/golden" "$ROOT/target-cuda/golden"; do
@@ -376,12 +387,7 @@ if fits 90; then
     "$DEV" "$GR/token" >>"$GR/group.toml"
   "$DINOD" run --config "$GR/group.toml" --state-dir "$GR/state" --max-steps $GS >"$GR/daemon.log" 2>&1 &
   DPID=$!
-  addr=
-  for _ in $(seq 1 60); do
-    addr=$(grep -o -m1 "listening on [0-9.:]*" "$GR/daemon.log" | awk '{print $3}')
-    [ -n "$addr" ] && break
-    sleep 1
-  done
+  addr=$(listening_at "$GR/daemon.log")
   echo "daemon listening on ${addr:-nothing (see $GR/daemon.log)}"
   # (the worker names its GPU, as on a machine with several: the recipe says "cuda")
   WDEV=(--device cuda:0)
@@ -411,12 +417,7 @@ if fits 40; then
     timeout "$(lim 60)" "$DINOD" bench allreduce --listen 127.0.0.1:0 --nodes 2 --token-file "$OUT/ar-token" \
       --device "$d" --iters 20 >"$OUT/allreduce-$d.json" 2>"$OUT/allreduce-$d.err" &
     CP=$!
-    addr=
-    for _ in $(seq 1 50); do
-      addr=$(grep -o -m1 "listening on [0-9.:]*" "$OUT/allreduce-$d.err" | awk '{print $3}')
-      [ -n "$addr" ] && break
-      sleep 0.2
-    done
+    addr=$(listening_at "$OUT/allreduce-$d.err")
     timeout "$(lim 60)" "$DINOD" bench allreduce --join "${addr:-127.0.0.1:9}" --token-file "$OUT/ar-token" \
       --device "$d" >/dev/null 2>&1
     wait $CP

@@ -913,7 +913,19 @@ fn a_short_group_trains_on_with_the_nodes_that_came_and_takes_back_the_one_that_
     // step: it waits in the listener's backlog, for less than its join_wait_s) and the
     // next step's start admits it
     let more = steps + 8;
-    let (mut daemon, addr) = start_daemon(cfg, &s2, more, &["--inject", "slow:teacher@12+2000"]);
+    // (a second, shorter hold at step 14: a worker slow to start on a loaded machine
+    // still comes before the run ends, and waits less than its join_wait_s)
+    let (mut daemon, addr) = start_daemon(
+        cfg,
+        &s2,
+        more,
+        &[
+            "--inject",
+            "slow:teacher@12+2000",
+            "--inject",
+            "slow:teacher@14+1500",
+        ],
+    );
     let worker = || Proc::start(&["worker", "--config", cfg, "--join", &addr]);
     let w1 = worker();
     daemon.line_with("2 of 3 nodes joined within", Duration::from_secs(60));

@@ -668,11 +668,7 @@ fn raise_open_file_limit() {
 /// computes on the same kind of device (their copies of the state move by the same
 /// code), so a CPU recipe stays on the CPU and a GPU one on a GPU.
 fn worker_device(recipe: &str, wanted: &str) -> Result<String> {
-    let gpu = |d: &str| {
-        d == "cuda"
-            || d.strip_prefix("cuda:")
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-    };
+    let gpu = |d: &str| d != "cpu" && config::valid_device(d);
     if !gpu(wanted) {
         return Err(usage(format!(
             "--device: `cuda` or `cuda:N`, not `{wanted}`"

@@ -1475,10 +1475,14 @@ impl TcpMember {
     /// calls: its part of a star's sum, its values of a mesh chunk), for
     /// [`TcpMember::take_waits`]. Every member is timed from the same start, whatever the
     /// order the frames are read in. Stops at `deadline` or on a link's failure, which
-    /// the reads then report.
+    /// the reads then report. On the coordinator only.
     #[cfg(unix)]
     fn note_entries(&self, ranks: impl Iterator<Item = usize>, deadline: Instant) {
         use std::os::fd::AsRawFd;
+        // (only the coordinator's waits are ever taken: the others skip the polls)
+        if self.rank != 0 {
+            return;
+        }
         let t0 = Instant::now();
         let mut waiting: Vec<(usize, libc::pollfd)> = ranks
             .filter_map(|r| {

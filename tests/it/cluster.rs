@@ -830,8 +830,7 @@ fn a_workers_device_faults_make_it_join_again_or_exit_75_for_a_restart() {
     let (code, ferr, _) = flaky.finish(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{ferr}");
     assert!(
-        ferr.contains("injected device error of this worker at step 3")
-            && ferr.contains("joining again"),
+        ferr.contains("injected device error at step 3") && ferr.contains("joining again"),
         "{ferr}"
     );
     let (code, rerr, _) = restarted.finish(Duration::from_secs(30));
@@ -843,7 +842,7 @@ fn a_workers_device_faults_make_it_join_again_or_exit_75_for_a_restart() {
         .filter(|e| e["kind"] == "step.redo")
         .map(|e| e["message"].as_str().unwrap_or("").to_string())
         .collect();
-    for why in ["device error of this worker", "device context"] {
+    for why in ["injected device error at step 3", "device context"] {
         assert!(redos.iter().any(|m| m.contains(why)), "{why}: {redos:?}");
     }
 }

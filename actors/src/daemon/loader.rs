@@ -143,15 +143,10 @@ impl LoadedBatch {
             None => Ok(self.batch.shard(rank, world)?),
             Some(p) if p == (data::Part { rank, world }) => Ok(self.batch.clone()),
             Some(p) => Err(anyhow!(
-                "batch {} holds member {} of {}'s images only, not member {rank} of {world}'s{}",
+                "batch {} holds member {} of {}'s images only, not member {rank} of {world}'s",
                 self.batch_index,
                 p.rank,
-                p.world,
-                if p.world != world {
-                    " (the group was formed with another number of nodes: the step is redone on a batch loaded for it)"
-                } else {
-                    ""
-                }
+                p.world
             )),
         }
     }

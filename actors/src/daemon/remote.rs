@@ -1365,7 +1365,7 @@ fn serve(
                         o.held
                     )
                 }
-                injected_device_fault(faults, step)?;
+                injected_worker_faults(faults, step)?;
                 let view = copy
                     .ts
                     .phase_view(model::Side::Student, dt, &copy.ts.device())?;
@@ -1387,19 +1387,16 @@ fn serve(
     }
 }
 
-/// A worker's drills of its device (`dinod worker --inject device_error@STEP` or
-/// `device_lost@STEP`): the student phase of STEP fails as a GPU fails, recoverably (the
+/// A worker's drills in the student phase of STEP (`dinod worker --inject`):
+/// `slow:trainer@STEP+MS` holds it back (a straggler, late into the step's sums);
+/// `device_error@STEP` and `device_lost@STEP` fail it as a GPU fails, recoverably (the
 /// group fails and the worker joins again) or taking the context with it (the worker
 /// exits 75 for its supervisor to restart it).
-fn injected_device_fault(faults: &Faults, step: u64) -> Result<()> {
-    use super::compute::{DeviceFault, DeviceFaultError};
-    // (and `slow:trainer@STEP+MS`: a straggler, late into the step's sums)
-    faults.maybe_slow("trainer", step);
-    if faults.take("device_error", None, step).is_some() {
-        bail!(DeviceFaultError(DeviceFault::Recoverable(format!(
-            "injected device error of this worker at step {step}"
-        ))));
-    }
+fn injected_worker_faults(faults: &Faults, step: u64) -> Result<()> {
+    use super::compute::{DeviceFault, DeviceFaultError, TRAINER};
+    faults.maybe_slow(TRAINER, step);
+    // (the trainer's drill, which a worker's `device_error@STEP` matches)
+    super::compute::injected_device_error(faults, TRAINER, step)?;
     if faults.take("device_lost", None, step).is_some() {
         bail!(DeviceFaultError(DeviceFault::Lost(format!(
             "injected loss of this worker's device context at step {step}"
